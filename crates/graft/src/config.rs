@@ -1,0 +1,321 @@
+//! Sandbox configuration: limits, capabilities and the `graft.toml` project file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Per-sandbox limits (SPEC §4). Every field has a default; `graft.toml`'s
+/// `[limits]` and the HTTP API override them field by field.
+///
+/// ```
+/// let limits = graft::Limits { handler_ms: 50, ..graft::Limits::default() };
+/// assert_eq!(limits.max_versions, 10);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Bytes the sandbox's Luau heap may use; an allocation past it fails and
+    /// the process that made it crashes with `out_of_memory`.
+    pub memory_bytes: usize,
+    /// CPU milliseconds one callback may run before it is interrupted and its
+    /// process crashes with `timeout`.
+    pub handler_ms: u64,
+    /// Live processes at most; `spawn` fails past it.
+    pub max_processes: usize,
+    /// Messages waiting in one mailbox at most; sends past it fail with `mailbox_full`.
+    pub max_mailbox: usize,
+    /// Module versions kept per module (the current one is never evicted).
+    pub max_versions: usize,
+    /// Approximate size of one message (strings plus 16 bytes per table entry).
+    pub max_message_bytes: usize,
+    /// Bytes of Luau source accepted for one module.
+    pub max_source_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 * 1024 * 1024,
+            handler_ms: 1000,
+            max_processes: 100_000,
+            max_mailbox: 10_000,
+            max_versions: 10,
+            max_message_bytes: 1024 * 1024,
+            max_source_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Rejects limits that cannot work (zero memory, zero processes …).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::InvalidInput(format!("limits: {what}")));
+        if self.memory_bytes < 256 * 1024 {
+            return bad("memory_bytes must be at least 262144 (256 KiB)");
+        }
+        if self.handler_ms == 0 {
+            return bad("handler_ms must be at least 1");
+        }
+        if self.max_processes == 0 || self.max_processes > 10_000_000 {
+            return bad("max_processes must be between 1 and 10000000");
+        }
+        if self.max_mailbox == 0 {
+            return bad("max_mailbox must be at least 1");
+        }
+        if self.max_versions == 0 {
+            return bad("max_versions must be at least 1");
+        }
+        if self.max_message_bytes < 64 || self.max_source_bytes < 64 {
+            return bad("max_message_bytes and max_source_bytes must be at least 64");
+        }
+        Ok(())
+    }
+}
+
+/// Built-in capabilities a `graft.toml` can grant by name (`[capabilities]
+/// grant = ["clock", "random"]`). Host functions registered by an embedding
+/// app are capabilities too.
+pub const BUILTIN_CAPABILITIES: &[&str] = &["clock", "random"];
+
+/// What a sandbox is made of: id, entry module, limits, capabilities and sources.
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    /// The sandbox id: `[a-z0-9][a-z0-9_-]{0,63}`.
+    pub id: String,
+    /// The module whose supervisor is the app (`None`: no app is started).
+    pub entry: Option<String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Built-in capabilities granted (`clock`, `random`).
+    pub grants: Vec<String>,
+    /// Module name → Luau source.
+    pub modules: BTreeMap<String, String>,
+    /// Module name → file it came from (for diagnostics).
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+impl SandboxSpec {
+    /// A spec from in-memory sources.
+    ///
+    /// ```
+    /// let spec = graft::SandboxSpec::new("demo")
+    ///     .module("counter", "return { init = function() return 0 end }")
+    ///     .entry(None);
+    /// assert_eq!(spec.modules.len(), 1);
+    /// ```
+    pub fn new(id: impl Into<String>) -> SandboxSpec {
+        SandboxSpec {
+            id: id.into(),
+            entry: Some("app".into()),
+            limits: Limits::default(),
+            grants: Vec::new(),
+            modules: BTreeMap::new(),
+            files: BTreeMap::new(),
+        }
+    }
+    /// Adds (or replaces) a module source.
+    pub fn module(mut self, name: impl Into<String>, source: impl Into<String>) -> Self {
+        self.modules.insert(name.into(), source.into());
+        self
+    }
+    /// Sets the entry module (`None`: start no app).
+    pub fn entry(mut self, entry: Option<&str>) -> Self {
+        self.entry = entry.map(str::to_owned);
+        self
+    }
+    /// Sets the limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+    /// Grants a built-in capability.
+    pub fn grant(mut self, capability: &str) -> Self {
+        self.grants.push(capability.to_owned());
+        self
+    }
+
+    /// Reads a project directory: `graft.toml` plus every `src/**/*.luau`.
+    pub fn from_dir(dir: &Path) -> Result<SandboxSpec> {
+        let toml_path = dir.join("graft.toml");
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| {
+            Error::InvalidInput(format!("cannot read {}: {e}", toml_path.display()))
+        })?;
+        let file: ProjectFile = toml::from_str(&text)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", toml_path.display())))?;
+        let mut spec = SandboxSpec::new(file.sandbox.id);
+        spec.entry = Some(file.sandbox.entry.unwrap_or_else(|| "app".into()));
+        spec.limits = file.limits;
+        spec.grants = file.capabilities.grant;
+        let src = dir.join("src");
+        for (name, path) in module_files(&src)? {
+            let source = std::fs::read_to_string(&path)
+                .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
+            spec.modules.insert(name.clone(), source);
+            spec.files.insert(name, path);
+        }
+        Ok(spec)
+    }
+
+    /// Checks id, entry, limits and grants.
+    pub fn validate(&self) -> Result<()> {
+        validate_sandbox_id(&self.id)?;
+        self.limits.validate()?;
+        for g in &self.grants {
+            if !BUILTIN_CAPABILITIES.contains(&g.as_str()) {
+                return Err(Error::InvalidInput(format!(
+                    "unknown capability `{g}` (built-in capabilities: {})",
+                    BUILTIN_CAPABILITIES.join(", ")
+                )));
+            }
+        }
+        for name in self.modules.keys() {
+            validate_module_name(name)?;
+        }
+        if let Some(entry) = &self.entry {
+            if !self.modules.contains_key(entry) {
+                return Err(Error::InvalidInput(format!(
+                    "entry module `{entry}` is not among the sandbox's modules"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectFile {
+    sandbox: ProjectSandbox,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    capabilities: ProjectCapabilities,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectSandbox {
+    id: String,
+    entry: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProjectCapabilities {
+    #[serde(default)]
+    grant: Vec<String>,
+}
+
+/// Lists `src/**/*.luau` as (module name, path): `src/chat/room.luau` is `chat.room`.
+pub fn module_files(src: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(base, &path, out)?;
+            } else if path.extension().is_some_and(|e| e == "luau") {
+                if let Some(name) = module_name_for(base, &path) {
+                    out.push((name, path));
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(src, src, &mut out)
+        .map_err(|e| Error::InvalidInput(format!("cannot list {}: {e}", src.display())))?;
+    out.sort();
+    Ok(out)
+}
+
+/// The module name of a file under `src/`, or `None` for files that are not modules.
+pub fn module_name_for(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).ok()?;
+    let stem = rel.with_extension("");
+    let parts: Vec<&str> = stem.iter().map(|p| p.to_str()).collect::<Option<_>>()?;
+    let name = parts.join(".");
+    validate_module_name(&name).ok()?;
+    Some(name)
+}
+
+/// Checks a sandbox id against `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn validate_sandbox_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'_' || b == b'-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "invalid sandbox id `{}`: use 1-64 characters of [a-z0-9_-], starting with a letter or digit",
+            id.escape_debug()
+        )))
+    }
+}
+
+/// Checks a module name: dot-separated identifiers (`chat.room`).
+pub fn validate_module_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.split('.').all(|part| {
+            let mut bytes = part.bytes();
+            matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "invalid module name `{}`: use dot-separated identifiers like `chat.room`",
+            name.escape_debug()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_follow_the_spec_pattern() {
+        assert!(validate_sandbox_id("myapp").is_ok());
+        assert!(validate_sandbox_id("a-b_c9").is_ok());
+        assert!(validate_sandbox_id(&"a".repeat(64)).is_ok());
+        assert!(validate_sandbox_id(&"a".repeat(65)).is_err());
+        assert!(validate_sandbox_id("-a").is_err());
+        assert!(validate_sandbox_id("A").is_err());
+        assert!(validate_sandbox_id("").is_err());
+        assert!(validate_sandbox_id("a/b").is_err());
+    }
+
+    #[test]
+    fn module_names_map_from_paths() {
+        let src = Path::new("/p/src");
+        assert_eq!(module_name_for(src, Path::new("/p/src/counter.luau")).as_deref(), Some("counter"));
+        assert_eq!(module_name_for(src, Path::new("/p/src/chat/room.luau")).as_deref(), Some("chat.room"));
+        assert_eq!(module_name_for(src, Path::new("/p/src/bad name.luau")), None);
+        assert!(validate_module_name("chat..room").is_err());
+    }
+
+    #[test]
+    fn project_file_rejects_unknown_keys_and_reads_limits() {
+        let dir = std::env::temp_dir().join(format!("graft-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("src/chat")).unwrap();
+        std::fs::write(dir.join("graft.toml"), "[sandbox]\nid = \"x\"\n[limits]\nhandler_ms = 5\n").unwrap();
+        std::fs::write(dir.join("src/app.luau"), "return {}").unwrap();
+        std::fs::write(dir.join("src/chat/room.luau"), "return {}").unwrap();
+        let spec = SandboxSpec::from_dir(&dir).unwrap();
+        assert_eq!(spec.limits.handler_ms, 5);
+        assert_eq!(spec.limits.max_mailbox, Limits::default().max_mailbox);
+        assert!(spec.modules.contains_key("chat.room"));
+        std::fs::write(dir.join("graft.toml"), "[sandbox]\nid = \"x\"\n[limits]\nhandler = 5\n").unwrap();
+        let err = SandboxSpec::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("unknown field `handler`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,126 @@
+//! The library's error type. Every variant says what happened; the HTTP layer
+//! maps [`Error::kind`] to a status code and the CLI prints [`Error`]'s
+//! `Display` (plus diagnostics' code frames).
+
+use crate::diagnostic::Diagnostic;
+use crate::value::ExitReason;
+
+/// A `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a call into Graft.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No sandbox with this id on the node.
+    #[error("no sandbox `{0}` on this node")]
+    NoSandbox(String),
+    /// A sandbox with this id exists already.
+    #[error("a sandbox `{0}` exists already")]
+    SandboxExists(String),
+    /// No live process with this pid or registered name.
+    #[error("no process `{0}` in this sandbox")]
+    NoProcess(String),
+    /// No module of this name in the sandbox.
+    #[error("no module `{0}` in this sandbox")]
+    NoModule(String),
+    /// The module has no kept version with this number.
+    #[error("module `{module}` has no kept version {version} (kept: {kept})")]
+    NoVersion {
+        /// Module name.
+        module: String,
+        /// The version asked for.
+        version: u32,
+        /// The versions kept, e.g. `3, 4, 5`.
+        kept: String,
+    },
+    /// Malformed input: a bad id, limit, JSON shape …
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A source failed to compile or check; one diagnostic per problem.
+    #[error("{}", diagnostics.first().map(|d| d.to_string()).unwrap_or_default())]
+    Compile {
+        /// The problems found, first one first.
+        diagnostics: Vec<Diagnostic>,
+    },
+    /// A reload step failed after compile/check; nothing was changed.
+    #[error("reload aborted, nothing changed: {message}")]
+    ReloadAborted {
+        /// The step that failed: `evaluate`, `migrate`, `quiesce` …
+        step: String,
+        /// The module involved.
+        module: Option<String>,
+        /// The process involved (migrations).
+        process: Option<String>,
+        /// What went wrong.
+        message: String,
+    },
+    /// A call got no reply in time.
+    #[error("call to `{target}` timed out after {timeout_ms} ms")]
+    CallTimeout {
+        /// The target as given.
+        target: String,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// The process handling a call crashed (or exited) before replying.
+    #[error("`{target}` exited before replying: {reason}")]
+    Crashed {
+        /// The target as given.
+        target: String,
+        /// Why it exited.
+        reason: ExitReason,
+    },
+    /// The target's mailbox holds `max_mailbox` messages already.
+    #[error("mailbox of `{0}` is full (max_mailbox reached); the message was not delivered")]
+    MailboxFull(String),
+    /// `max_processes` reached.
+    #[error("the sandbox has reached max_processes ({0})")]
+    TooManyProcesses(usize),
+    /// A process's `init` failed.
+    #[error("{module}: init failed: {reason}")]
+    SpawnFailed {
+        /// The module spawned.
+        module: String,
+        /// Why init failed.
+        reason: ExitReason,
+    },
+    /// A value is not plain data (a function, a cycle …).
+    #[error("not plain data: {0}")]
+    NotPlainData(String),
+    /// The sandbox was destroyed or its runtime stopped while the request waited.
+    #[error("sandbox `{0}` stopped before answering")]
+    SandboxStopped(String),
+    /// A Luau error outside any process (e.g. in `eval`).
+    #[error("{0}")]
+    Luau(String),
+}
+
+impl Error {
+    /// A stable machine-readable name, used as `error.kind` in the HTTP API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoSandbox(_) => "no_sandbox",
+            Error::SandboxExists(_) => "sandbox_exists",
+            Error::NoProcess(_) => "no_process",
+            Error::NoModule(_) => "no_module",
+            Error::NoVersion { .. } => "no_version",
+            Error::InvalidInput(_) => "invalid_input",
+            Error::Compile { .. } => "compile_error",
+            Error::ReloadAborted { .. } => "reload_aborted",
+            Error::CallTimeout { .. } => "timeout",
+            Error::Crashed { .. } => "crashed",
+            Error::MailboxFull(_) => "mailbox_full",
+            Error::TooManyProcesses(_) => "max_processes",
+            Error::SpawnFailed { .. } => "spawn_failed",
+            Error::NotPlainData(_) => "not_plain_data",
+            Error::SandboxStopped(_) => "sandbox_stopped",
+            Error::Luau(_) => "luau_error",
+        }
+    }
+}
+
+impl From<crate::value::NotPlainData> for Error {
+    fn from(e: crate::value::NotPlainData) -> Self {
+        Error::NotPlainData(e.0)
+    }
+}

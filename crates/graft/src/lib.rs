@@ -1,0 +1,57 @@
+//! # Graft
+//!
+//! Live-upgradable, supervised Luau sandboxes for Rust applications.
+//!
+//! A [`Node`] hosts many sandboxes. Each [`Sandbox`] has its own Luau VM,
+//! modules, supervision tree, limits and capabilities. Processes inside run
+//! server or supervisor behaviours (OTP's `gen_server` and `supervisor`
+//! semantics) and exchange copied, plain-data messages. Modules are upgraded
+//! while they run: a reload is one transaction that migrates every affected
+//! process's state or changes nothing at all.
+//!
+//! The crate is layered; each folder is one layer:
+//! * [`vm`]: the Luau VM of a sandbox, the guest environment, compilation;
+//! * `sandbox`: the kernel: processes, mailboxes, links, monitors, timers and
+//!   the scheduler of callbacks (internal);
+//! * `supervision`: the built-in supervisor behaviour (Luau, trusted);
+//! * [`upgrade`]: module versions and the reload transaction;
+//! * `node`: sandboxes scheduled in parallel on a thread pool, and the
+//!   [`Sandbox`] handle an embedding app uses.
+//!
+//! ```
+//! use graft::{Node, SandboxSpec, HostFunctions};
+//! let node = Node::new();
+//! let host = HostFunctions::default().function("host.greet", |args| {
+//!     Ok(serde_json::json!(format!("hello, {}", args[0].as_str().unwrap_or("?"))))
+//! });
+//! let spec = SandboxSpec::new("hello").entry(None).module("greeter", r#"
+//!     return {
+//!         init = function() return {} end,
+//!         handle_call = function(name, from, state) return host.greet(name), state end,
+//!     }
+//! "#);
+//! let sb = node.create_sandbox_with(spec, host).unwrap();
+//! graft::block_on(sb.spawn("greeter", serde_json::json!(null), Some("greeter"))).unwrap();
+//! let reply = graft::block_on(sb.call("greeter", serde_json::json!("ada"), None)).unwrap();
+//! assert_eq!(reply, "hello, ada");
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod diagnostic;
+pub mod error;
+mod node;
+mod sandbox;
+pub mod upgrade;
+pub mod value;
+pub mod vm;
+
+pub use config::{Limits, SandboxSpec};
+pub use diagnostic::Diagnostic;
+pub use error::{Error, Result};
+pub use node::{block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo, QUIESCE_TIMEOUT_MS};
+pub use sandbox::{AppStatus, Event};
+pub use upgrade::{ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus, StateHandler, Timings};
+pub use value::{ExitReason, Pid};

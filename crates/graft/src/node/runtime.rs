@@ -1,0 +1,568 @@
+//! One sandbox's runtime: its VM, kernel and upgrade engine, driven by the
+//! node's scheduler threads. Every method runs on the scheduler thread that
+//! holds the sandbox, between time slices, so it has the VM to itself.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use mlua::{Lua, Value};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::clock;
+use crate::config::{Limits, SandboxSpec};
+use crate::error::{Error, Result};
+use crate::sandbox::{self, kernel, AppStatus, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::upgrade::{
+    Applied, CanaryWatch, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions, ReloadReport,
+    ReloadStatus,
+};
+use crate::value::{json_to_lua, lua_to_json, Pid};
+use crate::vm::{HostFn, Vm};
+
+/// How long a reload waits for busy processes to finish their callbacks.
+pub const QUIESCE_TIMEOUT_MS: u64 = 5000;
+
+/// One row of the process list (SPEC §6).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessInfo {
+    /// `"<module.serial>"`.
+    pub pid: String,
+    /// Registered name, if any.
+    pub name: Option<String>,
+    /// The behaviour module.
+    pub module: String,
+    /// The module version its state belongs to.
+    pub version: u32,
+    /// `idle`, `runnable`, `running`, `waiting` or `exiting`.
+    pub status: String,
+    /// Messages waiting.
+    pub mailbox_len: usize,
+    /// Estimated bytes: the process record plus its state's tables and strings.
+    pub memory_bytes: usize,
+    /// Linked pids.
+    pub links: Vec<String>,
+    /// Whether it traps exits.
+    pub trap_exit: bool,
+    /// Callbacks run so far.
+    pub messages_handled: u64,
+}
+
+/// A sandbox summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct SandboxInfo {
+    /// Sandbox id.
+    pub id: String,
+    /// `running`, or `app_stopped` once the root supervisor exited.
+    pub status: String,
+    /// The app (root supervisor) state.
+    pub app: AppStatus,
+    /// Entry module.
+    pub entry: Option<String>,
+    /// Live processes.
+    pub process_count: usize,
+    /// Bytes used by the sandbox's Luau heap.
+    pub memory_bytes: usize,
+    /// Its limits.
+    pub limits: Limits,
+    /// Number of modules.
+    pub module_count: usize,
+    /// Capabilities granted (built-in and host functions).
+    pub capabilities: Vec<String>,
+}
+
+struct PendingReload {
+    prepared: Vec<PreparedModule>,
+    opts: ReloadOptions,
+    direction: Direction,
+    targets: Option<HashMap<String, u32>>,
+    frozen: Vec<u32>,
+    deadline: u64,
+    reply: tokio::sync::oneshot::Sender<Result<ReloadReport>>,
+}
+
+pub(crate) struct Runtime {
+    pub vm: Vm,
+    pub engine: Engine,
+    pub spec: SandboxSpec,
+    pub host_fns: BTreeMap<String, HostFn>,
+    pending: VecDeque<PendingReload>,
+    app_waiters: Vec<Arc<HostSlot>>,
+    app_start: Option<tokio::sync::oneshot::Receiver<Result<Json>>>,
+}
+
+impl Runtime {
+    /// Builds the VM, loads every module (as version 1) and queues the app start.
+    pub fn new(
+        spec: SandboxSpec,
+        host_fns: BTreeMap<String, HostFn>,
+        history: Option<BTreeMap<String, crate::upgrade::ModuleHistory>>,
+    ) -> Result<Runtime> {
+        spec.validate()?;
+        let vm = sandbox::new_vm(&spec.id, &spec.limits, &spec.grants, &host_fns).map_err(|e| Error::Luau(e.to_string()))?;
+        let engine = Engine::new(&vm.lua, spec.limits.max_versions).map_err(|e| Error::Luau(e.to_string()))?;
+        let mut rt = Runtime { vm, engine, spec, host_fns, pending: VecDeque::new(), app_waiters: Vec::new(), app_start: None };
+        let globals = crate::vm::known_globals(&rt.spec.grants, &rt.host_fns);
+        let cx = crate::upgrade::PrepareContext {
+            known_globals: &globals,
+            max_source_bytes: rt.spec.limits.max_source_bytes,
+            files: &rt.spec.files,
+        };
+        let prepared = crate::upgrade::prepare(&rt.spec.modules, &cx)?;
+        let targets = history.as_ref().map(|h| h.iter().map(|(n, m)| (n.clone(), m.current)).collect());
+        sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        match rt.engine.apply(&rt.vm, prepared, &ReloadOptions::default(), Direction::Up, targets.as_ref())? {
+            Applied::Done(_) => {}
+            Applied::Busy(_) => unreachable!("a new sandbox has no processes"),
+        }
+        if let Some(h) = history {
+            // A restart keeps the version history.
+            rt.engine.modules = h;
+        }
+        if let Some(entry) = rt.spec.entry.clone() {
+            rt.start_app(&entry)?;
+        }
+        Ok(rt)
+    }
+
+    fn lua(&self) -> &Lua {
+        &self.vm.lua
+    }
+
+    fn start_app(&mut self, entry: &str) -> Result<()> {
+        let lua = &self.vm.lua;
+        let args = lua.create_registry_value(Value::Nil).map_err(|e| Error::Luau(e.to_string()))?;
+        let mut k = kernel(lua);
+        let mid = k.module_id(entry).ok_or_else(|| Error::NoModule(entry.into()))?;
+        if k.module_tables[mid as usize].as_ref().is_none_or(|t| !matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_)))) {
+            return Err(Error::InvalidInput(format!(
+                "entry module `{entry}` has no `init` function (it should be a supervisor or a server)"
+            )));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let slot = HostSlot::new(tx);
+        let serial = k.create_process(mid, None, None, args, Waiter::Host(slot)).map_err(|(e, _)| e)?;
+        k.app = Some(serial);
+        k.app_status = AppStatus::Running;
+        drop(k);
+        self.app_start = Some(rx);
+        Ok(())
+    }
+
+    /// Answers waiters for the app start once its init finished.
+    pub fn poll_app_start(&mut self) {
+        let Some(rx) = self.app_start.as_mut() else { return };
+        match rx.try_recv() {
+            Ok(result) => {
+                self.app_start = None;
+                let mut k = kernel(&self.vm.lua);
+                if let Err(e) = &result {
+                    k.app = None;
+                    k.app_status = AppStatus::Stopped { reason: e.to_string() };
+                    k.event("app_stopped", serde_json::json!({ "reason": e.to_string() }));
+                }
+                drop(k);
+                for w in self.app_waiters.drain(..) {
+                    w.answer(result.as_ref().map(|v| v.clone()).map_err(|e| Error::Luau(e.to_string())));
+                }
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            Err(_) => self.app_start = None,
+        }
+    }
+
+    pub fn wait_app(&mut self, slot: Arc<HostSlot>) {
+        if self.app_start.is_some() {
+            self.app_waiters.push(slot);
+            return;
+        }
+        let k = kernel(&self.vm.lua);
+        let r = match &k.app_status {
+            AppStatus::Stopped { reason } => Err(Error::Luau(format!("app stopped: {reason}"))),
+            _ => Ok(k.app.and_then(|s| k.procs.get(&s)).map(|p| Json::String(k.pid_string(p.pid))).unwrap_or(Json::Null)),
+        };
+        slot.answer(r);
+    }
+
+    fn resolve(&self, target: &str) -> Result<u64> {
+        kernel(self.lua()).resolve_str(target).ok_or_else(|| Error::NoProcess(target.to_owned()))
+    }
+
+    pub fn host_call(&mut self, target: String, request: Json, timeout_ms: u64, slot: Arc<HostSlot>) {
+        let r = (|| -> Result<()> {
+            let serial = self.resolve(&target)?;
+            let lua = self.lua();
+            let v = json_to_lua(lua, &request).map_err(|e| Error::InvalidInput(e.to_string()))?;
+            let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
+            let mut k = kernel(lua);
+            let job = Job::Call { request: key, from: None, waiter: Waiter::Host(slot.clone()), target: target.clone() };
+            k.deliver(serial, job).map_err(|(e, _)| e)?;
+            let at = clock::precise_ms() + timeout_ms;
+            k.add_timer(at, Timer::HostCallTimeout { slot: slot.clone(), target: target.clone(), ms: timeout_ms });
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+
+    pub fn host_send(&mut self, target: &str, message: &Json, cast: bool) -> Result<()> {
+        let serial = self.resolve(target)?;
+        let lua = self.lua();
+        let v = json_to_lua(lua, message).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
+        let job = if cast { Job::Cast(key) } else { Job::Info(key) };
+        kernel(lua).deliver(serial, job).map_err(|(e, _)| e)
+    }
+
+    pub fn host_spawn(&mut self, module: &str, args: &Json, name: Option<&str>, slot: Arc<HostSlot>) {
+        let r = (|| -> Result<()> {
+            let lua = self.lua();
+            let mut k = kernel(lua);
+            let mid = k
+                .module_id(module)
+                .filter(|m| k.module_tables[*m as usize].is_some() && *m != 0)
+                .ok_or_else(|| Error::NoModule(module.to_owned()))?;
+            let is_server = k.module_tables[mid as usize]
+                .as_ref()
+                .is_some_and(|t| matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))));
+            if !is_server {
+                return Err(Error::InvalidInput(format!(
+                    "module `{module}` has no `init` function, so it cannot run as a process"
+                )));
+            }
+            drop(k);
+            let v = json_to_lua(lua, args).map_err(|e| Error::InvalidInput(e.to_string()))?;
+            let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
+            kernel(lua).create_process(mid, None, name, key, Waiter::Host(slot.clone())).map_err(|(e, _)| e)?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+
+    pub fn host_eval(&mut self, bytecode: &[u8], slot: Arc<HostSlot>) {
+        let r = (|| -> Result<()> {
+            let f = self.vm.load_guest("eval", bytecode).map_err(|e| Error::Luau(e.to_string()))?;
+            let lua = self.lua();
+            let chunk = lua.create_registry_value(f).map_err(|e| Error::Luau(e.to_string()))?;
+            let mut k = kernel(lua);
+            if k.procs.len() >= k.limits.max_processes {
+                return Err(Error::TooManyProcesses(k.limits.max_processes));
+            }
+            let serial = k.new_serial();
+            let mid = k.module_id(EVAL_MODULE).expect("interned at start");
+            let mut p = crate::sandbox::Process::new(Pid::new(mid, serial), None, 0);
+            p.system = Some(Job::Eval { chunk, waiter: Waiter::Host(slot.clone()) });
+            k.procs.insert(serial, p);
+            // eval processes have no init, so their state slot is a placeholder
+            let _ = k.states.raw_set(serial, false);
+            k.wake(serial);
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        let lua = self.lua();
+        let k = kernel(lua);
+        let mut out: Vec<ProcessInfo> = k
+            .procs
+            .values()
+            .map(|p| {
+                let state: Value = k.states.raw_get(p.pid.serial()).unwrap_or(Value::Nil);
+                ProcessInfo {
+                    pid: k.pid_string(p.pid),
+                    name: p.name.as_ref().map(|n| n.to_string()),
+                    module: k.module_names[p.pid.module_index() as usize].to_string(),
+                    version: p.version,
+                    status: p.status().into(),
+                    mailbox_len: p.mailbox.len(),
+                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>() + estimate_size(&state, 0),
+                    links: p.links.iter().filter_map(|s| k.procs.get(s)).map(|l| k.pid_string(l.pid)).collect(),
+                    trap_exit: p.trap_exit,
+                    messages_handled: p.messages_handled,
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| Pid::parse_serial(&p.pid));
+        out
+    }
+
+    pub fn state(&self, target: &str) -> Result<Json> {
+        let serial = self.resolve(target)?;
+        let lua = self.lua();
+        let k = kernel(lua);
+        let state: Value = k.states.raw_get(serial).map_err(|e| Error::Luau(e.to_string()))?;
+        Ok(lua_to_json(&state, &|p| k.pid_string(p))?)
+    }
+
+    pub fn info(&self) -> SandboxInfo {
+        let k = kernel(self.lua());
+        let status = match k.app_status {
+            AppStatus::Stopped { .. } => "app_stopped",
+            _ => "running",
+        };
+        let mut capabilities = self.spec.grants.clone();
+        capabilities.extend(self.host_fns.keys().cloned());
+        SandboxInfo {
+            id: self.spec.id.clone(),
+            status: status.into(),
+            app: k.app_status.clone(),
+            entry: self.spec.entry.clone(),
+            process_count: k.procs.len(),
+            memory_bytes: self.lua().used_memory(),
+            limits: self.spec.limits.clone(),
+            module_count: self.engine.modules.len(),
+            capabilities,
+        }
+    }
+
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        self.engine.list(&self.vm)
+    }
+
+    pub fn versions(&self, module: &str) -> Result<Vec<ModuleVersion>> {
+        let h = self.engine.modules.get(module).ok_or_else(|| Error::NoModule(module.into()))?;
+        Ok(h.versions.iter().cloned().collect())
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        kernel(self.lua()).events.iter().cloned().collect()
+    }
+
+    /// Starts a reload; the reply comes when it committed, aborted or timed out.
+    pub fn reload(
+        &mut self,
+        prepared: Vec<PreparedModule>,
+        opts: ReloadOptions,
+        direction: Direction,
+        targets: Option<HashMap<String, u32>>,
+        reply: tokio::sync::oneshot::Sender<Result<ReloadReport>>,
+    ) {
+        self.pending.push_back(PendingReload {
+            prepared,
+            opts,
+            direction,
+            targets,
+            frozen: Vec::new(),
+            deadline: clock::precise_ms() + QUIESCE_TIMEOUT_MS,
+            reply,
+        });
+        self.run_pending_reloads();
+    }
+
+    /// Tries queued reloads in order; a busy one keeps its place (later ones wait).
+    pub fn run_pending_reloads(&mut self) {
+        while let Some(mut r) = self.pending.pop_front() {
+            sandbox::kernel_memory(self.lua(), &self.spec.limits);
+            let result = self.engine.apply(&self.vm, r.prepared.clone(), &r.opts, r.direction, r.targets.as_ref());
+            match result {
+                Ok(Applied::Busy(modules)) if clock::precise_ms() < r.deadline => {
+                    let mut k = kernel(self.lua());
+                    for m in &modules {
+                        k.frozen.insert(*m);
+                    }
+                    r.frozen = modules;
+                    drop(k);
+                    self.pending.push_front(r);
+                    return;
+                }
+                Ok(Applied::Busy(_)) => {
+                    self.unfreeze(&r.frozen);
+                    let e = Error::ReloadAborted {
+                        step: "quiesce".into(),
+                        module: None,
+                        process: None,
+                        message: format!(
+                            "processes of the changed modules were still inside callbacks after {QUIESCE_TIMEOUT_MS} ms"
+                        ),
+                    };
+                    self.record_abort(&e, &r.prepared);
+                    let _ = r.reply.send(Err(e));
+                }
+                Ok(Applied::Done(report)) => {
+                    self.unfreeze(&r.frozen);
+                    self.record(&report, r.direction);
+                    if report.status == ReloadStatus::Reloaded && r.opts.canary_ms > 0 {
+                        self.arm_canary(&report, &r.opts);
+                    }
+                    let _ = r.reply.send(Ok(report));
+                }
+                Err(e) => {
+                    self.unfreeze(&r.frozen);
+                    self.record_abort(&e, &r.prepared);
+                    let _ = r.reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    fn unfreeze(&mut self, modules: &[u32]) {
+        if modules.is_empty() {
+            return;
+        }
+        let mut k = kernel(self.lua());
+        for m in modules {
+            k.frozen.remove(m);
+        }
+        let wake: Vec<u64> = k
+            .procs
+            .values()
+            .filter(|p| modules.contains(&p.pid.module_index()) && (!p.mailbox.is_empty() || p.system.is_some()))
+            .map(|p| p.pid.serial())
+            .collect();
+        for s in wake {
+            k.wake(s);
+        }
+    }
+
+    fn record(&mut self, report: &ReloadReport, direction: Direction) {
+        let kind = match (report.status, direction) {
+            (ReloadStatus::Unchanged, _) => "unchanged",
+            (ReloadStatus::DryRun, _) => "dry_run",
+            (ReloadStatus::Reloaded, Direction::Up) => "reload",
+            (ReloadStatus::Reloaded, Direction::Down) => "rollback",
+        };
+        kernel(self.lua()).event(kind, serde_json::to_value(report).unwrap_or(Json::Null));
+    }
+
+    fn record_abort(&mut self, e: &Error, prepared: &[PreparedModule]) {
+        let modules: Vec<&str> = prepared.iter().map(|p| p.name.as_str()).collect();
+        let detail = match e {
+            Error::Compile { diagnostics } => serde_json::json!({ "modules": modules, "error": e.to_string(), "diagnostics": diagnostics }),
+            Error::ReloadAborted { step, module, process, message } => serde_json::json!({
+                "modules": modules, "step": step, "module": module, "process": process, "error": message
+            }),
+            other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
+        };
+        kernel(self.lua()).event("abort", detail);
+    }
+
+    fn arm_canary(&mut self, report: &ReloadReport, opts: &ReloadOptions) {
+        let mut k = kernel(self.lua());
+        let modules: Vec<(u32, u32, u32, String)> = report
+            .modules
+            .iter()
+            .filter(|c| c.from > 0)
+            .filter_map(|c| k.module_id(&c.name).map(|m| (m, c.to, c.from, c.name.clone())))
+            .collect();
+        if modules.is_empty() {
+            return;
+        }
+        if let Some(old) = k.canary.take() {
+            k.cancel_timer(old.timer);
+        }
+        let timer = k.add_timer(clock::precise_ms() + opts.canary_ms, Timer::Canary);
+        k.canary = Some(CanaryWatch {
+            modules,
+            crashes_allowed: opts.canary_crashes.max(1),
+            crashes: 0,
+            last_reason: None,
+            timer,
+        });
+    }
+
+    /// Rolls a tripped canary back. Called after every time slice.
+    pub fn check_canary(&mut self) {
+        let tripped = {
+            let mut k = kernel(self.lua());
+            match k.canary.as_ref() {
+                Some(c) if c.tripped() => {
+                    let c = k.canary.take().expect("checked");
+                    k.cancel_timer(c.timer);
+                    Some(c)
+                }
+                _ => None,
+            }
+        };
+        let Some(c) = tripped else { return };
+        let mut sources = BTreeMap::new();
+        let mut targets = HashMap::new();
+        for (_, _, back_to, name) in &c.modules {
+            if let Some(v) = self.engine.modules.get(name).and_then(|h| h.get(*back_to)) {
+                sources.insert(name.clone(), v.clone());
+                targets.insert(name.clone(), *back_to);
+            }
+        }
+        let prepared = prepared_from_versions(&sources, &self.engine);
+        let reason = c.last_reason.clone().unwrap_or_default();
+        let result = self.engine.apply(&self.vm, prepared, &ReloadOptions::default(), Direction::Down, Some(&targets));
+        let mut k = kernel(self.lua());
+        match result {
+            Ok(Applied::Done(report)) => {
+                k.event(
+                    "canary_rollback",
+                    serde_json::json!({
+                        "why": format!("{} crash(es) of upgraded processes within the canary window; last: {reason}", c.crashes),
+                        "crashes": c.crashes,
+                        "report": report,
+                    }),
+                );
+                tracing::warn!(sandbox = %k.id, crashes = c.crashes, "canary tripped: rolled back");
+            }
+            Ok(Applied::Busy(_)) => {
+                // Try again after the next slice: keep the tripped watch.
+                k.canary = Some(c);
+            }
+            Err(e) => k.event("canary_rollback_failed", serde_json::json!({ "error": e.to_string() })),
+        }
+    }
+
+    /// Stops the app in order (terminate callbacks run); answers `slot` when done.
+    pub fn stop_app(&mut self, slot: Arc<HostSlot>) {
+        let mut k = kernel(self.lua());
+        match k.app {
+            Some(serial) => {
+                k.app_stop_waiters.push(slot);
+                k.exit_process(serial, crate::value::ExitReason::Shutdown, true);
+            }
+            None => {
+                slot.answer(Ok(Json::Null));
+            }
+        }
+    }
+
+    pub fn export(&self) -> BTreeMap<String, Vec<ModuleVersion>> {
+        self.engine.modules.iter().map(|(n, h)| (n.clone(), h.versions.iter().cloned().collect())).collect()
+    }
+}
+
+/// Rebuilds prepared modules from kept versions (our own bytecode; no recompile).
+pub(crate) fn prepared_from_versions(
+    versions: &BTreeMap<String, ModuleVersion>,
+    engine: &Engine,
+) -> Vec<PreparedModule> {
+    versions
+        .iter()
+        .map(|(name, v)| PreparedModule {
+            name: name.clone(),
+            file: engine.modules.get(name).map(|h| h.file.clone()).unwrap_or_default(),
+            source: v.source.clone(),
+            checksum: v.checksum.clone(),
+            bytecode: v.bytecode.clone(),
+            dependencies: v.dependencies.clone(),
+            compile_us: 0,
+        })
+        .collect()
+}
+
+/// Rough bytes of a Luau value: tables, entries and strings.
+fn estimate_size(v: &Value, depth: usize) -> usize {
+    match v {
+        Value::String(s) => 24 + s.as_bytes().len(),
+        Value::Table(t) if depth < 16 => {
+            let mut n = 56;
+            for pair in t.pairs::<Value, Value>() {
+                if let Ok((k, v)) = pair {
+                    n += 32 + estimate_size(&k, depth + 1) + estimate_size(&v, depth + 1);
+                }
+            }
+            n
+        }
+        _ => 0,
+    }
+}

@@ -1,0 +1,1099 @@
+//! The sandbox kernel: processes, mailboxes, links, monitors, timers and the
+//! scheduler that runs callbacks on pooled Luau threads.
+//!
+//! Invariants:
+//! * The kernel lives in the VM's app data; Rust borrows it only for short
+//!   stretches that never run Luau code, so natives can borrow it too.
+//! * At most one callback per process is on the VM stack or suspended: a
+//!   process's next message starts only after its current job finished.
+//! * A mailbox preserves arrival order, so messages from one sender are
+//!   handled in the order sent. System messages (EXIT/DOWN) ignore
+//!   `max_mailbox`; user messages past it are refused, never dropped.
+//! * Exits are processed from a work list, never recursively, so a long chain
+//!   of links cannot overflow the native stack.
+
+mod natives;
+pub(crate) mod process;
+
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use mlua::{AppDataRefMut, Function, Lua, MultiValue, RegistryKey, Table, Thread, Value, VmState};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::clock;
+use crate::config::Limits;
+use crate::error::Error;
+use crate::value::{lua_to_json, ExitReason, Pid};
+use crate::vm::{self, Vm, MARK_AWAIT, MARK_DONE, MARK_FAIL};
+
+pub(crate) use process::{HostSlot, Job, Process, Run, Waiter};
+
+/// A thread pool bigger than this keeps no more idle worker threads.
+const POOL_MAX: usize = 256;
+/// Time slice of a sandbox before it yields its scheduler thread.
+pub(crate) const SLICE_MS: u64 = 5;
+/// Events kept per sandbox.
+const EVENTS_MAX: usize = 1000;
+
+/// Shared with the VM interrupt: everything it needs, as atomics.
+pub(crate) struct Watch {
+    /// Coarse ms after which the interrupt looks closer (min of the two below).
+    check_at: AtomicU64,
+    /// Coarse ms at which the running callback exceeds `handler_ms`.
+    deadline: AtomicU64,
+    /// Coarse ms at which the current time slice ends.
+    slice_end: AtomicU64,
+    /// Set once the running callback is past its deadline: the interrupt keeps
+    /// raising, so a guest `pcall` cannot swallow the timeout.
+    timed_out: AtomicBool,
+    /// The Luau thread of the innermost running callback (as a pointer).
+    thread: AtomicUsize,
+    /// Whether to yield at the end of the slice (off during reload steps).
+    preemptible: AtomicBool,
+    handler_ms: u64,
+}
+
+impl Watch {
+    fn new(handler_ms: u64) -> Watch {
+        Watch {
+            check_at: AtomicU64::new(u64::MAX),
+            deadline: AtomicU64::new(u64::MAX),
+            slice_end: AtomicU64::new(u64::MAX),
+            timed_out: AtomicBool::new(false),
+            thread: AtomicUsize::new(0),
+            preemptible: AtomicBool::new(false),
+            handler_ms,
+        }
+    }
+    fn arm(&self, deadline: u64, thread: usize, preemptible: bool) {
+        self.deadline.store(deadline, Ordering::Relaxed);
+        self.thread.store(thread, Ordering::Relaxed);
+        self.timed_out.store(false, Ordering::Relaxed);
+        self.preemptible.store(preemptible, Ordering::Relaxed);
+        let slice = if preemptible { self.slice_end.load(Ordering::Relaxed) } else { u64::MAX };
+        self.check_at.store(deadline.min(slice), Ordering::Relaxed);
+    }
+    fn disarm(&self) {
+        self.check_at.store(u64::MAX, Ordering::Relaxed);
+        self.deadline.store(u64::MAX, Ordering::Relaxed);
+        self.thread.store(0, Ordering::Relaxed);
+    }
+    /// Bounds CPU time of trusted-but-guest-driven code run outside a process
+    /// (module evaluation, migrations) by `handler_ms`.
+    pub fn arm_for_host_code(&self) {
+        self.arm(clock::coarse_ms() + self.handler_ms, 0, false);
+    }
+    pub fn disarm_host_code(&self) -> bool {
+        let t = self.timed_out.load(Ordering::Relaxed);
+        self.disarm();
+        t
+    }
+}
+
+fn install_interrupt(lua: &Lua, watch: Arc<Watch>) {
+    lua.set_interrupt(move |lua| {
+        let now = clock::coarse_ms();
+        if now < watch.check_at.load(Ordering::Relaxed) {
+            return Ok(VmState::Continue);
+        }
+        let deadline = watch.deadline.load(Ordering::Relaxed);
+        if now >= deadline || watch.timed_out.load(Ordering::Relaxed) {
+            watch.timed_out.store(true, Ordering::Relaxed);
+            return Err(mlua::Error::runtime(format!(
+                "timeout: callback ran longer than handler_ms ({} ms)",
+                watch.handler_ms
+            )));
+        }
+        if watch.preemptible.load(Ordering::Relaxed) && now >= watch.slice_end.load(Ordering::Relaxed) {
+            let current = lua.current_thread().to_pointer() as usize;
+            if current == watch.thread.load(Ordering::Relaxed) {
+                watch.check_at.store(deadline, Ordering::Relaxed);
+                return Ok(VmState::Yield);
+            }
+        }
+        watch.check_at.store(deadline, Ordering::Relaxed);
+        Ok(VmState::Continue)
+    })
+}
+
+/// A sandbox event: reloads, rollbacks, aborts, crashes, app stops.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// Position in the sandbox's event log (1, 2, 3 …).
+    pub seq: u64,
+    /// Wall-clock time, ms since the Unix epoch.
+    pub at_ms: f64,
+    /// `reload`, `unchanged`, `abort`, `rollback`, `canary_rollback`, `crash`, `app_stopped` …
+    pub kind: String,
+    /// Details (module, versions, timings, reason …).
+    pub detail: Json,
+}
+
+pub(crate) enum Timer {
+    SendAfter { target: Target, message: RegistryKey },
+    CallTimeout { serial: u64, token: u64, target: String, ms: u64 },
+    HostCallTimeout { slot: Arc<HostSlot>, target: String, ms: u64 },
+    ShutdownKill { serial: u64 },
+    Canary,
+}
+
+/// A message destination resolved when delivered (names resolve late, like OTP).
+#[derive(Clone)]
+pub(crate) enum Target {
+    Serial(u64),
+    Name(String),
+}
+
+/// Why the app (root supervisor) is not running.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AppStatus {
+    /// No entry module configured.
+    None,
+    /// The root supervisor is running.
+    Running,
+    /// The root supervisor exited.
+    Stopped {
+        /// Its exit reason.
+        reason: String,
+    },
+}
+
+pub(crate) struct Kernel {
+    pub id: Arc<str>,
+    pub limits: Limits,
+    pub procs: HashMap<u64, Process>,
+    pub names: HashMap<Box<str>, u64>,
+    pub ready: VecDeque<u64>,
+    next_serial: u64,
+    next_token: u64,
+    pub module_names: Vec<Arc<str>>,
+    module_index: HashMap<Arc<str>, u32>,
+    /// Current module tables by module index (None: not loaded / library).
+    pub module_tables: Vec<Option<Table>>,
+    /// Current version number by module index.
+    pub module_versions: Vec<u32>,
+    /// Serials whose callback is on the VM stack, innermost last.
+    stack: Vec<(u64, u64)>,
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
+    timer_data: HashMap<u64, Timer>,
+    next_timer: u64,
+    pool: Vec<Thread>,
+    pub worker: Function,
+    pub states: Table,
+    pub watch: Arc<Watch>,
+    exits: VecDeque<(u64, ExitReason, bool)>,
+    pub events: VecDeque<Event>,
+    next_event: u64,
+    pub app: Option<u64>,
+    pub app_status: AppStatus,
+    /// Modules a pending reload waits on: their processes start no new job.
+    pub frozen: HashSet<u32>,
+    /// Crashes of processes of these modules are counted for a canary.
+    pub canary: Option<crate::upgrade::CanaryWatch>,
+    pub log: Vec<(String, String)>,
+    /// Hosts waiting for the app to stop (graceful shutdown).
+    pub app_stop_waiters: Vec<Arc<HostSlot>>,
+}
+
+pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
+    lua.app_data_mut::<Kernel>().expect("sandbox kernel missing")
+}
+
+/// The outcome of a finished job, routed after the kernel borrow is released.
+enum Outcome {
+    Done(Value),
+    Failed(ExitReason),
+    Suspended(u64, Thread),
+    Preempted(Thread),
+}
+
+impl Kernel {
+    pub fn intern_module(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.module_index.get(name) {
+            return i;
+        }
+        let i = self.module_names.len() as u32;
+        let name: Arc<str> = Arc::from(name);
+        self.module_names.push(name.clone());
+        self.module_index.insert(name, i);
+        self.module_tables.push(None);
+        self.module_versions.push(0);
+        i
+    }
+
+    pub fn module_id(&self, name: &str) -> Option<u32> {
+        self.module_index.get(name).copied()
+    }
+
+    pub fn pid_string(&self, pid: Pid) -> String {
+        let module = self.module_names.get(pid.module_index() as usize).map(|s| &**s).unwrap_or("?");
+        format!("<{module}.{}>", pid.serial())
+    }
+
+    pub fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    pub fn event(&mut self, kind: &str, detail: Json) {
+        self.next_event += 1;
+        if self.events.len() == EVENTS_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event { seq: self.next_event, at_ms: clock::unix_ms(), kind: kind.into(), detail });
+    }
+
+    /// Resolves a host-side target: a registered name, `"<module.N>"`, or a bare serial.
+    pub fn resolve_str(&self, target: &str) -> Option<u64> {
+        if let Some(&s) = self.names.get(target) {
+            return Some(s);
+        }
+        let serial = Pid::parse_serial(target).or_else(|| target.parse().ok())?;
+        self.procs.contains_key(&serial).then_some(serial)
+    }
+
+    /// Resolves a guest-side target: a pid or a registered name.
+    pub fn resolve_value(&self, v: &Value) -> Option<u64> {
+        match v {
+            Value::String(s) => self.names.get(&*s.to_str().ok()?).copied(),
+            other => Pid::from_lua(other).map(|p| p.serial()).filter(|s| self.procs.contains_key(s)),
+        }
+    }
+
+    pub fn describe_value(&self, v: &Value) -> String {
+        match v {
+            Value::String(s) => s.to_string_lossy(),
+            other => match Pid::from_lua(other) {
+                Some(p) => self.pid_string(p),
+                None => format!("a {}", other.type_name()),
+            },
+        }
+    }
+
+    /// Marks a process runnable (it will be looked at by the scheduler).
+    pub fn wake(&mut self, serial: u64) {
+        if let Some(p) = self.procs.get_mut(&serial) {
+            if !p.queued && matches!(p.run, Run::Idle | Run::Resumable { .. }) {
+                p.queued = true;
+                self.ready.push_back(serial);
+            }
+        }
+    }
+
+    /// Queues a user message; `Err` names why it was refused.
+    pub fn deliver(&mut self, serial: u64, job: Job) -> Result<(), (Error, Job)> {
+        let max = self.limits.max_mailbox;
+        let Some(p) = self.procs.get(&serial) else {
+            return Err((Error::NoProcess(format!("#{serial}")), job));
+        };
+        if p.dying.is_some() {
+            return Err((Error::NoProcess(self.pid_string(p.pid)), job));
+        }
+        if p.mailbox.len() >= max {
+            return Err((Error::MailboxFull(self.pid_string(p.pid)), job));
+        }
+        self.procs.get_mut(&serial).expect("checked").mailbox.push_back(job);
+        self.wake(serial);
+        Ok(())
+    }
+
+    /// Queues a system message (EXIT, DOWN): never refused while the process lives.
+    fn deliver_system(&mut self, serial: u64, job: Job) {
+        if let Some(p) = self.procs.get_mut(&serial) {
+            if p.dying.is_none() {
+                p.mailbox.push_back(job);
+                self.wake(serial);
+            }
+        }
+    }
+
+    pub fn new_serial(&mut self) -> u64 {
+        self.next_serial += 1;
+        self.next_serial
+    }
+
+    /// Creates a process record and queues its init job. Checks `max_processes`.
+    pub fn create_process(
+        &mut self,
+        module: u32,
+        parent: Option<u64>,
+        name: Option<&str>,
+        args: RegistryKey,
+        waiter: Waiter,
+    ) -> Result<u64, (Error, Waiter)> {
+        if self.procs.len() >= self.limits.max_processes {
+            return Err((Error::TooManyProcesses(self.limits.max_processes), waiter));
+        }
+        if let Some(n) = name {
+            if self.names.contains_key(n) {
+                return Err((Error::InvalidInput(format!("the name `{n}` is registered already")), waiter));
+            }
+        }
+        let serial = self.new_serial();
+        let pid = Pid::new(module, serial);
+        let mut p = Process::new(pid, parent, self.module_versions[module as usize]);
+        if let Some(n) = name {
+            p.name = Some(n.into());
+            self.names.insert(n.into(), serial);
+        }
+        p.system = Some(Job::Init { args, waiter });
+        self.procs.insert(serial, p);
+        self.wake(serial);
+        Ok(serial)
+    }
+
+    pub fn add_timer(&mut self, at_ms: u64, timer: Timer) -> u64 {
+        self.next_timer += 1;
+        let id = self.next_timer;
+        self.timers.push(Reverse((at_ms, id)));
+        self.timer_data.insert(id, timer);
+        id
+    }
+
+    pub fn cancel_timer(&mut self, id: u64) -> bool {
+        self.timer_data.remove(&id).is_some()
+    }
+
+    /// When the earliest live timer is due.
+    pub fn next_timer_at(&mut self) -> Option<u64> {
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if self.timer_data.contains_key(&id) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    pub fn is_on_stack(&self, serial: u64) -> bool {
+        self.stack.iter().any(|(s, _)| *s == serial)
+    }
+
+    pub fn current(&self) -> Option<u64> {
+        self.stack.last().map(|(s, _)| *s)
+    }
+
+    /// Asks a process to exit. `run_terminate`: whether its `terminate` runs first.
+    pub fn exit_process(&mut self, serial: u64, reason: ExitReason, run_terminate: bool) {
+        self.exits.push_back((serial, reason, run_terminate));
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.ready.is_empty() || !self.exits.is_empty()
+    }
+
+    pub fn take_thread(&mut self) -> Option<Thread> {
+        self.pool.pop()
+    }
+}
+
+/// Creates a sandbox's kernel and VM. Natives are installed into the prelude.
+pub(crate) fn new_vm(
+    id: &str,
+    limits: &Limits,
+    grants: &[String],
+    host_fns: &std::collections::BTreeMap<String, vm::HostFn>,
+) -> mlua::Result<Vm> {
+    let vm = Vm::new(grants, host_fns, limits.max_message_bytes, natives::install)?;
+    let watch = Arc::new(Watch::new(limits.handler_ms));
+    install_interrupt(&vm.lua, watch.clone());
+    let k = Kernel {
+        id: Arc::from(id),
+        limits: limits.clone(),
+        procs: HashMap::new(),
+        names: HashMap::new(),
+        ready: VecDeque::new(),
+        next_serial: 0,
+        next_token: 0,
+        module_names: Vec::new(),
+        module_index: HashMap::new(),
+        module_tables: Vec::new(),
+        module_versions: Vec::new(),
+        stack: Vec::new(),
+        timers: BinaryHeap::new(),
+        timer_data: HashMap::new(),
+        next_timer: 0,
+        pool: Vec::new(),
+        worker: vm.worker.clone(),
+        states: vm.states.clone(),
+        watch,
+        exits: VecDeque::new(),
+        events: VecDeque::new(),
+        next_event: 0,
+        app: None,
+        app_status: AppStatus::None,
+        frozen: HashSet::new(),
+        canary: None,
+        log: Vec::new(),
+        app_stop_waiters: Vec::new(),
+    };
+    vm.lua.set_app_data(k);
+    // Guest code may allocate up to the limit; the kernel's own bookkeeping
+    // (EXIT messages, host values) has headroom so it never fails half-way.
+    vm.lua.set_memory_limit(limits.memory_bytes)?;
+    // Module index 0 is `$eval` (short-lived eval processes): a real module
+    // never has index 0.
+    kernel(&vm.lua).intern_module(EVAL_MODULE);
+    Ok(vm)
+}
+
+/// The pseudo-module of `eval` processes.
+pub(crate) const EVAL_MODULE: &str = "$eval";
+
+/// Headroom above `memory_bytes` for the kernel's own allocations.
+const KERNEL_HEADROOM: usize = 4 * 1024 * 1024;
+
+pub(crate) fn guest_memory(lua: &Lua, limits: &Limits) {
+    let _ = lua.set_memory_limit(limits.memory_bytes);
+}
+
+pub(crate) fn kernel_memory(lua: &Lua, limits: &Limits) {
+    let _ = lua.set_memory_limit(limits.memory_bytes + KERNEL_HEADROOM);
+}
+
+/// Runs the sandbox until it has no runnable process or its slice ends.
+/// Returns whether work remains.
+pub(crate) fn run_slice(lua: &Lua) -> bool {
+    let started = clock::coarse_ms();
+    {
+        let k = kernel(lua);
+        k.watch.slice_end.store(started + SLICE_MS, Ordering::Relaxed);
+    }
+    fire_timers(lua);
+    drain_exits(lua);
+    let mut budget = 10_000u32;
+    loop {
+        let next = kernel(lua).ready.pop_front();
+        let Some(serial) = next else { break };
+        run_process(lua, serial);
+        drain_exits(lua);
+        budget -= 1;
+        if budget == 0 || clock::coarse_ms() >= started + SLICE_MS {
+            break;
+        }
+    }
+    lua.expire_registry_values();
+    let k = kernel(lua);
+    k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+    k.has_work()
+}
+
+/// Fires every timer that is due.
+pub(crate) fn fire_timers(lua: &Lua) {
+    let now = clock::precise_ms();
+    loop {
+        let mut k = kernel(lua);
+        let Some(Reverse((at, id))) = k.timers.peek().copied() else { return };
+        if at > now {
+            return;
+        }
+        k.timers.pop();
+        let Some(timer) = k.timer_data.remove(&id) else { continue };
+        match timer {
+            Timer::SendAfter { target, message } => {
+                let serial = match &target {
+                    Target::Serial(s) => Some(*s),
+                    Target::Name(n) => k.names.get(n.as_str()).copied(),
+                };
+                if let Some(s) = serial {
+                    // A timer message to a full mailbox still arrives: the sender
+                    // cannot be told any more, and dropping it would be silent.
+                    k.deliver_system(s, Job::Info(message));
+                }
+            }
+            Timer::CallTimeout { serial, token, target, ms } => {
+                drop(k);
+                let msg = format!("graft.call: timeout after {ms} ms waiting for {target}");
+                resume_with(lua, serial, token, false, Value::String(lua.create_string(&msg).expect("oom")));
+            }
+            Timer::HostCallTimeout { slot, target, ms } => {
+                slot.answer(Err(Error::CallTimeout { target, timeout_ms: ms }));
+            }
+            Timer::ShutdownKill { serial } => {
+                if k.procs.contains_key(&serial) {
+                    k.exit_process(serial, ExitReason::Killed, false);
+                }
+            }
+            Timer::Canary => {
+                drop(k);
+                crate::upgrade::canary_expired(lua);
+            }
+        }
+    }
+}
+
+/// Wakes a process suspended on `token` with `(ok, value)`; stale tokens are ignored.
+pub(crate) fn resume_with(lua: &Lua, serial: u64, token: u64, ok: bool, value: Value) {
+    let key = match lua.create_registry_value(value) {
+        Ok(k) => k,
+        Err(_) => return,
+    };
+    let mut k = kernel(lua);
+    let Some(p) = k.procs.get_mut(&serial) else { return };
+    match std::mem::replace(&mut p.run, Run::Idle) {
+        Run::Suspended { thread, token: t } if t == token => {
+            p.run = Run::Resumable { thread, resume: Some((ok, key)) };
+            k.wake(serial);
+        }
+        other => p.run = other,
+    }
+}
+
+/// Routes a job's result to whoever waits for it.
+pub(crate) fn answer(lua: &Lua, waiter: Waiter, result: Result<Value, Error>) {
+    match waiter {
+        Waiter::Nobody => {}
+        Waiter::Host(slot) => {
+            if slot.is_answered() {
+                return;
+            }
+            let r = match result {
+                Ok(v) => {
+                    let k = kernel(lua);
+                    lua_to_json(&v, &|p| k.pid_string(p)).map_err(Error::from)
+                }
+                Err(e) => Err(e),
+            };
+            slot.answer(r);
+        }
+        Waiter::Process { serial, token } => match result {
+            Ok(v) => resume_with(lua, serial, token, true, v),
+            Err(e) => {
+                let msg = lua.create_string(e.to_string()).expect("oom");
+                resume_with(lua, serial, token, false, Value::String(msg))
+            }
+        },
+    }
+}
+
+/// Runs (or resumes) the next piece of work of one process.
+pub(crate) fn run_process(lua: &Lua, serial: u64) {
+    let (thread, args) = {
+        let mut k = kernel(lua);
+        let frozen_blocked = {
+            let Some(p) = k.procs.get(&serial) else { return };
+            matches!(p.run, Run::Idle)
+                && p.system.is_none()
+                && !k.frozen.is_empty()
+                && k.frozen.contains(&p.pid.module_index())
+        };
+        let Some(p) = k.procs.get_mut(&serial) else { return };
+        p.queued = false;
+        if frozen_blocked {
+            return; // woken again when the reload finishes
+        }
+        match std::mem::replace(&mut p.run, Run::Running) {
+            Run::Resumable { thread, resume } => {
+                let thread: Thread = lua.registry_value(&thread).expect("suspended thread");
+                let args = match resume {
+                    Some((ok, key)) => {
+                        let v: Value = lua.registry_value(&key).expect("resume value");
+                        let _ = lua.remove_registry_value(key);
+                        MultiValue::from_iter([Value::Boolean(ok), v])
+                    }
+                    None => MultiValue::new(),
+                };
+                (thread, args)
+            }
+            Run::Idle => {
+                let job = match p.system.take() {
+                    Some(j) => Some(j),
+                    None => p.mailbox.pop_front(),
+                };
+                let Some(job) = job else {
+                    p.run = Run::Idle;
+                    return;
+                };
+                let module = p.pid.module_index();
+                p.used_ms = 0;
+                let op = job.op();
+                let (a, b, c) = match job_args(lua, &k, &job) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let p = k.procs.get_mut(&serial).expect("live");
+                        p.job = Some(job);
+                        p.run = Run::Idle;
+                        drop(k);
+                        finish_job(lua, serial, Outcome::Failed(ExitReason::Error { message: e, traceback: String::new() }));
+                        return;
+                    }
+                };
+                let module_value = match &job {
+                    Job::Eval { chunk, .. } => lua.registry_value::<Value>(chunk).expect("eval chunk"),
+                    _ => k.module_tables[module as usize].clone().map(Value::Table).unwrap_or(Value::Nil),
+                };
+                let p = k.procs.get_mut(&serial).expect("live");
+                p.job = Some(job);
+                p.messages_handled += 1;
+                let thread = match k.take_thread() {
+                    Some(t) => t,
+                    None => lua.create_thread(k.worker.clone()).expect("cannot create a worker thread"),
+                };
+                let args = MultiValue::from_iter([
+                    Value::Number(op as f64),
+                    Value::Number(serial as f64),
+                    module_value,
+                    a,
+                    b,
+                    c,
+                ]);
+                (thread, args)
+            }
+            other => {
+                p.run = other;
+                return;
+            }
+        }
+    };
+    let outcome = resume(lua, serial, &thread, args);
+    finish_job(lua, serial, outcome);
+}
+
+/// The arguments of a job's callback: (a, b, c) as the prelude expects them.
+fn job_args(lua: &Lua, k: &Kernel, job: &Job) -> Result<(Value, Value, Value), String> {
+    let get = |key: &RegistryKey| lua.registry_value::<Value>(key).map_err(|e| e.to_string());
+    Ok(match job {
+        Job::Init { args, .. } => (get(args)?, Value::Nil, Value::Nil),
+        Job::Call { request, from, waiter, .. } => (
+            get(request)?,
+            from.map(|p| p.to_lua()).unwrap_or(Value::Nil),
+            // replies to processes are copied in the VM; hosts get JSON anyway
+            Value::Boolean(matches!(waiter, Waiter::Process { .. })),
+        ),
+        Job::Cast(m) | Job::Info(m) => (get(m)?, Value::Nil, Value::Nil),
+        Job::Terminate(reason) => (reason.to_lua(lua).map_err(|e| e.to_string())?, Value::Nil, Value::Nil),
+        Job::Eval { .. } => {
+            let _ = k;
+            (Value::Nil, Value::Nil, Value::Nil)
+        }
+    })
+}
+
+/// Resumes a worker thread for `serial` with the interrupt armed.
+fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
+    let (limits, watch, used) = {
+        let mut k = kernel(lua);
+        let used = k.procs.get(&serial).map(|p| p.used_ms).unwrap_or(0);
+        let now = clock::coarse_ms();
+        k.stack.push((serial, now));
+        (k.limits.clone(), k.watch.clone(), used)
+    };
+    let start = clock::coarse_ms();
+    let deadline = start + limits.handler_ms.saturating_sub(used);
+    watch.arm(deadline, thread.to_pointer() as usize, true);
+    guest_memory(lua, &limits);
+    let result = thread.resume::<MultiValue>(args);
+    kernel_memory(lua, &limits);
+    let timed_out = watch.timed_out.load(Ordering::Relaxed);
+    watch.disarm();
+    let mut k = kernel(lua);
+    k.stack.pop();
+    if let Some(p) = k.procs.get_mut(&serial) {
+        p.used_ms += clock::coarse_ms().saturating_sub(start);
+    }
+    match result {
+        Ok(values) => {
+            let mut it = values.into_iter();
+            let first = it.next();
+            match first.as_ref().and_then(vm::marker_of) {
+                Some(MARK_DONE) if !timed_out => {
+                    k.pool_return(thread.clone());
+                    Outcome::Done(it.next().unwrap_or(Value::Nil))
+                }
+                Some(MARK_FAIL) | Some(MARK_DONE) => {
+                    let info = it.next().unwrap_or(Value::Nil);
+                    k.pool_return(thread.clone());
+                    Outcome::Failed(classify_failure(&info, timed_out))
+                }
+                Some(MARK_AWAIT) => {
+                    let token = match it.next() {
+                        Some(Value::Number(n)) => n as u64,
+                        Some(Value::Integer(n)) => n as u64,
+                        _ => 0,
+                    };
+                    Outcome::Suspended(token, thread.clone())
+                }
+                // No marker: preempted by the interrupt, or the guest yielded at
+                // top level. Either way the callback continues later.
+                _ => Outcome::Preempted(thread.clone()),
+            }
+        }
+        Err(e) => Outcome::Failed(classify_error(&e, timed_out)),
+    }
+}
+
+impl Kernel {
+    fn pool_return(&mut self, thread: Thread) {
+        if self.pool.len() < POOL_MAX {
+            self.pool.push(thread);
+        }
+    }
+}
+
+fn classify_message(message: &str, timed_out: bool) -> Option<ExitReason> {
+    if timed_out || message.contains("timeout: callback ran longer than handler_ms") {
+        Some(ExitReason::Timeout)
+    } else if message.contains("not enough memory") || message.contains("memory error") {
+        Some(ExitReason::OutOfMemory)
+    } else if message.contains("stack overflow") || message.contains("C stack overflow") {
+        Some(ExitReason::StackOverflow)
+    } else {
+        None
+    }
+}
+
+fn classify_failure(info: &Value, timed_out: bool) -> ExitReason {
+    let (message, traceback) = match info {
+        Value::Table(t) => {
+            let msg: Value = t.raw_get("message").unwrap_or(Value::Nil);
+            let tb: String = t.raw_get("traceback").unwrap_or_default();
+            let msg = match msg {
+                Value::String(s) => s.to_string_lossy(),
+                Value::Error(e) => e.to_string(),
+                other => lua_value_text(&other),
+            };
+            (msg, tb)
+        }
+        Value::String(s) => (s.to_string_lossy(), String::new()),
+        other => (lua_value_text(other), String::new()),
+    };
+    // The prelude's own frames are noise to the guest's author.
+    let traceback: Vec<&str> = traceback.lines().filter(|l| !l.starts_with("graft.prelude:") && !l.trim().is_empty()).collect();
+    classify_message(&message, timed_out).unwrap_or(ExitReason::Error { message, traceback: traceback.join("\n") })
+}
+
+fn lua_value_text(v: &Value) -> String {
+    match v {
+        Value::UserData(_) | Value::Error(_) => v.to_string().unwrap_or_else(|_| "userdata".into()),
+        other => other.to_string().unwrap_or_else(|_| format!("a {}", other.type_name())),
+    }
+}
+
+fn classify_error(e: &mlua::Error, timed_out: bool) -> ExitReason {
+    if matches!(e, mlua::Error::MemoryError(_)) {
+        return ExitReason::OutOfMemory;
+    }
+    let message = e.to_string();
+    classify_message(&message, timed_out)
+        .unwrap_or(ExitReason::Error { message, traceback: String::new() })
+}
+
+/// Acts on a job's outcome: routes replies, handles crashes and exits.
+fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
+    match outcome {
+        Outcome::Suspended(token, thread) => {
+            let key = lua.create_registry_value(thread).expect("registry");
+            let mut k = kernel(lua);
+            if let Some(p) = k.procs.get_mut(&serial) {
+                p.run = Run::Suspended { thread: key, token };
+                // An exit that arrived while the callback ran takes effect now.
+                if let Some(reason) = p.exit_pending.take() {
+                    k.exit_process(serial, reason, true);
+                }
+            }
+        }
+        Outcome::Preempted(thread) => {
+            let key = lua.create_registry_value(thread).expect("registry");
+            let mut k = kernel(lua);
+            if let Some(p) = k.procs.get_mut(&serial) {
+                p.run = Run::Resumable { thread: key, resume: None };
+                if let Some(reason) = p.exit_pending.take() {
+                    k.exit_process(serial, reason, true);
+                } else {
+                    k.wake(serial);
+                }
+            }
+        }
+        Outcome::Done(value) => {
+            let (job, pending) = {
+                let mut k = kernel(lua);
+                let Some(p) = k.procs.get_mut(&serial) else { return };
+                p.run = Run::Idle;
+                let job = p.job.take();
+                let pending = p.exit_pending.take();
+                (job, pending)
+            };
+            match job {
+                Some(Job::Call { waiter, .. }) => answer(lua, waiter, Ok(value)),
+                Some(Job::Init { waiter, .. }) => {
+                    let pid = kernel(lua).procs.get(&serial).map(|p| p.pid);
+                    match (&pending, pid) {
+                        (Some(reason), _) if !reason.is_normal() => {
+                            let module = module_of(lua, serial);
+                            answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }));
+                        }
+                        (_, Some(pid)) => answer(lua, waiter, Ok(pid.to_lua())),
+                        _ => {}
+                    }
+                }
+                Some(Job::Eval { waiter, .. }) => {
+                    answer(lua, waiter, Ok(value));
+                    kernel(lua).exit_process(serial, ExitReason::Normal, false);
+                }
+                Some(Job::Terminate(reason)) => {
+                    finalize(lua, serial, reason);
+                    return;
+                }
+                _ => {}
+            }
+            let mut k = kernel(lua);
+            if let Some(reason) = pending {
+                k.exit_process(serial, reason, true);
+            } else {
+                k.wake(serial);
+            }
+        }
+        Outcome::Failed(crash) => {
+            let (job, pending) = {
+                let mut k = kernel(lua);
+                let Some(p) = k.procs.get_mut(&serial) else { return };
+                p.run = Run::Idle;
+                (p.job.take(), p.exit_pending.take())
+            };
+            // graft.exit(reason) raises to unwind the guest: its reason wins.
+            let reason = pending.unwrap_or(crash);
+            let target = {
+                let k = kernel(lua);
+                k.procs.get(&serial).map(|p| k.pid_string(p.pid)).unwrap_or_default()
+            };
+            match job {
+                Some(Job::Init { waiter, .. }) => {
+                    let module = module_of(lua, serial);
+                    answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }));
+                    finalize(lua, serial, reason);
+                    return;
+                }
+                Some(Job::Terminate(original)) => {
+                    finalize(lua, serial, original);
+                    return;
+                }
+                Some(Job::Call { waiter, .. }) => {
+                    answer(lua, waiter, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }));
+                }
+                Some(Job::Eval { waiter, .. }) => {
+                    answer(lua, waiter, Err(eval_error(&reason)));
+                    finalize(lua, serial, ExitReason::Normal);
+                    return;
+                }
+                _ => {}
+            }
+            if !reason.is_normal() && !matches!(reason, ExitReason::Shutdown) {
+                let mut k = kernel(lua);
+                let module = module_name(&k, serial);
+                k.event("crash", serde_json::json!({ "process": target, "module": module, "reason": reason }));
+                tracing::warn!(sandbox = %k.id, process = %target, %reason, "process crashed");
+            }
+            kernel(lua).exit_process(serial, reason, true);
+        }
+    }
+}
+
+fn eval_error(reason: &ExitReason) -> Error {
+    match reason {
+        ExitReason::Error { message, .. } => Error::Luau(message.clone()),
+        other => Error::Luau(format!("eval stopped: {other}")),
+    }
+}
+
+fn module_name(k: &Kernel, serial: u64) -> String {
+    k.procs
+        .get(&serial)
+        .map(|p| k.module_names[p.pid.module_index() as usize].to_string())
+        .unwrap_or_default()
+}
+
+fn module_of(lua: &Lua, serial: u64) -> String {
+    module_name(&kernel(lua), serial)
+}
+
+/// Processes queued exits until none is left.
+pub(crate) fn drain_exits(lua: &Lua) {
+    loop {
+        let next = kernel(lua).exits.pop_front();
+        let Some((serial, reason, run_terminate)) = next else { return };
+        begin_exit(lua, serial, reason, run_terminate);
+    }
+}
+
+fn begin_exit(lua: &Lua, serial: u64, reason: ExitReason, run_terminate: bool) {
+    let mut k = kernel(lua);
+    let on_stack = k.is_on_stack(serial);
+    let Some(p) = k.procs.get_mut(&serial) else { return };
+    if on_stack {
+        // Its callback is running: the exit takes effect when it returns.
+        if p.exit_pending.is_none() || matches!(reason, ExitReason::Killed) {
+            p.exit_pending = Some(reason);
+        }
+        return;
+    }
+    if p.dying.is_some() {
+        if matches!(reason, ExitReason::Killed) {
+            // kill during terminate: stop at once
+            let original = p.dying.clone().unwrap_or(ExitReason::Killed);
+            let _ = original;
+            drop(k);
+            abandon_job(lua, serial, &ExitReason::Killed);
+            finalize(lua, serial, ExitReason::Killed);
+        }
+        return;
+    }
+    drop(k);
+    abandon_job(lua, serial, &reason);
+    let mut k = kernel(lua);
+    let p = k.procs.get_mut(&serial).expect("live");
+    let has_state = p.job.is_none() && !matches!(p.system, Some(Job::Init { .. }));
+    if run_terminate && !matches!(reason, ExitReason::Killed) && has_state {
+        p.dying = Some(reason.clone());
+        p.system = Some(Job::Terminate(reason));
+        p.run = Run::Idle;
+        k.wake(serial);
+    } else {
+        drop(k);
+        finalize(lua, serial, reason);
+    }
+}
+
+/// Drops a suspended or queued callback of a process that is exiting.
+fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
+    let (job, system) = {
+        let mut k = kernel(lua);
+        let Some(p) = k.procs.get_mut(&serial) else { return };
+        if matches!(p.run, Run::Suspended { .. } | Run::Resumable { .. }) {
+            p.run = Run::Idle;
+        }
+        let system = match p.system.take() {
+            Some(Job::Init { args, waiter }) => Some(Job::Init { args, waiter }),
+            other => {
+                p.system = other;
+                None
+            }
+        };
+        (p.job.take(), system)
+    };
+    let target = {
+        let k = kernel(lua);
+        k.procs.get(&serial).map(|p| k.pid_string(p.pid)).unwrap_or_default()
+    };
+    for job in [job, system].into_iter().flatten() {
+        match job {
+            Job::Call { waiter, .. } => {
+                answer(lua, waiter, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }))
+            }
+            Job::Init { waiter, .. } => {
+                let module = module_of(lua, serial);
+                answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }))
+            }
+            Job::Eval { waiter, .. } => answer(lua, waiter, Err(eval_error(reason))),
+            _ => {}
+        }
+    }
+}
+
+/// Removes a dead process and tells everyone who needs to know.
+fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
+    abandon_job(lua, serial, &reason);
+    let mut k = kernel(lua);
+    let Some(p) = k.procs.remove(&serial) else { return };
+    if let Some(n) = &p.name {
+        k.names.remove(n);
+    }
+    let _ = k.states.raw_set(serial, Value::Nil);
+    let target = k.pid_string(p.pid);
+    let mut waiters = Vec::new();
+    for job in p.mailbox {
+        match job {
+            Job::Call { waiter, .. } => waiters.push(waiter),
+            Job::Init { waiter, .. } | Job::Eval { waiter, .. } => waiters.push(waiter),
+            _ => {}
+        }
+    }
+    let reason_lua = reason.to_lua(lua).unwrap_or(Value::Nil);
+    for l in p.links {
+        link_signal(lua, &mut k, l, p.pid, &reason, &reason_lua, serial);
+    }
+    for (mref, watcher) in p.monitored_by {
+        if let Ok(key) = down_message(lua, mref, p.pid, &reason_lua) {
+            k.deliver_system(watcher, Job::Info(key));
+        }
+    }
+    for (s, token) in p.shutdown_waiters {
+        drop(k);
+        resume_with(lua, s, token, true, Value::Boolean(true));
+        k = kernel(lua);
+    }
+    if k.app == Some(serial) {
+        k.app = None;
+        k.app_status = AppStatus::Stopped { reason: reason.to_string() };
+        k.event("app_stopped", serde_json::json!({ "reason": reason }));
+        tracing::warn!(sandbox = %k.id, %reason, "app stopped");
+        for w in std::mem::take(&mut k.app_stop_waiters) {
+            w.answer(Ok(Json::String(reason.to_string())));
+        }
+    }
+    if !reason.is_normal() {
+        if let Some(c) = k.canary.as_mut() {
+            c.note_exit(p.pid.module_index(), p.version, &reason);
+        }
+    }
+    drop(k);
+    for w in waiters {
+        answer(lua, w, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }));
+    }
+}
+
+fn down_message(lua: &Lua, mref: u64, pid: Pid, reason: &Value) -> mlua::Result<RegistryKey> {
+    let t = lua.create_table()?;
+    t.raw_set("tag", "DOWN")?;
+    t.raw_set("ref", mref as f64)?;
+    t.raw_set("pid", pid.to_lua())?;
+    t.raw_set("reason", reason.clone())?;
+    lua.create_registry_value(t)
+}
+
+fn exit_message(lua: &Lua, from: Pid, reason: &Value) -> mlua::Result<RegistryKey> {
+    let t = lua.create_table()?;
+    t.raw_set("tag", "EXIT")?;
+    t.raw_set("from", from.to_lua())?;
+    t.raw_set("reason", reason.clone())?;
+    lua.create_registry_value(t)
+}
+
+/// Delivers a dying process's exit to a linked process (OTP link semantics).
+fn link_signal(lua: &Lua, k: &mut Kernel, to: u64, from: Pid, reason: &ExitReason, reason_lua: &Value, from_serial: u64) {
+    let Some(t) = k.procs.get_mut(&to) else { return };
+    t.links.retain(|s| *s != from_serial);
+    if t.trap_exit {
+        if let Ok(key) = exit_message(lua, from, reason_lua) {
+            k.deliver_system(to, Job::Info(key));
+        }
+    } else if !reason.is_normal() {
+        k.exit_process(to, reason.clone(), true);
+    }
+}
+
+/// `graft.exit(pid, reason)`: an exit signal from `from` (OTP `exit/2`).
+pub(crate) fn send_exit_signal(lua: &Lua, k: &mut Kernel, to: u64, from: Pid, reason: Json) {
+    let is_kill = reason.as_str() == Some("kill");
+    let reason = if is_kill { ExitReason::Killed } else { ExitReason::from_json(reason) };
+    let Some(t) = k.procs.get(&to) else { return };
+    if is_kill {
+        k.exit_process(to, ExitReason::Killed, false);
+    } else if t.trap_exit {
+        let reason_lua = reason.to_lua(lua).unwrap_or(Value::Nil);
+        if let Ok(key) = exit_message(lua, from, &reason_lua) {
+            k.deliver_system(to, Job::Info(key));
+        }
+    } else if !reason.is_normal() || to == from.serial() {
+        k.exit_process(to, reason, true);
+    }
+}
+
+/// The default call timeout (ms), shared by host and guest calls.
+pub(crate) fn natives_default_timeout() -> u64 {
+    natives::DEFAULT_CALL_TIMEOUT_MS
+}

@@ -1,0 +1,386 @@
+//! The Rust side of the `graft` guest API. The prelude wraps these: natives
+//! never raise; they return `(value)` or `(nil, message)` and the prelude
+//! raises at the guest's call site, so errors point at guest lines.
+
+use mlua::{Lua, MultiValue, Table, Value};
+use serde_json::Value as Json;
+
+use super::{kernel, send_exit_signal, Job, Kernel, Target, Timer, Waiter};
+use crate::clock;
+use crate::value::{lua_to_json, Pid};
+
+/// Default `graft.call` timeout, as OTP's `gen_server:call/2`.
+pub(crate) const DEFAULT_CALL_TIMEOUT_MS: u64 = 5000;
+
+type R = mlua::Result<MultiValue>;
+
+fn ok(lua: &Lua, v: impl mlua::IntoLua) -> R {
+    Ok(MultiValue::from_iter([v.into_lua(lua)?]))
+}
+
+fn fail(lua: &Lua, msg: impl AsRef<str>) -> R {
+    Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(msg.as_ref())?)]))
+}
+
+fn outside(lua: &Lua, what: &str) -> R {
+    fail(lua, format!("graft.{what} can only be used inside a process callback (not while a module loads or migrates)"))
+}
+
+fn to_json(k: &Kernel, v: &Value) -> Result<Json, String> {
+    lua_to_json(v, &|p| k.pid_string(p)).map_err(|e| e.0)
+}
+
+/// Checks that the running Luau thread is the current process's worker thread,
+/// so `graft.call` from inside a guest coroutine fails clearly instead of
+/// yielding the wrong coroutine.
+fn on_worker_thread(lua: &Lua, k: &Kernel) -> bool {
+    lua.current_thread().to_pointer() as usize == k.watch.thread.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
+    macro_rules! native {
+        ($name:literal, $f:expr) => {
+            n.raw_set($name, lua.create_function($f)?)?;
+        };
+    }
+
+    native!("self", |lua, ()| {
+        let k = kernel(lua);
+        match k.current().and_then(|s| k.procs.get(&s)) {
+            Some(p) => ok(lua, p.pid.to_lua()),
+            None => ok(lua, Value::Nil),
+        }
+    });
+
+    native!("is_pid", |_, v: Value| Ok(Pid::from_lua(&v).is_some()));
+
+    native!("parent", |lua, ()| {
+        let k = kernel(lua);
+        let parent = k.current().and_then(|s| k.procs.get(&s)).and_then(|p| p.parent);
+        match parent.and_then(|s| k.procs.get(&s)) {
+            Some(p) => ok(lua, p.pid.to_lua()),
+            None => ok(lua, Value::Nil),
+        }
+    });
+
+    native!("now", |_, ()| Ok(clock::unix_ms()));
+
+    native!("spawn", |lua, (module, args, opts): (String, Value, Option<Table>)| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "spawn") };
+        if !on_worker_thread(lua, &k) {
+            return fail(lua, "graft.spawn cannot be used inside a coroutine the callback created");
+        }
+        let Some(mid) = k.module_id(&module).filter(|m| k.module_tables[*m as usize].is_some()) else {
+            return fail(lua, format!("graft.spawn: no module `{module}` in this sandbox"));
+        };
+        let is_server = k.module_tables[mid as usize]
+            .as_ref()
+            .map(|t| t.raw_get::<Value>("init").map(|v| v.is_function()).unwrap_or(false))
+            .unwrap_or(false);
+        if !is_server {
+            return fail(lua, format!("graft.spawn: module `{module}` has no `init` function, so it cannot run as a process"));
+        }
+        let (name, link, monitor) = match &opts {
+            Some(o) => (
+                o.raw_get::<Option<String>>("name")?,
+                o.raw_get::<Option<bool>>("link")?.unwrap_or(false),
+                o.raw_get::<Option<bool>>("monitor")?.unwrap_or(false),
+            ),
+            None => (None, false, false),
+        };
+        let _ = monitor;
+        let token = k.token();
+        let args = lua.create_registry_value(args)?;
+        match k.create_process(mid, Some(me), name.as_deref(), args, Waiter::Process { serial: me, token }) {
+            Ok(child) => {
+                if link {
+                    k.procs.get_mut(&child).expect("new").links.push(me);
+                    if let Some(p) = k.procs.get_mut(&me) {
+                        p.links.push(child);
+                    }
+                }
+                Ok(MultiValue::from_iter([Value::Nil, Value::Number(token as f64)]))
+            }
+            Err((e, _)) => fail(lua, format!("graft.spawn: {e}")),
+        }
+    });
+
+    native!("call", |lua, (target, request, timeout): (Value, Value, Option<f64>)| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "call") };
+        if !on_worker_thread(lua, &k) {
+            return fail(lua, "graft.call cannot be used inside a coroutine the callback created");
+        }
+        let desc = k.describe_value(&target);
+        let Some(to) = k.resolve_value(&target) else {
+            return fail(lua, format!("graft.call: no process {desc}"));
+        };
+        if to == me {
+            return fail(lua, "graft.call: a process cannot call itself (it would wait for its own reply)");
+        }
+        let ms = match timeout {
+            None => DEFAULT_CALL_TIMEOUT_MS,
+            Some(t) if t.is_finite() && t >= 0.0 => t as u64,
+            Some(_) => return fail(lua, "graft.call: timeout_ms must be a number >= 0"),
+        };
+        let token = k.token();
+        let from = k.procs.get(&me).map(|p| p.pid);
+        let request = lua.create_registry_value(request)?;
+        let job = Job::Call { request, from, waiter: Waiter::Process { serial: me, token }, target: desc.clone() };
+        if let Err((e, _)) = k.deliver(to, job) {
+            return fail(lua, format!("graft.call: {e}"));
+        }
+        let at = clock::precise_ms() + ms;
+        k.add_timer(at, Timer::CallTimeout { serial: me, token, target: desc, ms });
+        ok(lua, token as f64)
+    });
+
+    native!("cast", |lua, (target, msg): (Value, Value)| send_like(lua, target, msg, true));
+    native!("send", |lua, (target, msg): (Value, Value)| send_like(lua, target, msg, false));
+
+    native!("send_after", |lua, (ms, target, msg): (f64, Value, Value)| {
+        let mut k = kernel(lua);
+        if !(ms.is_finite() && ms >= 0.0) {
+            return fail(lua, "graft.send_after: ms must be a number >= 0");
+        }
+        let target = match &target {
+            Value::String(s) => Target::Name(s.to_string_lossy()),
+            other => match Pid::from_lua(other) {
+                Some(p) => Target::Serial(p.serial()),
+                None => return fail(lua, "graft.send_after: the target must be a pid or a registered name"),
+            },
+        };
+        let message = lua.create_registry_value(msg)?;
+        let id = k.add_timer(clock::precise_ms() + ms as u64, Timer::SendAfter { target, message });
+        ok(lua, id as f64)
+    });
+
+    native!("cancel_timer", |lua, id: f64| Ok(kernel(lua).cancel_timer(id as u64)));
+
+    native!("register", |lua, name: String| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "register") };
+        if name.is_empty() || name.starts_with('<') {
+            return fail(lua, "graft.register: a name must be a non-empty string not starting with `<`");
+        }
+        if let Some(&other) = k.names.get(name.as_str()) {
+            if other != me {
+                return fail(lua, format!("graft.register: the name `{name}` is registered already"));
+            }
+            return ok(lua, true);
+        }
+        let p = k.procs.get_mut(&me).expect("current");
+        if let Some(old) = &p.name {
+            return fail(lua, format!("graft.register: this process is registered as `{old}` already"));
+        }
+        p.name = Some(name.as_str().into());
+        k.names.insert(name.into(), me);
+        ok(lua, true)
+    });
+
+    native!("unregister", |lua, name: String| {
+        let mut k = kernel(lua);
+        match k.names.remove(name.as_str()) {
+            Some(s) => {
+                if let Some(p) = k.procs.get_mut(&s) {
+                    p.name = None;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    });
+
+    native!("whereis", |lua, name: String| {
+        let k = kernel(lua);
+        match k.names.get(name.as_str()).and_then(|s| k.procs.get(s)) {
+            Some(p) => ok(lua, p.pid.to_lua()),
+            None => ok(lua, Value::Nil),
+        }
+    });
+
+    native!("link", |lua, target: Value| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "link") };
+        let Some(to) = k.resolve_value(&target).filter(|s| *s != me) else {
+            let trap = k.procs.get(&me).is_some_and(|p| p.trap_exit);
+            if let (true, Some(pid)) = (trap, Pid::from_lua(&target)) {
+                // OTP: linking to a dead process while trapping exits delivers EXIT noproc
+                let t = lua.create_table()?;
+                t.raw_set("tag", "EXIT")?;
+                t.raw_set("from", pid.to_lua())?;
+                t.raw_set("reason", "noproc")?;
+                let key = lua.create_registry_value(t)?;
+                k.deliver_system(me, Job::Info(key));
+                return ok(lua, true);
+            }
+            return fail(lua, format!("graft.link: no process {} (noproc)", k.describe_value(&target)));
+        };
+        if !k.procs[&me].links.contains(&to) {
+            k.procs.get_mut(&me).expect("current").links.push(to);
+            k.procs.get_mut(&to).expect("resolved").links.push(me);
+        }
+        ok(lua, true)
+    });
+
+    native!("unlink", |lua, target: Value| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "unlink") };
+        if let Some(to) = k.resolve_value(&target) {
+            if let Some(p) = k.procs.get_mut(&me) {
+                p.links.retain(|s| *s != to);
+            }
+            if let Some(p) = k.procs.get_mut(&to) {
+                p.links.retain(|s| *s != me);
+            }
+        }
+        ok(lua, true)
+    });
+
+    native!("monitor", |lua, target: Value| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "monitor") };
+        let mref = k.token();
+        match k.resolve_value(&target) {
+            Some(to) => k.procs.get_mut(&to).expect("resolved").monitored_by.push((mref, me)),
+            None => {
+                // OTP: monitoring a dead process delivers DOWN noproc at once.
+                let t = lua.create_table()?;
+                t.raw_set("tag", "DOWN")?;
+                t.raw_set("ref", mref as f64)?;
+                t.raw_set("pid", target)?;
+                t.raw_set("reason", "noproc")?;
+                let key = lua.create_registry_value(t)?;
+                k.deliver_system(me, Job::Info(key));
+            }
+        }
+        ok(lua, mref as f64)
+    });
+
+    native!("demonitor", |lua, mref: f64| {
+        let mut k = kernel(lua);
+        let mref = mref as u64;
+        let mut found = false;
+        for p in k.procs.values_mut() {
+            let before = p.monitored_by.len();
+            p.monitored_by.retain(|(r, _)| *r != mref);
+            if p.monitored_by.len() != before {
+                found = true;
+                break;
+            }
+        }
+        Ok(found)
+    });
+
+    native!("trap_exit", |lua, flag: bool| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "trap_exit") };
+        let p = k.procs.get_mut(&me).expect("current");
+        let old = p.trap_exit;
+        p.trap_exit = flag;
+        ok(lua, old)
+    });
+
+    native!("exit", |lua, reason: Value| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "exit") };
+        let reason = match to_json(&k, &reason) {
+            Ok(j) => crate::value::ExitReason::from_json(j),
+            Err(e) => return fail(lua, format!("graft.exit: the reason is not plain data: {e}")),
+        };
+        k.procs.get_mut(&me).expect("current").exit_pending = Some(reason);
+        ok(lua, true)
+    });
+
+    native!("signal", |lua, (target, reason): (Value, Value)| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "exit") };
+        let from = k.procs[&me].pid;
+        let reason = match to_json(&k, &reason) {
+            Ok(j) => j,
+            Err(e) => return fail(lua, format!("graft.exit: the reason is not plain data: {e}")),
+        };
+        match k.resolve_value(&target) {
+            Some(to) => {
+                send_exit_signal(lua, &mut k, to, from, reason);
+                ok(lua, true)
+            }
+            None => ok(lua, false),
+        }
+    });
+
+    native!("log", |lua, (level, msg): (String, String)| {
+        let mut k = kernel(lua);
+        let who = k.current().and_then(|s| k.procs.get(&s)).map(|p| k.pid_string(p.pid)).unwrap_or_default();
+        match level.as_str() {
+            "error" => tracing::error!(sandbox = %k.id, process = %who, "{msg}"),
+            "warn" => tracing::warn!(sandbox = %k.id, process = %who, "{msg}"),
+            _ => tracing::info!(sandbox = %k.id, process = %who, "{msg}"),
+        }
+        if k.log.len() < 10_000 {
+            k.log.push((level, msg));
+        }
+        Ok(())
+    });
+
+    native!("shutdown_child", |lua, (target, mode): (Value, Value)| {
+        let mut k = kernel(lua);
+        let Some(me) = k.current() else { return outside(lua, "shutdown_child") };
+        let Some(child) = k.resolve_value(&target) else { return ok(lua, Value::Nil) };
+        // Unlink first (as OTP's supervisor does) so no stray EXIT arrives.
+        if let Some(p) = k.procs.get_mut(&me) {
+            p.links.retain(|s| *s != child);
+        }
+        let token = k.token();
+        let c = k.procs.get_mut(&child).expect("resolved");
+        c.links.retain(|s| *s != me);
+        c.shutdown_waiters.push((me, token));
+        match mode {
+            Value::String(s) if s.to_str().is_ok_and(|s| &*s == "brutal_kill") => {
+                k.exit_process(child, crate::value::ExitReason::Killed, false);
+            }
+            Value::Number(ms) => {
+                k.exit_process(child, crate::value::ExitReason::Shutdown, true);
+                k.add_timer(clock::precise_ms() + ms.max(0.0) as u64, Timer::ShutdownKill { serial: child });
+            }
+            Value::Integer(ms) => {
+                k.exit_process(child, crate::value::ExitReason::Shutdown, true);
+                k.add_timer(clock::precise_ms() + ms.max(0) as u64, Timer::ShutdownKill { serial: child });
+            }
+            _ => k.exit_process(child, crate::value::ExitReason::Shutdown, true), // infinity
+        }
+        ok(lua, token as f64)
+    });
+
+    native!("sup_event", |lua, kind: String| {
+        let mut k = kernel(lua);
+        let who = k.current().and_then(|s| k.procs.get(&s)).map(|p| k.pid_string(p.pid)).unwrap_or_default();
+        k.event(&kind, serde_json::json!({ "supervisor": who }));
+        tracing::warn!(sandbox = %k.id, supervisor = %who, "{kind}");
+        Ok(())
+    });
+
+    native!("same_data", |lua, (a, b): (Value, Value)| {
+        let k = kernel(lua);
+        Ok(matches!((to_json(&k, &a), to_json(&k, &b)), (Ok(x), Ok(y)) if x == y))
+    });
+
+    Ok(())
+}
+
+fn send_like(lua: &Lua, target: Value, msg: Value, cast: bool) -> R {
+    let mut k = kernel(lua);
+    let what = if cast { "cast" } else { "send" };
+    let desc = k.describe_value(&target);
+    let Some(to) = k.resolve_value(&target) else {
+        return fail(lua, format!("noproc: no process {desc}"));
+    };
+    let key = lua.create_registry_value(msg)?;
+    let job = if cast { Job::Cast(key) } else { Job::Info(key) };
+    match k.deliver(to, job) {
+        Ok(()) => ok(lua, true),
+        Err((crate::error::Error::MailboxFull(_), _)) => fail(lua, "mailbox_full"),
+        Err((e, _)) => fail(lua, format!("graft.{what}: {e}")),
+    }
+}

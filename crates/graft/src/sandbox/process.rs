@@ -1,0 +1,150 @@
+//! Process records and the jobs a process runs.
+//!
+//! A process is a plain Rust record plus one entry in the VM's state table. It
+//! holds a Luau thread only while a callback is suspended (waiting for a call
+//! reply, a spawned child or a preempted time slice), so an idle process costs
+//! a few hundred bytes.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use mlua::RegistryKey;
+use serde_json::Value as Json;
+
+use crate::error::Error;
+use crate::value::{ExitReason, Pid};
+
+/// The sending half of a host request's answer.
+pub(crate) type HostReply = tokio::sync::oneshot::Sender<Result<Json, Error>>;
+
+/// Where a host waits for its answer. The slot is emptied by the first of
+/// reply, timeout or failure, so an answer is given exactly once.
+pub(crate) struct HostSlot(Mutex<Option<HostReply>>);
+
+impl HostSlot {
+    pub fn new(tx: HostReply) -> Arc<HostSlot> {
+        Arc::new(HostSlot(Mutex::new(Some(tx))))
+    }
+    /// Answers if nobody answered yet; returns whether this call answered.
+    pub fn answer(&self, r: Result<Json, Error>) -> bool {
+        match self.0.lock().expect("host slot poisoned").take() {
+            Some(tx) => {
+                let _ = tx.send(r);
+                true
+            }
+            None => false,
+        }
+    }
+    pub fn is_answered(&self) -> bool {
+        self.0.lock().expect("host slot poisoned").is_none()
+    }
+}
+
+/// Who waits for the outcome of a job.
+pub(crate) enum Waiter {
+    Nobody,
+    Host(Arc<HostSlot>),
+    /// A process suspended in `graft.call`/`graft.spawn` with this token.
+    Process { serial: u64, token: u64 },
+}
+
+/// Work a process does, one callback each.
+pub(crate) enum Job {
+    Init { args: RegistryKey, waiter: Waiter },
+    Call { request: RegistryKey, from: Option<Pid>, waiter: Waiter, target: String },
+    Cast(RegistryKey),
+    Info(RegistryKey),
+    Terminate(ExitReason),
+    Eval { chunk: RegistryKey, waiter: Waiter },
+}
+
+impl Job {
+    pub fn op(&self) -> u8 {
+        match self {
+            Job::Init { .. } => 1,
+            Job::Call { .. } => 2,
+            Job::Cast(_) => 3,
+            Job::Info(_) => 4,
+            Job::Terminate(_) => 5,
+            Job::Eval { .. } => 6,
+        }
+    }
+}
+
+/// What a process is doing right now.
+pub(crate) enum Run {
+    /// Between callbacks.
+    Idle,
+    /// Its callback is on the VM stack.
+    Running,
+    /// Its callback waits for `token` (a reply, a child's init, a shutdown).
+    Suspended { thread: RegistryKey, token: u64 },
+    /// Its callback can continue: with `(ok, value)` or, after preemption, with nothing.
+    Resumable { thread: RegistryKey, resume: Option<(bool, RegistryKey)> },
+}
+
+pub(crate) struct Process {
+    pub pid: Pid,
+    pub name: Option<Box<str>>,
+    pub mailbox: VecDeque<Job>,
+    /// Init or terminate: runs before anything in the mailbox.
+    pub system: Option<Job>,
+    /// The job whose callback is running or suspended.
+    pub job: Option<Job>,
+    pub run: Run,
+    pub links: Vec<u64>,
+    /// (monitor ref, watcher serial) of the monitors on this process.
+    pub monitored_by: Vec<(u64, u64)>,
+    pub trap_exit: bool,
+    pub queued: bool,
+    /// An exit decided while the process's own callback was on the stack.
+    pub exit_pending: Option<ExitReason>,
+    /// Set once the process is terminating: the reason it will exit with.
+    pub dying: Option<ExitReason>,
+    pub parent: Option<u64>,
+    /// Processes suspended in a shutdown of this one: (serial, token).
+    pub shutdown_waiters: Vec<(u64, u64)>,
+    /// The module version this process's state belongs to.
+    pub version: u32,
+    /// Milliseconds of CPU its current callback used before it was suspended.
+    pub used_ms: u64,
+    pub messages_handled: u64,
+}
+
+impl Process {
+    pub fn new(pid: Pid, parent: Option<u64>, version: u32) -> Process {
+        Process {
+            pid,
+            name: None,
+            mailbox: VecDeque::new(),
+            system: None,
+            job: None,
+            run: Run::Idle,
+            links: Vec::new(),
+            monitored_by: Vec::new(),
+            trap_exit: false,
+            queued: false,
+            exit_pending: None,
+            dying: None,
+            parent,
+            shutdown_waiters: Vec::new(),
+            version,
+            used_ms: 0,
+            messages_handled: 0,
+        }
+    }
+
+    /// `running`, `waiting`, `runnable`, `idle` or `exiting`, as the API shows it.
+    pub fn status(&self) -> &'static str {
+        if self.dying.is_some() {
+            return "exiting";
+        }
+        match self.run {
+            Run::Running => "running",
+            Run::Suspended { .. } => "waiting",
+            Run::Resumable { .. } => "runnable",
+            Run::Idle if self.system.is_some() || !self.mailbox.is_empty() => "runnable",
+            Run::Idle => "idle",
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The Luau VM of one sandbox: creation, the guest environment, compilation.
+//!
+//! Invariants:
+//! * Only bytecode produced by [`compile`] in this process is ever loaded
+//!   (Luau does not verify bytecode).
+//! * Guest chunks run with one shared, read-only environment (`GLOBALS`) that
+//!   holds exactly the safe builtins, `graft`, `require` and the capabilities
+//!   granted to the sandbox: an ungranted name does not exist.
+//! * The prelude's private tables (process states, job markers, worker
+//!   threads) are reachable only from Rust and from the prelude itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mlua::chunk::{ChunkMode, Compiler};
+use mlua::{Function, LightUserData, Lua, LuaOptions, StdLib, Table, Value};
+
+use crate::diagnostic::Diagnostic;
+use crate::error::{Error, Result};
+
+/// Job markers and other internal light userdata live at and above this value;
+/// pids stay below it.
+pub(crate) const MARKER_BASE: u64 = 1 << 62;
+pub(crate) const MARK_DONE: u64 = MARKER_BASE + 1;
+pub(crate) const MARK_FAIL: u64 = MARKER_BASE + 2;
+pub(crate) const MARK_AWAIT: u64 = MARKER_BASE + 3;
+
+pub(crate) fn marker(v: u64) -> Value {
+    Value::LightUserData(LightUserData(v as usize as *mut std::ffi::c_void))
+}
+
+pub(crate) fn marker_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::LightUserData(ud) if (ud.0 as usize as u64) >= MARKER_BASE => Some(ud.0 as usize as u64),
+        _ => None,
+    }
+}
+
+const PRELUDE: &str = include_str!("prelude.luau");
+const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
+
+/// Luau builtins every sandbox gets. `os` and `math.random` are capabilities.
+pub const SAFE_GLOBALS: &[&str] = &[
+    "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "print", "rawequal", "rawget",
+    "rawlen", "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type",
+    "typeof", "unpack", "bit32", "buffer", "math", "string", "table", "utf8", "vector", "coroutine",
+    "graft", "require",
+];
+
+/// A host function an embedding app grants to a sandbox: JSON arguments in,
+/// JSON result (or an error message) out. It runs on the sandbox's scheduler
+/// thread, inside the calling handler: keep it quick.
+pub type HostFn =
+    Arc<dyn Fn(Vec<serde_json::Value>) -> std::result::Result<serde_json::Value, String> + Send + Sync>;
+
+/// Handles into the prelude, kept by the sandbox runtime.
+pub(crate) struct Vm {
+    pub lua: Lua,
+    pub worker: Function,
+    pub copy: Function,
+    pub check_plain: Function,
+    pub migrate_all: Function,
+    pub commit_states: Function,
+    pub states: Table,
+    pub globals: Table,
+    pub set_view: Function,
+}
+
+/// Compiler settings shared by every compile: keep line info for tracebacks.
+fn compiler() -> Compiler {
+    Compiler::new().set_optimization_level(1).set_debug_level(1)
+}
+
+/// Compiles a module's source to bytecode (pure: no VM involved, so it can run
+/// on any thread). Errors carry module, file, line, column and a code frame.
+pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) -> Result<Vec<u8>> {
+    if source.len() > max_source_bytes {
+        return Err(Error::Compile {
+            diagnostics: vec![Diagnostic::new(
+                "too_large",
+                module,
+                file,
+                "",
+                0,
+                0,
+                format!(
+                    "source is {} bytes; the sandbox accepts at most {max_source_bytes} (limits.max_source_bytes)",
+                    source.len()
+                ),
+            )],
+        });
+    }
+    match compiler().compile(source) {
+        Ok(bytecode) => Ok(bytecode),
+        Err(e) => {
+            let text = e.to_string();
+            let (line, message) = parse_luau_error(&text);
+            // Luau reports lines only; full_moon finds the column when it agrees.
+            let column = syntax_error_position(source)
+                .filter(|(l, _)| *l == line)
+                .map(|(_, c)| c)
+                .unwrap_or(1);
+            Err(Error::Compile {
+                diagnostics: vec![Diagnostic::new("syntax", module, file, source, line, column, message)],
+            })
+        }
+    }
+}
+
+/// The position of full_moon's first syntax error, if it finds one.
+fn syntax_error_position(source: &str) -> Option<(usize, usize)> {
+    let result = full_moon::parse_fallible(source, full_moon::LuaVersion::luau());
+    let first = result.errors().first()?;
+    let (start, _) = first.range();
+    Some((start.line(), start.character()))
+}
+
+/// Splits `...:LINE: message` from a Luau compile error.
+fn parse_luau_error(text: &str) -> (usize, String) {
+    let text = text.strip_prefix("syntax error: ").unwrap_or(text);
+    // Luau's compiler says `LINE: message`; a chunk name may precede it.
+    let text = text.strip_prefix(':').unwrap_or(text);
+    if let Some((line, msg)) = text.split_once(':') {
+        if let Ok(n) = line.trim().parse::<usize>() {
+            return (n, msg.trim().to_owned());
+        }
+    }
+    (1, text.trim().to_owned())
+}
+
+impl Vm {
+    /// Creates the VM: libraries, prelude, guest environment, supervisor.
+    /// `install_natives` fills the natives table the prelude receives.
+    pub fn new(
+        grants: &[String],
+        host_fns: &BTreeMap<String, HostFn>,
+        max_message_bytes: usize,
+        install_natives: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
+    ) -> mlua::Result<Vm> {
+        let libs = StdLib::COROUTINE
+            | StdLib::TABLE
+            | StdLib::STRING
+            | StdLib::UTF8
+            | StdLib::BIT
+            | StdLib::MATH
+            | StdLib::BUFFER
+            | StdLib::VECTOR
+            | StdLib::OS
+            | StdLib::DEBUG;
+        let lua = Lua::new_with(libs, LuaOptions::new())?;
+        let real = lua.globals();
+
+        let natives = lua.create_table()?;
+        natives.raw_set("DONE", marker(MARK_DONE))?;
+        natives.raw_set("FAIL", marker(MARK_FAIL))?;
+        natives.raw_set("AWAIT", marker(MARK_AWAIT))?;
+        natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
+        install_natives(&lua, &natives)?;
+
+        let prelude: Table = load_trusted(&lua, "=graft.prelude", PRELUDE, &real)?.call(natives.clone())?;
+        let graft: Table = prelude.raw_get("graft")?;
+
+        let globals = lua.create_table()?;
+        for name in SAFE_GLOBALS {
+            let v: Value = real.raw_get(*name)?;
+            if !v.is_nil() {
+                globals.raw_set(*name, v)?;
+            }
+        }
+        globals.raw_set("graft", graft.clone())?;
+        globals.raw_set("coroutine", prelude.raw_get::<Value>("coroutine")?)?;
+        let log: Table = graft.raw_get("log")?;
+        globals.raw_set("print", log.raw_get::<Function>("info")?)?;
+        // math without random unless granted: a copy, since the real one is shared.
+        let math: Table = real.raw_get("math")?;
+        let guest_math = lua.create_table()?;
+        for pair in math.pairs::<Value, Value>() {
+            let (k, v) = pair?;
+            guest_math.raw_set(k, v)?;
+        }
+        if !grants.iter().any(|g| g == "random") {
+            guest_math.raw_set("random", Value::Nil)?;
+            guest_math.raw_set("randomseed", Value::Nil)?;
+        }
+        guest_math.set_readonly(true);
+        globals.raw_set("math", guest_math)?;
+        if grants.iter().any(|g| g == "clock") {
+            let os: Table = real.raw_get("os")?;
+            let guest_os = lua.create_table()?;
+            for f in ["time", "clock", "date", "difftime"] {
+                guest_os.raw_set(f, os.raw_get::<Value>(f)?)?;
+            }
+            guest_os.set_readonly(true);
+            globals.raw_set("os", guest_os)?;
+        }
+        install_host_functions(&lua, &globals, host_fns)?;
+
+        // `require(name)` resolves through the view the upgrade engine sets.
+        let view_fns: Table = load_trusted(
+            &lua,
+            "=graft.require",
+            "local view = {}\n\
+             local function require(name)\n\
+               if type(name) ~= 'string' then error('require expects a module name', 2) end\n\
+               local m = view[name]\n\
+               if m == nil then error(\"module '\" .. name .. \"' not found\", 2) end\n\
+               return m\n\
+             end\n\
+             return { require = require, set_view = function(v) view = v end }",
+            &real,
+        )?
+        .call(())?;
+        globals.raw_set("require", view_fns.raw_get::<Function>("require")?)?;
+        globals.set_readonly(true);
+        globals.set_safeenv(true);
+
+        let supervisor_env = lua.create_table()?;
+        for pair in real.pairs::<Value, Value>() {
+            let (k, v) = pair?;
+            supervisor_env.raw_set(k, v)?;
+        }
+        let supervisor: Table =
+            load_trusted(&lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?.call((graft, natives, prelude.raw_get::<Function>("await_shutdown")?))?;
+        prelude.raw_get::<Function>("set_supervisor")?.call::<()>(supervisor)?;
+
+        Ok(Vm {
+            worker: prelude.raw_get("worker")?,
+            copy: prelude.raw_get("copy")?,
+            check_plain: prelude.raw_get("check_plain")?,
+            migrate_all: prelude.raw_get("migrate_all")?,
+            commit_states: prelude.raw_get("commit_states")?,
+            states: prelude.raw_get("states")?,
+            set_view: view_fns.raw_get("set_view")?,
+            globals,
+            lua,
+        })
+    }
+
+    /// Loads bytecode compiled by [`compile`] as a function in the guest environment.
+    pub fn load_guest(&self, chunk_name: &str, bytecode: &[u8]) -> mlua::Result<Function> {
+        self.lua
+            .load(bytecode)
+            .set_name(format!("={chunk_name}"))
+            .set_mode(ChunkMode::Binary)
+            .set_environment(self.globals.clone())
+            .into_function()
+    }
+}
+
+fn load_trusted(lua: &Lua, name: &str, source: &str, env: &Table) -> mlua::Result<Function> {
+    let bytecode = compiler().compile(source)?;
+    lua.load(&bytecode[..])
+        .set_name(name)
+        .set_mode(ChunkMode::Binary)
+        .set_environment(env.clone())
+        .into_function()
+}
+
+/// Exposes `"kv.get"`-style host functions as `kv.get` in the guest globals.
+fn install_host_functions(lua: &Lua, globals: &Table, host_fns: &BTreeMap<String, HostFn>) -> mlua::Result<()> {
+    let mut namespaces: BTreeMap<&str, Table> = BTreeMap::new();
+    for (name, f) in host_fns {
+        let f = f.clone();
+        let display = name.clone();
+        let func = lua.create_function(move |lua, args: mlua::MultiValue| {
+            let mut json_args = Vec::with_capacity(args.len());
+            for a in args.iter() {
+                match crate::value::lua_to_json(a, &|p| format!("<{}>", p.serial())) {
+                    Ok(j) => json_args.push(j),
+                    Err(e) => return Ok((Value::Nil, Some(format!("{display}: {}", e.0)))),
+                }
+            }
+            match f(json_args) {
+                Ok(v) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
+                Err(msg) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
+            }
+        })?;
+        match name.split_once('.') {
+            Some((ns, field)) => {
+                let t = match namespaces.get(ns) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = lua.create_table()?;
+                        namespaces.insert(ns, t.clone());
+                        t
+                    }
+                };
+                t.raw_set(field, func)?;
+            }
+            None => globals.raw_set(name.as_str(), func)?,
+        }
+    }
+    for (ns, t) in namespaces {
+        t.set_readonly(true);
+        globals.raw_set(ns, t)?;
+    }
+    Ok(())
+}
+
+/// Names a module may use as globals in a sandbox with these grants and host functions.
+pub fn known_globals(grants: &[String], host_fns: &BTreeMap<String, HostFn>) -> Vec<String> {
+    let mut names: Vec<String> = SAFE_GLOBALS.iter().map(|s| s.to_string()).collect();
+    if grants.iter().any(|g| g == "clock") {
+        names.push("os".into());
+    }
+    for name in host_fns.keys() {
+        let top = name.split('.').next().unwrap_or(name);
+        if !names.iter().any(|n| n == top) {
+            names.push(top.to_owned());
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compile_errors_name_the_line_and_keep_a_frame() {
+        let err = compile("m", "src/m.luau", "local a = 1\nlocal b = 2\nlocal c = = 3\n", 1 << 20).unwrap_err();
+        let Error::Compile { diagnostics } = err else { panic!("expected a compile error") };
+        let d = &diagnostics[0];
+        assert_eq!(d.line, 3, "{d:?}");
+        assert_eq!(d.module, "m");
+        assert!(d.frame.contains("local c = = 3"), "{}", d.frame);
+    }
+
+    #[test]
+    fn oversize_sources_are_refused_before_compiling() {
+        let err = compile("m", "m.luau", &"-- x\n".repeat(100), 64).unwrap_err();
+        assert!(err.to_string().contains("max_source_bytes"), "{err}");
+    }
+
+    #[test]
+    fn luau_error_text_is_split_into_line_and_message() {
+        assert_eq!(parse_luau_error(":3: Expected identifier"), (3, "Expected identifier".into()));
+        assert_eq!(parse_luau_error("syntax error: 7: Expected 'end'"), (7, "Expected 'end'".into()));
+        assert_eq!(parse_luau_error("weird"), (1, "weird".into()));
+    }
+}
