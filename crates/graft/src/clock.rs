@@ -44,5 +44,8 @@ pub fn instant_of(ms: u64) -> Instant {
 
 /// Wall-clock milliseconds since the Unix epoch (what `graft.now()` returns).
 pub fn unix_ms() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
 }

@@ -296,9 +296,18 @@ mod tests {
     #[test]
     fn module_names_map_from_paths() {
         let src = Path::new("/p/src");
-        assert_eq!(module_name_for(src, Path::new("/p/src/counter.luau")).as_deref(), Some("counter"));
-        assert_eq!(module_name_for(src, Path::new("/p/src/chat/room.luau")).as_deref(), Some("chat.room"));
-        assert_eq!(module_name_for(src, Path::new("/p/src/bad name.luau")), None);
+        assert_eq!(
+            module_name_for(src, Path::new("/p/src/counter.luau")).as_deref(),
+            Some("counter")
+        );
+        assert_eq!(
+            module_name_for(src, Path::new("/p/src/chat/room.luau")).as_deref(),
+            Some("chat.room")
+        );
+        assert_eq!(
+            module_name_for(src, Path::new("/p/src/bad name.luau")),
+            None
+        );
         assert!(validate_module_name("chat..room").is_err());
     }
 
@@ -306,14 +315,22 @@ mod tests {
     fn project_file_rejects_unknown_keys_and_reads_limits() {
         let dir = std::env::temp_dir().join(format!("graft-cfg-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("src/chat")).unwrap();
-        std::fs::write(dir.join("graft.toml"), "[sandbox]\nid = \"x\"\n[limits]\nhandler_ms = 5\n").unwrap();
+        std::fs::write(
+            dir.join("graft.toml"),
+            "[sandbox]\nid = \"x\"\n[limits]\nhandler_ms = 5\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("src/app.luau"), "return {}").unwrap();
         std::fs::write(dir.join("src/chat/room.luau"), "return {}").unwrap();
         let spec = SandboxSpec::from_dir(&dir).unwrap();
         assert_eq!(spec.limits.handler_ms, 5);
         assert_eq!(spec.limits.max_mailbox, Limits::default().max_mailbox);
         assert!(spec.modules.contains_key("chat.room"));
-        std::fs::write(dir.join("graft.toml"), "[sandbox]\nid = \"x\"\n[limits]\nhandler = 5\n").unwrap();
+        std::fs::write(
+            dir.join("graft.toml"),
+            "[sandbox]\nid = \"x\"\n[limits]\nhandler = 5\n",
+        )
+        .unwrap();
         let err = SandboxSpec::from_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("unknown field `handler`"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

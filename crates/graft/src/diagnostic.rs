@@ -84,7 +84,11 @@ pub fn code_frame(source: &str, line: usize, column: usize) -> String {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line > 0 {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         } else {
             write!(f, "{}: {}", self.file, self.message)
         }
@@ -99,7 +103,10 @@ mod tests {
     fn frame_points_at_the_column_with_context() {
         let src = "local a = 1\nlocal b = = 2\nreturn a";
         let frame = code_frame(src, 2, 11);
-        assert_eq!(frame, "1 | local a = 1\n2 | local b = = 2\n  |           ^\n3 | return a\n");
+        assert_eq!(
+            frame,
+            "1 | local a = 1\n2 | local b = = 2\n  |           ^\n3 | return a\n"
+        );
     }
 
     #[test]

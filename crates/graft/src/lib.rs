@@ -51,7 +51,13 @@ pub mod vm;
 pub use config::{Limits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, Result};
-pub use node::{block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo, QUIESCE_TIMEOUT_MS};
+pub use node::{
+    block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
+    QUIESCE_TIMEOUT_MS,
+};
 pub use sandbox::{AppStatus, Event};
-pub use upgrade::{ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus, StateHandler, Timings};
+pub use upgrade::{
+    ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,
+    StateHandler, Timings,
+};
 pub use value::{ExitReason, Pid};

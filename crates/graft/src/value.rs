@@ -209,7 +209,10 @@ fn json_to_lua_at(lua: &Lua, v: &Json, depth: usize) -> mlua::Result<Value> {
 pub struct NotPlainData(pub String);
 
 /// Converts a Luau value to JSON; `pid_name` renders pids.
-pub(crate) fn lua_to_json(v: &Value, pid_name: &dyn Fn(Pid) -> String) -> Result<Json, NotPlainData> {
+pub(crate) fn lua_to_json(
+    v: &Value,
+    pid_name: &dyn Fn(Pid) -> String,
+) -> Result<Json, NotPlainData> {
     lua_to_json_at(v, pid_name, 0)
 }
 
@@ -344,7 +347,10 @@ mod tests {
         let lv = json_to_lua(&lua, &v).unwrap();
         let back = lua_to_json(&lv, &names).unwrap();
         // null values vanish inside tables (Luau has no null), everything else survives
-        assert_eq!(back, serde_json::json!({"a": [1, 2.5, "x", true], "b": {}, "e": {}}));
+        assert_eq!(
+            back,
+            serde_json::json!({"a": [1, 2.5, "x", true], "b": {}, "e": {}})
+        );
     }
 
     #[test]
@@ -354,7 +360,10 @@ mod tests {
         let err = lua_to_json(&f, &names).unwrap_err();
         assert!(err.0.contains("function is not plain data"), "{}", err.0);
         let cyclic: Value = lua.load("local t = {} t.t = t return t").eval().unwrap();
-        assert!(lua_to_json(&cyclic, &names).unwrap_err().0.contains("nested"));
+        assert!(lua_to_json(&cyclic, &names)
+            .unwrap_err()
+            .0
+            .contains("nested"));
         let mut deep = serde_json::json!(1);
         for _ in 0..100 {
             deep = serde_json::json!([deep]);
@@ -365,8 +374,14 @@ mod tests {
 
     #[test]
     fn exit_reasons_read_from_guest_values() {
-        assert_eq!(ExitReason::from_json(serde_json::json!("normal")), ExitReason::Normal);
-        assert_eq!(ExitReason::from_json(serde_json::json!("shutdown")), ExitReason::Shutdown);
+        assert_eq!(
+            ExitReason::from_json(serde_json::json!("normal")),
+            ExitReason::Normal
+        );
+        assert_eq!(
+            ExitReason::from_json(serde_json::json!("shutdown")),
+            ExitReason::Shutdown
+        );
         let other = ExitReason::from_json(serde_json::json!({"why": "bored"}));
         assert_eq!(other.kind(), "other");
         assert!(!other.is_normal());

@@ -1155,28 +1155,44 @@ fn eval_returns_results_and_reports_errors() {
     });
 }
 
-
 #[test]
 fn zz_scratch() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     let node = Node::with_threads(2);
-    let caller = r#"
+    let count = Arc::new(AtomicUsize::new(0));
+    let c2 = count.clone();
+    let host = graft::HostFunctions::default().function("rec.got", move |_| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        Ok(Json::Null)
+    });
+    let ticker = r#"
 return {
   init = function() return {} end,
   handle_call = function(n, from, state)
-    for i = 1, n do
-      local ok, r = pcall(graft.call, "echo", i, 500)
-      if not ok or r ~= i then return { i = i, err = tostring(r) }, state end
-    end
+    for i = 1, n do graft.send_after(i % 20, graft.self(), i) end
     return n, state
   end,
+  handle_info = function(msg, state) rec.got() return state end,
 }"#;
-    let echo = "return { init = function(a) return 0 end, handle_call = function(r, f, s) return r, s end }";
-    let sb = node.create_sandbox(SandboxSpec::new("zz").entry(None).module("caller", caller).module("echo", echo)).unwrap();
-    run(sb.spawn("caller", json!(null), Some("c"))).unwrap();
-    run(sb.spawn("echo", json!(null), Some("echo"))).unwrap();
-    for round in 0..10 {
+    let sb = node
+        .create_sandbox_with(
+            SandboxSpec::new("zz").entry(None).module("ticker", ticker),
+            host,
+        )
+        .unwrap();
+    run(sb.spawn("ticker", json!(null), Some("t"))).unwrap();
+    for round in 0..30 {
+        count.store(0, Ordering::SeqCst);
+        run(sb.call("t", json!(500), None)).unwrap();
         let t = Instant::now();
-        let r = run(sb.call("c", json!(2000), Some(3000)));
-        eprintln!("round {round}: {:?} in {:?}", r, t.elapsed());
+        while count.load(Ordering::SeqCst) < 500 && t.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        eprintln!(
+            "round {round}: {} in {:?}",
+            count.load(Ordering::SeqCst),
+            t.elapsed()
+        );
     }
 }

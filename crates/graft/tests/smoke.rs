@@ -15,12 +15,24 @@ return counter
 #[test]
 fn spawn_and_call() {
     let node = Node::with_threads(2);
-    let sb = node.create_sandbox(SandboxSpec::new("s1").entry(None).module("counter", COUNTER)).unwrap();
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("s1")
+                .entry(None)
+                .module("counter", COUNTER),
+        )
+        .unwrap();
     let pid = block_on(sb.spawn("counter", json!({"start": 41}), Some("c"))).unwrap();
     assert_eq!(pid, "<counter.1>");
-    assert_eq!(block_on(sb.call("c", json!("inc"), None)).unwrap(), json!(42));
+    assert_eq!(
+        block_on(sb.call("c", json!("inc"), None)).unwrap(),
+        json!(42)
+    );
     block_on(sb.cast("c", json!(10))).unwrap();
-    assert_eq!(block_on(sb.call("c", json!("get"), None)).unwrap(), json!(52));
+    assert_eq!(
+        block_on(sb.call("c", json!("get"), None)).unwrap(),
+        json!(52)
+    );
     assert_eq!(block_on(sb.state("c")).unwrap(), json!({"count": 52}));
 }
 
@@ -53,7 +65,10 @@ return {
 #[test]
 fn supervisor_app_and_process_to_process_call() {
     let node = Node::with_threads(2);
-    let spec = SandboxSpec::new("s2").module("app", APP).module("counter", COUNTER).module("proxy", PROXY);
+    let spec = SandboxSpec::new("s2")
+        .module("app", APP)
+        .module("counter", COUNTER)
+        .module("proxy", PROXY);
     let sb = node.create_sandbox(spec).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let r = block_on(sb.call("proxy", json!("inc"), None)).unwrap();
@@ -63,30 +78,13 @@ fn supervisor_app_and_process_to_process_call() {
     // crash the counter: the supervisor restarts it with fresh state
     block_on(sb.cast("counter", json!("not a number"))).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(block_on(sb.call("counter", json!("get"), None)).unwrap(), json!(0));
+    assert_eq!(
+        block_on(sb.call("counter", json!("get"), None)).unwrap(),
+        json!(0)
+    );
     let events = block_on(sb.events()).unwrap();
     assert!(events.iter().any(|e| e.kind == "crash"), "{events:?}");
     let stopped = block_on(sb.stop_app()).unwrap();
     assert_eq!(stopped, json!("shutdown"));
     assert_eq!(block_on(sb.processes()).unwrap().len(), 0);
-}
-
-#[test]
-fn dbg_app() {
-    let node = Node::with_threads(2);
-    let spec = SandboxSpec::new("s3").module("app", APP).module("counter", COUNTER).module("proxy", PROXY);
-    let sb = node.create_sandbox(spec).unwrap();
-    eprintln!("wait: {:?}", graft::block_on(graft::with_timeout(sb.wait_app_started(), std::time::Duration::from_secs(1))));
-    eprintln!("call: {:?}", graft::block_on(graft::with_timeout(sb.call("proxy", json!("inc"), None), std::time::Duration::from_secs(1))));
-    eprintln!("cast: {:?}", graft::block_on(graft::with_timeout(sb.cast("counter", json!("not a number")), std::time::Duration::from_secs(1))));
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    eprintln!("call2: {:?}", graft::block_on(graft::with_timeout(sb.call("counter", json!("get"), None), std::time::Duration::from_secs(1))));
-    eprintln!("events: {:?}", graft::block_on(graft::with_timeout(sb.events(), std::time::Duration::from_secs(1))));
-    eprintln!("stop: {:?}", graft::block_on(graft::with_timeout(sb.stop_app(), std::time::Duration::from_secs(2))));
-    for _ in 0..1 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        eprintln!("{:?}", graft::block_on(graft::with_timeout(sb.info(), std::time::Duration::from_secs(1))).map(|i| i.map(|i| (i.app, i.process_count))));
-        eprintln!("{:?}", graft::block_on(graft::with_timeout(sb.processes(), std::time::Duration::from_secs(1))));
-        eprintln!("{:?}", graft::block_on(graft::with_timeout(sb.events(), std::time::Duration::from_secs(1))));
-    }
 }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use graft::{block_on, Error, Node, ReloadOptions, ReloadStatus, Sandbox, SandboxSpec, StateHandler};
+use graft::{
+    block_on, Error, Node, ReloadOptions, ReloadStatus, Sandbox, SandboxSpec, StateHandler,
+};
 use serde_json::{json, Value};
 
 const COUNTER_V1: &str = r#"
@@ -39,7 +41,10 @@ return counter
 "#;
 
 fn sources(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(n, s)| (n.to_string(), s.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect()
 }
 
 fn sandbox(node: &Node, id: &str, modules: &[(&str, &str)]) -> Sandbox {
@@ -54,7 +59,11 @@ fn call(sb: &Sandbox, target: &str, req: Value) -> Value {
     block_on(sb.call(target, req, Some(2000))).unwrap()
 }
 
-fn reload(sb: &Sandbox, modules: &[(&str, &str)], opts: ReloadOptions) -> graft::Result<graft::ReloadReport> {
+fn reload(
+    sb: &Sandbox,
+    modules: &[(&str, &str)],
+    opts: ReloadOptions,
+) -> graft::Result<graft::ReloadReport> {
     block_on(sb.reload(sources(modules), opts))
 }
 
@@ -66,12 +75,26 @@ fn counter_at_42_upgraded_to_plus_10_answers_52_with_state_kept() {
     assert_eq!(call(&sb, "counter", json!("inc")), json!(42));
     let report = reload(&sb, &[("counter", COUNTER_V2)], ReloadOptions::default()).unwrap();
     assert_eq!(report.status, ReloadStatus::Reloaded);
-    assert_eq!(report.modules, vec![graft::ModuleChange { name: "counter".into(), from: 1, to: 2 }]);
+    assert_eq!(
+        report.modules,
+        vec![graft::ModuleChange {
+            name: "counter".into(),
+            from: 1,
+            to: 2
+        }]
+    );
     assert_eq!(report.processes_migrated, 1);
     assert_eq!(call(&sb, "counter", json!("inc")), json!(52));
-    assert_eq!(block_on(sb.state("counter")).unwrap(), json!({"count": 52, "step": 10}));
+    assert_eq!(
+        block_on(sb.state("counter")).unwrap(),
+        json!({"count": 52, "step": 10})
+    );
     let events = block_on(sb.events()).unwrap();
-    let ev = events.iter().rev().find(|e| e.kind == "reload").expect("reload event");
+    let ev = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "reload")
+        .expect("reload event");
     assert_eq!(ev.detail["processes_migrated"], json!(1));
     assert!(ev.detail["timings"]["swap_us"].is_u64());
 }
@@ -83,7 +106,10 @@ fn same_checksum_is_unchanged_and_makes_no_version() {
     let report = reload(&sb, &[("counter", COUNTER_V1)], ReloadOptions::default()).unwrap();
     assert_eq!(report.status, ReloadStatus::Unchanged);
     assert_eq!(block_on(sb.versions("counter")).unwrap().len(), 1);
-    assert!(block_on(sb.events()).unwrap().iter().any(|e| e.kind == "unchanged"));
+    assert!(block_on(sb.events())
+        .unwrap()
+        .iter()
+        .any(|e| e.kind == "unchanged"));
 }
 
 #[test]
@@ -93,14 +119,23 @@ fn compile_error_on_line_3_names_line_3_and_old_code_keeps_serving() {
     block_on(sb.spawn("counter", json!({"start": 1}), Some("counter"))).unwrap();
     let broken = "local counter = {}\nfunction counter.init() return {} end\nfunction counter.handle_call(req, from, state return 1, state end\nreturn counter\n";
     let err = reload(&sb, &[("counter", broken)], ReloadOptions::default()).unwrap_err();
-    let Error::Compile { diagnostics } = &err else { panic!("expected a compile error, got {err:?}") };
+    let Error::Compile { diagnostics } = &err else {
+        panic!("expected a compile error, got {err:?}")
+    };
     assert_eq!(diagnostics[0].line, 3, "{diagnostics:?}");
     assert_eq!(diagnostics[0].module, "counter");
-    assert!(diagnostics[0].frame.contains("function counter.handle_call(req, from, state return"));
+    assert!(diagnostics[0]
+        .frame
+        .contains("function counter.handle_call(req, from, state return"));
     assert_eq!(call(&sb, "counter", json!("inc")), json!(2));
     assert_eq!(block_on(sb.versions("counter")).unwrap().len(), 1);
     let events = block_on(sb.events()).unwrap();
-    assert!(events.iter().any(|e| e.kind == "abort" && e.detail["diagnostics"][0]["line"] == json!(3)), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "abort" && e.detail["diagnostics"][0]["line"] == json!(3)),
+        "{events:?}"
+    );
 }
 
 #[test]
@@ -112,11 +147,18 @@ fn twelve_versions_keep_ten_and_the_current_one() {
         let r = reload(&sb, &[("m", &src)], ReloadOptions::default()).unwrap();
         assert_eq!(r.modules[0].to, v);
     }
-    let kept: Vec<u32> = block_on(sb.versions("m")).unwrap().iter().map(|v| v.version).collect();
+    let kept: Vec<u32> = block_on(sb.versions("m"))
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
     assert_eq!(kept, (3..=12).collect::<Vec<_>>());
     let modules = block_on(sb.modules()).unwrap();
     assert_eq!(modules[0].version, 12);
-    assert_eq!(modules[0].checksum, graft::upgrade::checksum("return { v = 12 }"));
+    assert_eq!(
+        modules[0].checksum,
+        graft::upgrade::checksum("return { v = 12 }")
+    );
 }
 
 #[test]
@@ -131,15 +173,24 @@ fn rollback_runs_code_change_down_and_makes_the_target_current() {
     assert_eq!(report.modules[0].from, 2);
     assert_eq!(report.modules[0].to, 1);
     // v1's code_change does not exist, so the state is kept as v2 left it
-    assert_eq!(block_on(sb.state("counter")).unwrap(), json!({"count": 15, "step": 10}));
+    assert_eq!(
+        block_on(sb.state("counter")).unwrap(),
+        json!({"count": 15, "step": 10})
+    );
     assert_eq!(call(&sb, "counter", json!("inc")), json!(16));
     assert_eq!(block_on(sb.modules()).unwrap()[0].version, 1);
     // roll forward again: v2's code_change gets the number 1
     block_on(sb.rollback("counter", 2, ReloadOptions::default())).unwrap();
     assert_eq!(call(&sb, "counter", json!("inc")), json!(26));
     let err = block_on(sb.rollback("counter", 9, ReloadOptions::default())).unwrap_err();
-    assert!(matches!(err, Error::NoVersion { version: 9, .. }), "{err:?}");
-    assert!(block_on(sb.events()).unwrap().iter().any(|e| e.kind == "rollback"));
+    assert!(
+        matches!(err, Error::NoVersion { version: 9, .. }),
+        "{err:?}"
+    );
+    assert!(block_on(sb.events())
+        .unwrap()
+        .iter()
+        .any(|e| e.kind == "rollback"));
 }
 
 #[test]
@@ -167,11 +218,36 @@ fn rollback_code_change_receives_down_table() {
 #[test]
 fn require_cycle_is_reported_as_a_path_and_nothing_changes() {
     let node = Node::with_threads(1);
-    let sb = sandbox(&node, "cyc", &[("a", "return { x = 1 }"), ("b", "local a = require(\"a\")\nreturn { y = a.x }")]);
-    let err = reload(&sb, &[("a", "local b = require(\"b\")\nreturn { x = 2 }")], ReloadOptions::default()).unwrap_err();
-    let Error::Compile { diagnostics } = &err else { panic!("{err:?}") };
-    assert!(diagnostics[0].message.contains("a -> b -> a"), "{}", diagnostics[0].message);
-    assert_eq!(block_on(sb.modules()).unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![1, 1]);
+    let sb = sandbox(
+        &node,
+        "cyc",
+        &[
+            ("a", "return { x = 1 }"),
+            ("b", "local a = require(\"a\")\nreturn { y = a.x }"),
+        ],
+    );
+    let err = reload(
+        &sb,
+        &[("a", "local b = require(\"b\")\nreturn { x = 2 }")],
+        ReloadOptions::default(),
+    )
+    .unwrap_err();
+    let Error::Compile { diagnostics } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        diagnostics[0].message.contains("a -> b -> a"),
+        "{}",
+        diagnostics[0].message
+    );
+    assert_eq!(
+        block_on(sb.modules())
+            .unwrap()
+            .iter()
+            .map(|m| m.version)
+            .collect::<Vec<_>>(),
+        vec![1, 1]
+    );
 }
 
 #[test]
@@ -190,8 +266,16 @@ fn dependents_switch_together_with_the_module_they_require() {
     assert_eq!(call(&sb, "u", json!(null)), json!(1));
     let report = reload(&sb, &[("util", util_v2)], ReloadOptions::default()).unwrap();
     assert_eq!(report.modules.len(), 1, "only util gets a new version");
-    assert_eq!(call(&sb, "u", json!(null)), json!(101), "user re-evaluated against the new util");
-    let user_info = block_on(sb.modules()).unwrap().into_iter().find(|m| m.name == "user").unwrap();
+    assert_eq!(
+        call(&sb, "u", json!(null)),
+        json!(101),
+        "user re-evaluated against the new util"
+    );
+    let user_info = block_on(sb.modules())
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == "user")
+        .unwrap();
     assert_eq!(user_info.dependencies, vec!["util".to_string()]);
 }
 
@@ -199,8 +283,15 @@ fn dependents_switch_together_with_the_module_they_require() {
 fn missing_require_is_a_diagnostic_with_a_line() {
     let node = Node::with_threads(1);
     let sb = sandbox(&node, "miss", &[("a", "return {}")]);
-    let err = reload(&sb, &[("a", "local x = 1\nlocal n = require(\"nope\")\nreturn {}")], ReloadOptions::default()).unwrap_err();
-    let Error::Compile { diagnostics } = &err else { panic!("{err:?}") };
+    let err = reload(
+        &sb,
+        &[("a", "local x = 1\nlocal n = require(\"nope\")\nreturn {}")],
+        ReloadOptions::default(),
+    )
+    .unwrap_err();
+    let Error::Compile { diagnostics } = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!(diagnostics[0].line, 2);
     assert!(diagnostics[0].message.contains("nope"));
 }
@@ -212,7 +303,10 @@ fn dry_run_migrates_on_copies_and_changes_nothing() {
     for i in 0..3 {
         block_on(sb.spawn("counter", json!({"start": i}), Some(&format!("c{i}")))).unwrap();
     }
-    let opts = ReloadOptions { dry_run: true, ..Default::default() };
+    let opts = ReloadOptions {
+        dry_run: true,
+        ..Default::default()
+    };
     let report = reload(&sb, &[("counter", COUNTER_V2)], opts).unwrap();
     assert_eq!(report.status, ReloadStatus::DryRun);
     assert_eq!(report.processes_migrated, 3);
@@ -226,19 +320,28 @@ fn dry_run_migrates_on_copies_and_changes_nothing() {
 fn failing_migration_in_the_5000th_of_10000_processes_leaves_all_untouched() {
     let node = Node::with_threads(2);
     let sb = sandbox(&node, "m10k", &[("counter", COUNTER_V1)]);
-    block_on(sb.eval(
-        "for i = 1, 10000 do graft.spawn('counter', { start = i }) end return true",
-    ))
-    .unwrap();
+    block_on(sb.eval("for i = 1, 10000 do graft.spawn('counter', { start = i }) end return true"))
+        .unwrap();
     let bad = COUNTER_V2.replace(
         "state.step = (extra and extra.step) or 10",
         "if state.count == 5000 then error('cannot migrate 5000') end\n  state.step = 10",
     );
     let err = reload(&sb, &[("counter", &bad)], ReloadOptions::default()).unwrap_err();
-    let Error::ReloadAborted { step, module, process, message } = &err else { panic!("{err:?}") };
+    let Error::ReloadAborted {
+        step,
+        module,
+        process,
+        message,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
     assert_eq!(step, "migrate");
     assert_eq!(module.as_deref(), Some("counter"));
-    assert!(message.contains("cannot migrate 5000") && message.contains("5000 of 10000"), "{message}");
+    assert!(
+        message.contains("cannot migrate 5000") && message.contains("5000 of 10000"),
+        "{message}"
+    );
     assert!(process.as_deref().unwrap().starts_with("<counter."));
     // every state untouched, every version still 1, the old code serving
     let ps = block_on(sb.processes()).unwrap();
@@ -250,11 +353,17 @@ fn failing_migration_in_the_5000th_of_10000_processes_leaves_all_untouched() {
         assert!(s.get("step").is_none(), "{s}");
     }
     let first = &counters[0].pid;
-    let before = block_on(sb.state(first)).unwrap()["count"].as_i64().unwrap();
+    let before = block_on(sb.state(first)).unwrap()["count"]
+        .as_i64()
+        .unwrap();
     assert_eq!(call(&sb, first, json!("inc")), json!(before + 1));
     assert_eq!(block_on(sb.modules()).unwrap()[0].version, 1);
     let events = block_on(sb.events()).unwrap();
-    let abort = events.iter().rev().find(|e| e.kind == "abort").expect("abort event");
+    let abort = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "abort")
+        .expect("abort event");
     assert_eq!(abort.detail["step"], json!("migrate"));
 }
 
@@ -266,7 +375,10 @@ fn migration_that_returns_bad_state_or_loops_aborts_exactly() {
             SandboxSpec::new("badmig")
                 .entry(None)
                 .module("counter", COUNTER_V1)
-                .limits(graft::Limits { handler_ms: 100, ..Default::default() }),
+                .limits(graft::Limits {
+                    handler_ms: 100,
+                    ..Default::default()
+                }),
         )
         .unwrap();
     block_on(sb.spawn("counter", json!({"start": 7}), Some("c"))).unwrap();
@@ -280,8 +392,15 @@ fn migration_that_returns_bad_state_or_loops_aborts_exactly() {
             body,
         );
         let err = reload(&sb, &[("counter", &src)], ReloadOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::ReloadAborted { .. }), "{what}: {err:?}");
-        assert_eq!(block_on(sb.state("c")).unwrap(), json!({"count": 7}), "{what}");
+        assert!(
+            matches!(err, Error::ReloadAborted { .. }),
+            "{what}: {err:?}"
+        );
+        assert_eq!(
+            block_on(sb.state("c")).unwrap(),
+            json!({"count": 7}),
+            "{what}"
+        );
         assert_eq!(call(&sb, "c", json!("get")), json!(7), "{what}");
     }
     assert_eq!(block_on(sb.versions("counter")).unwrap().len(), 1);
@@ -296,12 +415,18 @@ fn evaluation_failures_abort_before_anything_changes() {
         ("return 42", "instead of a table"),
         ("error('boom at load')", "boom at load"),
         ("return { init = 5 }", "no `init`"),
-        ("return { init = function() return {} end, handle_call = 3 }", "handle_call"),
+        (
+            "return { init = function() return {} end, handle_call = 3 }",
+            "handle_call",
+        ),
     ];
     for (src, needle) in cases {
         let err = reload(&sb, &[("counter", src)], ReloadOptions::default()).unwrap_err();
         assert!(err.to_string().contains(needle), "{src}: {err}");
-        assert_eq!(call(&sb, "c", json!("inc")), json!(1 + cases.iter().position(|c| c.0 == src).unwrap()));
+        assert_eq!(
+            call(&sb, "c", json!("inc")),
+            json!(1 + cases.iter().position(|c| c.0 == src).unwrap())
+        );
     }
 }
 
@@ -318,21 +443,32 @@ fn luau_and_rust_state_handlers_replace_code_change() {
         ..Default::default()
     };
     reload(&sb, &[("counter", COUNTER_V2)], opts).unwrap();
-    assert_eq!(block_on(sb.state("c")).unwrap(), json!({"count": 6, "step": 1, "from": 1, "to": 2}));
+    assert_eq!(
+        block_on(sb.state("c")).unwrap(),
+        json!({"count": 6, "step": 1, "from": 1, "to": 2})
+    );
     let v3 = COUNTER_V2.replace("state.count += state.step", "state.count += state.step * 2");
     let opts = ReloadOptions {
-        state_handler: Some(StateHandler::Rust(Arc::new(|old, _old_vsn, new_vsn, _extra| {
-            let count = old["count"].as_i64().ok_or("no count")?;
-            Ok(json!({"count": count + 1000, "step": 1, "vsn": new_vsn}))
-        }))),
+        state_handler: Some(StateHandler::Rust(Arc::new(
+            |old, _old_vsn, new_vsn, _extra| {
+                let count = old["count"].as_i64().ok_or("no count")?;
+                Ok(json!({"count": count + 1000, "step": 1, "vsn": new_vsn}))
+            },
+        ))),
         ..Default::default()
     };
     reload(&sb, &[("counter", &v3)], opts).unwrap();
     assert_eq!(call(&sb, "c", json!("inc")), json!(1008));
-    let bad = ReloadOptions { state_handler: Some(StateHandler::Luau("return 1".into())), ..Default::default() };
+    let bad = ReloadOptions {
+        state_handler: Some(StateHandler::Luau("return 1".into())),
+        ..Default::default()
+    };
     let v4 = v3.replace("* 2", "* 3");
     let err = reload(&sb, &[("counter", &v4)], bad).unwrap_err();
-    assert!(err.to_string().contains("must evaluate to a function"), "{err}");
+    assert!(
+        err.to_string().contains("must evaluate to a function"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -340,8 +476,15 @@ fn canary_rolls_back_automatically_when_upgraded_processes_crash() {
     let node = Node::with_threads(1);
     let sb = sandbox(&node, "canary", &[("counter", COUNTER_V1)]);
     block_on(sb.spawn("counter", json!({"start": 1}), Some("c"))).unwrap();
-    let crashing = COUNTER_V1.replace("if req == \"inc\" then", "if req == \"inc\" then error('v2 is broken') end\n  if false then");
-    let opts = ReloadOptions { canary_ms: 2000, canary_crashes: 1, ..Default::default() };
+    let crashing = COUNTER_V1.replace(
+        "if req == \"inc\" then",
+        "if req == \"inc\" then error('v2 is broken') end\n  if false then",
+    );
+    let opts = ReloadOptions {
+        canary_ms: 2000,
+        canary_crashes: 1,
+        ..Default::default()
+    };
     let report = reload(&sb, &[("counter", &crashing)], opts).unwrap();
     assert_eq!(report.modules[0].to, 2);
     // a spare process keeps the module alive; the crash of `c` trips the canary
@@ -352,10 +495,16 @@ fn canary_rolls_back_automatically_when_upgraded_processes_crash() {
     loop {
         let events = block_on(sb.events()).unwrap();
         if let Some(e) = events.iter().find(|e| e.kind == "canary_rollback") {
-            assert!(e.detail["why"].as_str().unwrap().contains("v2 is broken"), "{e:?}");
+            assert!(
+                e.detail["why"].as_str().unwrap().contains("v2 is broken"),
+                "{e:?}"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no canary rollback: {events:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no canary rollback: {events:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(block_on(sb.modules()).unwrap()[0].version, 1);
@@ -367,10 +516,17 @@ fn canary_window_passes_without_crashes() {
     let node = Node::with_threads(1);
     let sb = sandbox(&node, "canaryok", &[("counter", COUNTER_V1)]);
     block_on(sb.spawn("counter", json!({"start": 1}), Some("c"))).unwrap();
-    let opts = ReloadOptions { canary_ms: 50, ..Default::default() };
+    let opts = ReloadOptions {
+        canary_ms: 50,
+        ..Default::default()
+    };
     reload(&sb, &[("counter", COUNTER_V2)], opts).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while !block_on(sb.events()).unwrap().iter().any(|e| e.kind == "canary_passed") {
+    while !block_on(sb.events())
+        .unwrap()
+        .iter()
+        .any(|e| e.kind == "canary_passed")
+    {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -383,19 +539,47 @@ fn batch_reload_reports_in_input_order_and_rolling_stops_at_first_failure() {
     for id in ["b1", "b2", "b3"] {
         sandbox(&node, id, &[("counter", COUNTER_V1)]);
     }
-    let ids: Vec<String> = ["b1", "missing", "b2", "b3"].iter().map(|s| s.to_string()).collect();
-    let results = block_on(node.reload_batch(&ids, &sources(&[("counter", COUNTER_V2)]), &ReloadOptions::default(), 2, false));
+    let ids: Vec<String> = ["b1", "missing", "b2", "b3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let results = block_on(node.reload_batch(
+        &ids,
+        &sources(&[("counter", COUNTER_V2)]),
+        &ReloadOptions::default(),
+        2,
+        false,
+    ));
     let names: Vec<&str> = results.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(names, vec!["b1", "missing", "b2", "b3"]);
     assert!(results[0].1.is_ok() && results[2].1.is_ok() && results[3].1.is_ok());
     assert!(matches!(results[1].1, Err(Error::NoSandbox(_))));
     let v3 = COUNTER_V2.replace("+= state.step", "+= state.step + 1");
-    let results = block_on(node.reload_batch(&ids, &sources(&[("counter", &v3)]), &ReloadOptions::default(), 4, true));
+    let results = block_on(node.reload_batch(
+        &ids,
+        &sources(&[("counter", &v3)]),
+        &ReloadOptions::default(),
+        4,
+        true,
+    ));
     assert!(results[0].1.is_ok());
     assert!(matches!(results[1].1, Err(Error::NoSandbox(_))));
-    assert!(results[2].1.as_ref().unwrap_err().to_string().contains("skipped"));
-    assert!(results[3].1.as_ref().unwrap_err().to_string().contains("skipped"));
-    assert_eq!(block_on(node.sandbox("b2").unwrap().modules()).unwrap()[0].version, 2);
+    assert!(results[2]
+        .1
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("skipped"));
+    assert!(results[3]
+        .1
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("skipped"));
+    assert_eq!(
+        block_on(node.sandbox("b2").unwrap().modules()).unwrap()[0].version,
+        2
+    );
 }
 
 #[test]
@@ -420,7 +604,11 @@ fn messages_sent_during_a_reload_all_arrive_in_order() {
     let mut versions = 0;
     for i in 0..20 {
         let src = format!("{log}\n-- revision {i}");
-        if reload(&sb, &[("log", &src)], ReloadOptions::default()).unwrap().status == ReloadStatus::Reloaded {
+        if reload(&sb, &[("log", &src)], ReloadOptions::default())
+            .unwrap()
+            .status
+            == ReloadStatus::Reloaded
+        {
             versions += 1;
         }
     }
@@ -428,7 +616,12 @@ fn messages_sent_during_a_reload_all_arrive_in_order() {
     assert_eq!(versions, 20);
     assert_eq!(call(&sb, "log", json!(null)), json!(2000));
     let state = block_on(sb.state("log")).unwrap();
-    let seen: Vec<i64> = state["seen"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let seen: Vec<i64> = state["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     assert_eq!(seen, (1..=2000).collect::<Vec<_>>());
 }
 
@@ -483,8 +676,17 @@ fn supervisor_upgrade_adds_removes_and_restarts_changed_children() {
           { id = "c", module = "counter", args = { start = 3 }, name = "c" },
         } }
       end }"#;
-    let app_v3 = app_v2.replace("{ id = \"a\", module = \"counter\", args = { start = 1 }, name = \"a\" },", "");
-    let sb = node.create_sandbox(SandboxSpec::new("supup").module("app", app_v1).module("counter", COUNTER_V1)).unwrap();
+    let app_v3 = app_v2.replace(
+        "{ id = \"a\", module = \"counter\", args = { start = 1 }, name = \"a\" },",
+        "",
+    );
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("supup")
+                .module("app", app_v1)
+                .module("counter", COUNTER_V1),
+        )
+        .unwrap();
     block_on(sb.wait_app_started()).unwrap();
     call(&sb, "a", json!("inc"));
     reload(&sb, &[("app", app_v2)], ReloadOptions::default()).unwrap();
@@ -493,14 +695,29 @@ fn supervisor_upgrade_adds_removes_and_restarts_changed_children() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(call(&sb, "a", json!("get")), json!(2), "unchanged child keeps running");
-    assert_eq!(call(&sb, "b", json!("get")), json!(20), "changed child restarted with new args");
-    assert_eq!(call(&sb, "c", json!("get")), json!(3), "added child started");
+    assert_eq!(
+        call(&sb, "a", json!("get")),
+        json!(2),
+        "unchanged child keeps running"
+    );
+    assert_eq!(
+        call(&sb, "b", json!("get")),
+        json!(20),
+        "changed child restarted with new args"
+    );
+    assert_eq!(
+        call(&sb, "c", json!("get")),
+        json!(3),
+        "added child started"
+    );
     reload(&sb, &[("app", &app_v3)], ReloadOptions::default()).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while block_on(sb.processes()).unwrap().len() != 3 {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(matches!(block_on(sb.call("a", json!("get"), None)), Err(Error::NoProcess(_))));
+    assert!(matches!(
+        block_on(sb.call("a", json!("get"), None)),
+        Err(Error::NoProcess(_))
+    ));
 }

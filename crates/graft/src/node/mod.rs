@@ -13,8 +13,8 @@
 
 mod runtime;
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,7 +93,9 @@ impl Default for Node {
 impl Node {
     /// A node with one scheduler thread per core.
     pub fn new() -> Node {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         Node::with_threads(n)
     }
 
@@ -140,7 +142,13 @@ impl Node {
     /// Creates a sandbox with host functions (capabilities) for its guests.
     pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
         spec.validate()?;
-        if self.inner.sandboxes.read().expect("lock").contains_key(&spec.id) {
+        if self
+            .inner
+            .sandboxes
+            .read()
+            .expect("lock")
+            .contains_key(&spec.id)
+        {
             return Err(Error::SandboxExists(spec.id.clone()));
         }
         let runtime = Runtime::new(spec.clone(), host.0.clone(), None)?;
@@ -178,13 +186,25 @@ impl Node {
 
     /// Ids of all sandboxes, sorted.
     pub fn sandbox_ids(&self) -> Vec<String> {
-        self.inner.sandboxes.read().expect("lock").keys().cloned().collect()
+        self.inner
+            .sandboxes
+            .read()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Destroys a sandbox at once: its processes are dropped without
     /// `terminate` (use [`Sandbox::stop_app`] first for an orderly stop).
     pub fn destroy(&self, id: &str) -> Result<()> {
-        let shared = self.inner.sandboxes.write().expect("lock").remove(id).ok_or_else(|| Error::NoSandbox(id.into()))?;
+        let shared = self
+            .inner
+            .sandboxes
+            .write()
+            .expect("lock")
+            .remove(id)
+            .ok_or_else(|| Error::NoSandbox(id.into()))?;
         // Wait for a running slice to end, then drop the VM.
         let rt = shared.runtime.lock().expect("lock").take();
         drop(rt);
@@ -212,7 +232,10 @@ impl Node {
             let mut waits = Vec::new();
             for (i, id) in ids.iter().enumerate().take(end).skip(next) {
                 match self.sandbox(id) {
-                    Ok(sb) => waits.push((i, Some(sb.reload_start(sources.clone(), opts.clone(), Direction::Up, None)))),
+                    Ok(sb) => waits.push((
+                        i,
+                        Some(sb.reload_start(sources.clone(), opts.clone(), Direction::Up, None)),
+                    )),
                     Err(e) => {
                         results[i] = Some(Err(e));
                         waits.push((i, None));
@@ -222,7 +245,9 @@ impl Node {
             for (i, w) in waits {
                 if let Some(w) = w {
                     results[i] = Some(match w {
-                        Ok(rx) => rx.await.unwrap_or_else(|_| Err(Error::SandboxStopped(ids[i].clone()))),
+                        Ok(rx) => rx
+                            .await
+                            .unwrap_or_else(|_| Err(Error::SandboxStopped(ids[i].clone()))),
                         Err(e) => Err(e),
                     });
                 }
@@ -242,7 +267,8 @@ impl Node {
                             step: "rolling".into(),
                             module: None,
                             process: None,
-                            message: "skipped: an earlier sandbox in the rolling batch failed".into(),
+                            message: "skipped: an earlier sandbox in the rolling batch failed"
+                                .into(),
                         })
                     }),
                 )
@@ -314,16 +340,32 @@ impl Sandbox {
     }
 
     fn submit(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
-        let node = self.shared.node.upgrade().ok_or_else(|| stopped(&self.shared.id))?;
-        if !node.sandboxes.read().expect("lock").contains_key(&self.shared.id) {
+        let node = self
+            .shared
+            .node
+            .upgrade()
+            .ok_or_else(|| stopped(&self.shared.id))?;
+        if !node
+            .sandboxes
+            .read()
+            .expect("lock")
+            .contains_key(&self.shared.id)
+        {
             return Err(Error::NoSandbox(self.shared.id.clone()));
         }
-        self.shared.inbox.lock().expect("lock").push_back(Box::new(cmd));
+        self.shared
+            .inbox
+            .lock()
+            .expect("lock")
+            .push_back(Box::new(cmd));
         schedule(&node, &self.shared);
         Ok(())
     }
 
-    async fn ask<T: Send + 'static>(&self, f: impl FnOnce(&mut Runtime) -> T + Send + 'static) -> Result<T> {
+    async fn ask<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Runtime) -> T + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(move |rt| {
             let _ = tx.send(f(rt));
@@ -331,7 +373,10 @@ impl Sandbox {
         rx.await.map_err(|_| stopped(&self.shared.id))
     }
 
-    async fn ask_slot(&self, f: impl FnOnce(&mut Runtime, Arc<HostSlot>) + Send + 'static) -> Result<Json> {
+    async fn ask_slot(
+        &self,
+        f: impl FnOnce(&mut Runtime, Arc<HostSlot>) + Send + 'static,
+    ) -> Result<Json> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         self.submit(move |rt| f(rt, slot))?;
@@ -343,26 +388,31 @@ impl Sandbox {
     pub async fn call(&self, target: &str, request: Json, timeout_ms: Option<u64>) -> Result<Json> {
         let target = target.to_owned();
         let ms = timeout_ms.unwrap_or(crate::sandbox::natives_default_timeout());
-        self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot)).await
+        self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
+            .await
     }
 
     /// Casts a message (`handle_cast`). Fails with `MailboxFull` rather than dropping it.
     pub async fn cast(&self, target: &str, message: Json) -> Result<()> {
         let target = target.to_owned();
-        self.ask(move |rt| rt.host_send(&target, &message, true)).await?
+        self.ask(move |rt| rt.host_send(&target, &message, true))
+            .await?
     }
 
     /// Sends a plain message (`handle_info`).
     pub async fn send(&self, target: &str, message: Json) -> Result<()> {
         let target = target.to_owned();
-        self.ask(move |rt| rt.host_send(&target, &message, false)).await?
+        self.ask(move |rt| rt.host_send(&target, &message, false))
+            .await?
     }
 
     /// Spawns a process of `module` with `args`; returns its pid string once `init` succeeded.
     pub async fn spawn(&self, module: &str, args: Json, name: Option<&str>) -> Result<String> {
         let module = module.to_owned();
         let name = name.map(str::to_owned);
-        let pid = self.ask_slot(move |rt, slot| rt.host_spawn(&module, &args, name.as_deref(), slot)).await?;
+        let pid = self
+            .ask_slot(move |rt, slot| rt.host_spawn(&module, &args, name.as_deref(), slot))
+            .await?;
         Ok(pid.as_str().unwrap_or_default().to_owned())
     }
 
@@ -377,7 +427,8 @@ impl Sandbox {
         sources.insert("eval".to_owned(), source.to_owned());
         let prepared = upgrade::prepare(&sources, &cx)?;
         let bytecode = prepared[0].bytecode.clone();
-        self.ask_slot(move |rt, slot| rt.host_eval(&bytecode, slot)).await
+        self.ask_slot(move |rt, slot| rt.host_eval(&bytecode, slot))
+            .await
     }
 
     /// The process list.
@@ -440,10 +491,13 @@ impl Sandbox {
             Ok(p) => p,
             Err(e) => {
                 let detail = match &e {
-                    Error::Compile { diagnostics } => serde_json::json!({ "modules": sources.keys().collect::<Vec<_>>(), "error": e.to_string(), "diagnostics": diagnostics }),
+                    Error::Compile { diagnostics } => {
+                        serde_json::json!({ "modules": sources.keys().collect::<Vec<_>>(), "error": e.to_string(), "diagnostics": diagnostics })
+                    }
                     _ => serde_json::json!({ "error": e.to_string() }),
                 };
-                let _ = self.submit(move |rt| crate::sandbox::kernel(&rt.vm.lua).event("abort", detail));
+                let _ = self
+                    .submit(move |rt| crate::sandbox::kernel(&rt.vm.lua).event("abort", detail));
                 return Err(e);
             }
         };
@@ -467,14 +521,23 @@ impl Sandbox {
     /// assert_eq!(report.modules[0].to, 2);
     /// assert_eq!(graft::block_on(sb.call("m", serde_json::json!(null), None)).unwrap(), 10);
     /// ```
-    pub async fn reload(&self, sources: BTreeMap<String, String>, opts: ReloadOptions) -> Result<ReloadReport> {
+    pub async fn reload(
+        &self,
+        sources: BTreeMap<String, String>,
+        opts: ReloadOptions,
+    ) -> Result<ReloadReport> {
         let rx = self.reload_start(sources, opts, Direction::Up, None)?;
         rx.await.map_err(|_| stopped(&self.shared.id))?
     }
 
     /// Rolls `module` back (or forward) to a kept version; `code_change` gets
     /// `{ down = <current version> }`. The target version becomes current.
-    pub async fn rollback(&self, module: &str, version: u32, opts: ReloadOptions) -> Result<ReloadReport> {
+    pub async fn rollback(
+        &self,
+        module: &str,
+        version: u32,
+        opts: ReloadOptions,
+    ) -> Result<ReloadReport> {
         let module_name = module.to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(move |rt| {
@@ -486,8 +549,17 @@ impl Sandbox {
                 }
             };
             let Some(v) = h.get(version).cloned() else {
-                let kept = h.versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ");
-                let _ = tx.send(Err(Error::NoVersion { module: module_name, version, kept }));
+                let kept = h
+                    .versions
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = tx.send(Err(Error::NoVersion {
+                    module: module_name,
+                    version,
+                    kept,
+                }));
                 return;
             };
             if h.current == version {
@@ -499,12 +571,19 @@ impl Sandbox {
                 }));
                 return;
             }
+            // Moving to an older version is a downgrade (`{ down = n }`); to a
+            // newer kept version, an ordinary upgrade.
+            let direction = if version < h.current {
+                Direction::Down
+            } else {
+                Direction::Up
+            };
             let mut one = BTreeMap::new();
             one.insert(module_name.clone(), v);
             let prepared = runtime::prepared_from_versions(&one, &rt.engine);
             let mut targets = HashMap::new();
             targets.insert(module_name, version);
-            rt.reload(prepared, opts, Direction::Down, Some(targets), tx);
+            rt.reload(prepared, opts, direction, Some(targets), tx);
         })?;
         rx.await.map_err(|_| stopped(&self.shared.id))?
     }
@@ -563,7 +642,10 @@ fn scheduler_loop(node: Weak<NodeInner>) {
                 if let Some(s) = q.pop_front() {
                     break Some(s);
                 }
-                let (guard, _) = inner.queue_cv.wait_timeout(q, Duration::from_millis(200)).expect("lock");
+                let (guard, _) = inner
+                    .queue_cv
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .expect("lock");
                 q = guard;
                 if Arc::strong_count(&inner) == 1 {
                     return; // the node was dropped
@@ -577,13 +659,19 @@ fn scheduler_loop(node: Weak<NodeInner>) {
 }
 
 fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>) {
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_sandbox_slice(node, shared)));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_sandbox_slice(node, shared)
+    }));
     if ran.is_err() {
         // A bug in Graft, not in guest code: take this sandbox down, keep the node.
         tracing::error!(sandbox = %shared.id, "internal error: the sandbox's scheduler panicked; the sandbox is stopped");
         let mut guard = shared.runtime.lock().unwrap_or_else(|e| e.into_inner());
         *guard = None;
-        shared.inbox.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         shared.scheduled.store(false, Ordering::Release);
     }
 }
@@ -621,8 +709,14 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
 fn add_wakeup(node: &NodeInner, shared: &Arc<Shared>, at: u64) {
     let seq = node.timer_seq.fetch_add(1, Ordering::Relaxed);
     let key = Arc::as_ptr(shared) as usize;
-    node.timer_targets.lock().expect("lock").insert(seq, Arc::downgrade(shared));
-    node.timers.lock().expect("lock").push(Reverse((at, seq, key)));
+    node.timer_targets
+        .lock()
+        .expect("lock")
+        .insert(seq, Arc::downgrade(shared));
+    node.timers
+        .lock()
+        .expect("lock")
+        .push(Reverse((at, seq, key)));
     node.timer_cv.notify_one();
 }
 
@@ -655,7 +749,11 @@ fn timer_loop(node: Weak<NodeInner>) {
         }
         // Several wake-ups for one sandbox collapse into one schedule.
         let mut targets = inner.timer_targets.lock().expect("lock");
-        let sandboxes: Vec<Arc<Shared>> = due.iter().filter_map(|s| targets.remove(s)).filter_map(|w| w.upgrade()).collect();
+        let sandboxes: Vec<Arc<Shared>> = due
+            .iter()
+            .filter_map(|s| targets.remove(s))
+            .filter_map(|w| w.upgrade())
+            .collect();
         drop(targets);
         for s in sandboxes {
             schedule(&inner, &s);

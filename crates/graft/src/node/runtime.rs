@@ -14,8 +14,8 @@ use crate::config::{Limits, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::sandbox::{self, kernel, AppStatus, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
 use crate::upgrade::{
-    Applied, CanaryWatch, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions, ReloadReport,
-    ReloadStatus,
+    Applied, CanaryWatch, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule,
+    ReloadOptions, ReloadReport, ReloadStatus,
 };
 use crate::value::{json_to_lua, lua_to_json, Pid};
 use crate::vm::{HostFn, Vm};
@@ -99,9 +99,19 @@ impl Runtime {
         history: Option<BTreeMap<String, crate::upgrade::ModuleHistory>>,
     ) -> Result<Runtime> {
         spec.validate()?;
-        let vm = sandbox::new_vm(&spec.id, &spec.limits, &spec.grants, &host_fns).map_err(|e| Error::Luau(e.to_string()))?;
-        let engine = Engine::new(&vm.lua, spec.limits.max_versions).map_err(|e| Error::Luau(e.to_string()))?;
-        let mut rt = Runtime { vm, engine, spec, host_fns, pending: VecDeque::new(), app_waiters: Vec::new(), app_start: None };
+        let vm = sandbox::new_vm(&spec.id, &spec.limits, &spec.grants, &host_fns)
+            .map_err(|e| Error::Luau(e.to_string()))?;
+        let engine = Engine::new(&vm.lua, spec.limits.max_versions)
+            .map_err(|e| Error::Luau(e.to_string()))?;
+        let mut rt = Runtime {
+            vm,
+            engine,
+            spec,
+            host_fns,
+            pending: VecDeque::new(),
+            app_waiters: Vec::new(),
+            app_start: None,
+        };
         let globals = crate::vm::known_globals(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {
             known_globals: &globals,
@@ -109,9 +119,17 @@ impl Runtime {
             files: &rt.spec.files,
         };
         let prepared = crate::upgrade::prepare(&rt.spec.modules, &cx)?;
-        let targets = history.as_ref().map(|h| h.iter().map(|(n, m)| (n.clone(), m.current)).collect());
+        let targets = history
+            .as_ref()
+            .map(|h| h.iter().map(|(n, m)| (n.clone(), m.current)).collect());
         sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
-        match rt.engine.apply(&rt.vm, prepared, &ReloadOptions::default(), Direction::Up, targets.as_ref())? {
+        match rt.engine.apply(
+            &rt.vm,
+            prepared,
+            &ReloadOptions::default(),
+            Direction::Up,
+            targets.as_ref(),
+        )? {
             Applied::Done(_) => {}
             Applied::Busy(_) => unreachable!("a new sandbox has no processes"),
         }
@@ -131,17 +149,26 @@ impl Runtime {
 
     fn start_app(&mut self, entry: &str) -> Result<()> {
         let lua = &self.vm.lua;
-        let args = lua.create_registry_value(Value::Nil).map_err(|e| Error::Luau(e.to_string()))?;
+        let args = lua
+            .create_registry_value(Value::Nil)
+            .map_err(|e| Error::Luau(e.to_string()))?;
         let mut k = kernel(lua);
-        let mid = k.module_id(entry).ok_or_else(|| Error::NoModule(entry.into()))?;
-        if k.module_tables[mid as usize].as_ref().is_none_or(|t| !matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_)))) {
+        let mid = k
+            .module_id(entry)
+            .ok_or_else(|| Error::NoModule(entry.into()))?;
+        if k.module_tables[mid as usize]
+            .as_ref()
+            .is_none_or(|t| !matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))))
+        {
             return Err(Error::InvalidInput(format!(
                 "entry module `{entry}` has no `init` function (it should be a supervisor or a server)"
             )));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
-        let serial = k.create_process(mid, None, None, args, Waiter::Host(slot)).map_err(|(e, _)| e)?;
+        let serial = k
+            .create_process(mid, None, None, args, Waiter::Host(slot))
+            .map_err(|(e, _)| e)?;
         k.app = Some(serial);
         k.app_status = AppStatus::Running;
         drop(k);
@@ -151,19 +178,31 @@ impl Runtime {
 
     /// Answers waiters for the app start once its init finished.
     pub fn poll_app_start(&mut self) {
-        let Some(rx) = self.app_start.as_mut() else { return };
+        let Some(rx) = self.app_start.as_mut() else {
+            return;
+        };
         match rx.try_recv() {
             Ok(result) => {
                 self.app_start = None;
                 let mut k = kernel(&self.vm.lua);
                 if let Err(e) = &result {
                     k.app = None;
-                    k.app_status = AppStatus::Stopped { reason: e.to_string() };
-                    k.event("app_stopped", serde_json::json!({ "reason": e.to_string() }));
+                    k.app_status = AppStatus::Stopped {
+                        reason: e.to_string(),
+                    };
+                    k.event(
+                        "app_stopped",
+                        serde_json::json!({ "reason": e.to_string() }),
+                    );
                 }
                 drop(k);
                 for w in self.app_waiters.drain(..) {
-                    w.answer(result.as_ref().map(|v| v.clone()).map_err(|e| Error::Luau(e.to_string())));
+                    w.answer(
+                        result
+                            .as_ref()
+                            .map(|v| v.clone())
+                            .map_err(|e| Error::Luau(e.to_string())),
+                    );
                 }
             }
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
@@ -179,26 +218,52 @@ impl Runtime {
         let k = kernel(&self.vm.lua);
         let r = match &k.app_status {
             AppStatus::Stopped { reason } => Err(Error::Luau(format!("app stopped: {reason}"))),
-            _ => Ok(k.app.and_then(|s| k.procs.get(&s)).map(|p| Json::String(k.pid_string(p.pid))).unwrap_or(Json::Null)),
+            _ => Ok(k
+                .app
+                .and_then(|s| k.procs.get(&s))
+                .map(|p| Json::String(k.pid_string(p.pid)))
+                .unwrap_or(Json::Null)),
         };
         slot.answer(r);
     }
 
     fn resolve(&self, target: &str) -> Result<u64> {
-        kernel(self.lua()).resolve_str(target).ok_or_else(|| Error::NoProcess(target.to_owned()))
+        kernel(self.lua())
+            .resolve_str(target)
+            .ok_or_else(|| Error::NoProcess(target.to_owned()))
     }
 
-    pub fn host_call(&mut self, target: String, request: Json, timeout_ms: u64, slot: Arc<HostSlot>) {
+    pub fn host_call(
+        &mut self,
+        target: String,
+        request: Json,
+        timeout_ms: u64,
+        slot: Arc<HostSlot>,
+    ) {
         let r = (|| -> Result<()> {
             let serial = self.resolve(&target)?;
             let lua = self.lua();
             let v = json_to_lua(lua, &request).map_err(|e| Error::InvalidInput(e.to_string()))?;
-            let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
+            let key = lua
+                .create_registry_value(v)
+                .map_err(|e| Error::Luau(e.to_string()))?;
             let mut k = kernel(lua);
-            let job = Job::Call { request: key, from: None, waiter: Waiter::Host(slot.clone()), target: target.clone() };
+            let job = Job::Call {
+                request: key,
+                from: None,
+                waiter: Waiter::Host(slot.clone()),
+                target: target.clone(),
+            };
             k.deliver(serial, job).map_err(|(e, _)| e)?;
             let at = clock::precise_ms() + timeout_ms;
-            k.add_timer(at, Timer::HostCallTimeout { slot: slot.clone(), target: target.clone(), ms: timeout_ms });
+            k.add_timer(
+                at,
+                Timer::HostCallTimeout {
+                    slot: slot.clone(),
+                    target: target.clone(),
+                    ms: timeout_ms,
+                },
+            );
             Ok(())
         })();
         if let Err(e) = r {
@@ -210,12 +275,20 @@ impl Runtime {
         let serial = self.resolve(target)?;
         let lua = self.lua();
         let v = json_to_lua(lua, message).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
+        let key = lua
+            .create_registry_value(v)
+            .map_err(|e| Error::Luau(e.to_string()))?;
         let job = if cast { Job::Cast(key) } else { Job::Info(key) };
         kernel(lua).deliver(serial, job).map_err(|(e, _)| e)
     }
 
-    pub fn host_spawn(&mut self, module: &str, args: &Json, name: Option<&str>, slot: Arc<HostSlot>) {
+    pub fn host_spawn(
+        &mut self,
+        module: &str,
+        args: &Json,
+        name: Option<&str>,
+        slot: Arc<HostSlot>,
+    ) {
         let r = (|| -> Result<()> {
             let lua = self.lua();
             let mut k = kernel(lua);
@@ -233,8 +306,12 @@ impl Runtime {
             }
             drop(k);
             let v = json_to_lua(lua, args).map_err(|e| Error::InvalidInput(e.to_string()))?;
-            let key = lua.create_registry_value(v).map_err(|e| Error::Luau(e.to_string()))?;
-            kernel(lua).create_process(mid, None, name, key, Waiter::Host(slot.clone())).map_err(|(e, _)| e)?;
+            let key = lua
+                .create_registry_value(v)
+                .map_err(|e| Error::Luau(e.to_string()))?;
+            kernel(lua)
+                .create_process(mid, None, name, key, Waiter::Host(slot.clone()))
+                .map_err(|(e, _)| e)?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -244,9 +321,14 @@ impl Runtime {
 
     pub fn host_eval(&mut self, bytecode: &[u8], slot: Arc<HostSlot>) {
         let r = (|| -> Result<()> {
-            let f = self.vm.load_guest("eval", bytecode).map_err(|e| Error::Luau(e.to_string()))?;
+            let f = self
+                .vm
+                .load_guest("eval", bytecode)
+                .map_err(|e| Error::Luau(e.to_string()))?;
             let lua = self.lua();
-            let chunk = lua.create_registry_value(f).map_err(|e| Error::Luau(e.to_string()))?;
+            let chunk = lua
+                .create_registry_value(f)
+                .map_err(|e| Error::Luau(e.to_string()))?;
             let mut k = kernel(lua);
             if k.procs.len() >= k.limits.max_processes {
                 return Err(Error::TooManyProcesses(k.limits.max_processes));
@@ -254,7 +336,10 @@ impl Runtime {
             let serial = k.new_serial();
             let mid = k.module_id(EVAL_MODULE).expect("interned at start");
             let mut p = crate::sandbox::Process::new(Pid::new(mid, serial), None, 0);
-            p.system = Some(Job::Eval { chunk, waiter: Waiter::Host(slot.clone()) });
+            p.system = Some(Job::Eval {
+                chunk,
+                waiter: Waiter::Host(slot.clone()),
+            });
             k.procs.insert(serial, p);
             // eval processes have no init, so their state slot is a placeholder
             let _ = k.states.raw_set(serial, false);
@@ -281,8 +366,14 @@ impl Runtime {
                     version: p.version,
                     status: p.status().into(),
                     mailbox_len: p.mailbox.len(),
-                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>() + estimate_size(&state, 0),
-                    links: p.links.iter().filter_map(|s| k.procs.get(s)).map(|l| k.pid_string(l.pid)).collect(),
+                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>()
+                        + estimate_size(&state, 0),
+                    links: p
+                        .links
+                        .iter()
+                        .filter_map(|s| k.procs.get(s))
+                        .map(|l| k.pid_string(l.pid))
+                        .collect(),
                     trap_exit: p.trap_exit,
                     messages_handled: p.messages_handled,
                 }
@@ -296,7 +387,10 @@ impl Runtime {
         let serial = self.resolve(target)?;
         let lua = self.lua();
         let k = kernel(lua);
-        let state: Value = k.states.raw_get(serial).map_err(|e| Error::Luau(e.to_string()))?;
+        let state: Value = k
+            .states
+            .raw_get(serial)
+            .map_err(|e| Error::Luau(e.to_string()))?;
         Ok(lua_to_json(&state, &|p| k.pid_string(p))?)
     }
 
@@ -326,7 +420,11 @@ impl Runtime {
     }
 
     pub fn versions(&self, module: &str) -> Result<Vec<ModuleVersion>> {
-        let h = self.engine.modules.get(module).ok_or_else(|| Error::NoModule(module.into()))?;
+        let h = self
+            .engine
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::NoModule(module.into()))?;
         Ok(h.versions.iter().cloned().collect())
     }
 
@@ -359,7 +457,13 @@ impl Runtime {
     pub fn run_pending_reloads(&mut self) {
         while let Some(mut r) = self.pending.pop_front() {
             sandbox::kernel_memory(self.lua(), &self.spec.limits);
-            let result = self.engine.apply(&self.vm, r.prepared.clone(), &r.opts, r.direction, r.targets.as_ref());
+            let result = self.engine.apply(
+                &self.vm,
+                r.prepared.clone(),
+                &r.opts,
+                r.direction,
+                r.targets.as_ref(),
+            );
             match result {
                 Ok(Applied::Busy(modules)) if clock::precise_ms() < r.deadline => {
                     let mut k = kernel(self.lua());
@@ -412,7 +516,10 @@ impl Runtime {
         let wake: Vec<u64> = k
             .procs
             .values()
-            .filter(|p| modules.contains(&p.pid.module_index()) && (!p.mailbox.is_empty() || p.system.is_some()))
+            .filter(|p| {
+                modules.contains(&p.pid.module_index())
+                    && (!p.mailbox.is_empty() || p.system.is_some())
+            })
             .map(|p| p.pid.serial())
             .collect();
         for s in wake {
@@ -433,8 +540,15 @@ impl Runtime {
     fn record_abort(&mut self, e: &Error, prepared: &[PreparedModule]) {
         let modules: Vec<&str> = prepared.iter().map(|p| p.name.as_str()).collect();
         let detail = match e {
-            Error::Compile { diagnostics } => serde_json::json!({ "modules": modules, "error": e.to_string(), "diagnostics": diagnostics }),
-            Error::ReloadAborted { step, module, process, message } => serde_json::json!({
+            Error::Compile { diagnostics } => {
+                serde_json::json!({ "modules": modules, "error": e.to_string(), "diagnostics": diagnostics })
+            }
+            Error::ReloadAborted {
+                step,
+                module,
+                process,
+                message,
+            } => serde_json::json!({
                 "modules": modules, "step": step, "module": module, "process": process, "error": message
             }),
             other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
@@ -448,7 +562,10 @@ impl Runtime {
             .modules
             .iter()
             .filter(|c| c.from > 0)
-            .filter_map(|c| k.module_id(&c.name).map(|m| (m, c.to, c.from, c.name.clone())))
+            .filter_map(|c| {
+                k.module_id(&c.name)
+                    .map(|m| (m, c.to, c.from, c.name.clone()))
+            })
             .collect();
         if modules.is_empty() {
             return;
@@ -490,7 +607,13 @@ impl Runtime {
         }
         let prepared = prepared_from_versions(&sources, &self.engine);
         let reason = c.last_reason.clone().unwrap_or_default();
-        let result = self.engine.apply(&self.vm, prepared, &ReloadOptions::default(), Direction::Down, Some(&targets));
+        let result = self.engine.apply(
+            &self.vm,
+            prepared,
+            &ReloadOptions::default(),
+            Direction::Down,
+            Some(&targets),
+        );
         let mut k = kernel(self.lua());
         match result {
             Ok(Applied::Done(report)) => {
@@ -508,7 +631,10 @@ impl Runtime {
                 // Try again after the next slice: keep the tripped watch.
                 k.canary = Some(c);
             }
-            Err(e) => k.event("canary_rollback_failed", serde_json::json!({ "error": e.to_string() })),
+            Err(e) => k.event(
+                "canary_rollback_failed",
+                serde_json::json!({ "error": e.to_string() }),
+            ),
         }
     }
 
@@ -527,7 +653,11 @@ impl Runtime {
     }
 
     pub fn export(&self) -> BTreeMap<String, Vec<ModuleVersion>> {
-        self.engine.modules.iter().map(|(n, h)| (n.clone(), h.versions.iter().cloned().collect())).collect()
+        self.engine
+            .modules
+            .iter()
+            .map(|(n, h)| (n.clone(), h.versions.iter().cloned().collect()))
+            .collect()
     }
 }
 
@@ -540,7 +670,11 @@ pub(crate) fn prepared_from_versions(
         .iter()
         .map(|(name, v)| PreparedModule {
             name: name.clone(),
-            file: engine.modules.get(name).map(|h| h.file.clone()).unwrap_or_default(),
+            file: engine
+                .modules
+                .get(name)
+                .map(|h| h.file.clone())
+                .unwrap_or_default(),
             source: v.source.clone(),
             checksum: v.checksum.clone(),
             bytecode: v.bytecode.clone(),

@@ -15,8 +15,8 @@
 mod natives;
 pub(crate) mod process;
 
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -74,7 +74,11 @@ impl Watch {
         self.thread.store(thread, Ordering::Relaxed);
         self.timed_out.store(false, Ordering::Relaxed);
         self.preemptible.store(preemptible, Ordering::Relaxed);
-        let slice = if preemptible { self.slice_end.load(Ordering::Relaxed) } else { u64::MAX };
+        let slice = if preemptible {
+            self.slice_end.load(Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
         self.check_at.store(deadline.min(slice), Ordering::Relaxed);
     }
     fn disarm(&self) {
@@ -108,7 +112,9 @@ fn install_interrupt(lua: &Lua, watch: Arc<Watch>) {
                 watch.handler_ms
             )));
         }
-        if watch.preemptible.load(Ordering::Relaxed) && now >= watch.slice_end.load(Ordering::Relaxed) {
+        if watch.preemptible.load(Ordering::Relaxed)
+            && now >= watch.slice_end.load(Ordering::Relaxed)
+        {
             let current = lua.current_thread().to_pointer() as usize;
             if current == watch.thread.load(Ordering::Relaxed) {
                 watch.check_at.store(deadline, Ordering::Relaxed);
@@ -134,10 +140,24 @@ pub struct Event {
 }
 
 pub(crate) enum Timer {
-    SendAfter { target: Target, message: RegistryKey },
-    CallTimeout { serial: u64, token: u64, target: String, ms: u64 },
-    HostCallTimeout { slot: Arc<HostSlot>, target: String, ms: u64 },
-    ShutdownKill { serial: u64 },
+    SendAfter {
+        target: Target,
+        message: RegistryKey,
+    },
+    CallTimeout {
+        serial: u64,
+        token: u64,
+        target: String,
+        ms: u64,
+    },
+    HostCallTimeout {
+        slot: Arc<HostSlot>,
+        target: String,
+        ms: u64,
+    },
+    ShutdownKill {
+        serial: u64,
+    },
     Canary,
 }
 
@@ -201,7 +221,8 @@ pub(crate) struct Kernel {
 }
 
 pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
-    lua.app_data_mut::<Kernel>().expect("sandbox kernel missing")
+    lua.app_data_mut::<Kernel>()
+        .expect("sandbox kernel missing")
 }
 
 /// The outcome of a finished job, routed after the kernel borrow is released.
@@ -231,7 +252,11 @@ impl Kernel {
     }
 
     pub fn pid_string(&self, pid: Pid) -> String {
-        let module = self.module_names.get(pid.module_index() as usize).map(|s| &**s).unwrap_or("?");
+        let module = self
+            .module_names
+            .get(pid.module_index() as usize)
+            .map(|s| &**s)
+            .unwrap_or("?");
         format!("<{module}.{}>", pid.serial())
     }
 
@@ -245,7 +270,12 @@ impl Kernel {
         if self.events.len() == EVENTS_MAX {
             self.events.pop_front();
         }
-        self.events.push_back(Event { seq: self.next_event, at_ms: clock::unix_ms(), kind: kind.into(), detail });
+        self.events.push_back(Event {
+            seq: self.next_event,
+            at_ms: clock::unix_ms(),
+            kind: kind.into(),
+            detail,
+        });
     }
 
     /// Resolves a host-side target: a registered name, `"<module.N>"`, or a bare serial.
@@ -261,7 +291,9 @@ impl Kernel {
     pub fn resolve_value(&self, v: &Value) -> Option<u64> {
         match v {
             Value::String(s) => self.names.get(&*s.to_str().ok()?).copied(),
-            other => Pid::from_lua(other).map(|p| p.serial()).filter(|s| self.procs.contains_key(s)),
+            other => Pid::from_lua(other)
+                .map(|p| p.serial())
+                .filter(|s| self.procs.contains_key(s)),
         }
     }
 
@@ -297,7 +329,11 @@ impl Kernel {
         if p.mailbox.len() >= max {
             return Err((Error::MailboxFull(self.pid_string(p.pid)), job));
         }
-        self.procs.get_mut(&serial).expect("checked").mailbox.push_back(job);
+        self.procs
+            .get_mut(&serial)
+            .expect("checked")
+            .mailbox
+            .push_back(job);
         self.wake(serial);
         Ok(())
     }
@@ -331,7 +367,10 @@ impl Kernel {
         }
         if let Some(n) = name {
             if self.names.contains_key(n) {
-                return Err((Error::InvalidInput(format!("the name `{n}` is registered already")), waiter));
+                return Err((
+                    Error::InvalidInput(format!("the name `{n}` is registered already")),
+                    waiter,
+                ));
             }
         }
         let serial = self.new_serial();
@@ -462,7 +501,9 @@ pub(crate) fn run_slice(lua: &Lua) -> bool {
     let started = clock::coarse_ms();
     {
         let k = kernel(lua);
-        k.watch.slice_end.store(started + SLICE_MS, Ordering::Relaxed);
+        k.watch
+            .slice_end
+            .store(started + SLICE_MS, Ordering::Relaxed);
     }
     fire_timers(lua);
     drain_exits(lua);
@@ -488,12 +529,16 @@ pub(crate) fn fire_timers(lua: &Lua) {
     let now = clock::precise_ms();
     loop {
         let mut k = kernel(lua);
-        let Some(Reverse((at, id))) = k.timers.peek().copied() else { return };
+        let Some(Reverse((at, id))) = k.timers.peek().copied() else {
+            return;
+        };
         if at > now {
             return;
         }
         k.timers.pop();
-        let Some(timer) = k.timer_data.remove(&id) else { continue };
+        let Some(timer) = k.timer_data.remove(&id) else {
+            continue;
+        };
         match timer {
             Timer::SendAfter { target, message } => {
                 let serial = match &target {
@@ -506,13 +551,27 @@ pub(crate) fn fire_timers(lua: &Lua) {
                     k.deliver_system(s, Job::Info(message));
                 }
             }
-            Timer::CallTimeout { serial, token, target, ms } => {
+            Timer::CallTimeout {
+                serial,
+                token,
+                target,
+                ms,
+            } => {
                 drop(k);
                 let msg = format!("graft.call: timeout after {ms} ms waiting for {target}");
-                resume_with(lua, serial, token, false, Value::String(lua.create_string(&msg).expect("oom")));
+                resume_with(
+                    lua,
+                    serial,
+                    token,
+                    false,
+                    Value::String(lua.create_string(&msg).expect("oom")),
+                );
             }
             Timer::HostCallTimeout { slot, target, ms } => {
-                slot.answer(Err(Error::CallTimeout { target, timeout_ms: ms }));
+                slot.answer(Err(Error::CallTimeout {
+                    target,
+                    timeout_ms: ms,
+                }));
             }
             Timer::ShutdownKill { serial } => {
                 if k.procs.contains_key(&serial) {
@@ -534,13 +593,23 @@ pub(crate) fn resume_with(lua: &Lua, serial: u64, token: u64, ok: bool, value: V
         Err(_) => return,
     };
     let mut k = kernel(lua);
-    let Some(p) = k.procs.get_mut(&serial) else { return };
+    let Some(p) = k.procs.get_mut(&serial) else {
+        return;
+    };
     match std::mem::replace(&mut p.run, Run::Idle) {
         Run::Suspended { thread, token: t } if t == token => {
-            p.run = Run::Resumable { thread, resume: Some((ok, key)) };
+            p.run = Run::Resumable {
+                thread,
+                resume: Some((ok, key)),
+            };
             k.wake(serial);
         }
-        other => p.run = other,
+        other => {
+            // Not waiting yet (preempted before it could) or a stale answer:
+            // park it; a later wait on another token discards it.
+            p.run = other;
+            p.parked = Some((token, ok, key));
+        }
     }
 }
 
@@ -576,13 +645,17 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
     let (thread, args) = {
         let mut k = kernel(lua);
         let frozen_blocked = {
-            let Some(p) = k.procs.get(&serial) else { return };
+            let Some(p) = k.procs.get(&serial) else {
+                return;
+            };
             matches!(p.run, Run::Idle)
                 && p.system.is_none()
                 && !k.frozen.is_empty()
                 && k.frozen.contains(&p.pid.module_index())
         };
-        let Some(p) = k.procs.get_mut(&serial) else { return };
+        let Some(p) = k.procs.get_mut(&serial) else {
+            return;
+        };
         p.queued = false;
         if frozen_blocked {
             return; // woken again when the reload finishes
@@ -619,20 +692,34 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
                         p.job = Some(job);
                         p.run = Run::Idle;
                         drop(k);
-                        finish_job(lua, serial, Outcome::Failed(ExitReason::Error { message: e, traceback: String::new() }));
+                        finish_job(
+                            lua,
+                            serial,
+                            Outcome::Failed(ExitReason::Error {
+                                message: e,
+                                traceback: String::new(),
+                            }),
+                        );
                         return;
                     }
                 };
                 let module_value = match &job {
-                    Job::Eval { chunk, .. } => lua.registry_value::<Value>(chunk).expect("eval chunk"),
-                    _ => k.module_tables[module as usize].clone().map(Value::Table).unwrap_or(Value::Nil),
+                    Job::Eval { chunk, .. } => {
+                        lua.registry_value::<Value>(chunk).expect("eval chunk")
+                    }
+                    _ => k.module_tables[module as usize]
+                        .clone()
+                        .map(Value::Table)
+                        .unwrap_or(Value::Nil),
                 };
                 let p = k.procs.get_mut(&serial).expect("live");
                 p.job = Some(job);
                 p.messages_handled += 1;
                 let thread = match k.take_thread() {
                     Some(t) => t,
-                    None => lua.create_thread(k.worker.clone()).expect("cannot create a worker thread"),
+                    None => lua
+                        .create_thread(k.worker.clone())
+                        .expect("cannot create a worker thread"),
                 };
                 let args = MultiValue::from_iter([
                     Value::Number(op as f64),
@@ -659,14 +746,23 @@ fn job_args(lua: &Lua, k: &Kernel, job: &Job) -> Result<(Value, Value, Value), S
     let get = |key: &RegistryKey| lua.registry_value::<Value>(key).map_err(|e| e.to_string());
     Ok(match job {
         Job::Init { args, .. } => (get(args)?, Value::Nil, Value::Nil),
-        Job::Call { request, from, waiter, .. } => (
+        Job::Call {
+            request,
+            from,
+            waiter,
+            ..
+        } => (
             get(request)?,
             from.map(|p| p.to_lua()).unwrap_or(Value::Nil),
             // replies to processes are copied in the VM; hosts get JSON anyway
             Value::Boolean(matches!(waiter, Waiter::Process { .. })),
         ),
         Job::Cast(m) | Job::Info(m) => (get(m)?, Value::Nil, Value::Nil),
-        Job::Terminate(reason) => (reason.to_lua(lua).map_err(|e| e.to_string())?, Value::Nil, Value::Nil),
+        Job::Terminate(reason) => (
+            reason.to_lua(lua).map_err(|e| e.to_string())?,
+            Value::Nil,
+            Value::Nil,
+        ),
         Job::Eval { .. } => {
             let _ = k;
             (Value::Nil, Value::Nil, Value::Nil)
@@ -763,14 +859,22 @@ fn classify_failure(info: &Value, timed_out: bool) -> ExitReason {
         other => (lua_value_text(other), String::new()),
     };
     // The prelude's own frames are noise to the guest's author.
-    let traceback: Vec<&str> = traceback.lines().filter(|l| !l.starts_with("graft.prelude:") && !l.trim().is_empty()).collect();
-    classify_message(&message, timed_out).unwrap_or(ExitReason::Error { message, traceback: traceback.join("\n") })
+    let traceback: Vec<&str> = traceback
+        .lines()
+        .filter(|l| !l.starts_with("graft.prelude:") && !l.trim().is_empty())
+        .collect();
+    classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
+        message,
+        traceback: traceback.join("\n"),
+    })
 }
 
 fn lua_value_text(v: &Value) -> String {
     match v {
         Value::UserData(_) | Value::Error(_) => v.to_string().unwrap_or_else(|_| "userdata".into()),
-        other => other.to_string().unwrap_or_else(|_| format!("a {}", other.type_name())),
+        other => other
+            .to_string()
+            .unwrap_or_else(|_| format!("a {}", other.type_name())),
     }
 }
 
@@ -779,8 +883,10 @@ fn classify_error(e: &mlua::Error, timed_out: bool) -> ExitReason {
         return ExitReason::OutOfMemory;
     }
     let message = e.to_string();
-    classify_message(&message, timed_out)
-        .unwrap_or(ExitReason::Error { message, traceback: String::new() })
+    classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
+        message,
+        traceback: String::new(),
+    })
 }
 
 /// Acts on a job's outcome: routes replies, handles crashes and exits.
@@ -794,6 +900,19 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                 // An exit that arrived while the callback ran takes effect now.
                 if let Some(reason) = p.exit_pending.take() {
                     k.exit_process(serial, reason, true);
+                } else if let Some((t, ok, value)) = p.parked.take() {
+                    if t == token {
+                        let Run::Suspended { thread, .. } =
+                            std::mem::replace(&mut p.run, Run::Idle)
+                        else {
+                            unreachable!("set above")
+                        };
+                        p.run = Run::Resumable {
+                            thread,
+                            resume: Some((ok, value)),
+                        };
+                        k.wake(serial);
+                    }
                 }
             }
         }
@@ -801,7 +920,10 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
             let key = lua.create_registry_value(thread).expect("registry");
             let mut k = kernel(lua);
             if let Some(p) = k.procs.get_mut(&serial) {
-                p.run = Run::Resumable { thread: key, resume: None };
+                p.run = Run::Resumable {
+                    thread: key,
+                    resume: None,
+                };
                 if let Some(reason) = p.exit_pending.take() {
                     k.exit_process(serial, reason, true);
                 } else {
@@ -812,7 +934,9 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
         Outcome::Done(value) => {
             let (job, pending) = {
                 let mut k = kernel(lua);
-                let Some(p) = k.procs.get_mut(&serial) else { return };
+                let Some(p) = k.procs.get_mut(&serial) else {
+                    return;
+                };
                 p.run = Run::Idle;
                 let job = p.job.take();
                 let pending = p.exit_pending.take();
@@ -825,7 +949,14 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                     match (&pending, pid) {
                         (Some(reason), _) if !reason.is_normal() => {
                             let module = module_of(lua, serial);
-                            answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }));
+                            answer(
+                                lua,
+                                waiter,
+                                Err(Error::SpawnFailed {
+                                    module,
+                                    reason: reason.clone(),
+                                }),
+                            );
                         }
                         (_, Some(pid)) => answer(lua, waiter, Ok(pid.to_lua())),
                         _ => {}
@@ -851,7 +982,9 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
         Outcome::Failed(crash) => {
             let (job, pending) = {
                 let mut k = kernel(lua);
-                let Some(p) = k.procs.get_mut(&serial) else { return };
+                let Some(p) = k.procs.get_mut(&serial) else {
+                    return;
+                };
                 p.run = Run::Idle;
                 (p.job.take(), p.exit_pending.take())
             };
@@ -859,12 +992,22 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
             let reason = pending.unwrap_or(crash);
             let target = {
                 let k = kernel(lua);
-                k.procs.get(&serial).map(|p| k.pid_string(p.pid)).unwrap_or_default()
+                k.procs
+                    .get(&serial)
+                    .map(|p| k.pid_string(p.pid))
+                    .unwrap_or_default()
             };
             match job {
                 Some(Job::Init { waiter, .. }) => {
                     let module = module_of(lua, serial);
-                    answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }));
+                    answer(
+                        lua,
+                        waiter,
+                        Err(Error::SpawnFailed {
+                            module,
+                            reason: reason.clone(),
+                        }),
+                    );
                     finalize(lua, serial, reason);
                     return;
                 }
@@ -873,7 +1016,14 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                     return;
                 }
                 Some(Job::Call { waiter, .. }) => {
-                    answer(lua, waiter, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }));
+                    answer(
+                        lua,
+                        waiter,
+                        Err(Error::Crashed {
+                            target: target.clone(),
+                            reason: reason.clone(),
+                        }),
+                    );
                 }
                 Some(Job::Eval { waiter, .. }) => {
                     answer(lua, waiter, Err(eval_error(&reason)));
@@ -885,7 +1035,10 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
             if !reason.is_normal() && !matches!(reason, ExitReason::Shutdown) {
                 let mut k = kernel(lua);
                 let module = module_name(&k, serial);
-                k.event("crash", serde_json::json!({ "process": target, "module": module, "reason": reason }));
+                k.event(
+                    "crash",
+                    serde_json::json!({ "process": target, "module": module, "reason": reason }),
+                );
                 tracing::warn!(sandbox = %k.id, process = %target, %reason, "process crashed");
             }
             kernel(lua).exit_process(serial, reason, true);
@@ -915,7 +1068,9 @@ fn module_of(lua: &Lua, serial: u64) -> String {
 pub(crate) fn drain_exits(lua: &Lua) {
     loop {
         let next = kernel(lua).exits.pop_front();
-        let Some((serial, reason, run_terminate)) = next else { return };
+        let Some((serial, reason, run_terminate)) = next else {
+            return;
+        };
         begin_exit(lua, serial, reason, run_terminate);
     }
 }
@@ -923,7 +1078,9 @@ pub(crate) fn drain_exits(lua: &Lua) {
 fn begin_exit(lua: &Lua, serial: u64, reason: ExitReason, run_terminate: bool) {
     let mut k = kernel(lua);
     let on_stack = k.is_on_stack(serial);
-    let Some(p) = k.procs.get_mut(&serial) else { return };
+    let Some(p) = k.procs.get_mut(&serial) else {
+        return;
+    };
     if on_stack {
         // Its callback is running: the exit takes effect when it returns.
         if p.exit_pending.is_none() || matches!(reason, ExitReason::Killed) {
@@ -962,7 +1119,9 @@ fn begin_exit(lua: &Lua, serial: u64, reason: ExitReason, run_terminate: bool) {
 fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
     let (job, system) = {
         let mut k = kernel(lua);
-        let Some(p) = k.procs.get_mut(&serial) else { return };
+        let Some(p) = k.procs.get_mut(&serial) else {
+            return;
+        };
         if matches!(p.run, Run::Suspended { .. } | Run::Resumable { .. }) {
             p.run = Run::Idle;
         }
@@ -977,16 +1136,31 @@ fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
     };
     let target = {
         let k = kernel(lua);
-        k.procs.get(&serial).map(|p| k.pid_string(p.pid)).unwrap_or_default()
+        k.procs
+            .get(&serial)
+            .map(|p| k.pid_string(p.pid))
+            .unwrap_or_default()
     };
     for job in [job, system].into_iter().flatten() {
         match job {
-            Job::Call { waiter, .. } => {
-                answer(lua, waiter, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }))
-            }
+            Job::Call { waiter, .. } => answer(
+                lua,
+                waiter,
+                Err(Error::Crashed {
+                    target: target.clone(),
+                    reason: reason.clone(),
+                }),
+            ),
             Job::Init { waiter, .. } => {
                 let module = module_of(lua, serial);
-                answer(lua, waiter, Err(Error::SpawnFailed { module, reason: reason.clone() }))
+                answer(
+                    lua,
+                    waiter,
+                    Err(Error::SpawnFailed {
+                        module,
+                        reason: reason.clone(),
+                    }),
+                )
             }
             Job::Eval { waiter, .. } => answer(lua, waiter, Err(eval_error(reason))),
             _ => {}
@@ -998,7 +1172,9 @@ fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
 fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
     abandon_job(lua, serial, &reason);
     let mut k = kernel(lua);
-    let Some(p) = k.procs.remove(&serial) else { return };
+    let Some(p) = k.procs.remove(&serial) else {
+        return;
+    };
     if let Some(n) = &p.name {
         k.names.remove(n);
     }
@@ -1028,7 +1204,9 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
     }
     if k.app == Some(serial) {
         k.app = None;
-        k.app_status = AppStatus::Stopped { reason: reason.to_string() };
+        k.app_status = AppStatus::Stopped {
+            reason: reason.to_string(),
+        };
         k.event("app_stopped", serde_json::json!({ "reason": reason }));
         tracing::warn!(sandbox = %k.id, %reason, "app stopped");
         for w in std::mem::take(&mut k.app_stop_waiters) {
@@ -1042,7 +1220,14 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
     }
     drop(k);
     for w in waiters {
-        answer(lua, w, Err(Error::Crashed { target: target.clone(), reason: reason.clone() }));
+        answer(
+            lua,
+            w,
+            Err(Error::Crashed {
+                target: target.clone(),
+                reason: reason.clone(),
+            }),
+        );
     }
 }
 
@@ -1064,8 +1249,18 @@ fn exit_message(lua: &Lua, from: Pid, reason: &Value) -> mlua::Result<RegistryKe
 }
 
 /// Delivers a dying process's exit to a linked process (OTP link semantics).
-fn link_signal(lua: &Lua, k: &mut Kernel, to: u64, from: Pid, reason: &ExitReason, reason_lua: &Value, from_serial: u64) {
-    let Some(t) = k.procs.get_mut(&to) else { return };
+fn link_signal(
+    lua: &Lua,
+    k: &mut Kernel,
+    to: u64,
+    from: Pid,
+    reason: &ExitReason,
+    reason_lua: &Value,
+    from_serial: u64,
+) {
+    let Some(t) = k.procs.get_mut(&to) else {
+        return;
+    };
     t.links.retain(|s| *s != from_serial);
     if t.trap_exit {
         if let Ok(key) = exit_message(lua, from, reason_lua) {
@@ -1079,7 +1274,11 @@ fn link_signal(lua: &Lua, k: &mut Kernel, to: u64, from: Pid, reason: &ExitReaso
 /// `graft.exit(pid, reason)`: an exit signal from `from` (OTP `exit/2`).
 pub(crate) fn send_exit_signal(lua: &Lua, k: &mut Kernel, to: u64, from: Pid, reason: Json) {
     let is_kill = reason.as_str() == Some("kill");
-    let reason = if is_kill { ExitReason::Killed } else { ExitReason::from_json(reason) };
+    let reason = if is_kill {
+        ExitReason::Killed
+    } else {
+        ExitReason::from_json(reason)
+    };
     let Some(t) = k.procs.get(&to) else { return };
     if is_kill {
         k.exit_process(to, ExitReason::Killed, false);

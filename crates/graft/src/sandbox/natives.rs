@@ -19,7 +19,10 @@ fn ok(lua: &Lua, v: impl mlua::IntoLua) -> R {
 }
 
 fn fail(lua: &Lua, msg: impl AsRef<str>) -> R {
-    Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(msg.as_ref())?)]))
+    Ok(MultiValue::from_iter([
+        Value::Nil,
+        Value::String(lua.create_string(msg.as_ref())?),
+    ]))
 }
 
 fn outside(lua: &Lua, what: &str) -> R {
@@ -34,7 +37,8 @@ fn to_json(k: &Kernel, v: &Value) -> Result<Json, String> {
 /// so `graft.call` from inside a guest coroutine fails clearly instead of
 /// yielding the wrong coroutine.
 fn on_worker_thread(lua: &Lua, k: &Kernel) -> bool {
-    lua.current_thread().to_pointer() as usize == k.watch.thread.load(std::sync::atomic::Ordering::Relaxed)
+    lua.current_thread().to_pointer() as usize
+        == k.watch.thread.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
@@ -56,7 +60,10 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("parent", |lua, ()| {
         let k = kernel(lua);
-        let parent = k.current().and_then(|s| k.procs.get(&s)).and_then(|p| p.parent);
+        let parent = k
+            .current()
+            .and_then(|s| k.procs.get(&s))
+            .and_then(|p| p.parent);
         match parent.and_then(|s| k.procs.get(&s)) {
             Some(p) => ok(lua, p.pid.to_lua()),
             None => ok(lua, Value::Nil),
@@ -65,18 +72,38 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("now", |_, ()| Ok(clock::unix_ms()));
 
-    native!("spawn", |lua, (module, args, opts): (String, Value, Option<Table>)| {
+    native!("spawn", |lua,
+                      (module, args, opts): (
+        String,
+        Value,
+        Option<Table>
+    )| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "spawn") };
+        let Some(me) = k.current() else {
+            return outside(lua, "spawn");
+        };
         if !on_worker_thread(lua, &k) {
-            return fail(lua, "graft.spawn cannot be used inside a coroutine the callback created");
+            return fail(
+                lua,
+                "graft.spawn cannot be used inside a coroutine the callback created",
+            );
         }
-        let Some(mid) = k.module_id(&module).filter(|m| k.module_tables[*m as usize].is_some()) else {
-            return fail(lua, format!("graft.spawn: no module `{module}` in this sandbox"));
+        let Some(mid) = k
+            .module_id(&module)
+            .filter(|m| k.module_tables[*m as usize].is_some())
+        else {
+            return fail(
+                lua,
+                format!("graft.spawn: no module `{module}` in this sandbox"),
+            );
         };
         let is_server = k.module_tables[mid as usize]
             .as_ref()
-            .map(|t| t.raw_get::<Value>("init").map(|v| v.is_function()).unwrap_or(false))
+            .map(|t| {
+                t.raw_get::<Value>("init")
+                    .map(|v| v.is_function())
+                    .unwrap_or(false)
+            })
             .unwrap_or(false);
         if !is_server {
             return fail(lua, format!("graft.spawn: module `{module}` has no `init` function, so it cannot run as a process"));
@@ -92,7 +119,13 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         let _ = monitor;
         let token = k.token();
         let args = lua.create_registry_value(args)?;
-        match k.create_process(mid, Some(me), name.as_deref(), args, Waiter::Process { serial: me, token }) {
+        match k.create_process(
+            mid,
+            Some(me),
+            name.as_deref(),
+            args,
+            Waiter::Process { serial: me, token },
+        ) {
             Ok(child) => {
                 if link {
                     k.procs.get_mut(&child).expect("new").links.push(me);
@@ -100,24 +133,40 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                         p.links.push(child);
                     }
                 }
-                Ok(MultiValue::from_iter([Value::Nil, Value::Number(token as f64)]))
+                Ok(MultiValue::from_iter([
+                    Value::Nil,
+                    Value::Number(token as f64),
+                ]))
             }
             Err((e, _)) => fail(lua, format!("graft.spawn: {e}")),
         }
     });
 
-    native!("call", |lua, (target, request, timeout): (Value, Value, Option<f64>)| {
+    native!("call", |lua,
+                     (target, request, timeout): (
+        Value,
+        Value,
+        Option<f64>
+    )| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "call") };
+        let Some(me) = k.current() else {
+            return outside(lua, "call");
+        };
         if !on_worker_thread(lua, &k) {
-            return fail(lua, "graft.call cannot be used inside a coroutine the callback created");
+            return fail(
+                lua,
+                "graft.call cannot be used inside a coroutine the callback created",
+            );
         }
         let desc = k.describe_value(&target);
         let Some(to) = k.resolve_value(&target) else {
             return fail(lua, format!("graft.call: no process {desc}"));
         };
         if to == me {
-            return fail(lua, "graft.call: a process cannot call itself (it would wait for its own reply)");
+            return fail(
+                lua,
+                "graft.call: a process cannot call itself (it would wait for its own reply)",
+            );
         }
         let ms = match timeout {
             None => DEFAULT_CALL_TIMEOUT_MS,
@@ -127,52 +176,93 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         let token = k.token();
         let from = k.procs.get(&me).map(|p| p.pid);
         let request = lua.create_registry_value(request)?;
-        let job = Job::Call { request, from, waiter: Waiter::Process { serial: me, token }, target: desc.clone() };
+        let job = Job::Call {
+            request,
+            from,
+            waiter: Waiter::Process { serial: me, token },
+            target: desc.clone(),
+        };
         if let Err((e, _)) = k.deliver(to, job) {
             return fail(lua, format!("graft.call: {e}"));
         }
         let at = clock::precise_ms() + ms;
-        k.add_timer(at, Timer::CallTimeout { serial: me, token, target: desc, ms });
+        k.add_timer(
+            at,
+            Timer::CallTimeout {
+                serial: me,
+                token,
+                target: desc,
+                ms,
+            },
+        );
         ok(lua, token as f64)
     });
 
-    native!("cast", |lua, (target, msg): (Value, Value)| send_like(lua, target, msg, true));
-    native!("send", |lua, (target, msg): (Value, Value)| send_like(lua, target, msg, false));
+    native!("cast", |lua, (target, msg): (Value, Value)| send_like(
+        lua, target, msg, true
+    ));
+    native!("send", |lua, (target, msg): (Value, Value)| send_like(
+        lua, target, msg, false
+    ));
 
-    native!("send_after", |lua, (ms, target, msg): (f64, Value, Value)| {
-        let mut k = kernel(lua);
-        if !(ms.is_finite() && ms >= 0.0) {
-            return fail(lua, "graft.send_after: ms must be a number >= 0");
+    native!(
+        "send_after",
+        |lua, (ms, target, msg): (f64, Value, Value)| {
+            let mut k = kernel(lua);
+            if !(ms.is_finite() && ms >= 0.0) {
+                return fail(lua, "graft.send_after: ms must be a number >= 0");
+            }
+            let target = match &target {
+                Value::String(s) => Target::Name(s.to_string_lossy()),
+                other => match Pid::from_lua(other) {
+                    Some(p) => Target::Serial(p.serial()),
+                    None => {
+                        return fail(
+                            lua,
+                            "graft.send_after: the target must be a pid or a registered name",
+                        )
+                    }
+                },
+            };
+            let message = lua.create_registry_value(msg)?;
+            let id = k.add_timer(
+                clock::precise_ms() + ms as u64,
+                Timer::SendAfter { target, message },
+            );
+            ok(lua, id as f64)
         }
-        let target = match &target {
-            Value::String(s) => Target::Name(s.to_string_lossy()),
-            other => match Pid::from_lua(other) {
-                Some(p) => Target::Serial(p.serial()),
-                None => return fail(lua, "graft.send_after: the target must be a pid or a registered name"),
-            },
-        };
-        let message = lua.create_registry_value(msg)?;
-        let id = k.add_timer(clock::precise_ms() + ms as u64, Timer::SendAfter { target, message });
-        ok(lua, id as f64)
-    });
+    );
 
-    native!("cancel_timer", |lua, id: f64| Ok(kernel(lua).cancel_timer(id as u64)));
+    native!("cancel_timer", |lua, id: f64| Ok(
+        kernel(lua).cancel_timer(id as u64)
+    ));
 
     native!("register", |lua, name: String| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "register") };
+        let Some(me) = k.current() else {
+            return outside(lua, "register");
+        };
         if name.is_empty() || name.starts_with('<') {
-            return fail(lua, "graft.register: a name must be a non-empty string not starting with `<`");
+            return fail(
+                lua,
+                "graft.register: a name must be a non-empty string not starting with `<`",
+            );
         }
         if let Some(&other) = k.names.get(name.as_str()) {
             if other != me {
-                return fail(lua, format!("graft.register: the name `{name}` is registered already"));
+                return fail(
+                    lua,
+                    format!("graft.register: the name `{name}` is registered already"),
+                );
             }
             return ok(lua, true);
         }
         let p = k.procs.get_mut(&me).expect("current");
         if let Some(old) = &p.name {
-            return fail(lua, format!("graft.register: this process is registered as `{old}` already"));
+            return fail(
+                lua,
+                format!("graft.register: this process is registered as `{old}` already"),
+            );
         }
         p.name = Some(name.as_str().into());
         k.names.insert(name.into(), me);
@@ -202,7 +292,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("link", |lua, target: Value| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "link") };
+        let Some(me) = k.current() else {
+            return outside(lua, "link");
+        };
         let Some(to) = k.resolve_value(&target).filter(|s| *s != me) else {
             let trap = k.procs.get(&me).is_some_and(|p| p.trap_exit);
             if let (true, Some(pid)) = (trap, Pid::from_lua(&target)) {
@@ -215,7 +307,13 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 k.deliver_system(me, Job::Info(key));
                 return ok(lua, true);
             }
-            return fail(lua, format!("graft.link: no process {} (noproc)", k.describe_value(&target)));
+            return fail(
+                lua,
+                format!(
+                    "graft.link: no process {} (noproc)",
+                    k.describe_value(&target)
+                ),
+            );
         };
         if !k.procs[&me].links.contains(&to) {
             k.procs.get_mut(&me).expect("current").links.push(to);
@@ -226,7 +324,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("unlink", |lua, target: Value| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "unlink") };
+        let Some(me) = k.current() else {
+            return outside(lua, "unlink");
+        };
         if let Some(to) = k.resolve_value(&target) {
             if let Some(p) = k.procs.get_mut(&me) {
                 p.links.retain(|s| *s != to);
@@ -240,10 +340,17 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("monitor", |lua, target: Value| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "monitor") };
+        let Some(me) = k.current() else {
+            return outside(lua, "monitor");
+        };
         let mref = k.token();
         match k.resolve_value(&target) {
-            Some(to) => k.procs.get_mut(&to).expect("resolved").monitored_by.push((mref, me)),
+            Some(to) => k
+                .procs
+                .get_mut(&to)
+                .expect("resolved")
+                .monitored_by
+                .push((mref, me)),
             None => {
                 // OTP: monitoring a dead process delivers DOWN noproc at once.
                 let t = lua.create_table()?;
@@ -275,7 +382,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("trap_exit", |lua, flag: bool| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "trap_exit") };
+        let Some(me) = k.current() else {
+            return outside(lua, "trap_exit");
+        };
         let p = k.procs.get_mut(&me).expect("current");
         let old = p.trap_exit;
         p.trap_exit = flag;
@@ -284,10 +393,17 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("exit", |lua, reason: Value| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "exit") };
+        let Some(me) = k.current() else {
+            return outside(lua, "exit");
+        };
         let reason = match to_json(&k, &reason) {
             Ok(j) => crate::value::ExitReason::from_json(j),
-            Err(e) => return fail(lua, format!("graft.exit: the reason is not plain data: {e}")),
+            Err(e) => {
+                return fail(
+                    lua,
+                    format!("graft.exit: the reason is not plain data: {e}"),
+                )
+            }
         };
         k.procs.get_mut(&me).expect("current").exit_pending = Some(reason);
         ok(lua, true)
@@ -295,11 +411,18 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("signal", |lua, (target, reason): (Value, Value)| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "exit") };
+        let Some(me) = k.current() else {
+            return outside(lua, "exit");
+        };
         let from = k.procs[&me].pid;
         let reason = match to_json(&k, &reason) {
             Ok(j) => j,
-            Err(e) => return fail(lua, format!("graft.exit: the reason is not plain data: {e}")),
+            Err(e) => {
+                return fail(
+                    lua,
+                    format!("graft.exit: the reason is not plain data: {e}"),
+                )
+            }
         };
         match k.resolve_value(&target) {
             Some(to) => {
@@ -312,7 +435,11 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("log", |lua, (level, msg): (String, String)| {
         let mut k = kernel(lua);
-        let who = k.current().and_then(|s| k.procs.get(&s)).map(|p| k.pid_string(p.pid)).unwrap_or_default();
+        let who = k
+            .current()
+            .and_then(|s| k.procs.get(&s))
+            .map(|p| k.pid_string(p.pid))
+            .unwrap_or_default();
         match level.as_str() {
             "error" => tracing::error!(sandbox = %k.id, process = %who, "{msg}"),
             "warn" => tracing::warn!(sandbox = %k.id, process = %who, "{msg}"),
@@ -326,8 +453,12 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("shutdown_child", |lua, (target, mode): (Value, Value)| {
         let mut k = kernel(lua);
-        let Some(me) = k.current() else { return outside(lua, "shutdown_child") };
-        let Some(child) = k.resolve_value(&target) else { return ok(lua, Value::Nil) };
+        let Some(me) = k.current() else {
+            return outside(lua, "shutdown_child");
+        };
+        let Some(child) = k.resolve_value(&target) else {
+            return ok(lua, Value::Nil);
+        };
         // Unlink first (as OTP's supervisor does) so no stray EXIT arrives.
         if let Some(p) = k.procs.get_mut(&me) {
             p.links.retain(|s| *s != child);
@@ -342,11 +473,17 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             }
             Value::Number(ms) => {
                 k.exit_process(child, crate::value::ExitReason::Shutdown, true);
-                k.add_timer(clock::precise_ms() + ms.max(0.0) as u64, Timer::ShutdownKill { serial: child });
+                k.add_timer(
+                    clock::precise_ms() + ms.max(0.0) as u64,
+                    Timer::ShutdownKill { serial: child },
+                );
             }
             Value::Integer(ms) => {
                 k.exit_process(child, crate::value::ExitReason::Shutdown, true);
-                k.add_timer(clock::precise_ms() + ms.max(0) as u64, Timer::ShutdownKill { serial: child });
+                k.add_timer(
+                    clock::precise_ms() + ms.max(0) as u64,
+                    Timer::ShutdownKill { serial: child },
+                );
             }
             _ => k.exit_process(child, crate::value::ExitReason::Shutdown, true), // infinity
         }
@@ -355,7 +492,11 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("sup_event", |lua, kind: String| {
         let mut k = kernel(lua);
-        let who = k.current().and_then(|s| k.procs.get(&s)).map(|p| k.pid_string(p.pid)).unwrap_or_default();
+        let who = k
+            .current()
+            .and_then(|s| k.procs.get(&s))
+            .map(|p| k.pid_string(p.pid))
+            .unwrap_or_default();
         k.event(&kind, serde_json::json!({ "supervisor": who }));
         tracing::warn!(sandbox = %k.id, supervisor = %who, "{kind}");
         Ok(())

@@ -45,17 +45,31 @@ pub(crate) enum Waiter {
     Nobody,
     Host(Arc<HostSlot>),
     /// A process suspended in `graft.call`/`graft.spawn` with this token.
-    Process { serial: u64, token: u64 },
+    Process {
+        serial: u64,
+        token: u64,
+    },
 }
 
 /// Work a process does, one callback each.
 pub(crate) enum Job {
-    Init { args: RegistryKey, waiter: Waiter },
-    Call { request: RegistryKey, from: Option<Pid>, waiter: Waiter, target: String },
+    Init {
+        args: RegistryKey,
+        waiter: Waiter,
+    },
+    Call {
+        request: RegistryKey,
+        from: Option<Pid>,
+        waiter: Waiter,
+        target: String,
+    },
     Cast(RegistryKey),
     Info(RegistryKey),
     Terminate(ExitReason),
-    Eval { chunk: RegistryKey, waiter: Waiter },
+    Eval {
+        chunk: RegistryKey,
+        waiter: Waiter,
+    },
 }
 
 impl Job {
@@ -80,7 +94,10 @@ pub(crate) enum Run {
     /// Its callback waits for `token` (a reply, a child's init, a shutdown).
     Suspended { thread: RegistryKey, token: u64 },
     /// Its callback can continue: with `(ok, value)` or, after preemption, with nothing.
-    Resumable { thread: RegistryKey, resume: Option<(bool, RegistryKey)> },
+    Resumable {
+        thread: RegistryKey,
+        resume: Option<(bool, RegistryKey)>,
+    },
 }
 
 pub(crate) struct Process {
@@ -109,6 +126,9 @@ pub(crate) struct Process {
     /// Milliseconds of CPU its current callback used before it was suspended.
     pub used_ms: u64,
     pub messages_handled: u64,
+    /// An answer that arrived before the callback suspended on its token (the
+    /// callback was preempted between asking and waiting).
+    pub parked: Option<(u64, bool, RegistryKey)>,
 }
 
 impl Process {
@@ -131,6 +151,7 @@ impl Process {
             version,
             used_ms: 0,
             messages_handled: 0,
+            parked: None,
         }
     }
 

@@ -23,7 +23,11 @@ pub(crate) struct CanaryWatch {
 impl CanaryWatch {
     /// Counts an abnormal exit of a process running an upgraded version.
     pub fn note_exit(&mut self, module: u32, version: u32, reason: &ExitReason) {
-        if self.modules.iter().any(|(m, v, _, _)| *m == module && *v == version) {
+        if self
+            .modules
+            .iter()
+            .any(|(m, v, _, _)| *m == module && *v == version)
+        {
             self.crashes += 1;
             self.last_reason = Some(reason.to_string());
         }

@@ -136,7 +136,10 @@ pub struct PrepareContext<'a> {
 
 /// Compiles and checks sources (SPEC §3 steps 1–2, the part that needs no VM).
 /// All problems of all modules are reported, first module first.
-pub fn prepare(sources: &BTreeMap<String, String>, cx: &PrepareContext<'_>) -> Result<Vec<PreparedModule>> {
+pub fn prepare(
+    sources: &BTreeMap<String, String>,
+    cx: &PrepareContext<'_>,
+) -> Result<Vec<PreparedModule>> {
     let mut out = Vec::new();
     let mut diagnostics = Vec::new();
     for (name, source) in sources {
@@ -309,7 +312,11 @@ pub(crate) enum Applied {
 
 impl Engine {
     pub fn new(lua: &Lua, max_versions: usize) -> mlua::Result<Engine> {
-        Ok(Engine { modules: BTreeMap::new(), max_versions, view: lua.create_table()? })
+        Ok(Engine {
+            modules: BTreeMap::new(),
+            max_versions,
+            view: lua.create_table()?,
+        })
     }
 
     pub fn list(&self, vm: &Vm) -> Vec<ModuleInfo> {
@@ -349,14 +356,22 @@ impl Engine {
         // 1. What changed.
         let changed: Vec<PreparedModule> = prepared
             .into_iter()
-            .filter(|p| self.modules.get(&p.name).and_then(|h| h.current()).is_none_or(|c| c.checksum != p.checksum))
+            .filter(|p| {
+                self.modules
+                    .get(&p.name)
+                    .and_then(|h| h.current())
+                    .is_none_or(|c| c.checksum != p.checksum)
+            })
             .collect();
         if changed.is_empty() {
             return Ok(Applied::Done(ReloadReport {
                 status: ReloadStatus::Unchanged,
                 modules: Vec::new(),
                 processes_migrated: 0,
-                timings: Timings { compile_us, ..Timings::default() },
+                timings: Timings {
+                    compile_us,
+                    ..Timings::default()
+                },
             }));
         }
         // 2. The require graph of the would-be module set.
@@ -387,7 +402,10 @@ impl Engine {
             }
         }
         if let Some(cycle) = find_cycle(&deps) {
-            let first = changed.iter().find(|p| cycle.contains(&p.name)).unwrap_or(&changed[0]);
+            let first = changed
+                .iter()
+                .find(|p| cycle.contains(&p.name))
+                .unwrap_or(&changed[0]);
             return Err(Error::Compile {
                 diagnostics: vec![Diagnostic::new(
                     "cycle",
@@ -425,7 +443,8 @@ impl Engine {
                 .copied()
                 .filter(|m| {
                     k.procs.values().any(|p| {
-                        p.pid.module_index() == *m && (!matches!(p.run, Run::Idle) || p.job.is_some())
+                        p.pid.module_index() == *m
+                            && (!matches!(p.run, Run::Idle) || p.job.is_some())
                     })
                 })
                 .collect();
@@ -446,7 +465,8 @@ impl Engine {
             let (k, v) = pair.map_err(luau)?;
             overlay.raw_set(k, v).map_err(luau)?;
         }
-        let by_name: HashMap<&str, &PreparedModule> = changed.iter().map(|p| (p.name.as_str(), p)).collect();
+        let by_name: HashMap<&str, &PreparedModule> =
+            changed.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut new_tables: Vec<(String, Table)> = Vec::new();
         vm.set_view.call::<()>(overlay.clone()).map_err(luau)?;
         let eval_result = (|| -> Result<()> {
@@ -455,12 +475,17 @@ impl Engine {
                     Some(p) => (p.bytecode.clone(), p.file.clone()),
                     None => {
                         let h = &self.modules[name];
-                        (h.current().expect("current").bytecode.clone(), h.file.clone())
+                        (
+                            h.current().expect("current").bytecode.clone(),
+                            h.file.clone(),
+                        )
                     }
                 };
                 let table = evaluate(vm, name, &file, &bytecode)?;
                 check_behaviour(vm, name, &table)?;
-                overlay.raw_set(name.as_str(), table.clone()).map_err(luau)?;
+                overlay
+                    .raw_set(name.as_str(), table.clone())
+                    .map_err(luau)?;
                 new_tables.push((name.clone(), table));
             }
             Ok(())
@@ -484,8 +509,12 @@ impl Engine {
             let (mid, serials, old_vsn) = {
                 let k = kernel(lua);
                 let mid = k.module_id(name).expect("interned");
-                let mut serials: Vec<u64> =
-                    k.procs.values().filter(|p| p.pid.module_index() == mid).map(|p| p.pid.serial()).collect();
+                let mut serials: Vec<u64> = k
+                    .procs
+                    .values()
+                    .filter(|p| p.pid.module_index() == mid)
+                    .map(|p| p.pid.serial())
+                    .collect();
                 serials.sort_unstable();
                 (mid, serials, k.module_versions[mid as usize])
             };
@@ -504,24 +533,43 @@ impl Engine {
                     Value::Table(t)
                 }
             };
-            let out = lua.create_table_with_capacity(serials.len() + 1, 0).map_err(luau)?;
+            let out = lua
+                .create_table_with_capacity(serials.len() + 1, 0)
+                .map_err(luau)?;
             let is_supervisor = module_kind(table) == "supervisor";
             let code_change: Option<Function> = table.raw_get("code_change").ok().flatten();
             let result = match (&opts.state_handler, &handler_fn, code_change) {
                 (Some(StateHandler::Rust(f)), _, _) if !is_supervisor => {
                     migrate_with_rust(vm, f, &serials, &old_vsn_value, new_vsn, &opts.extra, &out)
                 }
-                (_, Some(f), _) if !is_supervisor => {
-                    migrate_with_luau(vm, f, &serials, &old_vsn_value, new_vsn, &opts.extra, true, &out)
-                }
-                (_, _, Some(f)) if !is_supervisor => {
-                    migrate_with_luau(vm, &f, &serials, &old_vsn_value, new_vsn, &opts.extra, false, &out)
-                }
+                (_, Some(f), _) if !is_supervisor => migrate_with_luau(
+                    vm,
+                    f,
+                    &serials,
+                    &old_vsn_value,
+                    new_vsn,
+                    &opts.extra,
+                    true,
+                    &out,
+                ),
+                (_, _, Some(f)) if !is_supervisor => migrate_with_luau(
+                    vm,
+                    &f,
+                    &serials,
+                    &old_vsn_value,
+                    new_vsn,
+                    &opts.extra,
+                    false,
+                    &out,
+                ),
                 _ => continue, // no migration: states are kept as they are
             };
             if let Err((index, message)) = result {
                 let k = kernel(lua);
-                let process = serials.get(index).and_then(|s| k.procs.get(s)).map(|p| k.pid_string(p.pid));
+                let process = serials
+                    .get(index)
+                    .and_then(|s| k.procs.get(s))
+                    .map(|p| k.pid_string(p.pid));
                 return Err(Error::ReloadAborted {
                     step: "migrate".into(),
                     module: Some(name.clone()),
@@ -547,20 +595,31 @@ impl Engine {
                 Some(v) => *v,
                 None => self.modules.get(&p.name).map(|h| h.next + 1).unwrap_or(1),
             };
-            modules_report.push(ModuleChange { name: p.name.clone(), from, to });
+            modules_report.push(ModuleChange {
+                name: p.name.clone(),
+                from,
+                to,
+            });
         }
         if opts.dry_run {
             return Ok(Applied::Done(ReloadReport {
                 status: ReloadStatus::DryRun,
                 modules: modules_report,
                 processes_migrated: migrated,
-                timings: Timings { compile_us, evaluate_us, migrate_us, swap_us: started.elapsed().as_micros() as u64 },
+                timings: Timings {
+                    compile_us,
+                    evaluate_us,
+                    migrate_us,
+                    swap_us: started.elapsed().as_micros() as u64,
+                },
             }));
         }
 
         // 5. Commit. Nothing below can fail half-way (see module docs).
         for (_, serials, out) in &migrations {
-            let serial_table = lua.create_sequence_from(serials.iter().map(|s| *s as f64)).map_err(luau)?;
+            let serial_table = lua
+                .create_sequence_from(serials.iter().map(|s| *s as f64))
+                .map_err(luau)?;
             vm_commit_states(vm, &serial_table, out)?;
         }
         let mut supervisors_changed = Vec::new();
@@ -583,7 +642,11 @@ impl Engine {
             }
         }
         for p in changed {
-            let to = modules_report.iter().find(|c| c.name == p.name).map(|c| c.to).unwrap_or(1);
+            let to = modules_report
+                .iter()
+                .find(|c| c.name == p.name)
+                .map(|c| c.to)
+                .unwrap_or(1);
             let history = self.modules.entry(p.name.clone()).or_default();
             history.file = p.file.clone();
             if history.get(to).is_some() {
@@ -609,7 +672,12 @@ impl Engine {
             status: ReloadStatus::Reloaded,
             modules: modules_report,
             processes_migrated: migrated,
-            timings: Timings { compile_us, evaluate_us, migrate_us, swap_us: started.elapsed().as_micros() as u64 },
+            timings: Timings {
+                compile_us,
+                evaluate_us,
+                migrate_us,
+                swap_us: started.elapsed().as_micros() as u64,
+            },
         }))
     }
 }
@@ -637,7 +705,9 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
         message,
     };
     // The chunk is named after its file so errors read `src/counter.luau:8: …`.
-    let f = vm.load_guest(if file.is_empty() { name } else { file }, bytecode).map_err(|e| abort(e.to_string()))?;
+    let f = vm
+        .load_guest(if file.is_empty() { name } else { file }, bytecode)
+        .map_err(|e| abort(e.to_string()))?;
     let watch = kernel(&vm.lua).watch.clone();
     watch.arm_for_host_code();
     let result = f.call::<Value>(());
@@ -683,13 +753,24 @@ fn check_behaviour(vm: &Vm, name: &str, t: &Table) -> Result<()> {
         return Ok(());
     }
     if kind == "supervisor" && !matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))) {
-        return Err(abort(format!("supervisor module `{name}` needs an `init(args)` function returning its spec")));
+        return Err(abort(format!(
+            "supervisor module `{name}` needs an `init(args)` function returning its spec"
+        )));
     }
-    for cb in ["handle_call", "handle_cast", "handle_info", "code_change", "terminate"] {
+    for cb in [
+        "handle_call",
+        "handle_cast",
+        "handle_info",
+        "code_change",
+        "terminate",
+    ] {
         match t.raw_get::<Value>(cb) {
             Ok(Value::Nil) | Ok(Value::Function(_)) => {}
             Ok(other) => {
-                return Err(abort(format!("`{name}.{cb}` must be a function, not a {}", other.type_name())))
+                return Err(abort(format!(
+                    "`{name}.{cb}` must be a function, not a {}",
+                    other.type_name()
+                )))
             }
             Err(e) => return Err(abort(e.to_string())),
         }
@@ -705,7 +786,9 @@ fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
         process: None,
         message,
     };
-    let chunk = vm.load_guest("state_handler", &bytecode).map_err(|e| abort(e.to_string()))?;
+    let chunk = vm
+        .load_guest("state_handler", &bytecode)
+        .map_err(|e| abort(e.to_string()))?;
     let watch = kernel(&vm.lua).watch.clone();
     watch.arm_for_host_code();
     let r = chunk.call::<Value>(());
@@ -734,12 +817,21 @@ fn migrate_with_luau(
     out: &Table,
 ) -> std::result::Result<(), (usize, String)> {
     let lua = &vm.lua;
-    let serial_table =
-        lua.create_sequence_from(serials.iter().map(|s| *s as f64)).map_err(|e| (0, e.to_string()))?;
+    let serial_table = lua
+        .create_sequence_from(serials.iter().map(|s| *s as f64))
+        .map_err(|e| (0, e.to_string()))?;
     let extra = crate::value::json_to_lua(lua, extra).map_err(|e| (0, e.to_string()))?;
     let watch = kernel(lua).watch.clone();
     watch.arm_for_host_code();
-    let r = vm.migrate_all.call::<f64>((f.clone(), serial_table, old_vsn.clone(), new_vsn, extra, is_handler, out.clone()));
+    let r = vm.migrate_all.call::<f64>((
+        f.clone(),
+        serial_table,
+        old_vsn.clone(),
+        new_vsn,
+        extra,
+        is_handler,
+        out.clone(),
+    ));
     let timed_out = watch.disarm_host_code();
     match r {
         Ok(0.0) => Ok(()),
@@ -749,7 +841,11 @@ fn migrate_with_luau(
                 Value::String(s) => s.to_string_lossy(),
                 other => other.to_string().unwrap_or_default(),
             };
-            let text = if timed_out { format!("timeout ({text})") } else { text };
+            let text = if timed_out {
+                format!("timeout ({text})")
+            } else {
+                text
+            };
             Err((i as usize - 1, text))
         }
         Err(e) if timed_out => Err((0, format!("migration ran past handler_ms: {e}"))),
@@ -767,7 +863,8 @@ fn migrate_with_rust(
     out: &Table,
 ) -> std::result::Result<(), (usize, String)> {
     let lua = &vm.lua;
-    let old_vsn_json = crate::value::lua_to_json(old_vsn, &|p| format!("<{}>", p.serial())).map_err(|e| (0, e.0))?;
+    let old_vsn_json = crate::value::lua_to_json(old_vsn, &|p| format!("<{}>", p.serial()))
+        .map_err(|e| (0, e.0))?;
     for (i, serial) in serials.iter().enumerate() {
         let state: Value = vm.states.raw_get(*serial).map_err(|e| (i, e.to_string()))?;
         let json = {
@@ -785,7 +882,9 @@ fn migrate_with_rust(
 }
 
 fn vm_commit_states(vm: &Vm, serials: &Table, states: &Table) -> Result<()> {
-    vm.commit_states.call::<()>((serials.clone(), states.clone())).map_err(luau)
+    vm.commit_states
+        .call::<()>((serials.clone(), states.clone()))
+        .map_err(luau)
 }
 
 /// Supervisor code_change: each supervisor re-reads its spec (OTP semantics),
@@ -865,7 +964,13 @@ pub fn find_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
 
 /// `subset` in dependency order (dependencies first). Assumes no cycle.
 fn topo_order(deps: &BTreeMap<String, Vec<String>>, subset: &BTreeSet<String>) -> Vec<String> {
-    fn visit(n: &str, deps: &BTreeMap<String, Vec<String>>, subset: &BTreeSet<String>, seen: &mut BTreeSet<String>, out: &mut Vec<String>) {
+    fn visit(
+        n: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        subset: &BTreeSet<String>,
+        seen: &mut BTreeSet<String>,
+        out: &mut Vec<String>,
+    ) {
         if !seen.insert(n.to_owned()) {
             return;
         }
@@ -889,7 +994,10 @@ mod tests {
     use super::*;
 
     fn graph(edges: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-        edges.iter().map(|(n, ds)| (n.to_string(), ds.iter().map(|d| d.to_string()).collect())).collect()
+        edges
+            .iter()
+            .map(|(n, ds)| (n.to_string(), ds.iter().map(|d| d.to_string()).collect()))
+            .collect()
     }
 
     #[test]
@@ -904,8 +1012,15 @@ mod tests {
 
     #[test]
     fn topo_order_puts_dependencies_first() {
-        let g = graph(&[("app", &["counter", "util"]), ("counter", &["util"]), ("util", &[])]);
-        let all: BTreeSet<String> = ["app", "counter", "util"].iter().map(|s| s.to_string()).collect();
+        let g = graph(&[
+            ("app", &["counter", "util"]),
+            ("counter", &["util"]),
+            ("util", &[]),
+        ]);
+        let all: BTreeSet<String> = ["app", "counter", "util"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(topo_order(&g, &all), vec!["util", "counter", "app"]);
         let some: BTreeSet<String> = ["app", "util"].iter().map(|s| s.to_string()).collect();
         assert_eq!(topo_order(&g, &some), vec!["util", "app"]);

@@ -31,7 +31,9 @@ pub(crate) fn marker(v: u64) -> Value {
 
 pub(crate) fn marker_of(v: &Value) -> Option<u64> {
     match v {
-        Value::LightUserData(ud) if (ud.0 as usize as u64) >= MARKER_BASE => Some(ud.0 as usize as u64),
+        Value::LightUserData(ud) if (ud.0 as usize as u64) >= MARKER_BASE => {
+            Some(ud.0 as usize as u64)
+        }
         _ => None,
     }
 }
@@ -41,17 +43,44 @@ const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
 
 /// Luau builtins every sandbox gets. `os` and `math.random` are capabilities.
 pub const SAFE_GLOBALS: &[&str] = &[
-    "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "print", "rawequal", "rawget",
-    "rawlen", "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type",
-    "typeof", "unpack", "bit32", "buffer", "math", "string", "table", "utf8", "vector", "coroutine",
-    "graft", "require",
+    "assert",
+    "error",
+    "ipairs",
+    "next",
+    "pairs",
+    "pcall",
+    "xpcall",
+    "print",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "rawset",
+    "select",
+    "setmetatable",
+    "getmetatable",
+    "tonumber",
+    "tostring",
+    "type",
+    "typeof",
+    "unpack",
+    "bit32",
+    "buffer",
+    "math",
+    "string",
+    "table",
+    "utf8",
+    "vector",
+    "coroutine",
+    "graft",
+    "require",
 ];
 
 /// A host function an embedding app grants to a sandbox: JSON arguments in,
 /// JSON result (or an error message) out. It runs on the sandbox's scheduler
 /// thread, inside the calling handler: keep it quick.
-pub type HostFn =
-    Arc<dyn Fn(Vec<serde_json::Value>) -> std::result::Result<serde_json::Value, String> + Send + Sync>;
+pub type HostFn = Arc<
+    dyn Fn(Vec<serde_json::Value>) -> std::result::Result<serde_json::Value, String> + Send + Sync,
+>;
 
 /// Handles into the prelude, kept by the sandbox runtime.
 pub(crate) struct Vm {
@@ -101,7 +130,9 @@ pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) 
                 .map(|(_, c)| c)
                 .unwrap_or(1);
             Err(Error::Compile {
-                diagnostics: vec![Diagnostic::new("syntax", module, file, source, line, column, message)],
+                diagnostics: vec![Diagnostic::new(
+                    "syntax", module, file, source, line, column, message,
+                )],
             })
         }
     }
@@ -157,7 +188,8 @@ impl Vm {
         natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
         install_natives(&lua, &natives)?;
 
-        let prelude: Table = load_trusted(&lua, "=graft.prelude", PRELUDE, &real)?.call(natives.clone())?;
+        let prelude: Table =
+            load_trusted(&lua, "=graft.prelude", PRELUDE, &real)?.call(natives.clone())?;
         let graft: Table = prelude.raw_get("graft")?;
 
         let globals = lua.create_table()?;
@@ -220,8 +252,14 @@ impl Vm {
             supervisor_env.raw_set(k, v)?;
         }
         let supervisor: Table =
-            load_trusted(&lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?.call((graft, natives, prelude.raw_get::<Function>("await_shutdown")?))?;
-        prelude.raw_get::<Function>("set_supervisor")?.call::<()>(supervisor)?;
+            load_trusted(&lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?.call((
+                graft,
+                natives,
+                prelude.raw_get::<Function>("await_shutdown")?,
+            ))?;
+        prelude
+            .raw_get::<Function>("set_supervisor")?
+            .call::<()>(supervisor)?;
 
         Ok(Vm {
             worker: prelude.raw_get("worker")?,
@@ -257,7 +295,11 @@ fn load_trusted(lua: &Lua, name: &str, source: &str, env: &Table) -> mlua::Resul
 }
 
 /// Exposes `"kv.get"`-style host functions as `kv.get` in the guest globals.
-fn install_host_functions(lua: &Lua, globals: &Table, host_fns: &BTreeMap<String, HostFn>) -> mlua::Result<()> {
+fn install_host_functions(
+    lua: &Lua,
+    globals: &Table,
+    host_fns: &BTreeMap<String, HostFn>,
+) -> mlua::Result<()> {
     let mut namespaces: BTreeMap<&str, Table> = BTreeMap::new();
     for (name, f) in host_fns {
         let f = f.clone();
@@ -318,8 +360,16 @@ mod tests {
 
     #[test]
     fn compile_errors_name_the_line_and_keep_a_frame() {
-        let err = compile("m", "src/m.luau", "local a = 1\nlocal b = 2\nlocal c = = 3\n", 1 << 20).unwrap_err();
-        let Error::Compile { diagnostics } = err else { panic!("expected a compile error") };
+        let err = compile(
+            "m",
+            "src/m.luau",
+            "local a = 1\nlocal b = 2\nlocal c = = 3\n",
+            1 << 20,
+        )
+        .unwrap_err();
+        let Error::Compile { diagnostics } = err else {
+            panic!("expected a compile error")
+        };
         let d = &diagnostics[0];
         assert_eq!(d.line, 3, "{d:?}");
         assert_eq!(d.module, "m");
@@ -334,8 +384,14 @@ mod tests {
 
     #[test]
     fn luau_error_text_is_split_into_line_and_message() {
-        assert_eq!(parse_luau_error(":3: Expected identifier"), (3, "Expected identifier".into()));
-        assert_eq!(parse_luau_error("syntax error: 7: Expected 'end'"), (7, "Expected 'end'".into()));
+        assert_eq!(
+            parse_luau_error(":3: Expected identifier"),
+            (3, "Expected identifier".into())
+        );
+        assert_eq!(
+            parse_luau_error("syntax error: 7: Expected 'end'"),
+            (7, "Expected 'end'".into())
+        );
         assert_eq!(parse_luau_error("weird"), (1, "weird".into()));
     }
 }
