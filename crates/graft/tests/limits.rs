@@ -53,7 +53,7 @@ fn crash_events(sb: &Sandbox) -> Vec<Event> {
         .collect()
 }
 
-/// Polls `f` until it returns true or `ms` elapse; returns the last result.
+/// Polls `f` until it returns true (then true) or `ms` elapse (then false).
 fn eventually(ms: u64, mut f: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + Duration::from_millis(ms);
     loop {

@@ -233,6 +233,18 @@ impl Runtime {
             .ok_or_else(|| Error::NoProcess(target.to_owned()))
     }
 
+    /// Host messages obey `max_message_bytes` like guest messages (measured as JSON).
+    fn check_size(&self, v: &Json) -> Result<()> {
+        let max = self.spec.limits.max_message_bytes;
+        let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > max {
+            return Err(Error::InvalidInput(format!(
+                "message is {size} bytes as JSON; this sandbox's max_message_bytes is {max}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn host_call(
         &mut self,
         target: String,
@@ -241,6 +253,7 @@ impl Runtime {
         slot: Arc<HostSlot>,
     ) {
         let r = (|| -> Result<()> {
+            self.check_size(&request)?;
             let serial = self.resolve(&target)?;
             let lua = self.lua();
             let v = json_to_lua(lua, &request).map_err(|e| Error::InvalidInput(e.to_string()))?;
@@ -272,6 +285,7 @@ impl Runtime {
     }
 
     pub fn host_send(&mut self, target: &str, message: &Json, cast: bool) -> Result<()> {
+        self.check_size(message)?;
         let serial = self.resolve(target)?;
         let lua = self.lua();
         let v = json_to_lua(lua, message).map_err(|e| Error::InvalidInput(e.to_string()))?;

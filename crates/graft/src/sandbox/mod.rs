@@ -792,7 +792,7 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
     if let Some(p) = k.procs.get_mut(&serial) {
         p.used_ms += clock::coarse_ms().saturating_sub(start);
     }
-    match result {
+    let outcome = match result {
         Ok(values) => {
             let mut it = values.into_iter();
             let first = it.next();
@@ -820,7 +820,15 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
             }
         }
         Err(e) => Outcome::Failed(classify_error(&e, timed_out)),
+    };
+    if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
+        // Luau does not collect when an allocation fails; without a full
+        // collection the garbage of the crashed callback would keep the
+        // sandbox at its limit.
+        drop(k);
+        let _ = lua.gc_collect();
     }
+    outcome
 }
 
 impl Kernel {
@@ -1016,14 +1024,11 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                     return;
                 }
                 Some(Job::Call { waiter, .. }) => {
-                    answer(
-                        lua,
-                        waiter,
-                        Err(Error::Crashed {
-                            target: target.clone(),
-                            reason: reason.clone(),
-                        }),
-                    );
+                    // Answered once the process is gone (after `terminate`),
+                    // as OTP's call monitor would: its name is free by then.
+                    if let Some(p) = kernel(lua).procs.get_mut(&serial) {
+                        p.crashed_callers.push(waiter);
+                    }
                 }
                 Some(Job::Eval { waiter, .. }) => {
                     answer(lua, waiter, Err(eval_error(&reason)));
@@ -1180,7 +1185,7 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
     }
     let _ = k.states.raw_set(serial, Value::Nil);
     let target = k.pid_string(p.pid);
-    let mut waiters = Vec::new();
+    let mut waiters = p.crashed_callers;
     for job in p.mailbox {
         match job {
             Job::Call { waiter, .. } => waiters.push(waiter),

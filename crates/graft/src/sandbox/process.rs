@@ -129,6 +129,8 @@ pub(crate) struct Process {
     /// An answer that arrived before the callback suspended on its token (the
     /// callback was preempted between asking and waiting).
     pub parked: Option<(u64, bool, RegistryKey)>,
+    /// Callers whose request crashed this process: answered when it is gone.
+    pub crashed_callers: Vec<Waiter>,
 }
 
 impl Process {
@@ -152,6 +154,7 @@ impl Process {
             used_ms: 0,
             messages_handled: 0,
             parked: None,
+            crashed_callers: Vec::new(),
         }
     }
 

@@ -211,8 +211,15 @@ impl Vm {
             guest_math.raw_set(k, v)?;
         }
         if !grants.iter().any(|g| g == "random") {
-            guest_math.raw_set("random", Value::Nil)?;
-            guest_math.raw_set("randomseed", Value::Nil)?;
+            for f in ["random", "randomseed"] {
+                let msg = format!(
+                    "math.{f} needs the `random` capability (graft.toml: [capabilities] grant = [\"random\"])"
+                );
+                let stub = lua.create_function(move |_, ()| -> mlua::Result<()> {
+                    Err(mlua::Error::runtime(msg.clone()))
+                })?;
+                guest_math.raw_set(f, stub)?;
+            }
         }
         guest_math.set_readonly(true);
         globals.raw_set("math", guest_math)?;
@@ -333,6 +340,16 @@ fn install_host_functions(
         }
     }
     for (ns, t) in namespaces {
+        // A missing function in a granted namespace is named in the error.
+        let meta = lua.create_table()?;
+        let ns_name = ns.to_owned();
+        let missing = lua.create_function(move |_, (_t, key): (Table, String)| -> mlua::Result<()> {
+            Err(mlua::Error::runtime(format!(
+                "`{ns_name}.{key}` is not a host function granted to this sandbox"
+            )))
+        })?;
+        meta.raw_set("__index", missing)?;
+        t.set_metatable(Some(meta))?;
         t.set_readonly(true);
         globals.raw_set(ns, t)?;
     }

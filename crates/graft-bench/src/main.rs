@@ -1,0 +1,291 @@
+//! `graft-bench`: whole-workload benchmarks of Graft, one JSON object per line
+//! on stdout (the same shape as `bench/otp/run.sh`), so `bench/compare.py`
+//! can put both in one table.
+//!
+//! Usage: `graft-bench [--smoke] [WORKLOAD…]`. Workloads: spawn_idle,
+//! call_host, call_proc, reload, reload_empty, sandbox_create, batch_reload,
+//! idle_1m, baseline. Memory figures count the Luau heap *and* every Rust
+//! allocation (a counting global allocator), so nothing is hidden.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Instant;
+
+use graft::{block_on, Limits, Node, ReloadOptions, Sandbox, SandboxSpec};
+use serde_json::json;
+
+struct Counting;
+static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(l.size() as isize, Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        ALLOCATED.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCATED.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        System.realloc(p, l, n)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocated() -> isize {
+    ALLOCATED.load(Ordering::Relaxed)
+}
+
+pub const COUNTER_V1: &str = r#"
+local counter = {}
+function counter.init(args) return { count = 0 } end
+function counter.handle_call(req, from, state)
+  state.count += 1
+  return state.count, state
+end
+function counter.handle_cast(msg, state) return state end
+return counter
+"#;
+
+pub const COUNTER_V2: &str = r#"
+local counter = {}
+function counter.init(args) return { count = 0, step = 10 } end
+function counter.handle_call(req, from, state)
+  state.count += state.step
+  return state.count, state
+end
+function counter.handle_cast(msg, state) return state end
+function counter.code_change(old_vsn, state, extra)
+  state.step = 10
+  return state
+end
+return counter
+"#;
+
+const CALLER: &str = r#"
+return {
+  init = function() return {} end,
+  handle_call = function(n, from, state)
+    local t0 = os.clock()
+    for i = 1, n do graft.call("counter", "inc") end
+    return (os.clock() - t0) * 1e9 / n, state
+  end,
+}
+"#;
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn spec(id: &str, max_processes: usize) -> SandboxSpec {
+    SandboxSpec::new(id)
+        .entry(None)
+        .grant("clock")
+        .module("counter", COUNTER_V1)
+        .module("caller", CALLER)
+        .limits(Limits { max_processes, memory_bytes: 4 << 30, handler_ms: 600_000, ..Limits::default() })
+}
+
+fn spawn_many(sb: &Sandbox, n: usize) -> f64 {
+    // Spawned from inside the sandbox, like OTP's benchmark spawns from an Erlang process.
+    let r = block_on(sb.eval(&format!(
+        "local t0 = os.clock() for i = 1, {n} do graft.spawn('counter', nil) end return (os.clock() - t0) * 1e9 / {n}"
+    )))
+    .expect("spawn loop");
+    r.as_f64().unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn spawn_idle(node: &Node, n: usize) {
+    let id = format!("spawn{n}");
+    let sb = node.create_sandbox(spec(&id, n + 10)).unwrap();
+    let lua_before = block_on(sb.info()).unwrap().memory_bytes as isize;
+    let rust_before = allocated();
+    let per_spawn_ns = spawn_many(&sb, n);
+    let lua_after = block_on(sb.info()).unwrap().memory_bytes as isize;
+    let rust_after = allocated();
+    let per_process = ((lua_after - lua_before) + (rust_after - rust_before)) as f64 / n as f64;
+    emit(json!({
+        "workload": "spawn_idle", "n": n, "per_op_ns": per_spawn_ns,
+        "memory_per_process_bytes": per_process,
+        "luau_heap_per_process_bytes": (lua_after - lua_before) as f64 / n as f64,
+        "rust_heap_per_process_bytes": (rust_after - rust_before) as f64 / n as f64,
+    }));
+    node.destroy(&id).unwrap();
+}
+
+fn call_host(node: &Node, m: usize) {
+    let sb = node.create_sandbox(spec("callhost", 100)).unwrap();
+    block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
+    for _ in 0..1000 {
+        block_on(sb.call("counter", json!("inc"), None)).unwrap();
+    }
+    let t = Instant::now();
+    for _ in 0..m {
+        block_on(sb.call("counter", json!("inc"), None)).unwrap();
+    }
+    let ns = t.elapsed().as_nanos() as f64 / m as f64;
+    emit(json!({ "workload": "call_host", "m": m, "per_op_ns": ns }));
+    node.destroy("callhost").unwrap();
+}
+
+fn call_proc(node: &Node, m: usize) {
+    let sb = node.create_sandbox(spec("callproc", 100)).unwrap();
+    block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
+    block_on(sb.spawn("caller", json!(null), Some("caller"))).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let ns = block_on(sb.call("caller", json!(m), Some(600_000))).unwrap();
+        runs.push(ns.as_f64().unwrap());
+    }
+    emit(json!({ "workload": "call_proc", "m": m, "per_op_ns": median(runs), "stat": "median of 5" }));
+    node.destroy("callproc").unwrap();
+}
+
+fn reload(node: &Node, n: usize) {
+    let id = format!("reload{n}");
+    let sb = node.create_sandbox(spec(&id, n + 10)).unwrap();
+    spawn_many(&sb, n);
+    let mut runs = Vec::new();
+    let mut swaps = Vec::new();
+    for i in 0..5 {
+        // alternate v2 variants so every run is a real change with a migration
+        let src = format!("{COUNTER_V2}\n-- run {i}");
+        let mut sources = BTreeMap::new();
+        sources.insert("counter".to_string(), src);
+        let t = Instant::now();
+        let report = block_on(sb.reload(sources, ReloadOptions::default())).unwrap();
+        runs.push(t.elapsed().as_micros() as f64);
+        swaps.push(report.timings.swap_us as f64);
+        assert_eq!(report.processes_migrated, n);
+    }
+    let reply = block_on(sb.call("<counter.1>", json!("inc"), None));
+    let _ = reply;
+    emit(json!({
+        "workload": "reload", "n": n, "total_us": median(runs), "swap_us": median(swaps),
+        "stat": "median of 5; total_us includes compile and the request round trip",
+    }));
+    node.destroy(&id).unwrap();
+}
+
+fn reload_empty(node: &Node, iters: usize) {
+    let sb = node.create_sandbox(SandboxSpec::new("reloadempty").entry(None).module("lib", "return { v = 0 }")).unwrap();
+    let mut total = Vec::new();
+    let mut compile = Vec::new();
+    let mut swap = Vec::new();
+    for i in 0..iters {
+        let mut sources = BTreeMap::new();
+        sources.insert("lib".to_string(), format!("return {{ v = {} }}", i + 1));
+        let t = Instant::now();
+        let report = block_on(sb.reload(sources, ReloadOptions::default())).unwrap();
+        total.push(t.elapsed().as_micros() as f64);
+        compile.push(report.timings.compile_us as f64);
+        swap.push(report.timings.swap_us as f64);
+    }
+    emit(json!({
+        "workload": "reload_empty", "iters": iters, "total_us": median(total),
+        "compile_us": median(compile), "swap_us": median(swap), "stat": "median",
+    }));
+    node.destroy("reloadempty").unwrap();
+}
+
+fn sandbox_create(node: &Node, n: usize) {
+    let mut times = Vec::new();
+    let mut lua_mem = Vec::new();
+    let mut total_mem = Vec::new();
+    for i in 0..n {
+        let id = format!("create{i}");
+        let before = allocated();
+        let t = Instant::now();
+        let sb = node.create_sandbox(SandboxSpec::new(&id).entry(None).module("counter", COUNTER_V1)).unwrap();
+        times.push(t.elapsed().as_micros() as f64);
+        let info = block_on(sb.info()).unwrap();
+        lua_mem.push(info.memory_bytes as f64);
+        total_mem.push((allocated() - before) as f64);
+        node.destroy(&id).unwrap();
+    }
+    emit(json!({
+        "workload": "sandbox_create", "n": n, "per_op_us": median(times),
+        "luau_heap_bytes": median(lua_mem), "memory_bytes": median(total_mem), "stat": "median",
+    }));
+}
+
+fn batch_reload(node: &Node, n: usize) {
+    let ids: Vec<String> = (0..n).map(|i| format!("batch{i}")).collect();
+    for id in &ids {
+        let sb = node.create_sandbox(SandboxSpec::new(id).entry(None).module("counter", COUNTER_V1)).unwrap();
+        block_on(sb.spawn("counter", json!(null), None)).unwrap();
+    }
+    let mut sources = BTreeMap::new();
+    sources.insert("counter".to_string(), COUNTER_V2.to_string());
+    let t = Instant::now();
+    let results = block_on(node.reload_batch(&ids, &sources, &ReloadOptions::default(), 64, false));
+    let us = t.elapsed().as_micros();
+    assert!(results.iter().all(|(_, r)| r.is_ok()));
+    emit(json!({ "workload": "batch_reload", "sandboxes": n, "total_us": us, "max_concurrency": 64 }));
+    for id in &ids {
+        node.destroy(id).unwrap();
+    }
+}
+
+fn baseline(iters: usize) {
+    // A bare mlua call of a Luau function from Rust: the floor under any host call.
+    let lua = mlua::Lua::new();
+    let f: mlua::Function = lua.load("return function(s) s.count += 1 return s.count end").eval().unwrap();
+    let t: mlua::Table = lua.load("return { count = 0 }").eval().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        let _: f64 = f.call(t.clone()).unwrap();
+    }
+    emit(json!({ "workload": "baseline_mlua_call", "m": iters, "per_op_ns": start.elapsed().as_nanos() as f64 / iters as f64 }));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let wanted: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(|s| s.as_str()).collect();
+    let run = |w: &str| wanted.is_empty() || wanted.contains(&w);
+    let node = Node::new();
+    emit(json!({
+        "workload": "meta", "graft": env!("CARGO_PKG_VERSION"), "threads": node.threads(),
+        "smoke": smoke,
+    }));
+    let big = |full: usize, small: usize| if smoke { small } else { full };
+    if run("baseline") {
+        baseline(big(1_000_000, 1000));
+    }
+    if run("spawn_idle") {
+        spawn_idle(&node, big(10_000, 100));
+        spawn_idle(&node, big(100_000, 200));
+    }
+    if run("call_host") {
+        call_host(&node, big(100_000, 100));
+    }
+    if run("call_proc") {
+        call_proc(&node, big(100_000, 100));
+    }
+    if run("reload") {
+        reload(&node, big(10_000, 100));
+        reload(&node, big(100_000, 200));
+    }
+    if run("reload_empty") {
+        reload_empty(&node, big(200, 5));
+    }
+    if run("sandbox_create") {
+        sandbox_create(&node, big(200, 5));
+    }
+    if run("batch_reload") {
+        batch_reload(&node, big(1000, 10));
+    }
+    if run("idle_1m") {
+        spawn_idle(&node, big(1_000_000, 300));
+    }
+}
