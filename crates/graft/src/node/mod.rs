@@ -696,10 +696,12 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
         let next_timer = sandbox::kernel(&rt.vm.lua).next_timer_at();
         (more, next_timer)
     };
+    shared.scheduled.store(false, Ordering::Release);
+    // After clearing `scheduled`: a wake-up firing in between must not be
+    // swallowed by a flag that is about to be cleared.
     if let Some(at) = next_timer {
         add_wakeup(node, shared, at);
     }
-    shared.scheduled.store(false, Ordering::Release);
     let inbox_waiting = !shared.inbox.lock().expect("lock").is_empty();
     if more || inbox_waiting {
         schedule(node, shared);

@@ -265,7 +265,6 @@ impl Runtime {
                 request: key,
                 from: None,
                 waiter: Waiter::Host(slot.clone()),
-                target: target.clone(),
             };
             k.deliver(serial, job).map_err(|(e, _)| e)?;
             let at = clock::precise_ms() + timeout_ms;
@@ -350,10 +349,10 @@ impl Runtime {
             let serial = k.new_serial();
             let mid = k.module_id(EVAL_MODULE).expect("interned at start");
             let mut p = crate::sandbox::Process::new(Pid::new(mid, serial), None, 0);
-            p.system = Some(Job::Eval {
+            p.system = Some(Box::new(Job::Eval {
                 chunk,
                 waiter: Waiter::Host(slot.clone()),
-            });
+            }));
             k.procs.insert(serial, p);
             // eval processes have no init, so their state slot is a placeholder
             let _ = k.states.raw_set(serial, false);
@@ -389,7 +388,7 @@ impl Runtime {
                         .map(|l| k.pid_string(l.pid))
                         .collect(),
                     trap_exit: p.trap_exit,
-                    messages_handled: p.messages_handled,
+                    messages_handled: p.messages_handled as u64,
                 }
             })
             .collect();

@@ -380,7 +380,7 @@ impl Kernel {
             p.name = Some(n.into());
             self.names.insert(n.into(), serial);
         }
-        p.system = Some(Job::Init { args, waiter });
+        p.system = Some(Box::new(Job::Init { args, waiter }));
         self.procs.insert(serial, p);
         self.wake(serial);
         Ok(serial)
@@ -608,7 +608,7 @@ pub(crate) fn resume_with(lua: &Lua, serial: u64, token: u64, ok: bool, value: V
             // Not waiting yet (preempted before it could) or a stale answer:
             // park it; a later wait on another token discards it.
             p.run = other;
-            p.parked = Some((token, ok, key));
+            p.parked = Some(Box::new((token, ok, key)));
         }
     }
 }
@@ -675,7 +675,7 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
             }
             Run::Idle => {
                 let job = match p.system.take() {
-                    Some(j) => Some(j),
+                    Some(j) => Some(*j),
                     None => p.mailbox.pop_front(),
                 };
                 let Some(job) = job else {
@@ -705,7 +705,7 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
                 };
                 let module_value = match &job {
                     Job::Eval { chunk, .. } => {
-                        lua.registry_value::<Value>(chunk).expect("eval chunk")
+                        lua.registry_value::<Value>(&chunk).expect("eval chunk")
                     }
                     _ => k.module_tables[module as usize]
                         .clone()
@@ -780,7 +780,7 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
         (k.limits.clone(), k.watch.clone(), used)
     };
     let start = clock::coarse_ms();
-    let deadline = start + limits.handler_ms.saturating_sub(used);
+    let deadline = start + limits.handler_ms.saturating_sub(used as u64);
     watch.arm(deadline, thread.to_pointer() as usize, true);
     guest_memory(lua, &limits);
     let result = thread.resume::<MultiValue>(args);
@@ -790,7 +790,9 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
     let mut k = kernel(lua);
     k.stack.pop();
     if let Some(p) = k.procs.get_mut(&serial) {
-        p.used_ms += clock::coarse_ms().saturating_sub(start);
+        p.used_ms = p
+            .used_ms
+            .saturating_add(clock::coarse_ms().saturating_sub(start) as u32);
     }
     let outcome = match result {
         Ok(values) => {
@@ -906,9 +908,9 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
             if let Some(p) = k.procs.get_mut(&serial) {
                 p.run = Run::Suspended { thread: key, token };
                 // An exit that arrived while the callback ran takes effect now.
-                if let Some(reason) = p.exit_pending.take() {
+                if let Some(reason) = p.exit_pending.take().map(|b| *b) {
                     k.exit_process(serial, reason, true);
-                } else if let Some((t, ok, value)) = p.parked.take() {
+                } else if let Some((t, ok, value)) = p.parked.take().map(|b| *b) {
                     if t == token {
                         let Run::Suspended { thread, .. } =
                             std::mem::replace(&mut p.run, Run::Idle)
@@ -932,7 +934,7 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                     thread: key,
                     resume: None,
                 };
-                if let Some(reason) = p.exit_pending.take() {
+                if let Some(reason) = p.exit_pending.take().map(|b| *b) {
                     k.exit_process(serial, reason, true);
                 } else {
                     k.wake(serial);
@@ -947,7 +949,7 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                 };
                 p.run = Run::Idle;
                 let job = p.job.take();
-                let pending = p.exit_pending.take();
+                let pending = p.exit_pending.take().map(|b| *b);
                 (job, pending)
             };
             match job {
@@ -994,7 +996,7 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                     return;
                 };
                 p.run = Run::Idle;
-                (p.job.take(), p.exit_pending.take())
+                (p.job.take(), p.exit_pending.take().map(|b| *b))
             };
             // graft.exit(reason) raises to unwind the guest: its reason wins.
             let reason = pending.unwrap_or(crash);
@@ -1089,14 +1091,14 @@ fn begin_exit(lua: &Lua, serial: u64, reason: ExitReason, run_terminate: bool) {
     if on_stack {
         // Its callback is running: the exit takes effect when it returns.
         if p.exit_pending.is_none() || matches!(reason, ExitReason::Killed) {
-            p.exit_pending = Some(reason);
+            p.exit_pending = Some(Box::new(reason));
         }
         return;
     }
     if p.dying.is_some() {
         if matches!(reason, ExitReason::Killed) {
             // kill during terminate: stop at once
-            let original = p.dying.clone().unwrap_or(ExitReason::Killed);
+            let original = p.dying.clone().map(|b| *b).unwrap_or(ExitReason::Killed);
             let _ = original;
             drop(k);
             abandon_job(lua, serial, &ExitReason::Killed);
@@ -1108,10 +1110,10 @@ fn begin_exit(lua: &Lua, serial: u64, reason: ExitReason, run_terminate: bool) {
     abandon_job(lua, serial, &reason);
     let mut k = kernel(lua);
     let p = k.procs.get_mut(&serial).expect("live");
-    let has_state = p.job.is_none() && !matches!(p.system, Some(Job::Init { .. }));
+    let has_state = p.job.is_none() && !matches!(p.system.as_deref(), Some(Job::Init { .. }));
     if run_terminate && !matches!(reason, ExitReason::Killed) && has_state {
-        p.dying = Some(reason.clone());
-        p.system = Some(Job::Terminate(reason));
+        p.dying = Some(Box::new(reason.clone()));
+        p.system = Some(Box::new(Job::Terminate(reason)));
         p.run = Run::Idle;
         k.wake(serial);
     } else {
@@ -1130,10 +1132,10 @@ fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
         if matches!(p.run, Run::Suspended { .. } | Run::Resumable { .. }) {
             p.run = Run::Idle;
         }
-        let system = match p.system.take() {
+        let system = match p.system.take().map(|b| *b) {
             Some(Job::Init { args, waiter }) => Some(Job::Init { args, waiter }),
             other => {
-                p.system = other;
+                p.system = other.map(Box::new);
                 None
             }
         };

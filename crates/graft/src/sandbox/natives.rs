@@ -180,7 +180,6 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             request,
             from,
             waiter: Waiter::Process { serial: me, token },
-            target: desc.clone(),
         };
         if let Err((e, _)) = k.deliver(to, job) {
             return fail(lua, format!("graft.call: {e}"));
@@ -405,7 +404,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 )
             }
         };
-        k.procs.get_mut(&me).expect("current").exit_pending = Some(reason);
+        k.procs.get_mut(&me).expect("current").exit_pending = Some(Box::new(reason));
         ok(lua, true)
     });
 

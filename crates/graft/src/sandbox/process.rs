@@ -61,7 +61,6 @@ pub(crate) enum Job {
         request: RegistryKey,
         from: Option<Pid>,
         waiter: Waiter,
-        target: String,
     },
     Cast(RegistryKey),
     Info(RegistryKey),
@@ -105,7 +104,7 @@ pub(crate) struct Process {
     pub name: Option<Box<str>>,
     pub mailbox: VecDeque<Job>,
     /// Init or terminate: runs before anything in the mailbox.
-    pub system: Option<Job>,
+    pub system: Option<Box<Job>>,
     /// The job whose callback is running or suspended.
     pub job: Option<Job>,
     pub run: Run,
@@ -115,20 +114,20 @@ pub(crate) struct Process {
     pub trap_exit: bool,
     pub queued: bool,
     /// An exit decided while the process's own callback was on the stack.
-    pub exit_pending: Option<ExitReason>,
+    pub exit_pending: Option<Box<ExitReason>>,
     /// Set once the process is terminating: the reason it will exit with.
-    pub dying: Option<ExitReason>,
+    pub dying: Option<Box<ExitReason>>,
     pub parent: Option<u64>,
     /// Processes suspended in a shutdown of this one: (serial, token).
     pub shutdown_waiters: Vec<(u64, u64)>,
     /// The module version this process's state belongs to.
     pub version: u32,
     /// Milliseconds of CPU its current callback used before it was suspended.
-    pub used_ms: u64,
-    pub messages_handled: u64,
+    pub used_ms: u32,
+    pub messages_handled: u32,
     /// An answer that arrived before the callback suspended on its token (the
     /// callback was preempted between asking and waiting).
-    pub parked: Option<(u64, bool, RegistryKey)>,
+    pub parked: Option<Box<(u64, bool, RegistryKey)>>,
     /// Callers whose request crashed this process: answered when it is gone.
     pub crashed_callers: Vec<Waiter>,
 }

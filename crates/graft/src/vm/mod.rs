@@ -343,11 +343,12 @@ fn install_host_functions(
         // A missing function in a granted namespace is named in the error.
         let meta = lua.create_table()?;
         let ns_name = ns.to_owned();
-        let missing = lua.create_function(move |_, (_t, key): (Table, String)| -> mlua::Result<()> {
-            Err(mlua::Error::runtime(format!(
-                "`{ns_name}.{key}` is not a host function granted to this sandbox"
-            )))
-        })?;
+        let missing =
+            lua.create_function(move |_, (_t, key): (Table, String)| -> mlua::Result<()> {
+                Err(mlua::Error::runtime(format!(
+                    "`{ns_name}.{key}` is not a host function granted to this sandbox"
+                )))
+            })?;
         meta.raw_set("__index", missing)?;
         t.set_metatable(Some(meta))?;
         t.set_readonly(true);

@@ -1,0 +1,503 @@
+//! The client verbs: small HTTP/1.1 requests to a node's API (hyper-util's
+//! client; hyper is in the tree through axum already).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::{render, Conn, Reported};
+
+/// How long a request may take when nothing says otherwise.
+const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+pub struct Client {
+    base: String,
+    json: bool,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+/// Options of `graft reload`.
+pub struct ReloadArgs {
+    pub dry_run: bool,
+    pub extra: Option<Value>,
+    pub state_handler: Option<PathBuf>,
+    pub canary_ms: Option<u64>,
+    pub canary_crashes: Option<u32>,
+}
+
+/// An error answer of the API: its status and `error` object.
+struct ApiFailure {
+    error: Value,
+}
+
+impl Client {
+    pub fn new(conn: &Conn) -> Result<Client> {
+        let url = conn.url.trim_end_matches('/');
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| anyhow!("invalid --url `{url}`: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                bail!("invalid --url `{url}`: only http:// is supported, not {other}://")
+            }
+            None => bail!("invalid --url `{url}`: expected http://HOST:PORT"),
+        }
+        if uri.host().is_none() {
+            bail!("invalid --url `{url}`: expected http://HOST:PORT");
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = HyperClient::builder(TokioExecutor::new()).build(connector);
+        Ok(Client {
+            base: url.to_owned(),
+            json: conn.json,
+            http,
+        })
+    }
+
+    /// Sends a request; `Ok(Err(..))` is an error answer of the API.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        wait: Duration,
+    ) -> Result<std::result::Result<Value, ApiFailure>> {
+        let uri = format!("{}/api/v1{path}", self.base);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| anyhow!("invalid request to {uri}: {e}"))?;
+        let unreachable = |detail: String| {
+            anyhow!(
+                "cannot reach the Graft node at {}: {detail}; is `graft run` or `graft serve` running?",
+                self.base
+            )
+        };
+        let resp = match tokio::time::timeout(wait, self.http.request(req)).await {
+            Err(_) => bail!(
+                "the Graft node at {} did not answer within {} s",
+                self.base,
+                wait.as_secs()
+            ),
+            Ok(Err(e)) => return Err(unreachable(deepest_cause(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        let bytes = match tokio::time::timeout(wait, resp.into_body().collect()).await {
+            Err(_) => bail!(
+                "the Graft node at {} did not finish its answer within {} s",
+                self.base,
+                wait.as_secs()
+            ),
+            Ok(Err(e)) => return Err(unreachable(deepest_cause(&e))),
+            Ok(Ok(b)) => b.to_bytes(),
+        };
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| {
+                anyhow!(
+                    "unexpected answer from {uri} (status {status}): {}; is this a Graft node?",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                )
+            })?
+        };
+        if status.is_success() {
+            Ok(Ok(value))
+        } else if value["error"].is_object() {
+            Ok(Err(ApiFailure {
+                error: value["error"].clone(),
+            }))
+        } else {
+            bail!("unexpected answer from {uri} (status {status}): {value}")
+        }
+    }
+
+    /// A request whose error answer is printed and ends the command with exit 1.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        wait: Duration,
+    ) -> Result<Value> {
+        self.send_with_files(method, path, body, wait, &|_| None)
+            .await
+    }
+
+    async fn send_with_files(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        wait: Duration,
+        file_of: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Value> {
+        match self.request(method, path, body, wait).await? {
+            Ok(v) => Ok(v),
+            Err(failure) => {
+                if self.json {
+                    println!("{}", json!({ "error": failure.error }));
+                } else {
+                    eprint!("{}", render::error(&failure.error, file_of));
+                }
+                Err(Reported.into())
+            }
+        }
+    }
+
+    fn print_json(&self, v: &Value) {
+        println!(
+            "{}",
+            if self.json {
+                v.to_string()
+            } else {
+                render::pretty(v)
+            }
+        );
+    }
+
+    pub async fn call(
+        &self,
+        sandbox: &str,
+        target: &str,
+        request: Value,
+        timeout_ms: Option<u64>,
+    ) -> Result<()> {
+        let wait = Duration::from_millis(timeout_ms.unwrap_or(graft_http::DEFAULT_TIMEOUT_MS))
+            + Duration::from_secs(10);
+        let mut body = json!({ "to": target, "request": request });
+        if let Some(ms) = timeout_ms {
+            body["timeout_ms"] = json!(ms);
+        }
+        let v = self
+            .send(
+                Method::POST,
+                &format!("/sandboxes/{}/call", seg(sandbox)),
+                Some(body),
+                wait,
+            )
+            .await?;
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{}", render::pretty(&v["reply"]));
+        }
+        Ok(())
+    }
+
+    pub async fn cast(&self, sandbox: &str, target: &str, message: Value) -> Result<()> {
+        let body = json!({ "to": target, "message": message });
+        let v = self
+            .send(
+                Method::POST,
+                &format!("/sandboxes/{}/cast", seg(sandbox)),
+                Some(body),
+                DEFAULT_WAIT,
+            )
+            .await?;
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("✓ cast to {target} queued");
+        }
+        Ok(())
+    }
+
+    pub async fn ps(&self, sandbox: &str) -> Result<()> {
+        let v = self
+            .send(
+                Method::GET,
+                &format!("/sandboxes/{}/processes", seg(sandbox)),
+                None,
+                DEFAULT_WAIT,
+            )
+            .await?;
+        if self.json {
+            println!("{v}");
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        vec![
+                            p["pid"].as_str().unwrap_or("").to_owned(),
+                            p["name"].as_str().unwrap_or("-").to_owned(),
+                            p["module"].as_str().unwrap_or("").to_owned(),
+                            format!("v{}", p["version"].as_u64().unwrap_or(0)),
+                            p["status"].as_str().unwrap_or("").to_owned(),
+                            p["mailbox_len"].as_u64().unwrap_or(0).to_string(),
+                            render::bytes(p["memory_bytes"].as_u64().unwrap_or(0)),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        print!(
+            "{}",
+            render::table(
+                &["PID", "NAME", "MODULE", "VERSION", "STATUS", "MAILBOX", "MEMORY"],
+                &rows
+            )
+        );
+        let n = rows.len();
+        println!("{n} process{}", if n == 1 { "" } else { "es" });
+        Ok(())
+    }
+
+    pub async fn state(&self, sandbox: &str, target: &str) -> Result<()> {
+        let path = format!(
+            "/sandboxes/{}/processes/{}/state",
+            seg(sandbox),
+            seg(target)
+        );
+        let v = self.send(Method::GET, &path, None, DEFAULT_WAIT).await?;
+        self.print_json(&v);
+        Ok(())
+    }
+
+    pub async fn eval(&self, sandbox: &str, source: &str, timeout_ms: Option<u64>) -> Result<()> {
+        let wait = Duration::from_millis(timeout_ms.unwrap_or(graft_http::DEFAULT_TIMEOUT_MS))
+            + Duration::from_secs(10);
+        let mut body = json!({ "source": source });
+        if let Some(ms) = timeout_ms {
+            body["timeout_ms"] = json!(ms);
+        }
+        let v = self
+            .send(
+                Method::POST,
+                &format!("/sandboxes/{}/eval", seg(sandbox)),
+                Some(body),
+                wait,
+            )
+            .await?;
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{}", render::pretty(&v["result"]));
+        }
+        Ok(())
+    }
+
+    pub async fn reload(&self, sandbox: &str, files: &[PathBuf], args: ReloadArgs) -> Result<()> {
+        let mut modules = BTreeMap::new();
+        let mut file_names = BTreeMap::new();
+        for file in files {
+            let name = module_name_of(file)?;
+            let source = std::fs::read_to_string(file)
+                .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
+            if modules
+                .insert(name.clone(), Value::String(source))
+                .is_some()
+            {
+                bail!("two files give module `{name}`; name each module once");
+            }
+            file_names.insert(name, file.display().to_string());
+        }
+        let mut body = json!({ "modules": modules, "dry_run": args.dry_run });
+        if let Some(extra) = args.extra {
+            body["extra"] = extra;
+        }
+        if let Some(path) = &args.state_handler {
+            let src = std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+            body["state_handler"] = json!(src);
+        }
+        if let Some(ms) = args.canary_ms {
+            body["canary_ms"] = json!(ms);
+        }
+        if let Some(n) = args.canary_crashes {
+            body["canary_crashes"] = json!(n);
+        }
+        let file_of = |m: &str| file_names.get(m).cloned();
+        let wait = DEFAULT_WAIT;
+        let v = self
+            .send_with_files(
+                Method::POST,
+                &format!("/sandboxes/{}/reload", seg(sandbox)),
+                Some(body),
+                wait,
+                &file_of,
+            )
+            .await?;
+        self.print_report(
+            &v,
+            &format!(
+                "unchanged: {} already current",
+                modules.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        );
+        Ok(())
+    }
+
+    fn print_report(&self, v: &Value, unchanged: &str) {
+        if self.json {
+            println!("{v}");
+        } else {
+            println!(
+                "{}",
+                render::report_line(v).unwrap_or_else(|| format!("= {unchanged}"))
+            );
+        }
+    }
+
+    pub async fn versions(&self, sandbox: &str, module: &str) -> Result<()> {
+        let path = format!(
+            "/sandboxes/{}/modules/{}/versions",
+            seg(sandbox),
+            seg(module)
+        );
+        let v = self.send(Method::GET, &path, None, DEFAULT_WAIT).await?;
+        if self.json {
+            println!("{v}");
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| {
+                        let deps: Vec<&str> = v["dependencies"]
+                            .as_array()
+                            .map(|d| d.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        vec![
+                            format!("v{}", v["version"].as_u64().unwrap_or(0)),
+                            if v["current"] == json!(true) {
+                                "*".into()
+                            } else {
+                                String::new()
+                            },
+                            v["checksum"]
+                                .as_str()
+                                .unwrap_or("")
+                                .chars()
+                                .take(12)
+                                .collect(),
+                            render::timestamp(v["loaded_at_ms"].as_f64().unwrap_or(0.0)),
+                            if deps.is_empty() {
+                                "-".into()
+                            } else {
+                                deps.join(", ")
+                            },
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        print!(
+            "{}",
+            render::table(
+                &["VERSION", "CURRENT", "CHECKSUM", "LOADED (UTC)", "REQUIRES"],
+                &rows
+            )
+        );
+        Ok(())
+    }
+
+    pub async fn rollback(&self, sandbox: &str, module: &str, version: u32) -> Result<()> {
+        let path = format!(
+            "/sandboxes/{}/modules/{}/rollback",
+            seg(sandbox),
+            seg(module)
+        );
+        let v = self
+            .send(
+                Method::POST,
+                &path,
+                Some(json!({ "version": version })),
+                DEFAULT_WAIT,
+            )
+            .await?;
+        self.print_report(
+            &v,
+            &format!("unchanged: {module} v{version} is already current"),
+        );
+        Ok(())
+    }
+}
+
+/// The module name of a file: its path under the nearest `src/` directory
+/// (`src/chat/room.luau` is `chat.room`), else its file name.
+pub fn module_name_of(file: &Path) -> Result<String> {
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    for dir in abs.ancestors().skip(1) {
+        if dir.file_name().is_some_and(|n| n == "src") {
+            if let Some(name) = graft::config::module_name_for(dir, &abs) {
+                return Ok(name);
+            }
+        }
+    }
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    graft::config::validate_module_name(stem)
+        .map_err(|e| anyhow!("cannot name a module after {}: {e}", file.display()))?;
+    Ok(stem.to_owned())
+}
+
+/// Percent-encodes one path segment.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The innermost cause's message (`Connection refused (os error 111)`).
+fn deepest_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(seg("<counter.3>"), "%3Ccounter.3%3E");
+        assert_eq!(seg("a b/c"), "a%20b%2Fc");
+        assert_eq!(seg("chat.room"), "chat.room");
+    }
+
+    #[test]
+    fn module_names_from_paths() {
+        assert_eq!(
+            module_name_of(Path::new("/p/src/chat/room.luau")).unwrap(),
+            "chat.room"
+        );
+        assert_eq!(
+            module_name_of(Path::new("/p/src/counter.luau")).unwrap(),
+            "counter"
+        );
+        assert_eq!(
+            module_name_of(Path::new("/tmp/x/counter.luau")).unwrap(),
+            "counter"
+        );
+        assert!(module_name_of(Path::new("/tmp/bad name.luau")).is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! `graft run` and `graft serve`: a node serving the HTTP API until Ctrl-C.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use graft::{Node, SandboxSpec};
+use tokio::net::TcpListener;
+
+use crate::{render, watch, Reported};
+
+/// How long Ctrl-C waits for each sandbox's app to stop (terminate callbacks).
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
+    TcpListener::bind((bind, port)).await.map_err(|e| {
+        anyhow!("cannot listen on {bind}:{port}: {e}; pick another port with --port (0 picks a free one)")
+    })
+}
+
+/// Serves the API until Ctrl-C (or SIGTERM), then stops every app in order.
+async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = graft_http::router(node.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    shutdown_signal().await;
+    eprintln!("graft: stopping (terminate callbacks run) …");
+    node.stop_all(STOP_TIMEOUT).await;
+    let _ = stop_tx.send(());
+    // In-flight requests get a moment; idle connections close at once.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    eprintln!("graft: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn serve(bind: &str, port: u16) -> Result<()> {
+    let node = Node::new();
+    let listener = listen(bind, port).await?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}  (API: http://{addr}/api/v1, no sandboxes yet)");
+    serve_until_signal(node, listener).await
+}
+
+pub async fn run(dir: &Path, bind: &str, port: u16, watch_src: bool) -> Result<()> {
+    if !dir.join("graft.toml").is_file() {
+        return Err(anyhow!(
+            "{} is not a Graft project (no graft.toml); create one with `graft new {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let spec = SandboxSpec::from_dir(dir)?;
+    let id = spec.id.clone();
+    let sources = spec.modules.clone();
+    let files: std::collections::BTreeMap<String, String> = spec
+        .files
+        .iter()
+        .map(|(m, p)| (m.clone(), watch::shown(p)))
+        .collect();
+    let node = Node::new();
+    let n = node.clone();
+    let created = tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?;
+    let sandbox = match created {
+        Ok(sb) => sb,
+        Err(e) => {
+            let err = graft_http::ApiError::from(e);
+            eprint!(
+                "{}",
+                render::error(&err.body()["error"], &|m| files.get(m).cloned())
+            );
+            eprintln!("error: sandbox `{id}` could not start; fix the error and run again");
+            return Err(Reported.into());
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), sandbox.wait_app_started()).await {
+        Ok(Ok(_)) | Err(_) => {}
+        Ok(Err(e)) => eprintln!("warning: the app did not start: {e}\n  = note: the API still serves; fix and save to reload"),
+    }
+    let listener = listen(bind, port).await?;
+    let addr = listener.local_addr()?;
+    let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
+    println!("✓ sandbox `{id}` started: {}", modules.join(", "));
+    let watcher = if watch_src {
+        let w = watch::start(dir, sandbox.clone(), &sources)?;
+        println!(
+            "listening on http://{addr}  (API: http://{addr}/api/v1, watching {})",
+            dir.join("src").display()
+        );
+        Some(w)
+    } else {
+        println!("listening on http://{addr}  (API: http://{addr}/api/v1)");
+        None
+    };
+    let result = serve_until_signal(node, listener).await;
+    drop(watcher);
+    result
+}

@@ -1,0 +1,805 @@
+//! End-to-end tests of the `graft` binary: scaffold, run, every client verb,
+//! failures and exit codes, and the hot-reload watcher.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn graft() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
+    cmd.env_remove("GRAFT_URL").env_remove("RUST_LOG");
+    cmd
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("graft-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes what `temp_dir(name)` made (left in place when a test fails, for a look).
+fn cleanup(name: &str) {
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("graft-cli-{}-{name}", std::process::id())),
+    );
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `graft run` / `graft serve` child with its output collected.
+struct Node {
+    child: Child,
+    port: u16,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Node {
+        let mut child = graft()
+            .args(args)
+            .args(["--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        let mut node = Node {
+            child,
+            port: 0,
+            stdout,
+            stderr,
+        };
+        node.wait_until("the listening line", |out, _| {
+            out.contains("listening on http://127.0.0.1:")
+        });
+        let out = node.out();
+        let rest = out.split("listening on http://127.0.0.1:").nth(1).unwrap();
+        node.port = rest
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap();
+        assert_ne!(node.port, 0);
+        node
+    }
+
+    fn out(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn err(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    #[track_caller]
+    fn wait_until(&mut self, what: &str, cond: impl Fn(&str, &str) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if cond(&self.out(), &self.err()) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // the process ended: its last output may still be in the pipes
+                let drained = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < drained {
+                    if cond(&self.out(), &self.err()) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                panic!(
+                    "graft exited ({status}) before {what}\nstdout:\n{}\nstderr:\n{}",
+                    self.out(),
+                    self.err()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nstdout:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs a client verb against this node.
+    fn client(&self, args: &[&str]) -> Output {
+        graft()
+            .args(args)
+            .args(["--url", &self.url()])
+            .output()
+            .unwrap()
+    }
+
+    /// A client verb that must succeed; its stdout.
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert!(
+            out.status.success(),
+            "graft {args:?} failed ({}):\n{}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// A client verb that must fail with exit code 1; its stderr.
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "graft {args:?}:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stderr)
+    }
+
+    /// Ctrl-C: the node must stop its apps (terminate callbacks) and exit 0.
+    fn interrupt(mut self) -> (String, String) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "graft did not stop on SIGINT\n{}",
+                self.err()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // the reader threads see EOF right after the exit
+        self.wait_until("the final output", |_, err| err.contains("graft: stopped"));
+        assert_eq!(status.code(), Some(0), "stderr:\n{}", self.err());
+        (self.out(), self.err())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `graft new DIR/myapp`, returning the project directory.
+fn scaffold(name: &str) -> PathBuf {
+    let dir = temp_dir(name).join("myapp");
+    let out = graft().arg("new").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    dir
+}
+
+fn run(dir: &Path) -> Node {
+    Node::start(&["run", dir.to_str().unwrap()])
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn new_scaffolds_a_project_and_refuses_a_non_empty_dir() {
+    let dir = scaffold("new");
+    for f in [
+        "graft.toml",
+        "src/app.luau",
+        "src/counter.luau",
+        "test/counter_test.luau",
+        "README.md",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let toml = std::fs::read_to_string(dir.join("graft.toml")).unwrap();
+    assert!(toml.contains("id = \"myapp\""), "{toml}");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    assert!(
+        readme.contains("graft run") && readme.contains("save"),
+        "{readme}"
+    );
+
+    let out = graft().arg("new").arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = graft()
+        .args(["new", "--id", "Bad Id"])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid sandbox id"),
+        "{}",
+        text(&out.stderr)
+    );
+    cleanup("new");
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    for args in [
+        &["frobnicate"][..],
+        &["call", "myapp"],
+        &["call", "myapp", "counter", "{\"a\": "],
+        &["rollback", "myapp", "counter", "one"],
+        &["eval", "myapp"],
+        &["reload", "myapp"],
+        &["run", "--port", "high"],
+    ] {
+        let out = graft().args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "graft {args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty());
+    }
+    let out = graft().arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    for verb in [
+        "new", "run", "serve", "call", "cast", "ps", "state", "eval", "reload", "versions",
+        "rollback",
+    ] {
+        assert!(text(&out.stdout).contains(verb), "--help lacks {verb}");
+    }
+}
+
+#[test]
+fn server_down_is_a_clear_user_error() {
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    for args in [
+        &["ps", "myapp"][..],
+        &["call", "myapp", "counter", "inc"],
+        &["versions", "myapp", "counter"],
+    ] {
+        let out = graft().args(args).args(["--url", &url]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("cannot reach the Graft node at {url}")),
+            "{err}"
+        );
+        assert!(
+            err.contains("is `graft run` or `graft serve` running?"),
+            "{err}"
+        );
+    }
+    // GRAFT_URL is the default --url
+    let out = graft()
+        .args(["ps", "myapp"])
+        .env("GRAFT_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains(&url), "{}", text(&out.stderr));
+    let out = graft()
+        .args(["ps", "myapp", "--url", "ftp://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid --url"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_refuses_what_cannot_start() {
+    let empty = temp_dir("noproject");
+    let out = graft()
+        .arg("run")
+        .arg(&empty)
+        .args(["--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not a Graft project"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let dir = scaffold("broken-start");
+    std::fs::write(
+        dir.join("src/counter.luau"),
+        "local counter = {}\n\nlocal x = = 1\nreturn counter\n",
+    )
+    .unwrap();
+    let out = graft()
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("src/counter.luau:3:"), "{err}");
+    assert!(err.contains("3 | local x = = 1"), "{err}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = graft().args(["serve", "--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot listen on 127.0.0.1"),
+        "{}",
+        text(&out.stderr)
+    );
+    cleanup("noproject");
+    cleanup("broken-start");
+}
+
+#[test]
+fn run_serves_every_client_verb() {
+    let dir = scaffold("verbs");
+    let node = run(&dir);
+
+    // call, in both output modes
+    assert_eq!(node.ok(&["call", "myapp", "counter", "inc"]).trim(), "1");
+    let out: Value =
+        serde_json::from_str(&node.ok(&["call", "myapp", "counter", "\"inc\"", "--json"])).unwrap();
+    assert_eq!(out, json!({ "reply": 2 }));
+    assert_eq!(
+        node.ok(&["call", "myapp", "counter", "get", "--timeout-ms", "2000"])
+            .trim(),
+        "2"
+    );
+
+    // cast
+    assert!(node
+        .ok(&["cast", "myapp", "counter", "10"])
+        .contains("queued"));
+    assert_eq!(node.ok(&["call", "myapp", "counter", "get"]).trim(), "12");
+
+    // ps
+    let ps = node.ok(&["ps", "myapp"]);
+    assert!(ps.starts_with("PID"), "{ps}");
+    for word in [
+        "NAME",
+        "MODULE",
+        "VERSION",
+        "STATUS",
+        "MAILBOX",
+        "MEMORY",
+        "<app.1>",
+        "counter",
+        "idle",
+        "2 processes",
+    ] {
+        assert!(ps.contains(word), "{word} not in\n{ps}");
+    }
+    let ps: Value = serde_json::from_str(&node.ok(&["ps", "myapp", "--json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 2);
+    let pid = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "counter")
+        .unwrap()["pid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // state, by name and by pid
+    let st: Value = serde_json::from_str(&node.ok(&["state", "myapp", "counter"])).unwrap();
+    assert_eq!(st, json!({ "count": 12 }));
+    let st: Value = serde_json::from_str(&node.ok(&["state", "myapp", &pid, "--json"])).unwrap();
+    assert_eq!(st, json!({ "count": 12 }));
+
+    // eval: inline, from the scaffold's test file, from stdin
+    assert_eq!(node.ok(&["eval", "myapp", "return 6 * 7"]).trim(), "42");
+    let test_file = dir.join("test/counter_test.luau");
+    assert_eq!(
+        node.ok(&["eval", "myapp", "--file", test_file.to_str().unwrap()])
+            .trim(),
+        "\"ok\""
+    );
+    let mut child = graft()
+        .args(["eval", "myapp", "-", "--json", "--url", &node.url()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"return { sum = 1 + 2 }")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!({ "result": { "sum": 3 } })
+    );
+
+    // reload from a file outside the project (module name from the file name)
+    let elsewhere = temp_dir("verbs-reload").join("counter.luau");
+    let v2 = std::fs::read_to_string(dir.join("src/counter.luau"))
+        .unwrap()
+        .replace("local STEP = 1", "local STEP = 100");
+    std::fs::write(&elsewhere, &v2).unwrap();
+    let out = node.ok(&["reload", "myapp", elsewhere.to_str().unwrap()]);
+    assert!(out.starts_with("✓ counter v1 → v2 "), "{out}");
+    assert!(out.contains("1 process migrated"), "{out}");
+    let count = node
+        .ok(&["call", "myapp", "counter", "get"])
+        .trim()
+        .parse::<i64>()
+        .unwrap();
+    assert_eq!(
+        node.ok(&["call", "myapp", "counter", "inc"])
+            .trim()
+            .parse::<i64>()
+            .unwrap(),
+        count + 100
+    );
+    assert!(node
+        .ok(&["reload", "myapp", elsewhere.to_str().unwrap()])
+        .starts_with("= unchanged"));
+    let dry: Value = serde_json::from_str(&node.ok(&[
+        "reload",
+        "myapp",
+        dir.join("src/counter.luau").to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(dry["status"], "dry_run");
+    assert_eq!(
+        dry["modules"],
+        json!([{ "name": "counter", "from": 2, "to": 3 }])
+    );
+
+    // versions
+    let versions = node.ok(&["versions", "myapp", "counter"]);
+    assert!(versions.starts_with("VERSION"), "{versions}");
+    let lines: Vec<&str> = versions.lines().collect();
+    assert_eq!(lines.len(), 3, "{versions}");
+    assert!(
+        lines[1].starts_with("v1 ") && !lines[1].contains('*'),
+        "{versions}"
+    );
+    assert!(
+        lines[2].starts_with("v2 ") && lines[2].contains('*'),
+        "{versions}"
+    );
+    let vs: Value =
+        serde_json::from_str(&node.ok(&["versions", "myapp", "counter", "--json"])).unwrap();
+    assert_eq!(vs.as_array().unwrap().len(), 2);
+
+    // rollback
+    let out = node.ok(&["rollback", "myapp", "counter", "1"]);
+    assert!(out.starts_with("✓ counter v2 → v1 "), "{out}");
+    let count = node
+        .ok(&["call", "myapp", "counter", "get"])
+        .trim()
+        .parse::<i64>()
+        .unwrap();
+    assert_eq!(
+        node.ok(&["call", "myapp", "counter", "inc"])
+            .trim()
+            .parse::<i64>()
+            .unwrap(),
+        count + 1
+    );
+
+    // user errors: exit 1 with a clear message
+    assert!(node
+        .fails(&["call", "ghost", "counter", "inc"])
+        .contains("no sandbox `ghost`"));
+    assert!(node.fails(&["ps", "ghost"]).contains("no sandbox `ghost`"));
+    assert!(node
+        .fails(&["call", "myapp", "nobody", "inc"])
+        .contains("no process `nobody`"));
+    assert!(node
+        .fails(&["cast", "myapp", "nobody", "1"])
+        .contains("no process `nobody`"));
+    assert!(node
+        .fails(&["state", "myapp", "nobody"])
+        .contains("no process `nobody`"));
+    assert!(node
+        .fails(&["versions", "myapp", "nope"])
+        .contains("no module `nope`"));
+    assert!(node
+        .fails(&["rollback", "myapp", "counter", "99"])
+        .contains("no kept version 99"));
+    assert!(node
+        .fails(&["eval", "myapp", "error(\"kaputt\")"])
+        .contains("kaputt"));
+    let err = node.fails(&["eval", "myapp", "return = 1"]);
+    assert!(err.contains("error: ") && err.contains(":1:"), "{err}");
+    let broken = temp_dir("verbs-broken").join("counter.luau");
+    std::fs::write(
+        &broken,
+        "local counter = {}\n\nlocal x = = 1\nreturn counter\n",
+    )
+    .unwrap();
+    let err = node.fails(&["reload", "myapp", broken.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!("--> {}:3:", broken.display())),
+        "{err}"
+    );
+    assert!(err.contains("3 | local x = = 1"), "{err}");
+    let out = node.client(&["reload", "myapp", broken.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"]["kind"], "compile_error");
+    assert_eq!(body["error"]["line"], 3);
+    assert!(node
+        .fails(&["reload", "myapp", "/no/such/file.luau"])
+        .contains("cannot read"));
+
+    // Ctrl-C: terminate callbacks run, exit 0
+    let (_, err) = node.interrupt();
+    assert!(
+        err.contains("counter stopping at"),
+        "terminate did not run:\n{err}"
+    );
+    cleanup("verbs");
+    cleanup("verbs-reload");
+    cleanup("verbs-broken");
+}
+
+#[test]
+fn serve_takes_sandboxes_through_the_api() {
+    let node = Node::start(&["serve"]);
+    let app = "return { init = function() return 0 end, handle_call = function(r, f, s) return r * 2, s end }";
+    let body = json!({ "id": "api", "modules": { "doubler": app } }).to_string();
+    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    let (status, resp) = http(
+        node.port,
+        "POST",
+        "/api/v1/sandboxes/api/spawn",
+        "{\"module\": \"doubler\", \"name\": \"d\"}",
+    );
+    assert_eq!(status, 201, "{resp}");
+    assert_eq!(node.ok(&["call", "api", "d", "21"]).trim(), "42");
+    let (status, _) = http(node.port, "GET", "/api/v1/health", "");
+    assert_eq!(status, 200);
+    node.interrupt();
+}
+
+/// A minimal HTTP/1.1 exchange (the test needs no client library).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The counter's increment, measured with two calls.
+fn step(node: &Node) -> i64 {
+    let a: i64 = node
+        .ok(&["call", "myapp", "counter", "inc"])
+        .trim()
+        .parse()
+        .unwrap();
+    let b: i64 = node
+        .ok(&["call", "myapp", "counter", "inc"])
+        .trim()
+        .parse()
+        .unwrap();
+    b - a
+}
+
+#[track_caller]
+fn wait_for_step(node: &Node, expected: i64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = step(node);
+        if s == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "STEP stayed {s}, expected {expected}\nstdout:\n{}\nstderr:\n{}",
+            node.out(),
+            node.err()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn reload_lines(out: &str, module: &str) -> usize {
+    out.lines()
+        .filter(|l| l.starts_with("✓ ") && l.contains(&format!("{module} v")))
+        .count()
+}
+
+#[test]
+fn watch_hot_reloads_every_kind_of_save() {
+    let dir = scaffold("watch");
+    let file = dir.join("src/counter.luau");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let step_line = original
+        .lines()
+        .position(|l| l.starts_with("local STEP"))
+        .unwrap()
+        + 1;
+    let with_step = |s: &str| original.replace("local STEP = 1", &format!("local STEP = {s}"));
+    let mut node = run(&dir);
+    assert_eq!(step(&node), 1);
+    let count_before: i64 = node
+        .ok(&["call", "myapp", "counter", "get"])
+        .trim()
+        .parse()
+        .unwrap();
+
+    // 1. in place
+    std::fs::write(&file, with_step("10")).unwrap();
+    wait_for_step(&node, 10);
+    node.wait_until("the v2 line", |out, _| out.contains("✓ counter v1 → v2 "));
+    assert!(node.out().contains("1 process migrated"), "{}", node.out());
+
+    // 2. write-then-rename
+    let tmp = dir.join("src/.counter.luau.tmp");
+    std::fs::write(&tmp, with_step("100")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    wait_for_step(&node, 100);
+
+    // 3. delete-and-create, with a pause longer than the debounce between them
+    std::fs::remove_file(&file).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    std::fs::write(&file, with_step("1000")).unwrap();
+    wait_for_step(&node, 1000);
+
+    // 4. a broken save: diagnostics with file:line, the old code keeps running
+    std::fs::write(&file, with_step("= 5")).unwrap();
+    let location = format!("src/counter.luau:{step_line}:");
+    node.wait_until("the diagnostic", |_, err| err.contains(&location));
+    let err = node.err();
+    assert!(err.contains("error: "), "{err}");
+    assert!(
+        err.contains(&format!("{step_line} | local STEP = = 5")),
+        "no code frame:\n{err}"
+    );
+    assert!(err.contains("the old code is still running"), "{err}");
+    assert_eq!(step(&node), 1000);
+
+    // 5. the fix goes live
+    std::fs::write(&file, with_step("7")).unwrap();
+    wait_for_step(&node, 7);
+
+    // state survived every reload; every save went live exactly once
+    let count_now: i64 = node
+        .ok(&["call", "myapp", "counter", "get"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        count_now >= count_before + 10 + 100 + 1000 + 1000 + 7,
+        "the count was reset: {count_now}"
+    );
+    node.wait_until("four reload lines", |out, _| {
+        reload_lines(out, "counter") >= 4
+    });
+    assert_eq!(reload_lines(&node.out(), "counter"), 4, "{}", node.out());
+    assert_eq!(
+        node.err().matches("error: ").count(),
+        1,
+        "the broken save was reported once:\n{}",
+        node.err()
+    );
+    let vs: Value =
+        serde_json::from_str(&node.ok(&["versions", "myapp", "counter", "--json"])).unwrap();
+    assert_eq!(vs.as_array().unwrap().len(), 5, "{vs}");
+
+    // 6. a new module and a module requiring it, saved together
+    std::fs::create_dir_all(dir.join("src/lib")).unwrap();
+    std::fs::write(dir.join("src/lib/steps.luau"), "return { size = 3 }\n").unwrap();
+    let requiring = with_step("require(\"lib.steps\").size");
+    std::fs::write(&file, &requiring).unwrap();
+    wait_for_step(&node, 3);
+    node.wait_until("the lib.steps line", |out, _| {
+        out.contains("lib.steps new → v1")
+    });
+
+    // 7. deleting a module in use is refused: it stays loaded, and why is said
+    std::fs::remove_file(dir.join("src/lib/steps.luau")).unwrap();
+    node.wait_until("the refusal", |_, err| {
+        err.contains("src/lib/steps.luau was deleted")
+    });
+    let err = node.err();
+    assert!(
+        err.contains("module `lib.steps` is in use, so it stays loaded"),
+        "{err}"
+    );
+    assert!(err.contains("required by `counter`"), "{err}");
+    assert_eq!(step(&node), 3);
+
+    // 8. a file that is not a module is ignored, with a warning
+    std::fs::write(dir.join("src/bad name.luau"), "return {}").unwrap();
+    node.wait_until("the warning", |_, err| {
+        err.contains("ignoring") && err.contains("bad name.luau")
+    });
+
+    // 9. an unused module can go, but stays loaded until the next start
+    std::fs::write(dir.join("src/extra.luau"), "return { unused = true }\n").unwrap();
+    node.wait_until("the extra line", |out, _| out.contains("✓ extra new → v1"));
+    std::fs::remove_file(dir.join("src/extra.luau")).unwrap();
+    node.wait_until("the note", |_, err| {
+        err.contains(
+            "src/extra.luau was deleted; module `extra` is no longer used but stays loaded",
+        )
+    });
+
+    // 10. deleting a module with live processes is refused too
+    std::fs::remove_file(&file).unwrap();
+    node.wait_until("the refusal", |_, err| {
+        err.contains("src/counter.luau was deleted")
+    });
+    let err = node.err();
+    assert!(
+        err.contains("module `counter` is in use, so it stays loaded"),
+        "{err}"
+    );
+    assert!(err.contains("1 live process runs it: <counter."), "{err}");
+    assert_eq!(step(&node), 3);
+
+    let (out, _) = node.interrupt();
+    assert_eq!(reload_lines(&out, "counter"), 5, "{out}");
+    cleanup("watch");
+}
