@@ -25,15 +25,25 @@ return {
 fn benches(c: &mut Criterion) {
     let node = Node::new();
     let sb = node
-        .create_sandbox(SandboxSpec::new("micro").entry(None).module("counter", COUNTER).module("caller", CALLER))
+        .create_sandbox(
+            SandboxSpec::new("micro")
+                .entry(None)
+                .module("counter", COUNTER)
+                .module("caller", CALLER),
+        )
         .unwrap();
     block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     block_on(sb.spawn("caller", json!(null), Some("caller"))).unwrap();
 
     let lua = mlua::Lua::new();
-    let f: mlua::Function = lua.load("return function(s) s.count += 1 return s.count end").eval().unwrap();
+    let f: mlua::Function = lua
+        .load("return function(s) s.count += 1 return s.count end")
+        .eval()
+        .unwrap();
     let t: mlua::Table = lua.load("return { count = 0 }").eval().unwrap();
-    c.bench_function("baseline: mlua function call", |b| b.iter(|| f.call::<f64>(t.clone()).unwrap()));
+    c.bench_function("baseline: mlua function call", |b| {
+        b.iter(|| f.call::<f64>(t.clone()).unwrap())
+    });
 
     c.bench_function("call host->process", |b| {
         b.iter(|| block_on(sb.call("counter", json!("inc"), None)).unwrap())

@@ -87,7 +87,12 @@ fn spec(id: &str, max_processes: usize) -> SandboxSpec {
         .grant("clock")
         .module("counter", COUNTER_V1)
         .module("caller", CALLER)
-        .limits(Limits { max_processes, memory_bytes: 4 << 30, handler_ms: 600_000, ..Limits::default() })
+        .limits(Limits {
+            max_processes,
+            memory_bytes: 4 << 30,
+            handler_ms: 600_000,
+            ..Limits::default()
+        })
 }
 
 fn spawn_many(sb: &Sandbox, n: usize) -> f64 {
@@ -146,7 +151,9 @@ fn call_proc(node: &Node, m: usize) {
         let ns = block_on(sb.call("caller", json!(m), Some(600_000))).unwrap();
         runs.push(ns.as_f64().unwrap());
     }
-    emit(json!({ "workload": "call_proc", "m": m, "per_op_ns": median(runs), "stat": "median of 5" }));
+    emit(
+        json!({ "workload": "call_proc", "m": m, "per_op_ns": median(runs), "stat": "median of 5" }),
+    );
     node.destroy("callproc").unwrap();
 }
 
@@ -177,7 +184,13 @@ fn reload(node: &Node, n: usize) {
 }
 
 fn reload_empty(node: &Node, iters: usize) {
-    let sb = node.create_sandbox(SandboxSpec::new("reloadempty").entry(None).module("lib", "return { v = 0 }")).unwrap();
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("reloadempty")
+                .entry(None)
+                .module("lib", "return { v = 0 }"),
+        )
+        .unwrap();
     let mut total = Vec::new();
     let mut compile = Vec::new();
     let mut swap = Vec::new();
@@ -205,7 +218,13 @@ fn sandbox_create(node: &Node, n: usize) {
         let id = format!("create{i}");
         let before = allocated();
         let t = Instant::now();
-        let sb = node.create_sandbox(SandboxSpec::new(&id).entry(None).module("counter", COUNTER_V1)).unwrap();
+        let sb = node
+            .create_sandbox(
+                SandboxSpec::new(&id)
+                    .entry(None)
+                    .module("counter", COUNTER_V1),
+            )
+            .unwrap();
         times.push(t.elapsed().as_micros() as f64);
         let info = block_on(sb.info()).unwrap();
         lua_mem.push(info.memory_bytes as f64);
@@ -221,7 +240,13 @@ fn sandbox_create(node: &Node, n: usize) {
 fn batch_reload(node: &Node, n: usize) {
     let ids: Vec<String> = (0..n).map(|i| format!("batch{i}")).collect();
     for id in &ids {
-        let sb = node.create_sandbox(SandboxSpec::new(id).entry(None).module("counter", COUNTER_V1)).unwrap();
+        let sb = node
+            .create_sandbox(
+                SandboxSpec::new(id)
+                    .entry(None)
+                    .module("counter", COUNTER_V1),
+            )
+            .unwrap();
         block_on(sb.spawn("counter", json!(null), None)).unwrap();
     }
     let mut sources = BTreeMap::new();
@@ -230,7 +255,9 @@ fn batch_reload(node: &Node, n: usize) {
     let results = block_on(node.reload_batch(&ids, &sources, &ReloadOptions::default(), 64, false));
     let us = t.elapsed().as_micros();
     assert!(results.iter().all(|(_, r)| r.is_ok()));
-    emit(json!({ "workload": "batch_reload", "sandboxes": n, "total_us": us, "max_concurrency": 64 }));
+    emit(
+        json!({ "workload": "batch_reload", "sandboxes": n, "total_us": us, "max_concurrency": 64 }),
+    );
     for id in &ids {
         node.destroy(id).unwrap();
     }
@@ -239,19 +266,28 @@ fn batch_reload(node: &Node, n: usize) {
 fn baseline(iters: usize) {
     // A bare mlua call of a Luau function from Rust: the floor under any host call.
     let lua = mlua::Lua::new();
-    let f: mlua::Function = lua.load("return function(s) s.count += 1 return s.count end").eval().unwrap();
+    let f: mlua::Function = lua
+        .load("return function(s) s.count += 1 return s.count end")
+        .eval()
+        .unwrap();
     let t: mlua::Table = lua.load("return { count = 0 }").eval().unwrap();
     let start = Instant::now();
     for _ in 0..iters {
         let _: f64 = f.call(t.clone()).unwrap();
     }
-    emit(json!({ "workload": "baseline_mlua_call", "m": iters, "per_op_ns": start.elapsed().as_nanos() as f64 / iters as f64 }));
+    emit(
+        json!({ "workload": "baseline_mlua_call", "m": iters, "per_op_ns": start.elapsed().as_nanos() as f64 / iters as f64 }),
+    );
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = args.iter().any(|a| a == "--smoke");
-    let wanted: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(|s| s.as_str()).collect();
+    let wanted: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(|s| s.as_str())
+        .collect();
     let run = |w: &str| wanted.is_empty() || wanted.contains(&w);
     let node = Node::new();
     emit(json!({

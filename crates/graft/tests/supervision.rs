@@ -179,7 +179,10 @@ fn started(sb: &Sandbox) -> String {
 }
 
 /// `(id, pid or None when not running)` in the supervisor's child order.
-fn children(sb: &Sandbox, sup: &str) -> Vec<(String, Option<String>)> {
+type Children = Vec<(String, Option<String>)>;
+
+/// Lists the children of `sup` through `which_children`.
+fn children(sb: &Sandbox, sup: &str) -> Children {
     let reply =
         run(sb.call(sup, json!({"$sup": "which_children"}), Some(2000))).expect("which_children");
     let rows = match reply {
@@ -215,12 +218,7 @@ fn running_pid(children: &[(String, Option<String>)], id: &str) -> String {
 }
 
 /// Waits until child `id` is no longer `old` (restarted, stopped or removed).
-fn wait_child_changed(
-    sb: &Sandbox,
-    sup: &str,
-    id: &str,
-    old: &str,
-) -> Vec<(String, Option<String>)> {
+fn wait_child_changed(sb: &Sandbox, sup: &str, id: &str, old: &str) -> Children {
     wait_until(&format!("child {id} (was {old}) to change"), || {
         let ch = children(sb, sup);
         (entry(&ch, id) != Some(Some(old.to_owned()))).then_some(ch)
@@ -387,11 +385,7 @@ fn strategy_case(
     strategy: &str,
     victim: &str,
     restarted: &[&str],
-) -> (
-    Vec<(String, Option<String>)>,
-    Vec<(String, Option<String>)>,
-    Vec<String>,
-) {
+) -> (Children, Children, Vec<String>) {
     let rec = Recorder::default();
     let node = Node::with_threads(2);
     let app = sup_src(strategy, 10, 5.0, &three_children());
@@ -837,7 +831,7 @@ fn restarts_older_than_the_period_do_not_count() {
         &rec,
     );
     let root = started(&sb);
-    let mut crash_and_wait = || {
+    let crash_and_wait = || {
         let old = running_pid(&children(&sb, &root), "c");
         crash(&sb, "c");
         wait_until("c to be restarted", || {

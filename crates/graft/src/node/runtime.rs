@@ -185,7 +185,11 @@ impl Runtime {
             Ok(result) => {
                 self.app_start = None;
                 let mut k = kernel(&self.vm.lua);
-                if let Err(e) = &result {
+                // `finalize` records the stop when the root process dies;
+                // only a start that failed before that is recorded here.
+                if let (Err(e), false) =
+                    (&result, matches!(k.app_status, AppStatus::Stopped { .. }))
+                {
                     k.app = None;
                     k.app_status = AppStatus::Stopped {
                         reason: e.to_string(),

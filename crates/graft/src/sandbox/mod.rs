@@ -32,6 +32,32 @@ use crate::vm::{self, Vm, MARK_AWAIT, MARK_DONE, MARK_FAIL};
 
 pub(crate) use process::{HostSlot, Job, Process, Run, Waiter};
 
+/// Maps keyed by serials and ids: small integers that need no DoS-resistant
+/// hashing, on the hottest paths (every message looks up its process).
+pub(crate) type SerialMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SerialHasher>>;
+
+/// Multiplicative (Fibonacci) hashing of a u64: one multiply.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct SerialHasher(u64);
+
+impl std::hash::Hasher for SerialHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Callbacks may run nested (a call to an idle process runs its handler at
+/// once, inside the caller's `graft.call`) up to this depth.
+pub(crate) const MAX_NESTING: usize = 8;
+
 /// A thread pool bigger than this keeps no more idle worker threads.
 const POOL_MAX: usize = 256;
 /// Time slice of a sandbox before it yields its scheduler thread.
@@ -80,6 +106,25 @@ impl Watch {
             u64::MAX
         };
         self.check_at.store(deadline.min(slice), Ordering::Relaxed);
+    }
+    /// What the enclosing callback had armed, to restore after a nested one.
+    fn save(&self) -> (u64, usize, bool, u64) {
+        (
+            self.deadline.load(Ordering::Relaxed),
+            self.thread.load(Ordering::Relaxed),
+            self.preemptible.load(Ordering::Relaxed),
+            clock::coarse_ms(),
+        )
+    }
+    /// Re-arms the enclosing callback; the time the nested one ran does not
+    /// count against the enclosing callback's `handler_ms`.
+    fn restore(&self, (deadline, thread, preemptible, saved_at): (u64, usize, bool, u64)) {
+        if thread == 0 && deadline == u64::MAX {
+            self.disarm();
+            return;
+        }
+        let nested = clock::coarse_ms().saturating_sub(saved_at);
+        self.arm(deadline.saturating_add(nested), thread, preemptible);
     }
     fn disarm(&self) {
         self.check_at.store(u64::MAX, Ordering::Relaxed);
@@ -186,7 +231,7 @@ pub enum AppStatus {
 pub(crate) struct Kernel {
     pub id: Arc<str>,
     pub limits: Limits,
-    pub procs: HashMap<u64, Process>,
+    pub procs: SerialMap<Process>,
     pub names: HashMap<Box<str>, u64>,
     pub ready: VecDeque<u64>,
     next_serial: u64,
@@ -200,8 +245,7 @@ pub(crate) struct Kernel {
     /// Serials whose callback is on the VM stack, innermost last.
     stack: Vec<(u64, u64)>,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
-    timer_data: HashMap<u64, Timer>,
-    next_timer: u64,
+    timer_data: SerialMap<Timer>,
     pool: Vec<Thread>,
     pub worker: Function,
     pub states: Table,
@@ -386,12 +430,27 @@ impl Kernel {
         Ok(serial)
     }
 
+    /// Timer ids and tokens share one counter, so a call's token can name
+    /// its timeout timer (cancelled when the reply arrives).
     pub fn add_timer(&mut self, at_ms: u64, timer: Timer) -> u64 {
-        self.next_timer += 1;
-        let id = self.next_timer;
+        let id = self.token();
+        self.add_timer_with_id(id, at_ms, timer);
+        id
+    }
+
+    pub fn add_timer_with_id(&mut self, id: u64, at_ms: u64, timer: Timer) {
+        // Cancelled timers stay in the heap until due; rebuild it when they
+        // outnumber the live ones so a busy caller cannot grow it unbounded.
+        if self.timers.len() > 4096 && self.timers.len() > 2 * self.timer_data.len() {
+            let live: Vec<Reverse<(u64, u64)>> = self
+                .timers
+                .drain()
+                .filter(|Reverse((_, id))| self.timer_data.contains_key(id))
+                .collect();
+            self.timers = live.into();
+        }
         self.timers.push(Reverse((at_ms, id)));
         self.timer_data.insert(id, timer);
-        id
     }
 
     pub fn cancel_timer(&mut self, id: u64) -> bool {
@@ -407,6 +466,23 @@ impl Kernel {
             self.timers.pop();
         }
         None
+    }
+
+    /// Whether `serial` may run its next job nested, right now: it is idle,
+    /// its only work is the message just delivered (or its init), no reload
+    /// froze its module, and the nesting depth allows it.
+    pub fn can_nest(&self, serial: u64) -> bool {
+        if self.stack.len() >= MAX_NESTING {
+            return false;
+        }
+        let Some(p) = self.procs.get(&serial) else {
+            return false;
+        };
+        matches!(p.run, Run::Idle)
+            && p.job.is_none()
+            && p.dying.is_none()
+            && (p.mailbox.len() + usize::from(p.system.is_some())) == 1
+            && !self.frozen.contains(&p.pid.module_index())
     }
 
     pub fn is_on_stack(&self, serial: u64) -> bool {
@@ -444,7 +520,7 @@ pub(crate) fn new_vm(
     let k = Kernel {
         id: Arc::from(id),
         limits: limits.clone(),
-        procs: HashMap::new(),
+        procs: SerialMap::default(),
         names: HashMap::new(),
         ready: VecDeque::new(),
         next_serial: 0,
@@ -455,8 +531,7 @@ pub(crate) fn new_vm(
         module_versions: Vec::new(),
         stack: Vec::new(),
         timers: BinaryHeap::new(),
-        timer_data: HashMap::new(),
-        next_timer: 0,
+        timer_data: SerialMap::default(),
         pool: Vec::new(),
         worker: vm.worker.clone(),
         states: vm.states.clone(),
@@ -611,6 +686,28 @@ pub(crate) fn resume_with(lua: &Lua, serial: u64, token: u64, ok: bool, value: V
             p.parked = Some(Box::new((token, ok, key)));
         }
     }
+}
+
+/// Takes an answer parked for `serial` under `token` (set by a nested job
+/// that finished before its caller had to wait).
+pub(crate) fn take_parked(lua: &Lua, serial: u64, token: u64) -> Option<(bool, Value)> {
+    let key = {
+        let mut k = kernel(lua);
+        let p = k.procs.get_mut(&serial)?;
+        match p.parked.take() {
+            Some(b) if b.0 == token => {
+                let (_, ok, key) = *b;
+                (ok, key)
+            }
+            other => {
+                p.parked = other;
+                return None;
+            }
+        }
+    };
+    let value: Value = lua.registry_value(&key.1).ok()?;
+    let _ = lua.remove_registry_value(key.1);
+    Some((key.0, value))
 }
 
 /// Routes a job's result to whoever waits for it.
@@ -781,12 +878,15 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
     };
     let start = clock::coarse_ms();
     let deadline = start + limits.handler_ms.saturating_sub(used as u64);
+    let enclosing = watch.save();
     watch.arm(deadline, thread.to_pointer() as usize, true);
     guest_memory(lua, &limits);
     let result = thread.resume::<MultiValue>(args);
-    kernel_memory(lua, &limits);
     let timed_out = watch.timed_out.load(Ordering::Relaxed);
-    watch.disarm();
+    watch.restore(enclosing);
+    if enclosing.1 == 0 {
+        kernel_memory(lua, &limits);
+    }
     let mut k = kernel(lua);
     k.stack.pop();
     if let Some(p) = k.procs.get_mut(&serial) {

@@ -133,10 +133,20 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                         p.links.push(child);
                     }
                 }
-                Ok(MultiValue::from_iter([
-                    Value::Nil,
-                    Value::Number(token as f64),
-                ]))
+                // Fast path: run the child's init at once, nested.
+                let nest = k.can_nest(child);
+                drop(k);
+                if nest {
+                    super::run_process(lua, child);
+                }
+                match super::take_parked(lua, me, token) {
+                    Some((true, pid)) => Ok(MultiValue::from_iter([pid])),
+                    Some((false, err)) => Ok(MultiValue::from_iter([Value::Nil, err])),
+                    None => Ok(MultiValue::from_iter([
+                        Value::Nil,
+                        Value::Number(token as f64),
+                    ])),
+                }
             }
             Err((e, _)) => fail(lua, format!("graft.spawn: {e}")),
         }
@@ -185,7 +195,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             return fail(lua, format!("graft.call: {e}"));
         }
         let at = clock::precise_ms() + ms;
-        k.add_timer(
+        // The token names the timeout timer, so a reply cancels it.
+        k.add_timer_with_id(
+            token,
             at,
             Timer::CallTimeout {
                 serial: me,
@@ -194,6 +206,21 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 ms,
             },
         );
+        // Fast path: an idle callee runs its handler right here, nested; if
+        // it replies without waiting itself, the caller never suspends.
+        let nest = k.can_nest(to);
+        drop(k);
+        if nest {
+            super::run_process(lua, to);
+        }
+        if let Some((ok, value)) = super::take_parked(lua, me, token) {
+            return Ok(MultiValue::from_iter([
+                Value::Boolean(false),
+                Value::Nil,
+                Value::Boolean(ok),
+                value,
+            ]));
+        }
         ok(lua, token as f64)
     });
 
