@@ -36,6 +36,9 @@ use runtime::Runtime;
 
 type Command = Box<dyn FnOnce(&mut Runtime) + Send>;
 
+/// How long an idle scheduler thread or a waiting host thread polls before sleeping.
+const SPIN_MICROS: u64 = 50;
+
 struct Shared {
     id: String,
     inbox: Mutex<VecDeque<Command>>,
@@ -642,6 +645,20 @@ fn scheduler_loop(node: Weak<NodeInner>) {
                 if let Some(s) = q.pop_front() {
                     break Some(s);
                 }
+                // Spin briefly before sleeping: a request that arrives within
+                // microseconds is then served without a futex wake-up.
+                drop(q);
+                let spin_until = std::time::Instant::now() + Duration::from_micros(SPIN_MICROS);
+                while std::time::Instant::now() < spin_until {
+                    std::thread::yield_now();
+                    if !inner.queue.lock().expect("lock").is_empty() {
+                        break;
+                    }
+                }
+                q = inner.queue.lock().expect("lock");
+                if !q.is_empty() {
+                    continue;
+                }
                 let (guard, _) = inner
                     .queue_cv
                     .wait_timeout(q, Duration::from_millis(200))
@@ -782,6 +799,15 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
+        }
+        // Answers usually come within microseconds: poll a little before
+        // parking the thread (a park/unpark round trip costs more than that).
+        let spin_until = std::time::Instant::now() + Duration::from_micros(SPIN_MICROS);
+        while std::time::Instant::now() < spin_until {
+            std::hint::spin_loop();
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
         }
         std::thread::park();
     }

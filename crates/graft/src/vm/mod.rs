@@ -97,7 +97,12 @@ pub(crate) struct Vm {
 
 /// Compiler settings shared by every compile: keep line info for tracebacks.
 fn compiler() -> Compiler {
-    Compiler::new().set_optimization_level(1).set_debug_level(1)
+    // `math.random` is a capability: its table slot may hold a stub, so the
+    // compiler must not turn calls to it into the builtin fast call.
+    Compiler::new()
+        .set_optimization_level(1)
+        .set_debug_level(1)
+        .set_disabled_builtins(["math.random", "math.randomseed"])
 }
 
 /// Compiles a module's source to bytecode (pure: no VM involved, so it can run
@@ -179,7 +184,18 @@ impl Vm {
             | StdLib::OS
             | StdLib::DEBUG;
         let lua = Lua::new_with(libs, LuaOptions::new())?;
-        let real = lua.globals();
+        let globals_of_lua = lua.globals();
+        // Trusted code (prelude, supervisor) runs in a copy of the real
+        // globals marked safeenv, so its builtin calls are fast calls. The
+        // real globals stay unmarked: Luau resolves imports against them when
+        // a chunk loads, and a safeenv mark there would pre-resolve guest
+        // imports such as `math.random` to the real builtins.
+        let real = lua.create_table()?;
+        for pair in globals_of_lua.pairs::<Value, Value>() {
+            let (k, v) = pair?;
+            real.raw_set(k, v)?;
+        }
+        real.set_safeenv(true);
 
         let natives = lua.create_table()?;
         natives.raw_set("DONE", marker(MARK_DONE))?;
@@ -258,6 +274,7 @@ impl Vm {
             let (k, v) = pair?;
             supervisor_env.raw_set(k, v)?;
         }
+        supervisor_env.set_safeenv(true);
         let supervisor: Table =
             load_trusted(&lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?.call((
                 graft,
