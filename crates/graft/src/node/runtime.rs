@@ -308,7 +308,7 @@ impl Runtime {
     ) {
         let r = (|| -> Result<()> {
             let lua = self.lua();
-            let mut k = kernel(lua);
+            let k = kernel(lua);
             let mid = k
                 .module_id(module)
                 .filter(|m| k.module_tables[*m as usize].is_some() && *m != 0)
@@ -707,10 +707,8 @@ fn estimate_size(v: &Value, depth: usize) -> usize {
         Value::String(s) => 24 + s.as_bytes().len(),
         Value::Table(t) if depth < 16 => {
             let mut n = 56;
-            for pair in t.pairs::<Value, Value>() {
-                if let Ok((k, v)) = pair {
-                    n += 32 + estimate_size(&k, depth + 1) + estimate_size(&v, depth + 1);
-                }
+            for (k, v) in t.pairs::<Value, Value>().flatten() {
+                n += 32 + estimate_size(&k, depth + 1) + estimate_size(&v, depth + 1);
             }
             n
         }

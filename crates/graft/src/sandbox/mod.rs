@@ -361,7 +361,9 @@ impl Kernel {
         }
     }
 
-    /// Queues a user message; `Err` names why it was refused.
+    /// Queues a user message; `Err` names why it was refused and hands the
+    /// job back (it owns registry keys the caller may still answer through).
+    #[allow(clippy::result_large_err)]
     pub fn deliver(&mut self, serial: u64, job: Job) -> Result<(), (Error, Job)> {
         let max = self.limits.max_mailbox;
         let Some(p) = self.procs.get(&serial) else {
@@ -713,7 +715,6 @@ pub(crate) fn take_parked(lua: &Lua, serial: u64, token: u64) -> Option<(bool, V
 /// Routes a job's result to whoever waits for it.
 pub(crate) fn answer(lua: &Lua, waiter: Waiter, result: Result<Value, Error>) {
     match waiter {
-        Waiter::Nobody => {}
         Waiter::Host(slot) => {
             if slot.is_answered() {
                 return;
@@ -802,7 +803,7 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
                 };
                 let module_value = match &job {
                     Job::Eval { chunk, .. } => {
-                        lua.registry_value::<Value>(&chunk).expect("eval chunk")
+                        lua.registry_value::<Value>(chunk).expect("eval chunk")
                     }
                     _ => k.module_tables[module as usize]
                         .clone()
@@ -1315,7 +1316,11 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
             reason: reason.to_string(),
         };
         k.event("app_stopped", serde_json::json!({ "reason": reason }));
-        tracing::warn!(sandbox = %k.id, %reason, "app stopped");
+        if matches!(reason, ExitReason::Normal | ExitReason::Shutdown) {
+            tracing::info!(sandbox = %k.id, %reason, "app stopped");
+        } else {
+            tracing::warn!(sandbox = %k.id, %reason, "app stopped");
+        }
         for w in std::mem::take(&mut k.app_stop_waiters) {
             w.answer(Ok(Json::String(reason.to_string())));
         }

@@ -42,7 +42,6 @@ impl HostSlot {
 
 /// Who waits for the outcome of a job.
 pub(crate) enum Waiter {
-    Nobody,
     Host(Arc<HostSlot>),
     /// A process suspended in `graft.call`/`graft.spawn` with this token.
     Process {

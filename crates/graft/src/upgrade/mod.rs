@@ -205,13 +205,17 @@ pub fn checksum(source: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A state migration written in Rust: `(old_state, old_vsn, new_vsn, extra) -> new_state`.
+pub type RustStateHandler =
+    Arc<dyn Fn(Json, Json, u32, &Json) -> std::result::Result<Json, String> + Send + Sync>;
+
 /// A state migration given with a reload request instead of `code_change`.
 #[derive(Clone)]
 pub enum StateHandler {
     /// Luau source evaluating to `function(old_state, old_vsn, new_vsn, extra) -> new_state`.
     Luau(String),
     /// A Rust closure `(old_state, old_vsn, new_vsn, extra) -> new_state`, all as JSON.
-    Rust(Arc<dyn Fn(Json, Json, u32, &Json) -> std::result::Result<Json, String> + Send + Sync>),
+    Rust(RustStateHandler),
 }
 
 impl std::fmt::Debug for StateHandler {
@@ -855,7 +859,7 @@ fn migrate_with_luau(
 
 fn migrate_with_rust(
     vm: &Vm,
-    f: &Arc<dyn Fn(Json, Json, u32, &Json) -> std::result::Result<Json, String> + Send + Sync>,
+    f: &RustStateHandler,
     serials: &[u64],
     old_vsn: &Value,
     new_vsn: u32,

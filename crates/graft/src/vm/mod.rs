@@ -86,8 +86,6 @@ pub type HostFn = Arc<
 pub(crate) struct Vm {
     pub lua: Lua,
     pub worker: Function,
-    pub copy: Function,
-    pub check_plain: Function,
     pub migrate_all: Function,
     pub commit_states: Function,
     pub states: Table,
@@ -287,8 +285,6 @@ impl Vm {
 
         Ok(Vm {
             worker: prelude.raw_get("worker")?,
-            copy: prelude.raw_get("copy")?,
-            check_plain: prelude.raw_get("check_plain")?,
             migrate_all: prelude.raw_get("migrate_all")?,
             commit_states: prelude.raw_get("commit_states")?,
             states: prelude.raw_get("states")?,
