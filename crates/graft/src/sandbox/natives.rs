@@ -194,20 +194,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         if let Err((e, _)) = k.deliver(to, job) {
             return fail(lua, format!("graft.call: {e}"));
         }
-        let at = clock::precise_ms() + ms;
-        // The token names the timeout timer, so a reply cancels it.
-        k.add_timer_with_id(
-            token,
-            at,
-            Timer::CallTimeout {
-                serial: me,
-                token,
-                target: desc,
-                ms,
-            },
-        );
         // Fast path: an idle callee runs its handler right here, nested; if
-        // it replies without waiting itself, the caller never suspends.
+        // it replies without waiting itself, the caller never suspends (and
+        // no timeout timer is needed: nothing else runs meanwhile).
         let nest = k.can_nest(to);
         drop(k);
         if nest {
@@ -221,6 +210,18 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 value,
             ]));
         }
+        // The token names the timeout timer, so a reply cancels it.
+        let at = clock::precise_ms() + ms;
+        kernel(lua).add_timer_with_id(
+            token,
+            at,
+            Timer::CallTimeout {
+                serial: me,
+                token,
+                target: desc,
+                ms,
+            },
+        );
         ok(lua, token as f64)
     });
 
