@@ -305,8 +305,32 @@ impl Vm {
     }
 }
 
-fn load_trusted(lua: &Lua, name: &str, source: &str, env: &Table) -> mlua::Result<Function> {
-    let bytecode = compiler().compile(source)?;
+fn load_trusted(
+    lua: &Lua,
+    name: &str,
+    source: &'static str,
+    env: &Table,
+) -> mlua::Result<Function> {
+    // Trusted sources are constants: compile each once per process.
+    static CACHE: std::sync::Mutex<BTreeMap<usize, Arc<Vec<u8>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let key = source.as_ptr() as usize;
+    let cached = CACHE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let bytecode = match cached {
+        Some(b) => b,
+        None => {
+            let b = Arc::new(compiler().compile(source)?);
+            CACHE
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, b.clone());
+            b
+        }
+    };
     lua.load(&bytecode[..])
         .set_name(name)
         .set_mode(ChunkMode::Binary)
