@@ -172,6 +172,9 @@ fn reload(node: &Node, n: usize) {
         let report = block_on(sb.reload(sources, ReloadOptions::default())).unwrap();
         runs.push(t.elapsed().as_micros() as f64);
         swaps.push(report.timings.swap_us as f64);
+        if std::env::var_os("GRAFT_BENCH_VERBOSE").is_some() {
+            eprintln!("{:?}", report.timings);
+        }
         assert_eq!(report.processes_migrated, n);
     }
     let reply = block_on(sb.call("<counter.1>", json!("inc"), None));

@@ -702,9 +702,12 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
         };
         let commands: Vec<Command> = shared.inbox.lock().expect("lock").drain(..).collect();
         sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
         for cmd in commands {
             cmd(rt);
         }
+        // A restart command may have replaced the VM: enforce the current one's limits.
+        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
         rt.run_pending_reloads();
         let more = sandbox::run_slice(&rt.vm.lua);
         rt.poll_app_start();

@@ -123,6 +123,7 @@ impl Runtime {
             .as_ref()
             .map(|h| h.iter().map(|(n, m)| (n.clone(), m.current)).collect());
         sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
         match rt.engine.apply(
             &rt.vm,
             prepared,

@@ -20,7 +20,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use mlua::{AppDataRefMut, Function, Lua, MultiValue, RegistryKey, Table, Thread, Value, VmState};
+use mlua::{AppDataRefMut, Function, Lua, MultiValue, RegistryKey, Table, Thread, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -143,32 +143,89 @@ impl Watch {
     }
 }
 
-fn install_interrupt(lua: &Lua, watch: Arc<Watch>) {
-    lua.set_interrupt(move |lua| {
+thread_local! {
+    /// The watch of the sandbox whose VM this thread is running. The VM
+    /// interrupt runs at every Luau call and loop back-edge, so it reads its
+    /// limits from here (a thread-local load) rather than through mlua's
+    /// callback machinery; a sandbox is only ever run by one thread at a time.
+    static WATCH: std::cell::RefCell<Option<Arc<Watch>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `watch` the one the interrupt enforces on this thread until dropped.
+pub(crate) struct WatchScope(Option<Arc<Watch>>);
+
+impl WatchScope {
+    pub fn enter(lua: &Lua) -> WatchScope {
+        let watch = kernel(lua).watch.clone();
+        WatchScope(WATCH.with(|w| w.replace(Some(watch))))
+    }
+}
+
+impl Drop for WatchScope {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        WATCH.with(|w| *w.borrow_mut() = previous);
+    }
+}
+
+unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std::ffi::c_int) {
+    if gc >= 0 {
+        return; // GC safepoints: nothing to enforce
+    }
+    enum Act {
+        Continue,
+        Timeout(u64),
+        Yield,
+    }
+    let act = WATCH.with(|w| {
+        let w = w.borrow();
+        let Some(watch) = w.as_ref() else {
+            return Act::Continue;
+        };
         let now = clock::coarse_ms();
         if now < watch.check_at.load(Ordering::Relaxed) {
-            return Ok(VmState::Continue);
+            return Act::Continue;
         }
         let deadline = watch.deadline.load(Ordering::Relaxed);
         if now >= deadline || watch.timed_out.load(Ordering::Relaxed) {
             watch.timed_out.store(true, Ordering::Relaxed);
-            return Err(mlua::Error::runtime(format!(
-                "timeout: callback ran longer than handler_ms ({} ms)",
-                watch.handler_ms
-            )));
-        }
-        if watch.preemptible.load(Ordering::Relaxed)
-            && now >= watch.slice_end.load(Ordering::Relaxed)
-        {
-            let current = lua.current_thread().to_pointer() as usize;
-            if current == watch.thread.load(Ordering::Relaxed) {
-                watch.check_at.store(deadline, Ordering::Relaxed);
-                return Ok(VmState::Yield);
-            }
+            return Act::Timeout(watch.handler_ms);
         }
         watch.check_at.store(deadline, Ordering::Relaxed);
-        Ok(VmState::Continue)
-    })
+        if watch.preemptible.load(Ordering::Relaxed)
+            && now >= watch.slice_end.load(Ordering::Relaxed)
+            && state as usize == watch.thread.load(Ordering::Relaxed)
+        {
+            return Act::Yield;
+        }
+        Act::Continue
+    });
+    match act {
+        Act::Continue => {}
+        // Raised again at every safepoint once past the deadline, so a
+        // guest `pcall` cannot swallow it.
+        Act::Timeout(ms) => {
+            let msg = format!("timeout: callback ran longer than handler_ms ({ms} ms)");
+            mlua::ffi::lua_pushlstring(state, msg.as_ptr().cast(), msg.len());
+            drop(msg);
+            mlua::ffi::lua_error(state);
+        }
+        Act::Yield => {
+            if mlua::ffi::lua_isyieldable(state) != 0 {
+                mlua::ffi::lua_yield(state, 0);
+            }
+        }
+    }
+}
+
+fn install_interrupt(lua: &Lua) {
+    // SAFETY: lua_callbacks is shared by every thread of this VM; setting the
+    // interrupt pointer is what mlua's own `set_interrupt` does.
+    unsafe {
+        let _ = lua.exec_raw::<()>((), |state| {
+            (*mlua::ffi::lua_callbacks(state)).interrupt = Some(interrupt);
+        });
+    }
 }
 
 /// A sandbox event: reloads, rollbacks, aborts, crashes, app stops.
@@ -518,7 +575,7 @@ pub(crate) fn new_vm(
 ) -> mlua::Result<Vm> {
     let vm = Vm::new(grants, host_fns, limits.max_message_bytes, natives::install)?;
     let watch = Arc::new(Watch::new(limits.handler_ms));
-    install_interrupt(&vm.lua, watch.clone());
+
     let k = Kernel {
         id: Arc::from(id),
         limits: limits.clone(),
@@ -549,6 +606,7 @@ pub(crate) fn new_vm(
         app_stop_waiters: Vec::new(),
     };
     vm.lua.set_app_data(k);
+    install_interrupt(&vm.lua);
     // Guest code may allocate up to the limit; the kernel's own bookkeeping
     // (EXIT messages, host values) has headroom so it never fails half-way.
     vm.lua.set_memory_limit(limits.memory_bytes)?;
