@@ -504,13 +504,13 @@ impl Engine {
             Some(StateHandler::Luau(src)) => Some(load_state_handler(vm, src)?),
             _ => None,
         };
-        let mut migrations: Vec<(u32, Vec<u64>, Table)> = Vec::new();
+        let mut migrations: Vec<(Table, Table)> = Vec::new();
         let mut migrated = 0usize;
         for (name, table) in &new_tables {
             if !changed_names.contains(name) {
                 continue;
             }
-            let (mid, serials, old_vsn) = {
+            let (serials, old_vsn) = {
                 let k = kernel(lua);
                 let mid = k.module_id(name).expect("interned");
                 let mut serials: Vec<u64> = k
@@ -520,7 +520,7 @@ impl Engine {
                     .map(|p| p.pid.serial())
                     .collect();
                 serials.sort_unstable();
-                (mid, serials, k.module_versions[mid as usize])
+                (serials, k.module_versions[mid as usize])
             };
             if serials.is_empty() || old_vsn == 0 {
                 continue;
@@ -540,6 +540,10 @@ impl Engine {
             let out = lua
                 .create_table_with_capacity(serials.len() + 1, 0)
                 .map_err(luau)?;
+            // Built before the commit point, so the commit allocates nothing.
+            let serial_table = lua
+                .create_sequence_from(serials.iter().map(|s| *s as f64))
+                .map_err(luau)?;
             let is_supervisor = module_kind(table) == "supervisor";
             let code_change: Option<Function> = table.raw_get("code_change").ok().flatten();
             let result = match (&opts.state_handler, &handler_fn, code_change) {
@@ -549,7 +553,7 @@ impl Engine {
                 (_, Some(f), _) if !is_supervisor => migrate_with_luau(
                     vm,
                     f,
-                    &serials,
+                    &serial_table,
                     &old_vsn_value,
                     new_vsn,
                     &opts.extra,
@@ -559,7 +563,7 @@ impl Engine {
                 (_, _, Some(f)) if !is_supervisor => migrate_with_luau(
                     vm,
                     &f,
-                    &serials,
+                    &serial_table,
                     &old_vsn_value,
                     new_vsn,
                     &opts.extra,
@@ -587,7 +591,7 @@ impl Engine {
                 });
             }
             migrated += serials.len();
-            migrations.push((mid, serials, out));
+            migrations.push((serial_table, out));
         }
         let migrate_us = migrate_started.elapsed().as_micros() as u64;
 
@@ -620,11 +624,8 @@ impl Engine {
         }
 
         // 5. Commit. Nothing below can fail half-way (see module docs).
-        for (_, serials, out) in &migrations {
-            let serial_table = lua
-                .create_sequence_from(serials.iter().map(|s| *s as f64))
-                .map_err(luau)?;
-            vm_commit_states(vm, &serial_table, out)?;
+        for (serial_table, out) in &migrations {
+            vm_commit_states(vm, serial_table, out)?;
         }
         let mut supervisors_changed = Vec::new();
         {
@@ -813,7 +814,7 @@ fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
 fn migrate_with_luau(
     vm: &Vm,
     f: &Function,
-    serials: &[u64],
+    serial_table: &Table,
     old_vsn: &Value,
     new_vsn: u32,
     extra: &Json,
@@ -821,15 +822,12 @@ fn migrate_with_luau(
     out: &Table,
 ) -> std::result::Result<(), (usize, String)> {
     let lua = &vm.lua;
-    let serial_table = lua
-        .create_sequence_from(serials.iter().map(|s| *s as f64))
-        .map_err(|e| (0, e.to_string()))?;
     let extra = crate::value::json_to_lua(lua, extra).map_err(|e| (0, e.to_string()))?;
     let watch = kernel(lua).watch.clone();
     watch.arm_for_host_code();
     let r = vm.migrate_all.call::<f64>((
         f.clone(),
-        serial_table,
+        serial_table.clone(),
         old_vsn.clone(),
         new_vsn,
         extra,
