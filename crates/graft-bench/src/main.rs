@@ -3,9 +3,10 @@
 //! can put both in one table.
 //!
 //! Usage: `graft-bench [--smoke] [WORKLOAD…]`. Workloads: spawn_idle,
-//! call_host, call_proc, reload, reload_empty, sandbox_create, batch_reload,
-//! idle_1m, baseline. Memory figures count the Luau heap *and* every Rust
-//! allocation (a counting global allocator), so nothing is hidden.
+//! call_host, call_proc, reload, reload_empty, reload_empty_server,
+//! sandbox_create, batch_reload, idle_1m, baseline. Memory figures count the
+//! Luau heap *and* every Rust allocation (a counting global allocator), so
+//! nothing is hidden.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -213,6 +214,38 @@ fn reload_empty(node: &Node, iters: usize) {
     node.destroy("reloadempty").unwrap();
 }
 
+/// Like `reload_empty`, but the module is a whole counter server (about the size
+/// of OTP's `bench_hot`, a small gen_server), still with no process running it.
+fn reload_empty_server(node: &Node, iters: usize) {
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("reloademptyserver")
+                .entry(None)
+                .module("counter", COUNTER_V2),
+        )
+        .unwrap();
+    let mut total = Vec::new();
+    let mut compile = Vec::new();
+    let mut swap = Vec::new();
+    for i in 0..iters {
+        let src = COUNTER_V2.replace("step = 10", &format!("step = {}", i + 11));
+        let mut sources = BTreeMap::new();
+        sources.insert("counter".to_string(), src);
+        let t = Instant::now();
+        let report = block_on(sb.reload(sources, ReloadOptions::default())).unwrap();
+        total.push(t.elapsed().as_micros() as f64);
+        compile.push(report.timings.compile_us as f64);
+        swap.push(report.timings.swap_us as f64);
+        assert_eq!(report.processes_migrated, 0);
+    }
+    emit(json!({
+        "workload": "reload_empty_server", "iters": iters, "total_us": median(total),
+        "compile_us": median(compile), "swap_us": median(swap),
+        "source_bytes": COUNTER_V2.len(), "stat": "median",
+    }));
+    node.destroy("reloademptyserver").unwrap();
+}
+
 fn sandbox_create(node: &Node, n: usize) {
     let mut times = Vec::new();
     let mut lua_mem = Vec::new();
@@ -317,6 +350,9 @@ fn main() {
     }
     if run("reload_empty") {
         reload_empty(&node, big(200, 5));
+    }
+    if run("reload_empty_server") {
+        reload_empty_server(&node, big(200, 5));
     }
     if run("sandbox_create") {
         sandbox_create(&node, big(200, 5));

@@ -44,6 +44,11 @@ enum Command {
         /// Do not watch src/ (no hot reload)
         #[arg(long)]
         no_watch: bool,
+        /// Quiet time (ms) after file events before a reload; editors' bursts
+        /// within it become one reload. The default comes from the
+        /// edit-to-live benchmark (docs/benchmarks.md).
+        #[arg(long, default_value_t = watch::DEFAULT_DEBOUNCE_MS)]
+        debounce_ms: u64,
     },
     /// Run a node with no project; sandboxes come through the API
     Serve {
@@ -249,7 +254,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             dir,
             listen,
             no_watch,
-        } => node::run(&dir, &listen.bind, listen.port, !no_watch).await,
+            debounce_ms,
+        } => {
+            node::run(
+                &dir,
+                &listen.bind,
+                listen.port,
+                (!no_watch).then_some(debounce_ms),
+            )
+            .await
+        }
         Command::Serve { listen } => node::serve(&listen.bind, listen.port).await,
         Command::Call {
             sandbox,

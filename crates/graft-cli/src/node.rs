@@ -69,7 +69,7 @@ pub async fn serve(bind: &str, port: u16) -> Result<()> {
     serve_until_signal(node, listener).await
 }
 
-pub async fn run(dir: &Path, bind: &str, port: u16, watch_src: bool) -> Result<()> {
+pub async fn run(dir: &Path, bind: &str, port: u16, debounce_ms: Option<u64>) -> Result<()> {
     if !dir.join("graft.toml").is_file() {
         return Err(anyhow!(
             "{} is not a Graft project (no graft.toml); create one with `graft new {}`",
@@ -108,8 +108,13 @@ pub async fn run(dir: &Path, bind: &str, port: u16, watch_src: bool) -> Result<(
     let addr = listener.local_addr()?;
     let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
     println!("✓ sandbox `{id}` started: {}", modules.join(", "));
-    let watcher = if watch_src {
-        let w = watch::start(dir, sandbox.clone(), &sources)?;
+    let watcher = if let Some(ms) = debounce_ms {
+        let w = watch::start(
+            dir,
+            sandbox.clone(),
+            &sources,
+            std::time::Duration::from_millis(ms),
+        )?;
         println!(
             "listening on http://{addr}  (API: http://{addr}/api/v1, watching {})",
             dir.join("src").display()

@@ -21,8 +21,10 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 
 use crate::render;
 
-/// Quiet time before a burst of events is handled.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Default quiet time before a burst of events is handled. 10 ms keeps
+/// edit-to-live well under 20 ms while still folding an editor's
+/// write/rename/chmod burst into one reload (checksums drop repeats).
+pub const DEFAULT_DEBOUNCE_MS: u64 = 10;
 /// How long a deleted file may take to come back (delete-and-create saves).
 const RECREATE_GRACE: Duration = Duration::from_millis(300);
 
@@ -62,10 +64,11 @@ pub fn start(
     dir: &Path,
     sandbox: Sandbox,
     initial: &BTreeMap<String, String>,
+    debounce: Duration,
 ) -> Result<WatchHandle> {
     let src = dir.join("src");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
+    let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| match res {
         Ok(events) => {
             // Reads (ours included) are not changes.
             if events
