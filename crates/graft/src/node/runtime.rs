@@ -358,7 +358,7 @@ impl Runtime {
                 chunk,
                 waiter: Waiter::Host(slot.clone()),
             }));
-            k.procs.insert(serial, p);
+            k.procs.insert(serial, Box::new(p));
             // eval processes have no init, so their state slot is a placeholder
             let _ = k.states.raw_set(serial, false);
             k.wake(serial);

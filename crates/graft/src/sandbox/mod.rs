@@ -288,7 +288,9 @@ pub enum AppStatus {
 pub(crate) struct Kernel {
     pub id: Arc<str>,
     pub limits: Limits,
-    pub procs: SerialMap<Process>,
+    /// Boxed: a map slot is a pointer, so table growth moves 16-byte
+    /// entries and spare capacity costs 16 bytes, not a whole record.
+    pub procs: SerialMap<Box<Process>>,
     pub names: HashMap<Box<str>, u64>,
     pub ready: VecDeque<u64>,
     next_serial: u64,
@@ -484,7 +486,7 @@ impl Kernel {
             self.names.insert(n.into(), serial);
         }
         p.system = Some(Box::new(Job::Init { args, waiter }));
-        self.procs.insert(serial, p);
+        self.procs.insert(serial, Box::new(p));
         self.wake(serial);
         Ok(serial)
     }
@@ -1338,7 +1340,7 @@ fn abandon_job(lua: &Lua, serial: u64, reason: &ExitReason) {
 fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
     abandon_job(lua, serial, &reason);
     let mut k = kernel(lua);
-    let Some(p) = k.procs.remove(&serial) else {
+    let Some(p) = k.procs.remove(&serial).map(|b| *b) else {
         return;
     };
     if let Some(n) = &p.name {
