@@ -7,7 +7,7 @@
 #   3. target/release/edit_to_live [--smoke]            (graft run + editor saves, JSON line)
 #   4. bench/otp/run.sh [--smoke]                       (OTP workloads; installs erlang-base if missing)
 #   5. bench/compare.py: one markdown table with goals and "met?", written to
-#      docs/benchmarks-latest.md (full run) or a temp file (--smoke), and printed.
+#      docs/benchmarks.md (full run) or a temp file (--smoke), and printed.
 #
 # If Erlang cannot be installed or its run fails, the OTP column says n/a and
 # this script still succeeds. A failing Graft workload fails the script.
@@ -66,7 +66,7 @@ if [ -n "$SMOKE" ]; then
   OUT="$(mktemp -t graft-benchmarks-smoke.XXXXXX.md)"
 else
   mkdir -p "$ROOT/docs"
-  OUT="$ROOT/docs/benchmarks-latest.md"
+  OUT="$ROOT/docs/benchmarks.md"
 fi
 
 python3 "$ROOT/bench/compare.py" \
