@@ -721,3 +721,41 @@ fn supervisor_upgrade_adds_removes_and_restarts_changed_children() {
         Err(Error::NoProcess(_))
     ));
 }
+
+#[test]
+fn export_then_import_recreates_history_and_behaviour_elsewhere() {
+    let node = Node::with_threads(1);
+    let a = sandbox(&node, "exp", &[("counter", COUNTER_V1)]);
+    reload(&a, &[("counter", COUNTER_V2)], ReloadOptions::default()).unwrap();
+    let exported = block_on(a.export()).unwrap();
+    // round trip through JSON, as a backup file would
+    let text = serde_json::to_string(&exported).unwrap();
+    let back: BTreeMap<String, Vec<graft::ModuleVersion>> = serde_json::from_str(&text).unwrap();
+
+    let b = sandbox(&node, "imp", &[("counter", COUNTER_V1)]);
+    block_on(b.spawn("counter", json!({"start": 1}), Some("c"))).unwrap();
+    let report = block_on(b.import(back.clone(), ReloadOptions::default())).unwrap();
+    assert_eq!(report.processes_migrated, 1);
+    assert_eq!(
+        call(&b, "c", json!("inc")),
+        json!(11),
+        "v2 is live and migrated"
+    );
+    let kept: Vec<u32> = block_on(b.versions("counter"))
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(kept, vec![1, 2]);
+    block_on(b.rollback("counter", 1, ReloadOptions::default())).unwrap();
+    assert_eq!(call(&b, "c", json!("inc")), json!(12));
+
+    // a tampered source is refused and nothing changes
+    let mut bad = back;
+    bad.get_mut("counter").unwrap()[1]
+        .source
+        .push_str("\n-- tampered");
+    let err = block_on(b.import(bad, ReloadOptions::default())).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(block_on(b.modules()).unwrap()[0].version, 1);
+}

@@ -596,6 +596,82 @@ impl Sandbox {
         self.ask(|rt| rt.export()).await
     }
 
+    /// Imports module histories produced by [`Sandbox::export`] (possibly from
+    /// another node). Every version's source is checked against its checksum
+    /// and recompiled here; the newest imported version of each module goes
+    /// live through an ordinary reload (so live processes are migrated), and
+    /// then the imported versions replace the module's kept history.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec, ReloadOptions};
+    /// let node = Node::new();
+    /// let a = node.create_sandbox(SandboxSpec::new("a").entry(None).module("m", "return { v = 1 }")).unwrap();
+    /// let mut v2 = std::collections::BTreeMap::new();
+    /// v2.insert("m".to_string(), "return { v = 2 }".to_string());
+    /// graft::block_on(a.reload(v2, ReloadOptions::default())).unwrap();
+    /// let exported = graft::block_on(a.export()).unwrap();
+    /// let b = node.create_sandbox(SandboxSpec::new("b").entry(None).module("m", "return { v = 0 }")).unwrap();
+    /// graft::block_on(b.import(exported, ReloadOptions::default())).unwrap();
+    /// let kept: Vec<u32> = graft::block_on(b.versions("m")).unwrap().iter().map(|v| v.version).collect();
+    /// assert_eq!(kept, vec![1, 2]);
+    /// ```
+    pub async fn import(
+        &self,
+        modules: BTreeMap<String, Vec<ModuleVersion>>,
+        opts: ReloadOptions,
+    ) -> Result<ReloadReport> {
+        let max_source = self.shared.spec.limits.max_source_bytes;
+        let mut histories = BTreeMap::new();
+        let mut newest = BTreeMap::new();
+        let mut targets = HashMap::new();
+        for (name, mut versions) in modules {
+            crate::config::validate_module_name(&name)?;
+            versions.sort_by_key(|v| v.version);
+            versions.dedup_by_key(|v| v.version);
+            let Some(last) = versions.last() else {
+                return Err(Error::InvalidInput(format!(
+                    "module `{name}`: no versions to import"
+                )));
+            };
+            if versions.first().is_some_and(|v| v.version == 0) {
+                return Err(Error::InvalidInput(format!(
+                    "module `{name}`: versions start at 1"
+                )));
+            }
+            newest.insert(name.clone(), last.source.clone());
+            targets.insert(name.clone(), last.version);
+            for v in &mut versions {
+                if upgrade::checksum(&v.source) != v.checksum {
+                    return Err(Error::InvalidInput(format!(
+                        "module `{name}` version {}: the source does not match its checksum",
+                        v.version
+                    )));
+                }
+                let file = format!("{}.luau", name.replace('.', "/"));
+                v.bytecode = Arc::new(crate::vm::compile(&name, &file, &v.source, max_source)?);
+            }
+            histories.insert(name, versions);
+        }
+        let rx = self.reload_start(newest, opts, Direction::Up, Some(targets))?;
+        let report = rx.await.map_err(|_| stopped(&self.shared.id))??;
+        self.ask(move |rt| {
+            for (name, versions) in histories {
+                let h = rt.engine.modules.entry(name).or_default();
+                let newest = versions.last().map(|v| v.version).unwrap_or(h.current);
+                h.versions = versions.into_iter().collect();
+                h.current = newest;
+                h.next = h.versions.iter().map(|v| v.version).max().unwrap_or(newest);
+                while h.versions.len() > rt.engine.max_versions
+                    && h.versions.front().is_some_and(|v| v.version != h.current)
+                {
+                    h.versions.pop_front();
+                }
+            }
+        })
+        .await?;
+        Ok(report)
+    }
+
     /// Stops the app, rebuilds the VM from the modules' current versions and
     /// starts the app again. Version history is kept.
     pub async fn restart(&self) -> Result<()> {

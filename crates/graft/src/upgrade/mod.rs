@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mlua::{Function, Lua, Table, Value};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
@@ -38,8 +38,9 @@ use crate::error::{Error, Result};
 use crate::sandbox::{kernel, Run};
 use crate::vm::Vm;
 
-/// One kept version of a module.
-#[derive(Clone, Debug, Serialize)]
+/// One kept version of a module. Serialized without bytecode: an import
+/// recompiles the source (only bytecode this process compiled is loaded).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModuleVersion {
     /// 1, 2, 3 … per (sandbox, module).
     pub version: u32,
@@ -48,7 +49,7 @@ pub struct ModuleVersion {
     /// The Luau source.
     pub source: String,
     /// Bytecode compiled by this process from `source` (never imported).
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub bytecode: Arc<Vec<u8>>,
     /// Wall-clock load time, ms since the Unix epoch.
     pub loaded_at_ms: f64,
