@@ -122,7 +122,7 @@ pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) 
             )],
         });
     }
-    match compiler().compile(source) {
+    match compile_bounded(source, module, file)? {
         Ok(bytecode) => Ok(bytecode),
         Err(e) => {
             let text = e.to_string();
@@ -139,6 +139,42 @@ pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) 
             })
         }
     }
+}
+
+/// Sources up to this size compile inline (microseconds); bigger ones compile
+/// on a helper thread under [`COMPILE_TIMEOUT`].
+const INLINE_COMPILE_BYTES: usize = 64 * 1024;
+/// Wall-clock limit for compiling one module. Compiler memory is bounded by
+/// `max_source_bytes` (it grows linearly with the source).
+pub const COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn compile_bounded(source: &str, module: &str, file: &str) -> Result<mlua::Result<Vec<u8>>> {
+    if source.len() <= INLINE_COMPILE_BYTES {
+        return Ok(compiler().compile(source));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = source.to_owned();
+    std::thread::Builder::new()
+        .name("graft-compile".into())
+        .spawn(move || {
+            let _ = tx.send(compiler().compile(&owned));
+        })
+        .map_err(|e| Error::Luau(format!("cannot start a compile thread: {e}")))?;
+    rx.recv_timeout(COMPILE_TIMEOUT)
+        .map_err(|_| Error::Compile {
+            diagnostics: vec![Diagnostic::new(
+                "too_slow",
+                module,
+                file,
+                "",
+                0,
+                0,
+                format!(
+                    "compiling took longer than {} s; split the module",
+                    COMPILE_TIMEOUT.as_secs()
+                ),
+            )],
+        })
 }
 
 /// The position of full_moon's first syntax error, if it finds one.
@@ -429,6 +465,27 @@ mod tests {
         assert_eq!(d.line, 3, "{d:?}");
         assert_eq!(d.module, "m");
         assert!(d.frame.contains("local c = = 3"), "{}", d.frame);
+    }
+
+    #[test]
+    fn large_sources_compile_on_a_helper_thread_with_the_same_diagnostics() {
+        let mut src = String::from("local t = {}\n");
+        for i in 0..5000 {
+            src.push_str(&format!("t[{i}] = {i} * 2 -- padding padding\n"));
+        }
+        assert!(src.len() > INLINE_COMPILE_BYTES);
+        assert!(compile("big", "big.luau", &format!("{src}return t"), 1 << 22).is_ok());
+        let err = compile(
+            "big",
+            "big.luau",
+            &format!("{src}local = 1\nreturn t"),
+            1 << 22,
+        )
+        .unwrap_err();
+        let Error::Compile { diagnostics } = err else {
+            panic!("expected a compile error")
+        };
+        assert_eq!(diagnostics[0].line, 5002);
     }
 
     #[test]
