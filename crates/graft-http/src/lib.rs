@@ -135,7 +135,7 @@ impl ApiError {
 /// | kind | status |
 /// | --- | --- |
 /// | `no_sandbox`, `no_process`, `no_module`, `no_version` | 404 |
-/// | `sandbox_exists`, `reload_aborted` | 409 |
+/// | `sandbox_exists`, `reload_aborted` (but step `check`: 422) | 409 |
 /// | `invalid_input`, `compile_error`, `spawn_failed`, `not_plain_data`, `luau_error` | 422 |
 /// | `mailbox_full`, `max_processes` | 429 |
 /// | `crashed` | 500 (the handler crashed; `reason` says why) |
@@ -147,6 +147,8 @@ pub fn status_for(e: &Error) -> StatusCode {
         | Error::NoProcess(_)
         | Error::NoModule(_)
         | Error::NoVersion { .. } => StatusCode::NOT_FOUND,
+        // A failed behaviour check is a check error (SPEC §6: 422).
+        Error::ReloadAborted { step, .. } if step == "check" => StatusCode::UNPROCESSABLE_ENTITY,
         Error::SandboxExists(_) | Error::ReloadAborted { .. } => StatusCode::CONFLICT,
         Error::InvalidInput(_)
         | Error::Compile { .. }

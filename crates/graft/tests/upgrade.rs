@@ -759,3 +759,61 @@ fn export_then_import_recreates_history_and_behaviour_elsewhere() {
     assert!(err.to_string().contains("checksum"), "{err}");
     assert_eq!(block_on(b.modules()).unwrap()[0].version, 1);
 }
+
+#[test]
+fn a_bad_supervisor_spec_aborts_the_reload_and_the_app_keeps_running() {
+    let node = Node::with_threads(1);
+    let app = r#"
+      return { behaviour = "supervisor", init = function()
+        return { strategy = "one_for_one", children = { { id = "c", module = "counter", args = {}, name = "c" } } }
+      end }"#;
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("badsup")
+                .module("app", app)
+                .module("counter", COUNTER_V1),
+        )
+        .unwrap();
+    block_on(sb.wait_app_started()).unwrap();
+    let bad = app.replace("one_for_one", "bogus");
+    let err = reload(&sb, &[("app", &bad)], ReloadOptions::default()).unwrap_err();
+    let Error::ReloadAborted { step, message, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(step, "check");
+    assert!(message.contains("unknown strategy"), "{message}");
+    assert_eq!(
+        block_on(sb.modules())
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "app")
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(call(&sb, "c", json!("inc")), json!(1));
+    assert_eq!(block_on(sb.info()).unwrap().app, graft::AppStatus::Running);
+}
+
+#[test]
+fn a_dry_run_sends_no_messages_from_module_bodies_or_migrations() {
+    let node = Node::with_threads(1);
+    let sb = sandbox(&node, "drysend", &[("counter", COUNTER_V1)]);
+    block_on(sb.spawn("counter", json!({"start": 1}), Some("c"))).unwrap();
+    let leaky = COUNTER_V2.replace(
+        "state.step = (extra and extra.step) or 10",
+        "graft.cast(\"c\", 99)\n  state.step = 10",
+    );
+    let opts = ReloadOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let err = reload(&sb, &[("counter", &leaky)], opts).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only be used inside a process callback"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(block_on(sb.state("c")).unwrap(), json!({"count": 1}));
+}

@@ -488,6 +488,10 @@ impl Runtime {
                     for m in &modules {
                         k.frozen.insert(*m);
                     }
+                    if r.frozen.is_empty() {
+                        // Wake at the deadline even if nothing else happens.
+                        k.add_timer(r.deadline, Timer::Wake);
+                    }
                     r.frozen = modules;
                     drop(k);
                     self.pending.push_front(r);

@@ -261,6 +261,8 @@ pub(crate) enum Timer {
         serial: u64,
     },
     Canary,
+    /// Only wakes the sandbox (e.g. at a pending reload's deadline).
+    Wake,
 }
 
 /// A message destination resolved when delivered (names resolve late, like OTP).
@@ -514,6 +516,14 @@ impl Kernel {
         self.timer_data.insert(id, timer);
     }
 
+    /// Cancels a `send_after` timer (the only kind guest code may cancel).
+    pub fn cancel_send_after(&mut self, id: u64) -> bool {
+        if matches!(self.timer_data.get(&id), Some(Timer::SendAfter { .. })) {
+            return self.cancel_timer(id);
+        }
+        false
+    }
+
     pub fn cancel_timer(&mut self, id: u64) -> bool {
         self.timer_data.remove(&id).is_some()
     }
@@ -715,6 +725,7 @@ pub(crate) fn fire_timers(lua: &Lua) {
                     k.exit_process(serial, ExitReason::Killed, false);
                 }
             }
+            Timer::Wake => {}
             Timer::Canary => {
                 drop(k);
                 crate::upgrade::canary_expired(lua);
@@ -730,6 +741,8 @@ pub(crate) fn resume_with(lua: &Lua, serial: u64, token: u64, ok: bool, value: V
         Err(_) => return,
     };
     let mut k = kernel(lua);
+    // A call's token names its timeout timer: the answer cancels it.
+    k.cancel_timer(token);
     let Some(p) = k.procs.get_mut(&serial) else {
         return;
     };
@@ -806,10 +819,19 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
             let Some(p) = k.procs.get(&serial) else {
                 return;
             };
+            // A call from a process that is itself waiting still runs:
+            // its caller may be one of the processes the reload waits for.
             matches!(p.run, Run::Idle)
                 && p.system.is_none()
                 && !k.frozen.is_empty()
                 && k.frozen.contains(&p.pid.module_index())
+                && !matches!(
+                    p.mailbox.front(),
+                    Some(Job::Call {
+                        waiter: Waiter::Process { .. },
+                        ..
+                    })
+                )
         };
         let Some(p) = k.procs.get_mut(&serial) else {
             return;
@@ -1385,7 +1407,7 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
             w.answer(Ok(Json::String(reason.to_string())));
         }
     }
-    if !reason.is_normal() {
+    if !matches!(reason, ExitReason::Normal | ExitReason::Shutdown) {
         if let Some(c) = k.canary.as_mut() {
             c.note_exit(p.pid.module_index(), p.version, &reason);
         }

@@ -236,6 +236,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         "send_after",
         |lua, (ms, target, msg): (f64, Value, Value)| {
             let mut k = kernel(lua);
+            if k.current().is_none() {
+                return outside(lua, "send_after");
+            }
             if !(ms.is_finite() && ms >= 0.0) {
                 return fail(lua, "graft.send_after: ms must be a number >= 0");
             }
@@ -261,7 +264,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     );
 
     native!("cancel_timer", |lua, id: f64| Ok(
-        kernel(lua).cancel_timer(id as u64)
+        kernel(lua).cancel_send_after(id as u64)
     ));
 
     native!("register", |lua, name: String| {
@@ -540,6 +543,13 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 fn send_like(lua: &Lua, target: Value, msg: Value, cast: bool) -> R {
     let mut k = kernel(lua);
     let what = if cast { "cast" } else { "send" };
+    if k.current().is_none() {
+        // Messages sent while a module loads or migrates would escape an
+        // aborted reload or a dry run: only callbacks may send.
+        let mut r = outside(lua, what)?;
+        r.push_back(Value::Boolean(true));
+        return Ok(r);
+    }
     let desc = k.describe_value(&target);
     let Some(to) = k.resolve_value(&target) else {
         return fail(lua, format!("noproc: no process {desc}"));

@@ -499,6 +499,42 @@ impl Engine {
         eval_result?;
         let evaluate_us = eval_started.elapsed().as_micros() as u64;
 
+        // Supervisor modules: the new spec must be valid for every running
+        // supervisor of the module, checked here so a bad spec aborts.
+        for (name, table) in &new_tables {
+            if module_kind(table) != "supervisor" || !changed_names.contains(name) {
+                continue;
+            }
+            let supervisors: Vec<(u64, String)> = {
+                let k = kernel(lua);
+                let mid = k.module_id(name).expect("interned");
+                k.procs
+                    .values()
+                    .filter(|p| p.pid.module_index() == mid)
+                    .map(|p| (p.pid.serial(), k.pid_string(p.pid)))
+                    .collect()
+            };
+            for (serial, pid) in supervisors {
+                let watch = kernel(lua).watch.clone();
+                watch.arm_for_host_code();
+                let r = vm
+                    .validate_supervisor
+                    .call::<()>((table.clone(), serial as f64));
+                watch.disarm_host_code();
+                if let Err(e) = r {
+                    return Err(Error::ReloadAborted {
+                        step: "check".into(),
+                        module: Some(name.clone()),
+                        process: Some(pid.clone()),
+                        message: format!(
+                            "supervisor {pid} rejects the new spec: {}",
+                            first_line(&e.to_string())
+                        ),
+                    });
+                }
+            }
+        }
+
         // 4. Migrate states of processes whose module source changed, on copies.
         let migrate_started = Instant::now();
         let handler_fn = match &opts.state_handler {
@@ -686,6 +722,10 @@ impl Engine {
             },
         }))
     }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
 }
 
 fn luau(e: mlua::Error) -> Error {
