@@ -41,39 +41,15 @@ pub(crate) fn marker_of(v: &Value) -> Option<u64> {
 const PRELUDE: &str = include_str!("prelude.luau");
 const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
 
-/// Luau builtins every sandbox gets. `os` and `math.random` are capabilities.
-pub const SAFE_GLOBALS: &[&str] = &[
-    "assert",
-    "error",
-    "ipairs",
-    "next",
-    "pairs",
-    "pcall",
-    "xpcall",
-    "print",
-    "rawequal",
-    "rawget",
-    "rawlen",
-    "rawset",
-    "select",
-    "setmetatable",
-    "getmetatable",
-    "tonumber",
-    "tostring",
-    "type",
-    "typeof",
-    "unpack",
-    "bit32",
-    "buffer",
-    "math",
-    "string",
-    "table",
-    "utf8",
-    "vector",
-    "coroutine",
-    "graft",
-    "require",
-];
+/// Globals every sandbox gets: the Luau builtins the static analysis accepts
+/// ([`LUAU_SAFE_GLOBALS`](crate::upgrade::analysis::LUAU_SAFE_GLOBALS)) plus
+/// Graft's own `graft` and `require`. `os` and `math.random` are capabilities.
+pub fn safe_globals() -> impl Iterator<Item = &'static str> {
+    crate::upgrade::analysis::LUAU_SAFE_GLOBALS
+        .iter()
+        .copied()
+        .chain(["graft", "require"])
+}
 
 /// A host function an embedding app grants to a sandbox: JSON arguments in,
 /// JSON result (or an error message) out. It runs on the sandbox's scheduler
@@ -244,10 +220,10 @@ impl Vm {
         let graft: Table = prelude.raw_get("graft")?;
 
         let globals = lua.create_table()?;
-        for name in SAFE_GLOBALS {
-            let v: Value = real.raw_get(*name)?;
+        for name in safe_globals() {
+            let v: Value = real.raw_get(name)?;
             if !v.is_nil() {
-                globals.raw_set(*name, v)?;
+                globals.raw_set(name, v)?;
             }
         }
         globals.raw_set("graft", graft.clone())?;
@@ -434,7 +410,7 @@ fn install_host_functions(
 
 /// Names a module may use as globals in a sandbox with these grants and host functions.
 pub fn known_globals(grants: &[String], host_fns: &BTreeMap<String, HostFn>) -> Vec<String> {
-    let mut names: Vec<String> = SAFE_GLOBALS.iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = safe_globals().map(str::to_owned).collect();
     if grants.iter().any(|g| g == "clock") {
         names.push("os".into());
     }
