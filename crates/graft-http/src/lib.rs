@@ -557,13 +557,7 @@ async fn cast(
     UrlPath(id): UrlPath<String>,
     Body(body): Body<MessageBody>,
 ) -> ApiResult<Response> {
-    let sb = sandbox(&node, &id)?;
-    sb.cast(&body.to, body.message).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "status": "queued", "to": body.to })),
-    )
-        .into_response())
+    queue_message(&node, &id, body, true).await
 }
 
 async fn send(
@@ -571,8 +565,22 @@ async fn send(
     UrlPath(id): UrlPath<String>,
     Body(body): Body<MessageBody>,
 ) -> ApiResult<Response> {
-    let sb = sandbox(&node, &id)?;
-    sb.send(&body.to, body.message).await?;
+    queue_message(&node, &id, body, false).await
+}
+
+/// `cast` (handle_cast) or `send` (handle_info): both answer 202 once queued.
+async fn queue_message(
+    node: &Node,
+    id: &str,
+    body: MessageBody,
+    cast: bool,
+) -> ApiResult<Response> {
+    let sb = sandbox(node, id)?;
+    if cast {
+        sb.cast(&body.to, body.message).await?;
+    } else {
+        sb.send(&body.to, body.message).await?;
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "status": "queued", "to": body.to })),

@@ -320,7 +320,6 @@ pub(crate) struct Kernel {
     pub frozen: HashSet<u32>,
     /// Crashes of processes of these modules are counted for a canary.
     pub canary: Option<crate::upgrade::CanaryWatch>,
-    pub log: Vec<(String, String)>,
     /// Hosts waiting for the app to stop (graceful shutdown).
     pub app_stop_waiters: Vec<Arc<HostSlot>>,
 }
@@ -614,7 +613,6 @@ pub(crate) fn new_vm(
         app_status: AppStatus::None,
         frozen: HashSet::new(),
         canary: None,
-        log: Vec::new(),
         app_stop_waiters: Vec::new(),
     };
     vm.lua.set_app_data(k);

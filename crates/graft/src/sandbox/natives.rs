@@ -108,15 +108,13 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         if !is_server {
             return fail(lua, format!("graft.spawn: module `{module}` has no `init` function, so it cannot run as a process"));
         }
-        let (name, link, monitor) = match &opts {
+        let (name, link) = match &opts {
             Some(o) => (
                 o.raw_get::<Option<String>>("name")?,
                 o.raw_get::<Option<bool>>("link")?.unwrap_or(false),
-                o.raw_get::<Option<bool>>("monitor")?.unwrap_or(false),
             ),
-            None => (None, false, false),
+            None => (None, false),
         };
-        let _ = monitor;
         let token = k.token();
         let args = lua.create_registry_value(args)?;
         match k.create_process(
@@ -464,7 +462,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     });
 
     native!("log", |lua, (level, msg): (String, String)| {
-        let mut k = kernel(lua);
+        let k = kernel(lua);
         let who = k
             .current()
             .and_then(|s| k.procs.get(&s))
@@ -474,9 +472,6 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             "error" => tracing::error!(sandbox = %k.id, process = %who, "{msg}"),
             "warn" => tracing::warn!(sandbox = %k.id, process = %who, "{msg}"),
             _ => tracing::info!(sandbox = %k.id, process = %who, "{msg}"),
-        }
-        if k.log.len() < 10_000 {
-            k.log.push((level, msg));
         }
         Ok(())
     });
