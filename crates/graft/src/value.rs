@@ -56,13 +56,18 @@ impl Pid {
     }
     pub(crate) fn from_lua(v: &Value) -> Option<Pid> {
         match v {
-            Value::LightUserData(ud) => {
-                let raw = ud.0 as usize as u64;
-                // Job markers live above the pid range (see `vm::MARKER_BASE`).
-                (raw & SERIAL_MASK != 0 && raw < crate::vm::MARKER_BASE).then_some(Pid(raw))
-            }
+            Value::LightUserData(ud) => Pid::from_raw(ud.0 as usize as u64),
             _ => None,
         }
+    }
+    /// The pid a light userdata's bits stand for, if they are one.
+    pub(crate) fn from_raw(raw: u64) -> Option<Pid> {
+        // Job markers live above the pid range (see `vm::MARKER_BASE`).
+        (raw & SERIAL_MASK != 0 && raw < crate::vm::MARKER_BASE).then_some(Pid(raw))
+    }
+    /// The bits of its light userdata.
+    pub(crate) fn raw(self) -> u64 {
+        self.0
     }
     /// Parses the serial out of `"<module.serial>"` (the module part is informative).
     pub fn parse_serial(s: &str) -> Option<u64> {

@@ -168,7 +168,7 @@ impl Runtime {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         let serial = k
-            .create_process(mid, None, None, args, Waiter::Host(slot))
+            .create_process(mid, None, None, Some(args), Waiter::Host(slot))
             .map_err(|(e, _)| e)?;
         k.app = Some(serial);
         k.app_status = AppStatus::Running;
@@ -281,7 +281,7 @@ impl Runtime {
                 .map_err(|e| Error::Luau(e.to_string()))?;
             let mut k = kernel(lua);
             let job = Job::Call {
-                request: key,
+                request: Some(key),
                 from: None,
                 waiter: Waiter::Host(slot.clone()),
             };
@@ -342,7 +342,7 @@ impl Runtime {
                 .create_registry_value(v)
                 .map_err(|e| Error::Luau(e.to_string()))?;
             kernel(lua)
-                .create_process(mid, None, name, key, Waiter::Host(slot.clone()))
+                .create_process(mid, None, name, Some(key), Waiter::Host(slot.clone()))
                 .map_err(|(e, _)| e)?;
             Ok(())
         })();

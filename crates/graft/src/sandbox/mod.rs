@@ -12,6 +12,7 @@
 //! * Exits are processed from a work list, never recursively, so a long chain
 //!   of links cannot overflow the native stack.
 
+pub(crate) mod fast;
 mod natives;
 pub(crate) mod process;
 
@@ -80,7 +81,21 @@ pub(crate) struct Watch {
     thread: AtomicUsize,
     /// Whether to yield at the end of the slice (off during reload steps).
     preemptible: AtomicBool,
+    /// The caller's worker while the prelude runs a nested job itself: that
+    /// thread only runs prelude code until it closes the nested frame, so the
+    /// interrupt leaves it alone (a callee's timeout is the callee's).
+    exempt: AtomicUsize,
     handler_ms: u64,
+}
+
+/// What a callback had armed, restored when a nested one ends.
+#[derive(Clone, Copy)]
+pub(crate) struct WatchSave {
+    deadline: u64,
+    thread: usize,
+    preemptible: bool,
+    exempt: usize,
+    saved_at: u64,
 }
 
 impl Watch {
@@ -92,6 +107,7 @@ impl Watch {
             timed_out: AtomicBool::new(false),
             thread: AtomicUsize::new(0),
             preemptible: AtomicBool::new(false),
+            exempt: AtomicUsize::new(0),
             handler_ms,
         }
     }
@@ -108,23 +124,29 @@ impl Watch {
         self.check_at.store(deadline.min(slice), Ordering::Relaxed);
     }
     /// What the enclosing callback had armed, to restore after a nested one.
-    fn save(&self) -> (u64, usize, bool, u64) {
-        (
-            self.deadline.load(Ordering::Relaxed),
-            self.thread.load(Ordering::Relaxed),
-            self.preemptible.load(Ordering::Relaxed),
-            clock::coarse_ms(),
-        )
+    fn save(&self) -> WatchSave {
+        WatchSave {
+            deadline: self.deadline.load(Ordering::Relaxed),
+            thread: self.thread.load(Ordering::Relaxed),
+            preemptible: self.preemptible.load(Ordering::Relaxed),
+            exempt: self.exempt.load(Ordering::Relaxed),
+            saved_at: clock::coarse_ms(),
+        }
     }
     /// Re-arms the enclosing callback; the time the nested one ran does not
     /// count against the enclosing callback's `handler_ms`.
-    fn restore(&self, (deadline, thread, preemptible, saved_at): (u64, usize, bool, u64)) {
-        if thread == 0 && deadline == u64::MAX {
+    fn restore(&self, saved: WatchSave) {
+        self.exempt.store(saved.exempt, Ordering::Relaxed);
+        if saved.thread == 0 && saved.deadline == u64::MAX {
             self.disarm();
             return;
         }
-        let nested = clock::coarse_ms().saturating_sub(saved_at);
-        self.arm(deadline.saturating_add(nested), thread, preemptible);
+        let nested = clock::coarse_ms().saturating_sub(saved.saved_at);
+        self.arm(
+            saved.deadline.saturating_add(nested),
+            saved.thread,
+            saved.preemptible,
+        );
     }
     fn disarm(&self) {
         self.check_at.store(u64::MAX, Ordering::Relaxed);
@@ -183,7 +205,9 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
             return Act::Continue;
         };
         let now = clock::coarse_ms();
-        if now < watch.check_at.load(Ordering::Relaxed) {
+        if now < watch.check_at.load(Ordering::Relaxed)
+            || state as usize == watch.exempt.load(Ordering::Relaxed)
+        {
             return Act::Continue;
         }
         let deadline = watch.deadline.load(Ordering::Relaxed);
@@ -305,6 +329,8 @@ pub(crate) struct Kernel {
     pub module_versions: Vec<u32>,
     /// Serials whose callback is on the VM stack, innermost last.
     stack: Vec<(u64, u64)>,
+    /// Nested jobs the prelude runs itself, innermost last (a subset of `stack`).
+    nested: Vec<NestFrame>,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
     timer_data: SerialMap<Timer>,
     pool: Vec<Thread>,
@@ -465,7 +491,7 @@ impl Kernel {
         module: u32,
         parent: Option<u64>,
         name: Option<&str>,
-        args: RegistryKey,
+        args: Option<RegistryKey>,
         waiter: Waiter,
     ) -> Result<u64, (Error, Waiter)> {
         if self.procs.len() >= self.limits.max_processes {
@@ -489,6 +515,35 @@ impl Kernel {
         p.system = Some(Box::new(Job::Init { args, waiter }));
         self.procs.insert(serial, Box::new(p));
         self.wake(serial);
+        Ok(serial)
+    }
+
+    /// Creates a process record with no job queued: its init is about to run
+    /// nested ([`Kernel::begin_nested`]). Checks `max_processes` and the name.
+    pub fn create_idle_process(
+        &mut self,
+        module: u32,
+        parent: Option<u64>,
+        name: Option<&str>,
+    ) -> Result<u64, Error> {
+        if self.procs.len() >= self.limits.max_processes {
+            return Err(Error::TooManyProcesses(self.limits.max_processes));
+        }
+        if let Some(n) = name {
+            if self.names.contains_key(n) {
+                return Err(Error::InvalidInput(format!(
+                    "the name `{n}` is registered already"
+                )));
+            }
+        }
+        let serial = self.new_serial();
+        let pid = Pid::new(module, serial);
+        let mut p = Process::new(pid, parent, self.module_versions[module as usize]);
+        if let Some(n) = name {
+            p.name = Some(n.into());
+            self.names.insert(n.into(), serial);
+        }
+        self.procs.insert(serial, Box::new(p));
         Ok(serial)
     }
 
@@ -538,21 +593,87 @@ impl Kernel {
         None
     }
 
-    /// Whether `serial` may run its next job nested, right now: it is idle,
-    /// its only work is the message just delivered (or its init), no reload
-    /// froze its module, and the nesting depth allows it.
-    pub fn can_nest(&self, serial: u64) -> bool {
-        if self.stack.len() >= MAX_NESTING {
-            return false;
-        }
+    /// Whether `serial` may run a job nested in the current callback, right
+    /// now, ahead of its mailbox: it is idle with nothing queued (so order
+    /// is kept), no reload froze its module, and the nesting depth allows it.
+    pub fn nestable(&self, serial: u64) -> bool {
         let Some(p) = self.procs.get(&serial) else {
             return false;
         };
-        matches!(p.run, Run::Idle)
+        self.nesting_left()
+            && matches!(p.run, Run::Idle)
             && p.job.is_none()
             && p.dying.is_none()
-            && (p.mailbox.len() + usize::from(p.system.is_some())) == 1
+            && p.system.is_none()
+            && p.mailbox.is_empty()
             && !self.frozen.contains(&p.pid.module_index())
+    }
+
+    /// Starts `job` of `serial` nested in the current callback, on the worker
+    /// thread `co` that the prelude resumes itself. `caller`/`token` name who
+    /// waits if the job does not finish at once. Must be closed by [`nest_done`].
+    pub fn begin_nested(&mut self, serial: u64, job: Job, co: usize, wait: NestWait) {
+        let now = clock::coarse_ms();
+        let p = self.procs.get_mut(&serial).expect("nestable");
+        p.job = Some(job);
+        p.run = Run::Running;
+        p.used_ms = 0;
+        p.messages_handled += 1;
+        self.stack.push((serial, now));
+        let enclosing = self.watch.save();
+        // The caller's worker only runs prelude code until `nest_done`.
+        self.watch.exempt.store(enclosing.thread, Ordering::Relaxed);
+        self.watch.arm(now + self.limits.handler_ms, co, true);
+        self.nested.push(NestFrame {
+            serial,
+            wait,
+            enclosing,
+            start: now,
+        });
+    }
+
+    /// Whether a module can run as a process (it exports `init`).
+    pub fn is_server_module(&self, module: u32) -> bool {
+        self.module_tables
+            .get(module as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))))
+    }
+
+    /// Closes the innermost nested job whose callback returned in time when
+    /// nothing else is to decide (no exit arrived meanwhile): the common case
+    /// of [`nest_done`], without leaving Rust's borrow. Returns whether it did.
+    pub fn close_nested_fast(&mut self) -> bool {
+        let Some(frame) = self.nested.last() else {
+            return false;
+        };
+        let serial = frame.serial;
+        if self.watch.timed_out.load(Ordering::Relaxed)
+            || self
+                .procs
+                .get(&serial)
+                .is_none_or(|p| p.exit_pending.is_some() || !matches!(p.run, Run::Running))
+        {
+            return false;
+        }
+        let Some(frame) = self.nested.pop() else {
+            return false;
+        };
+        self.watch.restore(frame.enclosing);
+        self.stack.pop();
+        let elapsed = clock::coarse_ms().saturating_sub(frame.start) as u32;
+        if let Some(p) = self.procs.get_mut(&serial) {
+            p.used_ms = p.used_ms.saturating_add(elapsed);
+            p.run = Run::Idle;
+            p.job = None;
+        }
+        self.wake(serial);
+        true
+    }
+
+    /// Whether one more callback may nest on the VM stack.
+    pub fn nesting_left(&self) -> bool {
+        self.stack.len() < MAX_NESTING
     }
 
     pub fn is_on_stack(&self, serial: u64) -> bool {
@@ -600,6 +721,7 @@ pub(crate) fn new_vm(
         module_tables: Vec::new(),
         module_versions: Vec::new(),
         stack: Vec::new(),
+        nested: Vec::new(),
         timers: BinaryHeap::new(),
         timer_data: SerialMap::default(),
         pool: Vec::new(),
@@ -921,7 +1043,11 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
 
 /// The arguments of a job's callback: (a, b, c) as the prelude expects them.
 fn job_args(lua: &Lua, k: &Kernel, job: &Job) -> Result<(Value, Value, Value), String> {
-    let get = |key: &RegistryKey| lua.registry_value::<Value>(key).map_err(|e| e.to_string());
+    let get = |key: &Option<RegistryKey>| match key {
+        Some(key) => lua.registry_value::<Value>(key).map_err(|e| e.to_string()),
+        None => Ok(Value::Nil),
+    };
+    let get_msg = |key: &RegistryKey| lua.registry_value::<Value>(key).map_err(|e| e.to_string());
     Ok(match job {
         Job::Init { args, .. } => (get(args)?, Value::Nil, Value::Nil),
         Job::Call {
@@ -935,7 +1061,7 @@ fn job_args(lua: &Lua, k: &Kernel, job: &Job) -> Result<(Value, Value, Value), S
             // replies to processes are copied in the VM; hosts get JSON anyway
             Value::Boolean(matches!(waiter, Waiter::Process { .. })),
         ),
-        Job::Cast(m) | Job::Info(m) => (get(m)?, Value::Nil, Value::Nil),
+        Job::Cast(m) | Job::Info(m) => (get_msg(m)?, Value::Nil, Value::Nil),
         Job::Terminate(reason) => (
             reason.to_lua(lua).map_err(|e| e.to_string())?,
             Value::Nil,
@@ -950,26 +1076,45 @@ fn job_args(lua: &Lua, k: &Kernel, job: &Job) -> Result<(Value, Value, Value), S
 
 /// Resumes a worker thread for `serial` with the interrupt armed.
 fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
-    let (limits, watch, used) = {
+    let (limits, watch, used, depth, nested_depth) = {
         let mut k = kernel(lua);
         let used = k.procs.get(&serial).map(|p| p.used_ms).unwrap_or(0);
         let now = clock::coarse_ms();
+        let depths = (k.stack.len(), k.nested.len());
         k.stack.push((serial, now));
-        (k.limits.clone(), k.watch.clone(), used)
+        (k.limits.clone(), k.watch.clone(), used, depths.0, depths.1)
     };
     let start = clock::coarse_ms();
     let deadline = start + limits.handler_ms.saturating_sub(used as u64);
     let enclosing = watch.save();
+    watch.exempt.store(0, Ordering::Relaxed);
     watch.arm(deadline, thread.to_pointer() as usize, true);
     guest_memory(lua, &limits);
     let result = thread.resume::<MultiValue>(args);
     let timed_out = watch.timed_out.load(Ordering::Relaxed);
     watch.restore(enclosing);
-    if enclosing.1 == 0 {
+    if enclosing.thread == 0 {
         kernel_memory(lua, &limits);
     }
     let mut k = kernel(lua);
-    k.stack.pop();
+    k.stack.truncate(depth);
+    let orphans = k.nested.split_off(nested_depth);
+    if !orphans.is_empty() {
+        drop(k);
+        // The callback unwound (an error between the prelude's resume of a
+        // nested job and its `nest_done`): those jobs can never finish.
+        for frame in orphans.into_iter().rev() {
+            finish_job(
+                lua,
+                frame.serial,
+                Outcome::Failed(ExitReason::Error {
+                    message: "the calling callback was unwound while this callback ran".into(),
+                    traceback: String::new(),
+                }),
+            );
+        }
+        k = kernel(lua);
+    }
     if let Some(p) = k.procs.get_mut(&serial) {
         p.used_ms = p
             .used_ms
@@ -1012,6 +1157,132 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
         let _ = lua.gc_collect();
     }
     outcome
+}
+
+/// A job the prelude runs nested on a worker it resumes itself: the fast
+/// path of `graft.call` and `graft.spawn` between processes of one sandbox.
+/// Two native crossings per job (begin, [`nest_done`]); the request, the
+/// reply and the state never leave the VM.
+pub(crate) struct NestFrame {
+    serial: u64,
+    wait: NestWait,
+    enclosing: WatchSave,
+    start: u64,
+}
+
+/// Who waits for a nested job if it does not finish at once.
+pub(crate) struct NestWait {
+    pub caller: u64,
+    pub token: u64,
+    /// For calls: the caller's timeout, armed only if the caller must wait.
+    pub timeout_ms: Option<u64>,
+}
+
+/// How the prelude's resume of a nested worker ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NestEnd {
+    /// The callback returned (`DONE`).
+    Done = 1,
+    /// The callback raised (`FAIL`, with the prelude's error info).
+    Failed = 2,
+    /// The callback waits on a token of its own (`AWAIT`).
+    Awaiting = 3,
+    /// Preempted, or the guest yielded the worker.
+    Preempted = 4,
+    /// The worker died outside the prelude's `xpcall`.
+    Died = 5,
+}
+
+/// What the caller of a nested job does next.
+pub(crate) enum NestResult {
+    /// The job finished and its result stays in the VM.
+    Finished,
+    /// Already answered (a crash or refusal): `(ok, value)`.
+    Answered(bool, Value),
+    /// Wait for this token.
+    Wait(u64),
+}
+
+/// Closes the innermost nested frame: restores the caller's watch and
+/// decides what the caller does. `info` is the error info, or the callee's
+/// own token for [`NestEnd::Awaiting`]; `thread` is the worker for
+/// `Awaiting`/`Preempted` (the kernel keeps it to resume the callee later).
+pub(crate) fn nest_done(
+    lua: &Lua,
+    end: NestEnd,
+    info: Value,
+    thread: Option<Thread>,
+) -> mlua::Result<NestResult> {
+    let mut k = kernel(lua);
+    let Some(frame) = k.nested.pop() else {
+        return Err(mlua::Error::runtime("graft: no nested job is running"));
+    };
+    let timed_out = k.watch.timed_out.load(Ordering::Relaxed);
+    k.watch.restore(frame.enclosing);
+    k.stack.pop();
+    let serial = frame.serial;
+    let elapsed = clock::coarse_ms().saturating_sub(frame.start) as u32;
+    let Some(p) = k.procs.get_mut(&serial) else {
+        return Err(mlua::Error::runtime("graft: nested process vanished"));
+    };
+    p.used_ms = p.used_ms.saturating_add(elapsed);
+    if end == NestEnd::Done && !timed_out {
+        let normal_or_none = p.exit_pending.as_deref().is_none_or(|r| r.is_normal());
+        if matches!(p.job, Some(Job::Call { .. })) || normal_or_none {
+            p.run = Run::Idle;
+            p.job = None;
+            match p.exit_pending.take().map(|b| *b) {
+                Some(reason) => k.exit_process(serial, reason, true),
+                None => k.wake(serial),
+            }
+            return Ok(NestResult::Finished);
+        }
+    }
+    drop(k);
+    let outcome = match (end, thread) {
+        (NestEnd::Done, _) if timed_out => Outcome::Failed(ExitReason::Timeout),
+        (NestEnd::Done, _) => Outcome::Done(Value::Nil),
+        (NestEnd::Awaiting, Some(t)) => {
+            let token = match info {
+                Value::Number(n) => n as u64,
+                Value::Integer(n) => n as u64,
+                _ => 0,
+            };
+            Outcome::Suspended(token, t)
+        }
+        (NestEnd::Preempted, Some(t)) => Outcome::Preempted(t),
+        _ => Outcome::Failed(classify_failure(&info, timed_out)),
+    };
+    if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
+        let _ = lua.gc_collect();
+    }
+    finish_job(lua, serial, outcome);
+    let wait = frame.wait;
+    if let Some((ok, value)) = take_parked(lua, wait.caller, wait.token) {
+        return Ok(NestResult::Answered(ok, value));
+    }
+    if let Some(ms) = wait.timeout_ms {
+        let mut k = kernel(lua);
+        // As the caller named it, as far as we can tell: its name, else its pid.
+        let target = match k.procs.get(&serial) {
+            Some(p) => match &p.name {
+                Some(n) => n.to_string(),
+                None => k.pid_string(p.pid),
+            },
+            None => format!("#{serial}"),
+        };
+        k.add_timer_with_id(
+            wait.token,
+            clock::precise_ms() + ms,
+            Timer::CallTimeout {
+                serial: wait.caller,
+                token: wait.token,
+                target,
+                ms,
+            },
+        );
+    }
+    Ok(NestResult::Wait(wait.token))
 }
 
 impl Kernel {

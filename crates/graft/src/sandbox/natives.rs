@@ -2,10 +2,12 @@
 //! never raise; they return `(value)` or `(nil, message)` and the prelude
 //! raises at the guest's call site, so errors point at guest lines.
 
-use mlua::{Lua, MultiValue, Table, Value};
+use mlua::{Lua, MultiValue, Table, Thread, Value};
 use serde_json::Value as Json;
 
-use super::{kernel, send_exit_signal, Job, Kernel, Target, Timer, Waiter};
+use super::{
+    kernel, send_exit_signal, Job, Kernel, NestEnd, NestResult, NestWait, Target, Timer, Waiter,
+};
 use crate::clock;
 use crate::value::{lua_to_json, Pid};
 
@@ -33,19 +35,21 @@ fn to_json(k: &Kernel, v: &Value) -> Result<Json, String> {
     lua_to_json(v, &|p| k.pid_string(p)).map_err(|e| e.0)
 }
 
-/// Checks that the running Luau thread is the current process's worker thread,
-/// so `graft.call` from inside a guest coroutine fails clearly instead of
-/// yielding the wrong coroutine.
-fn on_worker_thread(lua: &Lua, k: &Kernel) -> bool {
-    lua.current_thread().to_pointer() as usize
-        == k.watch.thread.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     macro_rules! native {
         ($name:literal, $f:expr) => {
             n.raw_set($name, lua.create_function($f)?)?;
         };
+    }
+
+    // SAFETY: see `fast`: they only read their arguments and push plain values.
+    unsafe {
+        n.raw_set("call_fast", lua.create_c_function(super::fast::call_fast)?)?;
+        n.raw_set(
+            "spawn_fast",
+            lua.create_c_function(super::fast::spawn_fast)?,
+        )?;
+        n.raw_set("done_fast", lua.create_c_function(super::fast::done_fast)?)?;
     }
 
     native!("self", |lua, ()| {
@@ -72,41 +76,41 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("now", |_, ()| Ok(clock::unix_ms()));
 
+    // `spawn(module, args, opts, worker)`: the prelude passes a worker
+    // coroutine when the caller runs on its own worker thread. Returns
+    // `(serial, module, pid)` when the child's init is to run nested on that
+    // worker (then `nest_done`), `(false, token)` to wait, `(nil, message)`.
     native!("spawn", |lua,
-                      (module, args, opts): (
-        String,
+                      (module, args, opts, co): (
+        mlua::LuaString,
         Value,
-        Option<Table>
+        Option<Table>,
+        Option<Thread>
     )| {
         let mut k = kernel(lua);
         let Some(me) = k.current() else {
             return outside(lua, "spawn");
         };
-        if !on_worker_thread(lua, &k) {
+        let Some(co) = co else {
             return fail(
                 lua,
                 "graft.spawn cannot be used inside a coroutine the callback created",
             );
-        }
-        let Some(mid) = k
-            .module_id(&module)
-            .filter(|m| k.module_tables[*m as usize].is_some())
+        };
+        let Some((mid, table)) = k
+            .module_id(&module.to_str()?)
+            .and_then(|m| Some((m, k.module_tables[m as usize].clone()?)))
         else {
             return fail(
                 lua,
-                format!("graft.spawn: no module `{module}` in this sandbox"),
+                format!(
+                    "graft.spawn: no module `{}` in this sandbox",
+                    module.to_string_lossy()
+                ),
             );
         };
-        let is_server = k.module_tables[mid as usize]
-            .as_ref()
-            .map(|t| {
-                t.raw_get::<Value>("init")
-                    .map(|v| v.is_function())
-                    .unwrap_or(false)
-            })
-            .unwrap_or(false);
-        if !is_server {
-            return fail(lua, format!("graft.spawn: module `{module}` has no `init` function, so it cannot run as a process"));
+        if !matches!(table.raw_get::<Value>("init")?, Value::Function(_)) {
+            return fail(lua, format!("graft.spawn: module `{}` has no `init` function, so it cannot run as a process", module.to_string_lossy()));
         }
         let (name, link) = match &opts {
             Some(o) => (
@@ -116,58 +120,76 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             None => (None, false),
         };
         let token = k.token();
-        let args = lua.create_registry_value(args)?;
-        match k.create_process(
-            mid,
-            Some(me),
-            name.as_deref(),
-            args,
-            Waiter::Process { serial: me, token },
-        ) {
-            Ok(child) => {
-                if link {
-                    k.procs.get_mut(&child).expect("new").links.push(me);
-                    if let Some(p) = k.procs.get_mut(&me) {
-                        p.links.push(child);
-                    }
-                }
-                // Fast path: run the child's init at once, nested.
-                let nest = k.can_nest(child);
-                drop(k);
-                if nest {
-                    super::run_process(lua, child);
-                }
-                match super::take_parked(lua, me, token) {
-                    Some((true, pid)) => Ok(MultiValue::from_iter([pid])),
-                    Some((false, err)) => Ok(MultiValue::from_iter([Value::Nil, err])),
-                    None => Ok(MultiValue::from_iter([
-                        Value::Nil,
-                        Value::Number(token as f64),
-                    ])),
-                }
+        let waiter = Waiter::Process { serial: me, token };
+        // Nested unless the nesting depth is used up or a pending reload
+        // froze the module (a new process is idle otherwise).
+        let nest = k.nesting_left() && !k.frozen.contains(&mid);
+        let child = if nest {
+            k.create_idle_process(mid, Some(me), name.as_deref())
+        } else {
+            let args = lua.create_registry_value(args.clone())?;
+            k.create_process(mid, Some(me), name.as_deref(), Some(args), waiter)
+                .map_err(|(e, _)| e)
+        };
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => return fail(lua, format!("graft.spawn: {e}")),
+        };
+        if link {
+            k.procs.get_mut(&child).expect("new").links.push(me);
+            if let Some(p) = k.procs.get_mut(&me) {
+                p.links.push(child);
             }
-            Err((e, _)) => fail(lua, format!("graft.spawn: {e}")),
         }
+        if !nest {
+            return Ok(MultiValue::from_iter([
+                Value::Boolean(false),
+                Value::Number(token as f64),
+            ]));
+        }
+        let pid = k.procs.get(&child).expect("new").pid;
+        k.begin_nested(
+            child,
+            Job::Init {
+                args: None,
+                waiter: Waiter::Process { serial: me, token },
+            },
+            co.to_pointer() as usize,
+            NestWait {
+                caller: me,
+                token,
+                timeout_ms: None,
+            },
+        );
+        Ok(MultiValue::from_iter([
+            Value::Number(child as f64),
+            Value::Table(table),
+            pid.to_lua(),
+        ]))
     });
 
+    // `call(target, request, timeout_ms, worker)`: returns `(serial, module,
+    // from)` when the callee is idle and its handler is to run nested on the
+    // worker (then `nest_done`), `(false, token)` to wait, `(nil, message)`.
     native!("call", |lua,
-                     (target, request, timeout): (
+                     (target, request, timeout, co): (
         Value,
         Value,
-        Option<f64>
+        Option<f64>,
+        Option<Thread>
     )| {
         let mut k = kernel(lua);
         let Some(me) = k.current() else {
             return outside(lua, "call");
         };
-        if !on_worker_thread(lua, &k) {
+        let Some(co) = co else {
             return fail(
                 lua,
                 "graft.call cannot be used inside a coroutine the callback created",
             );
-        }
-        let desc = k.describe_value(&target);
+        };
         let Some(to) = k.resolve_value(&target) else {
+            let desc = k.describe_value(&target);
             return fail(lua, format!("graft.call: no process {desc}"));
         };
         if to == me {
@@ -183,34 +205,44 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         };
         let token = k.token();
         let from = k.procs.get(&me).map(|p| p.pid);
-        let request = lua.create_registry_value(request)?;
+        let waiter = Waiter::Process { serial: me, token };
+        // Fast path: an idle callee runs its handler right here, nested; if
+        // it replies without waiting itself, the caller never suspends (and
+        // no timeout timer is needed: nothing else runs meanwhile).
+        if k.nestable(to) {
+            let module = k.module_tables[k.procs[&to].pid.module_index() as usize].clone();
+            k.begin_nested(
+                to,
+                Job::Call {
+                    request: None,
+                    from,
+                    waiter,
+                },
+                co.to_pointer() as usize,
+                NestWait {
+                    caller: me,
+                    token,
+                    timeout_ms: Some(ms),
+                },
+            );
+            return Ok(MultiValue::from_iter([
+                Value::Number(to as f64),
+                module.map(Value::Table).unwrap_or(Value::Nil),
+                from.map(|p| p.to_lua()).unwrap_or(Value::Nil),
+            ]));
+        }
+        let desc = k.describe_value(&target);
         let job = Job::Call {
-            request,
+            request: Some(lua.create_registry_value(request)?),
             from,
-            waiter: Waiter::Process { serial: me, token },
+            waiter,
         };
         if let Err((e, _)) = k.deliver(to, job) {
             return fail(lua, format!("graft.call: {e}"));
         }
-        // Fast path: an idle callee runs its handler right here, nested; if
-        // it replies without waiting itself, the caller never suspends (and
-        // no timeout timer is needed: nothing else runs meanwhile).
-        let nest = k.can_nest(to);
-        drop(k);
-        if nest {
-            super::run_process(lua, to);
-        }
-        if let Some((ok, value)) = super::take_parked(lua, me, token) {
-            return Ok(MultiValue::from_iter([
-                Value::Boolean(false),
-                Value::Nil,
-                Value::Boolean(ok),
-                value,
-            ]));
-        }
         // The token names the timeout timer, so a reply cancels it.
         let at = clock::precise_ms() + ms;
-        kernel(lua).add_timer_with_id(
+        k.add_timer_with_id(
             token,
             at,
             Timer::CallTimeout {
@@ -220,7 +252,37 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 ms,
             },
         );
-        ok(lua, token as f64)
+        Ok(MultiValue::from_iter([
+            Value::Boolean(false),
+            Value::Number(token as f64),
+        ]))
+    });
+
+    // `nest_done(end, info, worker)`: closes the nested job begun by `call`
+    // or `spawn`. Returns `true` (finished; the result stays in the VM),
+    // `(false, token)` to wait, or `(nil, ok, value)` when already answered.
+    native!("nest_done", |lua,
+                          (end, info, co): (
+        u8,
+        Value,
+        Option<Thread>
+    )| {
+        let end = match end {
+            1 => NestEnd::Done,
+            2 => NestEnd::Failed,
+            3 => NestEnd::Awaiting,
+            4 => NestEnd::Preempted,
+            _ => NestEnd::Died,
+        };
+        Ok(match super::nest_done(lua, end, info, co)? {
+            NestResult::Finished => MultiValue::from_iter([Value::Boolean(true)]),
+            NestResult::Wait(token) => {
+                MultiValue::from_iter([Value::Boolean(false), Value::Number(token as f64)])
+            }
+            NestResult::Answered(ok, v) => {
+                MultiValue::from_iter([Value::Nil, Value::Boolean(ok), v])
+            }
+        })
     });
 
     native!("cast", |lua, (target, msg): (Value, Value)| send_like(

@@ -51,13 +51,16 @@ pub(crate) enum Waiter {
 }
 
 /// Work a process does, one callback each.
+///
+/// A payload (`args`, `request`) is `None` when the job runs nested and the
+/// prelude hands the value to the callback itself: it never leaves the VM.
 pub(crate) enum Job {
     Init {
-        args: RegistryKey,
+        args: Option<RegistryKey>,
         waiter: Waiter,
     },
     Call {
-        request: RegistryKey,
+        request: Option<RegistryKey>,
         from: Option<Pid>,
         waiter: Waiter,
     },

@@ -660,6 +660,21 @@ impl Engine {
             }));
         }
 
+        // The prelude's mirror gets a slot for every module first, so the
+        // stores at the commit replace values and cannot allocate.
+        {
+            let k = kernel(lua);
+            for (name, _) in &new_tables {
+                let slot = k.module_id(name).expect("interned") as usize + 1;
+                let missing = vm.modules.raw_get::<Value>(slot).map(|v| v.is_nil());
+                if missing.unwrap_or(true) {
+                    vm.modules
+                        .raw_set(slot, false)
+                        .map_err(|e| Error::Luau(format!("reload aborted: {e}")))?;
+                }
+            }
+        }
+
         // 5. Commit. Nothing below can fail half-way (see module docs).
         for (serial_table, out) in &migrations {
             vm_commit_states(vm, serial_table, out)?;
@@ -670,6 +685,7 @@ impl Engine {
             for (name, table) in &new_tables {
                 let mid = k.module_id(name).expect("interned");
                 k.module_tables[mid as usize] = Some(table.clone());
+                let _ = vm.modules.raw_set(mid as usize + 1, table.clone());
                 let _ = self.view.raw_set(name.as_str(), table.clone());
                 if module_kind(table) == "supervisor" && changed_names.contains(name) {
                     supervisors_changed.push(mid);

@@ -66,6 +66,8 @@ pub(crate) struct Vm {
     pub commit_states: Function,
     pub validate_supervisor: Function,
     pub states: Table,
+    /// The prelude's mirror of current module tables, by module index + 1.
+    pub modules: Table,
     pub globals: Table,
     pub set_view: Function,
 }
@@ -302,6 +304,7 @@ impl Vm {
             commit_states: prelude.raw_get("commit_states")?,
             validate_supervisor: prelude.raw_get("validate_supervisor")?,
             states: prelude.raw_get("states")?,
+            modules: prelude.raw_get("modules")?,
             set_view: view_fns.raw_get("set_view")?,
             globals,
             lua,
