@@ -29,7 +29,7 @@ use crate::clock;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::value::{lua_to_json, ExitReason, Pid};
-use crate::vm::{self, Vm, MARK_AWAIT, MARK_DONE, MARK_FAIL};
+use crate::vm::{self, Vm, MARK_AWAIT, MARK_DONE};
 
 pub(crate) use process::{HostSlot, Job, Process, Run, Waiter};
 
@@ -167,26 +167,34 @@ impl Watch {
 
 thread_local! {
     /// The watch of the sandbox whose VM this thread is running. The VM
-    /// interrupt runs at every Luau call and loop back-edge, so it reads its
-    /// limits from here (a thread-local load) rather than through mlua's
-    /// callback machinery; a sandbox is only ever run by one thread at a time.
-    static WATCH: std::cell::RefCell<Option<Arc<Watch>>> = const { std::cell::RefCell::new(None) };
+    /// interrupt runs at every Luau call, return and loop back-edge, so it
+    /// reads its limits through this raw pointer (one thread-local load)
+    /// rather than through mlua's callback machinery; a sandbox is only ever
+    /// run by one thread at a time. The [`WatchScope`] that set it keeps the
+    /// watch alive.
+    static WATCH: std::cell::Cell<*const Watch> = const { std::cell::Cell::new(std::ptr::null()) };
 }
 
 /// Makes `watch` the one the interrupt enforces on this thread until dropped.
-pub(crate) struct WatchScope(Option<Arc<Watch>>);
+pub(crate) struct WatchScope {
+    _watch: Arc<Watch>,
+    previous: *const Watch,
+}
 
 impl WatchScope {
     pub fn enter(lua: &Lua) -> WatchScope {
         let watch = kernel(lua).watch.clone();
-        WatchScope(WATCH.with(|w| w.replace(Some(watch))))
+        let previous = WATCH.with(|w| w.replace(Arc::as_ptr(&watch)));
+        WatchScope {
+            _watch: watch,
+            previous,
+        }
     }
 }
 
 impl Drop for WatchScope {
     fn drop(&mut self) {
-        let previous = self.0.take();
-        WATCH.with(|w| *w.borrow_mut() = previous);
+        WATCH.with(|w| w.set(self.previous));
     }
 }
 
@@ -199,31 +207,36 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
         Timeout(u64),
         Yield,
     }
-    let act = WATCH.with(|w| {
-        let w = w.borrow();
-        let Some(watch) = w.as_ref() else {
-            return Act::Continue;
-        };
+    let watch = WATCH.with(|w| w.get());
+    if watch.is_null() {
+        return;
+    }
+    // SAFETY: set by a live `WatchScope` on this thread, which owns an Arc.
+    let watch = &*watch;
+    let act = {
         let now = clock::coarse_ms();
         if now < watch.check_at.load(Ordering::Relaxed)
             || state as usize == watch.exempt.load(Ordering::Relaxed)
         {
-            return Act::Continue;
+            Act::Continue
+        } else {
+            let deadline = watch.deadline.load(Ordering::Relaxed);
+            if now >= deadline || watch.timed_out.load(Ordering::Relaxed) {
+                watch.timed_out.store(true, Ordering::Relaxed);
+                Act::Timeout(watch.handler_ms)
+            } else {
+                watch.check_at.store(deadline, Ordering::Relaxed);
+                if watch.preemptible.load(Ordering::Relaxed)
+                    && now >= watch.slice_end.load(Ordering::Relaxed)
+                    && state as usize == watch.thread.load(Ordering::Relaxed)
+                {
+                    Act::Yield
+                } else {
+                    Act::Continue
+                }
+            }
         }
-        let deadline = watch.deadline.load(Ordering::Relaxed);
-        if now >= deadline || watch.timed_out.load(Ordering::Relaxed) {
-            watch.timed_out.store(true, Ordering::Relaxed);
-            return Act::Timeout(watch.handler_ms);
-        }
-        watch.check_at.store(deadline, Ordering::Relaxed);
-        if watch.preemptible.load(Ordering::Relaxed)
-            && now >= watch.slice_end.load(Ordering::Relaxed)
-            && state as usize == watch.thread.load(Ordering::Relaxed)
-        {
-            return Act::Yield;
-        }
-        Act::Continue
-    });
+    };
     match act {
         Act::Continue => {}
         // Raised again at every safepoint once past the deadline, so a
@@ -325,6 +338,8 @@ pub(crate) struct Kernel {
     module_index: HashMap<Arc<str>, u32>,
     /// Current module tables by module index (None: not loaded / library).
     pub module_tables: Vec<Option<Table>>,
+    /// Whether each module's current table exports `init` (by module index).
+    module_servers: Vec<bool>,
     /// Current version number by module index.
     pub module_versions: Vec<u32>,
     /// Serials whose callback is on the VM stack, innermost last.
@@ -335,6 +350,8 @@ pub(crate) struct Kernel {
     timer_data: SerialMap<Timer>,
     pool: Vec<Thread>,
     pub worker: Function,
+    /// The prelude's `failure_of(worker, error)`: the crash info of a dead worker.
+    pub failure_of: Function,
     pub states: Table,
     pub watch: Arc<Watch>,
     exits: VecDeque<(u64, ExitReason, bool)>,
@@ -373,6 +390,7 @@ impl Kernel {
         self.module_names.push(name.clone());
         self.module_index.insert(name, i);
         self.module_tables.push(None);
+        self.module_servers.push(false);
         self.module_versions.push(0);
         i
     }
@@ -437,10 +455,16 @@ impl Kernel {
         }
     }
 
-    /// Marks a process runnable (it will be looked at by the scheduler).
+    /// Marks a process runnable if it has something to run (an idle process
+    /// with an empty mailbox stays off the run queue).
     pub fn wake(&mut self, serial: u64) {
         if let Some(p) = self.procs.get_mut(&serial) {
-            if !p.queued && matches!(p.run, Run::Idle | Run::Resumable { .. }) {
+            let has_work = match p.run {
+                Run::Idle => p.system.is_some() || !p.mailbox.is_empty(),
+                Run::Resumable { .. } => true,
+                Run::Running | Run::Suspended { .. } => false,
+            };
+            if !p.queued && has_work {
                 p.queued = true;
                 self.ready.push_back(serial);
             }
@@ -632,12 +656,19 @@ impl Kernel {
         });
     }
 
-    /// Whether a module can run as a process (it exports `init`).
+    /// Whether a module can run as a process (its current table exports `init`).
     pub fn is_server_module(&self, module: u32) -> bool {
-        self.module_tables
+        self.module_servers
             .get(module as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|t| matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Installs the current table of a module (at a reload's commit).
+    pub fn set_module_table(&mut self, module: u32, table: Table) {
+        let is_server = matches!(table.raw_get::<Value>("init"), Ok(Value::Function(_)));
+        self.module_servers[module as usize] = is_server;
+        self.module_tables[module as usize] = Some(table);
     }
 
     /// Closes the innermost nested job whose callback returned in time when
@@ -719,6 +750,7 @@ pub(crate) fn new_vm(
         module_names: Vec::new(),
         module_index: HashMap::new(),
         module_tables: Vec::new(),
+        module_servers: Vec::new(),
         module_versions: Vec::new(),
         stack: Vec::new(),
         nested: Vec::new(),
@@ -726,6 +758,7 @@ pub(crate) fn new_vm(
         timer_data: SerialMap::default(),
         pool: Vec::new(),
         worker: vm.worker.clone(),
+        failure_of: vm.failure_of.clone(),
         states: vm.states.clone(),
         watch,
         exits: VecDeque::new(),
@@ -1129,10 +1162,10 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
                     k.pool_return(thread.clone());
                     Outcome::Done(it.next().unwrap_or(Value::Nil))
                 }
-                Some(MARK_FAIL) | Some(MARK_DONE) => {
-                    let info = it.next().unwrap_or(Value::Nil);
+                Some(MARK_DONE) => {
+                    // Returned, but past its deadline.
                     k.pool_return(thread.clone());
-                    Outcome::Failed(classify_failure(&info, timed_out))
+                    Outcome::Failed(ExitReason::Timeout)
                 }
                 Some(MARK_AWAIT) => {
                     let token = match it.next() {
@@ -1147,7 +1180,29 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
                 _ => Outcome::Preempted(thread.clone()),
             }
         }
-        Err(e) => Outcome::Failed(classify_error(&e, timed_out)),
+        Err(e) => {
+            // The callback raised and ended its worker; the worker's stack
+            // still shows where.
+            let failure_of = k.failure_of.clone();
+            drop(k);
+            let message = match &e {
+                mlua::Error::RuntimeError(m) => m
+                    .split_once("\nstack traceback:")
+                    .map_or(m.as_str(), |(head, _)| head)
+                    .to_owned(),
+                other => other.to_string(),
+            };
+            let info = failure_of
+                .call::<Value>((thread.clone(), message))
+                .unwrap_or(Value::Nil);
+            k = kernel(lua);
+            match info {
+                Value::Table(_) if !matches!(e, mlua::Error::MemoryError(_)) => {
+                    Outcome::Failed(classify_failure(&info, timed_out))
+                }
+                _ => Outcome::Failed(classify_error(&e, timed_out)),
+            }
+        }
     };
     if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
         // Luau does not collect when an allocation fails; without a full
@@ -1183,14 +1238,12 @@ pub(crate) struct NestWait {
 pub(crate) enum NestEnd {
     /// The callback returned (`DONE`).
     Done = 1,
-    /// The callback raised (`FAIL`, with the prelude's error info).
+    /// The callback raised and ended its worker (info from `failure_of`).
     Failed = 2,
     /// The callback waits on a token of its own (`AWAIT`).
     Awaiting = 3,
     /// Preempted, or the guest yielded the worker.
     Preempted = 4,
-    /// The worker died outside the prelude's `xpcall`.
-    Died = 5,
 }
 
 /// What the caller of a nested job does next.

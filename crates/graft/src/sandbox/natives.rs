@@ -272,7 +272,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             2 => NestEnd::Failed,
             3 => NestEnd::Awaiting,
             4 => NestEnd::Preempted,
-            _ => NestEnd::Died,
+            _ => NestEnd::Failed,
         };
         Ok(match super::nest_done(lua, end, info, co)? {
             NestResult::Finished => MultiValue::from_iter([Value::Boolean(true)]),

@@ -684,7 +684,7 @@ impl Engine {
             let mut k = kernel(lua);
             for (name, table) in &new_tables {
                 let mid = k.module_id(name).expect("interned");
-                k.module_tables[mid as usize] = Some(table.clone());
+                k.set_module_table(mid, table.clone());
                 let _ = vm.modules.raw_set(mid as usize + 1, table.clone());
                 let _ = self.view.raw_set(name.as_str(), table.clone());
                 if module_kind(table) == "supervisor" && changed_names.contains(name) {

@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 /// pids stay below it.
 pub(crate) const MARKER_BASE: u64 = 1 << 62;
 pub(crate) const MARK_DONE: u64 = MARKER_BASE + 1;
-pub(crate) const MARK_FAIL: u64 = MARKER_BASE + 2;
 pub(crate) const MARK_AWAIT: u64 = MARKER_BASE + 3;
 
 pub(crate) fn marker(v: u64) -> Value {
@@ -62,6 +61,7 @@ pub type HostFn = Arc<
 pub(crate) struct Vm {
     pub lua: Lua,
     pub worker: Function,
+    pub failure_of: Function,
     pub migrate_all: Function,
     pub commit_states: Function,
     pub validate_supervisor: Function,
@@ -212,7 +212,6 @@ impl Vm {
 
         let natives = lua.create_table()?;
         natives.raw_set("DONE", marker(MARK_DONE))?;
-        natives.raw_set("FAIL", marker(MARK_FAIL))?;
         natives.raw_set("AWAIT", marker(MARK_AWAIT))?;
         natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
         install_natives(&lua, &natives)?;
@@ -300,6 +299,7 @@ impl Vm {
 
         Ok(Vm {
             worker: prelude.raw_get("worker")?,
+            failure_of: prelude.raw_get("failure_of")?,
             migrate_all: prelude.raw_get("migrate_all")?,
             commit_states: prelude.raw_get("commit_states")?,
             validate_supervisor: prelude.raw_get("validate_supervisor")?,
