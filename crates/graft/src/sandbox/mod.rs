@@ -642,6 +642,7 @@ impl Kernel {
         p.job = Some(job);
         p.run = Run::Running;
         p.used_ms = 0;
+        p.nested_ms = 0;
         p.messages_handled += 1;
         self.stack.push((serial, now));
         let enclosing = self.watch.save();
@@ -654,6 +655,20 @@ impl Kernel {
             enclosing,
             start: now,
         });
+    }
+
+    /// Charges `serial` for the time since `started` that it ran itself
+    /// (minus what callbacks nested in it took), and, when it ran nested in
+    /// `caller`, excludes all of that time from the caller's charge.
+    fn charge(&mut self, serial: u64, started: u64, caller: Option<u64>) {
+        let elapsed = clock::coarse_ms().saturating_sub(started) as u32;
+        if let Some(p) = self.procs.get_mut(&serial) {
+            let own = elapsed.saturating_sub(std::mem::take(&mut p.nested_ms));
+            p.used_ms = p.used_ms.saturating_add(own);
+        }
+        if let Some(p) = caller.and_then(|c| self.procs.get_mut(&c)) {
+            p.nested_ms = p.nested_ms.saturating_add(elapsed);
+        }
     }
 
     /// Whether a module can run as a process (its current table exports `init`).
@@ -692,9 +707,8 @@ impl Kernel {
         };
         self.watch.restore(frame.enclosing);
         self.stack.pop();
-        let elapsed = clock::coarse_ms().saturating_sub(frame.start) as u32;
+        self.charge(serial, frame.start, Some(frame.wait.caller));
         if let Some(p) = self.procs.get_mut(&serial) {
-            p.used_ms = p.used_ms.saturating_add(elapsed);
             p.run = Run::Idle;
             p.job = None;
         }
@@ -1017,6 +1031,7 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
                 };
                 let module = p.pid.module_index();
                 p.used_ms = 0;
+                p.nested_ms = 0;
                 let op = job.op();
                 let (a, b, c) = match job_args(lua, &k, &job) {
                     Ok(v) => v,
@@ -1148,11 +1163,7 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
         }
         k = kernel(lua);
     }
-    if let Some(p) = k.procs.get_mut(&serial) {
-        p.used_ms = p
-            .used_ms
-            .saturating_add(clock::coarse_ms().saturating_sub(start) as u32);
-    }
+    k.charge(serial, start, None);
     let outcome = match result {
         Ok(values) => {
             let mut it = values.into_iter();
@@ -1274,11 +1285,10 @@ pub(crate) fn nest_done(
     k.watch.restore(frame.enclosing);
     k.stack.pop();
     let serial = frame.serial;
-    let elapsed = clock::coarse_ms().saturating_sub(frame.start) as u32;
+    k.charge(serial, frame.start, Some(frame.wait.caller));
     let Some(p) = k.procs.get_mut(&serial) else {
         return Err(mlua::Error::runtime("graft: nested process vanished"));
     };
-    p.used_ms = p.used_ms.saturating_add(elapsed);
     if end == NestEnd::Done && !timed_out {
         let normal_or_none = p.exit_pending.as_deref().is_none_or(|r| r.is_normal());
         if matches!(p.job, Some(Job::Call { .. })) || normal_or_none {

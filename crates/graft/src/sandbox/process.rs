@@ -126,6 +126,9 @@ pub(crate) struct Process {
     pub version: u32,
     /// Milliseconds of CPU its current callback used before it was suspended.
     pub used_ms: u32,
+    /// Milliseconds that callbacks nested in its current stretch of running
+    /// took: not its own time, so not charged to its `handler_ms`.
+    pub nested_ms: u32,
     pub messages_handled: u32,
     /// An answer that arrived before the callback suspended on its token (the
     /// callback was preempted between asking and waiting).
@@ -153,6 +156,7 @@ impl Process {
             shutdown_waiters: Vec::new(),
             version,
             used_ms: 0,
+            nested_ms: 0,
             messages_handled: 0,
             parked: None,
             crashed_callers: Vec::new(),
