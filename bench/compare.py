@@ -403,7 +403,8 @@ def notes(graft, edit, otp, otp_ok, deb, args):
             extra.append(f"* Graft baseline: a bare mlua call of a Luau function: {fmt_ns(r.get('per_op_ns'))}")
         elif w == "sandbox_create":
             extra.append(f"* Graft sandbox create: {fmt_us(r.get('per_op_us'))} "
-                         f"(memory {fmt_bytes(r.get('memory_bytes'))}, Luau heap {fmt_bytes(r.get('luau_heap_bytes'))})")
+                         f"(resident {fmt_bytes(r.get('resident_bytes'))} per sandbox; allocated "
+                         f"{fmt_bytes(r.get('memory_bytes'))}, of it Luau heap pages {fmt_bytes(r.get('luau_heap_bytes'))})")
         elif w == "batch_reload":
             extra.append(f"* Graft batch reload of {r.get('sandboxes')} sandboxes: "
                          f"{fmt_us(r.get('total_us'))} (max_concurrency {r.get('max_concurrency')})")
