@@ -162,11 +162,15 @@ pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) ->
     }
 }
 
-/// `done_fast()`: closes the innermost nested job when its callback
-/// returned in time and nothing else needs deciding. Returns `true`, or
-/// nothing (then `N.nest_done` closes it).
+/// `done_fast(serial)`: closes the nested job of `serial` when it is the
+/// innermost, its callback returned in time and nothing else needs deciding.
+/// Returns `true`, or nothing (then `N.nest_done` closes it).
 pub(crate) unsafe extern "C-unwind" fn done_fast(state: *mut ffi::lua_State) -> c_int {
-    let closed = with_kernel(state, |k| k.close_nested_fast());
+    if ffi::lua_type(state, 1) != ffi::LUA_TNUMBER {
+        return 0;
+    }
+    let serial = ffi::lua_tonumber(state, 1) as u64;
+    let closed = with_kernel(state, |k| k.close_nested_fast(serial));
     if closed == Some(true) {
         ffi::lua_pushboolean(state, 1);
         1

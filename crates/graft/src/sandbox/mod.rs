@@ -689,12 +689,12 @@ impl Kernel {
     /// Closes the innermost nested job whose callback returned in time when
     /// nothing else is to decide (no exit arrived meanwhile): the common case
     /// of [`nest_done`], without leaving Rust's borrow. Returns whether it did.
-    pub fn close_nested_fast(&mut self) -> bool {
+    pub fn close_nested_fast(&mut self, serial: u64) -> bool {
         let Some(frame) = self.nested.last() else {
             return false;
         };
-        let serial = frame.serial;
-        if self.watch.timed_out.load(Ordering::Relaxed)
+        if frame.serial != serial
+            || self.watch.timed_out.load(Ordering::Relaxed)
             || self
                 .procs
                 .get(&serial)
@@ -1149,18 +1149,7 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
     let orphans = k.nested.split_off(nested_depth);
     if !orphans.is_empty() {
         drop(k);
-        // The callback unwound (an error between the prelude's resume of a
-        // nested job and its `nest_done`): those jobs can never finish.
-        for frame in orphans.into_iter().rev() {
-            finish_job(
-                lua,
-                frame.serial,
-                Outcome::Failed(ExitReason::Error {
-                    message: "the calling callback was unwound while this callback ran".into(),
-                    traceback: String::new(),
-                }),
-            );
-        }
+        crash_orphans(lua, orphans);
         k = kernel(lua);
     }
     k.charge(serial, start, None);
@@ -1267,24 +1256,52 @@ pub(crate) enum NestResult {
     Wait(u64),
 }
 
+/// Crashes the processes of nested frames whose calling callback unwound
+/// before closing them (innermost first): those jobs can never finish.
+fn crash_orphans(lua: &Lua, orphans: Vec<NestFrame>) {
+    for frame in orphans.into_iter().rev() {
+        finish_job(
+            lua,
+            frame.serial,
+            Outcome::Failed(ExitReason::Error {
+                message: "the calling callback was unwound while this callback ran".into(),
+                traceback: String::new(),
+            }),
+        );
+    }
+}
+
 /// Closes the innermost nested frame: restores the caller's watch and
 /// decides what the caller does. `info` is the error info, or the callee's
 /// own token for [`NestEnd::Awaiting`]; `thread` is the worker for
 /// `Awaiting`/`Preempted` (the kernel keeps it to resume the callee later).
 pub(crate) fn nest_done(
     lua: &Lua,
+    serial: u64,
     end: NestEnd,
     info: Value,
     thread: Option<Thread>,
 ) -> mlua::Result<NestResult> {
     let mut k = kernel(lua);
+    let Some(at) = k.nested.iter().rposition(|f| f.serial == serial) else {
+        return Err(mlua::Error::runtime("graft: no such nested job is running"));
+    };
+    // Frames above it belong to callbacks that unwound without closing them
+    // (the callee's worker died inside its own nested call's bookkeeping).
+    let orphans = k.nested.split_off(at + 1);
+    if !orphans.is_empty() {
+        let depth = k.stack.len() - orphans.len();
+        k.stack.truncate(depth);
+        drop(k);
+        crash_orphans(lua, orphans);
+        k = kernel(lua);
+    }
     let Some(frame) = k.nested.pop() else {
         return Err(mlua::Error::runtime("graft: no nested job is running"));
     };
     let timed_out = k.watch.timed_out.load(Ordering::Relaxed);
     k.watch.restore(frame.enclosing);
     k.stack.pop();
-    let serial = frame.serial;
     k.charge(serial, frame.start, Some(frame.wait.caller));
     let Some(p) = k.procs.get_mut(&serial) else {
         return Err(mlua::Error::runtime("graft: nested process vanished"));

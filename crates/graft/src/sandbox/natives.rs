@@ -258,11 +258,12 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         ]))
     });
 
-    // `nest_done(end, info, worker)`: closes the nested job begun by `call`
+    // `nest_done(serial, end, info, worker)`: closes the nested job begun by `call`
     // or `spawn`. Returns `true` (finished; the result stays in the VM),
     // `(false, token)` to wait, or `(nil, ok, value)` when already answered.
     native!("nest_done", |lua,
-                          (end, info, co): (
+                          (serial, end, info, co): (
+        u64,
         u8,
         Value,
         Option<Thread>
@@ -274,7 +275,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             4 => NestEnd::Preempted,
             _ => NestEnd::Failed,
         };
-        Ok(match super::nest_done(lua, end, info, co)? {
+        Ok(match super::nest_done(lua, serial, end, info, co)? {
             NestResult::Finished => MultiValue::from_iter([Value::Boolean(true)]),
             NestResult::Wait(token) => {
                 MultiValue::from_iter([Value::Boolean(false), Value::Number(token as f64)])
