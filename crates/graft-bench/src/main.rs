@@ -256,43 +256,37 @@ fn resident_bytes() -> Option<usize> {
 }
 
 fn sandbox_create(node: &Node, n: usize) {
-    let mut times = Vec::new();
-    let mut lua_mem = Vec::new();
-    let mut total_mem = Vec::new();
+    let create = |id: &str| {
+        node.create_sandbox(
+            SandboxSpec::new(id)
+                .entry(None)
+                .module("counter", COUNTER_V1),
+        )
+        .unwrap()
+    };
     // Create-and-destroy first: the time of a create that reuses memory.
+    let mut times = Vec::new();
     for i in 0..n {
         let id = format!("warm{i}");
         let t = Instant::now();
-        let sb = node
-            .create_sandbox(
-                SandboxSpec::new(&id)
-                    .entry(None)
-                    .module("counter", COUNTER_V1),
-            )
-            .unwrap();
+        drop(create(&id));
         times.push(t.elapsed().as_micros() as f64);
-        drop(sb);
         node.destroy(&id).unwrap();
     }
     let reused_us = median(std::mem::take(&mut times));
+    // Then sandboxes that stay alive until the end: fresh memory, and the
+    // resident-set growth divided by `n` is what one sandbox costs the OS.
+    let mut lua_mem = Vec::new();
+    let mut total_mem = Vec::new();
     let mut ids = Vec::new();
-    // Then sandboxes that stay alive until the end, so the resident-set growth divided
-    // by `n` is what one sandbox costs the OS.
     let rss_before = resident_bytes();
     for i in 0..n {
         let id = format!("create{i}");
         let before = allocated();
         let t = Instant::now();
-        let sb = node
-            .create_sandbox(
-                SandboxSpec::new(&id)
-                    .entry(None)
-                    .module("counter", COUNTER_V1),
-            )
-            .unwrap();
+        let sb = create(&id);
         times.push(t.elapsed().as_micros() as f64);
-        let info = block_on(sb.info()).unwrap();
-        lua_mem.push(info.memory_bytes as f64);
+        lua_mem.push(block_on(sb.info()).unwrap().memory_bytes as f64);
         total_mem.push((allocated() - before) as f64);
         ids.push(id);
     }
