@@ -157,10 +157,7 @@ impl Runtime {
         let mid = k
             .module_id(entry)
             .ok_or_else(|| Error::NoModule(entry.into()))?;
-        if k.module_tables[mid as usize]
-            .as_ref()
-            .is_none_or(|t| !matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))))
-        {
+        if !k.is_server_module(mid) {
             return Err(Error::InvalidInput(format!(
                 "entry module `{entry}` has no `init` function (it should be a supervisor or a server)"
             )));
@@ -328,10 +325,7 @@ impl Runtime {
                 .module_id(module)
                 .filter(|m| k.module_tables[*m as usize].is_some() && *m != 0)
                 .ok_or_else(|| Error::NoModule(module.to_owned()))?;
-            let is_server = k.module_tables[mid as usize]
-                .as_ref()
-                .is_some_and(|t| matches!(t.raw_get::<Value>("init"), Ok(Value::Function(_))));
-            if !is_server {
+            if !k.is_server_module(mid) {
                 return Err(Error::InvalidInput(format!(
                     "module `{module}` has no `init` function, so it cannot run as a process"
                 )));

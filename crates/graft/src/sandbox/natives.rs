@@ -109,7 +109,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 ),
             );
         };
-        if !matches!(table.raw_get::<Value>("init")?, Value::Function(_)) {
+        if !k.is_server_module(mid) {
             return fail(lua, format!("graft.spawn: module `{}` has no `init` function, so it cannot run as a process", module.to_string_lossy()));
         }
         let (name, link) = match &opts {
