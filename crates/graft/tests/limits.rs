@@ -1661,6 +1661,8 @@ function m.handle_call(req, from, state)
     return { v = v, err = err }, state
   elseif req == "greet" then
     return greet("ada"), state
+  elseif req == "greet_self" then
+    return greet(graft.self()), state
   end
   return "?", state
 end
@@ -1700,6 +1702,18 @@ fn granted_host_functions_are_callable_from_luau() {
         wait(sb.call("m", json!("greet"), None)).unwrap(),
         json!("hello, ada")
     );
+    // Pids reach host functions as the same `<module.N>` strings the API shows.
+    let listed = wait(sb.processes()).unwrap();
+    let pid = &listed
+        .iter()
+        .find(|p| p.name.as_deref() == Some("m"))
+        .unwrap()
+        .pid;
+    assert_eq!(
+        wait(sb.call("m", json!("greet_self"), None)).unwrap(),
+        json!(format!("hello, {pid}"))
+    );
+    assert!(pid.starts_with("<m."), "{pid}");
     let info = wait(sb.info()).unwrap();
     assert!(
         info.capabilities.contains(&"kv.get".to_string()),

@@ -750,7 +750,13 @@ pub(crate) fn new_vm(
     grants: &[String],
     host_fns: &std::collections::BTreeMap<String, vm::HostFn>,
 ) -> mlua::Result<Vm> {
-    let vm = Vm::new(grants, host_fns, limits.max_message_bytes, natives::install)?;
+    let vm = Vm::new(
+        grants,
+        host_fns,
+        limits.max_message_bytes,
+        natives::install,
+        |lua, pid| kernel(lua).pid_string(pid),
+    )?;
     let watch = Arc::new(Watch::new(limits.handler_ms));
 
     let k = Kernel {

@@ -57,6 +57,10 @@ pub type HostFn = Arc<
     dyn Fn(Vec<serde_json::Value>) -> std::result::Result<serde_json::Value, String> + Send + Sync,
 >;
 
+/// How a pid reads in JSON handed to the host (`"<module.N>"`); the sandbox
+/// layer supplies it, since module names live in its kernel.
+pub(crate) type PidText = fn(&Lua, crate::value::Pid) -> String;
+
 /// Handles into the prelude, kept by the sandbox runtime.
 pub(crate) struct Vm {
     pub lua: Lua,
@@ -185,6 +189,7 @@ impl Vm {
         host_fns: &BTreeMap<String, HostFn>,
         max_message_bytes: usize,
         install_natives: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
+        pid_text: PidText,
     ) -> mlua::Result<Vm> {
         let libs = StdLib::COROUTINE
             | StdLib::TABLE
@@ -263,7 +268,7 @@ impl Vm {
             guest_os.set_readonly(true);
             globals.raw_set("os", guest_os)?;
         }
-        install_host_functions(&lua, &globals, host_fns)?;
+        install_host_functions(&lua, &globals, host_fns, pid_text)?;
 
         // `require(name)` resolves through the view the upgrade engine sets.
         let view_fns: Table = load_trusted(
@@ -364,6 +369,7 @@ fn install_host_functions(
     lua: &Lua,
     globals: &Table,
     host_fns: &BTreeMap<String, HostFn>,
+    pid_text: PidText,
 ) -> mlua::Result<()> {
     let mut namespaces: BTreeMap<&str, Table> = BTreeMap::new();
     for (name, f) in host_fns {
@@ -372,7 +378,7 @@ fn install_host_functions(
         let func = lua.create_function(move |lua, args: mlua::MultiValue| {
             let mut json_args = Vec::with_capacity(args.len());
             for a in args.iter() {
-                match crate::value::lua_to_json(a, &|p| format!("<{}>", p.serial())) {
+                match crate::value::lua_to_json(a, &|p| pid_text(lua, p)) {
                     Ok(j) => json_args.push(j),
                     Err(e) => return Ok((Value::Nil, Some(format!("{display}: {}", e.0)))),
                 }
