@@ -19,7 +19,8 @@ use std::ffi::c_int;
 use mlua::ffi;
 use mlua::Lua;
 
-use super::{Job, Kernel, NestWait, Waiter};
+use super::natives::DEFAULT_CALL_TIMEOUT_MS;
+use super::Kernel;
 use crate::value::Pid;
 
 unsafe fn with_kernel<R>(
@@ -67,23 +68,9 @@ pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> 
         if to == me || !k.nestable(to) {
             return None;
         }
-        let token = k.token();
-        let from = k.procs.get(&me)?.pid;
         let module = k.procs.get(&to)?.pid.module_index();
-        k.begin_nested(
-            to,
-            Job::Call {
-                request: None,
-                from: Some(from),
-                waiter: Waiter::Process { serial: me, token },
-            },
-            co,
-            NestWait {
-                caller: me,
-                token,
-                timeout_ms: Some(super::natives::DEFAULT_CALL_TIMEOUT_MS),
-            },
-        );
+        let token = k.token();
+        let from = k.begin_nested_call(me, to, token, co, DEFAULT_CALL_TIMEOUT_MS)?;
         Some((to, module, from))
     });
     match begun.flatten() {
@@ -134,21 +121,9 @@ pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) ->
             k.procs.get_mut(&child)?.links.push(me);
             k.procs.get_mut(&me)?.links.push(child);
         }
-        let token = k.token();
         let pid = k.procs.get(&child)?.pid;
-        k.begin_nested(
-            child,
-            Job::Init {
-                args: None,
-                waiter: Waiter::Process { serial: me, token },
-            },
-            co,
-            NestWait {
-                caller: me,
-                token,
-                timeout_ms: None,
-            },
-        );
+        let token = k.token();
+        k.begin_nested_init(me, child, token, co);
         Some((child, mid, pid))
     });
     match begun.flatten() {

@@ -633,10 +633,57 @@ impl Kernel {
             && !self.frozen.contains(&p.pid.module_index())
     }
 
+    /// Starts `callee`'s `handle_call` nested in `caller`'s callback on worker
+    /// `co` (see [`Kernel::begin_nested`]); `token` is what the caller waits
+    /// on if it has to, for up to `timeout_ms`. Returns the caller's pid.
+    pub fn begin_nested_call(
+        &mut self,
+        caller: u64,
+        callee: u64,
+        token: u64,
+        co: usize,
+        timeout_ms: u64,
+    ) -> Option<Pid> {
+        let from = self.procs.get(&caller).map(|p| p.pid);
+        let job = Job::Call {
+            request: None,
+            from,
+            waiter: Waiter::Process {
+                serial: caller,
+                token,
+            },
+        };
+        let wait = NestWait {
+            caller,
+            token,
+            timeout_ms: Some(timeout_ms),
+        };
+        self.begin_nested(callee, job, co, wait);
+        from
+    }
+
+    /// Starts the `init` of a process just created idle, nested in `caller`'s
+    /// callback on worker `co` (see [`Kernel::begin_nested`]).
+    pub fn begin_nested_init(&mut self, caller: u64, child: u64, token: u64, co: usize) {
+        let job = Job::Init {
+            args: None,
+            waiter: Waiter::Process {
+                serial: caller,
+                token,
+            },
+        };
+        let wait = NestWait {
+            caller,
+            token,
+            timeout_ms: None,
+        };
+        self.begin_nested(child, job, co, wait);
+    }
+
     /// Starts `job` of `serial` nested in the current callback, on the worker
     /// thread `co` that the prelude resumes itself. `caller`/`token` name who
     /// waits if the job does not finish at once. Must be closed by [`nest_done`].
-    pub fn begin_nested(&mut self, serial: u64, job: Job, co: usize, wait: NestWait) {
+    fn begin_nested(&mut self, serial: u64, job: Job, co: usize, wait: NestWait) {
         let now = clock::coarse_ms();
         let p = self.procs.get_mut(&serial).expect("nestable");
         p.job = Some(job);
@@ -686,20 +733,20 @@ impl Kernel {
         self.module_tables[module as usize] = Some(table);
     }
 
-    /// Closes the innermost nested job whose callback returned in time when
-    /// nothing else is to decide (no exit arrived meanwhile): the common case
-    /// of [`nest_done`], without leaving Rust's borrow. Returns whether it did.
+    /// Closes the innermost nested job, `serial`'s, when its callback returned
+    /// in time and its result stands: the common case of [`nest_done`]
+    /// (reachable from a raw native). Returns whether it did.
     pub fn close_nested_fast(&mut self, serial: u64) -> bool {
-        let Some(frame) = self.nested.last() else {
-            return false;
-        };
-        if frame.serial != serial
-            || self.watch.timed_out.load(Ordering::Relaxed)
-            || self
-                .procs
-                .get(&serial)
-                .is_none_or(|p| p.exit_pending.is_some() || !matches!(p.run, Run::Running))
-        {
+        let finished = self.nested.last().is_some_and(|f| f.serial == serial)
+            && !self.watch.timed_out.load(Ordering::Relaxed)
+            && self.procs.get(&serial).is_some_and(|p| {
+                // An init that returned with an abnormal exit pending is a
+                // failed spawn: `nest_done` reports it.
+                matches!(p.run, Run::Running)
+                    && (matches!(p.job, Some(Job::Call { .. }))
+                        || p.exit_pending.as_deref().is_none_or(|r| r.is_normal()))
+            });
+        if !finished {
             return false;
         }
         let Some(frame) = self.nested.pop() else {
@@ -708,11 +755,16 @@ impl Kernel {
         self.watch.restore(frame.enclosing);
         self.stack.pop();
         self.charge(serial, frame.start, Some(frame.wait.caller));
-        if let Some(p) = self.procs.get_mut(&serial) {
-            p.run = Run::Idle;
-            p.job = None;
+        let Some(p) = self.procs.get_mut(&serial) else {
+            return true;
+        };
+        p.run = Run::Idle;
+        p.job = None;
+        // The reply stands; an exit that arrived meanwhile takes effect now.
+        match p.exit_pending.take().map(|b| *b) {
+            Some(reason) => self.exit_process(serial, reason, true),
+            None => self.wake(serial),
         }
-        self.wake(serial);
         true
     }
 
@@ -1302,6 +1354,9 @@ pub(crate) fn nest_done(
         crash_orphans(lua, orphans);
         k = kernel(lua);
     }
+    if end == NestEnd::Done && k.close_nested_fast(serial) {
+        return Ok(NestResult::Finished);
+    }
     let Some(frame) = k.nested.pop() else {
         return Err(mlua::Error::runtime("graft: no nested job is running"));
     };
@@ -1309,21 +1364,6 @@ pub(crate) fn nest_done(
     k.watch.restore(frame.enclosing);
     k.stack.pop();
     k.charge(serial, frame.start, Some(frame.wait.caller));
-    let Some(p) = k.procs.get_mut(&serial) else {
-        return Err(mlua::Error::runtime("graft: nested process vanished"));
-    };
-    if end == NestEnd::Done && !timed_out {
-        let normal_or_none = p.exit_pending.as_deref().is_none_or(|r| r.is_normal());
-        if matches!(p.job, Some(Job::Call { .. })) || normal_or_none {
-            p.run = Run::Idle;
-            p.job = None;
-            match p.exit_pending.take().map(|b| *b) {
-                Some(reason) => k.exit_process(serial, reason, true),
-                None => k.wake(serial),
-            }
-            return Ok(NestResult::Finished);
-        }
-    }
     drop(k);
     let outcome = match (end, thread) {
         (NestEnd::Done, _) if timed_out => Outcome::Failed(ExitReason::Timeout),

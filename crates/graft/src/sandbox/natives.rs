@@ -5,9 +5,7 @@
 use mlua::{Lua, MultiValue, Table, Thread, Value};
 use serde_json::Value as Json;
 
-use super::{
-    kernel, send_exit_signal, Job, Kernel, NestEnd, NestResult, NestWait, Target, Timer, Waiter,
-};
+use super::{kernel, send_exit_signal, Job, Kernel, NestEnd, NestResult, Target, Timer, Waiter};
 use crate::clock;
 use crate::value::{lua_to_json, Pid};
 
@@ -148,19 +146,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             ]));
         }
         let pid = k.procs.get(&child).expect("new").pid;
-        k.begin_nested(
-            child,
-            Job::Init {
-                args: None,
-                waiter: Waiter::Process { serial: me, token },
-            },
-            co.to_pointer() as usize,
-            NestWait {
-                caller: me,
-                token,
-                timeout_ms: None,
-            },
-        );
+        k.begin_nested_init(me, child, token, co.to_pointer() as usize);
         Ok(MultiValue::from_iter([
             Value::Number(child as f64),
             Value::Table(table),
@@ -211,20 +197,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         // no timeout timer is needed: nothing else runs meanwhile).
         if k.nestable(to) {
             let module = k.module_tables[k.procs[&to].pid.module_index() as usize].clone();
-            k.begin_nested(
-                to,
-                Job::Call {
-                    request: None,
-                    from,
-                    waiter,
-                },
-                co.to_pointer() as usize,
-                NestWait {
-                    caller: me,
-                    token,
-                    timeout_ms: Some(ms),
-                },
-            );
+            k.begin_nested_call(me, to, token, co.to_pointer() as usize, ms);
             return Ok(MultiValue::from_iter([
                 Value::Number(to as f64),
                 module.map(Value::Table).unwrap_or(Value::Nil),
