@@ -5,14 +5,15 @@
 //! Every request goes through `wait`, which gives up after a few seconds, so a
 //! runtime that hangs fails a test instead of blocking the whole run.
 
+mod common;
+use common::limits;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft::{
-    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Limits, Node, Sandbox,
-    SandboxSpec,
+    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Node, Sandbox, SandboxSpec,
 };
 use serde_json::{json, Value as Json};
 
@@ -29,12 +30,6 @@ fn node() -> Node {
 /// A spec with no app (processes are spawned by the test).
 fn spec(id: &str) -> SandboxSpec {
     SandboxSpec::new(id).entry(None)
-}
-
-fn limits(edit: impl FnOnce(&mut Limits)) -> Limits {
-    let mut l = Limits::default();
-    edit(&mut l);
-    l
 }
 
 /// The exit reason of a call that must have crashed its target.

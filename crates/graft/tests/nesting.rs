@@ -9,39 +9,15 @@
 //! Every request goes through `run`, which gives up after a few seconds, so a
 //! runtime that hangs fails a test instead of blocking the whole run.
 
-use std::future::Future;
+mod common;
+use common::{limits, run, wait_until};
 use std::time::{Duration, Instant};
 
-use graft::{
-    block_on, with_timeout, Error, Event, ExitReason, Limits, Node, ProcessInfo, Sandbox,
-    SandboxSpec,
-};
+use graft::{Error, Event, ExitReason, Limits, Node, ProcessInfo, Sandbox, SandboxSpec};
 use serde_json::{json, Value as Json};
 
 // ---------------------------------------------------------------------------
 // helpers
-
-fn run<F: Future>(fut: F) -> F::Output {
-    block_on(with_timeout(fut, Duration::from_secs(5)))
-        .expect("the sandbox did not answer within 5 s")
-}
-
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn limits(edit: impl FnOnce(&mut Limits)) -> Limits {
-    let mut l = Limits::default();
-    edit(&mut l);
-    l
-}
 
 /// A server that does what its request says. Its state keeps a counter `n`,
 /// a `log` of the callbacks it ran, an `inbox` of `handle_info` messages and

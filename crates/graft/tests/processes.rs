@@ -6,30 +6,15 @@
 //! (link, monitor, trap, signal, call …) and keep every message they get in
 //! `state.inbox`, so the host can read what arrived and in which order.
 
-use std::future::Future;
+mod common;
+use common::{run, wait_until};
 use std::time::{Duration, Instant};
 
-use graft::{block_on, with_timeout, Error, ExitReason, Node, Sandbox, SandboxSpec};
+use graft::{Error, ExitReason, Node, Sandbox, SandboxSpec};
 use serde_json::{json, Value as Json};
 
 // ---------------------------------------------------------------------------
 // helpers
-
-fn run<F: Future>(fut: F) -> F::Output {
-    block_on(with_timeout(fut, Duration::from_secs(5)))
-        .expect("the sandbox did not answer within 5 s")
-}
-
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 const PROBE: &str = r#"
 local probe = {}

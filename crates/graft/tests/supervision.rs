@@ -8,33 +8,16 @@
 //! (`rec.log`) into a Rust-side recorder, so the tests see the exact order in
 //! which the runtime started and stopped them.
 
-use std::future::Future;
+mod common;
+use common::{run, wait_until};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use graft::{block_on, with_timeout, AppStatus, Error, HostFunctions, Node, Sandbox, SandboxSpec};
+use graft::{AppStatus, Error, HostFunctions, Node, Sandbox, SandboxSpec};
 use serde_json::{json, Value as Json};
 
 // ---------------------------------------------------------------------------
 // helpers
-
-/// Runs a sandbox request; a hang is a test failure, not a stuck test run.
-fn run<F: Future>(fut: F) -> F::Output {
-    block_on(with_timeout(fut, Duration::from_secs(5)))
-        .expect("the sandbox did not answer within 5 s")
-}
-
-/// Polls `probe` until it returns `Some` (at most 3 s).
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// The Rust side of `rec.log(...)`: every line guest code reported, in order.
 #[derive(Clone, Default)]
