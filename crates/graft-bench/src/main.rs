@@ -91,7 +91,7 @@ fn spec(id: &str, max_processes: usize) -> SandboxSpec {
         .limits(Limits {
             max_processes,
             memory_bytes: 4 << 30,
-            handler_ms: 600_000,
+            handler_ms: graft::config::MAX_HANDLER_MS,
             ..Limits::default()
         })
 }
@@ -356,7 +356,13 @@ fn main() {
         .map(|s| s.as_str())
         .collect();
     let run = |w: &str| wanted.is_empty() || wanted.contains(&w);
-    let node = Node::new();
+    // Big sandboxes on purpose (100k processes): raise the node's memory cap.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let caps = graft::NodeLimits {
+        max_sandbox_memory: 4 << 30,
+        ..graft::NodeLimits::default()
+    };
+    let node = Node::with_limits(threads, caps);
     emit(json!({
         "workload": "meta", "graft": env!("CARGO_PKG_VERSION"), "threads": node.threads(),
         "smoke": smoke,

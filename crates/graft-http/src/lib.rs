@@ -159,6 +159,16 @@ pub fn status_for(e: &Error) -> StatusCode {
         Error::Crashed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         Error::SandboxStopped(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::CallTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        Error::CyclicValue(_)
+        | Error::ValueTooLarge { .. }
+        | Error::LimitOutOfRange { .. }
+        | Error::BadArg(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::NodeLimit(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::Busy(_) => StatusCode::CONFLICT,
+        Error::SandboxFailed { .. } | Error::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // `Error` is non-exhaustive: a kind this table does not know yet is
+        // the server's fault until it is mapped here.
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -200,11 +210,15 @@ impl From<Error> for ApiError {
                 step,
                 module,
                 process,
+                line,
+                column,
                 ..
             } => base
                 .with("step", step)
                 .with("module", module)
-                .with("process", process),
+                .with("process", process)
+                .with("line", line)
+                .with("column", column),
             Error::CallTimeout { target, timeout_ms } => {
                 base.with("target", target).with("timeout_ms", timeout_ms)
             }
@@ -214,7 +228,19 @@ impl From<Error> for ApiError {
             Error::SpawnFailed { module, reason } => {
                 base.with("module", module).with("reason", reason)
             }
-            Error::InvalidInput(_) | Error::NotPlainData(_) | Error::Luau(_) => base,
+            Error::ValueTooLarge { limit, .. } => base.with("limit", limit),
+            Error::LimitOutOfRange {
+                field,
+                value,
+                min,
+                max,
+            } => base
+                .with("field", field)
+                .with("value", value)
+                .with("min", min)
+                .with("max", max),
+            Error::SandboxFailed { id, .. } => base.with("sandbox", id),
+            _ => base,
         }
     }
 }

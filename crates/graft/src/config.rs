@@ -50,27 +50,128 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Rejects limits that cannot work (zero memory, zero processes …).
+    /// Checks every limit against its range (SPEC §7) under the node's caps;
+    /// the first one out of range is named in a `limit_out_of_range` error.
+    ///
+    /// ```
+    /// let node = graft::NodeLimits::default();
+    /// let bad = graft::Limits { handler_ms: 0, ..graft::Limits::default() };
+    /// let err = bad.validate(&node).unwrap_err();
+    /// assert_eq!(err.kind(), "limit_out_of_range");
+    /// assert!(graft::Limits::default().validate(&node).is_ok());
+    /// ```
+    pub fn validate(&self, node: &NodeLimits) -> Result<()> {
+        let max_memory = node.max_sandbox_memory.max(MIN_SANDBOX_MEMORY);
+        check_range(
+            "memory_bytes",
+            self.memory_bytes as u64,
+            MIN_SANDBOX_MEMORY as u64,
+            max_memory as u64,
+        )?;
+        check_range("handler_ms", self.handler_ms, 1, MAX_HANDLER_MS)?;
+        check_range("max_processes", self.max_processes as u64, 1, MAX_PROCESSES)?;
+        check_range("max_mailbox", self.max_mailbox as u64, 1, MAX_MAILBOX)?;
+        check_range("max_versions", self.max_versions as u64, 1, MAX_VERSIONS)?;
+        check_range(
+            "max_message_bytes",
+            self.max_message_bytes as u64,
+            64,
+            node.max_value_bytes.max(64) as u64,
+        )?;
+        check_range(
+            "max_source_bytes",
+            self.max_source_bytes as u64,
+            64,
+            MAX_SOURCE_BYTES,
+        )?;
+        Ok(())
+    }
+}
+
+/// The smallest `memory_bytes`: an empty sandbox (VM, prelude, supervisor)
+/// takes about 1 MiB, so less could not run a single process.
+pub const MIN_SANDBOX_MEMORY: usize = 2 * 1024 * 1024;
+/// The largest `handler_ms` (one minute).
+pub const MAX_HANDLER_MS: u64 = 60_000;
+/// The largest `max_processes`.
+pub const MAX_PROCESSES: u64 = 1_048_576;
+/// The largest `max_mailbox`.
+pub const MAX_MAILBOX: u64 = 1_000_000;
+/// The largest `max_versions`.
+pub const MAX_VERSIONS: u64 = 1_000;
+/// The largest `max_source_bytes` (per module).
+pub const MAX_SOURCE_BYTES: u64 = 16 * 1024 * 1024;
+/// The largest call `timeout_ms` (five minutes).
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
+/// The largest `canary_ms` (one hour).
+pub const MAX_CANARY_MS: u64 = 3_600_000;
+
+/// Fails with `limit_out_of_range` unless `min <= value <= max`.
+pub fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::LimitOutOfRange {
+            field: field.to_owned(),
+            value: value.to_string(),
+            min,
+            max,
+        })
+    }
+}
+
+/// Node-wide caps (SPEC §7), set once when the node starts (`graft run` and
+/// `graft serve` flags of the same names). They bound what any request or
+/// guest can make the node hold.
+///
+/// ```
+/// let caps = graft::NodeLimits { max_sandboxes: 8, ..graft::NodeLimits::default() };
+/// let node = graft::Node::with_limits(2, caps);
+/// assert_eq!(node.limits().max_sandboxes, 8);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeLimits {
+    /// The largest `memory_bytes` a sandbox may ask for.
+    pub max_sandbox_memory: usize,
+    /// Sandboxes on the node at most; creating one more fails with `node_limit`.
+    pub max_sandboxes: usize,
+    /// The largest JSON form of a value crossing a boundary (reply, state,
+    /// message, event); past it the conversion stops with `value_too_large`.
+    pub max_value_bytes: usize,
+    /// Events each sandbox keeps (oldest dropped first).
+    pub max_events: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            max_sandbox_memory: 1024 * 1024 * 1024,
+            max_sandboxes: 1024,
+            max_value_bytes: 8 * 1024 * 1024,
+            max_events: 1000,
+        }
+    }
+}
+
+impl NodeLimits {
+    /// Checks the caps themselves (each at least 1; memory at least the
+    /// smallest sandbox).
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::InvalidInput(format!("limits: {what}")));
-        if self.memory_bytes < 256 * 1024 {
-            return bad("memory_bytes must be at least 262144 (256 KiB)");
-        }
-        if self.handler_ms == 0 {
-            return bad("handler_ms must be at least 1");
-        }
-        if self.max_processes == 0 || self.max_processes > 10_000_000 {
-            return bad("max_processes must be between 1 and 10000000");
-        }
-        if self.max_mailbox == 0 {
-            return bad("max_mailbox must be at least 1");
-        }
-        if self.max_versions == 0 {
-            return bad("max_versions must be at least 1");
-        }
-        if self.max_message_bytes < 64 || self.max_source_bytes < 64 {
-            return bad("max_message_bytes and max_source_bytes must be at least 64");
-        }
+        check_range(
+            "max_sandbox_memory",
+            self.max_sandbox_memory as u64,
+            MIN_SANDBOX_MEMORY as u64,
+            u64::MAX,
+        )?;
+        check_range("max_sandboxes", self.max_sandboxes as u64, 1, 1 << 20)?;
+        check_range(
+            "max_value_bytes",
+            self.max_value_bytes as u64,
+            1024,
+            1 << 32,
+        )?;
+        check_range("max_events", self.max_events as u64, 1, 1_000_000)?;
         Ok(())
     }
 }
@@ -159,10 +260,10 @@ impl SandboxSpec {
         Ok(spec)
     }
 
-    /// Checks id, entry, limits and grants.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks id, entry, limits (under the node's caps) and grants.
+    pub fn validate(&self, node: &NodeLimits) -> Result<()> {
         validate_sandbox_id(&self.id)?;
-        self.limits.validate()?;
+        self.limits.validate(node)?;
         for g in &self.grants {
             if !BUILTIN_CAPABILITIES.contains(&g.as_str()) {
                 return Err(Error::InvalidInput(format!(

@@ -10,6 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in a call into Graft.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No sandbox with this id on the node.
     #[error("no sandbox `{0}` on this node")]
@@ -51,6 +52,10 @@ pub enum Error {
         module: Option<String>,
         /// The process involved (migrations).
         process: Option<String>,
+        /// Line of the failing code in `module`'s source, where known.
+        line: Option<u32>,
+        /// Column of the failing code, where known.
+        column: Option<u32>,
         /// What went wrong.
         message: String,
     },
@@ -93,6 +98,49 @@ pub enum Error {
     /// A Luau error outside any process (e.g. in `eval`).
     #[error("{0}")]
     Luau(String),
+    /// A value refers to itself (a reply, state or message with a cycle).
+    #[error("cyclic value: {0}")]
+    CyclicValue(String),
+    /// A value's JSON form is larger than the node's `max_value_bytes`.
+    #[error("value too large: its JSON form passed {limit} bytes (max_value_bytes); {what}")]
+    ValueTooLarge {
+        /// The cap it passed.
+        limit: usize,
+        /// Where the value came from.
+        what: String,
+    },
+    /// A limit outside the range the node accepts.
+    #[error("limit `{field}` = {value} is out of range: it must be between {min} and {max}")]
+    LimitOutOfRange {
+        /// The limit's name (`memory_bytes`, `handler_ms`, …).
+        field: String,
+        /// The value given.
+        value: String,
+        /// The smallest accepted value.
+        min: u64,
+        /// The largest accepted value.
+        max: u64,
+    },
+    /// A node-wide cap was reached (`--max-sandboxes` …).
+    #[error("node limit reached: {0}")]
+    NodeLimit(String),
+    /// The sandbox cannot take this request now (e.g. it is restarting).
+    #[error("sandbox is busy: {0}")]
+    Busy(String),
+    /// The sandbox was stopped by an internal error; restart or delete it.
+    #[error("sandbox `{id}` failed: {message}; restart or delete it")]
+    SandboxFailed {
+        /// The sandbox id.
+        id: String,
+        /// What went wrong (an internal panic's message).
+        message: String,
+    },
+    /// The sandbox's heap is full (`memory_bytes`) and a full collection did not help.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// A bad argument: a name that looks like a pid, a negative delay …
+    #[error("bad argument: {0}")]
+    BadArg(String),
 }
 
 impl Error {
@@ -115,6 +163,14 @@ impl Error {
             Error::NotPlainData(_) => "not_plain_data",
             Error::SandboxStopped(_) => "sandbox_stopped",
             Error::Luau(_) => "luau_error",
+            Error::CyclicValue(_) => "cyclic_value",
+            Error::ValueTooLarge { .. } => "value_too_large",
+            Error::LimitOutOfRange { .. } => "limit_out_of_range",
+            Error::NodeLimit(_) => "node_limit",
+            Error::Busy(_) => "busy",
+            Error::SandboxFailed { .. } => "sandbox_failed",
+            Error::OutOfMemory(_) => "out_of_memory",
+            Error::BadArg(_) => "badarg",
         }
     }
 }

@@ -48,7 +48,7 @@ pub mod upgrade;
 pub mod value;
 pub mod vm;
 
-pub use config::{Limits, SandboxSpec};
+pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, Result};
 pub use node::{

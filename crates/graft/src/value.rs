@@ -104,8 +104,14 @@ pub enum ExitReason {
     Error {
         /// The error message.
         message: String,
-        /// The Luau traceback at the error site.
+        /// The Luau traceback at the error site (guest frames only).
         traceback: String,
+        /// The module whose code raised, where known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        module: Option<String>,
+        /// The line that raised, where known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        line: Option<u32>,
     },
     /// A reason given by `graft.exit(reason)` that is none of the above.
     Other {
@@ -150,7 +156,9 @@ impl ExitReason {
     /// The reason as a Luau value, as `handle_info` sees it in EXIT/DOWN messages.
     pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Value> {
         Ok(match self {
-            ExitReason::Error { message, traceback } => {
+            ExitReason::Error {
+                message, traceback, ..
+            } => {
                 let t = lua.create_table()?;
                 t.raw_set("error", message.as_str())?;
                 t.raw_set("traceback", traceback.as_str())?;

@@ -1416,7 +1416,7 @@ fn sandbox_ids_outside_the_pattern_and_duplicates_are_refused() {
         .err()
         .unwrap();
     assert!(
-        matches!(&e, Error::InvalidInput(m) if m.contains("memory_bytes")),
+        matches!(&e, Error::LimitOutOfRange { field, .. } if field == "memory_bytes"),
         "{e:?}"
     );
     let e = node
@@ -1428,7 +1428,7 @@ fn sandbox_ids_outside_the_pattern_and_duplicates_are_refused() {
         .err()
         .unwrap();
     assert!(
-        matches!(&e, Error::InvalidInput(m) if m.contains("handler_ms")),
+        matches!(&e, Error::LimitOutOfRange { field, .. } if field == "handler_ms"),
         "{e:?}"
     );
 }

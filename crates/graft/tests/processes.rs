@@ -1067,7 +1067,9 @@ fn a_handle_call_error_carries_the_message_and_a_traceback_with_the_line() {
     call(&sb, "w", json!({"op": "monitor", "target": "faulty"}));
     let err = run(sb.call("faulty", json!("bad"), None)).unwrap_err();
     let Error::Crashed {
-        reason: ExitReason::Error { message, traceback },
+        reason: ExitReason::Error {
+            message, traceback, ..
+        },
         ..
     } = &err
     else {

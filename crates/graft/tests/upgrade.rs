@@ -332,6 +332,7 @@ fn failing_migration_in_the_5000th_of_10000_processes_leaves_all_untouched() {
         module,
         process,
         message,
+        ..
     } = &err
     else {
         panic!("{err:?}")

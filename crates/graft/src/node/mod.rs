@@ -27,7 +27,7 @@ use serde_json::Value as Json;
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 
 use crate::clock;
-use crate::config::SandboxSpec;
+use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::sandbox::{self, Event, HostSlot};
 use crate::upgrade::{self, Direction, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport};
@@ -60,6 +60,7 @@ struct NodeInner {
     timer_cv: Condvar,
     stopping: AtomicBool,
     threads: usize,
+    limits: NodeLimits,
 }
 
 /// A Graft node: many sandboxes, scheduled in parallel.
@@ -104,7 +105,22 @@ impl Node {
 
     /// A node with `threads` scheduler threads (at least 1).
     pub fn with_threads(threads: usize) -> Node {
+        Node::with_limits(threads, NodeLimits::default())
+    }
+
+    /// A node with `threads` scheduler threads (at least 1) and node-wide
+    /// caps. Caps out of range are clamped into range (see [`NodeLimits::validate`]
+    /// to refuse them instead).
+    pub fn with_limits(threads: usize, limits: NodeLimits) -> Node {
         let threads = threads.max(1);
+        let limits = NodeLimits {
+            max_sandbox_memory: limits
+                .max_sandbox_memory
+                .max(crate::config::MIN_SANDBOX_MEMORY),
+            max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
+            max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
+            max_events: limits.max_events.clamp(1, 1_000_000),
+        };
         let inner = Arc::new(NodeInner {
             sandboxes: RwLock::new(BTreeMap::new()),
             queue: Mutex::new(VecDeque::new()),
@@ -115,6 +131,7 @@ impl Node {
             timer_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             threads,
+            limits,
         });
         for i in 0..threads {
             let weak = Arc::downgrade(&inner);
@@ -136,6 +153,11 @@ impl Node {
         self.inner.threads
     }
 
+    /// The node-wide caps.
+    pub fn limits(&self) -> &NodeLimits {
+        &self.inner.limits
+    }
+
     /// Creates a sandbox from a spec (compiles and loads every module, then
     /// starts the app if the spec has an entry module).
     pub fn create_sandbox(&self, spec: SandboxSpec) -> Result<Sandbox> {
@@ -144,17 +166,20 @@ impl Node {
 
     /// Creates a sandbox with host functions (capabilities) for its guests.
     pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
-        spec.validate()?;
-        if self
-            .inner
-            .sandboxes
-            .read()
-            .expect("lock")
-            .contains_key(&spec.id)
+        spec.validate(&self.inner.limits)?;
         {
-            return Err(Error::SandboxExists(spec.id.clone()));
+            let map = self.inner.sandboxes.read().expect("lock");
+            if map.contains_key(&spec.id) {
+                return Err(Error::SandboxExists(spec.id.clone()));
+            }
+            if map.len() >= self.inner.limits.max_sandboxes {
+                return Err(Error::NodeLimit(format!(
+                    "the node holds {} sandboxes already (max_sandboxes); delete one first",
+                    map.len()
+                )));
+            }
         }
-        let runtime = Runtime::new(spec.clone(), host.0.clone(), None)?;
+        let runtime = Runtime::new(spec.clone(), host.0.clone(), None, &self.inner.limits)?;
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
@@ -169,6 +194,12 @@ impl Node {
             let mut map = self.inner.sandboxes.write().expect("lock");
             if map.contains_key(&shared.id) {
                 return Err(Error::SandboxExists(shared.id.clone()));
+            }
+            if map.len() >= self.inner.limits.max_sandboxes {
+                return Err(Error::NodeLimit(format!(
+                    "the node holds {} sandboxes already (max_sandboxes); delete one first",
+                    map.len()
+                )));
             }
             map.insert(shared.id.clone(), shared.clone());
         }
@@ -270,6 +301,8 @@ impl Node {
                             step: "rolling".into(),
                             module: None,
                             process: None,
+                            line: None,
+                            column: None,
                             message: "skipped: an earlier sandbox in the rolling batch failed"
                                 .into(),
                         })
@@ -687,7 +720,19 @@ impl Sandbox {
                 .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
                 .collect();
             let history = std::mem::take(&mut rt.engine.modules);
-            match Runtime::new(spec, shared.host_fns.clone(), Some(history.clone())) {
+            let limits = match shared.node.upgrade() {
+                Some(node) => node.limits.clone(),
+                None => {
+                    let _ = tx.send(Err(stopped(&shared.id)));
+                    return;
+                }
+            };
+            match Runtime::new(
+                spec,
+                shared.host_fns.clone(),
+                Some(history.clone()),
+                &limits,
+            ) {
                 Ok(new_rt) => {
                     *rt = new_rt;
                     let _ = tx.send(Ok(()));

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::clock;
-use crate::config::{Limits, SandboxSpec};
+use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::sandbox::{self, kernel, AppStatus, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
 use crate::upgrade::{
@@ -97,9 +97,10 @@ impl Runtime {
         spec: SandboxSpec,
         host_fns: BTreeMap<String, HostFn>,
         history: Option<BTreeMap<String, crate::upgrade::ModuleHistory>>,
+        node: &NodeLimits,
     ) -> Result<Runtime> {
-        spec.validate()?;
-        let vm = sandbox::new_vm(&spec.id, &spec.limits, &spec.grants, &host_fns)
+        spec.validate(node)?;
+        let vm = sandbox::new_vm(&spec.id, &spec.limits, node, &spec.grants, &host_fns)
             .map_err(|e| Error::Luau(e.to_string()))?;
         let engine = Engine::new(&vm.lua, spec.limits.max_versions)
             .map_err(|e| Error::Luau(e.to_string()))?;
@@ -511,6 +512,8 @@ impl Runtime {
                         step: "quiesce".into(),
                         module: None,
                         process: None,
+                        line: None,
+                        column: None,
                         message: format!(
                             "processes of the changed modules were still inside callbacks after {QUIESCE_TIMEOUT_MS} ms"
                         ),
@@ -578,8 +581,11 @@ impl Runtime {
                 module,
                 process,
                 message,
+                line,
+                column,
             } => serde_json::json!({
-                "modules": modules, "step": step, "module": module, "process": process, "error": message
+                "modules": modules, "step": step, "module": module, "process": process, "error": message,
+                "line": line, "column": column
             }),
             other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
         };

@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::clock;
-use crate::config::Limits;
+use crate::config::{Limits, NodeLimits};
 use crate::error::Error;
 use crate::value::{lua_to_json, ExitReason, Pid};
 use crate::vm::{self, Vm, MARK_AWAIT, MARK_DONE};
@@ -63,8 +63,6 @@ pub(crate) const MAX_NESTING: usize = 8;
 const POOL_MAX: usize = 256;
 /// Time slice of a sandbox before it yields its scheduler thread.
 pub(crate) const SLICE_MS: u64 = 5;
-/// Events kept per sandbox.
-const EVENTS_MAX: usize = 1000;
 
 /// Shared with the VM interrupt: everything it needs, as atomics.
 pub(crate) struct Watch {
@@ -365,6 +363,11 @@ pub(crate) struct Kernel {
     pub canary: Option<crate::upgrade::CanaryWatch>,
     /// Hosts waiting for the app to stop (graceful shutdown).
     pub app_stop_waiters: Vec<Arc<HostSlot>>,
+    /// The node's cap on a value's JSON form (replies, states, events).
+    #[allow(dead_code)] // read by the value codec
+    pub max_value_bytes: usize,
+    /// Events kept (the node's `max_events`).
+    pub max_events: usize,
 }
 
 pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
@@ -415,7 +418,7 @@ impl Kernel {
 
     pub fn event(&mut self, kind: &str, detail: Json) {
         self.next_event += 1;
-        if self.events.len() == EVENTS_MAX {
+        while self.events.len() >= self.max_events.max(1) {
             self.events.pop_front();
         }
         self.events.push_back(Event {
@@ -799,6 +802,7 @@ impl Kernel {
 pub(crate) fn new_vm(
     id: &str,
     limits: &Limits,
+    node: &NodeLimits,
     grants: &[String],
     host_fns: &std::collections::BTreeMap<String, vm::HostFn>,
 ) -> mlua::Result<Vm> {
@@ -841,6 +845,8 @@ pub(crate) fn new_vm(
         frozen: HashSet::new(),
         canary: None,
         app_stop_waiters: Vec::new(),
+        max_value_bytes: node.max_value_bytes,
+        max_events: node.max_events,
     };
     vm.lua.set_app_data(k);
     install_interrupt(&vm.lua);
@@ -1104,6 +1110,8 @@ pub(crate) fn run_process(lua: &Lua, serial: u64) {
                             Outcome::Failed(ExitReason::Error {
                                 message: e,
                                 traceback: String::new(),
+                                module: None,
+                                line: None,
                             }),
                         );
                         return;
@@ -1324,6 +1332,8 @@ fn crash_orphans(lua: &Lua, orphans: Vec<NestFrame>) {
             Outcome::Failed(ExitReason::Error {
                 message: "the calling callback was unwound while this callback ran".into(),
                 traceback: String::new(),
+                module: None,
+                line: None,
             }),
         );
     }
@@ -1454,6 +1464,8 @@ fn classify_failure(info: &Value, timed_out: bool) -> ExitReason {
     classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
         message,
         traceback: traceback.join("\n"),
+        module: None,
+        line: None,
     })
 }
 
@@ -1474,6 +1486,8 @@ fn classify_error(e: &mlua::Error, timed_out: bool) -> ExitReason {
     classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
         message,
         traceback: String::new(),
+        module: None,
+        line: None,
     })
 }
 

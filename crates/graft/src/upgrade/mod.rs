@@ -526,6 +526,8 @@ impl Engine {
                         step: "check".into(),
                         module: Some(name.clone()),
                         process: Some(pid.clone()),
+                        line: None,
+                        column: None,
                         message: format!(
                             "supervisor {pid} rejects the new spec: {}",
                             first_line(&e.to_string())
@@ -619,6 +621,8 @@ impl Engine {
                     step: "migrate".into(),
                     module: Some(name.clone()),
                     process: process.clone(),
+                    line: None,
+                    column: None,
                     message: format!(
                         "state migration of {} ({} of {}) failed: {message}",
                         process.unwrap_or_default(),
@@ -764,6 +768,8 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
         step: "evaluate".into(),
         module: Some(name.to_owned()),
         process: None,
+        line: None,
+        column: None,
         message,
     };
     // The chunk is named after its file so errors read `src/counter.luau:8: …`.
@@ -794,6 +800,8 @@ fn check_behaviour(vm: &Vm, name: &str, t: &Table) -> Result<()> {
         step: "check".into(),
         module: Some(name.to_owned()),
         process: None,
+        line: None,
+        column: None,
         message,
     };
     let kind = module_kind(t);
@@ -846,6 +854,8 @@ fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
         step: "state_handler".into(),
         module: None,
         process: None,
+        line: None,
+        column: None,
         message,
     };
     let chunk = vm

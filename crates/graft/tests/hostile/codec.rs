@@ -1,0 +1,1 @@
+//! Hostile inputs: codec (filled in by the hardening work).

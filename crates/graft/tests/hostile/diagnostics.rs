@@ -1,0 +1,1 @@
+//! Hostile inputs: diagnostics (filled in by the hardening work).

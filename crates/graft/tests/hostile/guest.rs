@@ -1,0 +1,1 @@
+//! Hostile inputs: guest (filled in by the hardening work).

@@ -1,0 +1,1 @@
+//! Hostile inputs: memory (filled in by the hardening work).

@@ -1,0 +1,1 @@
+//! Hostile inputs: node_limits (filled in by the hardening work).

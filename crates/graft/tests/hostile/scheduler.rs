@@ -1,0 +1,1 @@
+//! Hostile inputs: scheduler (filled in by the hardening work).

@@ -1,0 +1,56 @@
+//! What every hostile test checks after the attack: the node still lists its
+//! sandboxes, a bystander sandbox still answers calls, and the attacked
+//! sandbox still answers `info` (unless the test deleted it).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use graft::{block_on, with_timeout, Node, Sandbox, SandboxSpec};
+use serde_json::json;
+
+/// A counter server every bystander runs.
+pub const COUNTER: &str = r#"
+local counter = {}
+function counter.init(args) return { count = 0 } end
+function counter.handle_call(req, from, state)
+  if req == "inc" then state.count += 1 end
+  return state.count, state
+end
+return counter
+"#;
+
+/// A sandbox `id` with one registered counter process `c`.
+pub fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
+    let sb = node
+        .create_sandbox(SandboxSpec::new(id).entry(None).module("counter", COUNTER))
+        .expect("bystander sandbox");
+    answer(sb.spawn("counter", json!(null), Some("c"))).expect("spawn bystander counter");
+    sb
+}
+
+/// Waits at most 5 s for a sandbox request (a hang fails the test).
+pub fn answer<F: std::future::Future>(fut: F) -> F::Output {
+    block_on(with_timeout(fut, Duration::from_secs(5))).expect("no answer within 5 s")
+}
+
+/// The node answers listings, `bystander` answers a call, and every listed
+/// sandbox answers `info` and its process list.
+pub fn assert_node_healthy(node: &Node, bystander: &Sandbox) {
+    let ids = node.sandbox_ids();
+    assert!(
+        ids.iter().any(|i| i == bystander.id()),
+        "bystander listed: {ids:?}"
+    );
+    let before = answer(bystander.call("c", json!("get"), None)).expect("bystander call");
+    let after = answer(bystander.call("c", json!("inc"), None)).expect("bystander inc");
+    assert_eq!(
+        after,
+        json!(before.as_i64().unwrap_or(0) + 1),
+        "bystander counts"
+    );
+    for id in ids {
+        let sb = node.sandbox(&id).expect("listed sandbox");
+        let _ = answer(sb.info());
+        let _ = answer(sb.processes());
+    }
+}
