@@ -11,50 +11,123 @@
 //!   interrupt preempts long callbacks, so a spinning sandbox cannot starve
 //!   the others.
 
+mod blocking;
 mod runtime;
+mod scheduler;
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::future::Future;
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde_json::Value as Json;
 
+pub use blocking::{block_on, with_timeout};
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 
-use crate::clock;
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::sandbox::{self, Event, HostSlot};
-use crate::upgrade::{self, Direction, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport};
+use crate::sandbox::{AppStatus, Event, HostSlot};
+use crate::upgrade::{
+    self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
+};
 use crate::vm::HostFn;
 use runtime::Runtime;
+use scheduler::schedule;
 
 type Command = Box<dyn FnOnce(&mut Runtime) + Send>;
 
-/// How long an idle scheduler thread or a waiting host thread polls before sleeping.
-const SPIN_MICROS: u64 = 50;
+/// How long `info` waits for a running slice before answering `busy`
+/// (a slice that yields ends within `SLICE_MS`).
+const INFO_WAIT_MS: u64 = crate::sandbox::SLICE_MS * 2;
 
 struct Shared {
     id: String,
     inbox: Mutex<VecDeque<Command>>,
     scheduled: AtomicBool,
+    /// `None` once destroyed or failed.
     runtime: Mutex<Option<Runtime>>,
+    /// Why the sandbox failed (a panic inside the runtime), with what could
+    /// be saved to restart it.
+    failed: Mutex<Option<Failure>>,
+    /// Set by `Node::destroy`: a slice running then drops the VM when it ends.
+    destroyed: AtomicBool,
+    /// What `info` last saw, answered while a long callback holds the VM.
+    last_info: Mutex<Option<SandboxInfo>>,
     node: Weak<NodeInner>,
     known_globals: Vec<String>,
     spec: SandboxSpec,
     host_fns: BTreeMap<String, HostFn>,
 }
 
+/// A sandbox stopped by a panic: the message, its version history and events
+/// (plain Rust data, saved from the dead runtime) so that a restart keeps them.
+struct Failure {
+    message: String,
+    history: BTreeMap<String, ModuleHistory>,
+    events: Vec<Event>,
+}
+
+impl Shared {
+    /// Fails the sandbox after a panic: its VM is dropped, its waiters are
+    /// answered (their channels close), and later requests get
+    /// `sandbox_failed` until it is restarted or deleted.
+    fn fail(&self, message: String) {
+        tracing::error!(sandbox = %self.id, %message, "internal error: the sandbox failed");
+        let rt = self.runtime.lock().take();
+        let (history, mut events) = match &rt {
+            Some(rt) => (rt.engine.modules.clone(), rt.saved_events()),
+            None => (BTreeMap::new(), Vec::new()),
+        };
+        let seq = events.last().map_or(1, |e| e.seq + 1);
+        events.push(Event::new(
+            seq,
+            "failed",
+            serde_json::json!({ "error": message }),
+        ));
+        *self.failed.lock() = Some(Failure {
+            message,
+            history,
+            events,
+        });
+        // Dropping the VM drops every waiting host's reply channel.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+        if dropped.is_err() {
+            tracing::error!(sandbox = %self.id, "the failed sandbox's VM panicked while dropped");
+        }
+        self.drop_inbox();
+    }
+
+    /// Drops queued commands (their reply channels close: the waiters learn
+    /// the sandbox stopped).
+    fn drop_inbox(&self) {
+        let commands: Vec<Command> = self.inbox.lock().drain(..).collect();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(commands)));
+    }
+
+    fn failure_error(&self) -> Option<Error> {
+        self.failed.lock().as_ref().map(|f| Error::SandboxFailed {
+            id: self.id.clone(),
+            message: f.message.clone(),
+        })
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    format!(
+        "internal error (panic): {}",
+        crate::sandbox::panic_text(payload)
+    )
+}
+
 struct NodeInner {
     sandboxes: RwLock<BTreeMap<String, Arc<Shared>>>,
-    queue: Mutex<VecDeque<Arc<Shared>>>,
+    queue: Mutex<scheduler::RunQueue>,
     queue_cv: Condvar,
-    timers: Mutex<BinaryHeap<Reverse<(u64, u64, usize)>>>,
+    pool: Mutex<scheduler::Pool>,
+    timers: Mutex<BinaryHeap<std::cmp::Reverse<(u64, u64, usize)>>>,
     timer_targets: Mutex<HashMap<u64, Weak<Shared>>>,
     timer_seq: AtomicU64,
     timer_cv: Condvar,
@@ -123,8 +196,9 @@ impl Node {
         };
         let inner = Arc::new(NodeInner {
             sandboxes: RwLock::new(BTreeMap::new()),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(scheduler::RunQueue::default()),
             queue_cv: Condvar::new(),
+            pool: Mutex::new(scheduler::Pool::default()),
             timers: Mutex::new(BinaryHeap::new()),
             timer_targets: Mutex::new(HashMap::new()),
             timer_seq: AtomicU64::new(0),
@@ -133,18 +207,7 @@ impl Node {
             threads,
             limits,
         });
-        for i in 0..threads {
-            let weak = Arc::downgrade(&inner);
-            std::thread::Builder::new()
-                .name(format!("graft-sched-{i}"))
-                .spawn(move || scheduler_loop(weak))
-                .expect("cannot start a scheduler thread");
-        }
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("graft-timers".into())
-            .spawn(move || timer_loop(weak))
-            .expect("cannot start the timer thread");
+        scheduler::start(&inner);
         Node { inner }
     }
 
@@ -168,7 +231,7 @@ impl Node {
     pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
         spec.validate(&self.inner.limits)?;
         {
-            let map = self.inner.sandboxes.read().expect("lock");
+            let map = self.inner.sandboxes.read();
             if map.contains_key(&spec.id) {
                 return Err(Error::SandboxExists(spec.id.clone()));
             }
@@ -179,19 +242,22 @@ impl Node {
                 )));
             }
         }
-        let runtime = Runtime::new(spec.clone(), host.0.clone(), None, &self.inner.limits)?;
+        let runtime = new_runtime(&spec, &host.0, None, &self.inner.limits)?;
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
             scheduled: AtomicBool::new(false),
             runtime: Mutex::new(Some(runtime)),
+            failed: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+            last_info: Mutex::new(None),
             node: Arc::downgrade(&self.inner),
             known_globals: crate::vm::known_globals(&spec.grants, &host.0),
             spec,
             host_fns: host.0,
         });
         {
-            let mut map = self.inner.sandboxes.write().expect("lock");
+            let mut map = self.inner.sandboxes.write();
             if map.contains_key(&shared.id) {
                 return Err(Error::SandboxExists(shared.id.clone()));
             }
@@ -203,7 +269,7 @@ impl Node {
             }
             map.insert(shared.id.clone(), shared.clone());
         }
-        schedule(&self.inner, &shared);
+        schedule(&self.inner, &shared, false);
         Ok(Sandbox { shared })
     }
 
@@ -212,7 +278,6 @@ impl Node {
         self.inner
             .sandboxes
             .read()
-            .expect("lock")
             .get(id)
             .map(|s| Sandbox { shared: s.clone() })
             .ok_or_else(|| Error::NoSandbox(id.to_owned()))
@@ -220,29 +285,30 @@ impl Node {
 
     /// Ids of all sandboxes, sorted.
     pub fn sandbox_ids(&self) -> Vec<String> {
-        self.inner
-            .sandboxes
-            .read()
-            .expect("lock")
-            .keys()
-            .cloned()
-            .collect()
+        self.inner.sandboxes.read().keys().cloned().collect()
     }
 
     /// Destroys a sandbox at once: its processes are dropped without
     /// `terminate` (use [`Sandbox::stop_app`] first for an orderly stop).
+    /// Never waits for a running slice: a sandbox busy in a callback is
+    /// dropped by its scheduler thread when the slice ends.
     pub fn destroy(&self, id: &str) -> Result<()> {
         let shared = self
             .inner
             .sandboxes
             .write()
-            .expect("lock")
             .remove(id)
             .ok_or_else(|| Error::NoSandbox(id.into()))?;
-        // Wait for a running slice to end, then drop the VM.
-        let rt = shared.runtime.lock().expect("lock").take();
-        drop(rt);
-        shared.inbox.lock().expect("lock").clear();
+        shared.destroyed.store(true, Ordering::Release);
+        if let Some(mut guard) = shared.runtime.try_lock() {
+            let rt = guard.take();
+            drop(guard);
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+            if dropped.is_err() {
+                tracing::error!(sandbox = %id, "the sandbox's VM panicked while dropped");
+            }
+        }
+        shared.drop_inbox();
         Ok(())
     }
 
@@ -381,20 +447,14 @@ impl Sandbox {
             .node
             .upgrade()
             .ok_or_else(|| stopped(&self.shared.id))?;
-        if !node
-            .sandboxes
-            .read()
-            .expect("lock")
-            .contains_key(&self.shared.id)
-        {
+        if self.shared.destroyed.load(Ordering::Acquire) {
             return Err(Error::NoSandbox(self.shared.id.clone()));
         }
-        self.shared
-            .inbox
-            .lock()
-            .expect("lock")
-            .push_back(Box::new(cmd));
-        schedule(&node, &self.shared);
+        if let Some(e) = self.shared.failure_error() {
+            return Err(e);
+        }
+        self.shared.inbox.lock().push_back(Box::new(cmd));
+        schedule(&node, &self.shared, false);
         Ok(())
     }
 
@@ -406,7 +466,19 @@ impl Sandbox {
         self.submit(move |rt| {
             let _ = tx.send(f(rt));
         })?;
-        rx.await.map_err(|_| stopped(&self.shared.id))
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// Why a request's answer channel closed: the sandbox failed, was
+    /// destroyed, or its node stopped.
+    fn gone(&self) -> Error {
+        if let Some(e) = self.shared.failure_error() {
+            return e;
+        }
+        if self.shared.destroyed.load(Ordering::Acquire) {
+            return Error::NoSandbox(self.shared.id.clone());
+        }
+        stopped(&self.shared.id)
     }
 
     async fn ask_slot(
@@ -416,7 +488,7 @@ impl Sandbox {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         self.submit(move |rt| f(rt, slot))?;
-        rx.await.map_err(|_| stopped(&self.shared.id))?
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// Calls a process (`handle_call`) and waits for its reply. `target` is a
@@ -478,9 +550,74 @@ impl Sandbox {
         self.ask(move |rt| rt.state(&target)).await?
     }
 
-    /// Status, process count and memory.
+    /// Status, process count and memory. A failed sandbox answers with
+    /// status `failed` (and no processes) until it is restarted or deleted.
     pub async fn info(&self) -> Result<SandboxInfo> {
-        self.ask(|rt| rt.info()).await
+        if let Some(info) = self.failed_info() {
+            return Ok(info);
+        }
+        if self.shared.destroyed.load(Ordering::Acquire) {
+            return Err(Error::NoSandbox(self.shared.id.clone()));
+        }
+        // Read between slices, without queueing: a listing must answer even
+        // while this sandbox is stuck in a long callback.
+        let guard = self
+            .shared
+            .runtime
+            .try_lock_for(Duration::from_millis(INFO_WAIT_MS));
+        match guard {
+            Some(guard) => {
+                let info = guard.as_ref().map(|rt| rt.info());
+                drop(guard);
+                let info = info.ok_or_else(|| self.gone())?;
+                *self.shared.last_info.lock() = Some(info.clone());
+                Ok(info)
+            }
+            None => Ok(self.busy_info()),
+        }
+    }
+
+    /// What `info` says while a callback holds the sandbox: the figures of
+    /// the last look, with status `busy`.
+    fn busy_info(&self) -> SandboxInfo {
+        let last = self.shared.last_info.lock().clone();
+        let mut info = last.unwrap_or_else(|| {
+            let spec = &self.shared.spec;
+            SandboxInfo {
+                id: self.shared.id.clone(),
+                status: String::new(),
+                app: AppStatus::None,
+                entry: spec.entry.clone(),
+                process_count: 0,
+                memory_bytes: 0,
+                limits: spec.limits.clone(),
+                module_count: spec.modules.len(),
+                capabilities: Vec::new(),
+            }
+        });
+        info.status = "busy".into();
+        info
+    }
+
+    fn failed_info(&self) -> Option<SandboxInfo> {
+        let failed = self.shared.failed.lock();
+        let f = failed.as_ref()?;
+        let spec = &self.shared.spec;
+        let mut capabilities = spec.grants.clone();
+        capabilities.extend(self.shared.host_fns.keys().cloned());
+        Some(SandboxInfo {
+            id: self.shared.id.clone(),
+            status: "failed".into(),
+            app: AppStatus::Stopped {
+                reason: f.message.clone(),
+            },
+            entry: spec.entry.clone(),
+            process_count: 0,
+            memory_bytes: 0,
+            limits: spec.limits.clone(),
+            module_count: f.history.len(),
+            capabilities,
+        })
     }
 
     /// Modules with their current version.
@@ -494,8 +631,12 @@ impl Sandbox {
         self.ask(move |rt| rt.versions(&module)).await?
     }
 
-    /// Events, newest last.
+    /// Events, newest last. A failed sandbox keeps the events it had, and
+    /// a `failed` event with the internal error.
     pub async fn events(&self) -> Result<Vec<Event>> {
+        if let Some(f) = self.shared.failed.lock().as_ref() {
+            return Ok(f.events.clone());
+        }
         self.ask(|rt| rt.events()).await
     }
 
@@ -563,7 +704,7 @@ impl Sandbox {
         opts: ReloadOptions,
     ) -> Result<ReloadReport> {
         let rx = self.reload_start(sources, opts, Direction::Up, None)?;
-        rx.await.map_err(|_| stopped(&self.shared.id))?
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// Rolls `module` back (or forward) to a kept version; `code_change` gets
@@ -621,7 +762,7 @@ impl Sandbox {
             targets.insert(module_name, version);
             rt.reload(prepared, opts, direction, Some(targets), tx);
         })?;
-        rx.await.map_err(|_| stopped(&self.shared.id))?
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// Every kept version of every module (for export/backup).
@@ -686,7 +827,7 @@ impl Sandbox {
             histories.insert(name, versions);
         }
         let rx = self.reload_start(newest, opts, Direction::Up, Some(targets))?;
-        let report = rx.await.map_err(|_| stopped(&self.shared.id))??;
+        let report = rx.await.map_err(|_| self.gone())??;
         self.ask(move |rt| {
             for (name, versions) in histories {
                 let h = rt.engine.modules.entry(name).or_default();
@@ -708,32 +849,24 @@ impl Sandbox {
     /// Stops the app, rebuilds the VM from the modules' current versions and
     /// starts the app again. Version history is kept.
     pub async fn restart(&self) -> Result<()> {
+        if self.shared.failed.lock().is_some() {
+            return self.restart_failed();
+        }
         let _ = with_timeout(self.stop_app(), Duration::from_secs(10)).await;
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(move |rt| {
-            let mut spec = shared.spec.clone();
-            spec.modules = rt
-                .engine
-                .modules
-                .iter()
-                .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
-                .collect();
             let history = std::mem::take(&mut rt.engine.modules);
-            let limits = match shared.node.upgrade() {
-                Some(node) => node.limits.clone(),
-                None => {
-                    let _ = tx.send(Err(stopped(&shared.id)));
-                    return;
-                }
+            let Some(node) = shared.node.upgrade() else {
+                rt.engine.modules = history;
+                let _ = tx.send(Err(stopped(&shared.id)));
+                return;
             };
-            match Runtime::new(
-                spec,
-                shared.host_fns.clone(),
-                Some(history.clone()),
-                &limits,
-            ) {
-                Ok(new_rt) => {
+            match new_runtime(&shared.spec, &shared.host_fns, Some(&history), &node.limits) {
+                Ok(mut new_rt) => {
+                    // Kept across the restart: events, and reloads that were
+                    // waiting (they apply to the new VM, never lost).
+                    new_rt.adopt(rt);
                     *rt = new_rt;
                     let _ = tx.send(Ok(()));
                 }
@@ -743,217 +876,192 @@ impl Sandbox {
                 }
             }
         })?;
-        rx.await.map_err(|_| stopped(&self.shared.id))?
+        rx.await.map_err(|_| self.gone())?
     }
-}
 
-fn schedule(node: &NodeInner, shared: &Arc<Shared>) {
-    if !shared.scheduled.swap(true, Ordering::AcqRel) {
-        node.queue.lock().expect("lock").push_back(shared.clone());
-        node.queue_cv.notify_one();
-    }
-}
-
-fn scheduler_loop(node: Weak<NodeInner>) {
-    loop {
-        let Some(inner) = node.upgrade() else { return };
-        let next = {
-            let mut q = inner.queue.lock().expect("lock");
-            loop {
-                if inner.stopping.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(s) = q.pop_front() {
-                    break Some(s);
-                }
-                // Spin briefly before sleeping: a request that arrives within
-                // microseconds is then served without a futex wake-up.
-                drop(q);
-                let spin_until = std::time::Instant::now() + Duration::from_micros(SPIN_MICROS);
-                while std::time::Instant::now() < spin_until {
-                    std::thread::yield_now();
-                    if !inner.queue.lock().expect("lock").is_empty() {
-                        break;
-                    }
-                }
-                q = inner.queue.lock().expect("lock");
-                if !q.is_empty() {
-                    continue;
-                }
-                let (guard, _) = inner
-                    .queue_cv
-                    .wait_timeout(q, Duration::from_millis(200))
-                    .expect("lock");
-                q = guard;
-                if Arc::strong_count(&inner) == 1 {
-                    return; // the node was dropped
-                }
-            }
+    /// Rebuilds a failed sandbox from its saved version history.
+    fn restart_failed(&self) -> Result<()> {
+        let node = self
+            .shared
+            .node
+            .upgrade()
+            .ok_or_else(|| stopped(&self.shared.id))?;
+        let mut failed = self.shared.failed.lock();
+        let Some(f) = failed.as_ref() else {
+            return Ok(()); // restarted meanwhile
         };
-        if let Some(shared) = next {
-            run_sandbox(&inner, &shared);
+        let history = (!f.history.is_empty()).then_some(&f.history);
+        let mut rt = new_runtime(
+            &self.shared.spec,
+            &self.shared.host_fns,
+            history,
+            &node.limits,
+        )?;
+        if let Some(f) = failed.as_mut() {
+            rt.restore_events(std::mem::take(&mut f.events));
         }
+        *self.shared.runtime.lock() = Some(rt);
+        *failed = None;
+        drop(failed);
+        schedule(&node, &self.shared, false);
+        Ok(())
     }
 }
 
-fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>) {
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_sandbox_slice(node, shared)
-    }));
-    if ran.is_err() {
-        // A bug in Graft, not in guest code: take this sandbox down, keep the node.
-        tracing::error!(sandbox = %shared.id, "internal error: the sandbox's scheduler panicked; the sandbox is stopped");
-        let mut guard = shared.runtime.lock().unwrap_or_else(|e| e.into_inner());
-        *guard = None;
-        shared
-            .inbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        shared.scheduled.store(false, Ordering::Release);
-    }
-}
-
-fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
-    let (more, next_timer) = {
-        let mut guard = shared.runtime.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(rt) = guard.as_mut() else {
-            shared.scheduled.store(false, Ordering::Release);
-            return;
-        };
-        let commands: Vec<Command> = shared.inbox.lock().expect("lock").drain(..).collect();
-        sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
-        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
-        for cmd in commands {
-            cmd(rt);
-        }
-        // A restart command may have replaced the VM: enforce the current one's limits.
-        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
-        rt.run_pending_reloads();
-        let more = sandbox::run_slice(&rt.vm.lua);
-        rt.poll_app_start();
-        rt.check_canary();
-        rt.run_pending_reloads();
-        let next_timer = sandbox::kernel(&rt.vm.lua).next_timer_at();
-        (more, next_timer)
-    };
-    shared.scheduled.store(false, Ordering::Release);
-    // After clearing `scheduled`: a wake-up firing in between must not be
-    // swallowed by a flag that is about to be cleared.
-    if let Some(at) = next_timer {
-        add_wakeup(node, shared, at);
-    }
-    let inbox_waiting = !shared.inbox.lock().expect("lock").is_empty();
-    if more || inbox_waiting {
-        schedule(node, shared);
-    }
-}
-
-fn add_wakeup(node: &NodeInner, shared: &Arc<Shared>, at: u64) {
-    let seq = node.timer_seq.fetch_add(1, Ordering::Relaxed);
-    let key = Arc::as_ptr(shared) as usize;
-    node.timer_targets
-        .lock()
-        .expect("lock")
-        .insert(seq, Arc::downgrade(shared));
-    node.timers
-        .lock()
-        .expect("lock")
-        .push(Reverse((at, seq, key)));
-    node.timer_cv.notify_one();
-}
-
-fn timer_loop(node: Weak<NodeInner>) {
-    loop {
-        let Some(inner) = node.upgrade() else { return };
-        if inner.stopping.load(Ordering::Relaxed) || Arc::strong_count(&inner) == 1 {
-            return;
-        }
-        let mut due = Vec::new();
-        {
-            let mut timers = inner.timers.lock().expect("lock");
-            let now = clock::precise_ms();
-            while let Some(Reverse((at, seq, _))) = timers.peek().copied() {
-                if at > now {
-                    break;
-                }
-                timers.pop();
-                due.push(seq);
-            }
-            if due.is_empty() {
-                let wait = timers
-                    .peek()
-                    .map(|Reverse((at, _, _))| Duration::from_millis(at.saturating_sub(now).max(1)))
-                    .unwrap_or(Duration::from_millis(100))
-                    .min(Duration::from_millis(100));
-                let _ = inner.timer_cv.wait_timeout(timers, wait).expect("lock");
-                continue;
-            }
-        }
-        // Several wake-ups for one sandbox collapse into one schedule.
-        let mut targets = inner.timer_targets.lock().expect("lock");
-        let sandboxes: Vec<Arc<Shared>> = due
+/// Builds a sandbox's runtime behind the panic barrier: from `spec`, or from
+/// the current versions of `history` when restarting.
+fn new_runtime(
+    spec: &SandboxSpec,
+    host_fns: &BTreeMap<String, HostFn>,
+    history: Option<&BTreeMap<String, ModuleHistory>>,
+    limits: &NodeLimits,
+) -> Result<Runtime> {
+    let mut spec = spec.clone();
+    let spec_id = spec.id.clone();
+    if let Some(h) = history {
+        spec.modules = h
             .iter()
-            .filter_map(|s| targets.remove(s))
-            .filter_map(|w| w.upgrade())
+            .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
             .collect();
-        drop(targets);
-        for s in sandboxes {
-            schedule(&inner, &s);
-        }
     }
-}
-
-/// Runs a future to completion on the current thread (for callers without an
-/// async runtime). Graft's futures only wait on channels, so any executor works.
-///
-/// ```
-/// assert_eq!(graft::block_on(async { 7 }), 7);
-/// ```
-pub fn block_on<F: Future>(fut: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = pin!(fut);
-    loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
-        }
-        // Answers usually come within microseconds: poll a little before
-        // parking the thread (a park/unpark round trip costs more than that).
-        let spin_until = std::time::Instant::now() + Duration::from_micros(SPIN_MICROS);
-        while std::time::Instant::now() < spin_until {
-            std::hint::spin_loop();
-            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                return v;
-            }
-        }
-        std::thread::park();
-    }
-}
-
-/// Waits for a future at most `timeout` (without needing an async runtime's timer).
-pub async fn with_timeout<F: Future>(fut: F, timeout: Duration) -> Option<F::Output> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        let _ = tx.send(());
-    });
-    let mut fut = pin!(fut);
-    let mut rx = pin!(rx);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        if rx.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Runtime::new(spec, host_fns.clone(), history.cloned(), limits)
+    }));
+    built.unwrap_or_else(|payload| {
+        Err(Error::SandboxFailed {
+            id: spec_id.clone(),
+            message: panic_message(&*payload),
+        })
     })
-    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COUNTER: &str = r#"
+        return {
+          init = function() return 0 end,
+          handle_call = function(req, from, n) return n + 1, n + 1 end,
+        }
+    "#;
+
+    fn counter(node: &Node, id: &str) -> Sandbox {
+        let sb = node
+            .create_sandbox(SandboxSpec::new(id).entry(None).module("c", COUNTER))
+            .expect("sandbox");
+        block_on(sb.spawn("c", Json::Null, Some("c"))).expect("spawn");
+        sb
+    }
+
+    #[test]
+    fn a_panic_inside_the_runtime_fails_only_that_sandbox() {
+        let node = Node::with_threads(2);
+        let bystander = counter(&node, "bystander");
+        let victim = counter(&node, "victim");
+        let mut v2 = BTreeMap::new();
+        v2.insert(
+            "c".to_owned(),
+            COUNTER.replace("n + 1, n + 1", "n + 2, n + 2"),
+        );
+        block_on(victim.reload(v2, ReloadOptions::default())).expect("reload to v2");
+        // A waiter queued behind the panic learns why its sandbox stopped.
+        let waiting = victim.call("c", Json::Null, None);
+        victim
+            .submit(|_| panic!("a bug in the runtime"))
+            .expect("queued");
+        let err = block_on(waiting).expect_err("the call cannot be answered");
+        assert_eq!(err.kind(), "sandbox_failed", "{err}");
+
+        let info = block_on(victim.info()).expect("info of a failed sandbox");
+        assert_eq!(info.status, "failed");
+        let events = block_on(victim.events()).expect("events");
+        let last = events.last().expect("a failed event");
+        assert_eq!(last.kind, "failed");
+        assert!(last.detail["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("a bug in the runtime"));
+        let err = block_on(victim.call("c", Json::Null, None)).expect_err("refused");
+        assert_eq!(err.kind(), "sandbox_failed");
+
+        // The node and the bystander carry on; nothing is poisoned.
+        assert_eq!(node.sandbox_ids(), ["bystander", "victim"]);
+        assert_eq!(block_on(bystander.call("c", Json::Null, None)).unwrap(), 1);
+
+        // A restart brings it back on its current version with its history.
+        block_on(victim.restart()).expect("restart a failed sandbox");
+        assert_eq!(block_on(victim.info()).unwrap().status, "running");
+        let versions: Vec<u32> = block_on(victim.versions("c"))
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions, [1, 2]);
+        block_on(victim.spawn("c", Json::Null, Some("c"))).expect("spawn after restart");
+        assert_eq!(block_on(victim.call("c", Json::Null, None)).unwrap(), 2);
+        let kinds: Vec<String> = block_on(victim.events())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert!(kinds.contains(&"failed".to_owned()), "{kinds:?}");
+
+        // And it can be deleted like any other.
+        victim.submit(|_| panic!("again")).expect("queued");
+        crate::node::blocking::block_on(async {
+            while victim.shared.failed.lock().is_none() {
+                std::thread::yield_now();
+            }
+        });
+        node.destroy("victim").expect("destroy a failed sandbox");
+        assert_eq!(node.sandbox_ids(), ["bystander"]);
+    }
+
+    #[test]
+    fn a_reload_waiting_on_a_restart_applies_to_the_new_vm() {
+        let node = Node::with_threads(1);
+        let spinner = r#"
+            return {
+              init = function() return 0 end,
+              handle_cast = function(msg, n) while true do end end,
+              handle_call = function(req, from, n) return "v1", n end,
+            }
+        "#;
+        let sb = node
+            .create_sandbox(
+                SandboxSpec::new("r")
+                    .entry(None)
+                    .module("w", spinner)
+                    .limits(crate::Limits {
+                        handler_ms: 1000,
+                        ..crate::Limits::default()
+                    }),
+            )
+            .expect("sandbox");
+        block_on(sb.spawn("w", Json::Null, Some("w"))).expect("spawn");
+        block_on(sb.cast("w", Json::Null)).expect("cast");
+        // `w` is inside a callback: the reload waits for it (quiesce) ...
+        let mut v2 = BTreeMap::new();
+        v2.insert("w".to_owned(), spinner.replace("\"v1\"", "\"v2\""));
+        let mut reload = std::pin::pin!(sb.reload(v2, ReloadOptions::default()));
+        let mut polled = false;
+        block_on(std::future::poll_fn(|cx| {
+            if !polled {
+                polled = true;
+                assert!(
+                    std::future::Future::poll(reload.as_mut(), cx).is_pending(),
+                    "w is busy"
+                );
+            }
+            std::task::Poll::Ready(())
+        }));
+        // ... and the restart replaces the VM under it: the reload applies
+        // to the new VM instead of being dropped.
+        block_on(sb.restart()).expect("restart");
+        let report = block_on(reload).expect("the reload is applied, not lost");
+        assert_eq!(report.modules[0].to, 2);
+        block_on(sb.spawn("w", Json::Null, Some("w2"))).expect("spawn");
+        assert_eq!(block_on(sb.call("w2", Json::Null, None)).unwrap(), "v2");
+    }
 }

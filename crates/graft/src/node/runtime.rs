@@ -273,10 +273,7 @@ impl Runtime {
             self.check_size(&request)?;
             let serial = self.resolve(&target)?;
             let lua = self.lua();
-            let v = json_to_lua(lua, &request).map_err(|e| Error::InvalidInput(e.to_string()))?;
-            let key = lua
-                .create_registry_value(v)
-                .map_err(|e| Error::Luau(e.to_string()))?;
+            let key = host_value(lua, &request)?;
             let mut k = kernel(lua);
             let job = Job::Call {
                 request: Some(key),
@@ -304,10 +301,7 @@ impl Runtime {
         self.check_size(message)?;
         let serial = self.resolve(target)?;
         let lua = self.lua();
-        let v = json_to_lua(lua, message).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let key = lua
-            .create_registry_value(v)
-            .map_err(|e| Error::Luau(e.to_string()))?;
+        let key = host_value(lua, message)?;
         let job = if cast { Job::Cast(key) } else { Job::Info(key) };
         kernel(lua).deliver(serial, job).map_err(|(e, _)| e)
     }
@@ -332,10 +326,7 @@ impl Runtime {
                 )));
             }
             drop(k);
-            let v = json_to_lua(lua, args).map_err(|e| Error::InvalidInput(e.to_string()))?;
-            let key = lua
-                .create_registry_value(v)
-                .map_err(|e| Error::Luau(e.to_string()))?;
+            let key = host_value(lua, args)?;
             kernel(lua)
                 .create_process(mid, None, name, Some(key), Waiter::Host(slot.clone()))
                 .map_err(|(e, _)| e)?;
@@ -459,6 +450,44 @@ impl Runtime {
         kernel(self.lua()).events.iter().cloned().collect()
     }
 
+    /// The events, read without panicking even if the kernel is borrowed
+    /// (after a panic that unwound through a kernel borrow).
+    pub fn saved_events(&self) -> Vec<Event> {
+        self.vm
+            .lua
+            .try_app_data_ref::<crate::sandbox::Kernel>()
+            .ok()
+            .flatten()
+            .map(|k| k.events.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Puts events saved from an earlier runtime of this sandbox before this one's.
+    pub fn restore_events(&mut self, mut saved: Vec<Event>) {
+        let mut k = kernel(self.lua());
+        let mut seq = saved.last().map_or(0, |e| e.seq);
+        for mut e in k.events.drain(..) {
+            seq += 1;
+            e.seq = seq;
+            saved.push(e);
+        }
+        let keep = k.max_events.max(1);
+        let skip = saved.len().saturating_sub(keep);
+        k.events = saved.into_iter().skip(skip).collect();
+        k.set_event_seq(seq);
+    }
+
+    /// Takes over what a restarted runtime of the same sandbox must not
+    /// lose: its events and the reloads still waiting to apply.
+    pub fn adopt(&mut self, old: &mut Runtime) {
+        self.restore_events(old.saved_events());
+        self.pending.extend(old.pending.drain(..).map(|mut r| {
+            // Its frozen modules belonged to the old kernel.
+            r.frozen.clear();
+            r
+        }));
+    }
+
     /// Starts a reload; the reply comes when it committed, aborted or timed out.
     pub fn reload(
         &mut self,
@@ -524,6 +553,10 @@ impl Runtime {
                 Ok(Applied::Done(report)) => {
                     self.unfreeze(&r.frozen);
                     self.record(&report, r.direction);
+                    if report.status == ReloadStatus::DryRun {
+                        // The dry run's module tables and state copies are garbage now.
+                        let _ = self.lua().gc_collect();
+                    }
                     if report.status == ReloadStatus::Reloaded && r.opts.canary_ms > 0 {
                         self.arm_canary(&report, &r.opts);
                     }
@@ -532,6 +565,8 @@ impl Runtime {
                 Err(e) => {
                     self.unfreeze(&r.frozen);
                     self.record_abort(&e, &r.prepared);
+                    // What the aborted candidate allocated is garbage now.
+                    let _ = self.lua().gc_collect();
                     let _ = r.reply.send(Err(e));
                 }
             }
@@ -695,6 +730,27 @@ impl Runtime {
             .map(|(n, h)| (n.clone(), h.versions.iter().cloned().collect()))
             .collect()
     }
+}
+
+/// A host's JSON value as a Luau value held in the registry. A full heap is
+/// collected once before the conversion is refused, and a refusal for memory
+/// is `out_of_memory`, not the input's fault.
+fn host_value(lua: &Lua, v: &Json) -> Result<mlua::RegistryKey> {
+    let convert = || json_to_lua(lua, v).and_then(|v| lua.create_registry_value(v));
+    let first = match convert() {
+        Err(mlua::Error::MemoryError(_)) => {
+            let _ = lua.gc_collect();
+            convert()
+        }
+        other => other,
+    };
+    first.map_err(|e| match e {
+        mlua::Error::MemoryError(_) => Error::OutOfMemory(format!(
+            "the sandbox's heap ({} bytes used) cannot hold this value",
+            lua.used_memory()
+        )),
+        other => Error::InvalidInput(other.to_string()),
+    })
 }
 
 /// Rebuilds prepared modules from kept versions (our own bytecode; no recompile).

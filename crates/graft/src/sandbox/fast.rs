@@ -23,14 +23,30 @@ use super::natives::DEFAULT_CALL_TIMEOUT_MS;
 use super::Kernel;
 use crate::value::Pid;
 
+/// Runs `f` on the kernel behind a panic barrier: these functions are called
+/// from Luau's C stack, which a panic must never unwind through. A panic is
+/// parked in the kernel (`internal_error`) and re-raised by the scheduler at
+/// the end of the slice, where it fails the sandbox; here it reads as "no
+/// fast path".
 unsafe fn with_kernel<R>(
     state: *mut ffi::lua_State,
     f: impl FnOnce(&mut Kernel) -> R,
 ) -> Option<R> {
     // SAFETY: natives run inside a VM created by mlua, which owns the state.
     let lua = Lua::get_or_init_from_ptr(state);
-    let mut k = lua.try_app_data_mut::<Kernel>().ok()??;
-    Some(f(&mut k))
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut k = lua.try_app_data_mut::<Kernel>().ok()??;
+        Some(f(&mut k))
+    }));
+    match ran {
+        Ok(r) => r,
+        Err(payload) => {
+            if let Ok(Some(mut k)) = lua.try_app_data_mut::<Kernel>() {
+                k.internal_error = Some(super::panic_text(&*payload));
+            }
+            None
+        }
+    }
 }
 
 /// Serial of the process a guest value names: a pid or a registered name.

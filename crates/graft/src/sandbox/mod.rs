@@ -61,6 +61,8 @@ pub(crate) const MAX_NESTING: usize = 8;
 
 /// A thread pool bigger than this keeps no more idle worker threads.
 const POOL_MAX: usize = 256;
+/// CPU a module body may take when a reload evaluates it.
+pub const MODULE_BODY_MS: u64 = 100;
 /// Time slice of a sandbox before it yields its scheduler thread.
 pub(crate) const SLICE_MS: u64 = 5;
 
@@ -155,6 +157,13 @@ impl Watch {
     /// (module evaluation, migrations) by `handler_ms`.
     pub fn arm_for_host_code(&self) {
         self.arm(clock::coarse_ms() + self.handler_ms, 0, false);
+    }
+    /// Bounds a candidate module's body (run by a reload, a dry run, a
+    /// sandbox's creation) by [`MODULE_BODY_MS`]: a slow or looping body must
+    /// not stall the live processes for a whole `handler_ms`.
+    pub fn arm_for_module_body(&self) {
+        let ms = self.handler_ms.min(MODULE_BODY_MS);
+        self.arm(clock::coarse_ms() + ms, 0, false);
     }
     pub fn disarm_host_code(&self) -> bool {
         let t = self.timed_out.load(Ordering::Relaxed);
@@ -368,6 +377,20 @@ pub(crate) struct Kernel {
     pub max_value_bytes: usize,
     /// Events kept (the node's `max_events`).
     pub max_events: usize,
+    /// A process crashed since the last collection (see `collect_after_crashes`).
+    crashed_since_collect: bool,
+    /// A panic caught where it could not unwind (a raw native on Luau's C
+    /// stack); the scheduler re-raises it at the end of the slice.
+    pub internal_error: Option<String>,
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
@@ -383,7 +406,24 @@ enum Outcome {
     Preempted(Thread),
 }
 
+impl Event {
+    /// An event stamped now.
+    pub(crate) fn new(seq: u64, kind: &str, detail: Json) -> Event {
+        Event {
+            seq,
+            at_ms: clock::unix_ms(),
+            kind: kind.into(),
+            detail,
+        }
+    }
+}
+
 impl Kernel {
+    /// Continues the event numbering after events restored from an earlier runtime.
+    pub fn set_event_seq(&mut self, seq: u64) {
+        self.next_event = seq;
+    }
+
     pub fn intern_module(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.module_index.get(name) {
             return i;
@@ -847,6 +887,8 @@ pub(crate) fn new_vm(
         app_stop_waiters: Vec::new(),
         max_value_bytes: node.max_value_bytes,
         max_events: node.max_events,
+        crashed_since_collect: false,
+        internal_error: None,
     };
     vm.lua.set_app_data(k);
     install_interrupt(&vm.lua);
@@ -1668,9 +1710,28 @@ pub(crate) fn drain_exits(lua: &Lua) {
     loop {
         let next = kernel(lua).exits.pop_front();
         let Some((serial, reason, run_terminate)) = next else {
-            return;
+            break;
         };
         begin_exit(lua, serial, reason, run_terminate);
+    }
+    collect_after_crashes(lua);
+}
+
+/// A crashed process's garbage (its state, and whatever the failed callback
+/// allocated) is only reclaimable once it is finalized: collect then, so a
+/// restarted process does not meet a heap still full of its predecessor
+/// (Luau does not collect when an allocation fails). One collection covers
+/// every crash drained together, and a sandbox far below its limit skips it.
+fn collect_after_crashes(lua: &Lua) {
+    let limit = {
+        let mut k = kernel(lua);
+        if !std::mem::take(&mut k.crashed_since_collect) {
+            return;
+        }
+        k.limits.memory_bytes
+    };
+    if lua.used_memory() > limit / 2 {
+        let _ = lua.gc_collect();
     }
 }
 
@@ -1778,6 +1839,9 @@ fn finalize(lua: &Lua, serial: u64, reason: ExitReason) {
         k.names.remove(n);
     }
     let _ = k.states.raw_set(serial, Value::Nil);
+    if !matches!(reason, ExitReason::Normal | ExitReason::Shutdown) {
+        k.crashed_since_collect = true;
+    }
     let target = k.pid_string(p.pid);
     let mut waiters = p.crashed_callers;
     for job in p.mailbox {

@@ -776,9 +776,16 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
     let f = vm
         .load_guest(if file.is_empty() { name } else { file }, bytecode)
         .map_err(|e| abort(e.to_string()))?;
-    let watch = kernel(&vm.lua).watch.clone();
-    watch.arm_for_host_code();
+    let (watch, limits) = {
+        let k = kernel(&vm.lua);
+        (k.watch.clone(), k.limits.clone())
+    };
+    // Under the guests' own memory limit (not the kernel's headroom) and a
+    // short CPU budget: a candidate's body must not starve live processes.
+    watch.arm_for_module_body();
+    crate::sandbox::guest_memory(&vm.lua, &limits);
     let result = f.call::<Value>(());
+    crate::sandbox::kernel_memory(&vm.lua, &limits);
     let timed_out = watch.disarm_host_code();
     match result {
         Ok(Value::Table(t)) => {
@@ -789,7 +796,7 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
             "module `{name}` returned a {} instead of a table (end the module with `return <table>`)",
             other.type_name()
         ))),
-        Err(_) if timed_out => Err(abort(format!("module `{name}` did not finish loading within handler_ms"))),
+        Err(_) if timed_out => Err(abort(format!("module `{name}` did not finish loading within {} ms", crate::sandbox::MODULE_BODY_MS.min(limits.handler_ms)))),
         Err(e) => Err(abort(format!("module `{name}` failed while loading: {e}"))),
     }
 }

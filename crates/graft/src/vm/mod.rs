@@ -375,6 +375,7 @@ fn install_host_functions(
     for (name, f) in host_fns {
         let f = f.clone();
         let display = name.clone();
+        let name_for_log = name.clone();
         let func = lua.create_function(move |lua, args: mlua::MultiValue| {
             let mut json_args = Vec::with_capacity(args.len());
             for a in args.iter() {
@@ -383,9 +384,23 @@ fn install_host_functions(
                     Err(e) => return Ok((Value::Nil, Some(format!("{display}: {}", e.0)))),
                 }
             }
-            match f(json_args) {
-                Ok(v) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
-                Err(msg) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
+            // A host function is the embedder's code: a panic in it is an
+            // error for the guest that called it, never an unwind through
+            // the VM's C stack.
+            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(json_args)));
+            match called {
+                Ok(Ok(v)) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
+                Ok(Err(msg)) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
+                Err(payload) => {
+                    let why = crate::sandbox::panic_text(&*payload);
+                    let name: &str = &name_for_log;
+                    tracing::error!(
+                        function = name,
+                        panic = why.as_str(),
+                        "a host function panicked"
+                    );
+                    Ok((Value::Nil, Some(format!("{display}: panicked: {why}"))))
+                }
             }
         })?;
         match name.split_once('.') {

@@ -16,6 +16,10 @@ function counter.handle_call(req, from, state)
   if req == "inc" then state.count += 1 end
   return state.count, state
 end
+function counter.handle_cast(msg, state)
+  if msg == "inc" then state.count += 1 end
+  return state
+end
 return counter
 "#;
 
@@ -33,8 +37,9 @@ pub fn answer<F: std::future::Future>(fut: F) -> F::Output {
     block_on(with_timeout(fut, Duration::from_secs(5))).expect("no answer within 5 s")
 }
 
-/// The node answers listings, `bystander` answers a call, and every listed
-/// sandbox answers `info` and its process list.
+/// The node answers listings, `bystander` answers a call and its process
+/// list, and every listed sandbox answers `info` (`busy` while a callback
+/// holds it, never a hang).
 pub fn assert_node_healthy(node: &Node, bystander: &Sandbox) {
     let ids = node.sandbox_ids();
     assert!(
@@ -50,7 +55,8 @@ pub fn assert_node_healthy(node: &Node, bystander: &Sandbox) {
     );
     for id in ids {
         let sb = node.sandbox(&id).expect("listed sandbox");
-        let _ = answer(sb.info());
-        let _ = answer(sb.processes());
+        let info = answer(sb.info()).expect("info of a listed sandbox");
+        assert_eq!(info.id, id);
     }
+    answer(bystander.processes()).expect("bystander process list");
 }

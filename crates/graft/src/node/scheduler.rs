@@ -1,0 +1,383 @@
+//! The node's scheduler: a pool of OS threads that run sandboxes' time slices,
+//! the timer thread that wakes sandboxes, and the watchdog that keeps the
+//! pool serving when a sandbox holds a thread too long.
+//!
+//! Invariants:
+//! * A sandbox is on the run queue at most once (`Shared::scheduled`) and is
+//!   run by one thread at a time (its runtime mutex), so its VM is never
+//!   touched concurrently. Different sandboxes run in parallel.
+//! * At least `threads` scheduler threads are *serving*: not inside a slice
+//!   that overran. A callback in a context Luau cannot yield from (a
+//!   `table.sort` comparator, a `gsub` callback, `coroutine.wrap`) keeps its
+//!   slice running until it returns or hits `handler_ms`. The watchdog marks
+//!   such a thread stuck and starts a replacement; the stuck thread retires
+//!   when its slice ends if enough threads serve by then. A stuck sandbox so
+//!   holds one OS thread, for at most its `handler_ms`, never the queue.
+//! * Threads beyond `threads` are capped ([`MAX_EXTRA_THREADS`]): past the
+//!   cap, stuck sandboxes share the pool like any others.
+//! * Work that arrives from outside (host commands, timers, messages) is
+//!   *fresh* and served before sandboxes that used their whole slice
+//!   (*busy*); every [`FAIRNESS`]-th turn serves a busy one first, so busy
+//!   sandboxes are never starved by a stream of fresh work.
+//! * Every entry into a sandbox's runtime runs behind a panic barrier: a
+//!   panic fails that sandbox (see `Shared::fail`), never the thread's loop.
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::clock;
+use crate::sandbox;
+
+use super::{Command, NodeInner, Shared};
+
+/// How long an idle scheduler thread polls before sleeping.
+pub(super) const SPIN_MICROS: u64 = 50;
+/// A slice still running this long after it started is stuck in code the
+/// interrupt cannot yield (a yieldable slice ends at `SLICE_MS`).
+pub(super) const STUCK_AFTER_MS: u64 = sandbox::SLICE_MS + 3;
+/// How often the watchdog looks at the running slices.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
+/// Scheduler threads the watchdog may add beyond the configured ones.
+pub(super) const MAX_EXTRA_THREADS: usize = 64;
+/// One turn in this many serves a busy sandbox before fresh work.
+const FAIRNESS: u32 = 4;
+
+/// The run queue: fresh work first, then sandboxes that used their slice.
+#[derive(Default)]
+pub(super) struct RunQueue {
+    fresh: VecDeque<Arc<Shared>>,
+    busy: VecDeque<Arc<Shared>>,
+    turn: u32,
+}
+
+impl RunQueue {
+    fn pop(&mut self) -> Option<Arc<Shared>> {
+        self.turn = self.turn.wrapping_add(1);
+        if self.turn % FAIRNESS == 0 {
+            if let Some(s) = self.busy.pop_front() {
+                return Some(s);
+            }
+        }
+        self.fresh.pop_front().or_else(|| self.busy.pop_front())
+    }
+    pub(super) fn is_empty(&self) -> bool {
+        self.fresh.is_empty() && self.busy.is_empty()
+    }
+}
+
+/// One scheduler thread, as the watchdog sees it.
+pub(super) struct Worker {
+    /// `coarse_ms + 1` when the running slice started; 0 between slices.
+    slice_started: AtomicU64,
+    /// Set by the watchdog when the slice overran; the thread no longer
+    /// counts as serving.
+    stuck: AtomicBool,
+}
+
+/// The scheduler threads alive and how many of them serve.
+#[derive(Default)]
+pub(super) struct Pool {
+    workers: Vec<Arc<Worker>>,
+    serving: usize,
+}
+
+/// Queues a sandbox for a slice (no-op if it is queued or running already).
+/// `busy`: it used its whole slice and goes behind fresh work.
+pub(super) fn schedule(node: &NodeInner, shared: &Arc<Shared>, busy: bool) {
+    if !shared.scheduled.swap(true, Ordering::AcqRel) {
+        let mut q = node.queue.lock();
+        if busy {
+            q.busy.push_back(shared.clone());
+        } else {
+            q.fresh.push_back(shared.clone());
+        }
+        drop(q);
+        node.queue_cv.notify_one();
+    }
+}
+
+/// Starts the configured scheduler threads, the timer thread and the watchdog.
+pub(super) fn start(inner: &Arc<NodeInner>) {
+    {
+        let mut pool = inner.pool.lock();
+        for _ in 0..inner.threads {
+            spawn_worker(inner, &mut pool);
+        }
+    }
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("graft-timers".into())
+        .spawn(move || timer_loop(weak))
+        .expect("cannot start the timer thread");
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("graft-watchdog".into())
+        .spawn(move || watchdog_loop(weak))
+        .expect("cannot start the watchdog thread");
+}
+
+/// Adds a serving scheduler thread to the pool (the caller holds its lock).
+/// Returns false if the OS refused a thread (the pool then stays as it is).
+fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
+    let worker = Arc::new(Worker {
+        slice_started: AtomicU64::new(0),
+        stuck: AtomicBool::new(false),
+    });
+    let weak = Arc::downgrade(inner);
+    let me = worker.clone();
+    let n = pool.workers.len();
+    let started = std::thread::Builder::new()
+        .name(format!("graft-sched-{n}"))
+        .spawn(move || scheduler_loop(weak, me));
+    if started.is_err() {
+        tracing::error!("cannot start a scheduler thread; the pool stays at {n}");
+        return false;
+    }
+    pool.workers.push(worker);
+    pool.serving += 1;
+    true
+}
+
+fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        let Some(shared) = next_sandbox(&inner) else {
+            return;
+        };
+        me.slice_started
+            .store(clock::coarse_ms() + 1, Ordering::Relaxed);
+        run_sandbox(&inner, &shared);
+        me.slice_started.store(0, Ordering::Relaxed);
+        if me.stuck.load(Ordering::Relaxed) && retire_if_spare(&inner, &me) {
+            return;
+        }
+    }
+}
+
+/// Called by a thread whose slice overran, once it ends: it serves again,
+/// unless the watchdog's replacement made it one too many.
+fn retire_if_spare(inner: &NodeInner, me: &Arc<Worker>) -> bool {
+    let mut pool = inner.pool.lock();
+    me.stuck.store(false, Ordering::Relaxed);
+    if pool.serving >= inner.threads {
+        pool.workers.retain(|w| !Arc::ptr_eq(w, me));
+        return true;
+    }
+    pool.serving += 1;
+    false
+}
+
+/// Waits for the next sandbox to run; `None` when the node stops.
+fn next_sandbox(inner: &NodeInner) -> Option<Arc<Shared>> {
+    let mut q = inner.queue.lock();
+    loop {
+        if inner.stopping.load(Ordering::Relaxed) {
+            return None;
+        }
+        if let Some(s) = q.pop() {
+            return Some(s);
+        }
+        // Spin briefly before sleeping: a request that arrives within
+        // microseconds is then served without a futex wake-up.
+        drop(q);
+        let spin_until = std::time::Instant::now() + Duration::from_micros(SPIN_MICROS);
+        while std::time::Instant::now() < spin_until {
+            std::thread::yield_now();
+            if !inner.queue.lock().is_empty() {
+                break;
+            }
+        }
+        q = inner.queue.lock();
+        if !q.is_empty() {
+            continue;
+        }
+        inner.queue_cv.wait_for(&mut q, Duration::from_millis(200));
+    }
+}
+
+/// Runs one slice of a sandbox behind the panic barrier.
+fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_sandbox_slice(node, shared)
+    }));
+    if let Err(payload) = ran {
+        // A bug in Graft or in a host function, not in guest code: fail this
+        // sandbox, keep the node.
+        shared.fail(super::panic_message(&*payload));
+        shared.scheduled.store(false, Ordering::Release);
+    }
+}
+
+fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
+    let (more, next_timer) = {
+        let mut guard = shared.runtime.lock();
+        if shared.destroyed.load(Ordering::Acquire) {
+            // `Node::destroy` found this slice running: the VM goes now.
+            let rt = guard.take();
+            drop(guard);
+            drop(rt);
+            shared.drop_inbox();
+            shared.scheduled.store(false, Ordering::Release);
+            return;
+        }
+        let Some(rt) = guard.as_mut() else {
+            // Failed or destroyed: whoever still waits learns it now.
+            drop(guard);
+            shared.drop_inbox();
+            shared.scheduled.store(false, Ordering::Release);
+            return;
+        };
+        let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
+        sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
+        let mut commands = commands.into_iter();
+        for cmd in commands.by_ref() {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
+            if let Err(payload) = ran {
+                // Mark the sandbox failed before the commands behind this one
+                // are dropped, so their waiters learn why.
+                drop(_scope);
+                drop(guard);
+                shared.fail(super::panic_message(&*payload));
+                drop(commands);
+                shared.scheduled.store(false, Ordering::Release);
+                return;
+            }
+        }
+        // A restart command may have replaced the VM: enforce the current one's limits.
+        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
+        rt.run_pending_reloads();
+        let more = sandbox::run_slice(&rt.vm.lua);
+        rt.poll_app_start();
+        rt.check_canary();
+        rt.run_pending_reloads();
+        let mut k = sandbox::kernel(&rt.vm.lua);
+        if let Some(message) = k.internal_error.take() {
+            // Caught on Luau's C stack: raised here, where the barrier in
+            // `run_sandbox` fails the sandbox.
+            drop(k);
+            std::panic::resume_unwind(Box::new(message));
+        }
+        let next_timer = k.next_timer_at();
+        (more, next_timer)
+    };
+    shared.scheduled.store(false, Ordering::Release);
+    // After clearing `scheduled`: a wake-up firing in between must not be
+    // swallowed by a flag that is about to be cleared.
+    if let Some(at) = next_timer {
+        add_wakeup(node, shared, at);
+    }
+    if !shared.inbox.lock().is_empty() {
+        schedule(node, shared, false);
+    } else if more {
+        schedule(node, shared, true);
+    }
+}
+
+/// Marks threads whose slice overran as stuck and keeps `threads` of them serving.
+fn watchdog_loop(node: Weak<NodeInner>) {
+    loop {
+        std::thread::sleep(WATCHDOG_PERIOD);
+        let Some(inner) = node.upgrade() else { return };
+        if inner.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = clock::coarse_ms();
+        let mut pool = inner.pool.lock();
+        let mut newly_stuck = 0;
+        for w in &pool.workers {
+            let started = w.slice_started.load(Ordering::Relaxed);
+            if started != 0
+                && now + 1 >= started + STUCK_AFTER_MS
+                && !w.stuck.swap(true, Ordering::Relaxed)
+            {
+                newly_stuck += 1;
+            }
+        }
+        pool.serving -= newly_stuck;
+        while pool.serving < inner.threads
+            && pool.workers.len() < inner.threads + MAX_EXTRA_THREADS
+            && spawn_worker(&inner, &mut pool)
+        {}
+    }
+}
+
+/// Asks the timer thread to schedule `shared` at `at` (precise ms).
+pub(super) fn add_wakeup(node: &NodeInner, shared: &Arc<Shared>, at: u64) {
+    let seq = node.timer_seq.fetch_add(1, Ordering::Relaxed);
+    let key = Arc::as_ptr(shared) as usize;
+    node.timer_targets
+        .lock()
+        .insert(seq, Arc::downgrade(shared));
+    node.timers.lock().push(Reverse((at, seq, key)));
+    node.timer_cv.notify_one();
+}
+
+fn timer_loop(node: Weak<NodeInner>) {
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        if inner.stopping.load(Ordering::Relaxed) || Arc::strong_count(&inner) == 1 {
+            return;
+        }
+        let mut due = Vec::new();
+        {
+            let mut timers = inner.timers.lock();
+            let now = clock::precise_ms();
+            while let Some(Reverse((at, seq, _))) = timers.peek().copied() {
+                if at > now {
+                    break;
+                }
+                timers.pop();
+                due.push(seq);
+            }
+            if due.is_empty() {
+                let wait = timers
+                    .peek()
+                    .map(|Reverse((at, _, _))| Duration::from_millis(at.saturating_sub(now).max(1)))
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_millis(100));
+                inner.timer_cv.wait_for(&mut timers, wait);
+                continue;
+            }
+        }
+        // Several wake-ups for one sandbox collapse into one schedule.
+        let sandboxes: Vec<Arc<Shared>> = {
+            let mut targets = inner.timer_targets.lock();
+            due.iter()
+                .filter_map(|s| targets.remove(s))
+                .filter_map(|w| w.upgrade())
+                .collect()
+        };
+        for s in sandboxes {
+            schedule(&inner, &s, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_sandboxes_get_every_fairness_th_turn() {
+        let node = crate::Node::with_threads(1);
+        let mk = |id: &str| {
+            node.create_sandbox(crate::SandboxSpec::new(id).entry(None))
+                .expect("sandbox")
+                .shared
+        };
+        let (a, b) = (mk("a"), mk("b"));
+        let mut q = RunQueue::default();
+        for _ in 0..8 {
+            q.fresh.push_back(a.clone());
+        }
+        q.busy.push_back(b.clone());
+        let order: Vec<bool> = (0..5)
+            .map(|_| Arc::ptr_eq(&q.pop().expect("queued"), &b))
+            .collect();
+        assert_eq!(order, [false, false, false, true, false]);
+    }
+}
