@@ -159,6 +159,40 @@ struct NodeInner {
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<NodeInner>,
+    /// Shared by every clone of this handle: when the last one goes, the
+    /// node's threads stop (they hold the `NodeInner` themselves, so its own
+    /// drop would never come while they run).
+    _owner: Arc<Owner>,
+}
+
+struct Owner(Weak<NodeInner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.stopping.store(true, Ordering::SeqCst);
+            // Take each lock once so no thread is between its check of
+            // `stopping` and its wait when the notification goes out.
+            drop(inner.queue.lock());
+            inner.queue_cv.notify_all();
+            drop(inner.timers.lock());
+            inner.timer_cv.notify_all();
+            // Drop the VMs now (a slice still running keeps its own until it
+            // ends): hosts still waiting on them get `sandbox_stopped`.
+            let all: Vec<Arc<Shared>> = std::mem::take(&mut *inner.sandboxes.write())
+                .into_values()
+                .collect();
+            for shared in all {
+                if let Some(mut guard) = shared.runtime.try_lock() {
+                    let rt = guard.take();
+                    drop(guard);
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+                }
+                shared.drop_inbox();
+            }
+        }
+    }
 }
 
 impl Default for Node {
@@ -208,7 +242,11 @@ impl Node {
             limits,
         });
         scheduler::start(&inner);
-        Node { inner }
+        let owner = Arc::new(Owner(Arc::downgrade(&inner)));
+        Node {
+            inner,
+            _owner: owner,
+        }
     }
 
     /// Scheduler threads.
@@ -390,12 +428,6 @@ impl Node {
     }
 }
 
-impl Drop for NodeInner {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-    }
-}
-
 /// Host functions granted to a sandbox, by dotted name (`"kv.get"` becomes
 /// `kv.get` in Luau). Each takes JSON arguments and returns JSON or an error
 /// message, which the guest sees as `nil, message`.
@@ -447,6 +479,9 @@ impl Sandbox {
             .node
             .upgrade()
             .ok_or_else(|| stopped(&self.shared.id))?;
+        if node.stopping.load(Ordering::Acquire) {
+            return Err(stopped(&self.shared.id));
+        }
         if self.shared.destroyed.load(Ordering::Acquire) {
             return Err(Error::NoSandbox(self.shared.id.clone()));
         }
@@ -472,6 +507,14 @@ impl Sandbox {
     /// Why a request's answer channel closed: the sandbox failed, was
     /// destroyed, or its node stopped.
     fn gone(&self) -> Error {
+        let node_stopped = self
+            .shared
+            .node
+            .upgrade()
+            .is_none_or(|n| n.stopping.load(Ordering::Acquire));
+        if node_stopped {
+            return stopped(&self.shared.id);
+        }
         if let Some(e) = self.shared.failure_error() {
             return e;
         }

@@ -207,7 +207,17 @@ fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>) {
         // A bug in Graft or in a host function, not in guest code: fail this
         // sandbox, keep the node.
         shared.fail(super::panic_message(&*payload));
-        shared.scheduled.store(false, Ordering::Release);
+        release(node, shared);
+    }
+}
+
+/// Ends a sandbox's turn: clears `scheduled`, then queues it again if
+/// commands arrived meanwhile (a `submit` that saw the flag set did not
+/// queue it, so this is the only place that can).
+fn release(node: &NodeInner, shared: &Arc<Shared>) {
+    shared.scheduled.store(false, Ordering::Release);
+    if !shared.inbox.lock().is_empty() {
+        schedule(node, shared, false);
     }
 }
 
@@ -220,14 +230,14 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
             drop(guard);
             drop(rt);
             shared.drop_inbox();
-            shared.scheduled.store(false, Ordering::Release);
+            release(node, shared);
             return;
         }
         let Some(rt) = guard.as_mut() else {
             // Failed or destroyed: whoever still waits learns it now.
             drop(guard);
             shared.drop_inbox();
-            shared.scheduled.store(false, Ordering::Release);
+            release(node, shared);
             return;
         };
         let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
@@ -243,7 +253,7 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
                 drop(guard);
                 shared.fail(super::panic_message(&*payload));
                 drop(commands);
-                shared.scheduled.store(false, Ordering::Release);
+                release(node, shared);
                 return;
             }
         }

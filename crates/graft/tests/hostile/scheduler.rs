@@ -130,9 +130,11 @@ fn a_panicking_host_function_is_an_error_for_its_caller() {
     });
     let sb = node
         .create_sandbox_with(
-            SandboxSpec::new("plugin").entry(None).module(
-                "p",
-                r#"
+            SandboxSpec::new("plugin")
+                .entry(None)
+                .module(
+                    "p",
+                    r#"
                 return {
                   init = function() return {} end,
                   handle_call = function(req, from, state)
@@ -141,7 +143,13 @@ fn a_panicking_host_function_is_an_error_for_its_caller() {
                   end,
                 }
                 "#,
-            ),
+                )
+                // The panic hook prints a backtrace (slow in a debug build under
+                // load): keep it inside the callback's budget.
+                .limits(Limits {
+                    handler_ms: 30_000,
+                    ..Limits::default()
+                }),
             host,
         )
         .expect("sandbox");
