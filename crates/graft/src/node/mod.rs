@@ -55,6 +55,8 @@ struct Shared {
     destroyed: AtomicBool,
     /// What `info` last saw, answered while a long callback holds the VM.
     last_info: Mutex<Option<SandboxInfo>>,
+    /// The earliest wake-up registered with the timer thread (`u64::MAX`: none).
+    wakeup_at: AtomicU64,
     node: Weak<NodeInner>,
     known_globals: Vec<String>,
     spec: SandboxSpec,
@@ -289,6 +291,7 @@ impl Node {
             failed: Mutex::new(None),
             destroyed: AtomicBool::new(false),
             last_info: Mutex::new(None),
+            wakeup_at: AtomicU64::new(u64::MAX),
             node: Arc::downgrade(&self.inner),
             known_globals: crate::vm::known_globals(&spec.grants, &host.0),
             spec,

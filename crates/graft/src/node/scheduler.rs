@@ -316,7 +316,12 @@ fn watchdog_loop(node: Weak<NodeInner>) {
 }
 
 /// Asks the timer thread to schedule `shared` at `at` (precise ms).
+/// At most one entry per sandbox and due time: a wake-up at or before `at`
+/// already registered covers it (the slice it starts registers the next).
 pub(super) fn add_wakeup(node: &NodeInner, shared: &Arc<Shared>, at: u64) {
+    if shared.wakeup_at.fetch_min(at, Ordering::AcqRel) <= at {
+        return;
+    }
     let seq = node.timer_seq.fetch_add(1, Ordering::Relaxed);
     let key = Arc::as_ptr(shared) as usize;
     node.timer_targets
@@ -362,6 +367,7 @@ fn timer_loop(node: Weak<NodeInner>) {
                 .collect()
         };
         for s in sandboxes {
+            s.wakeup_at.store(u64::MAX, Ordering::Release);
             schedule(&inner, &s, false);
         }
     }
