@@ -154,7 +154,10 @@ fn builtins_stay_real_across_a_reload() {
     let sb = builtin_sandbox(&node, "poison");
     for attack in ["alias_string", "string_meta_index", "alias_utf8"] {
         let err = answer(sb.call("attacker", json!(attack), None)).expect("attacker answers");
-        assert!(err.as_str().unwrap_or_default().contains("readonly"), "{err}");
+        assert!(
+            err.as_str().unwrap_or_default().contains("readonly"),
+            "{err}"
+        );
     }
     // A reload whose module body tries it too (through an alias, which the
     // static analysis cannot see) aborts; a clean reload then commits.
@@ -197,7 +200,10 @@ end }
         .expect("sandbox");
     answer(sb.wait_app_started()).expect("app started");
     let err = answer(sb.call("attacker", json!("alias_string"), None)).expect("attacker");
-    assert!(err.as_str().unwrap_or_default().contains("readonly"), "{err}");
+    assert!(
+        err.as_str().unwrap_or_default().contains("readonly"),
+        "{err}"
+    );
     let seen = answer(sb.call("probe", json!(null), None)).expect("probe");
     assert_eq!(seen, real_builtins());
     assert_node_healthy(&node, &bystander);
@@ -241,7 +247,11 @@ fn assert_truncated(text: &str, what: &str) {
         "{what}: {} bytes kept",
         text.len()
     );
-    assert!(text.contains("… ("), "{what}: {}", &text[text.len().saturating_sub(80)..]);
+    assert!(
+        text.contains("… ("),
+        "{what}: {}",
+        &text[text.len().saturating_sub(80)..]
+    );
     assert!(text.ends_with(" more bytes)"), "{what}");
 }
 
@@ -259,7 +269,12 @@ fn a_crash_message_of_megabytes_is_truncated_everywhere() {
         .expect("sandbox");
     answer(sb.spawn("crasher", json!(null), Some("crasher"))).expect("crasher");
     answer(sb.spawn("watcher", json!(null), Some("watcher"))).expect("watcher");
-    answer(sb.call("watcher", json!({"op": "monitor", "target": "crasher"}), None)).expect("mon");
+    answer(sb.call(
+        "watcher",
+        json!({"op": "monitor", "target": "crasher"}),
+        None,
+    ))
+    .expect("mon");
     answer(sb.call("watcher", json!({"op": "link", "target": "crasher"}), None)).expect("link");
 
     // The host caller's error.
@@ -276,7 +291,11 @@ fn a_crash_message_of_megabytes_is_truncated_everywhere() {
 
     // The crash event.
     let events = answer(sb.events()).expect("events");
-    let crash = events.iter().rev().find(|e| e.kind == "crash").expect("crash event");
+    let crash = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "crash")
+        .expect("crash event");
     let msg = crash.detail["reason"]["message"].as_str().expect("message");
     assert_truncated(msg, "event");
     assert!(serde_json::to_string(&crash.detail).unwrap().len() < 3 * TRUNCATED_AT);
@@ -287,13 +306,20 @@ fn a_crash_message_of_megabytes_is_truncated_everywhere() {
         (s.as_array()?.len() == 2).then_some(s)
     });
     for m in seen.as_array().unwrap() {
-        assert_truncated(m["message"].as_str().expect("message"), &m["tag"].to_string());
+        assert_truncated(
+            m["message"].as_str().expect("message"),
+            &m["tag"].to_string(),
+        );
     }
 
     // A guest caller's error.
     answer(sb.spawn("crasher", json!(null), Some("crasher"))).expect("crasher again");
-    let err = answer(sb.call("watcher", json!({"op": "call", "target": "crasher", "mb": 2}), None))
-        .expect("watcher answers");
+    let err = answer(sb.call(
+        "watcher",
+        json!({"op": "call", "target": "crasher", "mb": 2}),
+        None,
+    ))
+    .expect("watcher answers");
     assert_truncated(err.as_str().unwrap(), "guest caller");
     assert_node_healthy(&node, &bystander);
 }
@@ -309,7 +335,11 @@ fn events_are_capped_at_max_events_per_sandbox() {
     );
     let bystander = counter_sandbox(&node, "bystander");
     let sb = node
-        .create_sandbox(SandboxSpec::new("crashes").entry(None).module("crasher", CRASHER))
+        .create_sandbox(
+            SandboxSpec::new("crashes")
+                .entry(None)
+                .module("crasher", CRASHER),
+        )
         .expect("sandbox");
     for _ in 0..12 {
         answer(sb.spawn("crasher", json!(null), Some("crasher"))).expect("crasher");
@@ -358,7 +388,12 @@ fn a_print_flood_is_capped_and_the_drops_are_counted() {
     answer(sb.spawn("printer", json!(null), Some("printer"))).expect("printer");
     let lines = 20_000u64;
     let started = Instant::now();
-    answer(sb.call("printer", json!({"lines": lines, "bytes": 10}), Some(10_000))).expect("flood");
+    answer(sb.call(
+        "printer",
+        json!({"lines": lines, "bytes": 10}),
+        Some(10_000),
+    ))
+    .expect("flood");
     // At most 1000 lines pass per started second; every other one is counted.
     let windows = started.elapsed().as_secs() + 2;
     let dropped = wait_until("log_dropped events", || {
@@ -419,7 +454,9 @@ fn send_after_and_call_refuse_absurd_delays_with_badarg() {
         .expect("sandbox");
     answer(sb.spawn("timers", json!(null), Some("timers"))).expect("timers");
     answer(sb.spawn("counter", json!(null), Some("peer"))).expect("peer");
-    for ms in ["nan", "two64", "inf", "ninf", "half", "big", "neg", "str", "tbl"] {
+    for ms in [
+        "nan", "two64", "inf", "ninf", "half", "big", "neg", "str", "tbl",
+    ] {
         let r = answer(sb.call("timers", json!({"op": "expr", "ms": ms}), None)).expect("answer");
         for what in ["send_after", "call"] {
             let msg = r[what].as_str().unwrap_or_default();
@@ -437,7 +474,7 @@ fn send_after_and_call_refuse_absurd_delays_with_badarg() {
     answer(sb.call("timers", json!({"op": "sentinel"}), None)).expect("sentinel");
     let got = wait_until("the sentinel", || {
         let got = answer(sb.call("timers", json!({"op": "got"}), None)).ok()?;
-        (got.as_array()?.len() >= 1).then_some(got)
+        (!got.as_array()?.is_empty()).then_some(got)
     });
     std::thread::sleep(Duration::from_millis(50));
     let got_later = answer(sb.call("timers", json!({"op": "got"}), None)).expect("got");
@@ -526,11 +563,19 @@ fn names_that_read_as_pids_are_refused_with_badarg() {
         answer(sb.spawn("counter", json!(null), Some(&name))).expect("good name");
     }
     // The victim's pid and serial still reach the victim.
-    let serial = victim.trim_start_matches("<counter.").trim_end_matches('>').to_owned();
+    let serial = victim
+        .trim_start_matches("<counter.")
+        .trim_end_matches('>')
+        .to_owned();
     answer(sb.call(&victim, json!("inc"), None)).expect("by pid");
-    assert_eq!(answer(sb.call(&serial, json!("get"), None)).expect("by serial"), json!(1));
+    assert_eq!(
+        answer(sb.call(&serial, json!("get"), None)).expect("by serial"),
+        json!(1)
+    );
     let procs = answer(sb.processes()).expect("processes");
-    assert!(procs.iter().all(|p| p.name.as_deref().map_or(true, |n| n.len() <= 64)));
+    assert!(procs
+        .iter()
+        .all(|p| p.name.as_deref().is_none_or(|n| n.len() <= 64)));
     assert_node_healthy(&node, &bystander);
 }
 
