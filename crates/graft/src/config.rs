@@ -378,9 +378,50 @@ pub fn validate_module_name(name: &str) -> Result<()> {
     }
 }
 
+/// The longest registered process name, in bytes.
+pub const MAX_PROCESS_NAME_BYTES: usize = 64;
+
+/// Checks a registered process name (`graft.register`, `graft.spawn`'s
+/// `opts.name`, a supervisor child's `name`, the API's spawn): 1–64 bytes,
+/// not all digits and not starting with `<`. Host-side targets resolve names
+/// first, then `"<module.N>"`, then bare serials, so a name that reads as a
+/// pid or a serial would capture another process's address.
+pub fn validate_process_name(name: &str) -> Result<()> {
+    let problem = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_PROCESS_NAME_BYTES {
+        "it is longer than 64 bytes"
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        "it is all digits, so it would read as a pid's serial"
+    } else if name.starts_with('<') {
+        "it starts with `<`, so it would read as a pid"
+    } else {
+        return Ok(());
+    };
+    let shown: String = name.chars().take(MAX_PROCESS_NAME_BYTES).collect();
+    let more = if shown.len() < name.len() { "…" } else { "" };
+    Err(Error::BadArg(format!(
+        "invalid process name `{}{more}`: {problem}",
+        shown.escape_debug()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_names_cannot_read_as_pids_or_serials() {
+        for good in ["counter", "worker1", "1st", "a<b>", &"n".repeat(64)] {
+            assert!(validate_process_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "1", "007", "<srv.1>", "<", &"n".repeat(65)] {
+            let err = validate_process_name(bad).unwrap_err();
+            assert_eq!(err.kind(), "badarg", "{bad}");
+        }
+        let err = validate_process_name(&"9".repeat(1 << 20)).unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+    }
 
     #[test]
     fn sandbox_ids_follow_the_spec_pattern() {

@@ -281,7 +281,7 @@ impl Runtime {
                 waiter: Waiter::Host(slot.clone()),
             };
             k.deliver(serial, job).map_err(|(e, _)| e)?;
-            let at = clock::precise_ms() + timeout_ms;
+            let at = clock::precise_ms().saturating_add(timeout_ms);
             k.add_timer(
                 at,
                 Timer::HostCallTimeout {
@@ -314,6 +314,9 @@ impl Runtime {
         slot: Arc<HostSlot>,
     ) {
         let r = (|| -> Result<()> {
+            if let Some(n) = name {
+                crate::config::validate_process_name(n)?;
+            }
             let lua = self.lua();
             let k = kernel(lua);
             let mid = k

@@ -13,6 +13,7 @@
 //!   of links cannot overflow the native stack.
 
 pub(crate) mod fast;
+mod log;
 mod natives;
 pub(crate) mod process;
 
@@ -304,6 +305,8 @@ pub(crate) enum Timer {
     ShutdownKill {
         serial: u64,
     },
+    /// Reports the guest log lines dropped in the window that just ended.
+    LogFlush,
     Canary,
     /// Only wakes the sandbox (e.g. at a pending reload's deadline).
     Wake,
@@ -382,6 +385,8 @@ pub(crate) struct Kernel {
     /// A panic caught where it could not unwind (a raw native on Luau's C
     /// stack); the scheduler re-raises it at the end of the slice.
     pub internal_error: Option<String>,
+    /// The guest log's line budget.
+    pub log_gate: log::LogGate,
 }
 
 /// The text of a panic payload.
@@ -391,6 +396,126 @@ pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Bytes of a crash message or traceback kept in events, exit reasons and errors.
+pub(crate) const MAX_SHOWN_BYTES: usize = 4096;
+
+/// Room for the note `… (N more bytes)`: a message that fits in
+/// [`MAX_SHOWN_BYTES`] plus this is kept, so cutting twice changes nothing.
+const NOTE_BYTES: usize = 40;
+
+/// Cuts `s` to [`MAX_SHOWN_BYTES`] (at a character boundary) and says how
+/// much was cut: `… (N more bytes)`.
+pub(crate) fn truncate_message(mut s: String) -> String {
+    if s.len() <= MAX_SHOWN_BYTES + NOTE_BYTES {
+        return s;
+    }
+    let mut cut = MAX_SHOWN_BYTES;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = s.len() - cut;
+    s.truncate(cut);
+    s.push_str(&format!("… ({more} more bytes)"));
+    s
+}
+
+/// An exit reason with its texts cut by [`truncate_message`]. A reason is
+/// kept in events and copied into every error, DOWN and EXIT message it
+/// causes, outside the sandbox's memory limit. A `graft.exit` reason whose
+/// JSON form is longer becomes that JSON text, cut.
+pub(crate) fn truncate_reason(reason: ExitReason) -> ExitReason {
+    match reason {
+        ExitReason::Error {
+            message,
+            traceback,
+            module,
+            line,
+        } => ExitReason::Error {
+            message: truncate_message(message),
+            traceback: truncate_message(traceback),
+            module,
+            line,
+        },
+        ExitReason::Other { value } if json_longer_than(&value, MAX_SHOWN_BYTES) => {
+            let text = serde_json::to_string(&value).unwrap_or_default();
+            ExitReason::Other {
+                value: Json::String(truncate_message(text)),
+            }
+        }
+        other => other,
+    }
+}
+
+/// Whether `v`'s JSON text is longer than `max` bytes; stops counting there.
+fn json_longer_than(v: &Json, max: usize) -> bool {
+    struct Count(usize, usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            if self.0 > self.1 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(Count(0, max), v).is_err()
+}
+
+#[cfg(test)]
+mod truncate_tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate_message("short".into()), "short");
+        let s = format!("{}é{}", "a".repeat(MAX_SHOWN_BYTES - 1), "b".repeat(99));
+        let cut = truncate_message(s);
+        assert_eq!(
+            cut,
+            format!("{}… (101 more bytes)", "a".repeat(MAX_SHOWN_BYTES - 1))
+        );
+        assert_eq!(truncate_message(cut.clone()), cut);
+        let huge = truncate_message("x".repeat(1 << 24));
+        assert_eq!(truncate_message(huge.clone()), huge);
+    }
+
+    #[test]
+    fn long_exit_reasons_are_cut() {
+        let big = "x".repeat(3 * MAX_SHOWN_BYTES);
+        let r = truncate_reason(ExitReason::Error {
+            message: big.clone(),
+            traceback: big.clone(),
+            module: None,
+            line: None,
+        });
+        let ExitReason::Error {
+            message, traceback, ..
+        } = r
+        else {
+            panic!("still an error")
+        };
+        assert!(message.ends_with("… (8192 more bytes)"));
+        assert_eq!(message, traceback);
+        let r = truncate_reason(ExitReason::Other {
+            value: serde_json::json!({ "why": big }),
+        });
+        let ExitReason::Other {
+            value: Json::String(text),
+        } = r
+        else {
+            panic!("a long reason becomes its cut JSON text")
+        };
+        assert!(text.starts_with("{\"why\":\"xxx"), "{}", &text[..20]);
+        let small = ExitReason::Other {
+            value: serde_json::json!({ "why": "x" }),
+        };
+        assert_eq!(truncate_reason(small.clone()), small);
+    }
 }
 
 pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
@@ -456,6 +581,7 @@ impl Kernel {
         self.next_token
     }
 
+    /// Records an event; the oldest beyond `max_events` are forgotten.
     pub fn event(&mut self, kind: &str, detail: Json) {
         self.next_event += 1;
         while self.events.len() >= self.max_events.max(1) {
@@ -467,6 +593,16 @@ impl Kernel {
             kind: kind.into(),
             detail,
         });
+    }
+
+    /// The lines the guest log dropped since the last report, as a log line
+    /// and a `log_dropped` event.
+    fn report_dropped_log_lines(&mut self) {
+        let dropped = self.log_gate.take_dropped();
+        if dropped > 0 {
+            tracing::warn!(sandbox = %self.id, "{dropped} lines dropped");
+            self.event("log_dropped", serde_json::json!({ "dropped": dropped }));
+        }
     }
 
     /// Resolves a host-side target: a registered name, `"<module.N>"`, or a bare serial.
@@ -552,7 +688,9 @@ impl Kernel {
         self.next_serial
     }
 
-    /// Creates a process record and queues its init job. Checks `max_processes`.
+    /// Creates a process record and queues its init job. Checks
+    /// `max_processes` and the name; `Err` hands the waiter back.
+    #[allow(clippy::result_large_err)]
     pub fn create_process(
         &mut self,
         module: u32,
@@ -565,6 +703,9 @@ impl Kernel {
             return Err((Error::TooManyProcesses(self.limits.max_processes), waiter));
         }
         if let Some(n) = name {
+            if let Err(e) = crate::config::validate_process_name(n) {
+                return Err((e, waiter));
+            }
             if self.names.contains_key(n) {
                 return Err((
                     Error::InvalidInput(format!("the name `{n}` is registered already")),
@@ -597,6 +738,7 @@ impl Kernel {
             return Err(Error::TooManyProcesses(self.limits.max_processes));
         }
         if let Some(n) = name {
+            crate::config::validate_process_name(n)?;
             if self.names.contains_key(n) {
                 return Err(Error::InvalidInput(format!(
                     "the name `{n}` is registered already"
@@ -826,7 +968,8 @@ impl Kernel {
 
     /// Asks a process to exit. `run_terminate`: whether its `terminate` runs first.
     pub fn exit_process(&mut self, serial: u64, reason: ExitReason, run_terminate: bool) {
-        self.exits.push_back((serial, reason, run_terminate));
+        self.exits
+            .push_back((serial, truncate_reason(reason), run_terminate));
     }
 
     pub fn has_work(&self) -> bool {
@@ -889,6 +1032,7 @@ pub(crate) fn new_vm(
         max_events: node.max_events,
         crashed_since_collect: false,
         internal_error: None,
+        log_gate: log::LogGate::default(),
     };
     vm.lua.set_app_data(k);
     install_interrupt(&vm.lua);
@@ -999,6 +1143,7 @@ pub(crate) fn fire_timers(lua: &Lua) {
                 }
             }
             Timer::Wake => {}
+            Timer::LogFlush => k.report_dropped_log_lines(),
             Timer::Canary => {
                 drop(k);
                 crate::upgrade::canary_expired(lua);
@@ -1451,7 +1596,7 @@ pub(crate) fn nest_done(
         };
         k.add_timer_with_id(
             wait.token,
-            clock::precise_ms() + ms,
+            clock::precise_ms().saturating_add(ms),
             Timer::CallTimeout {
                 serial: wait.caller,
                 token: wait.token,
@@ -1633,7 +1778,7 @@ fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
                 (p.job.take(), p.exit_pending.take().map(|b| *b))
             };
             // graft.exit(reason) raises to unwind the guest: its reason wins.
-            let reason = pending.unwrap_or(crash);
+            let reason = truncate_reason(pending.unwrap_or(crash));
             let target = {
                 let k = kernel(lua);
                 k.procs

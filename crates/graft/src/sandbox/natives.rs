@@ -5,12 +5,17 @@
 use mlua::{Lua, MultiValue, Table, Thread, Value};
 use serde_json::Value as Json;
 
+use super::log::{line_text, Admit};
 use super::{kernel, send_exit_signal, Job, Kernel, NestEnd, NestResult, Target, Timer, Waiter};
 use crate::clock;
+use crate::error::Error;
 use crate::value::{lua_to_json, Pid};
 
 /// Default `graft.call` timeout, as OTP's `gen_server:call/2`.
 pub(crate) const DEFAULT_CALL_TIMEOUT_MS: u64 = 5000;
+
+/// The longest delay of a timer or call timeout (as OTP's timers: 2^32 - 1 ms).
+pub(crate) const MAX_DELAY_MS: u64 = 4_294_967_295;
 
 type R = mlua::Result<MultiValue>;
 
@@ -27,6 +32,42 @@ fn fail(lua: &Lua, msg: impl AsRef<str>) -> R {
 
 fn outside(lua: &Lua, what: &str) -> R {
     fail(lua, format!("graft.{what} can only be used inside a process callback (not while a module loads or migrates)"))
+}
+
+/// A `badarg` error of `graft.<what>`, returned like any native failure.
+fn badarg(lua: &Lua, what: &str, why: impl std::fmt::Display) -> R {
+    fail(lua, format!("badarg: graft.{what}: {why}"))
+}
+
+/// A guest-given delay in ms: an integral number from 0 to [`MAX_DELAY_MS`].
+/// Anything else (negative, NaN, fractional, huge, not a number) is refused
+/// rather than wrapped or saturated into a different delay.
+fn delay_ms(v: &Value) -> Result<u64, String> {
+    let n = match v {
+        Value::Number(n) => *n,
+        Value::Integer(i) => *i as f64,
+        other => return Err(format!("got a {}", other.type_name())),
+    };
+    if (0.0..=MAX_DELAY_MS as f64).contains(&n) && n.fract() == 0.0 {
+        Ok(n as u64)
+    } else {
+        Err(format!("got {n}"))
+    }
+}
+
+/// A guest-given process name, checked by [`crate::config::validate_process_name`].
+fn name_arg(v: &Value) -> Result<String, String> {
+    let Value::String(s) = v else {
+        return Err(format!("a name must be a string, got a {}", v.type_name()));
+    };
+    let name = s
+        .to_str()
+        .map_err(|_| "a name must be UTF-8 text".to_owned())?;
+    match crate::config::validate_process_name(&name) {
+        Ok(()) => Ok(name.to_owned()),
+        Err(Error::BadArg(why)) => Err(why),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 fn to_json(k: &Kernel, v: &Value) -> Result<Json, String> {
@@ -112,10 +153,17 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         }
         let (name, link) = match &opts {
             Some(o) => (
-                o.raw_get::<Option<String>>("name")?,
+                o.raw_get::<Value>("name")?,
                 o.raw_get::<Option<bool>>("link")?.unwrap_or(false),
             ),
-            None => (None, false),
+            None => (Value::Nil, false),
+        };
+        let name = match name {
+            Value::Nil => None,
+            v => match name_arg(&v) {
+                Ok(n) => Some(n),
+                Err(why) => return badarg(lua, "spawn", why),
+            },
         };
         let token = k.token();
         let waiter = Waiter::Process { serial: me, token };
@@ -161,7 +209,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                      (target, request, timeout, co): (
         Value,
         Value,
-        Option<f64>,
+        Value,
         Option<Thread>
     )| {
         let mut k = kernel(lua);
@@ -174,6 +222,21 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 "graft.call cannot be used inside a coroutine the callback created",
             );
         };
+        let ms = match &timeout {
+            Value::Nil => DEFAULT_CALL_TIMEOUT_MS,
+            t => match delay_ms(t) {
+                Ok(ms) => ms,
+                Err(got) => {
+                    return badarg(
+                        lua,
+                        "call",
+                        format_args!(
+                            "timeout_ms must be an integer from 0 to {MAX_DELAY_MS} ({got})"
+                        ),
+                    )
+                }
+            },
+        };
         let Some(to) = k.resolve_value(&target) else {
             let desc = k.describe_value(&target);
             return fail(lua, format!("graft.call: no process {desc}"));
@@ -184,11 +247,6 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 "graft.call: a process cannot call itself (it would wait for its own reply)",
             );
         }
-        let ms = match timeout {
-            None => DEFAULT_CALL_TIMEOUT_MS,
-            Some(t) if t.is_finite() && t >= 0.0 => t as u64,
-            Some(_) => return fail(lua, "graft.call: timeout_ms must be a number >= 0"),
-        };
         let token = k.token();
         let from = k.procs.get(&me).map(|p| p.pid);
         let waiter = Waiter::Process { serial: me, token };
@@ -214,7 +272,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             return fail(lua, format!("graft.call: {e}"));
         }
         // The token names the timeout timer, so a reply cancels it.
-        let at = clock::precise_ms() + ms;
+        let at = clock::precise_ms().saturating_add(ms);
         k.add_timer_with_id(
             token,
             at,
@@ -268,14 +326,21 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!(
         "send_after",
-        |lua, (ms, target, msg): (f64, Value, Value)| {
+        |lua, (ms, target, msg): (Value, Value, Value)| {
             let mut k = kernel(lua);
             if k.current().is_none() {
                 return outside(lua, "send_after");
             }
-            if !(ms.is_finite() && ms >= 0.0) {
-                return fail(lua, "graft.send_after: ms must be a number >= 0");
-            }
+            let ms = match delay_ms(&ms) {
+                Ok(ms) => ms,
+                Err(got) => {
+                    return badarg(
+                        lua,
+                        "send_after",
+                        format_args!("ms must be an integer from 0 to {MAX_DELAY_MS} ({got})"),
+                    )
+                }
+            };
             let target = match &target {
                 Value::String(s) => Target::Name(s.to_string_lossy()),
                 other => match Pid::from_lua(other) {
@@ -290,7 +355,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             };
             let message = lua.create_registry_value(msg)?;
             let id = k.add_timer(
-                clock::precise_ms() + ms as u64,
+                clock::precise_ms().saturating_add(ms),
                 Timer::SendAfter { target, message },
             );
             ok(lua, id as f64)
@@ -301,17 +366,15 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         kernel(lua).cancel_send_after(id as u64)
     ));
 
-    native!("register", |lua, name: String| {
+    native!("register", |lua, name: Value| {
         let mut k = kernel(lua);
         let Some(me) = k.current() else {
             return outside(lua, "register");
         };
-        if name.is_empty() || name.starts_with('<') {
-            return fail(
-                lua,
-                "graft.register: a name must be a non-empty string not starting with `<`",
-            );
-        }
+        let name = match name_arg(&name) {
+            Ok(n) => n,
+            Err(why) => return badarg(lua, "register", why),
+        };
         if let Some(&other) = k.names.get(name.as_str()) {
             if other != me {
                 return fail(
@@ -469,7 +532,8 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                 )
             }
         };
-        k.procs.get_mut(&me).expect("current").exit_pending = Some(Box::new(reason));
+        k.procs.get_mut(&me).expect("current").exit_pending =
+            Some(Box::new(super::truncate_reason(reason)));
         ok(lua, true)
     });
 
@@ -497,8 +561,18 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         }
     });
 
-    native!("log", |lua, (level, msg): (String, String)| {
-        let k = kernel(lua);
+    // Lines past the sandbox's budget are counted, not written (see `log`).
+    native!("log", |lua, (level, msg): (String, mlua::LuaString)| {
+        let mut k = kernel(lua);
+        match k.log_gate.admit(clock::precise_ms()) {
+            Admit::Write => {}
+            Admit::Drop(None) => return Ok(()),
+            Admit::Drop(Some(at)) => {
+                k.add_timer(at, Timer::LogFlush);
+                return Ok(());
+            }
+        }
+        let msg = line_text(&msg.as_bytes());
         let who = k
             .current()
             .and_then(|s| k.procs.get(&s))
@@ -534,15 +608,16 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             }
             Value::Number(ms) => {
                 k.exit_process(child, crate::value::ExitReason::Shutdown, true);
+                // `as` saturates (NaN is 0): a huge shutdown time waits forever.
                 k.add_timer(
-                    clock::precise_ms() + ms.max(0.0) as u64,
+                    clock::precise_ms().saturating_add(ms.max(0.0) as u64),
                     Timer::ShutdownKill { serial: child },
                 );
             }
             Value::Integer(ms) => {
                 k.exit_process(child, crate::value::ExitReason::Shutdown, true);
                 k.add_timer(
-                    clock::precise_ms() + ms.max(0) as u64,
+                    clock::precise_ms().saturating_add(ms.max(0) as u64),
                     Timer::ShutdownKill { serial: child },
                 );
             }
@@ -561,6 +636,12 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         k.event(&kind, serde_json::json!({ "supervisor": who }));
         tracing::warn!(sandbox = %k.id, supervisor = %who, "{kind}");
         Ok(())
+    });
+
+    // For the supervisor's spec check: `nil`, or why a child's name is refused.
+    native!("name_problem", |lua, name: Value| match name_arg(&name) {
+        Ok(_) => ok(lua, Value::Nil),
+        Err(why) => ok(lua, format!("badarg: {why}")),
     });
 
     native!("same_data", |lua, (a, b): (Value, Value)| {

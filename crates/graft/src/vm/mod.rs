@@ -8,6 +8,8 @@
 //!   granted to the sandbox: an ungranted name does not exist.
 //! * The prelude's private tables (process states, job markers, worker
 //!   threads) are reachable only from Rust and from the prelude itself.
+//! * The builtin libraries and the string metatable are read-only: every
+//!   process, the prelude and the supervisor share them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -205,6 +207,7 @@ impl Vm {
         // Everything built here lives as long as the VM: collecting while
         // building would only trace it (a quarter of creation time).
         lua.gc_stop();
+        freeze_builtins(&lua)?;
         let globals_of_lua = lua.globals();
         // Trusted code (prelude, supervisor) runs in a copy of the real
         // globals marked safeenv, so its builtin calls are fast calls. The
@@ -329,6 +332,39 @@ impl Vm {
             .set_environment(self.globals.clone())
             .into_function()
     }
+}
+
+/// The builtin libraries, frozen in every VM.
+const BUILTIN_LIBRARIES: [&str; 10] = [
+    "string",
+    "table",
+    "math",
+    "bit32",
+    "buffer",
+    "utf8",
+    "vector",
+    "coroutine",
+    "os",
+    "debug",
+];
+
+/// Makes the builtin libraries and the string metatable read-only. They are
+/// shared by every process of the sandbox (and by the prelude and the
+/// supervisor): a write through any alias (`local s = string`, `rawset`,
+/// `getmetatable("").__index`) would change them for all of them. The
+/// static analysis only sees writes through the global names.
+fn freeze_builtins(lua: &Lua) -> mlua::Result<()> {
+    let globals = lua.globals();
+    for name in BUILTIN_LIBRARIES {
+        if let Value::Table(t) = globals.raw_get::<Value>(name)? {
+            t.set_readonly(true);
+        }
+    }
+    // Luau freezes the vector metatable itself; strings' is ours to freeze.
+    if let Some(meta) = lua.type_metatable::<mlua::LuaString>() {
+        meta.set_readonly(true);
+    }
+    Ok(())
 }
 
 fn load_trusted(
@@ -492,6 +528,23 @@ mod tests {
             panic!("expected a compile error")
         };
         assert_eq!(diagnostics[0].line, 5002);
+    }
+
+    #[test]
+    fn builtins_and_the_string_metatable_are_frozen() {
+        let lua = Lua::new_with(StdLib::STRING | StdLib::UTF8, LuaOptions::new()).unwrap();
+        freeze_builtins(&lua).unwrap();
+        for lib in ["string", "utf8"] {
+            let t: Table = lua.globals().get(lib).unwrap();
+            assert!(t.is_readonly(), "{lib}");
+        }
+        let meta = lua.type_metatable::<mlua::LuaString>().unwrap();
+        assert!(meta.is_readonly());
+        let err = lua
+            .load("local s = string; s.upper = function() end")
+            .exec()
+            .unwrap_err();
+        assert!(err.to_string().contains("readonly"), "{err}");
     }
 
     #[test]
