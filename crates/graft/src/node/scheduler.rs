@@ -56,7 +56,7 @@ pub(super) struct RunQueue {
 impl RunQueue {
     fn pop(&mut self) -> Option<Arc<Shared>> {
         self.turn = self.turn.wrapping_add(1);
-        if self.turn % FAIRNESS == 0 {
+        if self.turn.is_multiple_of(FAIRNESS) {
             if let Some(s) = self.busy.pop_front() {
                 return Some(s);
             }
