@@ -129,6 +129,12 @@ fn assert_error(resp: &(StatusCode, Value), status: StatusCode, kind: &str) {
     assert_eq!(resp.0, status, "{}", resp.1);
     assert_eq!(resp.1["error"]["kind"], json!(kind), "{}", resp.1);
     assert!(
+        graft_http::KINDS
+            .iter()
+            .any(|k| k.kind == kind && k.status == status.as_u16()),
+        "({status}, {kind}) is not documented in graft_http::KINDS"
+    );
+    assert!(
         resp.1["error"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()),
@@ -345,7 +351,12 @@ async fn create_errors() {
     let limits = api
         .post("/api/v1/sandboxes", json!({ "id": "l", "modules": { "counter": COUNTER }, "limits": { "memory_bytes": 10 } }))
         .await;
-    assert_error(&limits, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    assert_error(
+        &limits,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
+    assert_eq!(limits.1["error"]["field"], "memory_bytes");
     let empty = api
         .post("/api/v1/sandboxes", json!({ "id": "n", "modules": {} }))
         .await;
@@ -644,7 +655,11 @@ async fn call_cast_send() {
             json!({ "to": "counter", "timeout_ms": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
     let resp = api
         .post(
             "/api/v1/sandboxes/c/call",
@@ -1046,7 +1061,11 @@ async fn reload() {
             json!({ "modules": { "counter": COUNTER }, "canary_crashes": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
 }
 
 #[tokio::test]
@@ -1329,7 +1348,11 @@ async fn batch_reload() {
             json!({ "sandboxes": ["b1"], "modules": { "counter": COUNTER }, "max_concurrency": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
     let resp = api
         .post(
             "/api/v1/reload",
