@@ -244,7 +244,7 @@ fn place<'a>(body: &'a mut Value, at: &[Seg]) -> &'a mut Value {
                     .or_insert(Value::Null)
             }
             Seg::First => {
-                if !cur.as_array().is_some_and(|a| !a.is_empty()) {
+                if cur.as_array().is_none_or(|a| a.is_empty()) {
                     *cur = json!([Value::Null]);
                 }
                 &mut cur.as_array_mut().unwrap()[0]
