@@ -33,7 +33,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 )
                 .with("limit_bytes", MAX_BODY_BYTES)
             } else {
-                ApiError::new(r.status(), "bad_body", r.body_text())
+                // The body could not be read (a broken stream): the request is malformed.
+                ApiError::bad_request("bad_request", r.body_text())
             }
         })?;
         parse(&bytes).map(Body)
