@@ -152,7 +152,10 @@ impl Client {
             Ok(v) => Ok(v),
             Err(failure) => {
                 if self.json {
-                    println!("{}", json!({ "error": failure.error }));
+                    println!(
+                        "{}",
+                        render::json(&json!({ "error": failure.error }), false)
+                    );
                 } else {
                     eprint!("{}", render::error(&failure.error, file_of));
                 }
@@ -161,15 +164,17 @@ impl Client {
         }
     }
 
+    /// `v` as JSON: compact with `--json`, else pretty.
     fn print_json(&self, v: &Value) {
-        println!(
-            "{}",
-            if self.json {
-                v.to_string()
-            } else {
-                render::pretty(v)
-            }
-        );
+        println!("{}", render::json(v, !self.json));
+    }
+
+    /// With `--json`, prints `v` and is true; else the caller prints its view.
+    fn printed_json(&self, v: &Value) -> bool {
+        if self.json {
+            println!("{}", render::json(v, false));
+        }
+        self.json
     }
 
     pub async fn call(
@@ -193,9 +198,7 @@ impl Client {
                 wait,
             )
             .await?;
-        if self.json {
-            println!("{v}");
-        } else {
+        if !self.printed_json(&v) {
             println!("{}", render::pretty(&v["reply"]));
         }
         Ok(())
@@ -211,9 +214,8 @@ impl Client {
                 DEFAULT_WAIT,
             )
             .await?;
-        if self.json {
-            println!("{v}");
-        } else {
+        if !self.printed_json(&v) {
+            let target = render::escape(target, render::Lines::Escape);
             println!("✓ cast to {target} queued");
         }
         Ok(())
@@ -228,8 +230,7 @@ impl Client {
                 DEFAULT_WAIT,
             )
             .await?;
-        if self.json {
-            println!("{v}");
+        if self.printed_json(&v) {
             return Ok(());
         }
         let rows: Vec<Vec<String>> = v
@@ -288,9 +289,7 @@ impl Client {
                 wait,
             )
             .await?;
-        if self.json {
-            println!("{v}");
-        } else {
+        if !self.printed_json(&v) {
             println!("{}", render::pretty(&v["result"]));
         }
         Ok(())
@@ -348,9 +347,8 @@ impl Client {
     }
 
     fn print_report(&self, v: &Value, unchanged: &str) {
-        if self.json {
-            println!("{v}");
-        } else {
+        if !self.printed_json(v) {
+            let unchanged = render::escape(unchanged, render::Lines::Escape);
             println!(
                 "{}",
                 render::report_line(v).unwrap_or_else(|| format!("= {unchanged}"))
@@ -365,8 +363,7 @@ impl Client {
             seg(module)
         );
         let v = self.send(Method::GET, &path, None, DEFAULT_WAIT).await?;
-        if self.json {
-            println!("{v}");
+        if self.printed_json(&v) {
             return Ok(());
         }
         let rows: Vec<Vec<String>> = v

@@ -2,7 +2,7 @@
 //! to a running node from the shell (SPEC §5).
 //!
 //! Exit codes: 0 success, 1 a user error (a clear message on stderr), 2 bad
-//! usage (clap's).
+//! usage (clap's, and node caps out of range).
 
 mod client;
 mod node;
@@ -13,7 +13,8 @@ mod watch;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use graft::NodeLimits;
 use serde_json::Value;
 
 /// Live-upgradable, supervised Luau sandboxes.
@@ -41,6 +42,8 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         listen: Listen,
+        #[command(flatten)]
+        caps: Caps,
         /// Do not watch src/ (no hot reload)
         #[arg(long)]
         no_watch: bool,
@@ -54,6 +57,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         listen: Listen,
+        #[command(flatten)]
+        caps: Caps,
     },
     /// Call a process and print its reply
     Call {
@@ -162,6 +167,90 @@ struct Listen {
     bind: String,
 }
 
+/// Node-wide caps of `run` and `serve` (SPEC §7); out of range is bad usage.
+#[derive(Args, Clone)]
+struct Caps {
+    /// The largest `memory_bytes` a sandbox may ask for (at least 2 MiB;
+    /// `KiB`, `MiB`, `GiB` suffixes allowed)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes,
+          default_value_t = NodeLimits::default().max_sandbox_memory)]
+    max_sandbox_memory: usize,
+    /// Sandboxes on the node at most; creating one more is refused with
+    /// 429 `node_limit` (1 to 1048576)
+    #[arg(long, value_name = "N", default_value_t = NodeLimits::default().max_sandboxes)]
+    max_sandboxes: usize,
+    /// The largest JSON form of a reply, state, message or event; past it
+    /// 422 `value_too_large` (1 KiB to 4 GiB; suffixes allowed)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes,
+          default_value_t = NodeLimits::default().max_value_bytes)]
+    max_value_bytes: usize,
+    /// Events each sandbox keeps, oldest dropped first (1 to 1000000)
+    #[arg(long, value_name = "N", default_value_t = NodeLimits::default().max_events)]
+    max_events: usize,
+}
+
+impl Caps {
+    fn limits(&self) -> NodeLimits {
+        NodeLimits {
+            max_sandbox_memory: self.max_sandbox_memory,
+            max_sandboxes: self.max_sandboxes,
+            max_value_bytes: self.max_value_bytes,
+            max_events: self.max_events,
+        }
+    }
+
+    /// The caps, or a usage error (exit 2) naming the flag and its range.
+    fn checked(&self, subcommand: &str) -> NodeLimits {
+        let limits = self.limits();
+        let Err(e) = limits.validate() else {
+            return limits;
+        };
+        let message = match e {
+            graft::Error::LimitOutOfRange {
+                field,
+                value,
+                min,
+                max,
+            } => {
+                let flag = field.replace('_', "-");
+                let range = if max == u64::MAX {
+                    format!("at least {min}")
+                } else {
+                    format!("between {min} and {max}")
+                };
+                format!("invalid value '{value}' for '--{flag}': it must be {range}")
+            }
+            other => other.to_string(),
+        };
+        let mut cli = Cli::command();
+        cli.build();
+        match cli.find_subcommand_mut(subcommand) {
+            Some(sub) => sub.error(clap::error::ErrorKind::ValueValidation, message),
+            None => cli.error(clap::error::ErrorKind::ValueValidation, message),
+        }
+        .exit()
+    }
+}
+
+/// A byte count: digits, optionally followed by `KiB`, `MiB` or `GiB`.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("expected a number of bytes like 512MiB, not `{s}`"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 /// How client verbs reach a node.
 #[derive(Args, Clone)]
 struct Conn {
@@ -216,6 +305,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Guest logs are guest text: escaped like everything else printed.
+        .fmt_fields(render::log_fields())
         .with_writer(std::io::stderr)
         .init();
 
@@ -239,7 +330,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if e.downcast_ref::<Reported>().is_none() {
-                eprintln!("error: {e:#}");
+                // May quote a node's answer.
+                let text = format!("{e:#}");
+                eprintln!("error: {}", render::escape(&text, render::Lines::Keep));
             }
             ExitCode::from(1)
         }
@@ -253,6 +346,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run {
             dir,
             listen,
+            caps,
             no_watch,
             debounce_ms,
         } => {
@@ -260,11 +354,14 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 &dir,
                 &listen.bind,
                 listen.port,
+                caps.checked("run"),
                 (!no_watch).then_some(debounce_ms),
             )
             .await
         }
-        Command::Serve { listen } => node::serve(&listen.bind, listen.port).await,
+        Command::Serve { listen, caps } => {
+            node::serve(&listen.bind, listen.port, caps.checked("serve")).await
+        }
         Command::Call {
             sandbox,
             target,
@@ -368,6 +465,18 @@ mod tests {
         assert!(parse_json("{\"a\": ").is_err());
         assert!(parse_json("[1,").is_err());
         assert!(parse_json("a:b").is_err());
+    }
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("2MiB").unwrap(), 2 << 20);
+        assert_eq!(parse_bytes("1 GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("3KiB").unwrap(), 3 << 10);
+        assert!(parse_bytes("2MB").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes(&format!("{}GiB", usize::MAX)).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use graft::{Node, SandboxSpec};
+use graft::{Node, NodeLimits, SandboxSpec};
 use tokio::net::TcpListener;
 
 use crate::{render, watch, Reported};
@@ -61,15 +61,29 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(bind: &str, port: u16) -> Result<()> {
-    let node = Node::new();
+/// A node with one scheduler thread per core and these caps.
+fn node(caps: NodeLimits) -> Node {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    Node::with_limits(threads, caps)
+}
+
+pub async fn serve(bind: &str, port: u16, caps: NodeLimits) -> Result<()> {
+    let node = node(caps);
     let listener = listen(bind, port).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}  (API: http://{addr}/api/v1, no sandboxes yet)");
     serve_until_signal(node, listener).await
 }
 
-pub async fn run(dir: &Path, bind: &str, port: u16, debounce_ms: Option<u64>) -> Result<()> {
+pub async fn run(
+    dir: &Path,
+    bind: &str,
+    port: u16,
+    caps: NodeLimits,
+    debounce_ms: Option<u64>,
+) -> Result<()> {
     if !dir.join("graft.toml").is_file() {
         return Err(anyhow!(
             "{} is not a Graft project (no graft.toml); create one with `graft new {}`",
@@ -85,7 +99,7 @@ pub async fn run(dir: &Path, bind: &str, port: u16, debounce_ms: Option<u64>) ->
         .iter()
         .map(|(m, p)| (m.clone(), watch::shown(p)))
         .collect();
-    let node = Node::new();
+    let node = node(caps);
     let n = node.clone();
     let created = tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?;
     let sandbox = match created {
@@ -102,7 +116,13 @@ pub async fn run(dir: &Path, bind: &str, port: u16, debounce_ms: Option<u64>) ->
     };
     match tokio::time::timeout(Duration::from_secs(10), sandbox.wait_app_started()).await {
         Ok(Ok(_)) | Err(_) => {}
-        Ok(Err(e)) => eprintln!("warning: the app did not start: {e}\n  = note: the API still serves; fix and save to reload"),
+        Ok(Err(e)) => {
+            let why = e.to_string();
+            eprintln!(
+                "warning: the app did not start: {}\n  = note: the API still serves; fix and save to reload",
+                render::escape(&why, render::Lines::Keep)
+            );
+        }
     }
     let listener = listen(bind, port).await?;
     let addr = listener.local_addr()?;

@@ -1,8 +1,81 @@
 //! Human-readable output: reload lines, rustc-style diagnostics, tables.
 //! Everything works on the API's JSON, so `run` (library errors converted by
 //! `graft_http`) and the client verbs print the same thing.
+//!
+//! Replies, states, names, crash messages, diagnostics and logs come from
+//! guests; a terminal would act on the control characters in them (clear
+//! the screen, move the cursor, retitle the window, reorder text). Every
+//! function here that returns text for the terminal passes it through
+//! [`escape`], and JSON output through [`json`], so none reaches it raw.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use serde_json::Value;
+
+/// Whether [`escape`] keeps line breaks and tabs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lines {
+    /// Multi-line text (diagnostics, tracebacks): `\n` and `\t` stay.
+    Keep,
+    /// One line (a table cell, a log line, a reload line): `\n` and `\t`
+    /// are escaped too, so a value cannot fake another line.
+    Escape,
+}
+
+/// `s` with every control character (C0, DEL, C1) and bidirectional
+/// formatting character written visibly as `\u{1b}`; with [`Lines::Keep`],
+/// `\n` and `\t` stay as they are. Borrows when there is nothing to escape.
+pub fn escape(s: &str, lines: Lines) -> Cow<'_, str> {
+    if !s.chars().any(|c| unsafe_char(c, lines)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c, lines) {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn unsafe_char(c: char, lines: Lines) -> bool {
+    match c {
+        '\n' | '\t' => lines == Lines::Escape,
+        // Cc (C0, DEL, C1), then the bidi marks, embeddings, overrides and isolates.
+        _ => {
+            c.is_control()
+                || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        }
+    }
+}
+
+/// JSON for the terminal (`pretty`: indented). serde escapes C0 controls in
+/// strings but leaves DEL, C1 and bidi characters raw; they are written as
+/// `\uXXXX` escapes here, so the text is still exactly the same JSON value.
+pub fn json(v: &Value, pretty: bool) -> String {
+    let text = if pretty {
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    } else {
+        v.to_string()
+    };
+    if !text.chars().any(|c| unsafe_char(c, Lines::Keep)) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        // Outside strings JSON has only spaces and newlines, so every such
+        // character is inside a string, and all are below U+FFFF.
+        if unsafe_char(c, Lines::Keep) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// `✓ counter v3 → v4  1.2 ms  10000 processes migrated`, or `None` for an
 /// `unchanged` report.
@@ -29,11 +102,12 @@ pub fn report_line(report: &Value) -> Option<String> {
         modules.join(", ")
     };
     let line = format!("{what}  {}  {procs}", ms(us));
-    Some(if status == "dry_run" {
+    let line = if status == "dry_run" {
         format!("✓ dry run: {line} (would be; nothing changed)")
     } else {
         format!("✓ {line}")
-    })
+    };
+    Some(escape(&line, Lines::Escape).into_owned())
 }
 
 fn module_change(m: &Value) -> String {
@@ -78,12 +152,16 @@ pub fn diagnostic(d: &Value, file: Option<&str>) -> String {
             out.push('\n');
         }
     }
-    out
+    escape(&out, Lines::Keep).into_owned()
 }
 
 /// An API error object (`{ kind, message, ... }`) for stderr. `file_of` maps a
 /// module name to the file to show in diagnostics.
 pub fn error(err: &Value, file_of: &dyn Fn(&str) -> Option<String>) -> String {
+    escape(&error_text(err, file_of), Lines::Keep).into_owned()
+}
+
+fn error_text(err: &Value, file_of: &dyn Fn(&str) -> Option<String>) -> String {
     let kind = err["kind"].as_str().unwrap_or("");
     let message = err["message"].as_str().unwrap_or("unknown error");
     match kind {
@@ -134,10 +212,19 @@ pub fn error(err: &Value, file_of: &dyn Fn(&str) -> Option<String>) -> String {
     }
 }
 
-/// A plain-text table: a header row and left-aligned columns.
+/// A plain-text table: a header row and left-aligned columns (cells escaped
+/// as single lines).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| escape(c, Lines::Escape).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -155,7 +242,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_owned() + "\n"
     };
     let mut out = line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
@@ -192,9 +279,25 @@ pub fn timestamp(ms: f64) -> String {
     )
 }
 
-/// Pretty JSON for the terminal.
+/// Pretty JSON for the terminal ([`json`]).
 pub fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    json(v, true)
+}
+
+/// Formats the fields of log events (guest `print` and `graft.log` lines,
+/// crash warnings) with every value escaped as one line.
+pub fn log_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = escape(&text, Lines::Escape);
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
 }
 
 #[cfg(test)]
@@ -234,6 +337,53 @@ mod tests {
         );
         let e = json!({ "kind": "compile_error", "message": "m", "diagnostics": [d] });
         assert!(error(&e, &|_| None).contains("--> counter.luau:8:3"));
+    }
+
+    #[test]
+    fn guest_text_is_escaped_for_the_terminal() {
+        assert_eq!(escape("\x1b[2J", Lines::Keep), "\\u{1b}[2J");
+        assert_eq!(
+            escape("a\rb\u{9b}c\u{7f}\u{202e}", Lines::Keep),
+            "a\\u{d}b\\u{9b}c\\u{7f}\\u{202e}"
+        );
+        assert_eq!(escape("two\nlines\tok", Lines::Keep), "two\nlines\tok");
+        assert_eq!(escape("one\nline", Lines::Escape), "one\\u{a}line");
+        assert!(matches!(
+            escape("plain ✓ text", Lines::Escape),
+            Cow::Borrowed(_)
+        ));
+
+        // a crash message and a diagnostic cannot clear the screen
+        let e = json!({ "kind": "crashed", "message": "\x1b[2Jboom", "reason": { "traceback": "x.luau:1\x1b]0;t\x07" } });
+        let out = error(&e, &|_| None);
+        assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+        assert!(
+            out.contains("\\u{1b}[2Jboom") && out.contains("  | x.luau:1\\u{1b}]0;t\\u{7}"),
+            "{out}"
+        );
+        let d = json!({ "message": "bad\x1b[A", "line": 1, "column": 1, "frame": "1 | x\r\n" });
+        assert_eq!(
+            diagnostic(&d, Some("f.luau")),
+            "error: bad\\u{1b}[A\n  --> f.luau:1:1\n1 | x\\u{d}\n"
+        );
+        // table cells are single lines
+        let t = table(&["NAME"], &[vec!["a\nb\x1b".into()]]);
+        assert_eq!(t, "NAME\na\\u{a}b\\u{1b}\n");
+    }
+
+    #[test]
+    fn json_output_stays_the_same_json_value() {
+        let v = json!({ "reply": "\x1b[2J\u{9b}1m\u{202e}\u{7f}ok" });
+        for pretty in [true, false] {
+            let text = json(&v, pretty);
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "{text:?}"
+            );
+            assert!(!text.contains('\u{202e}'));
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v, "{text}");
+        }
+        assert!(json(&v, false).contains(r"\u001b[2J\u009b1m\u202e\u007fok"));
     }
 
     #[test]

@@ -116,10 +116,13 @@ pub fn start(
     })
 }
 
-/// A path as the user would type it (`src/counter.luau`, not `./src/counter.luau`).
+/// A path as the user would type it (`src/counter.luau`, not
+/// `./src/counter.luau`), escaped for the terminal (file names may hold
+/// control characters too).
 pub fn shown(path: &Path) -> String {
     let s = path.display().to_string();
-    s.strip_prefix("./").map(str::to_owned).unwrap_or(s)
+    let s = s.strip_prefix("./").unwrap_or(&s);
+    render::escape(s, render::Lines::Escape).into_owned()
 }
 
 impl Watcher {

@@ -294,6 +294,145 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
+fn node_caps_out_of_range_are_usage_errors() {
+    for (args, flag, range) in [
+        (
+            &["serve", "--max-sandboxes", "0"][..],
+            "--max-sandboxes",
+            "between 1 and 1048576",
+        ),
+        (
+            &["serve", "--max-events", "2000000"],
+            "--max-events",
+            "between 1 and 1000000",
+        ),
+        (
+            &["serve", "--max-value-bytes", "1000"],
+            "--max-value-bytes",
+            "between 1024 and 4294967296",
+        ),
+        (
+            &["run", "--max-sandbox-memory", "1MiB"],
+            "--max-sandbox-memory",
+            "at least 2097152",
+        ),
+    ] {
+        let out = graft().args(args).args(["--port", "0"]).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "graft {args:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "graft {args:?}: {err}"
+        );
+        assert!(err.contains("Usage: graft"), "{err}");
+    }
+    // not a number at all: clap's own usage error
+    let out = graft()
+        .args(["serve", "--max-sandbox-memory", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
+fn max_sandboxes_caps_the_node() {
+    let node = Node::start(&[
+        "serve",
+        "--max-sandboxes",
+        "1",
+        "--max-sandbox-memory",
+        "64MiB",
+    ]);
+    let body =
+        |id: &str| json!({ "id": id, "modules": { "m": "return {}" }, "entry": null }).to_string();
+    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body("one"));
+    assert_eq!(status, 201, "{resp}");
+    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body("two"));
+    assert_eq!(status, 429, "{resp}");
+    assert!(resp.contains("node_limit"), "{resp}");
+    // the memory cap bounds what a sandbox may ask for
+    let (status, _) = http(node.port, "DELETE", "/api/v1/sandboxes/one", "");
+    assert_eq!(status, 204);
+    let big = json!({ "id": "big", "modules": { "m": "return {}" }, "limits": { "memory_bytes": 128 << 20 } });
+    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &big.to_string());
+    assert_eq!(status, 422, "{resp}");
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["error"]["kind"], "limit_out_of_range");
+    assert_eq!(v["error"]["max"], 64 << 20);
+    node.interrupt();
+}
+
+/// A guest that answers, crashes and logs with terminal control sequences.
+const EVIL: &str = r#"
+local evil = {}
+function evil.init() return 0 end
+function evil.handle_call(req, from, state)
+  if req == "crash" then error("\27[2Jboom\r") end
+  if req == "log" then print("\27]0;pwned\7 and \27[31mred") return "logged", state end
+  return "\27[2J\u{9b}31m\u{202e}text", state
+end
+return evil
+"#;
+
+#[test]
+fn guest_text_reaches_the_terminal_escaped() {
+    let mut node = Node::start(&["serve"]);
+    let body = json!({ "id": "esc", "modules": { "evil": EVIL } }).to_string();
+    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    for name in ["evil", "x\u{1b}[2Jy"] {
+        let spawn = json!({ "module": "evil", "name": name }).to_string();
+        let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes/esc/spawn", &spawn);
+        assert_eq!(status, 201, "{resp}");
+    }
+    let raw = |s: &str| {
+        s.chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}')
+    };
+    let reply = "\u{1b}[2J\u{9b}31m\u{202e}text";
+
+    // a reply: escaped, and still exactly the same JSON
+    let out = node.ok(&["call", "esc", "evil", "hi"]);
+    assert!(!raw(&out), "{out:?}");
+    assert!(out.contains(r"\u001b[2J\u009b31m\u202etext"), "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!(reply));
+    let out = node.ok(&["call", "esc", "evil", "hi", "--json"]);
+    assert!(!raw(&out), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({ "reply": reply })
+    );
+
+    // a process name in the table
+    let out = node.ok(&["ps", "esc"]);
+    assert!(!raw(&out), "{out:?}");
+    assert!(out.contains(r"x\u{1b}[2Jy"), "{out}");
+
+    // a guest's log line on the node's stderr (not a terminal: no colours of its own)
+    node.ok(&["call", "esc", "evil", "log"]);
+    node.wait_until("the guest's log line", |_, err| err.contains("pwned"));
+    let err = node.err();
+    assert!(!raw(&err), "{err:?}");
+    assert!(
+        err.contains(r"\u{1b}]0;pwned\u{7} and \u{1b}[31mred"),
+        "{err}"
+    );
+
+    // a crash message
+    let err = node.fails(&["call", "esc", "evil", "crash"]);
+    assert!(!raw(&err), "{err:?}");
+    assert!(err.contains(r"\u{1b}[2Jboom\u{d}"), "{err}");
+    // and its warning on the node's stderr
+    node.wait_until("the crash warning", |_, err| {
+        err.contains("process crashed")
+    });
+    let err = node.err();
+    assert!(!raw(&err), "{err:?}");
+    assert!(err.contains(r"\u{1b}[2Jboom"), "{err}");
+    node.interrupt();
+}
+
+#[test]
 fn server_down_is_a_clear_user_error() {
     let url = format!("http://127.0.0.1:{}", closed_port());
     for args in [

@@ -9,43 +9,48 @@
 //! ```
 //!
 //! Every path is under `/api/v1`; every body is JSON. Errors are
-//! `{ "error": { "kind", "message", ... } }` with the status of [`status_for`]
-//! (library errors) or 400 (malformed JSON, a bad shape, nesting deeper than
-//! [`graft::value::MAX_DEPTH`]), 404 (unknown route), 405 (wrong method) and
-//! 413 (body over [`MAX_BODY_BYTES`]).
+//! `{ "error": { "kind", "message", ... } }` with a status from [`KINDS`]:
+//! library errors through [`status_for`]; 400 for a malformed body (bad JSON,
+//! a bad shape, nesting deeper than [`graft::value::MAX_DEPTH`]); 422
+//! `limit_out_of_range` for an integer outside its [`bounds`]; 404 (unknown
+//! route), 405 (wrong method) and 413 (body over [`MAX_BODY_BYTES`]). The
+//! OpenAPI document ([`openapi_document_for`]) states every one of these
+//! constraints.
 //!
 //! Handlers only await the library's futures (which wait on channels), so a
 //! slow call never blocks other requests; the two synchronous library calls
 //! (creating and destroying a sandbox) run on tokio's blocking pool.
 
-// The OpenAPI document is one big `json!`.
+// The OpenAPI document is built from big `json!`s.
 #![recursion_limit = "512"]
 
+mod body;
+pub mod bounds;
+mod error;
 mod openapi;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use graft::{Error, Limits, Node, ReloadOptions, Sandbox, SandboxSpec, StateHandler};
-use serde::de::DeserializeOwned;
+use graft::{Error, Node, ReloadOptions, Sandbox, SandboxSpec, StateHandler};
 use serde::{Deserialize, Deserializer};
-use serde_json::{json, Value};
+use serde_json::{json, Number, Value};
 
-pub use openapi::openapi_document;
+use body::Body;
+pub use body::MAX_BODY_BYTES;
+pub use error::{kinds_of, status_for, ApiError, ApiResult, ErrorKind, KINDS};
+use error::{method_not_allowed, not_found};
+pub use graft::config::MAX_TIMEOUT_MS;
+pub use openapi::{openapi_document, openapi_document_for};
 
-/// Largest request body accepted (1 MiB); larger bodies get 413.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default `timeout_ms` of `call` and `eval`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
-/// The largest `timeout_ms` accepted (one hour).
-pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 /// How long `DELETE /sandboxes/{id}` waits for the app to stop, and create/restart for it to start.
 const APP_WAIT: Duration = Duration::from_secs(5);
 
@@ -92,261 +97,50 @@ pub fn router(node: Node) -> Router {
 }
 
 // ---------------------------------------------------------------------------
-// Errors
-
-/// An error response: a status and `{ "error": { "kind", "message", ... } }`.
-#[derive(Debug)]
-pub struct ApiError {
-    /// The HTTP status.
-    pub status: StatusCode,
-    /// The `error` object.
-    pub error: serde_json::Map<String, Value>,
-}
-
-impl ApiError {
-    /// An error with a kind and a message.
-    pub fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> ApiError {
-        let mut error = serde_json::Map::new();
-        error.insert("kind".into(), json!(kind));
-        error.insert("message".into(), json!(message.into()));
-        ApiError { status, error }
-    }
-
-    fn bad_request(kind: &str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, kind, message)
-    }
-
-    fn with(mut self, key: &str, value: impl serde::Serialize) -> ApiError {
-        self.error.insert(
-            key.into(),
-            serde_json::to_value(value).unwrap_or(Value::Null),
-        );
-        self
-    }
-
-    /// The body, `{ "error": {...} }`.
-    pub fn body(&self) -> Value {
-        json!({ "error": self.error })
-    }
-}
-
-/// The HTTP status of a library error.
-///
-/// | kind | status |
-/// | --- | --- |
-/// | `no_sandbox`, `no_process`, `no_module`, `no_version` | 404 |
-/// | `sandbox_exists`, `reload_aborted` (but step `check`: 422) | 409 |
-/// | `invalid_input`, `compile_error`, `spawn_failed`, `not_plain_data`, `luau_error` | 422 |
-/// | `mailbox_full`, `max_processes` | 429 |
-/// | `crashed` | 500 (the handler crashed; `reason` says why) |
-/// | `sandbox_stopped` | 503 |
-/// | `timeout` | 504 |
-pub fn status_for(e: &Error) -> StatusCode {
-    match e {
-        Error::NoSandbox(_)
-        | Error::NoProcess(_)
-        | Error::NoModule(_)
-        | Error::NoVersion { .. } => StatusCode::NOT_FOUND,
-        // A failed behaviour check is a check error (SPEC §6: 422).
-        Error::ReloadAborted { step, .. } if step == "check" => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::SandboxExists(_) | Error::ReloadAborted { .. } => StatusCode::CONFLICT,
-        Error::InvalidInput(_)
-        | Error::Compile { .. }
-        | Error::SpawnFailed { .. }
-        | Error::NotPlainData(_)
-        | Error::Luau(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::MailboxFull(_) | Error::TooManyProcesses(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::Crashed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        Error::SandboxStopped(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::CallTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        Error::CyclicValue(_)
-        | Error::ValueTooLarge { .. }
-        | Error::LimitOutOfRange { .. }
-        | Error::BadArg(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::NodeLimit(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::Busy(_) => StatusCode::CONFLICT,
-        Error::SandboxFailed { .. } | Error::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
-        // `Error` is non-exhaustive: a kind this table does not know yet is
-        // the server's fault until it is mapped here.
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> ApiError {
-        let base = ApiError::new(status_for(&e), e.kind(), e.to_string());
-        match e {
-            Error::NoSandbox(id) | Error::SandboxExists(id) | Error::SandboxStopped(id) => {
-                base.with("sandbox", id)
-            }
-            Error::NoProcess(p) => base.with("process", p),
-            Error::NoModule(m) => base.with("module", m),
-            Error::NoVersion {
-                module,
-                version,
-                kept,
-            } => {
-                let kept: Vec<u32> = kept
-                    .split(',')
-                    .filter_map(|v| v.trim().parse().ok())
-                    .collect();
-                base.with("module", module)
-                    .with("version", version)
-                    .with("kept", kept)
-            }
-            Error::Compile { diagnostics } => {
-                let mut err = base;
-                if let Some(d) = diagnostics.first() {
-                    err = err
-                        .with("module", &d.module)
-                        .with("file", &d.file)
-                        .with("line", d.line)
-                        .with("column", d.column)
-                        .with("frame", &d.frame);
-                }
-                err.with("diagnostics", diagnostics)
-            }
-            Error::ReloadAborted {
-                step,
-                module,
-                process,
-                line,
-                column,
-                ..
-            } => base
-                .with("step", step)
-                .with("module", module)
-                .with("process", process)
-                .with("line", line)
-                .with("column", column),
-            Error::CallTimeout { target, timeout_ms } => {
-                base.with("target", target).with("timeout_ms", timeout_ms)
-            }
-            Error::Crashed { target, reason } => base.with("target", target).with("reason", reason),
-            Error::MailboxFull(target) => base.with("target", target),
-            Error::TooManyProcesses(n) => base.with("max_processes", n),
-            Error::SpawnFailed { module, reason } => {
-                base.with("module", module).with("reason", reason)
-            }
-            Error::ValueTooLarge { limit, .. } => base.with("limit", limit),
-            Error::LimitOutOfRange {
-                field,
-                value,
-                min,
-                max,
-            } => base
-                .with("field", field)
-                .with("value", value)
-                .with("min", min)
-                .with("max", max),
-            Error::SandboxFailed { id, .. } => base.with("sandbox", id),
-            _ => base,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
-    }
-}
-
-type ApiResult<T> = Result<T, ApiError>;
-
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such route; see /api/v1/openapi.json",
-    )
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not take that method; see /api/v1/openapi.json",
-    )
-}
-
-// ---------------------------------------------------------------------------
-// Request bodies
-
-/// A JSON body: at most [`MAX_BODY_BYTES`], nested at most
-/// [`graft::value::MAX_DEPTH`] deep, and of the shape `T`.
-struct Body<T>(T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-                )
-                .with("limit_bytes", MAX_BODY_BYTES)
-            } else {
-                ApiError::new(r.status(), "bad_body", r.body_text())
-            }
-        })?;
-        parse_body(&bytes).map(Body)
-    }
-}
-
-fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    let text = if bytes.iter().all(u8::is_ascii_whitespace) {
-        &b"{}"[..]
-    } else {
-        bytes
-    };
-    let value: Value = serde_json::from_slice(text).map_err(|e| {
-        if e.to_string().contains("recursion limit") {
-            too_deep()
-        } else {
-            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
-    if graft::value::check_json_depth(&value, graft::value::MAX_DEPTH).is_err() {
-        return Err(too_deep());
-    }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::bad_request("bad_request", format!("bad request body: {e}")))
-}
-
-fn too_deep() -> ApiError {
-    ApiError::bad_request(
-        "too_deep",
-        format!(
-            "the body is nested more than {} levels deep",
-            graft::value::MAX_DEPTH
-        ),
-    )
-    .with("max_depth", graft::value::MAX_DEPTH)
-}
+// Request checks
 
 /// `Some(None)` for an explicit `null`, `None` when absent (with `#[serde(default)]`).
 fn explicit_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
-fn check_timeout(timeout_ms: Option<u64>) -> ApiResult<u64> {
-    match timeout_ms {
-        None => Ok(DEFAULT_TIMEOUT_MS),
-        Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(ms),
-        Some(ms) => Err(ApiError::bad_request(
-            "bad_request",
-            format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, not {ms}"),
-        )),
-    }
-}
-
 fn sandbox(node: &Node, id: &str) -> ApiResult<Sandbox> {
     graft::config::validate_sandbox_id(id)
         .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))?;
     Ok(node.sandbox(id)?)
+}
+
+/// A module name in the path: malformed is 400, like a bad sandbox id.
+fn module_param(module: &str) -> ApiResult<()> {
+    graft::config::validate_module_name(module)
+        .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))
+}
+
+/// The longest process name, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// A name to register a spawned process under (SPEC §7): 1–64 bytes, not
+/// all digits and not starting with `<`, since targets resolve names first
+/// and such a name would capture a pid's or serial's address.
+fn check_process_name(name: &str) -> ApiResult<()> {
+    let problem = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_NAME_BYTES {
+        "it is longer than 64 bytes"
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        "it is all digits, so it would read as a pid's serial"
+    } else if name.starts_with('<') {
+        "it starts with `<`, so it would read as a pid"
+    } else {
+        return Ok(());
+    };
+    let shown: String = name.chars().take(MAX_NAME_BYTES).collect();
+    let more = if shown.len() < name.len() { "…" } else { "" };
+    Err(Error::BadArg(format!(
+        "invalid process name `{}{more}`: {problem}",
+        shown.escape_debug()
+    ))
+    .into())
 }
 
 fn timeout_error(what: &str, target: &str, ms: u64) -> ApiError {
@@ -357,6 +151,14 @@ fn timeout_error(what: &str, target: &str, ms: u64) -> ApiError {
     )
     .with("target", target)
     .with("timeout_ms", ms)
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::from(Error::InvalidInput(message.into()))
+}
+
+fn join_error(e: tokio::task::JoinError) -> ApiError {
+    ApiError::internal(e.to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -370,8 +172,8 @@ async fn health(State(node): State<Node>) -> Json<Value> {
     }))
 }
 
-async fn openapi_json() -> Json<Value> {
-    Json(openapi_document())
+async fn openapi_json(State(node): State<Node>) -> Json<Value> {
+    Json(openapi_document_for(node.limits()))
 }
 
 async fn list_sandboxes(State(node): State<Node>) -> ApiResult<Json<Value>> {
@@ -394,17 +196,28 @@ struct CreateBody {
     modules: Value,
     #[serde(default, deserialize_with = "explicit_null")]
     entry: Option<Option<String>>,
-    limits: Option<Limits>,
+    limits: Option<serde_json::Map<String, Value>>,
     capabilities: Option<Vec<String>>,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::from(Error::InvalidInput(message.into()))
+/// The limits of a create request, checked against the node's caps.
+fn create_limits(
+    limits: Option<serde_json::Map<String, Value>>,
+    node: &graft::NodeLimits,
+) -> ApiResult<Option<graft::Limits>> {
+    let Some(mut map) = limits else {
+        return Ok(None);
+    };
+    bounds::check_limits(&mut map, node)?;
+    serde_json::from_value(Value::Object(map))
+        .map(Some)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("bad request body: limits: {e}")))
 }
 
 /// Builds the spec of a create request (may read a project directory).
-fn create_spec(body: CreateBody) -> ApiResult<SandboxSpec> {
+fn create_spec(body: CreateBody, node: &graft::NodeLimits) -> ApiResult<SandboxSpec> {
     graft::config::validate_sandbox_id(&body.id)?;
+    let limits = create_limits(body.limits, node)?;
     let from_project =
         matches!(&body.modules, Value::String(p) if Path::new(p).join("graft.toml").is_file());
     let mut spec = match body.modules {
@@ -439,7 +252,7 @@ fn create_spec(body: CreateBody) -> ApiResult<SandboxSpec> {
         None if !from_project && !spec.modules.contains_key("app") => spec.entry = None,
         None => {}
     }
-    if let Some(limits) = body.limits {
+    if let Some(limits) = limits {
         spec.limits = limits;
     }
     if let Some(caps) = body.capabilities {
@@ -481,11 +294,11 @@ async fn create_sandbox(
 ) -> ApiResult<Response> {
     let n = node.clone();
     let sb = tokio::task::spawn_blocking(move || -> ApiResult<Sandbox> {
-        let spec = create_spec(body)?;
+        let spec = create_spec(body, n.limits())?;
         Ok(n.create_sandbox(spec)?)
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .map_err(join_error)??;
     // Answer once the app's init ran (a failed start shows in `app`).
     let _ = tokio::time::timeout(APP_WAIT, sb.wait_app_started()).await;
     let info = sb.info().await?;
@@ -515,9 +328,7 @@ async fn destroy_sandbox(
     let _ = tokio::time::timeout(APP_WAIT, sb.stop_app()).await;
     tokio::task::spawn_blocking(move || node.destroy(&id))
         .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        .map_err(join_error)??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -550,7 +361,7 @@ struct CallBody {
     to: String,
     #[serde(default)]
     request: Value,
-    timeout_ms: Option<u64>,
+    timeout_ms: Option<Number>,
 }
 
 async fn call(
@@ -559,7 +370,7 @@ async fn call(
     Body(body): Body<CallBody>,
 ) -> ApiResult<Json<Value>> {
     let sb = sandbox(&node, &id)?;
-    let ms = check_timeout(body.timeout_ms)?;
+    let ms = bounds::timeout_ms().check_or(body.timeout_ms.as_ref(), DEFAULT_TIMEOUT_MS)?;
     // The library times the call out itself; this is a safety net.
     let reply = tokio::time::timeout(
         Duration::from_millis(ms + 2_000),
@@ -629,6 +440,10 @@ async fn spawn(
     Body(body): Body<SpawnBody>,
 ) -> ApiResult<Response> {
     let sb = sandbox(&node, &id)?;
+    graft::config::validate_module_name(&body.module)?;
+    if let Some(name) = &body.name {
+        check_process_name(name)?;
+    }
     let pid = sb
         .spawn(&body.module, body.args, body.name.as_deref())
         .await?;
@@ -649,6 +464,7 @@ async fn versions(
     UrlPath((id, module)): UrlPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let sb = sandbox(&node, &id)?;
+    module_param(&module)?;
     let versions = sb.versions(&module).await?;
     let current = sb
         .modules()
@@ -669,34 +485,30 @@ async fn versions(
     Ok(Json(Value::Array(out)))
 }
 
-/// The reload options shared by every reload-like request.
+/// The reload options shared by every reload-like request; absent and
+/// `null` both mean the default.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct OptionsBody {
     #[serde(default)]
     extra: Value,
     state_handler: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    canary_ms: u64,
-    canary_crashes: Option<u32>,
+    dry_run: Option<bool>,
+    canary_ms: Option<Number>,
+    canary_crashes: Option<Number>,
 }
 
 impl OptionsBody {
     fn into_options(self) -> ApiResult<ReloadOptions> {
-        if self.canary_crashes == Some(0) {
-            return Err(ApiError::bad_request(
-                "bad_request",
-                "canary_crashes must be at least 1",
-            ));
-        }
+        let canary_ms = bounds::canary_ms().check_or(self.canary_ms.as_ref(), 0)?;
+        let crashes = bounds::canary_crashes().check_or(self.canary_crashes.as_ref(), 1)?;
         Ok(ReloadOptions {
             extra: self.extra,
             state_handler: self.state_handler.map(StateHandler::Luau),
-            dry_run: self.dry_run,
-            canary_ms: self.canary_ms,
-            canary_crashes: self.canary_crashes.unwrap_or(1),
+            dry_run: self.dry_run.unwrap_or(false),
+            canary_ms,
+            // In range: MAX_CANARY_CRASHES fits a u32.
+            canary_crashes: u32::try_from(crashes).unwrap_or(u32::MAX),
         })
     }
 }
@@ -708,20 +520,13 @@ struct ReloadBody {
     #[serde(default)]
     extra: Value,
     state_handler: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    canary_ms: u64,
-    canary_crashes: Option<u32>,
+    dry_run: Option<bool>,
+    canary_ms: Option<Number>,
+    canary_crashes: Option<Number>,
 }
 
 impl ReloadBody {
     fn split(self) -> ApiResult<(BTreeMap<String, String>, ReloadOptions)> {
-        if self.modules.is_empty() {
-            return Err(invalid(
-                "modules is empty: name at least one module and its source",
-            ));
-        }
         let opts = OptionsBody {
             extra: self.extra,
             state_handler: self.state_handler,
@@ -730,6 +535,11 @@ impl ReloadBody {
             canary_crashes: self.canary_crashes,
         }
         .into_options()?;
+        if self.modules.is_empty() {
+            return Err(invalid(
+                "modules is empty: name at least one module and its source",
+            ));
+        }
         Ok((self.modules, opts))
     }
 }
@@ -747,12 +557,11 @@ async fn reload(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
-    version: u32,
+    version: Number,
     #[serde(default)]
     extra: Value,
     state_handler: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
+    dry_run: Option<bool>,
 }
 
 async fn rollback(
@@ -761,6 +570,8 @@ async fn rollback(
     Body(body): Body<RollbackBody>,
 ) -> ApiResult<Response> {
     let sb = sandbox(&node, &id)?;
+    module_param(&module)?;
+    let version = bounds::version().check(&body.version)?;
     let opts = OptionsBody {
         extra: body.extra,
         state_handler: body.state_handler,
@@ -768,14 +579,16 @@ async fn rollback(
         ..Default::default()
     }
     .into_options()?;
-    Ok(Json(sb.rollback(&module, body.version, opts).await?).into_response())
+    // In range: the bound's maximum is u32::MAX.
+    let version = u32::try_from(version).unwrap_or(u32::MAX);
+    Ok(Json(sb.rollback(&module, version, opts).await?).into_response())
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EvalBody {
     source: String,
-    timeout_ms: Option<u64>,
+    timeout_ms: Option<Number>,
 }
 
 async fn eval(
@@ -784,7 +597,7 @@ async fn eval(
     Body(body): Body<EvalBody>,
 ) -> ApiResult<Json<Value>> {
     let sb = sandbox(&node, &id)?;
-    let ms = check_timeout(body.timeout_ms)?;
+    let ms = bounds::timeout_ms().check_or(body.timeout_ms.as_ref(), DEFAULT_TIMEOUT_MS)?;
     let result = tokio::time::timeout(Duration::from_millis(ms), sb.eval(&body.source))
         .await
         .map_err(|_| timeout_error("eval", "eval", ms))??;
@@ -835,31 +648,48 @@ async fn events(
 struct BatchBody {
     sandboxes: Vec<String>,
     modules: BTreeMap<String, String>,
-    max_concurrency: Option<usize>,
-    #[serde(default)]
-    rolling: bool,
+    max_concurrency: Option<Number>,
+    rolling: Option<bool>,
     #[serde(default)]
     extra: Value,
     state_handler: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    canary_ms: u64,
-    canary_crashes: Option<u32>,
+    dry_run: Option<bool>,
+    canary_ms: Option<Number>,
+    canary_crashes: Option<Number>,
+}
+
+/// Checks the sandboxes of a batch: at most `max_sandboxes`, each a valid id,
+/// none twice (a sandbox reloaded twice at once would race with itself).
+fn check_batch_ids(ids: &[String], node: &graft::NodeLimits) -> ApiResult<()> {
+    bounds::batch_size(node).check_count(ids.len())?;
+    let mut seen = BTreeSet::new();
+    for id in ids {
+        graft::config::validate_sandbox_id(id)?;
+        if !seen.insert(id.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "duplicate_sandbox",
+                format!("sandbox `{id}` is named twice in the batch; name each sandbox once"),
+            )
+            .with("sandbox", id));
+        }
+    }
+    Ok(())
 }
 
 async fn batch_reload(
     State(node): State<Node>,
     Body(body): Body<BatchBody>,
 ) -> ApiResult<Json<Value>> {
-    if body.max_concurrency == Some(0) {
-        return Err(ApiError::bad_request(
-            "bad_request",
-            "max_concurrency must be at least 1",
-        ));
+    let default_concurrency = node.threads() as u64;
+    let max_concurrency = bounds::max_concurrency(node.limits())
+        .check_or(body.max_concurrency.as_ref(), default_concurrency)?;
+    check_batch_ids(&body.sandboxes, node.limits())?;
+    // Batch sources go to every sandbox: a bad name would fail each one alike.
+    for name in body.modules.keys() {
+        graft::config::validate_module_name(name)?;
     }
-    let max_concurrency = body.max_concurrency.unwrap_or_else(|| node.threads());
-    let (ids, rolling) = (body.sandboxes, body.rolling);
+    let (ids, rolling) = (body.sandboxes, body.rolling.unwrap_or(false));
     let (sources, opts) = ReloadBody {
         modules: body.modules,
         extra: body.extra,
@@ -869,6 +699,8 @@ async fn batch_reload(
         canary_crashes: body.canary_crashes,
     }
     .split()?;
+    // In range: at most max_sandboxes, a usize.
+    let max_concurrency = usize::try_from(max_concurrency).unwrap_or(usize::MAX);
     let results = node
         .reload_batch(&ids, &sources, &opts, max_concurrency, rolling)
         .await;

@@ -1,149 +1,16 @@
 //! Every endpoint and every error status of the HTTP API, through
 //! `tower::ServiceExt::oneshot` (no sockets).
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
-use axum::Router;
-use graft::Node;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::{assert_error, counter_v, nested, Api, APP, COUNTER};
 use tower::ServiceExt;
-
-const COUNTER: &str = r#"
-local counter = {}
-function counter.init(args)
-  if args and args.fail then error("refusing to start") end
-  return { count = (args and args.start) or 0 }
-end
-function counter.handle_call(req, from, state)
-  if req == "inc" then
-    state.count += 1
-  elseif req == "crash" then
-    error("boom")
-  elseif type(req) == "table" and req.sleep then
-    local t0 = graft.now()
-    while graft.now() - t0 < req.sleep do end
-  end
-  return state.count, state
-end
-function counter.handle_cast(msg, state)
-  if type(msg) == "number" then state.count += msg end
-  return state
-end
-function counter.handle_info(msg, state)
-  if type(msg) == "table" and msg.set then state.count = msg.set end
-  return state
-end
-return counter
-"#;
-
-const APP: &str = r#"
-return {
-  behaviour = "supervisor",
-  init = function(args)
-    return {
-      strategy = "one_for_one", intensity = 5, period = 5,
-      children = {
-        { id = "counter", module = "counter", args = { start = 0 }, name = "counter" },
-      },
-    }
-  end,
-}
-"#;
-
-fn counter_v(n: i64) -> String {
-    COUNTER.replace("state.count += 1", &format!("state.count += {n}"))
-}
-
-struct Api {
-    router: Router,
-    node: Node,
-}
-
-impl Api {
-    fn new() -> Api {
-        let node = Node::with_threads(2);
-        Api {
-            router: graft_http::router(node.clone()),
-            node,
-        }
-    }
-
-    async fn raw(&self, method: Method, uri: &str, body: Vec<u8>) -> (StatusCode, Value) {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body))
-            .unwrap();
-        let resp = self.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
-            })
-        };
-        (status, value)
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        self.raw(Method::GET, uri, Vec::new()).await
-    }
-
-    async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
-        self.raw(Method::POST, uri, serde_json::to_vec(&body).unwrap())
-            .await
-    }
-
-    async fn delete(&self, uri: &str) -> (StatusCode, Value) {
-        self.raw(Method::DELETE, uri, Vec::new()).await
-    }
-
-    /// Creates sandbox `id` with the counter app; answers once the app runs.
-    async fn counter_app(&self, id: &str) {
-        let (s, v) = self
-            .post(
-                "/api/v1/sandboxes",
-                json!({ "id": id, "modules": { "app": APP, "counter": COUNTER } }),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{v}");
-    }
-
-    async fn call(&self, id: &str, to: &str, request: Value) -> (StatusCode, Value) {
-        self.post(
-            &format!("/api/v1/sandboxes/{id}/call"),
-            json!({ "to": to, "request": request }),
-        )
-        .await
-    }
-}
-
-#[track_caller]
-fn assert_error(resp: &(StatusCode, Value), status: StatusCode, kind: &str) {
-    assert_eq!(resp.0, status, "{}", resp.1);
-    assert_eq!(resp.1["error"]["kind"], json!(kind), "{}", resp.1);
-    assert!(
-        resp.1["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{}",
-        resp.1
-    );
-}
-
-fn nested(depth: usize) -> Value {
-    let mut v = json!(1);
-    for _ in 0..depth {
-        v = json!([v]);
-    }
-    v
-}
 
 #[tokio::test]
 async fn health() {
@@ -345,7 +212,12 @@ async fn create_errors() {
     let limits = api
         .post("/api/v1/sandboxes", json!({ "id": "l", "modules": { "counter": COUNTER }, "limits": { "memory_bytes": 10 } }))
         .await;
-    assert_error(&limits, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    assert_error(
+        &limits,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
+    assert_eq!(limits.1["error"]["field"], "memory_bytes");
     let empty = api
         .post("/api/v1/sandboxes", json!({ "id": "n", "modules": {} }))
         .await;
@@ -644,7 +516,11 @@ async fn call_cast_send() {
             json!({ "to": "counter", "timeout_ms": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
     let resp = api
         .post(
             "/api/v1/sandboxes/c/call",
@@ -1046,7 +922,11 @@ async fn reload() {
             json!({ "modules": { "counter": COUNTER }, "canary_crashes": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
 }
 
 #[tokio::test]
@@ -1329,7 +1209,11 @@ async fn batch_reload() {
             json!({ "sandboxes": ["b1"], "modules": { "counter": COUNTER }, "max_concurrency": 0 }),
         )
         .await;
-    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "limit_out_of_range",
+    );
     let resp = api
         .post(
             "/api/v1/reload",

@@ -1,0 +1,165 @@
+//! The harness shared by the HTTP tests: a router over a node, driven with
+//! `tower::ServiceExt::oneshot` (no sockets), and a counter app.
+
+// Each test target uses a different part of the harness.
+#![allow(dead_code)]
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use graft::{Node, NodeLimits};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// A counter server: `inc`, `crash`, `{ sleep = ms }`; casts add, `{ set = n }` sets.
+pub const COUNTER: &str = r#"
+local counter = {}
+function counter.init(args)
+  if args and args.fail then error("refusing to start") end
+  return { count = (args and args.start) or 0 }
+end
+function counter.handle_call(req, from, state)
+  if req == "inc" then
+    state.count += 1
+  elseif req == "crash" then
+    error("boom")
+  elseif type(req) == "table" and req.sleep then
+    local t0 = graft.now()
+    while graft.now() - t0 < req.sleep do end
+  end
+  return state.count, state
+end
+function counter.handle_cast(msg, state)
+  if type(msg) == "number" then state.count += msg end
+  return state
+end
+function counter.handle_info(msg, state)
+  if type(msg) == "table" and msg.set then state.count = msg.set end
+  return state
+end
+return counter
+"#;
+
+/// A supervisor of one counter registered as `counter`.
+pub const APP: &str = r#"
+return {
+  behaviour = "supervisor",
+  init = function(args)
+    return {
+      strategy = "one_for_one", intensity = 5, period = 5,
+      children = {
+        { id = "counter", module = "counter", args = { start = 0 }, name = "counter" },
+      },
+    }
+  end,
+}
+"#;
+
+/// The counter with another increment (a new version).
+pub fn counter_v(n: i64) -> String {
+    COUNTER.replace("state.count += 1", &format!("state.count += {n}"))
+}
+
+/// A router over a node.
+pub struct Api {
+    pub router: Router,
+    pub node: Node,
+}
+
+impl Api {
+    pub fn new() -> Api {
+        Api::with_limits(NodeLimits::default())
+    }
+
+    /// A router over a node with these caps.
+    pub fn with_limits(limits: NodeLimits) -> Api {
+        let node = Node::with_limits(2, limits);
+        Api {
+            router: graft_http::router(node.clone()),
+            node,
+        }
+    }
+
+    pub async fn raw(&self, method: Method, uri: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
+            })
+        };
+        (status, value)
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.raw(Method::GET, uri, Vec::new()).await
+    }
+
+    pub async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.raw(Method::POST, uri, serde_json::to_vec(&body).unwrap())
+            .await
+    }
+
+    pub async fn delete(&self, uri: &str) -> (StatusCode, Value) {
+        self.raw(Method::DELETE, uri, Vec::new()).await
+    }
+
+    /// Creates sandbox `id` with the counter app; answers once the app runs.
+    pub async fn counter_app(&self, id: &str) {
+        let (s, v) = self
+            .post(
+                "/api/v1/sandboxes",
+                json!({ "id": id, "modules": { "app": APP, "counter": COUNTER } }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+
+    pub async fn call(&self, id: &str, to: &str, request: Value) -> (StatusCode, Value) {
+        self.post(
+            &format!("/api/v1/sandboxes/{id}/call"),
+            json!({ "to": to, "request": request }),
+        )
+        .await
+    }
+}
+
+#[track_caller]
+/// An error answer with this status and kind, a message, and a (status,
+/// kind) pair that `graft_http::KINDS` documents.
+pub fn assert_error(resp: &(StatusCode, Value), status: StatusCode, kind: &str) {
+    assert_eq!(resp.0, status, "{}", resp.1);
+    assert_eq!(resp.1["error"]["kind"], json!(kind), "{}", resp.1);
+    assert!(
+        graft_http::KINDS
+            .iter()
+            .any(|k| k.kind == kind && k.status == status.as_u16()),
+        "({status}, {kind}) is not documented in graft_http::KINDS"
+    );
+    assert!(
+        resp.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        resp.1
+    );
+}
+
+/// `[[[…1…]]]`, `depth` arrays deep.
+pub fn nested(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    v
+}
