@@ -116,32 +116,9 @@ fn module_param(module: &str) -> ApiResult<()> {
         .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))
 }
 
-/// The longest process name, in bytes.
-pub const MAX_NAME_BYTES: usize = 64;
-
-/// A name to register a spawned process under (SPEC §7): 1–64 bytes, not
-/// all digits and not starting with `<`, since targets resolve names first
-/// and such a name would capture a pid's or serial's address.
-fn check_process_name(name: &str) -> ApiResult<()> {
-    let problem = if name.is_empty() {
-        "it is empty"
-    } else if name.len() > MAX_NAME_BYTES {
-        "it is longer than 64 bytes"
-    } else if name.bytes().all(|b| b.is_ascii_digit()) {
-        "it is all digits, so it would read as a pid's serial"
-    } else if name.starts_with('<') {
-        "it starts with `<`, so it would read as a pid"
-    } else {
-        return Ok(());
-    };
-    let shown: String = name.chars().take(MAX_NAME_BYTES).collect();
-    let more = if shown.len() < name.len() { "…" } else { "" };
-    Err(Error::BadArg(format!(
-        "invalid process name `{}{more}`: {problem}",
-        shown.escape_debug()
-    ))
-    .into())
-}
+/// The longest process name, in bytes (the library's rule, stated in the
+/// OpenAPI document).
+pub const MAX_NAME_BYTES: usize = graft::config::MAX_PROCESS_NAME_BYTES;
 
 fn timeout_error(what: &str, target: &str, ms: u64) -> ApiError {
     ApiError::new(
@@ -442,7 +419,7 @@ async fn spawn(
     let sb = sandbox(&node, &id)?;
     graft::config::validate_module_name(&body.module)?;
     if let Some(name) = &body.name {
-        check_process_name(name)?;
+        graft::config::validate_process_name(name)?;
     }
     let pid = sb
         .spawn(&body.module, body.args, body.name.as_deref())
