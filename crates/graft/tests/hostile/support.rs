@@ -26,7 +26,15 @@ return counter
 /// A sandbox `id` with one registered counter process `c`.
 pub fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
     let sb = node
-        .create_sandbox(SandboxSpec::new(id).entry(None).module("counter", COUNTER))
+        .create_sandbox(
+            SandboxSpec::new(id)
+                .entry(None)
+                .module("counter", COUNTER)
+                .limits(graft::Limits {
+                    memory_bytes: 8 << 20,
+                    ..graft::Limits::default()
+                }),
+        )
         .expect("bystander sandbox");
     answer(sb.spawn("counter", json!(null), Some("c"))).expect("spawn bystander counter");
     sb
