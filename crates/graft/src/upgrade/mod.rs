@@ -622,6 +622,7 @@ impl Engine {
                     .map(|p| k.pid_string(p.pid));
                 // A state handler's errors are in its own source, not the module's.
                 let line = line_in(&chunk_of(name, &by_name), &message, "");
+                let message = guest_text(&message);
                 return Err(Error::ReloadAborted {
                     step: "migrate".into(),
                     module: Some(name.clone()),
@@ -804,8 +805,9 @@ fn chunk_of(name: &str, by_name: &HashMap<&str, &PreparedModule>) -> String {
 }
 
 /// A Luau error raised while the engine ran guest code: its message without
-/// mlua's wrapping and traceback, and the line in `chunk` where it was
-/// raised (from the message's position, else from the traceback's frames).
+/// mlua's wrapping and traceback (cut to [`MAX_GUEST_MESSAGE_BYTES`]), and
+/// the line in `chunk` where it was raised (from the message's position,
+/// else from the traceback's frames).
 fn failure_in(e: &mlua::Error, chunk: &str) -> (String, Option<u32>) {
     let text = match e {
         mlua::Error::RuntimeError(m) => m.clone(),
@@ -815,7 +817,23 @@ fn failure_in(e: &mlua::Error, chunk: &str) -> (String, Option<u32>) {
     let (message, traceback) = text
         .split_once("\nstack traceback:")
         .unwrap_or((text.as_str(), ""));
-    (message.to_owned(), line_in(chunk, message, traceback))
+    (guest_text(message), line_in(chunk, message, traceback))
+}
+
+/// Bytes of a guest's error text kept in a `reload_aborted` message.
+const MAX_GUEST_MESSAGE_BYTES: usize = 4096;
+
+/// A guest's error text, cut to [`MAX_GUEST_MESSAGE_BYTES`] with
+/// `… (N more bytes)`: a guest can raise megabytes.
+fn guest_text(text: &str) -> String {
+    if text.len() <= MAX_GUEST_MESSAGE_BYTES {
+        return text.to_owned();
+    }
+    let mut cut = MAX_GUEST_MESSAGE_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..cut], text.len() - cut)
 }
 
 /// The line in `chunk` of an error with this message and traceback.

@@ -370,6 +370,44 @@ fn a_module_body_error_aborts_evaluate_with_module_and_line() {
 }
 
 #[test]
+fn a_megabyte_error_while_loading_is_cut() {
+    let (node, bystander, target) = setup();
+    let source = "local m = {}\nerror(string.rep('x', 2000000))\nreturn m\n";
+    let e = answer(target.reload(sources(&[("big", source)]), ReloadOptions::default()))
+        .unwrap_err();
+    let Error::ReloadAborted { line, message, .. } = e else {
+        panic!("expected reload_aborted, got {e:?}")
+    };
+    assert_eq!(line, Some(2));
+    assert!(message.len() < 4200, "{} bytes", message.len());
+    assert!(message.ends_with("more bytes)"), "{}", &message[message.len() - 40..]);
+    assert_node_healthy(&node, &bystander);
+}
+
+#[test]
+fn a_library_error_while_loading_gives_the_line_of_the_call() {
+    let (node, bystander, target) = setup();
+    answer(target.reload(sources(&[("helper", HELPER)]), ReloadOptions::default())).unwrap();
+    let user = "local h = require('helper')\nlocal v = h.explode()\nreturn {}\n";
+    let e = answer(target.reload(sources(&[("user", user)]), ReloadOptions::default()))
+        .unwrap_err();
+    let Error::ReloadAborted {
+        step,
+        module,
+        line,
+        message,
+        ..
+    } = e
+    else {
+        panic!("expected reload_aborted, got {e:?}")
+    };
+    assert_eq!(step, "evaluate");
+    assert_eq!((module.as_deref(), line), (Some("user"), Some(2)));
+    assert!(message.contains("helper.luau:4: attempt to index nil"), "{message}");
+    assert_node_healthy(&node, &bystander);
+}
+
+#[test]
 fn a_failing_code_change_aborts_migrate_with_module_and_line() {
     let (node, bystander, target) = setup();
     answer(target.reload(
