@@ -552,7 +552,15 @@ mod tests {
 
     #[test]
     fn control_characters_never_reach_a_frame_or_message() {
-        let d = Diagnostic::new("syntax", "m", "m.luau", "a\u{1b}[2Jb = 1\n", 1, 1, "bad\u{7}\nthing");
+        let d = Diagnostic::new(
+            "syntax",
+            "m",
+            "m.luau",
+            "a\u{1b}[2Jb = 1\n",
+            1,
+            1,
+            "bad\u{7}\nthing",
+        );
         assert!(!d.frame.chars().any(|c| c.is_control() && c != '\n'));
         assert_eq!(d.message, "bad\u{FFFD} thing");
     }
@@ -605,11 +613,17 @@ mod tests {
             error_position("src/counter.luau:4: attempt to index nil"),
             Some(("src/counter.luau", 4))
         );
-        assert_eq!(error_position("C:\\dir\\m.luau:12: boom"), Some(("C:\\dir\\m.luau", 12)));
+        assert_eq!(
+            error_position("C:\\dir\\m.luau:12: boom"),
+            Some(("C:\\dir\\m.luau", 12))
+        );
         assert_eq!(error_position("boom"), None);
         assert_eq!(error_position(":3: boom"), None);
         assert_eq!(error_position("m.luau:x: boom"), None);
-        assert_eq!(frame_position("c.luau:4 function handle_call"), Some(("c.luau", 4)));
+        assert_eq!(
+            frame_position("c.luau:4 function handle_call"),
+            Some(("c.luau", 4))
+        );
         assert_eq!(
             frame_position("\tc.luau:3: in function <c.luau:1>"),
             Some(("c.luau", 3))
@@ -622,7 +636,10 @@ mod tests {
         let tb = "[C] function error\nsrc/c.luau:4 function handle_call\ngraft.prelude:120 function run_job\n\n\t[C]: in ?\ngraft.luau:2 function f\n";
         assert_eq!(
             guest_frames(tb),
-            vec!["src/c.luau:4 function handle_call", "graft.luau:2 function f"]
+            vec![
+                "src/c.luau:4 function handle_call",
+                "graft.luau:2 function f"
+            ]
         );
     }
 }

@@ -513,6 +513,7 @@ impl Kernel {
     }
 
     /// Creates a process record and queues its init job. Checks `max_processes`.
+    #[allow(clippy::result_large_err)] // the waiter comes back on a cold path
     pub fn create_process(
         &mut self,
         module: u32,

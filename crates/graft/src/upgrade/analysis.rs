@@ -459,7 +459,11 @@ impl Kept {
     }
 
     fn into_sorted(self) -> Vec<Finding> {
-        self.heap.into_sorted_vec().into_iter().map(|f| f.0).collect()
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
     }
 }
 
@@ -618,19 +622,15 @@ impl Walker<'_> {
             return;
         }
         if FORBIDDEN_GLOBALS.contains(&name.as_str()) {
-            self.report(
-                FindingKind::ForbiddenConstruct,
-                token,
-                || forbidden_message(&name),
-            );
+            self.report(FindingKind::ForbiddenConstruct, token, || {
+                forbidden_message(&name)
+            });
         } else if name == "require" {
             // Not called directly (aliased, passed along): the dependency is
             // invisible to the graph.
-            self.report(
-                FindingKind::DynamicRequire,
-                token,
-                || DYNAMIC_REQUIRE.to_owned(),
-            );
+            self.report(FindingKind::DynamicRequire, token, || {
+                DYNAMIC_REQUIRE.to_owned()
+            });
         } else if !self.is_known(&name) {
             self.report(
                 FindingKind::UngrantedGlobal,
@@ -649,11 +649,9 @@ impl Walker<'_> {
             return;
         }
         if FORBIDDEN_GLOBALS.contains(&name.as_str()) {
-            self.report(
-                FindingKind::ForbiddenConstruct,
-                token,
-                || forbidden_message(&name),
-            );
+            self.report(FindingKind::ForbiddenConstruct, token, || {
+                forbidden_message(&name)
+            });
         } else {
             self.report(
                 FindingKind::GlobalAssignment,
@@ -890,17 +888,13 @@ impl Walker<'_> {
                                 column,
                             });
                         }
-                        None => self.report(
-                            FindingKind::DynamicRequire,
-                            token,
-                            || DYNAMIC_REQUIRE.to_owned(),
-                        ),
+                        None => self.report(FindingKind::DynamicRequire, token, || {
+                            DYNAMIC_REQUIRE.to_owned()
+                        }),
                     },
-                    _ => self.report(
-                        FindingKind::DynamicRequire,
-                        token,
-                        || DYNAMIC_REQUIRE.to_owned(),
-                    ),
+                    _ => self.report(FindingKind::DynamicRequire, token, || {
+                        DYNAMIC_REQUIRE.to_owned()
+                    }),
                 }
             }
             Prefix::Name(token) => self.read_name(token),
@@ -1426,7 +1420,8 @@ return M
         let a = run(&source);
         assert_eq!(a.findings.len(), MAX_PER_MODULE);
         assert_eq!(a.more, 1000 - MAX_PER_MODULE);
-        let positions: Vec<(usize, usize)> = a.findings.iter().map(|f| (f.line, f.column)).collect();
+        let positions: Vec<(usize, usize)> =
+            a.findings.iter().map(|f| (f.line, f.column)).collect();
         let expected: Vec<(usize, usize)> = (1..=10).flat_map(|l| [(l, 1), (l, 6)]).collect();
         assert_eq!(positions, expected);
         assert_eq!(a.findings[1].kind, FindingKind::UngrantedGlobal);
@@ -1467,14 +1462,21 @@ return M
         let source = format!("{}{}return {{}}\n", "do ".repeat(1000), "end ".repeat(1000));
         assert!(crate::vm::compile("m", "m.luau", &source, 1 << 20).is_ok());
         assert_eq!(run(&source).findings, vec![]);
-        let calls = format!("local f = function() end\nlocal x = {}1{}\nreturn x\n", "(".repeat(900), ")".repeat(900));
+        let calls = format!(
+            "local f = function() end\nlocal x = {}1{}\nreturn x\n",
+            "(".repeat(900),
+            ")".repeat(900)
+        );
         assert!(crate::vm::compile("m", "m.luau", &calls, 1 << 20).is_ok());
         assert_eq!(run(&calls).findings, vec![]);
     }
 
     #[test]
     fn nesting_estimate_counts_open_levels() {
-        assert!(!nesting_exceeds("local t = { a = (1 + 2) * 3 }\nreturn t\n", 2));
+        assert!(!nesting_exceeds(
+            "local t = { a = (1 + 2) * 3 }\nreturn t\n",
+            2
+        ));
         assert!(nesting_exceeds("local t = { a = ((1 + 2)) }\n", 2));
         let blocks = "function f() if x then do end end end\n".repeat(1000);
         assert!(!nesting_exceeds(&blocks, 3));
@@ -1482,7 +1484,10 @@ return M
         assert!(!nesting_exceeds(&"x = a - b - c - d\n".repeat(100), 1));
         assert!(nesting_exceeds(&format!("{}1", "not ".repeat(11)), 10));
         assert!(nesting_exceeds(&"`{".repeat(11), 10));
-        assert!(nesting_exceeds(&format!("local x = {}", "if a then b else ".repeat(11)), 10));
+        assert!(nesting_exceeds(
+            &format!("local x = {}", "if a then b else ".repeat(11)),
+            10
+        ));
         // Closers without openers do not underflow.
         assert!(!nesting_exceeds(") ] } end until", 0));
     }
@@ -1493,7 +1498,16 @@ return M
         // levels deep and must never reach full_moon's recursion.
         let source = format!("local = 1 {}\n", "(".repeat(100_000));
         assert_eq!(syntax_error_column(&source, 1), None);
-        for deep in ["{", "x[", "do ", "function() ", "- ", "not ", "if a then b else ", "`{"] {
+        for deep in [
+            "{",
+            "x[",
+            "do ",
+            "function() ",
+            "- ",
+            "not ",
+            "if a then b else ",
+            "`{",
+        ] {
             let source = format!("local = 1 {}\n", deep.repeat(50_000));
             assert_eq!(syntax_error_column(&source, 1), None, "{deep}");
         }
@@ -1501,7 +1515,10 @@ return M
 
     #[test]
     fn a_syntax_error_column_is_found_on_its_line_only() {
-        assert_eq!(syntax_error_column("local a = 1\nlocal c = = 3\nreturn a\n", 2), Some(9));
+        assert_eq!(
+            syntax_error_column("local a = 1\nlocal c = = 3\nreturn a\n", 2),
+            Some(9)
+        );
         // full_moon's first error is on another line: no column.
         assert_eq!(syntax_error_column("local a = 1\nlocal c = = 3\n", 1), None);
         // Only the lines up to the error are parsed again.

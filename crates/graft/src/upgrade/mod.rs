@@ -773,7 +773,9 @@ fn remember_chunk(lua: &Lua, chunk: &str, module: &str) {
 }
 
 fn module_of_chunk(lua: &Lua, chunk: &str) -> Option<String> {
-    let table = lua.named_registry_value::<Option<Table>>(CHUNK_MODULES).ok()??;
+    let table = lua
+        .named_registry_value::<Option<Table>>(CHUNK_MODULES)
+        .ok()??;
     match table.raw_get::<Value>(chunk).ok()? {
         Value::String(s) => Some(s.to_string_lossy()),
         _ => None,
@@ -783,7 +785,11 @@ fn module_of_chunk(lua: &Lua, chunk: &str) -> Option<String> {
 /// Where guest code raised an error: the module and line of the message's
 /// `file:LINE:` prefix, else of the innermost guest frame of `traceback`
 /// (e.g. for `error({ code = 1 })`, whose value has no position).
-pub(crate) fn raise_site(lua: &Lua, message: &str, traceback: &[&str]) -> (Option<String>, Option<u32>) {
+pub(crate) fn raise_site(
+    lua: &Lua,
+    message: &str,
+    traceback: &[&str],
+) -> (Option<String>, Option<u32>) {
     let at_message = crate::diagnostic::error_position(message);
     let frames = traceback
         .iter()

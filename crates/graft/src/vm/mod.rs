@@ -112,8 +112,7 @@ pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) 
             let (line, message) = parse_luau_error(&text);
             // Luau reports lines only; full_moon finds the column when it
             // agrees (and the source is shallow enough to parse again).
-            let column =
-                crate::upgrade::analysis::syntax_error_column(source, line).unwrap_or(1);
+            let column = crate::upgrade::analysis::syntax_error_column(source, line).unwrap_or(1);
             Err(Error::Compile {
                 diagnostics: vec![Diagnostic::new(
                     "syntax", module, file, source, line, column, message,

@@ -101,10 +101,7 @@ fn eval_of_40kb_of_errors_on_one_line_is_bounded() {
         .all(|d| d.module == "eval" && d.line == 1));
     assert_eq!(diagnostics[0].column, 1);
     assert_eq!(diagnostics[0].kind, "global_assignment");
-    assert_eq!(
-        noted(&diagnostics[MAX_PER_MODULE]),
-        20_000 - MAX_PER_MODULE
-    );
+    assert_eq!(noted(&diagnostics[MAX_PER_MODULE]), 20_000 - MAX_PER_MODULE);
     // The caret of a problem far into the line is still under its token.
     let last = &diagnostics[MAX_PER_MODULE - 1];
     let lines: Vec<&str> = last.frame.lines().collect();
@@ -118,11 +115,14 @@ fn reload_of_40kb_of_global_assignments_is_bounded() {
     let (node, bystander, target) = setup();
     let source = global_assignments(40 * 1024);
     let lines = source.lines().count();
-    let e = answer(target.reload(sources(&[("g", &source)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("g", &source)]), ReloadOptions::default())).unwrap_err();
     let diagnostics = bounded_diagnostics(e);
     assert_eq!(diagnostics.len(), MAX_PER_MODULE + 1);
-    assert_eq!(noted(&diagnostics[MAX_PER_MODULE]), 2 * lines - MAX_PER_MODULE);
+    assert_eq!(
+        noted(&diagnostics[MAX_PER_MODULE]),
+        2 * lines - MAX_PER_MODULE
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -131,26 +131,41 @@ fn reload_of_160kb_of_global_assignments_is_bounded() {
     let (node, bystander, target) = setup();
     let source = global_assignments(160 * 1024);
     let lines = source.lines().count();
-    let e = answer(target.reload(sources(&[("g", &source)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("g", &source)]), ReloadOptions::default())).unwrap_err();
     let diagnostics = bounded_diagnostics(e);
     assert_eq!(diagnostics.len(), MAX_PER_MODULE + 1);
     // The first problems by position: line 1's assignment, then its read.
     assert_eq!(
-        (diagnostics[0].kind.as_str(), diagnostics[0].line, diagnostics[0].column),
+        (
+            diagnostics[0].kind.as_str(),
+            diagnostics[0].line,
+            diagnostics[0].column
+        ),
         ("global_assignment", 1, 1)
     );
     assert_eq!(
-        (diagnostics[1].kind.as_str(), diagnostics[1].line, diagnostics[1].column),
+        (
+            diagnostics[1].kind.as_str(),
+            diagnostics[1].line,
+            diagnostics[1].column
+        ),
         ("ungranted_global", 1, 6)
     );
     assert_eq!(diagnostics[MAX_PER_MODULE - 1].line, MAX_PER_MODULE / 2);
-    assert_eq!(noted(&diagnostics[MAX_PER_MODULE]), 2 * lines - MAX_PER_MODULE);
+    assert_eq!(
+        noted(&diagnostics[MAX_PER_MODULE]),
+        2 * lines - MAX_PER_MODULE
+    );
     // Nothing was loaded, and the abort event is as bounded as the error.
     assert!(answer(target.modules()).unwrap().is_empty());
     let events = answer(target.events()).unwrap();
     let abort = serde_json::to_vec(&events.last().expect("abort event")).unwrap();
-    assert!(abort.len() <= RESPONSE_CAP, "abort event of {} bytes", abort.len());
+    assert!(
+        abort.len() <= RESPONSE_CAP,
+        "abort event of {} bytes",
+        abort.len()
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -158,12 +173,15 @@ fn reload_of_160kb_of_global_assignments_is_bounded() {
 fn thousands_of_syntax_errors_give_one_diagnostic() {
     let (node, bystander, target) = setup();
     let source = "local = = = )( end until\n".repeat(5_000);
-    let e = answer(target.reload(sources(&[("s", &source)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("s", &source)]), ReloadOptions::default())).unwrap_err();
     let diagnostics = bounded_diagnostics(e);
     assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
     let d = &diagnostics[0];
-    assert_eq!((d.kind.as_str(), d.module.as_str(), d.line), ("syntax", "s", 1));
+    assert_eq!(
+        (d.kind.as_str(), d.module.as_str(), d.line),
+        ("syntax", "s", 1)
+    );
     assert_eq!(d.column, 7, "{d:?}");
     assert_node_healthy(&node, &bystander);
 }
@@ -173,10 +191,11 @@ fn many_modules_full_of_errors_stay_under_the_response_cap() {
     let (node, bystander, target) = setup();
     // Long names make long messages; 60 modules of 40 problems each.
     let long = "n".repeat(200);
-    let source: String = (0..20).map(|i| format!("{long}{i} = {long}x{i}\n")).collect();
+    let source: String = (0..20)
+        .map(|i| format!("{long}{i} = {long}x{i}\n"))
+        .collect();
     let names: Vec<String> = (0..60).map(|i| format!("m{i:02}")).collect();
-    let all: BTreeMap<String, String> =
-        names.iter().map(|n| (n.clone(), source.clone())).collect();
+    let all: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), source.clone())).collect();
     let e = answer(target.reload(all, ReloadOptions::default())).unwrap_err();
     let diagnostics = bounded_diagnostics(e);
     let last = diagnostics.last().unwrap();
@@ -291,7 +310,10 @@ fn a_runtime_error_in_a_handler_names_module_and_line() {
     };
     assert_eq!((module.as_deref(), line), (Some("crashy"), Some(4)));
     // The message stays as Luau wrote it.
-    assert!(message.starts_with("crashy.luau:4: attempt to perform arithmetic"), "{message}");
+    assert!(
+        message.starts_with("crashy.luau:4: attempt to perform arithmetic"),
+        "{message}"
+    );
     assert_clean_traceback(&traceback);
     assert!(traceback.contains("crashy.luau:4"), "{traceback}");
 
@@ -344,7 +366,10 @@ fn an_error_in_a_required_library_names_the_library() {
 fn a_module_body_error_aborts_evaluate_with_module_and_line() {
     let (node, bystander, target) = setup();
     let e = answer(target.reload(
-        sources(&[("m", "local m = {}\nlocal z = nil\nlocal y = z.q\nreturn m\n")]),
+        sources(&[(
+            "m",
+            "local m = {}\nlocal z = nil\nlocal y = z.q\nreturn m\n",
+        )]),
         ReloadOptions::default(),
     ))
     .unwrap_err();
@@ -361,7 +386,10 @@ fn a_module_body_error_aborts_evaluate_with_module_and_line() {
         unreachable!()
     };
     assert_eq!(step, "evaluate");
-    assert_eq!((module.as_deref(), line, column), (Some("m"), Some(3), None));
+    assert_eq!(
+        (module.as_deref(), line, column),
+        (Some("m"), Some(3), None)
+    );
     assert_eq!(
         message,
         "module `m` failed while loading: m.luau:3: attempt to index nil with 'q'"
@@ -373,14 +401,18 @@ fn a_module_body_error_aborts_evaluate_with_module_and_line() {
 fn a_megabyte_error_while_loading_is_cut() {
     let (node, bystander, target) = setup();
     let source = "local m = {}\nerror(string.rep('x', 2000000))\nreturn m\n";
-    let e = answer(target.reload(sources(&[("big", source)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("big", source)]), ReloadOptions::default())).unwrap_err();
     let Error::ReloadAborted { line, message, .. } = e else {
         panic!("expected reload_aborted, got {e:?}")
     };
     assert_eq!(line, Some(2));
     assert!(message.len() < 4200, "{} bytes", message.len());
-    assert!(message.ends_with("more bytes)"), "{}", &message[message.len() - 40..]);
+    assert!(
+        message.ends_with("more bytes)"),
+        "{}",
+        &message[message.len() - 40..]
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -389,8 +421,8 @@ fn a_library_error_while_loading_gives_the_line_of_the_call() {
     let (node, bystander, target) = setup();
     answer(target.reload(sources(&[("helper", HELPER)]), ReloadOptions::default())).unwrap();
     let user = "local h = require('helper')\nlocal v = h.explode()\nreturn {}\n";
-    let e = answer(target.reload(sources(&[("user", user)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("user", user)]), ReloadOptions::default())).unwrap_err();
     let Error::ReloadAborted {
         step,
         module,
@@ -403,7 +435,10 @@ fn a_library_error_while_loading_gives_the_line_of_the_call() {
     };
     assert_eq!(step, "evaluate");
     assert_eq!((module.as_deref(), line), (Some("user"), Some(2)));
-    assert!(message.contains("helper.luau:4: attempt to index nil"), "{message}");
+    assert!(
+        message.contains("helper.luau:4: attempt to index nil"),
+        "{message}"
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -424,8 +459,8 @@ function counter.code_change(old_vsn, state, extra)
 end
 return counter
 "#;
-    let e = answer(target.reload(sources(&[("counter", v2)]), ReloadOptions::default()))
-        .unwrap_err();
+    let e =
+        answer(target.reload(sources(&[("counter", v2)]), ReloadOptions::default())).unwrap_err();
     let Error::ReloadAborted {
         step,
         module,
@@ -440,9 +475,15 @@ return counter
     assert_eq!(step, "migrate");
     assert_eq!((module.as_deref(), line), (Some("counter"), Some(5)));
     assert!(process.is_some());
-    assert!(message.contains("counter.luau:5: cannot migrate 1"), "{message}");
+    assert!(
+        message.contains("counter.luau:5: cannot migrate 1"),
+        "{message}"
+    );
     // Nothing changed: the old code still answers.
-    assert_eq!(answer(target.call("c", json!("inc"), None)).unwrap(), json!(1));
+    assert_eq!(
+        answer(target.call("c", json!("inc"), None)).unwrap(),
+        json!(1)
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -469,6 +510,9 @@ fn a_failing_state_handler_gives_its_own_line() {
     else {
         panic!("expected reload_aborted, got {e:?}")
     };
-    assert_eq!((step.as_str(), module, line), ("state_handler", None, Some(2)));
+    assert_eq!(
+        (step.as_str(), module, line),
+        ("state_handler", None, Some(2))
+    );
     assert_node_healthy(&node, &bystander);
 }
