@@ -49,9 +49,12 @@
 //!   runs on a thread with a stack of [`PARSER_STACK_BYTES`]. Sources reach
 //!   [`analyze`] only after Luau compiled them, and Luau refuses nesting past
 //!   its own recursion limit, which bounds the depth full_moon sees; that
-//!   stack holds ten times what the deepest such source needs. A source Luau
-//!   refused is parsed again only by [`syntax_error_column`], and only up to
-//!   its error line and when [`nesting_exceeds`] finds it shallow.
+//!   stack holds ten times what the deepest such source needs. Small,
+//!   shallow sources (up to 16 KiB and 12 levels by [`nesting_exceeds`]) are
+//!   parsed on the caller's thread instead: for them, starting a thread
+//!   costs more than the parse. A source Luau refused is parsed again only
+//!   by [`syntax_error_column`], and only up to its error line and when
+//!   [`nesting_exceeds`] finds it shallow.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -211,8 +214,9 @@ pub enum FindingKind {
 }
 
 /// Analyzes one Luau module source, on a thread with a stack of
-/// [`PARSER_STACK_BYTES`]. The source should be one Luau compiled (see the
-/// module documentation: that bounds its nesting).
+/// [`PARSER_STACK_BYTES`] unless it is small and shallow. The source should
+/// be one Luau compiled (see the module documentation: that bounds its
+/// nesting).
 ///
 /// `is_known_global(name)` says whether the sandbox provides the global
 /// `name` (a Luau builtin such as those of [`LUAU_SAFE_GLOBALS`], or a
@@ -227,7 +231,22 @@ pub fn analyze(
     source: &str,
     is_known_global: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<SourceAnalysis> {
+    if is_shallow(source) {
+        return Ok(analyze_here(source, is_known_global));
+    }
     on_parser_stack(|| analyze_here(source, is_known_global))
+}
+
+/// Sources up to this size whose nesting [`nesting_exceeds`] puts at most
+/// [`INLINE_PARSE_DEPTH`] are parsed on the caller's thread: starting a
+/// thread costs more than parsing them (eval chunks, small modules).
+const INLINE_PARSE_BYTES: usize = 16 * 1024;
+/// About 20 KiB of stack per level: a few hundred KiB at most, on a caller
+/// that has the usual 2 MiB or more.
+const INLINE_PARSE_DEPTH: usize = 12;
+
+fn is_shallow(source: &str) -> bool {
+    source.len() <= INLINE_PARSE_BYTES && !nesting_exceeds(source, INLINE_PARSE_DEPTH)
 }
 
 fn analyze_here(source: &str, is_known_global: &(dyn Fn(&str) -> bool + Sync)) -> SourceAnalysis {
@@ -299,7 +318,7 @@ pub fn syntax_error_column(source: &str, line: usize) -> Option<usize> {
         return None;
     }
     let truncated = end < source.len();
-    on_parser_stack(|| {
+    let column = || {
         let parsed = full_moon::parse_fallible(prefix, LuaVersion::luau());
         let (start, _) = parsed.errors().first()?.range();
         // An error at the cut is about the cut, not the source.
@@ -307,9 +326,11 @@ pub fn syntax_error_column(source: &str, line: usize) -> Option<usize> {
             return None;
         }
         (start.line() == line).then_some(start.character().max(1))
-    })
-    .ok()
-    .flatten()
+    };
+    if is_shallow(prefix) {
+        return column();
+    }
+    on_parser_stack(column).ok().flatten()
 }
 
 /// Whether the nesting of `source` may pass `limit` levels of full_moon's
@@ -1526,5 +1547,41 @@ return M
         assert_eq!(syntax_error_column(&source, 2), Some(5));
         assert_eq!(syntax_error_column("x", 0), None);
         assert_eq!(syntax_error_column("x", 9), None);
+    }
+
+    #[test]
+    fn small_sources_parsed_inline_fit_a_small_stack() {
+        // Chains the nesting estimate does not count; any such source Luau
+        // accepts and small enough to be parsed inline must fit 1 MiB.
+        let chains: [(&str, &str, &str); 12] = [
+            ("local x = 1", " + 1", ""),
+            ("local x = 'a'", " .. 'a'", ""),
+            ("local x = 2", " ^ 1", ""),
+            ("local x = 1", " < 2 == true", ""),
+            ("local t = {} local x = t", ".a", ""),
+            ("local f = print local x = f", "()", ""),
+            ("local t = {} local x = t", ":m()", ""),
+            ("local f = print local x = f", "'a'", ""),
+            ("local t = {} local x = t", "[1]", ""),
+            ("local x: number", " | number", " = 1"),
+            ("local x: number", "?", " = 1"),
+            ("local x = 1", " and 1 or 2", ""),
+        ];
+        for (head, link, tail) in chains {
+            for n in [100, 400, 1600, 6400] {
+                let source = format!("{head}{}{tail}\nreturn x\n", link.repeat(n));
+                if !is_shallow(&source)
+                    || crate::vm::compile("m", "m.luau", &source, 1 << 20).is_err()
+                {
+                    continue;
+                }
+                let result = std::thread::Builder::new()
+                    .stack_size(1 << 20)
+                    .spawn(move || analyze_here(&source, &|_| true).findings.len())
+                    .unwrap()
+                    .join();
+                assert!(result.is_ok(), "{link} x{n}");
+            }
+        }
     }
 }
