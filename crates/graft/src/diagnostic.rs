@@ -476,6 +476,27 @@ fn chunk_line(text: &str, ends: impl Fn(&str) -> bool) -> Option<(&str, u32)> {
     None
 }
 
+/// Frames a crash's traceback keeps, innermost first; deeper ones are counted.
+pub const MAX_TRACEBACK_FRAMES: usize = 20;
+
+/// `frames` as a traceback text: the first [`MAX_TRACEBACK_FRAMES`], then
+/// `… N more frames` (a recursion thousands deep would be thousands of lines).
+pub(crate) fn traceback_text(frames: &[&str]) -> String {
+    let mut text = frames
+        .iter()
+        .take(MAX_TRACEBACK_FRAMES)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n");
+    if frames.len() > MAX_TRACEBACK_FRAMES {
+        text.push_str(&format!(
+            "\n… {} more frames",
+            frames.len() - MAX_TRACEBACK_FRAMES
+        ));
+    }
+    text
+}
+
 /// Frames of a Luau traceback a guest's author can act on: no C functions
 /// (`[C]`), no frames of Graft's own trusted chunks, no blank lines.
 pub(crate) fn guest_frames(traceback: &str) -> Vec<&str> {

@@ -1466,7 +1466,7 @@ fn classify_failure(lua: &Lua, info: &Value, timed_out: bool) -> ExitReason {
     let frames = crate::diagnostic::guest_frames(&traceback);
     let (module, line) = crate::upgrade::raise_site(lua, &message, &frames);
     ExitReason::Error {
-        traceback: frames.join("\n"),
+        traceback: crate::diagnostic::traceback_text(&frames),
         message,
         module,
         line,

@@ -257,6 +257,10 @@ function c.handle_call(req, from, state)
   if req == "raise" then error("boom") end
   if req == "table" then error({ code = 7 }) end
   if req == "lib" then return require("helper").explode(), state end
+  if req == "deep" then
+    local function down(n) if n == 0 then error("bottom") end return down(n - 1) + 1 end
+    return down(5000), state
+  end
   return state.n, state
 end
 return c
@@ -329,6 +333,34 @@ fn a_runtime_error_in_a_handler_names_module_and_line() {
     };
     assert_eq!((module.as_deref(), line), (Some("crashy"), Some(5)));
     assert_clean_traceback(&traceback);
+    assert_node_healthy(&node, &bystander);
+}
+
+#[test]
+fn an_error_thousands_of_calls_deep_keeps_a_short_traceback() {
+    let (node, bystander, target) = setup();
+    crashy(&target);
+    let ExitReason::Error {
+        module,
+        line,
+        traceback,
+        ..
+    } = crash_reason(&target, "deep")
+    else {
+        panic!("expected an error exit")
+    };
+    assert_eq!((module.as_deref(), line), (Some("crashy"), Some(9)));
+    let frames: Vec<&str> = traceback.lines().collect();
+    assert_eq!(
+        frames.len(),
+        graft::diagnostic::MAX_TRACEBACK_FRAMES + 1,
+        "{traceback}"
+    );
+    assert!(frames[0].starts_with("crashy.luau:9"), "{traceback}");
+    assert!(
+        frames[frames.len() - 1].ends_with("more frames"),
+        "{traceback}"
+    );
     assert_node_healthy(&node, &bystander);
 }
 
