@@ -59,5 +59,57 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches);
+/// A module source of about `bytes`: lines that each assign a global and
+/// read an unknown one (two problems per line), or the same lines as locals.
+fn module_source(bytes: usize, errors: bool) -> String {
+    let mut src = String::new();
+    let mut i = 0;
+    while src.len() < bytes {
+        if errors {
+            src.push_str(&format!("x{i} = y{i}\n"));
+        } else {
+            src.push_str(&format!("local x{i} = {i}\n"));
+        }
+        i += 1;
+    }
+    src.push_str("return {}\n");
+    src
+}
+
+/// Compile and check (`prepare`) of 160 KB with thousands of problems,
+/// against the same size of clean source: diagnostics must cost about as
+/// much as the analysis itself (SPEC §7: linear, bounded).
+fn diagnostics(c: &mut Criterion) {
+    let known: Vec<String> = graft::vm::safe_globals().map(str::to_owned).collect();
+    let files = std::collections::BTreeMap::new();
+    let cx = graft::upgrade::PrepareContext {
+        known_globals: &known,
+        max_source_bytes: 1 << 20,
+        files: &files,
+    };
+    // Clean: locals in blocks of 100, within Luau's limit of 200 live locals.
+    let clean: String = module_source(160 * 1024, false)
+        .lines()
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|c| format!("do\n{}\nend\n", c.join("\n")))
+        .collect();
+    let errors = module_source(160 * 1024, true);
+    let one = |src: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("m".to_string(), src.to_string());
+        m
+    };
+    let (clean, errors) = (one(&clean), one(&errors));
+    assert!(graft::upgrade::prepare(&clean, &cx).is_ok());
+    assert!(graft::upgrade::prepare(&errors, &cx).is_err());
+    c.bench_function("baseline: analyse 160 KB clean source", |b| {
+        b.iter(|| graft::upgrade::prepare(&clean, &cx).unwrap())
+    });
+    c.bench_function("analyse 160 KB of errors", |b| {
+        b.iter(|| graft::upgrade::prepare(&errors, &cx).unwrap_err())
+    });
+}
+
+criterion_group!(micro, benches, diagnostics);
 criterion_main!(micro);

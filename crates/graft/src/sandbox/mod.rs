@@ -690,7 +690,7 @@ impl Kernel {
 
     /// Creates a process record and queues its init job. Checks
     /// `max_processes` and the name; `Err` hands the waiter back.
-    #[allow(clippy::result_large_err)]
+    #[allow(clippy::result_large_err)] // the waiter comes back on a cold path
     pub fn create_process(
         &mut self,
         module: u32,
@@ -1451,9 +1451,9 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
             k = kernel(lua);
             match info {
                 Value::Table(_) if !matches!(e, mlua::Error::MemoryError(_)) => {
-                    Outcome::Failed(classify_failure(&info, timed_out))
+                    Outcome::Failed(classify_failure(lua, &info, timed_out))
                 }
-                _ => Outcome::Failed(classify_error(&e, timed_out)),
+                _ => Outcome::Failed(classify_error(lua, &e, timed_out)),
             }
         }
     };
@@ -1574,7 +1574,7 @@ pub(crate) fn nest_done(
             Outcome::Suspended(token, t)
         }
         (NestEnd::Preempted, Some(t)) => Outcome::Preempted(t),
-        _ => Outcome::Failed(classify_failure(&info, timed_out)),
+        _ => Outcome::Failed(classify_failure(lua, &info, timed_out)),
     };
     if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
         let _ = lua.gc_collect();
@@ -1628,7 +1628,10 @@ fn classify_message(message: &str, timed_out: bool) -> Option<ExitReason> {
     }
 }
 
-fn classify_failure(info: &Value, timed_out: bool) -> ExitReason {
+/// The exit reason of a callback that raised, from `failure_of`'s info: the
+/// message as raised, the guest frames of the traceback, and the module and
+/// line where guest code raised it.
+fn classify_failure(lua: &Lua, info: &Value, timed_out: bool) -> ExitReason {
     let (message, traceback) = match info {
         Value::Table(t) => {
             let msg: Value = t.raw_get("message").unwrap_or(Value::Nil);
@@ -1643,17 +1646,17 @@ fn classify_failure(info: &Value, timed_out: bool) -> ExitReason {
         Value::String(s) => (s.to_string_lossy(), String::new()),
         other => (lua_value_text(other), String::new()),
     };
-    // The prelude's own frames are noise to the guest's author.
-    let traceback: Vec<&str> = traceback
-        .lines()
-        .filter(|l| !l.starts_with("graft.prelude:") && !l.trim().is_empty())
-        .collect();
-    classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
+    if let Some(reason) = classify_message(&message, timed_out) {
+        return reason;
+    }
+    let frames = crate::diagnostic::guest_frames(&traceback);
+    let (module, line) = crate::upgrade::raise_site(lua, &message, &frames);
+    ExitReason::Error {
+        traceback: crate::diagnostic::traceback_text(&frames),
         message,
-        traceback: traceback.join("\n"),
-        module: None,
-        line: None,
-    })
+        module,
+        line,
+    }
 }
 
 fn lua_value_text(v: &Value) -> String {
@@ -1665,17 +1668,21 @@ fn lua_value_text(v: &Value) -> String {
     }
 }
 
-fn classify_error(e: &mlua::Error, timed_out: bool) -> ExitReason {
+fn classify_error(lua: &Lua, e: &mlua::Error, timed_out: bool) -> ExitReason {
     if matches!(e, mlua::Error::MemoryError(_)) {
         return ExitReason::OutOfMemory;
     }
     let message = e.to_string();
-    classify_message(&message, timed_out).unwrap_or(ExitReason::Error {
+    if let Some(reason) = classify_message(&message, timed_out) {
+        return reason;
+    }
+    let (module, line) = crate::upgrade::raise_site(lua, &message, &[]);
+    ExitReason::Error {
         message,
         traceback: String::new(),
-        module: None,
-        line: None,
-    })
+        module,
+        line,
+    }
 }
 
 /// Acts on a job's outcome: routes replies, handles crashes and exits.

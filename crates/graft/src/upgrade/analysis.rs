@@ -38,16 +38,48 @@
 //!
 //! Positions are 1-based; columns count characters, not bytes. A finding
 //! about a name is placed on that name's token.
+//!
+//! Bounds, whatever the source (SPEC §7):
+//! * At most [`MAX_PER_MODULE`] findings are kept, the first by position;
+//!   the rest are only counted ([`SourceAnalysis::more`]), and their messages
+//!   are never built.
+//! * Time is linear in the source: one parse, one walk, and scope lookups in
+//!   a hash map (not a scan of every local in scope).
+//! * full_moon parses recursively and has no depth limit of its own, so it
+//!   runs on a thread with a stack of [`PARSER_STACK_BYTES`]. Sources reach
+//!   [`analyze`] only after Luau compiled them, and Luau refuses nesting past
+//!   its own recursion limit, which bounds the depth full_moon sees; that
+//!   stack holds ten times what the deepest such source needs. Small,
+//!   shallow sources (up to 16 KiB and 12 levels by [`nesting_exceeds`]) are
+//!   parsed on the caller's thread instead: for them, starting a thread
+//!   costs more than the parse. A source Luau refused is parsed again only
+//!   by [`syntax_error_column`], and only up to its error line and when
+//!   [`nesting_exceeds`] finds it shallow.
 
-use std::collections::HashSet;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use full_moon::ast::luau::IfExpression;
 use full_moon::ast::{
     Block, Call, Expression, Field, FunctionArgs, FunctionBody, FunctionName, If, Index, LastStmt,
     Parameter, Prefix, Stmt, Suffix, Var, VarExpression,
 };
-use full_moon::tokenizer::{TokenReference, TokenType};
+use full_moon::tokenizer::{
+    InterpolatedStringKind, Lexer, LexerResult, Symbol, TokenReference, TokenType,
+};
 use full_moon::LuaVersion;
+
+pub use crate::diagnostic::MAX_PER_MODULE;
+use crate::error::{Error, Result};
+
+/// Stack of the thread full_moon parses on (reserved address space: only
+/// the pages a parse touches are used). The deepest nesting Luau accepts
+/// (about 1000 levels) needs about 24 MiB.
+pub const PARSER_STACK_BYTES: usize = 256 << 20;
+
+/// Nesting, as [`nesting_exceeds`] estimates it, up to which a source Luau
+/// refused is parsed again to find the column of its error.
+const MAX_RECHECK_DEPTH: usize = 1000;
 
 /// The Luau builtins a Graft sandbox exposes to every module, without any
 /// grant.
@@ -130,8 +162,11 @@ pub struct SourceAnalysis {
     /// each once (at its first position). Empty when the source does not
     /// parse.
     pub requires: Vec<Require>,
-    /// Problems found, ordered by position. Empty for a clean module.
+    /// The first [`MAX_PER_MODULE`] problems by position, in that order.
+    /// Empty for a clean module.
     pub findings: Vec<Finding>,
+    /// Problems found past those in `findings`, counted only.
+    pub more: usize,
 }
 
 /// One static dependency: `require("module")`.
@@ -178,7 +213,10 @@ pub enum FindingKind {
     DynamicRequire,
 }
 
-/// Analyzes one Luau module source.
+/// Analyzes one Luau module source, on a thread with a stack of
+/// [`PARSER_STACK_BYTES`] unless it is small and shallow. The source should
+/// be one Luau compiled (see the module documentation: that bounds its
+/// nesting).
 ///
 /// `is_known_global(name)` says whether the sandbox provides the global
 /// `name` (a Luau builtin such as those of [`LUAU_SAFE_GLOBALS`], or a
@@ -187,8 +225,31 @@ pub enum FindingKind {
 /// documentation) are refused even when the predicate accepts them.
 ///
 /// A source that does not parse yields exactly one
-/// [`FindingKind::SyntaxError`] and no requires.
-pub fn analyze(source: &str, is_known_global: &dyn Fn(&str) -> bool) -> SourceAnalysis {
+/// [`FindingKind::SyntaxError`] and no requires. Fails only if the parser
+/// thread cannot start or panics.
+pub fn analyze(
+    source: &str,
+    is_known_global: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<SourceAnalysis> {
+    if is_shallow(source) {
+        return Ok(analyze_here(source, is_known_global));
+    }
+    on_parser_stack(|| analyze_here(source, is_known_global))
+}
+
+/// Sources up to this size whose nesting [`nesting_exceeds`] puts at most
+/// [`INLINE_PARSE_DEPTH`] are parsed on the caller's thread: starting a
+/// thread costs more than parsing them (eval chunks, small modules).
+const INLINE_PARSE_BYTES: usize = 16 * 1024;
+/// About 20 KiB of stack per level: a few hundred KiB at most, on a caller
+/// that has the usual 2 MiB or more.
+const INLINE_PARSE_DEPTH: usize = 12;
+
+fn is_shallow(source: &str) -> bool {
+    source.len() <= INLINE_PARSE_BYTES && !nesting_exceeds(source, INLINE_PARSE_DEPTH)
+}
+
+fn analyze_here(source: &str, is_known_global: &(dyn Fn(&str) -> bool + Sync)) -> SourceAnalysis {
     let parsed = full_moon::parse_fallible(source, LuaVersion::luau());
     if let Some(error) = parsed.errors().first() {
         let (start, _) = error.range();
@@ -204,15 +265,15 @@ pub fn analyze(source: &str, is_known_global: &dyn Fn(&str) -> bool) -> SourceAn
                 line: start.line().max(1),
                 column: start.character().max(1),
             }],
+            more: 0,
         };
     }
 
     let mut walker = Walker {
         is_known_global,
-        locals: Vec::new(),
-        marks: Vec::new(),
+        scope: Scope::default(),
         requires: Vec::new(),
-        findings: Vec::new(),
+        findings: Kept::default(),
         reported: HashSet::new(),
     };
     walker.block(parsed.ast().nodes());
@@ -222,21 +283,256 @@ pub fn analyze(source: &str, is_known_global: &dyn Fn(&str) -> bool) -> SourceAn
     let mut seen = HashSet::new();
     requires.retain(|r| seen.insert(r.module.clone()));
 
-    let mut findings = walker.findings;
-    findings.sort_by_key(|f| (f.line, f.column));
+    SourceAnalysis {
+        requires,
+        more: walker.findings.more,
+        findings: walker.findings.into_sorted(),
+    }
+}
 
-    SourceAnalysis { requires, findings }
+/// Runs `f` on a scoped thread with a stack of [`PARSER_STACK_BYTES`].
+fn on_parser_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name("graft-parse".into())
+            .stack_size(PARSER_STACK_BYTES)
+            .spawn_scoped(scope, f)
+            .map_err(|e| Error::Luau(format!("cannot start a parser thread: {e}")))?;
+        handle
+            .join()
+            .map_err(|_| Error::Luau("the source analysis failed unexpectedly".into()))
+    })
+}
+
+/// The column full_moon gives to a syntax error Luau reported on `line`,
+/// when it finds its first error on that same line. The source is parsed
+/// only up to the end of `line` (Luau parsed that far within its recursion
+/// limit), and not at all when [`nesting_exceeds`] finds that part too deep.
+pub fn syntax_error_column(source: &str, line: usize) -> Option<usize> {
+    let end = source
+        .match_indices('\n')
+        .nth(line.checked_sub(1)?)
+        .map_or(source.len(), |(i, _)| i + 1);
+    let prefix = source.get(..end)?;
+    if nesting_exceeds(prefix, MAX_RECHECK_DEPTH) {
+        return None;
+    }
+    let truncated = end < source.len();
+    let column = || {
+        let parsed = full_moon::parse_fallible(prefix, LuaVersion::luau());
+        let (start, _) = parsed.errors().first()?.range();
+        // An error at the cut is about the cut, not the source.
+        if truncated && start.bytes() >= prefix.trim_end().len() {
+            return None;
+        }
+        (start.line() == line).then_some(start.character().max(1))
+    };
+    if is_shallow(prefix) {
+        return column();
+    }
+    on_parser_stack(column).ok().flatten()
+}
+
+/// Whether the nesting of `source` may pass `limit` levels of full_moon's
+/// recursive descent, estimated in one pass over its tokens (no parse).
+///
+/// The estimate errs high: brackets, block keywords (`function`, `do`, `if`,
+/// `repeat`), interpolated strings, `<` and `->` open a level that only a
+/// closing bracket, `end`, `until` or string end closes, so an `if`
+/// expression or a comparison keeps its level until the enclosing block or
+/// bracket ends. A run of unary operators counts one level per operator.
+pub fn nesting_exceeds(source: &str, limit: usize) -> bool {
+    #[derive(PartialEq)]
+    enum Open {
+        Bracket,
+        Block,
+        Interpolation,
+        Loose,
+    }
+    let mut open: Vec<Open> = Vec::new();
+    let mut unary_run = 0usize;
+    // Whether the previous token ends an operand (then `-` is binary).
+    let mut after_operand = false;
+    let mut lexer = Lexer::new(source, LuaVersion::luau());
+    while let Some(result) = lexer.consume() {
+        let token = match result {
+            LexerResult::Ok(t) | LexerResult::Recovered(t, _) => t,
+            LexerResult::Fatal(_) => continue,
+        };
+        let kind = token.token().token_type();
+        let mut operand = false;
+        let mut unary = false;
+        match kind {
+            TokenType::Symbol { symbol } => match symbol {
+                Symbol::LeftParen | Symbol::LeftBrace | Symbol::LeftBracket => {
+                    open.push(Open::Bracket)
+                }
+                Symbol::RightParen | Symbol::RightBrace | Symbol::RightBracket => {
+                    close(&mut open, |o| *o == Open::Bracket);
+                    operand = true;
+                }
+                Symbol::Function | Symbol::Do | Symbol::If | Symbol::Repeat => {
+                    open.push(Open::Block)
+                }
+                Symbol::End | Symbol::Until => {
+                    close(&mut open, |o| *o == Open::Block);
+                    operand = true;
+                }
+                Symbol::LessThan | Symbol::ThinArrow => open.push(Open::Loose),
+                Symbol::Not | Symbol::Hash => unary = true,
+                Symbol::Minus => unary = !after_operand,
+                Symbol::True | Symbol::False | Symbol::Nil | Symbol::Ellipsis => operand = true,
+                _ => {}
+            },
+            TokenType::InterpolatedString { kind, .. } => match kind {
+                InterpolatedStringKind::Begin => open.push(Open::Interpolation),
+                InterpolatedStringKind::End => {
+                    close(&mut open, |o| *o == Open::Interpolation);
+                    operand = true;
+                }
+                InterpolatedStringKind::Middle => {}
+                _ => operand = true,
+            },
+            TokenType::Identifier { .. }
+            | TokenType::Number { .. }
+            | TokenType::StringLiteral { .. } => operand = true,
+            _ => {}
+        }
+        unary_run = if unary { unary_run + 1 } else { 0 };
+        after_operand = operand;
+        if open.len() + unary_run > limit {
+            return true;
+        }
+    }
+    false
+}
+
+/// Pops levels up to and including the innermost one `is_match` accepts;
+/// a closer with no such level pops nothing.
+fn close<T>(open: &mut Vec<T>, is_match: impl Fn(&T) -> bool) {
+    if let Some(at) = open.iter().rposition(is_match) {
+        open.truncate(at);
+    }
+}
+
+/// The first [`MAX_PER_MODULE`] findings by position, and a count of the
+/// others.
+#[derive(Default)]
+struct Kept {
+    /// A max-heap by position: its top is the last finding kept.
+    heap: BinaryHeap<ByPosition>,
+    more: usize,
+}
+
+struct ByPosition(Finding);
+
+impl ByPosition {
+    fn key(&self) -> (usize, usize) {
+        (self.0.line, self.0.column)
+    }
+}
+
+impl PartialEq for ByPosition {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for ByPosition {}
+impl PartialOrd for ByPosition {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ByPosition {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl Kept {
+    /// Offers a finding at (line, column); its message is built only if it
+    /// is kept.
+    fn offer(
+        &mut self,
+        kind: FindingKind,
+        line: usize,
+        column: usize,
+        message: impl FnOnce() -> String,
+    ) {
+        if self.heap.len() >= MAX_PER_MODULE {
+            match self.heap.peek() {
+                Some(last) if (line, column) < last.key() => {
+                    self.heap.pop();
+                }
+                _ => {
+                    self.more += 1;
+                    return;
+                }
+            }
+            self.more += 1;
+        }
+        self.heap.push(ByPosition(Finding {
+            kind,
+            message: message(),
+            line,
+            column,
+        }));
+    }
+
+    fn into_sorted(self) -> Vec<Finding> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
+    }
+}
+
+/// Locals in scope: a stack for scope ends, and a count per name so a
+/// lookup costs one hash, however many locals are in scope.
+#[derive(Default)]
+struct Scope {
+    /// Locals in declaration order, innermost last.
+    names: Vec<String>,
+    /// `names.len()` at the opening of each open scope.
+    marks: Vec<usize>,
+    /// How many locals of each name are in scope.
+    counts: HashMap<String, u32>,
+}
+
+impl Scope {
+    fn open(&mut self) {
+        self.marks.push(self.names.len());
+    }
+
+    fn close(&mut self) {
+        let mark = self.marks.pop().unwrap_or(0);
+        for name in self.names.drain(mark..) {
+            if let Some(n) = self.counts.get_mut(&name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&name);
+                }
+            }
+        }
+    }
+
+    fn declare(&mut self, name: String) {
+        *self.counts.entry(name.clone()).or_insert(0) += 1;
+        self.names.push(name);
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.counts.contains_key(name)
+    }
 }
 
 /// The walker: a lexical scope model plus what it found.
 struct Walker<'a> {
-    is_known_global: &'a dyn Fn(&str) -> bool,
-    /// Locals in scope, innermost last.
-    locals: Vec<String>,
-    /// `locals.len()` at the opening of each open scope.
-    marks: Vec<usize>,
+    is_known_global: &'a (dyn Fn(&str) -> bool + Sync),
+    scope: Scope,
     requires: Vec<Require>,
-    findings: Vec<Finding>,
+    findings: Kept,
     /// (line, column) of every token already reported on.
     reported: HashSet<(usize, usize)>,
 }
@@ -307,20 +603,19 @@ impl Walker<'_> {
     // ----- scopes -----
 
     fn open(&mut self) {
-        self.marks.push(self.locals.len());
+        self.scope.open();
     }
 
     fn close(&mut self) {
-        let mark = self.marks.pop().unwrap_or(0);
-        self.locals.truncate(mark);
+        self.scope.close();
     }
 
     fn declare(&mut self, token: &TokenReference) {
-        self.locals.push(name_of(token));
+        self.scope.declare(name_of(token));
     }
 
     fn is_local(&self, name: &str) -> bool {
-        self.locals.iter().rev().any(|l| l == name)
+        self.scope.contains(name)
     }
 
     fn is_known(&self, name: &str) -> bool {
@@ -329,15 +624,15 @@ impl Walker<'_> {
 
     // ----- findings -----
 
-    fn report(&mut self, kind: FindingKind, token: &TokenReference, message: String) {
+    fn report(
+        &mut self,
+        kind: FindingKind,
+        token: &TokenReference,
+        message: impl FnOnce() -> String,
+    ) {
         let (line, column) = position_of(token);
         if self.reported.insert((line, column)) {
-            self.findings.push(Finding {
-                kind,
-                message,
-                line,
-                column,
-            });
+            self.findings.offer(kind, line, column, message);
         }
     }
 
@@ -348,24 +643,20 @@ impl Walker<'_> {
             return;
         }
         if FORBIDDEN_GLOBALS.contains(&name.as_str()) {
-            self.report(
-                FindingKind::ForbiddenConstruct,
-                token,
-                forbidden_message(&name),
-            );
+            self.report(FindingKind::ForbiddenConstruct, token, || {
+                forbidden_message(&name)
+            });
         } else if name == "require" {
             // Not called directly (aliased, passed along): the dependency is
             // invisible to the graph.
-            self.report(
-                FindingKind::DynamicRequire,
-                token,
-                DYNAMIC_REQUIRE.to_owned(),
-            );
+            self.report(FindingKind::DynamicRequire, token, || {
+                DYNAMIC_REQUIRE.to_owned()
+            });
         } else if !self.is_known(&name) {
             self.report(
                 FindingKind::UngrantedGlobal,
                 token,
-                format!(
+                || format!(
                     "unknown global `{name}`: not a Luau builtin, not `graft`, and no capability of that name is granted to this sandbox"
                 ),
             );
@@ -379,16 +670,14 @@ impl Walker<'_> {
             return;
         }
         if FORBIDDEN_GLOBALS.contains(&name.as_str()) {
-            self.report(
-                FindingKind::ForbiddenConstruct,
-                token,
-                forbidden_message(&name),
-            );
+            self.report(FindingKind::ForbiddenConstruct, token, || {
+                forbidden_message(&name)
+            });
         } else {
             self.report(
                 FindingKind::GlobalAssignment,
                 token,
-                format!(
+                || format!(
                     "assignment to global `{name}`: module state must live in locals or process state; write `local {name}`"
                 ),
             );
@@ -406,7 +695,7 @@ impl Walker<'_> {
             self.report(
                 FindingKind::ForbiddenConstruct,
                 base,
-                format!(
+                || format!(
                     "modifying the builtin `{name}`: builtins and capabilities are shared by every module and process of the sandbox; put the value in a local table instead"
                 ),
             );
@@ -566,7 +855,7 @@ impl Walker<'_> {
     fn function_body(&mut self, body: &FunctionBody, method: bool) {
         self.open();
         if method {
-            self.locals.push("self".to_owned());
+            self.scope.declare("self".to_owned());
         }
         for parameter in body.parameters().iter() {
             match parameter {
@@ -620,17 +909,13 @@ impl Walker<'_> {
                                 column,
                             });
                         }
-                        None => self.report(
-                            FindingKind::DynamicRequire,
-                            token,
-                            DYNAMIC_REQUIRE.to_owned(),
-                        ),
+                        None => self.report(FindingKind::DynamicRequire, token, || {
+                            DYNAMIC_REQUIRE.to_owned()
+                        }),
                     },
-                    _ => self.report(
-                        FindingKind::DynamicRequire,
-                        token,
-                        DYNAMIC_REQUIRE.to_owned(),
-                    ),
+                    _ => self.report(FindingKind::DynamicRequire, token, || {
+                        DYNAMIC_REQUIRE.to_owned()
+                    }),
                 }
             }
             Prefix::Name(token) => self.read_name(token),
@@ -741,7 +1026,7 @@ mod tests {
     }
 
     fn run(source: &str) -> SourceAnalysis {
-        analyze(source, &known)
+        analyze(source, &known).expect("parser thread")
     }
 
     fn kinds(a: &SourceAnalysis) -> Vec<FindingKind> {
@@ -866,7 +1151,7 @@ return counter
         let a = run("local s = string.format('%d', math.floor(1.5))\nkv.put('k', s)\ngraft.send(graft.self(), s)\nprint(typeof(s), #table.pack(1))\n");
         assert_eq!(a.findings, vec![]);
         // The same module where `kv` is not granted.
-        let b = analyze("kv.put('k', 1)\n", &|n| LUAU_SAFE_GLOBALS.contains(&n));
+        let b = analyze("kv.put('k', 1)\n", &|n| LUAU_SAFE_GLOBALS.contains(&n)).unwrap();
         assert_eq!(at(&b), vec![(FindingKind::UngrantedGlobal, 1, 1)]);
     }
 
@@ -875,7 +1160,7 @@ return counter
         assert!(!LUAU_SAFE_GLOBALS.contains(&"os"));
         let a = run("return os.time()\n");
         assert_eq!(kinds(&a), vec![FindingKind::UngrantedGlobal]);
-        let b = analyze("return os.time()\n", &|n| n == "os");
+        let b = analyze("return os.time()\n", &|n| n == "os").unwrap();
         assert_eq!(b.findings, vec![]);
     }
 
@@ -1018,7 +1303,7 @@ return counter
     #[test]
     fn forbidden_globals_even_when_the_sandbox_claims_them() {
         let source = "local f = loadstring('x')\nlocal e = getfenv(1)\n_G.x = 1\nlocal t = debug.traceback()\ncollectgarbage()\nlocal p = newproxy()\nload('')\ndofile('a')\nloadfile('b')\nsetfenv(1, {})\nlocal env = _ENV\n";
-        let a = analyze(source, &|_| true);
+        let a = analyze(source, &|_| true).unwrap();
         assert_eq!(a.findings.len(), 11, "{a:#?}");
         assert!(a
             .findings
@@ -1147,6 +1432,156 @@ return M
             "bit32",
         ] {
             assert!(LUAU_SAFE_GLOBALS.contains(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn findings_keep_the_first_by_position_and_count_the_rest() {
+        let source: String = (0..500).map(|i| format!("x{i} = y{i}\n")).collect();
+        let a = run(&source);
+        assert_eq!(a.findings.len(), MAX_PER_MODULE);
+        assert_eq!(a.more, 1000 - MAX_PER_MODULE);
+        let positions: Vec<(usize, usize)> =
+            a.findings.iter().map(|f| (f.line, f.column)).collect();
+        let expected: Vec<(usize, usize)> = (1..=10).flat_map(|l| [(l, 1), (l, 6)]).collect();
+        assert_eq!(positions, expected);
+        assert_eq!(a.findings[1].kind, FindingKind::UngrantedGlobal);
+        assert!(a.findings[1].message.contains("`y0`"));
+    }
+
+    #[test]
+    fn findings_out_of_source_order_still_keep_the_first() {
+        // A local's initializer is walked before its names, assignment targets
+        // before values: the kept set is by position, not by walk order.
+        let source = format!("{}local a = b\n", "c = 1\n".repeat(30));
+        let a = run(&source);
+        assert_eq!(a.findings.len(), MAX_PER_MODULE);
+        assert_eq!(a.findings.last().map(|f| f.line), Some(MAX_PER_MODULE));
+        assert_eq!(a.more, 31 - MAX_PER_MODULE);
+    }
+
+    #[test]
+    fn a_shadowing_local_leaves_the_outer_one_in_scope() {
+        let a = run("local x = 1\ndo local x = 2 end\nreturn x\n");
+        assert_eq!(a.findings, vec![]);
+        let b = run("do local x = 2; do local x = 3 end end\nreturn x\n");
+        assert_eq!(at(&b), vec![(FindingKind::UngrantedGlobal, 2, 8)]);
+    }
+
+    #[test]
+    fn thousands_of_locals_are_resolved() {
+        let mut source: String = (0..5000).map(|i| format!("local v{i} = {i}\n")).collect();
+        source.push_str("return v0 + v4999 + v5000\n");
+        let a = run(&source);
+        assert_eq!(at(&a), vec![(FindingKind::UngrantedGlobal, 5001, 21)]);
+    }
+
+    #[test]
+    fn the_deepest_nesting_luau_accepts_is_analysed() {
+        // Luau compiles 1000 nested blocks; full_moon needs far more than a
+        // default thread stack for them.
+        let source = format!("{}{}return {{}}\n", "do ".repeat(1000), "end ".repeat(1000));
+        assert!(crate::vm::compile("m", "m.luau", &source, 1 << 20).is_ok());
+        assert_eq!(run(&source).findings, vec![]);
+        let calls = format!(
+            "local f = function() end\nlocal x = {}1{}\nreturn x\n",
+            "(".repeat(900),
+            ")".repeat(900)
+        );
+        assert!(crate::vm::compile("m", "m.luau", &calls, 1 << 20).is_ok());
+        assert_eq!(run(&calls).findings, vec![]);
+    }
+
+    #[test]
+    fn nesting_estimate_counts_open_levels() {
+        assert!(!nesting_exceeds(
+            "local t = { a = (1 + 2) * 3 }\nreturn t\n",
+            2
+        ));
+        assert!(nesting_exceeds("local t = { a = ((1 + 2)) }\n", 2));
+        let blocks = "function f() if x then do end end end\n".repeat(1000);
+        assert!(!nesting_exceeds(&blocks, 3));
+        assert!(nesting_exceeds(&format!("{}1", "- ".repeat(11)), 10));
+        assert!(!nesting_exceeds(&"x = a - b - c - d\n".repeat(100), 1));
+        assert!(nesting_exceeds(&format!("{}1", "not ".repeat(11)), 10));
+        assert!(nesting_exceeds(&"`{".repeat(11), 10));
+        assert!(nesting_exceeds(
+            &format!("local x = {}", "if a then b else ".repeat(11)),
+            10
+        ));
+        // Closers without openers do not underflow.
+        assert!(!nesting_exceeds(") ] } end until", 0));
+    }
+
+    #[test]
+    fn a_syntax_error_before_deep_nesting_gets_no_reparse() {
+        // Luau stops at the first error; the rest of its line is 100 000
+        // levels deep and must never reach full_moon's recursion.
+        let source = format!("local = 1 {}\n", "(".repeat(100_000));
+        assert_eq!(syntax_error_column(&source, 1), None);
+        for deep in [
+            "{",
+            "x[",
+            "do ",
+            "function() ",
+            "- ",
+            "not ",
+            "if a then b else ",
+            "`{",
+        ] {
+            let source = format!("local = 1 {}\n", deep.repeat(50_000));
+            assert_eq!(syntax_error_column(&source, 1), None, "{deep}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_column_is_found_on_its_line_only() {
+        assert_eq!(
+            syntax_error_column("local a = 1\nlocal c = = 3\nreturn a\n", 2),
+            Some(9)
+        );
+        // full_moon's first error is on another line: no column.
+        assert_eq!(syntax_error_column("local a = 1\nlocal c = = 3\n", 1), None);
+        // Only the lines up to the error are parsed again.
+        let source = format!("local t = {{\n  x = = 1 }}\n{}", "(".repeat(100_000));
+        assert_eq!(syntax_error_column(&source, 2), Some(5));
+        assert_eq!(syntax_error_column("x", 0), None);
+        assert_eq!(syntax_error_column("x", 9), None);
+    }
+
+    #[test]
+    fn small_sources_parsed_inline_fit_a_small_stack() {
+        // Chains the nesting estimate does not count; any such source Luau
+        // accepts and small enough to be parsed inline must fit 1 MiB.
+        let chains: [(&str, &str, &str); 12] = [
+            ("local x = 1", " + 1", ""),
+            ("local x = 'a'", " .. 'a'", ""),
+            ("local x = 2", " ^ 1", ""),
+            ("local x = 1", " < 2 == true", ""),
+            ("local t = {} local x = t", ".a", ""),
+            ("local f = print local x = f", "()", ""),
+            ("local t = {} local x = t", ":m()", ""),
+            ("local f = print local x = f", "'a'", ""),
+            ("local t = {} local x = t", "[1]", ""),
+            ("local x: number", " | number", " = 1"),
+            ("local x: number", "?", " = 1"),
+            ("local x = 1", " and 1 or 2", ""),
+        ];
+        for (head, link, tail) in chains {
+            for n in [100, 400, 1600, 6400] {
+                let source = format!("{head}{}{tail}\nreturn x\n", link.repeat(n));
+                if !is_shallow(&source)
+                    || crate::vm::compile("m", "m.luau", &source, 1 << 20).is_err()
+                {
+                    continue;
+                }
+                let result = std::thread::Builder::new()
+                    .stack_size(1 << 20)
+                    .spawn(move || analyze_here(&source, &|_| true).findings.len())
+                    .unwrap()
+                    .join();
+                assert!(result.is_ok(), "{link} x{n}");
+            }
         }
     }
 }

@@ -22,7 +22,7 @@
 pub mod analysis;
 mod canary;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 pub(crate) use canary::{canary_expired, CanaryWatch};
 
-use crate::diagnostic::Diagnostic;
+use crate::diagnostic::{Diagnostic, Report};
 use crate::error::{Error, Result};
 use crate::sandbox::{kernel, Run};
 use crate::vm::Vm;
@@ -136,13 +136,16 @@ pub struct PrepareContext<'a> {
 }
 
 /// Compiles and checks sources (SPEC §3 steps 1–2, the part that needs no VM).
-/// All problems of all modules are reported, first module first.
+/// All problems of all modules are reported, first module first, within the
+/// bounds of [`crate::diagnostic`]: at most 20 per module, 56 KiB in all.
 pub fn prepare(
     sources: &BTreeMap<String, String>,
     cx: &PrepareContext<'_>,
 ) -> Result<Vec<PreparedModule>> {
+    let known: HashSet<&str> = cx.known_globals.iter().map(String::as_str).collect();
+    let is_known = |g: &str| known.contains(g);
     let mut out = Vec::new();
-    let mut diagnostics = Vec::new();
+    let mut report = Report::default();
     for (name, source) in sources {
         crate::config::validate_module_name(name)?;
         let started = Instant::now();
@@ -151,27 +154,24 @@ pub fn prepare(
             .get(name)
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| format!("{}.luau", name.replace('.', "/")));
+        let mut problems = report.module(name, &file, source);
         let bytecode = match crate::vm::compile(name, &file, source, cx.max_source_bytes) {
             Ok(b) => b,
-            Err(Error::Compile { diagnostics: d }) => {
-                diagnostics.extend(d);
+            Err(Error::Compile { diagnostics }) => {
+                for d in diagnostics {
+                    problems.push_diagnostic(d);
+                }
+                problems.finish();
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let known = |g: &str| cx.known_globals.iter().any(|k| k == g);
-        let analysis = analysis::analyze(source, &known);
+        let analysis = analysis::analyze(source, &is_known)?;
         for f in &analysis.findings {
-            diagnostics.push(Diagnostic::new(
-                finding_kind(&f.kind),
-                name,
-                &file,
-                source,
-                f.line,
-                f.column,
-                f.message.clone(),
-            ));
+            problems.push(finding_kind(&f.kind), f.line, f.column, &f.message);
         }
+        problems.count_more(analysis.more);
+        problems.finish();
         out.push(PreparedModule {
             name: name.clone(),
             file,
@@ -182,10 +182,12 @@ pub fn prepare(
             compile_us: started.elapsed().as_micros() as u64,
         });
     }
-    if diagnostics.is_empty() {
+    if report.is_empty() {
         Ok(out)
     } else {
-        Err(Error::Compile { diagnostics })
+        Err(Error::Compile {
+            diagnostics: report.into_diagnostics(),
+        })
     }
 }
 
@@ -522,15 +524,16 @@ impl Engine {
                     .call::<()>((table.clone(), serial as f64));
                 watch.disarm_host_code();
                 if let Err(e) = r {
+                    let (message, line) = failure_in(&e, &chunk_of(name, &by_name));
                     return Err(Error::ReloadAborted {
                         step: "check".into(),
                         module: Some(name.clone()),
                         process: Some(pid.clone()),
-                        line: None,
+                        line,
                         column: None,
                         message: format!(
                             "supervisor {pid} rejects the new spec: {}",
-                            first_line(&e.to_string())
+                            first_line(&message)
                         ),
                     });
                 }
@@ -617,11 +620,14 @@ impl Engine {
                     .get(index)
                     .and_then(|s| k.procs.get(s))
                     .map(|p| k.pid_string(p.pid));
+                // A state handler's errors are in its own source, not the module's.
+                let line = line_in(&chunk_of(name, &by_name), &message, "");
+                let message = guest_text(&message);
                 return Err(Error::ReloadAborted {
                     step: "migrate".into(),
                     module: Some(name.clone()),
                     process: process.clone(),
-                    line: None,
+                    line,
                     column: None,
                     message: format!(
                         "state migration of {} ({} of {}) failed: {message}",
@@ -748,6 +754,107 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
+/// Registry key of the table mapping chunk names (a module's file, as its
+/// code was loaded under) to module names, so a runtime error's position
+/// can name its module.
+const CHUNK_MODULES: &str = "graft.chunk_modules";
+
+/// Records that code loaded under `chunk` belongs to `module`. Best effort:
+/// without it, errors in that chunk carry no module and line.
+fn remember_chunk(lua: &Lua, chunk: &str, module: &str) {
+    let table = match lua.named_registry_value::<Option<Table>>(CHUNK_MODULES) {
+        Ok(Some(t)) => t,
+        _ => match lua.create_table() {
+            Ok(t) if lua.set_named_registry_value(CHUNK_MODULES, &t).is_ok() => t,
+            _ => return,
+        },
+    };
+    let _ = table.raw_set(chunk, module);
+}
+
+fn module_of_chunk(lua: &Lua, chunk: &str) -> Option<String> {
+    let table = lua
+        .named_registry_value::<Option<Table>>(CHUNK_MODULES)
+        .ok()??;
+    match table.raw_get::<Value>(chunk).ok()? {
+        Value::String(s) => Some(s.to_string_lossy()),
+        _ => None,
+    }
+}
+
+/// Where guest code raised an error: the module and line of the message's
+/// `file:LINE:` prefix, else of the innermost guest frame of `traceback`
+/// (e.g. for `error({ code = 1 })`, whose value has no position).
+pub(crate) fn raise_site(
+    lua: &Lua,
+    message: &str,
+    traceback: &[&str],
+) -> (Option<String>, Option<u32>) {
+    let at_message = crate::diagnostic::error_position(message);
+    let frames = traceback
+        .iter()
+        .filter_map(|f| crate::diagnostic::frame_position(f));
+    for (chunk, line) in at_message.into_iter().chain(frames) {
+        if let Some(module) = module_of_chunk(lua, chunk) {
+            return (Some(module), Some(line));
+        }
+    }
+    (None, None)
+}
+
+/// The chunk name module `name`'s code in this reload was loaded under.
+fn chunk_of(name: &str, by_name: &HashMap<&str, &PreparedModule>) -> String {
+    match by_name.get(name) {
+        Some(p) if !p.file.is_empty() => p.file.clone(),
+        _ => name.to_owned(),
+    }
+}
+
+/// A Luau error raised while the engine ran guest code: its message without
+/// mlua's wrapping and traceback (cut to [`MAX_GUEST_MESSAGE_BYTES`]), and
+/// the line in `chunk` where it was raised (from the message's position,
+/// else from the traceback's frames).
+fn failure_in(e: &mlua::Error, chunk: &str) -> (String, Option<u32>) {
+    let text = match e {
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::CallbackError { cause, .. } => cause.to_string(),
+        other => other.to_string(),
+    };
+    let (message, traceback) = text
+        .split_once("\nstack traceback:")
+        .unwrap_or((text.as_str(), ""));
+    (guest_text(message), line_in(chunk, message, traceback))
+}
+
+/// Bytes of a guest's error text kept in a `reload_aborted` message.
+const MAX_GUEST_MESSAGE_BYTES: usize = 4096;
+
+/// A guest's error text, cut to [`MAX_GUEST_MESSAGE_BYTES`] with
+/// `… (N more bytes)`: a guest can raise megabytes.
+fn guest_text(text: &str) -> String {
+    if text.len() <= MAX_GUEST_MESSAGE_BYTES {
+        return text.to_owned();
+    }
+    let mut cut = MAX_GUEST_MESSAGE_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..cut], text.len() - cut)
+}
+
+/// The line in `chunk` of an error with this message and traceback.
+fn line_in(chunk: &str, message: &str, traceback: &str) -> Option<u32> {
+    let at_message = crate::diagnostic::error_position(message);
+    let frames = crate::diagnostic::guest_frames(traceback)
+        .into_iter()
+        .filter_map(crate::diagnostic::frame_position);
+    at_message
+        .into_iter()
+        .chain(frames)
+        .find(|(c, _)| *c == chunk)
+        .map(|(_, line)| line)
+}
+
 fn luau(e: mlua::Error) -> Error {
     Error::Luau(e.to_string())
 }
@@ -764,18 +871,20 @@ fn module_kind(t: &Table) -> &'static str {
 
 /// Runs a module chunk under the sandbox's CPU budget; it must return a table.
 fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
-    let abort = |message: String| Error::ReloadAborted {
+    let abort = |message: String, line: Option<u32>| Error::ReloadAborted {
         step: "evaluate".into(),
         module: Some(name.to_owned()),
         process: None,
-        line: None,
+        line,
         column: None,
         message,
     };
     // The chunk is named after its file so errors read `src/counter.luau:8: …`.
+    let chunk = if file.is_empty() { name } else { file };
+    remember_chunk(&vm.lua, chunk, name);
     let f = vm
-        .load_guest(if file.is_empty() { name } else { file }, bytecode)
-        .map_err(|e| abort(e.to_string()))?;
+        .load_guest(chunk, bytecode)
+        .map_err(|e| abort(e.to_string(), None))?;
     let (watch, limits) = {
         let k = kernel(&vm.lua);
         (k.watch.clone(), k.limits.clone())
@@ -792,12 +901,27 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
             t.set_readonly(true);
             Ok(t)
         }
-        Ok(other) => Err(abort(format!(
-            "module `{name}` returned a {} instead of a table (end the module with `return <table>`)",
-            other.type_name()
-        ))),
-        Err(_) if timed_out => Err(abort(format!("module `{name}` did not finish loading within {} ms", crate::sandbox::MODULE_BODY_MS.min(limits.handler_ms)))),
-        Err(e) => Err(abort(format!("module `{name}` failed while loading: {e}"))),
+        Ok(other) => Err(abort(
+            format!(
+                "module `{name}` returned a {} instead of a table (end the module with `return <table>`)",
+                other.type_name()
+            ),
+            None,
+        )),
+        Err(_) if timed_out => Err(abort(
+            format!(
+                "module `{name}` did not finish loading within {} ms",
+                crate::sandbox::MODULE_BODY_MS.min(limits.handler_ms)
+            ),
+            None,
+        )),
+        Err(e) => {
+            let (message, line) = failure_in(&e, chunk);
+            Err(abort(
+                format!("module `{name}` failed while loading: {message}"),
+                line,
+            ))
+        }
     }
 }
 
@@ -856,29 +980,37 @@ fn check_behaviour(vm: &Vm, name: &str, t: &Table) -> Result<()> {
 }
 
 fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
-    let bytecode = crate::vm::compile("state_handler", "state_handler.luau", src, 1 << 20)?;
-    let abort = |message: String| Error::ReloadAborted {
+    const CHUNK: &str = "state_handler";
+    let bytecode = crate::vm::compile(CHUNK, "state_handler.luau", src, 1 << 20)?;
+    // Lines are in the handler's source: there is no module.
+    let abort = |message: String, line: Option<u32>| Error::ReloadAborted {
         step: "state_handler".into(),
         module: None,
         process: None,
-        line: None,
+        line,
         column: None,
         message,
     };
     let chunk = vm
-        .load_guest("state_handler", &bytecode)
-        .map_err(|e| abort(e.to_string()))?;
+        .load_guest(CHUNK, &bytecode)
+        .map_err(|e| abort(e.to_string(), None))?;
     let watch = kernel(&vm.lua).watch.clone();
     watch.arm_for_host_code();
     let r = chunk.call::<Value>(());
     watch.disarm_host_code();
     match r {
         Ok(Value::Function(f)) => Ok(f),
-        Ok(other) => Err(abort(format!(
-            "state_handler must evaluate to a function(old_state, old_vsn, new_vsn, extra), got a {}",
-            other.type_name()
-        ))),
-        Err(e) => Err(abort(e.to_string())),
+        Ok(other) => Err(abort(
+            format!(
+                "state_handler must evaluate to a function(old_state, old_vsn, new_vsn, extra), got a {}",
+                other.type_name()
+            ),
+            None,
+        )),
+        Err(e) => {
+            let (message, line) = failure_in(&e, CHUNK);
+            Err(abort(message, line))
+        }
     }
 }
 
@@ -987,9 +1119,8 @@ fn notify_supervisors(vm: &Vm, modules: &[u32]) {
 fn require_position(source: &str, module: &str) -> (usize, usize) {
     let known = |_: &str| true;
     analysis::analyze(source, &known)
-        .requires
-        .into_iter()
-        .find(|r| r.module == module)
+        .ok()
+        .and_then(|a| a.requires.into_iter().find(|r| r.module == module))
         .map(|r| (r.line, r.column))
         .unwrap_or((0, 0))
 }

@@ -112,11 +112,9 @@ pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) 
         Err(e) => {
             let text = e.to_string();
             let (line, message) = parse_luau_error(&text);
-            // Luau reports lines only; full_moon finds the column when it agrees.
-            let column = syntax_error_position(source)
-                .filter(|(l, _)| *l == line)
-                .map(|(_, c)| c)
-                .unwrap_or(1);
+            // Luau reports lines only; full_moon finds the column when it
+            // agrees (and the source is shallow enough to parse again).
+            let column = crate::upgrade::analysis::syntax_error_column(source, line).unwrap_or(1);
             Err(Error::Compile {
                 diagnostics: vec![Diagnostic::new(
                     "syntax", module, file, source, line, column, message,
@@ -160,14 +158,6 @@ fn compile_bounded(source: &str, module: &str, file: &str) -> Result<mlua::Resul
                 ),
             )],
         })
-}
-
-/// The position of full_moon's first syntax error, if it finds one.
-fn syntax_error_position(source: &str) -> Option<(usize, usize)> {
-    let result = full_moon::parse_fallible(source, full_moon::LuaVersion::luau());
-    let first = result.errors().first()?;
-    let (start, _) = first.range();
-    Some((start.line(), start.character()))
 }
 
 /// Splits `...:LINE: message` from a Luau compile error.
