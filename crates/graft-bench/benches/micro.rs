@@ -12,6 +12,28 @@ return {
 }
 "#;
 
+// Echoes its request: a call to it copies the request and the reply.
+const ECHO: &str = r#"
+return {
+  init = function() return {} end,
+  handle_call = function(req, from, state) return req, state end,
+}
+"#;
+
+// Sends a record (strings, numbers, a nested list) through `echo` n times:
+// the plain-data copier's hot path, twice per call.
+const RECORD_CALLER: &str = r#"
+return {
+  init = function() return {} end,
+  handle_call = function(n, from, state)
+    for i = 1, n do
+      graft.call("echo", { id = i, name = "alice", score = 1.5, tags = { "a", "b", "c" }, active = true })
+    end
+    return n, state
+  end,
+}
+"#;
+
 const CALLER: &str = r#"
 return {
   init = function() return {} end,
@@ -29,11 +51,15 @@ fn benches(c: &mut Criterion) {
             SandboxSpec::new("micro")
                 .entry(None)
                 .module("counter", COUNTER)
-                .module("caller", CALLER),
+                .module("caller", CALLER)
+                .module("echo", ECHO)
+                .module("record_caller", RECORD_CALLER),
         )
         .unwrap();
     block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     block_on(sb.spawn("caller", json!(null), Some("caller"))).unwrap();
+    block_on(sb.spawn("echo", json!(null), Some("echo"))).unwrap();
+    block_on(sb.spawn("record_caller", json!(null), Some("record_caller"))).unwrap();
 
     let lua = mlua::Lua::new();
     let f: mlua::Function = lua
@@ -50,6 +76,9 @@ fn benches(c: &mut Criterion) {
     });
     c.bench_function("call process->process (x100 per iter)", |b| {
         b.iter(|| block_on(sb.call("caller", json!(100), None)).unwrap())
+    });
+    c.bench_function("call process->process, record copied (x100 per iter)", |b| {
+        b.iter(|| block_on(sb.call("record_caller", json!(100), None)).unwrap())
     });
     c.bench_function("spawn (x100 per iter, from Luau)", |b| {
         b.iter(|| {
