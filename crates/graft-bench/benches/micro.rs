@@ -1,8 +1,11 @@
 //! Criterion micro-benchmarks: host→process call, process→process call,
-//! spawn, and a bare mlua call as the baseline measured in the same run.
+//! spawn, and a bare mlua call as the baseline measured in the same run;
+//! the Luau→JSON codec on a 1 MB reply, with `serde_json::to_vec` of the
+//! same JSON as its baseline.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use graft::{block_on, Node, SandboxSpec};
+use mlua::LuaSerdeExt;
 use serde_json::json;
 
 const COUNTER: &str = r#"
@@ -77,9 +80,10 @@ fn benches(c: &mut Criterion) {
     c.bench_function("call process->process (x100 per iter)", |b| {
         b.iter(|| block_on(sb.call("caller", json!(100), None)).unwrap())
     });
-    c.bench_function("call process->process, record copied (x100 per iter)", |b| {
-        b.iter(|| block_on(sb.call("record_caller", json!(100), None)).unwrap())
-    });
+    c.bench_function(
+        "call process->process, record copied (x100 per iter)",
+        |b| b.iter(|| block_on(sb.call("record_caller", json!(100), None)).unwrap()),
+    );
     c.bench_function("spawn (x100 per iter, from Luau)", |b| {
         b.iter(|| {
             block_on(sb.eval("for i = 1, 100 do local p = graft.spawn('counter', nil) graft.exit(p, 'kill') end return 1"))
@@ -88,5 +92,40 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches);
+/// About 1 MB of JSON: 6000 user records, as a handler would reply them.
+const RECORDS: &str = r#"
+local out = table.create(6000)
+for i = 1, 6000 do
+  out[i] = {
+    id = i, name = "user" .. i, email = "user" .. i .. "@example.com",
+    score = i * 1.25, active = i % 3 == 0, tags = { "alpha", "beta", "gamma" },
+    address = { city = "Springfield", zip = tostring(10000 + i) },
+  }
+end
+return out
+"#;
+
+fn codec_benches(c: &mut Criterion) {
+    let lua = mlua::Lua::new();
+    let reply: mlua::Value = lua.load(RECORDS).eval().unwrap();
+    let convert = || graft::value::lua_to_json(&reply, "reply", 8 << 20, &|_| String::new());
+    let json = convert().unwrap();
+    let bytes = serde_json::to_vec(&json).unwrap().len();
+    assert!((900_000..1_300_000).contains(&bytes), "{bytes} bytes");
+    let mut group = c.benchmark_group(format!("json reply of {bytes} bytes"));
+    group.throughput(criterion::Throughput::Bytes(bytes as u64));
+    group.bench_function("baseline: serde_json::to_vec of the JSON value", |b| {
+        b.iter(|| serde_json::to_vec(&json).unwrap())
+    });
+    group.bench_function("graft lua_to_json (capped, cycle-checked)", |b| {
+        b.iter(|| convert().unwrap())
+    });
+    // For scale: mlua's own serde conversion (no cap, no cycle check).
+    group.bench_function("reference: mlua from_value", |b| {
+        b.iter(|| lua.from_value::<serde_json::Value>(reply.clone()).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(micro, benches, codec_benches);
 criterion_main!(micro);

@@ -6,13 +6,21 @@
 //! and impossible for guest code to forge). At the JSON boundary a pid is a
 //! string `"<module.serial>"`.
 //!
-//! Mapping rules (documented in `docs/guest-api.md`):
+//! Mapping rules (documented in `docs/guest-api.md` §7):
 //! * JSON objects become tables with string keys; arrays become sequences 1..n.
 //! * A table whose keys are exactly `1..n` (n ≥ 1) becomes an array; any other
-//!   table becomes an object (number and boolean keys are written as strings);
-//!   an empty table becomes `{}`.
+//!   table becomes an object whose keys are written as strings (integers in
+//!   decimal, other numbers in shortest form, `true`/`false`, pids); two keys
+//!   written alike are an error; an empty table becomes `{}`.
 //! * Integral numbers within ±2^53 are written as JSON integers; NaN and
 //!   infinities are an error.
+//! * A shared table is written once per reference; a table that is its own
+//!   ancestor is [`ValueError::Cyclic`]; the JSON text is counted as it is
+//!   produced and capped ([`ValueError::TooLarge`]), so the work is linear in
+//!   the output however the input shares its tables.
+//!
+//! Invariant: no guest value reaches a panic here (no indexing that can fail,
+//! no unwrap), and every step of [`lua_to_json`] charges output bytes.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -377,7 +385,11 @@ impl<'a> Writer<'a> {
     }
 
     fn number(&mut self, n: Number, at: Loc) -> Result<Json, ValueError> {
-        self.charge(display_len(&n), at)?;
+        let len = match n.as_i64() {
+            Some(i) => int_len(i),
+            None => display_len(&n),
+        };
+        self.charge(len, at)?;
         Ok(Json::Number(n))
     }
 
@@ -390,10 +402,14 @@ impl<'a> Writer<'a> {
         extra: usize,
         at: Loc,
     ) -> Result<String, ValueError> {
-        let raw = s.as_bytes().len();
-        self.charge(raw + 2 + extra, at)?;
-        let text = s.to_string_lossy();
-        self.charge(text.len().saturating_sub(raw) + escape_extra(&text), at)?;
+        // One borrow of the bytes: each costs mlua a reference and a lock.
+        let bytes = s.as_bytes();
+        self.charge(bytes.len() + 2 + extra, at)?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        self.charge(
+            text.len().saturating_sub(bytes.len()) + escape_extra(&text),
+            at,
+        )?;
         Ok(text)
     }
 
@@ -483,7 +499,10 @@ impl<'a> Writer<'a> {
             other => {
                 return Err(self.not_plain(
                     at,
-                    format!("a table key of type {} is not plain data", other.type_name()),
+                    format!(
+                        "a table key of type {} is not plain data",
+                        other.type_name()
+                    ),
                 ))
             }
         })
@@ -503,7 +522,9 @@ impl<'a> Writer<'a> {
             let mut items = vec![Json::Null; n];
             for (k, v) in entries {
                 if let Key::Int(i) = k {
-                    items[i as usize - 1] = v;
+                    if let Some(slot) = items.get_mut(i as usize - 1) {
+                        *slot = v;
+                    }
                 }
             }
             return Ok(Json::Array(items));
@@ -668,6 +689,16 @@ fn number_to_json(n: f64) -> Option<Number> {
     }
 }
 
+/// The length of `i` in decimal.
+fn int_len(i: i64) -> usize {
+    let sign = usize::from(i < 0);
+    let digits = i
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1);
+    sign + digits
+}
+
 /// The length of `n` as serde_json writes it, without allocating.
 fn display_len(n: &Number) -> usize {
     struct Count(usize);
@@ -781,7 +812,10 @@ mod tests {
         );
         match lua_to_json(&state, "state", CAP, &names) {
             Err(ValueError::Cyclic(path)) => {
-                assert!(path.starts_with("state.k") && path.ends_with(" → state"), "{path}")
+                assert!(
+                    path.starts_with("state.k") && path.ends_with(" → state"),
+                    "{path}"
+                )
             }
             other => panic!("expected Cyclic, got {other:?}"),
         }
@@ -801,7 +835,10 @@ mod tests {
     #[test]
     fn shared_subtables_are_written_once_per_reference() {
         let lua = Lua::new();
-        let v = eval(&lua, "local leaf = { 1, 2 } return { a = leaf, b = { c = leaf } }");
+        let v = eval(
+            &lua,
+            "local leaf = { 1, 2 } return { a = leaf, b = { c = leaf } }",
+        );
         assert_eq!(
             convert(&v).unwrap(),
             serde_json::json!({"a": [1, 2], "b": {"c": [1, 2]}})
@@ -836,13 +873,19 @@ mod tests {
             serde_json::json!({"1": 1, "3": 3, "n": 3})
         );
         let holes = eval(&lua, "return { 1, nil, 3 }");
-        assert_eq!(convert(&holes).unwrap(), serde_json::json!({"1": 1, "3": 3}));
+        assert_eq!(
+            convert(&holes).unwrap(),
+            serde_json::json!({"1": 1, "3": 3})
+        );
     }
 
     #[test]
     fn odd_keys_are_written_as_strings() {
         let lua = Lua::new();
-        let v = eval(&lua, "return { [true] = 1, [2.5] = 2, [1e300] = 3, [-7] = 4 }");
+        let v = eval(
+            &lua,
+            "return { [true] = 1, [2.5] = 2, [1e300] = 3, [-7] = 4 }",
+        );
         assert_eq!(
             convert(&v).unwrap(),
             serde_json::json!({"true": 1, "2.5": 2, "1e+300": 3, "-7": 4})
@@ -855,8 +898,14 @@ mod tests {
             serde_json::json!({"<m.7>": "x"})
         );
         // keys 1..n in any order are an array
-        let shuffled = eval(&lua, "local t = {} t[3] = 'c' t[1] = 'a' t[2] = 'b' return t");
-        assert_eq!(convert(&shuffled).unwrap(), serde_json::json!(["a", "b", "c"]));
+        let shuffled = eval(
+            &lua,
+            "local t = {} t[3] = 'c' t[1] = 'a' t[2] = 'b' return t",
+        );
+        assert_eq!(
+            convert(&shuffled).unwrap(),
+            serde_json::json!(["a", "b", "c"])
+        );
     }
 
     #[test]
@@ -884,7 +933,12 @@ mod tests {
     #[test]
     fn nesting_past_64_levels_is_not_plain_data() {
         let lua = Lua::new();
-        let nest = |n: usize| eval(&lua, &format!("local t = 1 for i = 1, {n} do t = {{ t }} end return t"));
+        let nest = |n: usize| {
+            eval(
+                &lua,
+                &format!("local t = 1 for i = 1, {n} do t = {{ t }} end return t"),
+            )
+        };
         assert!(convert(&nest(MAX_DEPTH)).is_ok());
         let msg = not_plain(convert(&nest(MAX_DEPTH + 1)));
         assert!(msg.ends_with("nested more than 64 levels deep"), "{msg}");
@@ -910,6 +964,9 @@ mod tests {
             lua_to_json(&v, "reply", len - 1, &names),
             Err(ValueError::TooLarge { .. })
         ));
+        for i in [0, 7, -1, 10, -10, 99, i64::MAX, i64::MIN] {
+            assert_eq!(int_len(i), i.to_string().len(), "{i}");
+        }
         // a string past the cap is refused before it is copied
         let big = eval(&lua, "return string.rep('x', 100000)");
         assert!(matches!(
@@ -923,7 +980,13 @@ mod tests {
         let kinds = [
             (ValueError::NotPlainData("x".into()), "not_plain_data"),
             (ValueError::Cyclic("x".into()), "cyclic_value"),
-            (ValueError::TooLarge { limit: 1, what: "x".into() }, "value_too_large"),
+            (
+                ValueError::TooLarge {
+                    limit: 1,
+                    what: "x".into(),
+                },
+                "value_too_large",
+            ),
         ];
         for (e, kind) in kinds {
             let text = e.to_string();
@@ -936,14 +999,23 @@ mod tests {
     #[test]
     fn memory_estimate_counts_each_table_once() {
         let lua = Lua::new();
-        let selfish = eval(&lua, "local s = {} for i = 1, 8 do s['k'..i] = s end return s");
+        let selfish = eval(
+            &lua,
+            "local s = {} for i = 1, 8 do s['k'..i] = s end return s",
+        );
         assert_eq!(estimate_size(&selfish, 1000), (56 + 8 * (32 + 24 + 2), 8));
-        let dag = eval(&lua, "local t = {} for i = 1, 30 do t = { a = t, b = t } end return t");
+        let dag = eval(
+            &lua,
+            "local t = {} for i = 1, 30 do t = { a = t, b = t } end return t",
+        );
         let (bytes, read) = estimate_size(&dag, 1000);
         assert_eq!(read, 60, "two entries per level, each level once");
         assert_eq!(bytes, 31 * 56 + 60 * (32 + 25));
         // past the budget the figure is a lower bound
-        let wide = eval(&lua, "local t = {} for i = 1, 5000 do t[i] = { i } end return t");
+        let wide = eval(
+            &lua,
+            "local t = {} for i = 1, 5000 do t[i] = { i } end return t",
+        );
         let (partial, read) = estimate_size(&wide, 100);
         assert_eq!(read, 100);
         assert!(partial < estimate_size(&wide, usize::MAX).0);
@@ -1046,7 +1118,11 @@ mod props {
     }
 
     fn build(lua: &Lua, g: &Graph) -> Value {
-        let tables: Vec<Table> = g.tables.iter().map(|_| lua.create_table().unwrap()).collect();
+        let tables: Vec<Table> = g
+            .tables
+            .iter()
+            .map(|_| lua.create_table().unwrap())
+            .collect();
         for (i, entries) in g.tables.iter().enumerate() {
             for (k, v) in entries {
                 let key = match k {
@@ -1101,7 +1177,10 @@ mod props {
                 (Some(*n as i64), (*n as i64).to_string())
             }
             Value::Integer(i) => (Some(*i), i.to_string()),
-            Value::Number(n) => (None, Number::from_f64(*n).ok_or(Kind::NotPlain)?.to_string()),
+            Value::Number(n) => (
+                None,
+                Number::from_f64(*n).ok_or(Kind::NotPlain)?.to_string(),
+            ),
             Value::Boolean(b) => (None, b.to_string()),
             Value::LightUserData(_) => (None, names(Pid::from_lua(k).ok_or(Kind::NotPlain)?)),
             _ => return Err(Kind::NotPlain),
@@ -1118,7 +1197,9 @@ mod props {
             Value::Number(n) => return model_number(*n),
             Value::String(s) => return Ok(Json::String(s.to_string_lossy())),
             Value::LightUserData(_) => {
-                return Pid::from_lua(v).map(|p| Json::String(names(p))).ok_or(Kind::NotPlain)
+                return Pid::from_lua(v)
+                    .map(|p| Json::String(names(p)))
+                    .ok_or(Kind::NotPlain)
             }
             Value::Table(t) => t,
             _ => return Err(Kind::NotPlain),
@@ -1138,7 +1219,11 @@ mod props {
         }
         path.pop();
         let n = entries.len() as i64;
-        if n > 0 && entries.iter().all(|((i, _), _)| matches!(i, Some(i) if (1..=n).contains(i))) {
+        if n > 0
+            && entries
+                .iter()
+                .all(|((i, _), _)| matches!(i, Some(i) if (1..=n).contains(i)))
+        {
             entries.sort_by_key(|((i, _), _)| *i);
             return Ok(Json::Array(entries.into_iter().map(|(_, v)| v).collect()));
         }

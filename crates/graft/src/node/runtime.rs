@@ -397,7 +397,7 @@ impl Runtime {
             .map(|p| {
                 let state: Value = k.states.raw_get(p.pid.serial()).unwrap_or(Value::Nil);
                 let (state_bytes, read) = estimate_size(&state, budget.min(ESTIMATE_ENTRIES));
-                budget -= read;
+                budget = budget.saturating_sub(read);
                 ProcessInfo {
                     pid: k.pid_string(p.pid),
                     name: p.name.as_ref().map(|n| n.to_string()),
@@ -429,12 +429,9 @@ impl Runtime {
             .states
             .raw_get(serial)
             .map_err(|e| Error::Luau(e.to_string()))?;
-        Ok(lua_to_json(
-            &state,
-            "state",
-            k.max_value_bytes,
-            &|p| k.pid_string(p),
-        )?)
+        Ok(lua_to_json(&state, "state", k.max_value_bytes, &|p| {
+            k.pid_string(p)
+        })?)
     }
 
     pub fn info(&self) -> SandboxInfo {

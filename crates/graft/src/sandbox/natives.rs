@@ -462,9 +462,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         };
         let reason = match to_json(&k, "reason", &reason) {
             Ok(j) => crate::value::ExitReason::from_json(j),
-            Err(e) => {
-return fail(lua, format!("graft.exit: {e}"))
-            }
+            Err(e) => return fail(lua, format!("graft.exit: {e}")),
         };
         k.procs.get_mut(&me).expect("current").exit_pending = Some(Box::new(reason));
         ok(lua, true)
@@ -478,9 +476,7 @@ return fail(lua, format!("graft.exit: {e}"))
         let from = k.procs[&me].pid;
         let reason = match to_json(&k, "reason", &reason) {
             Ok(j) => j,
-            Err(e) => {
-return fail(lua, format!("graft.exit: {e}"))
-            }
+            Err(e) => return fail(lua, format!("graft.exit: {e}")),
         };
         match k.resolve_value(&target) {
             Some(to) => {

@@ -36,7 +36,11 @@ return values
 
 fn attacked(node: &Node) -> Sandbox {
     let sb = node
-        .create_sandbox(SandboxSpec::new("victim").entry(None).module("values", VALUES))
+        .create_sandbox(
+            SandboxSpec::new("victim")
+                .entry(None)
+                .module("values", VALUES),
+        )
         .expect("victim sandbox");
     answer(sb.spawn("values", json!(null), Some("x"))).expect("spawn values");
     sb
@@ -198,7 +202,10 @@ fn cyclic_message_raises_cyclic_value_in_the_sender() {
         "{err}"
     );
     // nothing was delivered, and the receiver still counts from zero
-    assert_eq!(answer(sb.call("c", json!("inc"), None)).expect("inc"), json!(1));
+    assert_eq!(
+        answer(sb.call("c", json!("inc"), None)).expect("inc"),
+        json!(1)
+    );
     assert_node_healthy(&node, &bystander);
 }
 
@@ -254,11 +261,15 @@ fn shared_dag_host_function_argument_is_value_too_large() {
     let node = small_cap_node();
     let bystander = counter_sandbox(&node, "bystander");
     let host = HostFunctions::default().function("host.size", |args| {
-        Ok(json!(serde_json::to_vec(&args).map_err(|e| e.to_string())?.len()))
+        Ok(json!(serde_json::to_vec(&args)
+            .map_err(|e| e.to_string())?
+            .len()))
     });
     let sb = node
         .create_sandbox_with(
-            SandboxSpec::new("victim").entry(None).module("hosted", HOSTED),
+            SandboxSpec::new("victim")
+                .entry(None)
+                .module("hosted", HOSTED),
             host,
         )
         .expect("victim");
@@ -280,9 +291,8 @@ fn shared_dag_host_function_argument_is_value_too_large() {
 
 /// v2 of `values`: a migration that returns a cycle, or a 30-level DAG.
 fn values_v2(migration: &str) -> BTreeMap<String, String> {
-    let code_change = format!(
-        "function values.code_change(old, state, extra)\n{migration}\nend\nreturn values"
-    );
+    let code_change =
+        format!("function values.code_change(old, state, extra)\n{migration}\nend\nreturn values");
     let src = VALUES.replacen("return values\n", &code_change, 1);
     BTreeMap::from([("values".to_string(), src)])
 }
@@ -315,7 +325,10 @@ fn migration_of_a_shared_dag_state_checks_each_table_once() {
     assert_eq!(report.processes_migrated, 1);
     match answer(sb.state("x")) {
         Err(e) => assert_eq!(e.kind(), "value_too_large"),
-        Ok(v) => panic!("expected value_too_large, got {} bytes", v.to_string().len()),
+        Ok(v) => panic!(
+            "expected value_too_large, got {} bytes",
+            v.to_string().len()
+        ),
     }
     assert!(answer(sb.processes()).expect("processes").len() == 1);
     assert_node_healthy(&node, &bystander);
