@@ -174,9 +174,3 @@ impl Error {
         }
     }
 }
-
-impl From<crate::value::NotPlainData> for Error {
-    fn from(e: crate::value::NotPlainData) -> Self {
-        Error::NotPlainData(e.0)
-    }
-}

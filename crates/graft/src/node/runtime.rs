@@ -17,11 +17,17 @@ use crate::upgrade::{
     Applied, CanaryWatch, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule,
     ReloadOptions, ReloadReport, ReloadStatus,
 };
-use crate::value::{json_to_lua, lua_to_json, Pid};
+use crate::value::{estimate_size, json_to_lua, lua_to_json, Pid};
 use crate::vm::{HostFn, Vm};
 
 /// How long a reload waits for busy processes to finish their callbacks.
 pub const QUIESCE_TIMEOUT_MS: u64 = 5000;
+
+/// Table entries the memory estimate of one process reads at most.
+const ESTIMATE_ENTRIES: usize = 100_000;
+/// Table entries the memory estimates of one process listing read at most
+/// (later processes get lower bounds once it is spent).
+const ESTIMATE_LISTING_ENTRIES: usize = 4_000_000;
 
 /// One row of the process list (SPEC §6).
 #[derive(Clone, Debug, Serialize)]
@@ -38,7 +44,10 @@ pub struct ProcessInfo {
     pub status: String,
     /// Messages waiting.
     pub mailbox_len: usize,
-    /// Estimated bytes: the process record plus its state's tables and strings.
+    /// Estimated bytes: the process record plus its state's tables and
+    /// strings, each table counted once however often it is referenced.
+    /// The estimate reads at most 100,000 table entries per process and
+    /// 4,000,000 per listing; past either the figure is a lower bound.
     pub memory_bytes: usize,
     /// Linked pids.
     pub links: Vec<String>,
@@ -375,11 +384,14 @@ impl Runtime {
     pub fn processes(&self) -> Vec<ProcessInfo> {
         let lua = self.lua();
         let k = kernel(lua);
+        let mut budget = ESTIMATE_LISTING_ENTRIES;
         let mut out: Vec<ProcessInfo> = k
             .procs
             .values()
             .map(|p| {
                 let state: Value = k.states.raw_get(p.pid.serial()).unwrap_or(Value::Nil);
+                let (state_bytes, read) = estimate_size(&state, budget.min(ESTIMATE_ENTRIES));
+                budget = budget.saturating_sub(read);
                 ProcessInfo {
                     pid: k.pid_string(p.pid),
                     name: p.name.as_ref().map(|n| n.to_string()),
@@ -387,8 +399,7 @@ impl Runtime {
                     version: p.version,
                     status: p.status().into(),
                     mailbox_len: p.mailbox.len(),
-                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>()
-                        + estimate_size(&state, 0),
+                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>() + state_bytes,
                     links: p
                         .links
                         .iter()
@@ -412,7 +423,9 @@ impl Runtime {
             .states
             .raw_get(serial)
             .map_err(|e| Error::Luau(e.to_string()))?;
-        Ok(lua_to_json(&state, &|p| k.pid_string(p))?)
+        Ok(lua_to_json(&state, "state", k.max_value_bytes, &|p| {
+            k.pid_string(p)
+        })?)
     }
 
     pub fn info(&self) -> SandboxInfo {
@@ -777,19 +790,4 @@ pub(crate) fn prepared_from_versions(
             compile_us: 0,
         })
         .collect()
-}
-
-/// Rough bytes of a Luau value: tables, entries and strings.
-fn estimate_size(v: &Value, depth: usize) -> usize {
-    match v {
-        Value::String(s) => 24 + s.as_bytes().len(),
-        Value::Table(t) if depth < 16 => {
-            let mut n = 56;
-            for (k, v) in t.pairs::<Value, Value>().flatten() {
-                n += 32 + estimate_size(&k, depth + 1) + estimate_size(&v, depth + 1);
-            }
-            n
-        }
-        _ => 0,
-    }
 }

@@ -376,7 +376,6 @@ pub(crate) struct Kernel {
     /// Hosts waiting for the app to stop (graceful shutdown).
     pub app_stop_waiters: Vec<Arc<HostSlot>>,
     /// The node's cap on a value's JSON form (replies, states, events).
-    #[allow(dead_code)] // read by the value codec
     pub max_value_bytes: usize,
     /// Events kept (the node's `max_events`).
     pub max_events: usize,
@@ -993,6 +992,7 @@ pub(crate) fn new_vm(
         grants,
         host_fns,
         limits.max_message_bytes,
+        node.max_value_bytes,
         natives::install,
         |lua, pid| kernel(lua).pid_string(pid),
     )?;
@@ -1213,7 +1213,8 @@ pub(crate) fn answer(lua: &Lua, waiter: Waiter, result: Result<Value, Error>) {
             let r = match result {
                 Ok(v) => {
                     let k = kernel(lua);
-                    lua_to_json(&v, &|p| k.pid_string(p)).map_err(Error::from)
+                    lua_to_json(&v, "reply", k.max_value_bytes, &|p| k.pid_string(p))
+                        .map_err(Error::from)
                 }
                 Err(e) => Err(e),
             };

@@ -70,8 +70,8 @@ fn name_arg(v: &Value) -> Result<String, String> {
     }
 }
 
-fn to_json(k: &Kernel, v: &Value) -> Result<Json, String> {
-    lua_to_json(v, &|p| k.pid_string(p)).map_err(|e| e.0)
+fn to_json(k: &Kernel, what: &str, v: &Value) -> Result<Json, String> {
+    lua_to_json(v, what, k.max_value_bytes, &|p| k.pid_string(p)).map_err(|e| e.to_string())
 }
 
 pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
@@ -523,14 +523,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         let Some(me) = k.current() else {
             return outside(lua, "exit");
         };
-        let reason = match to_json(&k, &reason) {
+        let reason = match to_json(&k, "reason", &reason) {
             Ok(j) => crate::value::ExitReason::from_json(j),
-            Err(e) => {
-                return fail(
-                    lua,
-                    format!("graft.exit: the reason is not plain data: {e}"),
-                )
-            }
+            Err(e) => return fail(lua, format!("graft.exit: {e}")),
         };
         k.procs.get_mut(&me).expect("current").exit_pending =
             Some(Box::new(super::truncate_reason(reason)));
@@ -543,14 +538,9 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
             return outside(lua, "exit");
         };
         let from = k.procs[&me].pid;
-        let reason = match to_json(&k, &reason) {
+        let reason = match to_json(&k, "reason", &reason) {
             Ok(j) => j,
-            Err(e) => {
-                return fail(
-                    lua,
-                    format!("graft.exit: the reason is not plain data: {e}"),
-                )
-            }
+            Err(e) => return fail(lua, format!("graft.exit: {e}")),
         };
         match k.resolve_value(&target) {
             Some(to) => {
@@ -646,7 +636,7 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
 
     native!("same_data", |lua, (a, b): (Value, Value)| {
         let k = kernel(lua);
-        Ok(matches!((to_json(&k, &a), to_json(&k, &b)), (Ok(x), Ok(y)) if x == y))
+        Ok(matches!((to_json(&k, "value", &a), to_json(&k, "value", &b)), (Ok(x), Ok(y)) if x == y))
     });
 
     Ok(())

@@ -1071,13 +1071,16 @@ fn migrate_with_rust(
     out: &Table,
 ) -> std::result::Result<(), (usize, String)> {
     let lua = &vm.lua;
-    let old_vsn_json = crate::value::lua_to_json(old_vsn, &|p| format!("<{}>", p.serial()))
-        .map_err(|e| (0, e.0))?;
+    let cap = kernel(lua).max_value_bytes;
+    let old_vsn_json =
+        crate::value::lua_to_json(old_vsn, "old_vsn", cap, &|p| format!("<{}>", p.serial()))
+            .map_err(|e| (0, e.to_string()))?;
     for (i, serial) in serials.iter().enumerate() {
         let state: Value = vm.states.raw_get(*serial).map_err(|e| (i, e.to_string()))?;
         let json = {
             let k = kernel(lua);
-            crate::value::lua_to_json(&state, &|p| k.pid_string(p)).map_err(|e| (i, e.0))?
+            crate::value::lua_to_json(&state, "state", cap, &|p| k.pid_string(p))
+                .map_err(|e| (i, e.to_string()))?
         };
         let new_state = f(json, old_vsn_json.clone(), new_vsn, extra).map_err(|e| (i, e))?;
         if new_state.is_null() {

@@ -176,10 +176,12 @@ fn parse_luau_error(text: &str) -> (usize, String) {
 impl Vm {
     /// Creates the VM: libraries, prelude, guest environment, supervisor.
     /// `install_natives` fills the natives table the prelude receives.
+    /// `max_value_bytes` caps the JSON form of a host function's argument.
     pub fn new(
         grants: &[String],
         host_fns: &BTreeMap<String, HostFn>,
         max_message_bytes: usize,
+        max_value_bytes: usize,
         install_natives: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
         pid_text: PidText,
     ) -> mlua::Result<Vm> {
@@ -261,7 +263,7 @@ impl Vm {
             guest_os.set_readonly(true);
             globals.raw_set("os", guest_os)?;
         }
-        install_host_functions(&lua, &globals, host_fns, pid_text)?;
+        install_host_functions(&lua, &globals, host_fns, pid_text, max_value_bytes)?;
 
         // `require(name)` resolves through the view the upgrade engine sets.
         let view_fns: Table = load_trusted(
@@ -396,6 +398,7 @@ fn install_host_functions(
     globals: &Table,
     host_fns: &BTreeMap<String, HostFn>,
     pid_text: PidText,
+    max_value_bytes: usize,
 ) -> mlua::Result<()> {
     let mut namespaces: BTreeMap<&str, Table> = BTreeMap::new();
     for (name, f) in host_fns {
@@ -404,10 +407,11 @@ fn install_host_functions(
         let name_for_log = name.clone();
         let func = lua.create_function(move |lua, args: mlua::MultiValue| {
             let mut json_args = Vec::with_capacity(args.len());
-            for a in args.iter() {
-                match crate::value::lua_to_json(a, &|p| pid_text(lua, p)) {
+            for (i, a) in args.iter().enumerate() {
+                let what = format!("argument {}", i + 1);
+                match crate::value::lua_to_json(a, &what, max_value_bytes, &|p| pid_text(lua, p)) {
                     Ok(j) => json_args.push(j),
-                    Err(e) => return Ok((Value::Nil, Some(format!("{display}: {}", e.0)))),
+                    Err(e) => return Ok((Value::Nil, Some(format!("{display}: {e}")))),
                 }
             }
             // A host function is the embedder's code: a panic in it is an
