@@ -241,9 +241,7 @@ impl SandboxSpec {
     /// Reads a project directory: `graft.toml` plus every `src/**/*.luau`.
     pub fn from_dir(dir: &Path) -> Result<SandboxSpec> {
         let toml_path = dir.join("graft.toml");
-        let text = std::fs::read_to_string(&toml_path).map_err(|e| {
-            Error::InvalidInput(format!("cannot read {}: {e}", toml_path.display()))
-        })?;
+        let text = read_bounded(&toml_path, 1024 * 1024)?;
         let file: ProjectFile = toml::from_str(&text)
             .map_err(|e| Error::InvalidInput(format!("{}: {e}", toml_path.display())))?;
         let mut spec = SandboxSpec::new(file.sandbox.id);
@@ -252,8 +250,7 @@ impl SandboxSpec {
         spec.grants = file.capabilities.grant;
         let src = dir.join("src");
         for (name, path) in module_files(&src)? {
-            let source = std::fs::read_to_string(&path)
-                .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
+            let source = read_bounded(&path, MAX_SOURCE_BYTES)?;
             spec.modules.insert(name.clone(), source);
             spec.files.insert(name, path);
         }
@@ -312,12 +309,34 @@ struct ProjectCapabilities {
 
 /// Lists `src/**/*.luau` as (module name, path): `src/chat/room.luau` is `chat.room`.
 pub fn module_files(src: &Path) -> Result<Vec<(String, PathBuf)>> {
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+    // A project is a handful of files: the walk does not follow symbolic
+    // links (no loops such as /proc/self/root) and stops at bounded depth
+    // and size, so a path given through the API cannot keep a thread busy.
+    fn walk(
+        base: &Path,
+        dir: &Path,
+        depth: usize,
+        seen: &mut usize,
+        out: &mut Vec<(String, PathBuf)>,
+    ) -> std::io::Result<()> {
+        if depth > MAX_PROJECT_DEPTH {
+            return Err(std::io::Error::other(format!(
+                "folders nest deeper than {MAX_PROJECT_DEPTH} levels"
+            )));
+        }
         for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                walk(base, &path, out)?;
-            } else if path.extension().is_some_and(|e| e == "luau") {
+            let entry = entry?;
+            *seen += 1;
+            if *seen > MAX_PROJECT_ENTRIES {
+                return Err(std::io::Error::other(format!(
+                    "more than {MAX_PROJECT_ENTRIES} entries under src/"
+                )));
+            }
+            let kind = entry.file_type()?;
+            let path = entry.path();
+            if kind.is_dir() {
+                walk(base, &path, depth + 1, seen, out)?;
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "luau") {
                 if let Some(name) = module_name_for(base, &path) {
                     out.push((name, path));
                 }
@@ -326,10 +345,36 @@ pub fn module_files(src: &Path) -> Result<Vec<(String, PathBuf)>> {
         Ok(())
     }
     let mut out = Vec::new();
-    walk(src, src, &mut out)
+    walk(src, src, 0, &mut 0, &mut out)
         .map_err(|e| Error::InvalidInput(format!("cannot list {}: {e}", src.display())))?;
     out.sort();
     Ok(out)
+}
+
+/// Folder levels under `src/` a project may have.
+const MAX_PROJECT_DEPTH: usize = 16;
+/// Files and folders under `src/` a project may have.
+const MAX_PROJECT_ENTRIES: usize = 10_000;
+
+/// Reads a project file of at most `max` bytes (regular files only: a FIFO
+/// or a device would block or never end).
+fn read_bounded(path: &Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    let cannot = |e: &dyn std::fmt::Display| {
+        Error::InvalidInput(format!("cannot read {}: {e}", path.display()))
+    };
+    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
+        .map_err(|e| cannot(&e))?;
+    if text.len() as u64 > max {
+        return Err(cannot(&format_args!("larger than {max} bytes")));
+    }
+    Ok(text)
 }
 
 /// The module name of a file under `src/`, or `None` for files that are not modules.
@@ -433,6 +478,24 @@ mod tests {
         assert!(validate_sandbox_id("A").is_err());
         assert!(validate_sandbox_id("").is_err());
         assert!(validate_sandbox_id("a/b").is_err());
+    }
+
+    #[test]
+    fn the_module_walk_skips_symlinks_and_special_files() {
+        let dir = std::env::temp_dir().join(format!("graft-walk-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("src/a")).unwrap();
+        std::fs::write(dir.join("src/a/m.luau"), "return {}").unwrap();
+        // A loop back to the root: followed, it would never end.
+        std::os::unix::fs::symlink(dir.join("src"), dir.join("src/a/loop")).unwrap();
+        let found = module_files(&dir.join("src")).unwrap();
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a.m"]);
+        // /proc/self links back to / many times over: the walk returns
+        // (an error past its bounds, or nothing found) instead of looping.
+        if let Ok(found) = module_files(Path::new("/proc/self")) {
+            assert!(found.is_empty(), "{found:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -778,6 +778,11 @@ impl Kernel {
         self.timer_data.insert(id, timer);
     }
 
+    /// Timers waiting to fire (every kind).
+    pub fn pending_timers(&self) -> usize {
+        self.timer_data.len()
+    }
+
     /// Cancels a `send_after` timer (the only kind guest code may cancel).
     pub fn cancel_send_after(&mut self, id: u64) -> bool {
         if matches!(self.timer_data.get(&id), Some(Timer::SendAfter { .. })) {

@@ -34,6 +34,10 @@ fn outside(lua: &Lua, what: &str) -> R {
     fail(lua, format!("graft.{what} can only be used inside a process callback (not while a module loads or migrates)"))
 }
 
+/// Timers a sandbox may have pending (`send_after`): each costs Rust memory
+/// outside the guests' heap, so their number is bounded.
+pub(crate) const MAX_PENDING_TIMERS: usize = 100_000;
+
 /// A `badarg` error of `graft.<what>`, returned like any native failure.
 fn badarg(lua: &Lua, what: &str, why: impl std::fmt::Display) -> R {
     fail(lua, format!("badarg: graft.{what}: {why}"))
@@ -341,8 +345,21 @@ pub(crate) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
                     )
                 }
             };
+            if k.pending_timers() >= MAX_PENDING_TIMERS {
+                return fail(
+                    lua,
+                    format!(
+                        "graft.send_after: this sandbox has {MAX_PENDING_TIMERS} timers pending already; cancel some first"
+                    ),
+                );
+            }
             let target = match &target {
-                Value::String(s) => Target::Name(s.to_string_lossy()),
+                // Kept in Rust until the timer fires: only a name that can be
+                // registered (at most 64 bytes …) is worth keeping.
+                Value::String(_) => match name_arg(&target) {
+                    Ok(name) => Target::Name(name),
+                    Err(why) => return badarg(lua, "send_after", why),
+                },
                 other => match Pid::from_lua(other) {
                     Some(p) => Target::Serial(p.serial()),
                     None => {

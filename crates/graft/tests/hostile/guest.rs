@@ -682,3 +682,52 @@ fn host_messages_to_a_full_mailbox_fail_with_mailbox_full() {
     assert_eq!(n, json!(2));
     assert_node_healthy(&node, &bystander);
 }
+
+#[test]
+fn send_after_cannot_park_unbounded_names_or_timers_outside_the_heap() {
+    let node = graft::Node::with_threads(2);
+    let bystander = crate::support::counter_sandbox(&node, "bystander");
+    let sb = node
+        .create_sandbox(graft::SandboxSpec::new("timers").entry(None).module(
+            "t",
+            r#"
+            return {
+              init = function() return {} end,
+              handle_call = function(req, from, state)
+                if req == "long" then
+                  local ok, err = pcall(graft.send_after, 1000, string.rep("n", 1024 * 1024), 1)
+                  return { ok = ok, err = tostring(err) }, state
+                end
+                local n, last = 0, nil
+                for i = 1, 100001 do
+                  local ok, err = pcall(graft.send_after, 4294967295, "x", nil)
+                  if not ok then last = tostring(err) break end
+                  n += 1
+                end
+                return { n = n, err = last }, state
+              end,
+            }
+            "#,
+        ))
+        .expect("sandbox");
+    crate::support::answer(sb.spawn("t", serde_json::json!(null), Some("t"))).expect("spawn");
+    let r = crate::support::answer(sb.call("t", serde_json::json!("long"), None)).expect("call");
+    assert_eq!(r["ok"], serde_json::json!(false), "{r}");
+    assert!(
+        r["err"].as_str().unwrap_or_default().contains("badarg"),
+        "{r}"
+    );
+    let r = crate::support::answer(sb.call("t", serde_json::json!("many"), Some(60_000)))
+        .expect("call");
+    // Every pending timer counts (the host call's own timeout timer too).
+    let n = r["n"].as_u64().unwrap_or_default();
+    assert!((99_990..100_000).contains(&n), "{r}");
+    assert!(
+        r["err"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timers pending"),
+        "{r}"
+    );
+    crate::support::assert_node_healthy(&node, &bystander);
+}
