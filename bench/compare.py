@@ -2,10 +2,11 @@
 """Merge Graft's and Erlang/OTP's benchmark JSON lines into one markdown table.
 
 Called by bench/compare.sh; standard library only. Inputs are files of one JSON
-object per line: graft-bench's workloads, edit_to_live's line, and
-bench/otp/run.sh's output (may be empty: then the OTP column says n/a).
+object per line: graft-bench's workloads, edit_to_live's line, http_spin's
+lines (optional; Graft only), and bench/otp/run.sh's output (may be empty: then
+the OTP column says n/a).
 
-    compare.py --graft G.jsonl --edit E.jsonl --otp O.jsonl [--otp-status TEXT]
+    compare.py --graft G.jsonl --edit E.jsonl --otp O.jsonl [--spin S.jsonl] [--otp-status TEXT]
                [--load LOAD.txt] [--command CMD] [--elapsed SECONDS]
                [--graft-bin PATH] [--smoke] [--out FILE]
 
@@ -191,6 +192,11 @@ class Table:
         self.rows.append([label, fmt(g), fmt(o) if self.otp_ok else "n/a",
                           fmt_ratio(r), limit_s, met, note])
 
+    def graft_only_row(self, label, g, fmt, limit, limit_s, note):
+        """A Graft figure with no OTP counterpart and an absolute goal (g <= limit)."""
+        met = "n/a" if g is None else ("yes" if g <= limit else "no")
+        self.rows.append([label, fmt(g), "—", "—", limit_s, met, note])
+
     def markdown(self):
         head = ["workload", "Graft", "OTP", "ratio (OTP/Graft, >1 means Graft is better)",
                 "goal", "met?", "notes"]
@@ -323,7 +329,34 @@ def build(args):
               limit=50_000, limit_s="≤ 50 ms",
               note=(f"Graft min {fmt_us(get(ge2, 'min_us'))}; reload itself (compile+swap) "
                     f"p50 {fmt_us(get(ge2, 'reload_line_us_p50'))}") if ge2 else "")
+    spin_row(t, read_jsonl(args.spin))
     return graft, edit, otp, otp_meta, otp_ok, g_meta, t, deb
+
+
+def spin_phases(rows):
+    return (next((r for r in rows if r.get("phase") == "baseline"), None),
+            next((r for r in rows if r.get("phase") == "spin"), None))
+
+
+def spin_row(t, rows):
+    """http_spin: the bystander's p99 over HTTP while sandboxes spin (goal ≤ 5 ms)."""
+    base, spin = spin_phases(rows)
+    if spin is None:
+        return
+    note = (f"Graft only (`http_spin`, {spin.get('conns')} connections, spinners "
+            f"{'+'.join(spin_kinds(rows))}): p50 {fmt_us(get(spin, 'p50_us'))}, "
+            f"{get(spin, 'requests_per_s') or 0:,.0f} req/s")
+    if base is not None:
+        r = ratio(get(spin, "p99_us"), get(base, "p99_us"))
+        note += (f"; without spinners p99 {fmt_us(get(base, 'p99_us'))}, "
+                 f"{get(base, 'requests_per_s') or 0:,.0f} req/s (p99 ratio {fmt_ratio(r)})")
+    t.graft_only_row(f"HTTP call p99 while {spin.get('spinners')} sandboxes spin",
+                     get(spin, "p99_us"), fmt_us, 5_000, "≤ 5 ms", note)
+
+
+def spin_kinds(rows):
+    meta = next((r for r in rows if r.get("workload") == "meta"), None) or {}
+    return meta.get("spinner_kinds") or ["?"]
 
 
 def header(args, otp_meta, otp_ok, g_meta):
@@ -368,7 +401,7 @@ def header(args, otp_meta, otp_ok, g_meta):
     return "\n".join(lines)
 
 
-def notes(graft, edit, otp, otp_ok, deb, args):
+def notes(graft, edit, otp, otp_ok, deb, args, spin):
     out = ["## How to read this", ""]
     out += [
         "* Ratio = OTP / Graft for costs (time per op, bytes, latency), so > 1 means Graft is "
@@ -385,6 +418,11 @@ def notes(graft, edit, otp, otp_ok, deb, args):
         "* Edit-to-live: save like an editor (write temp + rename), then poll until the new code "
         "answers. Graft goes through `graft run` (file watcher + HTTP API); OTP through a polling "
         "gen_server watcher (`bench_watcher`) and direct function calls.",
+        "* HTTP call while sandboxes spin (`target/release/http_spin`, Graft only): "
+        "`POST …/bystander/call` to a counter from keep-alive connections, each sending as soon "
+        "as its answer arrived, first without spinners, then while sandboxes loop forever (plain "
+        "Luau and inside `table.sort` / `gsub` callbacks, `handler_ms` 60 s); latency is send to "
+        "body read. Node, API and load generator share the machine's cores with the spinners.",
     ]
     ge = one(edit, "edit_to_live")
     if ge and deb:
@@ -420,9 +458,17 @@ def notes(graft, edit, otp, otp_ok, deb, args):
         if oe:
             extra.append(f"* OTP edit_to_live: watcher compile {fmt_us(oe.get('watcher_compile_us'))}, "
                          f"purge+load {fmt_us(oe.get('watcher_load_us'))} (medians)")
+    for r in spin_phases(spin):
+        if r is not None:
+            extra.append(f"* Graft http_spin, {r['phase']} ({r.get('spinners')} spinners): "
+                         f"{r.get('requests')} calls in {r.get('seconds', 0):.1f} s; p50 "
+                         f"{fmt_us(get(r, 'p50_us'))}, p90 {fmt_us(get(r, 'p90_us'))}, p99 "
+                         f"{fmt_us(get(r, 'p99_us'))}, p99.9 {fmt_us(get(r, 'p999_us'))}, "
+                         f"max {fmt_us(get(r, 'max_us'))}")
     out += extra or ["* none"]
     out += ["", "## Raw results", "", "<details><summary>JSON lines</summary>", "", "```"]
-    for src, rows in (("graft-bench", graft), ("edit_to_live", edit), ("otp", otp)):
+    for src, rows in (("graft-bench", graft), ("edit_to_live", edit), ("http_spin", spin),
+                      ("otp", otp)):
         for r in rows:
             out.append(f"{src}: {json.dumps(r, sort_keys=True)}")
     out += ["```", "", "</details>"]
@@ -434,6 +480,7 @@ def main():
     p.add_argument("--graft", required=True)
     p.add_argument("--edit", required=True)
     p.add_argument("--otp", required=True)
+    p.add_argument("--spin")
     p.add_argument("--otp-status", default="ok")
     p.add_argument("--load")
     p.add_argument("--command", default="bench/compare.sh")
@@ -448,7 +495,7 @@ def main():
         print("compare.py: no Graft results", file=sys.stderr)
         return 1
     doc = "\n\n".join([header(args, otp_meta, otp_ok, g_meta), table.markdown(),
-                       notes(graft, edit, otp, otp_ok, deb, args)]) + "\n"
+                       notes(graft, edit, otp, otp_ok, deb, args, read_jsonl(args.spin))]) + "\n"
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(doc)

@@ -5,8 +5,10 @@
 #   1. cargo build --release -p graft-bench -p graft-cli
 #   2. target/release/graft-bench [--smoke] WORKLOADS   (Graft workloads, JSON lines)
 #   3. target/release/edit_to_live [--smoke]            (graft run + editor saves, JSON line)
-#   4. bench/otp/run.sh [--smoke]                       (OTP workloads; installs erlang-base if missing)
-#   5. bench/compare.py: one markdown table with goals and "met?", written to
+#   4. target/release/http_spin [--smoke]               (HTTP calls to a bystander while 4
+#                                                        sandboxes spin; Graft only, JSON lines)
+#   5. bench/otp/run.sh [--smoke]                       (OTP workloads; installs erlang-base if missing)
+#   6. bench/compare.py: one markdown table with goals and "met?", written to
 #      docs/benchmarks.md (full run) or a temp file (--smoke), and printed.
 #
 # If Erlang cannot be installed or its run fails, the OTP column says n/a and
@@ -23,7 +25,7 @@ SMOKE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE="--smoke" ;;
-    -h|--help) sed -n '2,18p' "$0" >&2; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" >&2; exit 0 ;;
     *) echo "compare.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -54,6 +56,10 @@ log "edit_to_live ${SMOKE}"
 "$BIN/edit_to_live" $SMOKE --graft "$BIN/graft" >"$WORK/edit.jsonl"
 stamp edit_to_live
 
+log "http_spin ${SMOKE}"
+"$BIN/http_spin" $SMOKE >"$WORK/spin.jsonl"
+stamp http_spin
+
 log "bench/otp/run.sh ${SMOKE}"
 OTP_STATUS=ok
 if ! "$ROOT/bench/otp/run.sh" $SMOKE >"$WORK/otp.jsonl"; then
@@ -71,6 +77,7 @@ fi
 
 python3 "$ROOT/bench/compare.py" \
   --graft "$WORK/graft.jsonl" --edit "$WORK/edit.jsonl" --otp "$WORK/otp.jsonl" \
+  --spin "$WORK/spin.jsonl" \
   --otp-status "$OTP_STATUS" --load "$LOAD" --command "$COMMAND" \
   --elapsed "$(( $(date +%s) - START ))" --graft-bin "$BIN/graft" \
   ${SMOKE:+--smoke} --out "$OUT"
