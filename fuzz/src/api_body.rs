@@ -207,7 +207,10 @@ pub fn assert_documented(uri: &str, status: StatusCode, value: &Value) {
     let kind = value["error"]["kind"].as_str().unwrap_or_else(|| {
         panic!("{uri}: {status} without error.kind: {value}");
     });
-    assert!(!kind.is_empty(), "{uri}: {status} with an empty kind: {value}");
+    assert!(
+        !kind.is_empty(),
+        "{uri}: {status} with an empty kind: {value}"
+    );
     assert!(
         value["error"]["message"].is_string(),
         "{uri}: {status} without error.message: {value}"

@@ -149,13 +149,22 @@ impl Harness {
     }
 
     fn assert_bystander_counts(&self) {
-        let before = bounded("bystander call", self.bystander.call(PROCESS, json!(0), None))
-            .unwrap_or_else(|e| panic!("bystander call: {} ({e})", e.kind()));
-        let after = bounded("bystander inc", self.bystander.call(PROCESS, json!("inc"), None))
-            .unwrap_or_else(|e| panic!("bystander inc: {} ({e})", e.kind()));
+        let before = bounded(
+            "bystander call",
+            self.bystander.call(PROCESS, json!(0), None),
+        )
+        .unwrap_or_else(|e| panic!("bystander call: {} ({e})", e.kind()));
+        let after = bounded(
+            "bystander inc",
+            self.bystander.call(PROCESS, json!("inc"), None),
+        )
+        .unwrap_or_else(|e| panic!("bystander inc: {} ({e})", e.kind()));
         assert_eq!(after, json!(before.as_i64().unwrap_or(-1) + 1), "bystander");
         let ids = self.node.sandbox_ids();
-        assert!(ids.iter().any(|i| i == "fuzz"), "fuzz sandbox listed: {ids:?}");
+        assert!(
+            ids.iter().any(|i| i == "fuzz"),
+            "fuzz sandbox listed: {ids:?}"
+        );
     }
 
     fn rebuild_target(&mut self) {
@@ -176,8 +185,11 @@ fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
     let sb = node
         .create_sandbox(spec)
         .unwrap_or_else(|e| panic!("create sandbox {id}: {e}"));
-    bounded("spawn counter", sb.spawn(MODULE, json!(null), Some(PROCESS)))
-        .unwrap_or_else(|e| panic!("spawn counter in {id}: {e}"));
+    bounded(
+        "spawn counter",
+        sb.spawn(MODULE, json!(null), Some(PROCESS)),
+    )
+    .unwrap_or_else(|e| panic!("spawn counter in {id}: {e}"));
     sb
 }
 
