@@ -50,7 +50,7 @@ fn seed_bodies_get_documented_answers() {
 // full_moon's panic (`parse_attributes`, parsers.rs:3785) unwinds out of the
 // handler: the client gets no answer at all instead of a 422 compile_error.
 #[test]
-#[ignore = "finding: full_moon panic in a reload request (no response)"]
+
 fn reload_of_attribute_without_name_is_422() {
     replay("regressions/api_body/reload_attribute_without_name");
 }

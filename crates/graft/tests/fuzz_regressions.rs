@@ -50,7 +50,7 @@ fn seed_modules_pass_every_reload_check() {
 // `Err(())`). Nothing catches the panic, so it unwinds through every caller
 // of `compile` and `upgrade::prepare` (reload, create, eval).
 #[test]
-#[ignore = "finding: full_moon panics on `@` without a name (vm::compile)"]
+
 fn attribute_without_name_is_a_compile_error() {
     replay("regressions/reload_source/attribute_without_name");
 }
@@ -59,7 +59,7 @@ fn attribute_without_name_is_a_compile_error() {
 // it, then full_moon 3.0.0 hits `unreachable!()` in `parse_type_suffix`
 // (parsers.rs:3193) while `graft::vm::compile` looks for the error's column.
 #[test]
-#[ignore = "finding: full_moon unreachable!() on a type with an unknown character (vm::compile)"]
+
 fn type_with_unknown_character_is_a_compile_error() {
     replay("regressions/reload_source/type_with_unknown_character");
 }
@@ -70,7 +70,7 @@ fn type_with_unknown_character_is_a_compile_error() {
 // hits the same `unreachable!()` (parsers.rs:3193). A second call site: a
 // source Luau accepts still panics in `upgrade::prepare`.
 #[test]
-#[ignore = "finding: full_moon unreachable!() in upgrade::analysis after a NUL byte"]
+
 fn nul_then_type_with_unknown_character_is_a_compile_error() {
     replay("regressions/reload_source/nul_then_type_with_unknown_character");
 }

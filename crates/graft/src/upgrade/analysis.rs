@@ -249,7 +249,29 @@ fn is_shallow(source: &str) -> bool {
     source.len() <= INLINE_PARSE_BYTES && !nesting_exceeds(source, INLINE_PARSE_DEPTH)
 }
 
+/// full_moon panics on some malformed sources (found by fuzzing: `@`
+/// without a name, a NUL byte before a type): behind this barrier such a
+/// source is a syntax error, never a panic in the caller.
 fn analyze_here(source: &str, is_known_global: &(dyn Fn(&str) -> bool + Sync)) -> SourceAnalysis {
+    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        analyze_unguarded(source, is_known_global)
+    }));
+    analysed.unwrap_or_else(|_| SourceAnalysis {
+        requires: Vec::new(),
+        findings: vec![Finding {
+            kind: FindingKind::SyntaxError,
+            message: "the syntax checker cannot read this source (look for stray characters such as NUL bytes or a lone `@`)".into(),
+            line: 1,
+            column: 1,
+        }],
+        more: 0,
+    })
+}
+
+fn analyze_unguarded(
+    source: &str,
+    is_known_global: &(dyn Fn(&str) -> bool + Sync),
+) -> SourceAnalysis {
     let parsed = full_moon::parse_fallible(source, LuaVersion::luau());
     if let Some(error) = parsed.errors().first() {
         let (start, _) = error.range();
@@ -319,7 +341,10 @@ pub fn syntax_error_column(source: &str, line: usize) -> Option<usize> {
     }
     let truncated = end < source.len();
     let column = || {
-        let parsed = full_moon::parse_fallible(prefix, LuaVersion::luau());
+        // full_moon may panic on malformed input: no column then.
+        let parsed =
+            std::panic::catch_unwind(|| full_moon::parse_fallible(prefix, LuaVersion::luau()))
+                .ok()?;
         let (start, _) = parsed.errors().first()?.range();
         // An error at the cut is about the cut, not the source.
         if truncated && start.bytes() >= prefix.trim_end().len() {
