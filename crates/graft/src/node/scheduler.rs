@@ -44,6 +44,10 @@ const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
 pub(super) const MAX_EXTRA_THREADS: usize = 64;
 /// One turn in this many serves a busy sandbox before fresh work.
 const FAIRNESS: u32 = 4;
+/// A slice that has run this long (coarse ms) is ended early when fresh work
+/// waits and no thread is free: fresh work then waits about this long for a
+/// thread instead of a whole [`sandbox::SLICE_MS`].
+const MIN_SLICE_MS: u64 = 1;
 
 /// The run queue: fresh work first, then sandboxes that used their slice.
 #[derive(Default)]
@@ -51,6 +55,8 @@ pub(super) struct RunQueue {
     fresh: VecDeque<Arc<Shared>>,
     busy: VecDeque<Arc<Shared>>,
     turn: u32,
+    /// Scheduler threads waiting in `next_sandbox` for work.
+    idle: usize,
 }
 
 impl RunQueue {
@@ -75,6 +81,9 @@ pub(super) struct Worker {
     /// Set by the watchdog when the slice overran; the thread no longer
     /// counts as serving.
     stuck: AtomicBool,
+    /// The interrupt watch of the sandbox this thread runs, so that waiting
+    /// fresh work can end the slice early (`preempt_for_fresh_work`).
+    running: parking_lot::Mutex<Option<Arc<sandbox::Watch>>>,
 }
 
 /// The scheduler threads alive and how many of them serve.
@@ -94,8 +103,36 @@ pub(super) fn schedule(node: &NodeInner, shared: &Arc<Shared>, busy: bool) {
         } else {
             q.fresh.push_back(shared.clone());
         }
+        let unserved = !busy && q.fresh.len() > q.idle;
         drop(q);
         node.queue_cv.notify_one();
+        if unserved {
+            preempt_for_fresh_work(node);
+        }
+    }
+}
+
+/// Fresh work waits and every thread runs a slice: ends the oldest slice
+/// that has run at least [`MIN_SLICE_MS`] at its next safepoint, so a host
+/// command or a timer waits about a millisecond, not a whole slice, behind
+/// sandboxes that loop. A slice in code Luau cannot yield from ignores the
+/// request; the watchdog covers those.
+fn preempt_for_fresh_work(node: &NodeInner) {
+    let now = clock::coarse_ms();
+    let pool = node.pool.lock();
+    let oldest = pool
+        .workers
+        .iter()
+        .filter(|w| !w.stuck.load(Ordering::Relaxed))
+        .filter_map(|w| {
+            let started = w.slice_started.load(Ordering::Relaxed);
+            (started != 0 && started + MIN_SLICE_MS <= now + 1).then_some((started, w))
+        })
+        .min_by_key(|(started, _)| *started);
+    if let Some((_, worker)) = oldest {
+        if let Some(watch) = worker.running.lock().as_ref() {
+            watch.end_slice_early();
+        }
     }
 }
 
@@ -125,6 +162,7 @@ fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
     let worker = Arc::new(Worker {
         slice_started: AtomicU64::new(0),
         stuck: AtomicBool::new(false),
+        running: parking_lot::Mutex::new(None),
     });
     let weak = Arc::downgrade(inner);
     let me = worker.clone();
@@ -149,7 +187,8 @@ fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
         };
         me.slice_started
             .store(clock::coarse_ms() + 1, Ordering::Relaxed);
-        run_sandbox(&inner, &shared);
+        run_sandbox(&inner, &shared, &me);
+        *me.running.lock() = None;
         me.slice_started.store(0, Ordering::Relaxed);
         if me.stuck.load(Ordering::Relaxed) && retire_if_spare(&inner, &me) {
             return;
@@ -173,12 +212,19 @@ fn retire_if_spare(inner: &NodeInner, me: &Arc<Worker>) -> bool {
 /// Waits for the next sandbox to run; `None` when the node stops.
 fn next_sandbox(inner: &NodeInner) -> Option<Arc<Shared>> {
     let mut q = inner.queue.lock();
-    loop {
+    if inner.stopping.load(Ordering::Relaxed) {
+        return None;
+    }
+    if let Some(s) = q.pop() {
+        return Some(s);
+    }
+    q.idle += 1;
+    let next = loop {
         if inner.stopping.load(Ordering::Relaxed) {
-            return None;
+            break None;
         }
         if let Some(s) = q.pop() {
-            return Some(s);
+            break Some(s);
         }
         // Spin briefly before sleeping: a request that arrives within
         // microseconds is then served without a futex wake-up.
@@ -195,13 +241,15 @@ fn next_sandbox(inner: &NodeInner) -> Option<Arc<Shared>> {
             continue;
         }
         inner.queue_cv.wait_for(&mut q, Duration::from_millis(200));
-    }
+    };
+    q.idle -= 1;
+    next
 }
 
 /// Runs one slice of a sandbox behind the panic barrier.
-fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>) {
+fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_sandbox_slice(node, shared)
+        run_sandbox_slice(node, shared, me)
     }));
     if let Err(payload) = ran {
         // A bug in Graft or in a host function, not in guest code: fail this
@@ -221,7 +269,7 @@ fn release(node: &NodeInner, shared: &Arc<Shared>) {
     }
 }
 
-fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
+fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
     let (more, next_timer) = {
         let mut guard = shared.runtime.lock();
         if shared.destroyed.load(Ordering::Acquire) {
@@ -259,6 +307,7 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>) {
         }
         // A restart command may have replaced the VM: enforce the current one's limits.
         let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
+        *me.running.lock() = Some(sandbox::kernel(&rt.vm.lua).watch.clone());
         rt.run_pending_reloads();
         let more = sandbox::run_slice(&rt.vm.lua);
         rt.poll_app_start();
@@ -312,6 +361,16 @@ fn watchdog_loop(node: Weak<NodeInner>) {
             && pool.workers.len() < inner.threads + MAX_EXTRA_THREADS
             && spawn_worker(&inner, &mut pool)
         {}
+        drop(pool);
+        // Fresh work queued while every slice was younger than
+        // `MIN_SLICE_MS` found nothing to end; look again now.
+        let unserved = {
+            let q = inner.queue.lock();
+            q.fresh.len() > q.idle
+        };
+        if unserved {
+            preempt_for_fresh_work(&inner);
+        }
     }
 }
 

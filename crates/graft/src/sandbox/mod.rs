@@ -166,6 +166,13 @@ impl Watch {
         let ms = self.handler_ms.min(MODULE_BODY_MS);
         self.arm(clock::coarse_ms() + ms, 0, false);
     }
+    /// Ends the running time slice at the next safepoint (the scheduler
+    /// calls this when fresh work waits and no thread is free). Harmless
+    /// between slices: the next slice then ends after its first callback.
+    pub(crate) fn end_slice_early(&self) {
+        self.slice_end.store(0, Ordering::Relaxed);
+        self.check_at.store(0, Ordering::Relaxed);
+    }
     pub fn disarm_host_code(&self) -> bool {
         let t = self.timed_out.load(Ordering::Relaxed);
         self.disarm();
@@ -1070,9 +1077,14 @@ pub(crate) fn run_slice(lua: &Lua) -> bool {
     let started = clock::coarse_ms();
     {
         let k = kernel(lua);
-        k.watch
-            .slice_end
-            .store(started + SLICE_MS, Ordering::Relaxed);
+        // 0: the scheduler asked for this slice to end early (see
+        // `Watch::end_slice_early`) before it began; keep that request.
+        let _ = k.watch.slice_end.compare_exchange(
+            u64::MAX,
+            started + SLICE_MS,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
     fire_timers(lua);
     drain_exits(lua);
@@ -1083,7 +1095,8 @@ pub(crate) fn run_slice(lua: &Lua) -> bool {
         run_process(lua, serial);
         drain_exits(lua);
         budget -= 1;
-        if budget == 0 || clock::coarse_ms() >= started + SLICE_MS {
+        let slice_end = kernel(lua).watch.slice_end.load(Ordering::Relaxed);
+        if budget == 0 || clock::coarse_ms() >= slice_end.min(started + SLICE_MS) {
             break;
         }
     }
