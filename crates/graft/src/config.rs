@@ -440,6 +440,8 @@ pub fn validate_process_name(name: &str) -> Result<()> {
         "it is all digits, so it would read as a pid's serial"
     } else if name.starts_with('<') {
         "it starts with `<`, so it would read as a pid"
+    } else if name.chars().any(char::is_control) {
+        "it contains a control character (names are shown in terminals and logs)"
     } else {
         return Ok(());
     };
@@ -460,7 +462,7 @@ mod tests {
         for good in ["counter", "worker1", "1st", "a<b>", &"n".repeat(64)] {
             assert!(validate_process_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "1", "007", "<srv.1>", "<", &"n".repeat(65)] {
+        for bad in ["", "1", "007", "<srv.1>", "<", &"n".repeat(65), "a\u{1b}[2J", "tab\there", "nl\n"] {
             let err = validate_process_name(bad).unwrap_err();
             assert_eq!(err.kind(), "badarg", "{bad}");
         }
