@@ -44,8 +44,8 @@ pub mod clock;
 pub mod config;
 pub mod diagnostic;
 pub mod error;
-mod node;
 mod kernel;
+mod node;
 pub mod upgrade;
 pub mod value;
 pub mod vm;
@@ -53,11 +53,11 @@ pub mod vm;
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, Result};
+pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
     QUIESCE_TIMEOUT_MS,
 };
-pub use kernel::{AppStatus, Event};
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,
     StateHandler, Timings,

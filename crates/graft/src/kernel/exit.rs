@@ -479,7 +479,9 @@ mod tests {
     #[test]
     fn a_monitor_gets_down_with_the_reason_and_survives() {
         let (t, a, b) = pair();
-        let mref = t.call(a, json!({ "op": "monitor", "target": "b" })).unwrap();
+        let mref = t
+            .call(a, json!({ "op": "monitor", "target": "b" }))
+            .unwrap();
         crash(&t, b);
         assert!(t.alive(a));
         let inbox = t.call(a, json!({ "op": "inbox" })).unwrap();
@@ -487,21 +489,30 @@ mod tests {
         assert_eq!(down["tag"], "DOWN");
         assert_eq!(down["ref"], mref);
         assert_eq!(down["pid"], "<probe.2>");
-        assert!(down["reason"]["error"].as_str().unwrap().contains("boom"), "{down}");
+        assert!(
+            down["reason"]["error"].as_str().unwrap().contains("boom"),
+            "{down}"
+        );
         assert_eq!(inbox.as_array().unwrap().len(), 1);
     }
 
     #[test]
     fn trap_exit_turns_a_linked_crash_into_an_exit_message() {
         let (t, a, b) = pair();
-        assert_eq!(t.call(a, json!({ "op": "trap", "flag": true })).unwrap(), false);
+        assert_eq!(
+            t.call(a, json!({ "op": "trap", "flag": true })).unwrap(),
+            false
+        );
         t.call(a, json!({ "op": "link", "target": "b" })).unwrap();
         crash(&t, b);
         assert!(t.alive(a), "a trapping process survives");
         let inbox = t.call(a, json!({ "op": "inbox" })).unwrap();
         assert_eq!(inbox[0]["tag"], "EXIT");
         assert_eq!(inbox[0]["from"], "<probe.2>");
-        assert!(inbox[0]["reason"]["error"].as_str().unwrap().contains("boom"));
+        assert!(inbox[0]["reason"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("boom"));
     }
 
     #[test]

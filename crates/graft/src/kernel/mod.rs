@@ -259,7 +259,8 @@ impl Kernel {
         while self.events.len() >= self.max_events.max(1) {
             self.events.pop_front();
         }
-        self.events.push_back(Event::new(self.next_event, kind, detail));
+        self.events
+            .push_back(Event::new(self.next_event, kind, detail));
     }
 
     /// The lines the guest log dropped since the last report, as a log line

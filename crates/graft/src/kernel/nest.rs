@@ -352,13 +352,26 @@ mod tests {
         let a = t.spawn("probe", Some("a"));
         let b = t.spawn("probe", Some("b"));
         let handled = t.k().procs[&b].messages_handled;
-        let r = t.call(a, json!({ "op": "call", "target": "b", "req": { "op": "ping" } }));
+        let r = t.call(
+            a,
+            json!({ "op": "call", "target": "b", "req": { "op": "ping" } }),
+        );
         assert_eq!(r.unwrap(), json!({ "ok": true, "reply": "pong" }));
         let k = t.k();
         assert_eq!(k.procs[&b].messages_handled, handled + 1);
-        assert!(k.stack.is_empty() && k.nested.is_empty(), "every frame closed");
-        assert_eq!(k.pending_timers(), 0, "a nested call that finished arms no timeout");
-        assert!(k.procs.values().all(|p| p.job.is_none() && p.parked.is_none()));
+        assert!(
+            k.stack.is_empty() && k.nested.is_empty(),
+            "every frame closed"
+        );
+        assert_eq!(
+            k.pending_timers(),
+            0,
+            "a nested call that finished arms no timeout"
+        );
+        assert!(k
+            .procs
+            .values()
+            .all(|p| p.job.is_none() && p.parked.is_none()));
     }
 
     #[test]
@@ -378,10 +391,16 @@ mod tests {
     fn a_process_cannot_call_itself() {
         let t = TestKernel::new(&[("probe", PROBE)]);
         let a = t.spawn("probe", Some("a"));
-        let r = t.call(a, json!({ "op": "call", "target": "a", "req": { "op": "ping" } }));
+        let r = t.call(
+            a,
+            json!({ "op": "call", "target": "a", "req": { "op": "ping" } }),
+        );
         let r = r.unwrap();
         assert_eq!(r["ok"], false);
-        assert!(r["err"].as_str().unwrap().contains("cannot call itself"), "{r}");
+        assert!(
+            r["err"].as_str().unwrap().contains("cannot call itself"),
+            "{r}"
+        );
         assert!(t.alive(a));
     }
 
@@ -393,7 +412,10 @@ mod tests {
         // a's handler calls b (nested); b's calls a, which is on the stack:
         // queued, so b waits, and a waits for b. b's shorter timeout ends it.
         let back = json!({ "op": "call", "target": "a", "timeout": 30, "req": { "op": "ping" } });
-        let r = t.call(a, json!({ "op": "call", "target": "b", "timeout": 2000, "req": back }));
+        let r = t.call(
+            a,
+            json!({ "op": "call", "target": "b", "timeout": 2000, "req": back }),
+        );
         let r = r.unwrap();
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["reply"]["ok"], false, "{r}");
@@ -403,7 +425,11 @@ mod tests {
         assert!(t.alive(a) && t.alive(b));
         let k = t.k();
         assert!(k.stack.is_empty() && k.nested.is_empty());
-        assert_eq!(k.pending_timers(), 0, "the caller's own timeout was cancelled");
+        assert_eq!(
+            k.pending_timers(),
+            0,
+            "the caller's own timeout was cancelled"
+        );
         assert!(k.procs[&a].mailbox.is_empty());
     }
 
@@ -412,7 +438,10 @@ mod tests {
         let t = TestKernel::new(&[("probe", PROBE)]);
         let a = t.spawn("probe", Some("a"));
         let b = t.spawn("probe", Some("b"));
-        let r = t.call(a, json!({ "op": "call", "target": "b", "req": { "op": "crash" } }));
+        let r = t.call(
+            a,
+            json!({ "op": "call", "target": "b", "req": { "op": "crash" } }),
+        );
         let r = r.unwrap();
         assert_eq!(r["ok"], false);
         assert!(r["err"].as_str().unwrap().contains("boom"), "{r}");

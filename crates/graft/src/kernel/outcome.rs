@@ -266,6 +266,9 @@ mod tests {
         assert_eq!(t("not enough memory"), Some(ExitReason::OutOfMemory));
         assert_eq!(t("stack overflow"), Some(ExitReason::StackOverflow));
         assert_eq!(t("attempt to index nil"), None);
-        assert_eq!(classify_message("anything", true), Some(ExitReason::Timeout));
+        assert_eq!(
+            classify_message("anything", true),
+            Some(ExitReason::Timeout)
+        );
     }
 }

@@ -17,7 +17,14 @@ use crate::value::lua_to_json;
 
 impl Kernel {
     /// Wakes a process suspended on `token` with `(ok, value)`; stale tokens are ignored.
-    pub(crate) fn resume_with(&mut self, lua: &Lua, serial: u64, token: u64, ok: bool, value: Value) {
+    pub(crate) fn resume_with(
+        &mut self,
+        lua: &Lua,
+        serial: u64,
+        token: u64,
+        ok: bool,
+        value: Value,
+    ) {
         let Ok(key) = lua.create_registry_value(value) else {
             return;
         };
@@ -45,7 +52,12 @@ impl Kernel {
 
     /// Takes an answer parked for `serial` under `token` (set by a nested job
     /// that finished before its caller had to wait).
-    pub(crate) fn take_parked(&mut self, lua: &Lua, serial: u64, token: u64) -> Option<(bool, Value)> {
+    pub(crate) fn take_parked(
+        &mut self,
+        lua: &Lua,
+        serial: u64,
+        token: u64,
+    ) -> Option<(bool, Value)> {
         let p = self.procs.get_mut(&serial)?;
         let (ok, key) = match p.parked.take() {
             Some(b) if b.0 == token => {

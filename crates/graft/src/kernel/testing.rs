@@ -115,7 +115,9 @@ impl TestKernel {
         let next = self.k().next_timer_at();
         match next {
             Some(at) if at <= clock::precise_ms() + 1000 => {
-                std::thread::sleep(Duration::from_millis(at.saturating_sub(clock::precise_ms())));
+                std::thread::sleep(Duration::from_millis(
+                    at.saturating_sub(clock::precise_ms()),
+                ));
                 self.settle();
                 true
             }

@@ -271,8 +271,16 @@ mod tests {
         let _ = (set(60, "third"), set(20, "first"));
         let cancelled = set(40, "never");
         let _ = set(20, "second");
-        assert_eq!(t.call(a, json!({ "op": "cancel", "id": cancelled })).unwrap(), true);
-        assert_eq!(t.call(a, json!({ "op": "cancel", "id": cancelled })).unwrap(), false);
+        assert_eq!(
+            t.call(a, json!({ "op": "cancel", "id": cancelled }))
+                .unwrap(),
+            true
+        );
+        assert_eq!(
+            t.call(a, json!({ "op": "cancel", "id": cancelled }))
+                .unwrap(),
+            false
+        );
         t.run_timers();
         let inbox = t.call(a, json!({ "op": "inbox" })).unwrap();
         assert_eq!(inbox, json!(["first", "second", "third"]));

@@ -207,9 +207,7 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
         return; // GC safepoints: nothing to enforce
     }
     // `try_with`: during thread teardown there is no watch to enforce.
-    let watch = WATCH
-        .try_with(|w| w.get())
-        .unwrap_or(std::ptr::null());
+    let watch = WATCH.try_with(|w| w.get()).unwrap_or(std::ptr::null());
     if watch.is_null() {
         return;
     }

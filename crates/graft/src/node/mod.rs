@@ -118,10 +118,7 @@ impl Shared {
 
 /// The text of a panic payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    format!(
-        "internal error (panic): {}",
-        crate::vm::panic_text(payload)
-    )
+    format!("internal error (panic): {}", crate::vm::panic_text(payload))
 }
 
 struct NodeInner {
@@ -719,8 +716,8 @@ impl Sandbox {
                     }
                     _ => serde_json::json!({ "error": e.to_string() }),
                 };
-                let _ = self
-                    .submit(move |rt| crate::kernel::kernel(&rt.vm.lua).event("abort", detail));
+                let _ =
+                    self.submit(move |rt| crate::kernel::kernel(&rt.vm.lua).event("abort", detail));
                 return Err(e);
             }
         };

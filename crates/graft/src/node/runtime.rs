@@ -16,8 +16,8 @@ use crate::kernel::{
     self, kernel, AppStatus, CanaryWatch, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
 };
 use crate::upgrade::{
-    Applied, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule,
-    ReloadOptions, ReloadReport, ReloadStatus,
+    Applied, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions,
+    ReloadReport, ReloadStatus,
 };
 use crate::value::{estimate_size, json_to_lua, lua_to_json, Pid};
 use crate::vm::{HostFn, Vm};

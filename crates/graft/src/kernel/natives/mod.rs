@@ -124,7 +124,10 @@ fn install_fast(lua: &Lua, n: &Table) -> mlua::Result<()> {
     // arguments after type checks, and push at most three plain values).
     unsafe {
         n.raw_set("call_fast", lua.create_c_function(super::fast::call_fast)?)?;
-        n.raw_set("spawn_fast", lua.create_c_function(super::fast::spawn_fast)?)?;
+        n.raw_set(
+            "spawn_fast",
+            lua.create_c_function(super::fast::spawn_fast)?,
+        )?;
         n.raw_set("done_fast", lua.create_c_function(super::fast::done_fast)?)?;
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use mlua::{Lua, MultiValue, Table, Thread, Value};
 
-use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, to_json, R, MAX_DELAY_MS};
+use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, to_json, MAX_DELAY_MS, R};
 use crate::clock;
 use crate::error::Error;
 use crate::kernel::{
@@ -13,7 +13,9 @@ use crate::value::Pid;
 
 pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     set(lua, n, "self", self_pid)?;
-    set(lua, n, "is_pid", |_, v: Value| Ok(Pid::from_lua(&v).is_some()))?;
+    set(lua, n, "is_pid", |_, v: Value| {
+        Ok(Pid::from_lua(&v).is_some())
+    })?;
     set(lua, n, "parent", parent)?;
     set(lua, n, "now", |_, ()| Ok(clock::unix_ms()))?;
     set(lua, n, "spawn", spawn)?;
@@ -79,7 +81,13 @@ fn spawn(
         );
     };
     if !k.is_server_module(mid) {
-        return fail(lua, format!("graft.spawn: module `{}` has no `init` function, so it cannot run as a process", module.to_string_lossy()));
+        return fail(
+            lua,
+            format!(
+                "graft.spawn: module `{}` has no `init` function, so it cannot run as a process",
+                module.to_string_lossy()
+            ),
+        );
     }
     let (name, link) = match &opts {
         Some(o) => (
@@ -211,10 +219,7 @@ fn call(lua: &Lua, (target, request, timeout, co): (Value, Value, Value, Option<
 /// `nest_done(serial, end, info, worker)`: closes the nested job begun by
 /// `call` or `spawn`. Returns `true` (finished; the result stays in the VM),
 /// `(false, token)` to wait, or `(nil, ok, value)` when already answered.
-fn nest_done_native(
-    lua: &Lua,
-    (serial, end, info, co): (u64, u8, Value, Option<Thread>),
-) -> R {
+fn nest_done_native(lua: &Lua, (serial, end, info, co): (u64, u8, Value, Option<Thread>)) -> R {
     Ok(
         match nest_done(lua, serial, NestEnd::from_code(end), info, co)? {
             NestResult::Finished => MultiValue::from_iter([Value::Boolean(true)]),

@@ -11,9 +11,11 @@ pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     set(lua, n, "unregister", unregister)?;
     set(lua, n, "whereis", whereis)?;
     // For the supervisor's spec check: `nil`, or why a child's name is refused.
-    set(lua, n, "name_problem", |lua, name: Value| match name_arg(&name) {
-        Ok(_) => ok(lua, Value::Nil),
-        Err(why) => ok(lua, format!("badarg: {why}")),
+    set(lua, n, "name_problem", |lua, name: Value| {
+        match name_arg(&name) {
+            Ok(_) => ok(lua, Value::Nil),
+            Err(why) => ok(lua, format!("badarg: {why}")),
+        }
     })
 }
 

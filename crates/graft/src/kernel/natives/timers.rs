@@ -2,8 +2,8 @@
 
 use mlua::{Lua, Table, Value};
 
-use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, R, MAX_DELAY_MS};
 use super::MAX_PENDING_TIMERS;
+use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, MAX_DELAY_MS, R};
 use crate::clock;
 use crate::kernel::{kernel, Target, Timer};
 use crate::value::Pid;
