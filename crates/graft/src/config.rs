@@ -462,7 +462,17 @@ mod tests {
         for good in ["counter", "worker1", "1st", "a<b>", &"n".repeat(64)] {
             assert!(validate_process_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "1", "007", "<srv.1>", "<", &"n".repeat(65), "a\u{1b}[2J", "tab\there", "nl\n"] {
+        for bad in [
+            "",
+            "1",
+            "007",
+            "<srv.1>",
+            "<",
+            &"n".repeat(65),
+            "a\u{1b}[2J",
+            "tab\there",
+            "nl\n",
+        ] {
             let err = validate_process_name(bad).unwrap_err();
             assert_eq!(err.kind(), "badarg", "{bad}");
         }

@@ -11,7 +11,7 @@
 //!
 //! The crate is layered; each folder is one layer:
 //! * [`vm`]: the Luau VM of a sandbox, the guest environment, compilation;
-//! * `sandbox`: the kernel: processes, mailboxes, links, monitors, timers and
+//! * `kernel`: the kernel of a sandbox: processes, mailboxes, links, monitors, timers and
 //!   the scheduler of callbacks (internal);
 //! * `supervision`: the built-in supervisor behaviour (Luau, trusted);
 //! * [`upgrade`]: module versions and the reload transaction;
@@ -37,13 +37,15 @@
 //! ```
 
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod clock;
 pub mod config;
 pub mod diagnostic;
 pub mod error;
+mod kernel;
 mod node;
-mod sandbox;
 pub mod upgrade;
 pub mod value;
 pub mod vm;
@@ -51,11 +53,11 @@ pub mod vm;
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, Result};
+pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
     QUIESCE_TIMEOUT_MS,
 };
-pub use sandbox::{AppStatus, Event};
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,
     StateHandler, Timings,

@@ -7,7 +7,7 @@
 //! * Every request from a host is a command queued to the sandbox and run
 //!   between time slices; the host waits on a one-shot channel, never on the
 //!   VM. A slow handler therefore never blocks a host thread.
-//! * A slice lasts at most [`SLICE_MS`](crate::sandbox) of CPU: the VM
+//! * A slice lasts at most [`SLICE_MS`](crate::kernel) of CPU: the VM
 //!   interrupt preempts long callbacks, so a spinning sandbox cannot starve
 //!   the others.
 
@@ -28,7 +28,7 @@ pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::sandbox::{AppStatus, Event, HostSlot};
+use crate::kernel::{AppStatus, Event, HostSlot};
 use crate::upgrade::{
     self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
 };
@@ -40,7 +40,7 @@ type Command = Box<dyn FnOnce(&mut Runtime) + Send>;
 
 /// How long `info` waits for a running slice before answering `busy`
 /// (a slice that yields ends within `SLICE_MS`).
-const INFO_WAIT_MS: u64 = crate::sandbox::SLICE_MS * 2;
+const INFO_WAIT_MS: u64 = crate::kernel::SLICE_MS * 2;
 
 struct Shared {
     id: String,
@@ -118,10 +118,7 @@ impl Shared {
 
 /// The text of a panic payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    format!(
-        "internal error (panic): {}",
-        crate::sandbox::panic_text(payload)
-    )
+    format!("internal error (panic): {}", crate::vm::panic_text(payload))
 }
 
 struct NodeInner {
@@ -541,7 +538,7 @@ impl Sandbox {
     /// registered name or a pid string `"<module.N>"`. Default timeout 5 s.
     pub async fn call(&self, target: &str, request: Json, timeout_ms: Option<u64>) -> Result<Json> {
         let target = target.to_owned();
-        let ms = timeout_ms.unwrap_or(crate::sandbox::natives_default_timeout());
+        let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
             .await
     }
@@ -719,8 +716,8 @@ impl Sandbox {
                     }
                     _ => serde_json::json!({ "error": e.to_string() }),
                 };
-                let _ = self
-                    .submit(move |rt| crate::sandbox::kernel(&rt.vm.lua).event("abort", detail));
+                let _ =
+                    self.submit(move |rt| crate::kernel::kernel(&rt.vm.lua).event("abort", detail));
                 return Err(e);
             }
         };

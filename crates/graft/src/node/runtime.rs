@@ -12,10 +12,12 @@ use serde_json::Value as Json;
 use crate::clock;
 use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::sandbox::{self, kernel, AppStatus, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::kernel::{
+    self, kernel, AppStatus, CanaryWatch, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
+};
 use crate::upgrade::{
-    Applied, CanaryWatch, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule,
-    ReloadOptions, ReloadReport, ReloadStatus,
+    Applied, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions,
+    ReloadReport, ReloadStatus,
 };
 use crate::value::{estimate_size, json_to_lua, lua_to_json, Pid};
 use crate::vm::{HostFn, Vm};
@@ -109,7 +111,7 @@ impl Runtime {
         node: &NodeLimits,
     ) -> Result<Runtime> {
         spec.validate(node)?;
-        let vm = sandbox::new_vm(&spec.id, &spec.limits, node, &spec.grants, &host_fns)
+        let vm = kernel::new_vm(&spec.id, &spec.limits, node, &spec.grants, &host_fns)
             .map_err(|e| Error::Luau(e.to_string()))?;
         let engine = Engine::new(&vm.lua, spec.limits.max_versions)
             .map_err(|e| Error::Luau(e.to_string()))?;
@@ -132,8 +134,8 @@ impl Runtime {
         let targets = history
             .as_ref()
             .map(|h| h.iter().map(|(n, m)| (n.clone(), m.current)).collect());
-        sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
-        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
+        kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
         match rt.engine.apply(
             &rt.vm,
             prepared,
@@ -365,7 +367,7 @@ impl Runtime {
             }
             let serial = k.new_serial();
             let mid = k.module_id(EVAL_MODULE).expect("interned at start");
-            let mut p = crate::sandbox::Process::new(Pid::new(mid, serial), None, 0);
+            let mut p = crate::kernel::Process::new(Pid::new(mid, serial), None, 0);
             p.system = Some(Box::new(Job::Eval {
                 chunk,
                 waiter: Waiter::Host(slot.clone()),
@@ -399,7 +401,7 @@ impl Runtime {
                     version: p.version,
                     status: p.status().into(),
                     mailbox_len: p.mailbox.len(),
-                    memory_bytes: std::mem::size_of::<crate::sandbox::Process>() + state_bytes,
+                    memory_bytes: std::mem::size_of::<crate::kernel::Process>() + state_bytes,
                     links: p
                         .links
                         .iter()
@@ -471,7 +473,7 @@ impl Runtime {
     pub fn saved_events(&self) -> Vec<Event> {
         self.vm
             .lua
-            .try_app_data_ref::<crate::sandbox::Kernel>()
+            .try_app_data_ref::<crate::kernel::Kernel>()
             .ok()
             .flatten()
             .map(|k| k.events.iter().cloned().collect())
@@ -528,7 +530,7 @@ impl Runtime {
     /// Tries queued reloads in order; a busy one keeps its place (later ones wait).
     pub fn run_pending_reloads(&mut self) {
         while let Some(mut r) = self.pending.pop_front() {
-            sandbox::kernel_memory(self.lua(), &self.spec.limits);
+            kernel::kernel_memory(self.lua(), &self.spec.limits);
             let result = self.engine.apply(
                 &self.vm,
                 r.prepared.clone(),

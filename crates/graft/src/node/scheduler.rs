@@ -29,7 +29,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::clock;
-use crate::sandbox;
+use crate::kernel;
 
 use super::{Command, NodeInner, Shared};
 
@@ -37,7 +37,7 @@ use super::{Command, NodeInner, Shared};
 pub(super) const SPIN_MICROS: u64 = 50;
 /// A slice still running this long after it started is stuck in code the
 /// interrupt cannot yield (a yieldable slice ends at `SLICE_MS`).
-pub(super) const STUCK_AFTER_MS: u64 = sandbox::SLICE_MS + 3;
+pub(super) const STUCK_AFTER_MS: u64 = kernel::SLICE_MS + 3;
 /// How often the watchdog looks at the running slices.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
 /// Scheduler threads the watchdog may add beyond the configured ones.
@@ -46,7 +46,7 @@ pub(super) const MAX_EXTRA_THREADS: usize = 64;
 const FAIRNESS: u32 = 4;
 /// A slice that has run this long (coarse ms) is ended early when fresh work
 /// waits and no thread is free: fresh work then waits about this long for a
-/// thread instead of a whole [`sandbox::SLICE_MS`].
+/// thread instead of a whole [`kernel::SLICE_MS`].
 const MIN_SLICE_MS: u64 = 1;
 
 /// The run queue: fresh work first, then sandboxes that used their slice.
@@ -83,7 +83,7 @@ pub(super) struct Worker {
     stuck: AtomicBool,
     /// The interrupt watch of the sandbox this thread runs, so that waiting
     /// fresh work can end the slice early (`preempt_for_fresh_work`).
-    running: parking_lot::Mutex<Option<Arc<sandbox::Watch>>>,
+    running: parking_lot::Mutex<Option<Arc<kernel::Watch>>>,
 }
 
 /// The scheduler threads alive and how many of them serve.
@@ -289,8 +289,8 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
             return;
         };
         let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
-        sandbox::kernel_memory(&rt.vm.lua, &rt.spec.limits);
-        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
+        kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
         let mut commands = commands.into_iter();
         for cmd in commands.by_ref() {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
@@ -306,14 +306,14 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
             }
         }
         // A restart command may have replaced the VM: enforce the current one's limits.
-        let _scope = sandbox::WatchScope::enter(&rt.vm.lua);
-        *me.running.lock() = Some(sandbox::kernel(&rt.vm.lua).watch.clone());
+        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
+        *me.running.lock() = Some(kernel::kernel(&rt.vm.lua).watch.clone());
         rt.run_pending_reloads();
-        let more = sandbox::run_slice(&rt.vm.lua);
+        let more = kernel::run_slice(&rt.vm.lua);
         rt.poll_app_start();
         rt.check_canary();
         rt.run_pending_reloads();
-        let mut k = sandbox::kernel(&rt.vm.lua);
+        let mut k = kernel::kernel(&rt.vm.lua);
         if let Some(message) = k.internal_error.take() {
             // Caught on Luau's C stack: raised here, where the barrier in
             // `run_sandbox` fails the sandbox.

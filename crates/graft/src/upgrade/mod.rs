@@ -20,7 +20,6 @@
 //! * The engine is the only writer of module tables and version numbers.
 
 pub mod analysis;
-mod canary;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -31,11 +30,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-pub(crate) use canary::{canary_expired, CanaryWatch};
-
 use crate::diagnostic::{Diagnostic, Report};
 use crate::error::{Error, Result};
-use crate::sandbox::{kernel, Run};
+use crate::kernel::{kernel, remember_chunk, Run};
 use crate::vm::Vm;
 
 /// One kept version of a module. Serialized without bytecode: an import
@@ -754,54 +751,6 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
-/// Registry key of the table mapping chunk names (a module's file, as its
-/// code was loaded under) to module names, so a runtime error's position
-/// can name its module.
-const CHUNK_MODULES: &str = "graft.chunk_modules";
-
-/// Records that code loaded under `chunk` belongs to `module`. Best effort:
-/// without it, errors in that chunk carry no module and line.
-fn remember_chunk(lua: &Lua, chunk: &str, module: &str) {
-    let table = match lua.named_registry_value::<Option<Table>>(CHUNK_MODULES) {
-        Ok(Some(t)) => t,
-        _ => match lua.create_table() {
-            Ok(t) if lua.set_named_registry_value(CHUNK_MODULES, &t).is_ok() => t,
-            _ => return,
-        },
-    };
-    let _ = table.raw_set(chunk, module);
-}
-
-fn module_of_chunk(lua: &Lua, chunk: &str) -> Option<String> {
-    let table = lua
-        .named_registry_value::<Option<Table>>(CHUNK_MODULES)
-        .ok()??;
-    match table.raw_get::<Value>(chunk).ok()? {
-        Value::String(s) => Some(s.to_string_lossy()),
-        _ => None,
-    }
-}
-
-/// Where guest code raised an error: the module and line of the message's
-/// `file:LINE:` prefix, else of the innermost guest frame of `traceback`
-/// (e.g. for `error({ code = 1 })`, whose value has no position).
-pub(crate) fn raise_site(
-    lua: &Lua,
-    message: &str,
-    traceback: &[&str],
-) -> (Option<String>, Option<u32>) {
-    let at_message = crate::diagnostic::error_position(message);
-    let frames = traceback
-        .iter()
-        .filter_map(|f| crate::diagnostic::frame_position(f));
-    for (chunk, line) in at_message.into_iter().chain(frames) {
-        if let Some(module) = module_of_chunk(lua, chunk) {
-            return (Some(module), Some(line));
-        }
-    }
-    (None, None)
-}
-
 /// The chunk name module `name`'s code in this reload was loaded under.
 fn chunk_of(name: &str, by_name: &HashMap<&str, &PreparedModule>) -> String {
     match by_name.get(name) {
@@ -892,9 +841,9 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
     // Under the guests' own memory limit (not the kernel's headroom) and a
     // short CPU budget: a candidate's body must not starve live processes.
     watch.arm_for_module_body();
-    crate::sandbox::guest_memory(&vm.lua, &limits);
+    crate::kernel::guest_memory(&vm.lua, &limits);
     let result = f.call::<Value>(());
-    crate::sandbox::kernel_memory(&vm.lua, &limits);
+    crate::kernel::kernel_memory(&vm.lua, &limits);
     let timed_out = watch.disarm_host_code();
     match result {
         Ok(Value::Table(t)) => {
@@ -911,7 +860,7 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
         Err(_) if timed_out => Err(abort(
             format!(
                 "module `{name}` did not finish loading within {} ms",
-                crate::sandbox::MODULE_BODY_MS.min(limits.handler_ms)
+                crate::kernel::MODULE_BODY_MS.min(limits.handler_ms)
             ),
             None,
         )),
@@ -1113,7 +1062,7 @@ fn notify_supervisors(vm: &Vm, modules: &[u32]) {
         let Ok(t) = lua.create_table() else { continue };
         let _ = t.raw_set("$sup", "upgrade");
         if let Ok(key) = lua.create_registry_value(t) {
-            let _ = k.deliver(s, crate::sandbox::Job::Info(key));
+            let _ = k.deliver(s, crate::kernel::Job::Info(key));
         }
     }
 }

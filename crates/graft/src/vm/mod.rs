@@ -78,6 +78,16 @@ pub(crate) struct Vm {
     pub set_view: Function,
 }
 
+/// The text of a panic payload (a host function's, or one caught on Luau's
+/// C stack).
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Compiler settings shared by every compile: keep line info for tracebacks.
 fn compiler() -> Compiler {
     // `math.random` is a capability: its table slot may hold a stub, so the
@@ -422,7 +432,7 @@ fn install_host_functions(
                 Ok(Ok(v)) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
                 Ok(Err(msg)) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
                 Err(payload) => {
-                    let why = crate::sandbox::panic_text(&*payload);
+                    let why = panic_text(&*payload);
                     let name: &str = &name_for_log;
                     tracing::error!(
                         function = name,

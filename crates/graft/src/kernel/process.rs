@@ -6,7 +6,9 @@
 //! a few hundred bytes.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use mlua::RegistryKey;
 use serde_json::Value as Json;
@@ -27,7 +29,7 @@ impl HostSlot {
     }
     /// Answers if nobody answered yet; returns whether this call answered.
     pub fn answer(&self, r: Result<Json, Error>) -> bool {
-        match self.0.lock().expect("host slot poisoned").take() {
+        match self.0.lock().take() {
             Some(tx) => {
                 let _ = tx.send(r);
                 true
@@ -36,7 +38,7 @@ impl HostSlot {
         }
     }
     pub fn is_answered(&self) -> bool {
-        self.0.lock().expect("host slot poisoned").is_none()
+        self.0.lock().is_none()
     }
 }
 

@@ -1,0 +1,234 @@
+//! Raw natives for the hot path of calls and spawns between processes of
+//! one sandbox.
+//!
+//! Why raw: an mlua callback costs 100–300 ns on our machines (the state
+//! lock, argument conversion into references, error wrapping), and a nested
+//! call crosses into Rust twice. These functions read their arguments from
+//! the Luau stack directly and push numbers, booleans and light userdata only.
+//!
+//! Invariants:
+//! * They never raise and never unwind: every Rust step runs behind the
+//!   panic barrier of [`with_kernel`], and the C-API calls they make cannot
+//!   raise (type checks before reads; at most three pushes, within the
+//!   `LUA_MINSTACK` slots Luau guarantees a C function).
+//! * When anything is unusual (not in a callback, callee busy, unknown
+//!   module, a limit) they change nothing and return no values; the prelude
+//!   then takes the mlua natives (`N.call`, `N.spawn`, `N.nest_done`), which
+//!   handle every case and report errors.
+//! * Module tables are pushed by the prelude from its `MODS` mirror, indexed
+//!   by module index + 1 (kept by the upgrade engine's commit).
+//! * This module imports the kernel only; `natives` installs it (never the
+//!   other way round).
+
+use std::ffi::c_int;
+
+use mlua::ffi;
+use mlua::Lua;
+
+use super::{Kernel, DEFAULT_CALL_TIMEOUT_MS};
+use crate::value::Pid;
+
+/// Runs `f` on the kernel behind a panic barrier: these functions are called
+/// from Luau's C stack, which a panic must never unwind through. A panic is
+/// parked in the kernel (`internal_error`) and re-raised by the scheduler at
+/// the end of the slice, where it fails the sandbox; here it reads as "no
+/// fast path".
+///
+/// # Safety
+///
+/// `state` must be a live thread of a VM created by mlua, on the thread
+/// running that VM (what Luau passes to a C function it calls).
+unsafe fn with_kernel<R>(
+    state: *mut ffi::lua_State,
+    f: impl FnOnce(&mut Kernel) -> R,
+) -> Option<R> {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: per this function's contract, `state` belongs to a live
+        // mlua VM, which is what `get_or_init_from_ptr` requires.
+        let lua = unsafe { Lua::get_or_init_from_ptr(state) };
+        let mut k = lua.try_app_data_mut::<Kernel>().ok()??;
+        Some(f(&mut k))
+    }));
+    match ran {
+        Ok(r) => r,
+        Err(payload) => {
+            let parked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: as above.
+                let lua = unsafe { Lua::get_or_init_from_ptr(state) };
+                if let Ok(Some(mut k)) = lua.try_app_data_mut::<Kernel>() {
+                    k.internal_error = Some(crate::vm::panic_text(&*payload));
+                }
+            }));
+            // Nowhere left to report it: never unwind into C.
+            if parked.is_err() {
+                std::process::abort();
+            }
+            None
+        }
+    }
+}
+
+/// The UTF-8 text of the string at `idx`, if it is one.
+///
+/// # Safety
+///
+/// `state` must be live and `idx` a valid index of its stack. The text
+/// borrows the Luau string, which must stay on the stack while it is used.
+unsafe fn str_at<'a>(state: *mut ffi::lua_State, idx: c_int) -> Option<&'a str> {
+    // SAFETY: `state` and `idx` are valid (the contract); the type check
+    // comes first, so `lua_tolstring` neither converts nor raises, and the
+    // pointer and length it returns describe the string's bytes, kept alive
+    // by the stack slot.
+    unsafe {
+        if ffi::lua_type(state, idx) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(state, idx, &mut len);
+        std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
+    }
+}
+
+/// Serial of the process a guest value names: a pid or a registered name.
+///
+/// # Safety
+///
+/// `state` must be live and `idx` a valid index of its stack.
+unsafe fn target_at(state: *mut ffi::lua_State, idx: c_int, k: &Kernel) -> Option<u64> {
+    // SAFETY: `state` and `idx` are valid (the contract); each read matches
+    // the type just checked.
+    unsafe {
+        match ffi::lua_type(state, idx) {
+            ffi::LUA_TSTRING => k.names.get(str_at(state, idx)?).copied(),
+            ffi::LUA_TLIGHTUSERDATA => {
+                let raw = ffi::lua_touserdata(state, idx) as usize as u64;
+                let pid = Pid::from_raw(raw)?;
+                k.procs.contains_key(&pid.serial()).then_some(pid.serial())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Pushes the three results of a begun nested job.
+///
+/// # Safety
+///
+/// `state` must be live with room for three values (a C function has
+/// `LUA_MINSTACK`).
+unsafe fn push_begun(state: *mut ffi::lua_State, serial: u64, module: u32, pid: Pid) -> c_int {
+    // SAFETY: `state` is live with room (the contract); these pushes
+    // allocate nothing, so they cannot raise.
+    unsafe {
+        ffi::lua_pushnumber(state, serial as f64);
+        ffi::lua_pushnumber(state, module as f64 + 1.0);
+        ffi::lua_pushlightuserdata(state, pid.raw() as usize as *mut std::ffi::c_void);
+    }
+    3
+}
+
+/// `call_fast(target, worker)`: begins a nested `handle_call` of an idle
+/// callee on `worker`. Returns `(serial, module_index, from)` or nothing.
+///
+/// # Safety
+///
+/// Called by Luau only, as a C function of a VM created by mlua.
+pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: Luau passes a live state whose stack holds our arguments;
+    // indices 1 and 2 are valid (absent arguments read as none/nil).
+    unsafe {
+        if ffi::lua_type(state, 2) != ffi::LUA_TTHREAD {
+            return 0;
+        }
+        let co = ffi::lua_topointer(state, 2) as usize;
+        let begun = with_kernel(state, |k| {
+            let me = k.current()?;
+            let to = target_at(state, 1, k)?;
+            if to == me || !k.nestable(to) {
+                return None;
+            }
+            let module = k.procs.get(&to)?.pid.module_index();
+            let token = k.token();
+            let from = k.begin_nested_call(me, to, token, co, DEFAULT_CALL_TIMEOUT_MS)?;
+            Some((to, module, from))
+        });
+        match begun.flatten() {
+            Some((to, module, from)) => push_begun(state, to, module, from),
+            None => 0,
+        }
+    }
+}
+
+/// `spawn_fast(module_name, name_or_nil, link, worker)`: creates a process
+/// and begins its `init` nested on `worker`. Returns `(serial,
+/// module_index, pid)` or nothing (`N.spawn` then explains or queues).
+///
+/// # Safety
+///
+/// Called by Luau only, as a C function of a VM created by mlua.
+pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: Luau passes a live state whose stack holds our arguments;
+    // indices 1 to 4 are valid. The strings read stay on the stack until
+    // we return.
+    unsafe {
+        if ffi::lua_type(state, 4) != ffi::LUA_TTHREAD {
+            return 0;
+        }
+        let Some(module) = str_at(state, 1) else {
+            return 0;
+        };
+        let name = match ffi::lua_type(state, 2) {
+            ffi::LUA_TNIL => None,
+            _ => match str_at(state, 2) {
+                Some(s) => Some(s),
+                None => return 0,
+            },
+        };
+        let link = ffi::lua_toboolean(state, 3) != 0;
+        let co = ffi::lua_topointer(state, 4) as usize;
+        let begun = with_kernel(state, |k| {
+            let me = k.current()?;
+            let mid = k.module_id(module)?;
+            if !k.nesting_left() || k.frozen.contains(&mid) || !k.is_server_module(mid) {
+                return None;
+            }
+            let child = k.create_idle_process(mid, Some(me), name).ok()?;
+            if link {
+                k.link(me, child);
+            }
+            let pid = k.procs.get(&child)?.pid;
+            let token = k.token();
+            k.begin_nested_init(me, child, token, co)
+                .then_some((child, mid, pid))
+        });
+        match begun.flatten() {
+            Some((child, mid, pid)) => push_begun(state, child, mid, pid),
+            None => 0,
+        }
+    }
+}
+
+/// `done_fast(serial)`: closes the nested job of `serial` when it is the
+/// innermost, its callback returned in time and nothing else needs deciding.
+/// Returns `true`, or nothing (then `N.nest_done` closes it).
+///
+/// # Safety
+///
+/// Called by Luau only, as a C function of a VM created by mlua.
+pub(crate) unsafe extern "C-unwind" fn done_fast(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: Luau passes a live state whose stack holds our argument; the
+    // type is checked before the read, and one push fits `LUA_MINSTACK`.
+    unsafe {
+        if ffi::lua_type(state, 1) != ffi::LUA_TNUMBER {
+            return 0;
+        }
+        let serial = ffi::lua_tonumber(state, 1) as u64;
+        let closed = with_kernel(state, |k| k.close_nested_fast(serial));
+        if closed == Some(true) {
+            ffi::lua_pushboolean(state, 1);
+            1
+        } else {
+            0
+        }
+    }
+}

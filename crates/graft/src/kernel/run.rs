@@ -1,0 +1,334 @@
+//! Running processes: a time slice of a sandbox, and one stretch of a
+//! process's callback (start a job or continue a suspended one) on a pooled
+//! worker thread with the CPU watch armed.
+//!
+//! Invariants:
+//! * The kernel is never borrowed while guest code runs: a stretch is
+//!   prepared with it borrowed, runs without it, and is settled with it
+//!   borrowed again ([`finish_job`]).
+//! * At most one callback per process is on the VM stack or suspended: a
+//!   process's next message starts only after its current job finished.
+//! * A process whose module a pending reload froze starts no new job, except
+//!   a call from another process (which may be what the reload waits for).
+
+use std::sync::atomic::Ordering;
+
+use mlua::{Lua, MultiValue, RegistryKey, Thread, Value};
+
+use super::exit::drain_exits;
+use super::outcome::{classify_error, classify_failure, finish_job, Outcome};
+use super::process::{Job, Run, Waiter};
+use super::timers::fire_timers;
+use super::{guest_memory, kernel, kernel_memory, Kernel, POOL_MAX, SLICE_MS};
+use crate::clock;
+use crate::value::ExitReason;
+use crate::vm::{self, MARK_AWAIT, MARK_DONE};
+
+/// Runs the sandbox until it has no runnable process or its slice ends.
+/// Returns whether work remains.
+pub(crate) fn run_slice(lua: &Lua) -> bool {
+    let started = clock::coarse_ms();
+    // 0: the scheduler asked for this slice to end early (see
+    // `Watch::end_slice_early`) before it began; keep that request.
+    let _ = kernel(lua).watch.slice_end.compare_exchange(
+        u64::MAX,
+        started + SLICE_MS,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    fire_timers(lua);
+    drain_exits(lua);
+    let mut budget = 10_000u32;
+    loop {
+        let next = kernel(lua).ready.pop_front();
+        let Some(serial) = next else { break };
+        run_process(lua, serial);
+        drain_exits(lua);
+        budget -= 1;
+        let slice_end = kernel(lua).watch.slice_end.load(Ordering::Relaxed);
+        if budget == 0 || clock::coarse_ms() >= slice_end.min(started + SLICE_MS) {
+            break;
+        }
+    }
+    lua.expire_registry_values();
+    let k = kernel(lua);
+    k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+    k.has_work()
+}
+
+/// What a process does next, decided with the kernel borrowed.
+enum Stretch {
+    /// Resume this worker with these arguments.
+    Run(Thread, MultiValue),
+    /// The job cannot start (its arguments are unreadable, no worker).
+    Fail(ExitReason),
+    /// Nothing to run now.
+    Nothing,
+}
+
+/// Runs (or resumes) the next piece of work of one process.
+pub(crate) fn run_process(lua: &Lua, serial: u64) {
+    let stretch = kernel(lua).next_stretch(lua, serial);
+    let outcome = match stretch {
+        Stretch::Run(thread, args) => resume(lua, serial, &thread, args),
+        Stretch::Fail(reason) => Outcome::Failed(reason),
+        Stretch::Nothing => return,
+    };
+    finish_job(lua, serial, outcome);
+}
+
+/// The failure of a job that could not start.
+fn cannot_start(message: String) -> ExitReason {
+    ExitReason::Error {
+        message,
+        traceback: String::new(),
+        module: None,
+        line: None,
+    }
+}
+
+impl Kernel {
+    /// Whether `serial` waits for a pending reload before its next job.
+    fn frozen_blocked(&self, serial: u64) -> bool {
+        let Some(p) = self.procs.get(&serial) else {
+            return false;
+        };
+        // A call from a process that is itself waiting still runs:
+        // its caller may be one of the processes the reload waits for.
+        matches!(p.run, Run::Idle)
+            && p.system.is_none()
+            && !self.frozen.is_empty()
+            && self.frozen.contains(&p.pid.module_index())
+            && !matches!(
+                p.mailbox.front(),
+                Some(Job::Call {
+                    waiter: Waiter::Process { .. },
+                    ..
+                })
+            )
+    }
+
+    /// Takes `serial` off the run queue and prepares its next stretch.
+    fn next_stretch(&mut self, lua: &Lua, serial: u64) -> Stretch {
+        let frozen_blocked = self.frozen_blocked(serial);
+        let Some(p) = self.procs.get_mut(&serial) else {
+            return Stretch::Nothing;
+        };
+        p.queued = false;
+        if frozen_blocked {
+            return Stretch::Nothing; // woken again when the reload finishes
+        }
+        match std::mem::replace(&mut p.run, Run::Running) {
+            Run::Resumable { thread, resume } => continue_stretch(lua, &thread, resume),
+            Run::Idle => self.start_job(lua, serial),
+            other => {
+                p.run = other;
+                Stretch::Nothing
+            }
+        }
+    }
+
+    /// Starts the next job of an idle process (`run` already `Running`).
+    fn start_job(&mut self, lua: &Lua, serial: u64) -> Stretch {
+        let Some(p) = self.procs.get_mut(&serial) else {
+            return Stretch::Nothing;
+        };
+        let job = match p.system.take() {
+            Some(j) => Some(*j),
+            None => p.mailbox.pop_front(),
+        };
+        let Some(job) = job else {
+            p.run = Run::Idle;
+            return Stretch::Nothing;
+        };
+        let module = p.pid.module_index();
+        p.used_ms = 0;
+        p.nested_ms = 0;
+        let op = job.op();
+        let table = self.module_tables[module as usize].clone();
+        let args = job_args(lua, table.map(Value::Table), &job);
+        let Some(p) = self.procs.get_mut(&serial) else {
+            return Stretch::Nothing;
+        };
+        p.job = Some(job);
+        let [module_value, a, b, c] = match args {
+            Ok(args) => args,
+            Err(e) => return Stretch::Fail(cannot_start(e)),
+        };
+        p.messages_handled += 1;
+        let thread = match self.pool.pop() {
+            Some(t) => t,
+            None => match lua.create_thread(self.worker.clone()) {
+                Ok(t) => t,
+                Err(_) => return Stretch::Fail(ExitReason::OutOfMemory),
+            },
+        };
+        let args = MultiValue::from_iter([
+            Value::Number(op as f64),
+            Value::Number(serial as f64),
+            module_value,
+            a,
+            b,
+            c,
+        ]);
+        Stretch::Run(thread, args)
+    }
+
+    /// Marks `serial`'s callback as on the VM stack; returns the CPU it used
+    /// before and the depths to restore when it comes off.
+    fn enter_stretch(&mut self, serial: u64) -> (u32, usize, usize) {
+        let used = self.procs.get(&serial).map(|p| p.used_ms).unwrap_or(0);
+        let depths = (self.stack.len(), self.nested.len());
+        self.stack.push((serial, clock::coarse_ms()));
+        (used, depths.0, depths.1)
+    }
+
+    /// Takes `serial`'s callback off the VM stack and charges its time.
+    fn leave_stretch(&mut self, lua: &Lua, serial: u64, start: u64, depths: (usize, usize)) {
+        self.stack.truncate(depths.0);
+        let orphans = self.nested.split_off(depths.1);
+        if !orphans.is_empty() {
+            self.crash_orphans(lua, orphans);
+        }
+        self.charge(serial, start, None);
+    }
+
+    /// The outcome of a worker that yielded back to the kernel.
+    fn yielded(&mut self, thread: &Thread, values: MultiValue, timed_out: bool) -> Outcome {
+        let mut it = values.into_iter();
+        let first = it.next();
+        match first.as_ref().and_then(vm::marker_of) {
+            Some(MARK_DONE) => {
+                self.pool_return(thread.clone());
+                if timed_out {
+                    // Returned, but past its deadline.
+                    Outcome::Failed(ExitReason::Timeout)
+                } else {
+                    Outcome::Done(it.next().unwrap_or(Value::Nil))
+                }
+            }
+            Some(MARK_AWAIT) => {
+                let token = match it.next() {
+                    Some(Value::Number(n)) => n as u64,
+                    Some(Value::Integer(n)) => n as u64,
+                    _ => 0,
+                };
+                Outcome::Suspended(token, thread.clone())
+            }
+            // No marker: preempted by the interrupt, or the guest yielded at
+            // top level. Either way the callback continues later.
+            _ => Outcome::Preempted(thread.clone()),
+        }
+    }
+
+    fn pool_return(&mut self, thread: Thread) {
+        if self.pool.len() < POOL_MAX {
+            self.pool.push(thread);
+        }
+    }
+}
+
+/// Continues a suspended or preempted callback.
+fn continue_stretch(
+    lua: &Lua,
+    thread: &RegistryKey,
+    resume: Option<(bool, RegistryKey)>,
+) -> Stretch {
+    let Ok(thread) = lua.registry_value::<Thread>(thread) else {
+        return Stretch::Fail(cannot_start("graft: the suspended callback is lost".into()));
+    };
+    let args = match resume {
+        Some((ok, key)) => {
+            let v: Value = lua.registry_value(&key).unwrap_or(Value::Nil);
+            let _ = lua.remove_registry_value(key);
+            MultiValue::from_iter([Value::Boolean(ok), v])
+        }
+        None => MultiValue::new(),
+    };
+    Stretch::Run(thread, args)
+}
+
+/// The callback's arguments as the prelude expects them: the module (or the
+/// eval chunk), then (a, b, c).
+fn job_args(lua: &Lua, module: Option<Value>, job: &Job) -> Result<[Value; 4], String> {
+    let get = |key: &RegistryKey| lua.registry_value::<Value>(key).map_err(|e| e.to_string());
+    let get_opt = |key: &Option<RegistryKey>| key.as_ref().map_or(Ok(Value::Nil), get);
+    let module = module.unwrap_or(Value::Nil);
+    Ok(match job {
+        Job::Init { args, .. } => [module, get_opt(args)?, Value::Nil, Value::Nil],
+        Job::Call {
+            request,
+            from,
+            waiter,
+        } => [
+            module,
+            get_opt(request)?,
+            from.map(|p| p.to_lua()).unwrap_or(Value::Nil),
+            // replies to processes are copied in the VM; hosts get JSON anyway
+            Value::Boolean(matches!(waiter, Waiter::Process { .. })),
+        ],
+        Job::Cast(m) | Job::Info(m) => [module, get(m)?, Value::Nil, Value::Nil],
+        Job::Terminate(reason) => {
+            let reason = reason.to_lua(lua).map_err(|e| e.to_string())?;
+            [module, reason, Value::Nil, Value::Nil]
+        }
+        Job::Eval { chunk, .. } => [get(chunk)?, Value::Nil, Value::Nil, Value::Nil],
+    })
+}
+
+/// Resumes a worker thread for `serial` with the interrupt armed.
+fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
+    let (used, depth, nested_depth) = kernel(lua).enter_stretch(serial);
+    let (limits, watch) = {
+        let k = kernel(lua);
+        (k.limits.clone(), k.watch.clone())
+    };
+    let start = clock::coarse_ms();
+    let deadline = start + limits.handler_ms.saturating_sub(used as u64);
+    let enclosing = watch.save();
+    watch.exempt.store(0, Ordering::Relaxed);
+    watch.arm(deadline, thread.to_pointer() as usize, true);
+    guest_memory(lua, &limits);
+    let result = thread.resume::<MultiValue>(args);
+    let timed_out = watch.timed_out.load(Ordering::Relaxed);
+    watch.restore(enclosing);
+    if enclosing.thread == 0 {
+        kernel_memory(lua, &limits);
+    }
+    kernel(lua).leave_stretch(lua, serial, start, (depth, nested_depth));
+    let outcome = match result {
+        Ok(values) => kernel(lua).yielded(thread, values, timed_out),
+        Err(e) => Outcome::Failed(raised(lua, thread, &e, timed_out)),
+    };
+    if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
+        // Luau does not collect when an allocation fails; without a full
+        // collection the garbage of the crashed callback would keep the
+        // sandbox at its limit.
+        let _ = lua.gc_collect();
+    }
+    outcome
+}
+
+/// The exit reason of a callback that raised and ended its worker. Runs Luau
+/// code (the prelude's `failure_of`, maybe a guest `__tostring`), so the
+/// kernel is not borrowed.
+fn raised(lua: &Lua, thread: &Thread, e: &mlua::Error, timed_out: bool) -> ExitReason {
+    let failure_of = kernel(lua).failure_of.clone();
+    let message = match e {
+        mlua::Error::RuntimeError(m) => m
+            .split_once("\nstack traceback:")
+            .map_or(m.as_str(), |(head, _)| head)
+            .to_owned(),
+        other => other.to_string(),
+    };
+    // The worker's stack still shows where it raised.
+    let info = failure_of
+        .call::<Value>((thread.clone(), message))
+        .unwrap_or(Value::Nil);
+    match info {
+        Value::Table(_) if !matches!(e, mlua::Error::MemoryError(_)) => {
+            classify_failure(lua, &info, timed_out)
+        }
+        _ => classify_error(lua, e, timed_out),
+    }
+}

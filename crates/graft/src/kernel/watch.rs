@@ -1,0 +1,302 @@
+//! Two watches over guest code: the CPU watch the VM interrupt enforces
+//! (`handler_ms` per callback, the end of a time slice), and the canary watch
+//! that counts crashes of freshly upgraded processes.
+//!
+//! Both live in the kernel because the kernel sees what they watch (every
+//! safepoint, every exit). The upgrade engine arms them; it imports this
+//! module, never the other way round.
+//!
+//! Invariants:
+//! * The interrupt never panics and never unwinds Rust frames: it reads
+//!   atomics through a pointer a live [`WatchScope`] keeps valid, and raises
+//!   (`lua_error`) only after every Rust value it made is dropped.
+//! * Once a callback is past its deadline the interrupt raises at every
+//!   safepoint, so a guest `pcall` cannot swallow the timeout.
+//! * A canary counts only abnormal exits of processes that run an upgraded
+//!   version; the node runtime performs the rollback, after the slice.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use mlua::Lua;
+
+use super::{kernel, Kernel, MODULE_BODY_MS};
+use crate::clock;
+use crate::value::ExitReason;
+
+/// Shared with the VM interrupt: everything it needs, as atomics.
+pub(crate) struct Watch {
+    /// Coarse ms after which the interrupt looks closer (min of the two below).
+    pub(super) check_at: AtomicU64,
+    /// Coarse ms at which the running callback exceeds `handler_ms`.
+    pub(super) deadline: AtomicU64,
+    /// Coarse ms at which the current time slice ends.
+    pub(super) slice_end: AtomicU64,
+    /// Set once the running callback is past its deadline: the interrupt keeps
+    /// raising, so a guest `pcall` cannot swallow the timeout.
+    pub(super) timed_out: AtomicBool,
+    /// The Luau thread of the innermost running callback (as a pointer).
+    pub(super) thread: AtomicUsize,
+    /// Whether to yield at the end of the slice (off during reload steps).
+    pub(super) preemptible: AtomicBool,
+    /// The caller's worker while the prelude runs a nested job itself: that
+    /// thread only runs prelude code until it closes the nested frame, so the
+    /// interrupt leaves it alone (a callee's timeout is the callee's).
+    pub(super) exempt: AtomicUsize,
+    pub(super) handler_ms: u64,
+}
+
+/// What a callback had armed, restored when a nested one ends.
+#[derive(Clone, Copy)]
+pub(crate) struct WatchSave {
+    pub(super) deadline: u64,
+    pub(super) thread: usize,
+    pub(super) preemptible: bool,
+    pub(super) exempt: usize,
+    pub(super) saved_at: u64,
+}
+
+impl Watch {
+    pub(super) fn new(handler_ms: u64) -> Watch {
+        Watch {
+            check_at: AtomicU64::new(u64::MAX),
+            deadline: AtomicU64::new(u64::MAX),
+            slice_end: AtomicU64::new(u64::MAX),
+            timed_out: AtomicBool::new(false),
+            thread: AtomicUsize::new(0),
+            preemptible: AtomicBool::new(false),
+            exempt: AtomicUsize::new(0),
+            handler_ms,
+        }
+    }
+    pub(super) fn arm(&self, deadline: u64, thread: usize, preemptible: bool) {
+        self.deadline.store(deadline, Ordering::Relaxed);
+        self.thread.store(thread, Ordering::Relaxed);
+        self.timed_out.store(false, Ordering::Relaxed);
+        self.preemptible.store(preemptible, Ordering::Relaxed);
+        let slice = if preemptible {
+            self.slice_end.load(Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
+        self.check_at.store(deadline.min(slice), Ordering::Relaxed);
+    }
+    /// What the enclosing callback had armed, to restore after a nested one.
+    pub(super) fn save(&self) -> WatchSave {
+        WatchSave {
+            deadline: self.deadline.load(Ordering::Relaxed),
+            thread: self.thread.load(Ordering::Relaxed),
+            preemptible: self.preemptible.load(Ordering::Relaxed),
+            exempt: self.exempt.load(Ordering::Relaxed),
+            saved_at: clock::coarse_ms(),
+        }
+    }
+    /// Re-arms the enclosing callback; the time the nested one ran does not
+    /// count against the enclosing callback's `handler_ms`.
+    pub(super) fn restore(&self, saved: WatchSave) {
+        self.exempt.store(saved.exempt, Ordering::Relaxed);
+        if saved.thread == 0 && saved.deadline == u64::MAX {
+            self.disarm();
+            return;
+        }
+        let nested = clock::coarse_ms().saturating_sub(saved.saved_at);
+        self.arm(
+            saved.deadline.saturating_add(nested),
+            saved.thread,
+            saved.preemptible,
+        );
+    }
+    pub(super) fn disarm(&self) {
+        self.check_at.store(u64::MAX, Ordering::Relaxed);
+        self.deadline.store(u64::MAX, Ordering::Relaxed);
+        self.thread.store(0, Ordering::Relaxed);
+    }
+    /// Bounds CPU time of trusted-but-guest-driven code run outside a process
+    /// (module evaluation, migrations) by `handler_ms`.
+    pub fn arm_for_host_code(&self) {
+        self.arm(clock::coarse_ms() + self.handler_ms, 0, false);
+    }
+    /// Bounds a candidate module's body (run by a reload, a dry run, a
+    /// sandbox's creation) by [`MODULE_BODY_MS`]: a slow or looping body must
+    /// not stall the live processes for a whole `handler_ms`.
+    pub fn arm_for_module_body(&self) {
+        let ms = self.handler_ms.min(MODULE_BODY_MS);
+        self.arm(clock::coarse_ms() + ms, 0, false);
+    }
+    /// Ends a stretch armed by [`Watch::arm_for_host_code`] or
+    /// [`Watch::arm_for_module_body`]; returns whether it ran out of time.
+    /// Ends the running time slice at the next safepoint (the scheduler
+    /// calls this when fresh work waits and no thread is free). Harmless
+    /// between slices: the next slice then ends after its first callback.
+    pub(crate) fn end_slice_early(&self) {
+        self.slice_end.store(0, Ordering::Relaxed);
+        self.check_at.store(0, Ordering::Relaxed);
+    }
+    pub fn disarm_host_code(&self) -> bool {
+        let t = self.timed_out.load(Ordering::Relaxed);
+        self.disarm();
+        t
+    }
+}
+
+thread_local! {
+    /// The watch of the sandbox whose VM this thread is running. The VM
+    /// interrupt runs at every Luau call, return and loop back-edge, so it
+    /// reads its limits through this raw pointer (one thread-local load)
+    /// rather than through mlua's callback machinery; a sandbox is only ever
+    /// run by one thread at a time. The [`WatchScope`] that set it keeps the
+    /// watch alive.
+    static WATCH: std::cell::Cell<*const Watch> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Makes `watch` the one the interrupt enforces on this thread until dropped.
+pub(crate) struct WatchScope {
+    _watch: Arc<Watch>,
+    previous: *const Watch,
+}
+
+impl WatchScope {
+    /// Enters `lua`'s watch on this thread (the sandbox is about to run here).
+    pub fn enter(lua: &Lua) -> WatchScope {
+        let watch = kernel(lua).watch.clone();
+        let previous = WATCH.with(|w| w.replace(Arc::as_ptr(&watch)));
+        WatchScope {
+            _watch: watch,
+            previous,
+        }
+    }
+}
+
+impl Drop for WatchScope {
+    fn drop(&mut self) {
+        WATCH.with(|w| w.set(self.previous));
+    }
+}
+
+/// What the interrupt does at a safepoint.
+enum Act {
+    Continue,
+    Timeout(u64),
+    Yield,
+}
+
+/// Decides what the interrupt does on thread `state` at `now`. Plain atomics:
+/// nothing here can panic, so the interrupt needs no unwind barrier.
+fn decide(watch: &Watch, state: usize, now: u64) -> Act {
+    if now < watch.check_at.load(Ordering::Relaxed) || state == watch.exempt.load(Ordering::Relaxed)
+    {
+        return Act::Continue;
+    }
+    let deadline = watch.deadline.load(Ordering::Relaxed);
+    if now >= deadline || watch.timed_out.load(Ordering::Relaxed) {
+        watch.timed_out.store(true, Ordering::Relaxed);
+        return Act::Timeout(watch.handler_ms);
+    }
+    watch.check_at.store(deadline, Ordering::Relaxed);
+    if watch.preemptible.load(Ordering::Relaxed)
+        && now >= watch.slice_end.load(Ordering::Relaxed)
+        && state == watch.thread.load(Ordering::Relaxed)
+    {
+        Act::Yield
+    } else {
+        Act::Continue
+    }
+}
+
+/// The VM interrupt (every Luau call, return and loop back-edge).
+///
+/// # Safety
+///
+/// Called by Luau only, with `state` a live thread of a VM whose interrupt
+/// was set by [`install_interrupt`], on the thread running that VM.
+unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std::ffi::c_int) {
+    if gc >= 0 {
+        return; // GC safepoints: nothing to enforce
+    }
+    // `try_with`: during thread teardown there is no watch to enforce.
+    let watch = WATCH.try_with(|w| w.get()).unwrap_or(std::ptr::null());
+    if watch.is_null() {
+        return;
+    }
+    // SAFETY: a non-null pointer was set by a `WatchScope` still alive on
+    // this thread (its drop resets it), and that scope owns an `Arc` of it.
+    let watch = unsafe { &*watch };
+    match decide(watch, state as usize, clock::coarse_ms()) {
+        Act::Continue => {}
+        // Raised again at every safepoint once past the deadline, so a
+        // guest `pcall` cannot swallow it.
+        Act::Timeout(ms) => {
+            let msg = format!("timeout: callback ran longer than handler_ms ({ms} ms)");
+            // SAFETY: `state` is live (see the contract); the string is
+            // copied by Luau before `msg` is dropped, and `lua_error` runs
+            // when no Rust value with a destructor is left in this frame.
+            unsafe {
+                mlua::ffi::lua_pushlstring(state, msg.as_ptr().cast(), msg.len());
+                drop(msg);
+                mlua::ffi::lua_error(state);
+            }
+        }
+        Act::Yield => {
+            // SAFETY: `state` is live; yielding from an interrupt is allowed
+            // where Luau reports the thread yieldable.
+            unsafe {
+                if mlua::ffi::lua_isyieldable(state) != 0 {
+                    mlua::ffi::lua_yield(state, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Sets the VM interrupt that enforces the CPU watch.
+pub(super) fn install_interrupt(lua: &Lua) {
+    // SAFETY: `exec_raw` hands us the VM's main state, live for the call;
+    // lua_callbacks is shared by every thread of this VM, and setting the
+    // interrupt pointer is what mlua's own `set_interrupt` does. `interrupt`
+    // upholds its contract: it is only ever called by this VM's Luau.
+    unsafe {
+        let _ = lua.exec_raw::<()>((), |state| {
+            (*mlua::ffi::lua_callbacks(state)).interrupt = Some(interrupt);
+        });
+    }
+}
+
+/// What a canary watches and what it would roll back to.
+#[derive(Clone, Debug)]
+pub(crate) struct CanaryWatch {
+    /// (module index, upgraded version, version to roll back to, module name)
+    pub modules: Vec<(u32, u32, u32, String)>,
+    pub crashes_allowed: u32,
+    pub crashes: u32,
+    pub last_reason: Option<String>,
+    pub timer: u64,
+}
+
+impl CanaryWatch {
+    /// Counts an abnormal exit of a process running an upgraded version.
+    pub fn note_exit(&mut self, module: u32, version: u32, reason: &ExitReason) {
+        if self
+            .modules
+            .iter()
+            .any(|(m, v, _, _)| *m == module && *v == version)
+        {
+            self.crashes += 1;
+            self.last_reason = Some(reason.to_string());
+        }
+    }
+    /// Whether enough crashes happened to roll back.
+    pub fn tripped(&self) -> bool {
+        self.crashes >= self.crashes_allowed.max(1)
+    }
+}
+
+impl Kernel {
+    /// The canary window closed without enough crashes: the upgrade stands.
+    pub(super) fn canary_expired(&mut self) {
+        if let Some(c) = self.canary.take() {
+            let modules: Vec<&String> = c.modules.iter().map(|m| &m.3).collect();
+            let detail = serde_json::json!({ "modules": modules, "crashes": c.crashes });
+            self.event("canary_passed", detail);
+        }
+    }
+}
