@@ -21,13 +21,13 @@ use std::time::Instant;
 use mlua::{Table, Value};
 
 use super::graph::{affected_by, find_cycle, require_position, topo_order};
-use super::guest::{chunk_of, failure_in, first_line};
+use super::guest::{aborted, chunk_of, failure_in, first_line};
 use super::history::ModuleVersion;
 use super::migrate::Migration;
 use super::prepare::PreparedModule;
 use super::{
     module_kind, remember_chunk, Applied, Direction, Engine, ModuleChange, ReloadOptions, ReloadReport,
-    ReloadStatus, Timings,
+    ReloadStatus, Request, Timings,
 };
 use crate::diagnostic::Diagnostic;
 use crate::error::{Error, ReloadStep, Result};
@@ -42,16 +42,6 @@ pub(super) struct Plan {
     pub affected: BTreeSet<String>,
     /// `affected` in dependency order (dependencies first).
     pub order: Vec<String>,
-}
-
-/// The reload's inputs as the steps see them.
-pub(super) struct Request<'a> {
-    pub vm: &'a Vm,
-    pub opts: &'a ReloadOptions,
-    pub direction: Direction,
-    pub target_versions: Option<&'a HashMap<String, u32>>,
-    /// The changed modules by name.
-    pub by_name: HashMap<&'a str, &'a PreparedModule>,
 }
 
 impl Engine {
@@ -326,23 +316,6 @@ fn quiesce(vm: &Vm, affected: &BTreeSet<String>) -> Option<Vec<u32>> {
         k.intern_module(n);
     }
     None
-}
-
-/// A `reload_aborted` error of `step` about `module`.
-pub(super) fn aborted(
-    step: ReloadStep,
-    module: Option<&str>,
-    line: Option<u32>,
-    message: String,
-) -> Error {
-    Error::ReloadAborted {
-        step,
-        module: module.map(str::to_owned),
-        process: None,
-        line,
-        column: None,
-        message,
-    }
 }
 
 /// Runs a module chunk under the sandbox's CPU budget; it must return a table.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use super::prepare::PreparedModule;
+use crate::error::{Error, ReloadStep};
 
 /// The first line of `s`.
 pub(super) fn first_line(s: &str) -> &str {
@@ -61,4 +62,21 @@ pub(super) fn line_in(chunk: &str, message: &str, traceback: &str) -> Option<u32
         .chain(frames)
         .find(|(c, _)| *c == chunk)
         .map(|(_, line)| line)
+}
+
+/// A `reload_aborted` error of `step` about `module`.
+pub(super) fn aborted(
+    step: ReloadStep,
+    module: Option<&str>,
+    line: Option<u32>,
+    message: String,
+) -> Error {
+    Error::ReloadAborted {
+        step,
+        module: module.map(str::to_owned),
+        process: None,
+        line,
+        column: None,
+        message,
+    }
 }

@@ -9,9 +9,8 @@ use std::collections::BTreeSet;
 use mlua::{Function, Table, Value};
 use serde_json::Value as Json;
 
-use super::apply::{aborted, Request};
-use super::guest::{chunk_of, failure_in, guest_text, line_in};
-use super::{module_kind, Direction, Engine, RustStateHandler, StateHandler};
+use super::guest::{aborted, chunk_of, failure_in, guest_text, line_in};
+use super::{module_kind, Direction, Engine, Request, RustStateHandler, StateHandler};
 use crate::error::{Error, ReloadStep, Result};
 use crate::sandbox::kernel;
 use crate::vm::Vm;

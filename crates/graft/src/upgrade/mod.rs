@@ -35,7 +35,7 @@ mod history;
 mod migrate;
 mod prepare;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use mlua::{Lua, Table, Value};
@@ -171,6 +171,16 @@ pub(crate) struct Engine {
     pub max_versions: usize,
     /// `require` view: module name → current table (a Lua table).
     pub view: Table,
+}
+
+/// The reload's inputs as the steps see them.
+struct Request<'a> {
+    pub vm: &'a Vm,
+    pub opts: &'a ReloadOptions,
+    pub direction: Direction,
+    pub target_versions: Option<&'a HashMap<String, u32>>,
+    /// The changed modules by name.
+    pub by_name: HashMap<&'a str, &'a PreparedModule>,
 }
 
 /// A reload that could not run yet because processes were mid-callback.

@@ -11,6 +11,7 @@ use super::json_to_lua;
 /// `{ error = message, traceback = text }`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
+#[non_exhaustive]
 pub enum ExitReason {
     /// Finished normally: links are not affected.
     Normal,

@@ -147,6 +147,7 @@ pub struct Finding {
 
 /// The kinds of problem [`analyze`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FindingKind {
     /// The source is not valid Luau; the message is the parser's.
     SyntaxError,
