@@ -25,7 +25,10 @@ pub enum Error {
     #[error("no module `{0}` in this sandbox")]
     NoModule(String),
     /// The module has no kept version with this number.
-    #[error("module `{module}` has no kept version {version} (kept: {})", kept_text(kept))]
+    #[error(
+        "module `{module}` has no kept version {version} (kept: {})",
+        kept_text(kept)
+    )]
     NoVersion {
         /// Module name.
         module: String,
@@ -281,13 +284,19 @@ mod tests {
             version: 9,
             kept: vec![3, 4, 5],
         };
-        assert_eq!(e.to_string(), "module `m` has no kept version 9 (kept: 3, 4, 5)");
+        assert_eq!(
+            e.to_string(),
+            "module `m` has no kept version 9 (kept: 3, 4, 5)"
+        );
         let none = Error::NoVersion {
             module: "m".into(),
             version: 1,
             kept: vec![],
         };
-        assert_eq!(none.to_string(), "module `m` has no kept version 1 (kept: )");
+        assert_eq!(
+            none.to_string(),
+            "module `m` has no kept version 1 (kept: )"
+        );
     }
 
     #[test]

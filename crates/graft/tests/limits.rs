@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft::{
-    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Node, ReloadStep, Sandbox, SandboxSpec,
+    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Node, ReloadStep, Sandbox,
+    SandboxSpec,
 };
 use serde_json::{json, Value as Json};
 

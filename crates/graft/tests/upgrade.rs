@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use graft::{
-    block_on, Error, Node, ReloadOptions, ReloadStatus, ReloadStep, Sandbox, SandboxSpec, StateHandler,
+    block_on, Error, Node, ReloadOptions, ReloadStatus, ReloadStep, Sandbox, SandboxSpec,
+    StateHandler,
 };
 use serde_json::{json, Value};
 

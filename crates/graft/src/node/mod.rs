@@ -845,7 +845,11 @@ impl Sandbox {
         self.ask(move |rt| {
             for (name, versions) in histories {
                 let max = rt.engine.max_versions;
-                rt.engine.modules.entry(name).or_default().replace(versions, max);
+                rt.engine
+                    .modules
+                    .entry(name)
+                    .or_default()
+                    .replace(versions, max);
             }
         })
         .await?;

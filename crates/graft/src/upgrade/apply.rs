@@ -26,8 +26,8 @@ use super::history::ModuleVersion;
 use super::migrate::Migration;
 use super::prepare::PreparedModule;
 use super::{
-    module_kind, remember_chunk, Applied, Direction, Engine, ModuleChange, ReloadOptions, ReloadReport,
-    ReloadStatus, Request, Timings,
+    module_kind, remember_chunk, Applied, Direction, Engine, ModuleChange, ReloadOptions,
+    ReloadReport, ReloadStatus, Request, Timings,
 };
 use crate::diagnostic::Diagnostic;
 use crate::error::{Error, ReloadStep, Result};
@@ -142,7 +142,9 @@ impl Engine {
                         &p.source,
                         line,
                         column,
-                        format!("`require(\"{d}\")`: no module `{d}` in this sandbox or in this reload"),
+                        format!(
+                            "`require(\"{d}\")`: no module `{d}` in this sandbox or in this reload"
+                        ),
                     )],
                 });
             }
@@ -305,9 +307,9 @@ fn quiesce(vm: &Vm, affected: &BTreeSet<String>) -> Option<Vec<u32>> {
     let mut k = kernel(&vm.lua);
     let ids: Vec<u32> = affected.iter().filter_map(|n| k.module_id(n)).collect();
     let busy = ids.iter().any(|m| {
-        k.procs.values().any(|p| {
-            p.pid.module_index() == *m && (!matches!(p.run, Run::Idle) || p.job.is_some())
-        })
+        k.procs
+            .values()
+            .any(|p| p.pid.module_index() == *m && (!matches!(p.run, Run::Idle) || p.job.is_some()))
     });
     if busy {
         return Some(ids);

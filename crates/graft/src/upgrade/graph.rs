@@ -79,7 +79,10 @@ pub fn find_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
 }
 
 /// `subset` in dependency order (dependencies first). Assumes no cycle.
-pub(super) fn topo_order(deps: &BTreeMap<String, Vec<String>>, subset: &BTreeSet<String>) -> Vec<String> {
+pub(super) fn topo_order(
+    deps: &BTreeMap<String, Vec<String>>,
+    subset: &BTreeSet<String>,
+) -> Vec<String> {
     fn visit(
         n: &str,
         deps: &BTreeMap<String, Vec<String>>,

@@ -86,7 +86,12 @@ impl ModuleHistory {
         let newest = versions.last().map(|v| v.version).unwrap_or(self.current);
         self.versions = versions.into_iter().collect();
         self.current = newest;
-        self.next = self.versions.iter().map(|v| v.version).max().unwrap_or(newest);
+        self.next = self
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(newest);
         self.evict(max);
     }
 

@@ -146,15 +146,9 @@ fn migrate_batch(
         migrate_with_luau(vm, f, args)
     };
     let result = match (&opts.state_handler, handler_fn, code_change) {
-        (Some(StateHandler::Rust(f)), _, _) if !is_supervisor => migrate_with_rust(
-            vm,
-            f,
-            &b.serials,
-            &b.old_vsn,
-            b.new_vsn,
-            &opts.extra,
-            &out,
-        ),
+        (Some(StateHandler::Rust(f)), _, _) if !is_supervisor => {
+            migrate_with_rust(vm, f, &b.serials, &b.old_vsn, b.new_vsn, &opts.extra, &out)
+        }
         (_, Some(f), _) if !is_supervisor => luau(f, true),
         (_, _, Some(f)) if !is_supervisor => luau(&f, false),
         _ => return Ok(None), // no migration: states are kept as they are
@@ -196,9 +190,8 @@ fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
     const CHUNK: &str = "state_handler";
     let bytecode = super::prepare::compile_source(CHUNK, "state_handler.luau", src, 1 << 20)?;
     // Lines are in the handler's source: there is no module.
-    let abort = |message: String, line: Option<u32>| {
-        aborted(ReloadStep::StateHandler, None, line, message)
-    };
+    let abort =
+        |message: String, line: Option<u32>| aborted(ReloadStep::StateHandler, None, line, message);
     let chunk = vm
         .load_guest(CHUNK, &bytecode)
         .map_err(|e| abort(e.to_string(), None))?;

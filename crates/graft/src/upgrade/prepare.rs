@@ -226,7 +226,12 @@ mod tests {
         assert!(kept.iter().all(|v| !v.bytecode.is_empty()));
 
         modules.get_mut("m").unwrap()[0].source = "return { v = 3 }".into();
-        let err = prepare_import(modules, 1 << 20, &BTreeMap::new()).err().unwrap();
-        assert!(err.to_string().contains("does not match its checksum"), "{err}");
+        let err = prepare_import(modules, 1 << 20, &BTreeMap::new())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("does not match its checksum"),
+            "{err}"
+        );
     }
 }

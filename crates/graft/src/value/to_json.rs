@@ -451,4 +451,3 @@ fn escape_extra(s: &str) -> usize {
         })
         .sum()
 }
-

@@ -106,7 +106,6 @@ fn parse_luau_error(text: &str) -> (usize, String) {
     (1, text.trim().to_owned())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -201,7 +201,11 @@ pub(super) fn freeze_builtins(lua: &Lua) -> mlua::Result<()> {
 }
 
 /// Exposes `"kv.get"`-style host functions as `kv.get` in the guest globals.
-fn install_host_functions(lua: &Lua, globals: &Table, host: HostFunctionsIn<'_>) -> mlua::Result<()> {
+fn install_host_functions(
+    lua: &Lua,
+    globals: &Table,
+    host: HostFunctionsIn<'_>,
+) -> mlua::Result<()> {
     let HostFunctionsIn {
         fns: host_fns,
         pid_text,
@@ -287,7 +291,6 @@ pub fn known_globals(grants: &[String], host_fns: &BTreeMap<String, HostFn>) -> 
     }
     names
 }
-
 
 /// The text of a panic's payload (`&str` or `String`), for logs and errors.
 pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {

@@ -27,10 +27,10 @@ use std::sync::Arc;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
-pub use compile::{compile, COMPILE_TIMEOUT};
-pub use env::{known_globals, safe_globals, HostFn, LUAU_SAFE_GLOBALS};
-pub(crate) use env::PidText;
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
+pub use compile::{compile, COMPILE_TIMEOUT};
+pub(crate) use env::PidText;
+pub use env::{known_globals, safe_globals, HostFn, LUAU_SAFE_GLOBALS};
 
 const PRELUDE: &str = include_str!("prelude.luau");
 const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
@@ -178,8 +178,8 @@ fn start_supervisor(lua: &Lua, real: &Table, prelude: &Table, natives: Table) ->
         supervisor_env.raw_set(k, v)?;
     }
     supervisor_env.set_safeenv(true);
-    let supervisor: Table =
-        load_trusted(lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?.call((
+    let supervisor: Table = load_trusted(lua, "=graft.supervisor", SUPERVISOR, &supervisor_env)?
+        .call((
             graft,
             natives,
             prelude.raw_get::<Function>("await_shutdown")?,

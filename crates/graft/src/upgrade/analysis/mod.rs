@@ -74,11 +74,10 @@ use full_moon::LuaVersion;
 
 pub use crate::diagnostic::MAX_PER_MODULE;
 use crate::error::Result;
+use crate::vm::parse::{is_shallow, on_parser_stack};
 pub use crate::vm::parse::{nesting_exceeds, syntax_error_column, PARSER_STACK_BYTES};
 pub use crate::vm::LUAU_SAFE_GLOBALS;
-use crate::vm::parse::{is_shallow, on_parser_stack};
 use walk::{Scope, Walker};
-
 
 /// Global names a module may never use, whatever the sandbox grants: each
 /// use (read or write) is a [`FindingKind::ForbiddenConstruct`], unless the
@@ -188,8 +187,6 @@ pub fn analyze(
     on_parser_stack(|| analyze_here(source, is_known_global))
 }
 
-
-
 /// full_moon panics on some malformed sources (found by fuzzing: `@`
 /// without a name, a NUL byte before a type): behind this barrier such a
 /// source is a syntax error, never a panic in the caller.
@@ -252,7 +249,6 @@ fn analyze_unguarded(
         findings: walker.findings.into_sorted(),
     }
 }
-
 
 /// The first [`MAX_PER_MODULE`] findings by position, and a count of the
 /// others.

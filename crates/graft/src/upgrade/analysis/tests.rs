@@ -181,14 +181,15 @@ fn later_locals_are_not_visible_earlier() {
 
 #[test]
 fn repeat_until_condition_sees_body_locals() {
-    let a =
-        run("local n = 0\nrepeat\n  local done = n > 3\n  n += 1\nuntil done\nreturn done\n");
+    let a = run("local n = 0\nrepeat\n  local done = n > 3\n  n += 1\nuntil done\nreturn done\n");
     assert_eq!(at(&a), vec![(FindingKind::UngrantedGlobal, 6, 8)]);
 }
 
 #[test]
 fn for_variables_are_not_visible_after_the_loop() {
-    let a = run("for i = 1, 3 do print(i) end\nfor k, v in pairs({}) do print(k, v) end\nreturn i, k, v\n");
+    let a = run(
+        "for i = 1, 3 do print(i) end\nfor k, v in pairs({}) do print(k, v) end\nreturn i, k, v\n",
+    );
     assert_eq!(
         at(&a),
         vec![
@@ -225,9 +226,8 @@ fn methods_get_self_and_plain_functions_do_not() {
 
 #[test]
 fn global_assignment_forms() {
-    let a = run(
-        "x = 1\nfunction foo() end\nlocal function g()\n  function bar() end\n  y += 1\nend\n",
-    );
+    let a =
+        run("x = 1\nfunction foo() end\nlocal function g()\n  function bar() end\n  y += 1\nend\n");
     assert_eq!(
         at(&a),
         vec![
@@ -423,8 +423,7 @@ fn findings_keep_the_first_by_position_and_count_the_rest() {
     let a = run(&source);
     assert_eq!(a.findings.len(), MAX_PER_MODULE);
     assert_eq!(a.more, 1000 - MAX_PER_MODULE);
-    let positions: Vec<(usize, usize)> =
-        a.findings.iter().map(|f| (f.line, f.column)).collect();
+    let positions: Vec<(usize, usize)> = a.findings.iter().map(|f| (f.line, f.column)).collect();
     let expected: Vec<(usize, usize)> = (1..=10).flat_map(|l| [(l, 1), (l, 6)]).collect();
     assert_eq!(positions, expected);
     assert_eq!(a.findings[1].kind, FindingKind::UngrantedGlobal);
@@ -474,7 +473,6 @@ fn the_deepest_nesting_luau_accepts_is_analysed() {
     assert_eq!(run(&calls).findings, vec![]);
 }
 
-
 #[test]
 fn small_sources_parsed_inline_fit_a_small_stack() {
     // Chains the nesting estimate does not count; any such source Luau
@@ -496,8 +494,7 @@ fn small_sources_parsed_inline_fit_a_small_stack() {
     for (head, link, tail) in chains {
         for n in [100, 400, 1600, 6400] {
             let source = format!("{head}{}{tail}\nreturn x\n", link.repeat(n));
-            if !is_shallow(&source)
-                || crate::vm::compile("m", "m.luau", &source, 1 << 20).is_err()
+            if !is_shallow(&source) || crate::vm::compile("m", "m.luau", &source, 1 << 20).is_err()
             {
                 continue;
             }

@@ -10,10 +10,7 @@ use full_moon::ast::{
 };
 use full_moon::tokenizer::{TokenReference, TokenType};
 
-use super::{
-    FindingKind, Kept, Require, DYNAMIC_REQUIRE, FORBIDDEN_GLOBALS, GRAFT_GLOBALS,
-};
-
+use super::{FindingKind, Kept, Require, DYNAMIC_REQUIRE, FORBIDDEN_GLOBALS, GRAFT_GLOBALS};
 
 /// Locals in scope: a stack for scope ends, and a count per name so a
 /// lookup costs one hash, however many locals are in scope.
