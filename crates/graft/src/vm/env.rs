@@ -68,10 +68,10 @@ pub const LUAU_SAFE_GLOBALS: &[&str] = &[
 ];
 
 /// Globals every sandbox gets: the Luau builtins the static analysis accepts
-/// ([`LUAU_SAFE_GLOBALS`](crate::upgrade::analysis::LUAU_SAFE_GLOBALS)) plus
-/// Graft's own `graft` and `require`. `os` and `math.random` are capabilities.
+/// ([`LUAU_SAFE_GLOBALS`]) plus Graft's own `graft` and `require`. `os` and
+/// `math.random` are capabilities.
 pub fn safe_globals() -> impl Iterator<Item = &'static str> {
-    crate::upgrade::analysis::LUAU_SAFE_GLOBALS
+    LUAU_SAFE_GLOBALS
         .iter()
         .copied()
         .chain(["graft", "require"])
