@@ -8,6 +8,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use graft::error::ReloadStep;
 use graft::Error;
 use serde_json::{json, Value};
 
@@ -135,13 +136,17 @@ pub fn status_for(e: &Error) -> StatusCode {
         | Error::NoModule(_)
         | Error::NoVersion { .. } => StatusCode::NOT_FOUND,
         // A failed behaviour check is a check error (SPEC §6: 422).
-        Error::ReloadAborted { step, .. } if step == "check" => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::ReloadAborted {
+            step: ReloadStep::Check,
+            ..
+        } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::SandboxExists(_) | Error::ReloadAborted { .. } => StatusCode::CONFLICT,
         Error::InvalidInput(_)
         | Error::Compile { .. }
         | Error::SpawnFailed { .. }
         | Error::NotPlainData(_)
-        | Error::Luau(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        | Error::Luau(_)
+        | Error::Vm(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::MailboxFull(_) | Error::TooManyProcesses(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::Crashed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         Error::SandboxStopped(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -172,15 +177,10 @@ impl From<Error> for ApiError {
                 module,
                 version,
                 kept,
-            } => {
-                let kept: Vec<u32> = kept
-                    .split(',')
-                    .filter_map(|v| v.trim().parse().ok())
-                    .collect();
-                base.with("module", module)
-                    .with("version", version)
-                    .with("kept", kept)
-            }
+            } => base
+                .with("module", module)
+                .with("version", version)
+                .with("kept", kept),
             Error::Compile { diagnostics } => {
                 let mut err = base;
                 if let Some(d) = diagnostics.first() {
@@ -270,14 +270,14 @@ mod tests {
             Error::NoVersion {
                 module: s(),
                 version: 2,
-                kept: "1, 3".into(),
+                kept: vec![1, 3],
             },
             Error::InvalidInput(s()),
             Error::Compile {
                 diagnostics: Vec::new(),
             },
             Error::ReloadAborted {
-                step: "migrate".into(),
+                step: ReloadStep::Migrate,
                 module: None,
                 process: None,
                 line: None,
@@ -285,7 +285,7 @@ mod tests {
                 message: s(),
             },
             Error::ReloadAborted {
-                step: "check".into(),
+                step: ReloadStep::Check,
                 module: None,
                 process: None,
                 line: None,
@@ -309,6 +309,7 @@ mod tests {
             Error::NotPlainData(s()),
             Error::SandboxStopped(s()),
             Error::Luau(s()),
+            Error::Vm(mlua::Error::runtime(s())),
             Error::CyclicValue(s()),
             Error::ValueTooLarge {
                 limit: 9,

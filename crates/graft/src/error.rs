@@ -3,7 +3,7 @@
 //! `Display` (plus diagnostics' code frames).
 
 use crate::diagnostic::Diagnostic;
-use crate::value::ExitReason;
+use crate::value::{ExitReason, ValueError};
 
 /// A `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -25,14 +25,17 @@ pub enum Error {
     #[error("no module `{0}` in this sandbox")]
     NoModule(String),
     /// The module has no kept version with this number.
-    #[error("module `{module}` has no kept version {version} (kept: {kept})")]
+    #[error(
+        "module `{module}` has no kept version {version} (kept: {})",
+        kept_text(kept)
+    )]
     NoVersion {
         /// Module name.
         module: String,
         /// The version asked for.
         version: u32,
-        /// The versions kept, e.g. `3, 4, 5`.
-        kept: String,
+        /// The versions kept, oldest first.
+        kept: Vec<u32>,
     },
     /// Malformed input: a bad id, limit, JSON shape …
     #[error("{0}")]
@@ -46,8 +49,8 @@ pub enum Error {
     /// A reload step failed after compile/check; nothing was changed.
     #[error("reload aborted, nothing changed: {message}")]
     ReloadAborted {
-        /// The step that failed: `evaluate`, `migrate`, `quiesce` …
-        step: String,
+        /// The step that failed.
+        step: ReloadStep,
         /// The module involved.
         module: Option<String>,
         /// The process involved (migrations).
@@ -95,9 +98,15 @@ pub enum Error {
     /// The sandbox was destroyed or its runtime stopped while the request waited.
     #[error("sandbox `{0}` stopped before answering")]
     SandboxStopped(String),
-    /// A Luau error outside any process (e.g. in `eval`).
+    /// A Luau error outside any process (e.g. in `eval`), as text: the
+    /// guest's message, or a VM failure described in words.
     #[error("{0}")]
     Luau(String),
+    /// The VM failed while the host drove it (building a table, calling the
+    /// prelude …). Same `kind` and text as [`Error::Luau`]; the mlua error is
+    /// kept as the source.
+    #[error("{0}")]
+    Vm(#[source] mlua::Error),
     /// A value refers to itself (a reply, state or message with a cycle).
     #[error("cyclic value: {0}")]
     CyclicValue(String),
@@ -162,7 +171,7 @@ impl Error {
             Error::SpawnFailed { .. } => "spawn_failed",
             Error::NotPlainData(_) => "not_plain_data",
             Error::SandboxStopped(_) => "sandbox_stopped",
-            Error::Luau(_) => "luau_error",
+            Error::Luau(_) | Error::Vm(_) => "luau_error",
             Error::CyclicValue(_) => "cyclic_value",
             Error::ValueTooLarge { .. } => "value_too_large",
             Error::LimitOutOfRange { .. } => "limit_out_of_range",
@@ -172,5 +181,131 @@ impl Error {
             Error::OutOfMemory(_) => "out_of_memory",
             Error::BadArg(_) => "badarg",
         }
+    }
+}
+
+impl From<mlua::Error> for Error {
+    fn from(e: mlua::Error) -> Self {
+        Error::Vm(e)
+    }
+}
+
+/// The step of a reload that failed ([`Error::ReloadAborted`]). Serialised
+/// (and displayed) as its snake_case name: `evaluate`, `check` …
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ReloadStep {
+    /// A module body raised, ran too long or returned no table.
+    Evaluate,
+    /// A behaviour check failed: missing callbacks, a supervisor spec its
+    /// running supervisors reject …
+    Check,
+    /// The state handler given with the request did not load.
+    StateHandler,
+    /// A state migration (`code_change` or the state handler) failed.
+    Migrate,
+    /// Processes of the affected modules stayed inside callbacks too long.
+    Quiesce,
+    /// Not attempted: an earlier sandbox of a rolling batch failed.
+    Rolling,
+}
+
+impl ReloadStep {
+    /// The step's name, as in JSON: `evaluate`, `check`, `state_handler`,
+    /// `migrate`, `quiesce`, `rolling`.
+    ///
+    /// ```
+    /// assert_eq!(graft::error::ReloadStep::StateHandler.as_str(), "state_handler");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadStep::Evaluate => "evaluate",
+            ReloadStep::Check => "check",
+            ReloadStep::StateHandler => "state_handler",
+            ReloadStep::Migrate => "migrate",
+            ReloadStep::Quiesce => "quiesce",
+            ReloadStep::Rolling => "rolling",
+        }
+    }
+}
+
+impl std::fmt::Display for ReloadStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `3, 4, 5`: kept versions as the `no_version` message lists them.
+fn kept_text(kept: &[u32]) -> String {
+    kept.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl From<ValueError> for Error {
+    fn from(e: ValueError) -> Self {
+        match e {
+            ValueError::NotPlainData(m) => Error::NotPlainData(m),
+            ValueError::Cyclic(m) => Error::CyclicValue(m),
+            ValueError::TooLarge { limit, what } => Error::ValueTooLarge { limit, what },
+            ValueError::Luau(m) => Error::Luau(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STEPS: [(ReloadStep, &str); 6] = [
+        (ReloadStep::Evaluate, "evaluate"),
+        (ReloadStep::Check, "check"),
+        (ReloadStep::StateHandler, "state_handler"),
+        (ReloadStep::Migrate, "migrate"),
+        (ReloadStep::Quiesce, "quiesce"),
+        (ReloadStep::Rolling, "rolling"),
+    ];
+
+    #[test]
+    fn reload_steps_serialise_to_their_historic_names() {
+        for (step, name) in STEPS {
+            assert_eq!(serde_json::to_value(step).unwrap(), serde_json::json!(name));
+            assert_eq!(step.as_str(), name);
+            assert_eq!(step.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn no_version_lists_the_kept_versions_in_its_message() {
+        let e = Error::NoVersion {
+            module: "m".into(),
+            version: 9,
+            kept: vec![3, 4, 5],
+        };
+        assert_eq!(
+            e.to_string(),
+            "module `m` has no kept version 9 (kept: 3, 4, 5)"
+        );
+        let none = Error::NoVersion {
+            module: "m".into(),
+            version: 1,
+            kept: vec![],
+        };
+        assert_eq!(
+            none.to_string(),
+            "module `m` has no kept version 1 (kept: )"
+        );
+    }
+
+    #[test]
+    fn vm_errors_keep_their_source_and_read_like_luau_errors() {
+        let source = mlua::Error::runtime("boom");
+        let e = Error::from(source.clone());
+        assert_eq!(e.kind(), "luau_error");
+        // The text `Error::Luau(e.to_string())` had before the source was kept.
+        assert_eq!(e.to_string(), source.to_string());
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

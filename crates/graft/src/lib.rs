@@ -52,7 +52,7 @@ pub mod vm;
 
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
-pub use error::{Error, Result};
+pub use error::{Error, ReloadStep, Result};
 pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,

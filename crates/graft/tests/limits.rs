@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft::{
-    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Node, Sandbox, SandboxSpec,
+    block_on, with_timeout, Error, Event, ExitReason, HostFunctions, Node, ReloadStep, Sandbox,
+    SandboxSpec,
 };
 use serde_json::{json, Value as Json};
 
@@ -1183,7 +1184,7 @@ fn a_module_that_does_not_return_a_table_is_refused() {
                 message,
                 ..
             } => {
-                assert_eq!(step, "evaluate", "{src}");
+                assert_eq!(*step, ReloadStep::Evaluate, "{src}");
                 assert_eq!(module.as_deref(), Some("m"), "{src}");
                 // (mlua calls an integral number an "integer"; either reads fine.)
                 let said = message.contains(&format!("returned a {what} instead of a table"))

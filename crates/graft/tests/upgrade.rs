@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use graft::{
-    block_on, Error, Node, ReloadOptions, ReloadStatus, Sandbox, SandboxSpec, StateHandler,
+    block_on, Error, Node, ReloadOptions, ReloadStatus, ReloadStep, Sandbox, SandboxSpec,
+    StateHandler,
 };
 use serde_json::{json, Value};
 
@@ -337,7 +338,7 @@ fn failing_migration_in_the_5000th_of_10000_processes_leaves_all_untouched() {
     else {
         panic!("{err:?}")
     };
-    assert_eq!(step, "migrate");
+    assert_eq!(*step, ReloadStep::Migrate);
     assert_eq!(module.as_deref(), Some("counter"));
     assert!(
         message.contains("cannot migrate 5000") && message.contains("5000 of 10000"),
@@ -781,7 +782,7 @@ fn a_bad_supervisor_spec_aborts_the_reload_and_the_app_keeps_running() {
     let Error::ReloadAborted { step, message, .. } = &err else {
         panic!("{err:?}")
     };
-    assert_eq!(step, "check");
+    assert_eq!(*step, ReloadStep::Check);
     assert!(message.contains("unknown strategy"), "{message}");
     assert_eq!(
         block_on(sb.modules())

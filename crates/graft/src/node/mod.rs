@@ -27,7 +27,7 @@ pub use blocking::{block_on, with_timeout};
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 
 use crate::config::{NodeLimits, SandboxSpec};
-use crate::error::{Error, Result};
+use crate::error::{Error, ReloadStep, Result};
 use crate::kernel::{AppStatus, Event, HostSlot};
 use crate::upgrade::{
     self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
@@ -402,7 +402,7 @@ impl Node {
                     id.clone(),
                     r.unwrap_or_else(|| {
                         Err(Error::ReloadAborted {
-                            step: "rolling".into(),
+                            step: ReloadStep::Rolling,
                             module: None,
                             process: None,
                             line: None,
@@ -769,16 +769,10 @@ impl Sandbox {
                 }
             };
             let Some(v) = h.get(version).cloned() else {
-                let kept = h
-                    .versions
-                    .iter()
-                    .map(|v| v.version.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 let _ = tx.send(Err(Error::NoVersion {
                     module: module_name,
                     version,
-                    kept,
+                    kept: h.kept(),
                 }));
                 return;
             };
@@ -837,52 +831,22 @@ impl Sandbox {
         modules: BTreeMap<String, Vec<ModuleVersion>>,
         opts: ReloadOptions,
     ) -> Result<ReloadReport> {
-        let max_source = self.shared.spec.limits.max_source_bytes;
-        let mut histories = BTreeMap::new();
-        let mut newest = BTreeMap::new();
-        let mut targets = HashMap::new();
-        for (name, mut versions) in modules {
-            crate::config::validate_module_name(&name)?;
-            versions.sort_by_key(|v| v.version);
-            versions.dedup_by_key(|v| v.version);
-            let Some(last) = versions.last() else {
-                return Err(Error::InvalidInput(format!(
-                    "module `{name}`: no versions to import"
-                )));
-            };
-            if versions.first().is_some_and(|v| v.version == 0) {
-                return Err(Error::InvalidInput(format!(
-                    "module `{name}`: versions start at 1"
-                )));
-            }
-            newest.insert(name.clone(), last.source.clone());
-            targets.insert(name.clone(), last.version);
-            for v in &mut versions {
-                if upgrade::checksum(&v.source) != v.checksum {
-                    return Err(Error::InvalidInput(format!(
-                        "module `{name}` version {}: the source does not match its checksum",
-                        v.version
-                    )));
-                }
-                let file = format!("{}.luau", name.replace('.', "/"));
-                v.bytecode = Arc::new(crate::vm::compile(&name, &file, &v.source, max_source)?);
-            }
-            histories.insert(name, versions);
-        }
-        let rx = self.reload_start(newest, opts, Direction::Up, Some(targets))?;
+        let import = upgrade::prepare_import(
+            modules,
+            self.shared.spec.limits.max_source_bytes,
+            &self.shared.spec.files,
+        )?;
+        let rx = self.reload_start(import.newest, opts, Direction::Up, Some(import.targets))?;
         let report = rx.await.map_err(|_| self.gone())??;
+        let histories = import.histories;
         self.ask(move |rt| {
             for (name, versions) in histories {
-                let h = rt.engine.modules.entry(name).or_default();
-                let newest = versions.last().map(|v| v.version).unwrap_or(h.current);
-                h.versions = versions.into_iter().collect();
-                h.current = newest;
-                h.next = h.versions.iter().map(|v| v.version).max().unwrap_or(newest);
-                while h.versions.len() > rt.engine.max_versions
-                    && h.versions.front().is_some_and(|v| v.version != h.current)
-                {
-                    h.versions.pop_front();
-                }
+                let max = rt.engine.max_versions;
+                rt.engine
+                    .modules
+                    .entry(name)
+                    .or_default()
+                    .replace(versions, max);
             }
         })
         .await?;

@@ -11,7 +11,7 @@ use serde_json::Value as Json;
 
 use crate::clock;
 use crate::config::{Limits, NodeLimits, SandboxSpec};
-use crate::error::{Error, Result};
+use crate::error::{Error, ReloadStep, Result};
 use crate::kernel::{
     self, kernel, AppStatus, CanaryWatch, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
 };
@@ -556,7 +556,7 @@ impl Runtime {
                 Ok(Applied::Busy(_)) => {
                     self.unfreeze(&r.frozen);
                     let e = Error::ReloadAborted {
-                        step: "quiesce".into(),
+                        step: ReloadStep::Quiesce,
                         module: None,
                         process: None,
                         line: None,

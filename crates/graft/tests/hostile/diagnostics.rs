@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use graft::diagnostic::{MAX_FRAME_LINES, MAX_FRAME_WIDTH, MAX_PER_MODULE, TRUNCATED};
-use graft::{Diagnostic, Error, ExitReason, Node, ReloadOptions, Sandbox, SandboxSpec};
+use graft::{Diagnostic, Error, ExitReason, Node, ReloadOptions, ReloadStep, Sandbox, SandboxSpec};
 use serde_json::json;
 
 use crate::support::{answer, assert_node_healthy, counter_sandbox};
@@ -417,7 +417,7 @@ fn a_module_body_error_aborts_evaluate_with_module_and_line() {
     else {
         unreachable!()
     };
-    assert_eq!(step, "evaluate");
+    assert_eq!(step, ReloadStep::Evaluate);
     assert_eq!(
         (module.as_deref(), line, column),
         (Some("m"), Some(3), None)
@@ -465,7 +465,7 @@ fn a_library_error_while_loading_gives_the_line_of_the_call() {
     else {
         panic!("expected reload_aborted, got {e:?}")
     };
-    assert_eq!(step, "evaluate");
+    assert_eq!(step, ReloadStep::Evaluate);
     assert_eq!((module.as_deref(), line), (Some("user"), Some(2)));
     assert!(
         message.contains("helper.luau:4: attempt to index nil"),
@@ -504,7 +504,7 @@ return counter
     else {
         panic!("expected reload_aborted, got {e:?}")
     };
-    assert_eq!(step, "migrate");
+    assert_eq!(step, ReloadStep::Migrate);
     assert_eq!((module.as_deref(), line), (Some("counter"), Some(5)));
     assert!(process.is_some());
     assert!(

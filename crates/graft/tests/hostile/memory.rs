@@ -139,7 +139,7 @@ fn a_looping_module_body_is_cut_short_not_given_handler_ms() {
     let err = answer(sb.reload(sources, opts)).expect_err("the body never returns");
     match &err {
         graft::Error::ReloadAborted { step, message, .. } => {
-            assert_eq!(step, "evaluate");
+            assert_eq!(*step, graft::ReloadStep::Evaluate);
             assert!(message.contains("100 ms"), "{message}");
         }
         other => panic!("expected reload_aborted, got {other:?}"),
