@@ -47,6 +47,7 @@ mod sandbox;
 pub mod upgrade;
 pub mod value;
 pub mod vm;
+pub mod watch;
 
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;

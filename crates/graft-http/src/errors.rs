@@ -1,9 +1,17 @@
 //! Error answers: `{ "error": { "kind", "message", ... } }` with a status.
+//! This is the one place where errors become HTTP answers.
 //!
-//! [`KINDS`] is the one list of every `(status, kind)` the API can answer
-//! with; [`status_for`] maps library errors into it, and the OpenAPI document
-//! and the docs are written from it, so a kind cannot appear in an answer
-//! without being documented.
+//! Invariants:
+//! * [`KINDS`] is the one list of every `(status, kind)` the API can answer
+//!   with; the OpenAPI document and the docs are written from it, so a kind
+//!   cannot appear in an answer without being documented.
+//! * [`status_for`] and `From<graft::Error> for ApiError` are the only code
+//!   that turns a library error into a status and a body. They match on the
+//!   error's variant, never on its message. The two fields that are still
+//!   text in the library (a reload's step, the kept versions) are read by
+//!   `reload_step_is_behaviour_check` and `kept_versions` alone.
+//! * Errors of the HTTP layer itself (malformed bodies, unknown routes,
+//!   timeouts of the safety net) are built here too.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -135,7 +143,9 @@ pub fn status_for(e: &Error) -> StatusCode {
         | Error::NoModule(_)
         | Error::NoVersion { .. } => StatusCode::NOT_FOUND,
         // A failed behaviour check is a check error (SPEC §6: 422).
-        Error::ReloadAborted { step, .. } if step == "check" => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::ReloadAborted { step, .. } if reload_step_is_behaviour_check(step) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         Error::SandboxExists(_) | Error::ReloadAborted { .. } => StatusCode::CONFLICT,
         Error::InvalidInput(_)
         | Error::Compile { .. }
@@ -159,6 +169,23 @@ pub fn status_for(e: &Error) -> StatusCode {
     }
 }
 
+/// Whether a reload aborted at the behaviour check (a 422, not a 409).
+///
+/// The library names the step as text today (`ReloadAborted.step`); it is
+/// becoming an enum (`graft::error::ReloadStep`), and then this is a match
+/// on its `Check` arm. Nothing else in this crate looks at the step.
+fn reload_step_is_behaviour_check(step: &str) -> bool {
+    step == "check"
+}
+
+/// The versions kept of a module, from `NoVersion.kept` (today a
+/// comma-separated list in the library; a list once it is one there).
+fn kept_versions(kept: &str) -> Vec<u32> {
+    kept.split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
         let base = ApiError::new(status_for(&e), e.kind(), e.to_string());
@@ -172,15 +199,10 @@ impl From<Error> for ApiError {
                 module,
                 version,
                 kept,
-            } => {
-                let kept: Vec<u32> = kept
-                    .split(',')
-                    .filter_map(|v| v.trim().parse().ok())
-                    .collect();
-                base.with("module", module)
-                    .with("version", version)
-                    .with("kept", kept)
-            }
+            } => base
+                .with("module", module)
+                .with("version", version)
+                .with("kept", kept_versions(&kept)),
             Error::Compile { diagnostics } => {
                 let mut err = base;
                 if let Some(d) = diagnostics.first() {
@@ -236,6 +258,28 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
     }
+}
+
+/// The safety net's timeout: the library did not answer within `ms`
+/// (plus a margin, for `call`).
+pub(crate) fn timeout_error(what: &str, target: &str, ms: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!("{what} timed out after {ms} ms"),
+    )
+    .with("target", target)
+    .with("timeout_ms", ms)
+}
+
+/// An `invalid_input` (422) with this message.
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::from(Error::InvalidInput(message.into()))
+}
+
+/// A task on the blocking pool panicked or was cancelled: a fault of the server.
+pub(crate) fn join_error(e: tokio::task::JoinError) -> ApiError {
+    ApiError::internal(e.to_string())
 }
 
 pub(crate) async fn not_found() -> ApiError {
