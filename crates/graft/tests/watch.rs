@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use graft::watch::{Watch, WatchEvent, WatchOptions};
 use graft::{block_on, Node, Sandbox, SandboxSpec};
@@ -46,7 +46,7 @@ impl Fixture {
         let node = Node::new();
         let mut initial = BTreeMap::new();
         initial.insert("m".to_owned(), server(1));
-        let spec = SandboxSpec::new(id).entry(None).module("m", &server(1));
+        let spec = SandboxSpec::new(id).entry(None).module("m", server(1));
         let sandbox = node.create_sandbox(spec).unwrap();
         block_on(sandbox.spawn("m", json!(null), Some("m"))).unwrap();
         let (tx, events) = channel();
@@ -252,7 +252,7 @@ fn a_missing_folder_cannot_be_watched() {
     let node = Node::new();
     let spec = SandboxSpec::new("watch-missing")
         .entry(None)
-        .module("m", &server(1));
+        .module("m", server(1));
     let sandbox = node.create_sandbox(spec).unwrap();
     let missing = Path::new("/nonexistent/graft-watch/src");
     let err = Watch::start(
