@@ -68,7 +68,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -281,10 +281,9 @@ impl Watch {
                             .iter()
                             .any(|e| !matches!(e.kind, EventKind::Access(_))) =>
                     {
-                        match tx.try_send(()) {
-                            Ok(()) | Err(TrySendError::Full(())) => {}
-                            Err(TrySendError::Disconnected(())) => {}
-                        }
+                        // Full: the pending scan will see this change too;
+                        // disconnected: the watcher is stopping.
+                        let _ = tx.try_send(());
                     }
                     Ok(_) => {}
                     Err(errors) => {
