@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::error::{ApiError, ApiResult};
+use crate::errors::{ApiError, ApiResult};
 
 /// Largest request body accepted (1 MiB); larger bodies get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;

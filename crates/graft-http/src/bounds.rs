@@ -15,7 +15,7 @@ use graft::config::{
 use graft::{Error, NodeLimits};
 use serde_json::{Number, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::errors::{ApiError, ApiResult};
 
 /// The largest `canary_crashes`. The library takes any `u32`; past a
 /// million, a canary would never trip within its hour.

@@ -352,9 +352,9 @@ pub fn module_files(src: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Folder levels under `src/` a project may have.
-const MAX_PROJECT_DEPTH: usize = 16;
+pub(crate) const MAX_PROJECT_DEPTH: usize = 16;
 /// Files and folders under `src/` a project may have.
-const MAX_PROJECT_ENTRIES: usize = 10_000;
+pub(crate) const MAX_PROJECT_ENTRIES: usize = 10_000;
 
 /// Reads a project file of at most `max` bytes (regular files only: a FIFO
 /// or a device would block or never end).

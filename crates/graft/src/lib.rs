@@ -49,6 +49,7 @@ mod node;
 pub mod upgrade;
 pub mod value;
 pub mod vm;
+pub mod watch;
 
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;

@@ -1,9 +1,17 @@
 //! Error answers: `{ "error": { "kind", "message", ... } }` with a status.
+//! This is the one place where errors become HTTP answers.
 //!
-//! [`KINDS`] is the one list of every `(status, kind)` the API can answer
-//! with; [`status_for`] maps library errors into it, and the OpenAPI document
-//! and the docs are written from it, so a kind cannot appear in an answer
-//! without being documented.
+//! Invariants:
+//! * [`KINDS`] is the one list of every `(status, kind)` the API can answer
+//!   with; the OpenAPI document and the docs are written from it, so a kind
+//!   cannot appear in an answer without being documented.
+//! * [`status_for`] and `From<graft::Error> for ApiError` are the only code
+//!   that turns a library error into a status and a body. They match on the
+//!   error's variant, never on its message. The two fields that are still
+//!   text in the library (a reload's step, the kept versions) are read by
+//!   `reload_step_is_behaviour_check` and `kept_versions` alone.
+//! * Errors of the HTTP layer itself (malformed bodies, unknown routes,
+//!   timeouts of the safety net) are built here too.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -236,6 +244,28 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
     }
+}
+
+/// The safety net's timeout: the library did not answer within `ms`
+/// (plus a margin, for `call`).
+pub(crate) fn timeout_error(what: &str, target: &str, ms: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!("{what} timed out after {ms} ms"),
+    )
+    .with("target", target)
+    .with("timeout_ms", ms)
+}
+
+/// An `invalid_input` (422) with this message.
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::from(Error::InvalidInput(message.into()))
+}
+
+/// A task on the blocking pool panicked or was cancelled: a fault of the server.
+pub(crate) fn join_error(e: tokio::task::JoinError) -> ApiError {
+    ApiError::internal(e.to_string())
 }
 
 pub(crate) async fn not_found() -> ApiError {

@@ -1,0 +1,182 @@
+//! The paths of the document, one function per resource (as the handlers
+//! are one module per resource). Each states its operations' bodies (by
+//! reference to the schemas of `schemas`) and every error status it can
+//! answer with.
+
+use serde_json::{json, Map, Value};
+
+use super::{errors, id_param, module_param, ok, param, props, r, responses, Requests};
+
+/// `/health` and `/openapi.json`.
+pub(super) fn node() -> Map<String, Value> {
+    props(json!({
+        "/health": { "get": {
+            "summary": "Liveness", "operationId": "health",
+            "responses": { "200": ok("the node is up", json!({ "type": "object", "properties": { "status": { "type": "string", "enum": ["ok"] }, "version": { "type": "string" }, "sandboxes": { "type": "integer" } } })) }
+        }},
+        "/openapi.json": { "get": {
+            "summary": "This document", "operationId": "openapi",
+            "responses": { "200": ok("OpenAPI 3.1 document", json!({ "type": "object" })) }
+        }}
+    }))
+}
+
+/// `/sandboxes`, `/sandboxes/{id}` and its restart.
+pub(super) fn sandboxes(req: &Requests) -> Map<String, Value> {
+    props(json!({
+        "/sandboxes": {
+            "get": {
+                "summary": "List sandboxes", "operationId": "listSandboxes",
+                "responses": { "200": ok("every sandbox's info", json!({ "type": "array", "items": r("SandboxInfo") })) }
+            },
+            "post": {
+                "summary": "Create a sandbox", "operationId": "createSandbox",
+                "requestBody": req.body("CreateSandbox"),
+                "responses": responses(("201", ok("created; the app (if any) was started", r("SandboxInfo"))), &[400, 409, 413, 422, 429, 500, 503])
+            }
+        },
+        "/sandboxes/{id}": {
+            "parameters": [id_param()],
+            "get": {
+                "summary": "Sandbox info", "operationId": "getSandbox",
+                "responses": responses(("200", ok("info", r("SandboxInfo"))), &errors(&[]))
+            },
+            "delete": {
+                "summary": "Destroy a sandbox (its app is stopped in order first, for at most 5 s)", "operationId": "deleteSandbox",
+                "responses": responses(("204", json!({ "description": "destroyed" })), &errors(&[]))
+            }
+        },
+        "/sandboxes/{id}/restart": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Stop the app, rebuild the VM from the current versions, start the app", "operationId": "restartSandbox",
+                "responses": responses(("200", ok("info after the restart", r("SandboxInfo"))), &errors(&[409, 422]))
+            }
+        }
+    }))
+}
+
+/// The processes of a sandbox and the messages sent to them.
+pub(super) fn processes(req: &Requests) -> Map<String, Value> {
+    props(json!({
+        "/sandboxes/{id}/processes": {
+            "parameters": [id_param()],
+            "get": {
+                "summary": "Process list", "operationId": "listProcesses",
+                "responses": responses(("200", ok("processes by pid", json!({ "type": "array", "items": r("ProcessInfo") }))), &errors(&[]))
+            }
+        },
+        "/sandboxes/{id}/processes/{target}/state": {
+            "parameters": [id_param(), param("target", "registered name or pid `<module.N>` (URL-encoded)", json!({ "type": "string" }), "counter")],
+            "get": {
+                "summary": "A process's state as JSON", "operationId": "processState",
+                "responses": responses(("200", ok("the state", json!({}))), &errors(&[422]))
+            }
+        },
+        "/sandboxes/{id}/call": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Call a process (handle_call) and wait for its reply", "operationId": "call",
+                "requestBody": req.body("Call"),
+                "responses": responses(("200", ok("the reply", json!({ "type": "object", "properties": { "reply": {} } }))), &errors(&[413, 422, 429, 504]))
+            }
+        },
+        "/sandboxes/{id}/cast": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Cast a message (handle_cast)", "operationId": "cast",
+                "requestBody": req.body("Message"),
+                "responses": responses(("202", ok("queued", json!({ "type": "object" }))), &errors(&[413, 422, 429]))
+            }
+        },
+        "/sandboxes/{id}/send": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Send a plain message (handle_info)", "operationId": "send",
+                "requestBody": req.body("Message"),
+                "responses": responses(("202", ok("queued", json!({ "type": "object" }))), &errors(&[413, 422, 429]))
+            }
+        },
+        "/sandboxes/{id}/spawn": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Spawn a process", "operationId": "spawn",
+                "requestBody": req.body("Spawn"),
+                "responses": responses(("201", ok("started (init returned)", json!({ "type": "object", "properties": { "pid": { "type": "string" }, "name": { "type": ["string", "null"] }, "module": { "type": "string" } } }))),
+                    &errors(&[413, 422, 429]))
+            }
+        }
+    }))
+}
+
+/// Modules, their versions, and rollback.
+pub(super) fn modules(req: &Requests) -> Map<String, Value> {
+    props(json!({
+        "/sandboxes/{id}/modules": {
+            "parameters": [id_param()],
+            "get": {
+                "summary": "Modules with current version, checksum, dependencies", "operationId": "listModules",
+                "responses": responses(("200", ok("modules", json!({ "type": "array", "items": r("ModuleInfo") }))), &errors(&[]))
+            }
+        },
+        "/sandboxes/{id}/modules/{module}/versions": {
+            "parameters": [id_param(), module_param()],
+            "get": {
+                "summary": "Kept versions of a module, oldest first", "operationId": "listVersions",
+                "responses": responses(("200", ok("versions", json!({ "type": "array", "items": r("ModuleVersion") }))), &errors(&[]))
+            }
+        },
+        "/sandboxes/{id}/modules/{module}/rollback": {
+            "parameters": [id_param(), module_param()],
+            "post": {
+                "summary": "Reload a kept version; code_change gets { down = current }", "operationId": "rollback",
+                "requestBody": req.body("Rollback"),
+                "responses": responses(("200", ok("the report", r("ReloadReport"))), &errors(&[409, 413, 422]))
+            }
+        }
+    }))
+}
+
+/// A reload of one sandbox and a batch reload.
+pub(super) fn reload(req: &Requests) -> Map<String, Value> {
+    props(json!({
+        "/sandboxes/{id}/reload": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Reload modules as one transaction", "operationId": "reload",
+                "requestBody": req.body("Reload"),
+                "responses": responses(("200", ok("the report", r("ReloadReport"))), &errors(&[409, 413, 422]))
+            }
+        },
+        "/reload": {
+            "post": {
+                "summary": "Batch reload of the same sources into many sandboxes", "operationId": "batchReload",
+                "requestBody": req.body("BatchReload"),
+                "responses": responses(("200", ok("results in input order", json!({ "type": "array", "items": { "type": "object", "properties": {
+                        "sandbox": { "type": "string" }, "ok": { "type": "boolean" }, "status": { "type": "integer", "description": "HTTP status the error would have alone" },
+                        "result": { "oneOf": [r("ReloadReport"), r("Error")] } } } }))), &[400, 413, 422, 500])
+            }
+        }
+    }))
+}
+
+/// Eval and the events of a sandbox.
+pub(super) fn eval_and_events(req: &Requests) -> Map<String, Value> {
+    props(json!({
+        "/sandboxes/{id}/eval": {
+            "parameters": [id_param()],
+            "post": {
+                "summary": "Run a Luau chunk as a short-lived process under the sandbox's limits", "operationId": "eval",
+                "requestBody": req.body("Eval"),
+                "responses": responses(("200", ok("the chunk's return value", json!({ "type": "object", "properties": { "result": {} } }))), &errors(&[413, 422, 429, 504]))
+            }
+        },
+        "/sandboxes/{id}/events": {
+            "parameters": [id_param(), { "name": "since", "in": "query", "required": false, "description": "only events with seq > since", "schema": { "type": "integer", "minimum": 0 } }],
+            "get": {
+                "summary": "Reload history and lifecycle events, newest last", "operationId": "events",
+                "responses": responses(("200", ok("events", json!({ "type": "array", "items": r("Event") }))), &errors(&[]))
+            }
+        }
+    }))
+}
