@@ -104,6 +104,8 @@ pub struct Store {
     readers: Mutex<Vec<Connection>>,
     /// `Store::in_memory`'s private directory, removed on close.
     ephemeral_dir: Option<PathBuf>,
+    /// Why the store could only be opened for reading (every write fails).
+    read_only: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -208,8 +210,30 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| StoreError::from_sqlite("opening", path, e))?;
-        configure_writer(&conn, path, &opts, durable)?;
-        schema::migrate(&mut conn, path, migrations)?;
+        let setup = configure_writer(&conn, path, &opts, durable)
+            .and_then(|()| schema::migrate(&mut conn, path, migrations));
+        match setup {
+            Ok(_) => {}
+            // A read-only file or directory holding a current database: the
+            // store opens for reading and every write fails with `ReadOnly`
+            // (a node keeps serving reads; its mutating requests fail).
+            Err(StoreError::ReadOnly { detail })
+                if !created && header_version_is(path, supported) =>
+            {
+                drop(conn);
+                tracing::warn!(path = %path.display(), %detail, "storage: database is read-only; writes will fail");
+                return Ok(Store {
+                    path: path.to_path_buf(),
+                    opts,
+                    sender: RwLock::new(None),
+                    writer: Mutex::new(None),
+                    readers: Mutex::new(Vec::new()),
+                    ephemeral_dir,
+                    read_only: Some(detail),
+                });
+            }
+            Err(e) => return Err(e),
+        }
         if created && durable {
             // The new file's directory entry must reach the disk too, or a
             // power loss could lose the whole file despite fsynced commits.
@@ -238,6 +262,7 @@ impl Store {
             writer: Mutex::new(Some(handle)),
             readers: Mutex::new(Vec::new()),
             ephemeral_dir,
+            read_only: None,
         })
     }
 
@@ -251,7 +276,18 @@ impl Store {
         self.ephemeral_dir.is_some()
     }
 
+    /// Why the store is read-only (its file or directory is not writable),
+    /// if it is: reads work, every write fails with [`StoreError::ReadOnly`].
+    pub fn read_only_reason(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
+
     fn submit(&self, ops: Vec<WriteOp>, reply: Reply) -> StoreResult<()> {
+        if let Some(detail) = &self.read_only {
+            return Err(StoreError::ReadOnly {
+                detail: detail.clone(),
+            });
+        }
         let guard = self.sender.read();
         let Some(tx) = guard.as_ref() else {
             return Err(StoreError::Closed);
@@ -464,6 +500,16 @@ impl Drop for Store {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Whether the schema version SQLite sees (read-only) is `version`.
+fn header_version_is(path: &Path, version: u32) -> bool {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)))
+    .is_ok_and(|v| v == i64::from(version))
 }
 
 fn configure_writer(

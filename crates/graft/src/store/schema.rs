@@ -261,7 +261,20 @@ pub(crate) fn check_header(path: &Path, h: &FileHeader) -> StoreResult<()> {
 /// and that a version-0 file holds no foreign tables. A read-only connection
 /// never writes the database file.
 pub(crate) fn check_with_sqlite(path: &Path, supported: u32) -> StoreResult<()> {
-    let err = |e| StoreError::from_sqlite("checking the database", path, e);
+    let err = |e| {
+        match StoreError::from_sqlite("checking the database", path, e) {
+        // SQLite reads a WAL database only if it can use (or create) the
+        // `-shm` file beside it.
+        StoreError::ReadOnly { detail } => StoreError::ReadOnly {
+            detail: format!(
+                "{detail}: cannot read {} because its directory is not writable and it has no -shm file; \
+                 make the directory writable",
+                path.display()
+            ),
+        },
+        other => other,
+    }
+    };
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -950,23 +950,47 @@ fn a_read_only_database_reads_but_refuses_writes_cleanly() {
         );
         return;
     }
+    let hash = file_hash(&dir.db());
     match Store::open(dir.db()) {
+        // SQLite can read the WAL database (its -shm file is usable): reads
+        // work and every write fails whole.
         Ok(store) => {
+            assert!(store.read_only_reason().is_some());
             assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
             let e = store
-                .write(vec![WriteOp::PutSandbox(sandbox("t"))])
+                .write(vec![
+                    WriteOp::PutSandbox(sandbox("t")),
+                    WriteOp::AppendEvent(event(Some("t"), "created", 1)),
+                ])
                 .unwrap_err();
-            assert!(
-                matches!(e.kind(), "storage_read_only" | "storage_open"),
-                "{e}"
-            );
+            assert_eq!(e.kind(), "storage_read_only", "{e}");
+            assert!(e.to_string().contains("nothing was written"), "{e}");
             assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
+            assert!(store.events_since(0, None, 10).unwrap().is_empty());
         }
-        Err(e) => assert!(
-            matches!(e.kind(), "storage_read_only" | "storage_open"),
-            "{e}"
-        ),
+        // After a clean close there is no -shm file and none can be created
+        // in a read-only directory: SQLite cannot read, and says so.
+        Err(e) => {
+            assert_eq!(e.kind(), "storage_read_only", "{e}");
+            assert!(e.to_string().contains("directory is not writable"), "{e}");
+        }
     }
+    assert_eq!(file_hash(&dir.db()), hash);
+    // A read-only file in a writable directory: reads work, writes fail whole.
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open(dir.db()).unwrap();
+    assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
+    let e = store
+        .write(vec![
+            WriteOp::PutSandbox(sandbox("t")),
+            WriteOp::AppendEvent(event(Some("t"), "created", 1)),
+        ])
+        .unwrap_err();
+    assert_eq!(e.kind(), "storage_read_only", "{e}");
+    assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
+    assert!(store.events_since(0, None, 10).unwrap().is_empty());
+    drop(store);
+    assert_eq!(file_hash(&dir.db()), hash);
 }
 
 #[test]
