@@ -150,6 +150,11 @@ pub enum Error {
     /// A bad argument: a name that looks like a pid, a negative delay …
     #[error("bad argument: {0}")]
     BadArg(String),
+    /// The node's storage failed (disk full, read-only, corrupt file …); the
+    /// write that met it was not applied. Its kind is the storage error's
+    /// (`storage_full`, `storage_read_only` …).
+    #[error(transparent)]
+    Storage(#[from] crate::store::StoreError),
 }
 
 impl Error {
@@ -180,6 +185,7 @@ impl Error {
             Error::SandboxFailed { .. } => "sandbox_failed",
             Error::OutOfMemory(_) => "out_of_memory",
             Error::BadArg(_) => "badarg",
+            Error::Storage(e) => e.kind(),
         }
     }
 }

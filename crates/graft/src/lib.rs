@@ -16,7 +16,8 @@
 //! * `supervision`: the built-in supervisor behaviour (Luau, trusted);
 //! * [`upgrade`]: module versions and the reload transaction;
 //! * `node`: sandboxes scheduled in parallel on a thread pool, and the
-//!   [`Sandbox`] handle an embedding app uses.
+//!   [`Sandbox`] handle an embedding app uses;
+//! * [`store`]: the node's durable storage (one SQLite database).
 //!
 //! ```
 //! use graft::{Node, SandboxSpec, HostFunctions};
@@ -46,6 +47,7 @@ pub mod diagnostic;
 pub mod error;
 mod kernel;
 mod node;
+pub mod store;
 pub mod upgrade;
 pub mod value;
 pub mod vm;

@@ -1,0 +1,221 @@
+//! The writer thread: the only owner of the read-write connection, and the
+//! group commit.
+//!
+//! Invariants:
+//! * Submissions are applied in the order they were queued; each one commits
+//!   atomically (all its operations or none).
+//! * A submission is acknowledged only after the transaction that holds it
+//!   committed (with `synchronous=FULL`: after the write-ahead log was
+//!   fsync'ed), or with the error that kept it out.
+//! * One failing submission fails alone: each runs inside its own SAVEPOINT
+//!   of the group's transaction and is rolled back to it on error. If the
+//!   group as a whole cannot commit (disk full at commit, an I/O error, SQLite
+//!   rolling the transaction back by itself), every submission that had not
+//!   failed on its own is retried in a transaction of its own, so an error is
+//!   always reported to the submission that caused it.
+//! * The thread ends when every sender is gone, after draining what was
+//!   queued; it then checkpoints the log into the database and closes.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use rusqlite::Connection;
+
+use super::error::{StoreError, StoreResult};
+use super::ops::{apply, Applied, ApplyCtx, WriteOp};
+
+/// At most this many submissions share one transaction: bounds the time a
+/// submitter waits behind others and the size of one WAL commit.
+pub(crate) const MAX_GROUP: usize = 1024;
+
+/// The result of a committed submission: one [`Applied`] per operation, in
+/// order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// What each operation produced.
+    pub applied: Vec<Applied>,
+}
+
+impl Receipt {
+    /// The sequence numbers of the events appended, in order.
+    pub fn event_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.applied.iter().filter_map(|a| match a {
+            Applied::Event { seq } => Some(*seq),
+            _ => None,
+        })
+    }
+}
+
+pub(crate) enum Reply {
+    Blocking(mpsc::SyncSender<StoreResult<Receipt>>),
+    Async(tokio::sync::oneshot::Sender<StoreResult<Receipt>>),
+}
+
+impl Reply {
+    fn send(self, r: StoreResult<Receipt>) {
+        // A submitter that stopped waiting (a dropped future) is not an error
+        // of the store: its write stands.
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+pub(crate) struct Submission {
+    pub ops: Vec<WriteOp>,
+    pub reply: Reply,
+}
+
+pub(crate) struct Writer {
+    pub conn: Connection,
+    pub path: PathBuf,
+    pub max_events_per_sandbox: u64,
+}
+
+impl Writer {
+    pub(crate) fn run(self, rx: mpsc::Receiver<Submission>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = Vec::with_capacity(16);
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(s) => group.push(s),
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit_group(&group);
+            for (s, r) in group.into_iter().zip(results) {
+                s.reply.send(r);
+            }
+        }
+        // Folds the log into the database so a clean stop leaves one file
+        // (SQLite also deletes the -wal when the last connection closes).
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(error = %e, "storage: final checkpoint failed; the log is replayed on next open");
+        }
+        if let Err((_, e)) = self.conn.close() {
+            tracing::warn!(error = %e, "storage: closing the database failed");
+        }
+    }
+
+    fn ctx(&self) -> ApplyCtx<'_> {
+        ApplyCtx {
+            max_events_per_sandbox: self.max_events_per_sandbox,
+            path: &self.path,
+        }
+    }
+
+    fn err(&self, what: &'static str, e: rusqlite::Error) -> StoreError {
+        StoreError::from_sqlite(what, &self.path, e)
+    }
+
+    /// Commits a group in one transaction; see the module invariants.
+    fn commit_group(&self, group: &[Submission]) -> Vec<StoreResult<Receipt>> {
+        let mut results: Vec<Option<StoreResult<Receipt>>> =
+            (0..group.len()).map(|_| None).collect();
+        let group_ok = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok() && {
+            let mut intact = true;
+            for (i, sub) in group.iter().enumerate() {
+                match self.apply_in_savepoint(&sub.ops) {
+                    Ok(r) => results[i] = Some(Ok(r)),
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        if self.conn.is_autocommit() {
+                            // SQLite rolled the whole transaction back (e.g.
+                            // SQLITE_FULL): the others are retried alone.
+                            intact = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            intact && self.conn.execute_batch("COMMIT").is_ok()
+        };
+        if group_ok {
+            return results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(StoreError::WriterGone("lost result".into()))))
+                .collect();
+        }
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        group
+            .iter()
+            .zip(results)
+            .map(|(sub, r)| match r {
+                Some(Err(e)) => Err(e),
+                _ => self.commit_alone(&sub.ops),
+            })
+            .collect()
+    }
+
+    fn apply_in_savepoint(&self, ops: &[WriteOp]) -> StoreResult<Receipt> {
+        self.conn
+            .execute_batch("SAVEPOINT submission")
+            .map_err(|e| self.err("starting a submission", e))?;
+        let mut applied = Vec::with_capacity(ops.len());
+        let mut failure = None;
+        for op in ops {
+            match apply(&self.conn, op, self.ctx()) {
+                Ok(a) => applied.push(a),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if self.conn.is_autocommit() {
+            return Err(
+                failure.unwrap_or_else(|| StoreError::WriterGone("transaction rolled back".into()))
+            );
+        }
+        match failure {
+            None => {
+                self.conn
+                    .execute_batch("RELEASE submission")
+                    .map_err(|e| self.err("ending a submission", e))?;
+                Ok(Receipt { applied })
+            }
+            Some(e) => {
+                if let Err(re) = self
+                    .conn
+                    .execute_batch("ROLLBACK TO submission; RELEASE submission")
+                {
+                    tracing::warn!(error = %re, "storage: rolling back a failed submission failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn commit_alone(&self, ops: &[WriteOp]) -> StoreResult<Receipt> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err("beginning a transaction", e))?;
+        let mut applied = Vec::with_capacity(ops.len());
+        for op in ops {
+            match apply(&self.conn, op, self.ctx()) {
+                Ok(a) => applied.push(a),
+                Err(e) => {
+                    if !self.conn.is_autocommit() {
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(self.err("committing", e));
+        }
+        Ok(Receipt { applied })
+    }
+}
