@@ -54,3 +54,13 @@ fn seed_bodies_get_documented_answers() {
 fn reload_of_attribute_without_name_is_422() {
     replay("regressions/api_body/reload_attribute_without_name");
 }
+
+// Found by `api_body` in a 32-minute run (2026-12-03): an `eval` source that
+// makes full_moon 3.0.0 panic in another parser path (parsers.rs:3193)
+// while Graft looks for a syntax error's column. The parse runs behind
+// `catch_unwind`, so the harness's checks (a documented JSON answer, the
+// node still serving) must hold.
+#[test]
+fn eval_that_panics_full_moon_elsewhere_gets_a_documented_answer() {
+    replay("regressions/api_body/eval_full_moon_panic_parsers_3193");
+}
