@@ -60,14 +60,21 @@ pub(super) struct RunQueue {
 }
 
 impl RunQueue {
-    fn pop(&mut self) -> Option<Arc<Shared>> {
+    /// The next sandbox to run, and whether fresh work may end its slice at
+    /// once: true for a busy sandbox taken because no fresh work waited; a
+    /// busy one served on its fairness turn keeps at least `MIN_SLICE_MS`,
+    /// so a stream of fresh work cannot starve it.
+    fn pop(&mut self) -> Option<(Arc<Shared>, bool)> {
         self.turn = self.turn.wrapping_add(1);
         if self.turn.is_multiple_of(FAIRNESS) {
             if let Some(s) = self.busy.pop_front() {
-                return Some(s);
+                return Some((s, false));
             }
         }
-        self.fresh.pop_front().or_else(|| self.busy.pop_front())
+        match self.fresh.pop_front() {
+            Some(s) => Some((s, false)),
+            None => self.busy.pop_front().map(|s| (s, true)),
+        }
     }
     pub(super) fn is_empty(&self) -> bool {
         self.fresh.is_empty() && self.busy.is_empty()
@@ -81,6 +88,9 @@ pub(super) struct Worker {
     /// Set by the watchdog when the slice overran; the thread no longer
     /// counts as serving.
     stuck: AtomicBool,
+    /// The running slice is a busy sandbox's (it used whole slices before):
+    /// waiting fresh work ends it at once rather than after `MIN_SLICE_MS`.
+    running_busy: AtomicBool,
     /// The interrupt watch of the sandbox this thread runs, so that waiting
     /// fresh work can end the slice early (`preempt_for_fresh_work`).
     running: parking_lot::Mutex<Option<Arc<kernel::Watch>>>,
@@ -126,9 +136,12 @@ fn preempt_for_fresh_work(node: &NodeInner) {
         .filter(|w| !w.stuck.load(Ordering::Relaxed))
         .filter_map(|w| {
             let started = w.slice_started.load(Ordering::Relaxed);
-            (started != 0 && started + MIN_SLICE_MS <= now + 1).then_some((started, w))
+            let busy = w.running_busy.load(Ordering::Relaxed);
+            (started != 0 && (busy || started + MIN_SLICE_MS <= now + 1))
+                .then_some(((!busy, started), w))
         })
-        .min_by_key(|(started, _)| *started);
+        // Busy slices first, then the oldest fresh one.
+        .min_by_key(|(key, _)| *key);
     if let Some((_, worker)) = oldest {
         if let Some(watch) = worker.running.lock().as_ref() {
             watch.end_slice_early();
@@ -163,6 +176,7 @@ fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
         slice_started: AtomicU64::new(0),
         stuck: AtomicBool::new(false),
         running: parking_lot::Mutex::new(None),
+        running_busy: AtomicBool::new(false),
     });
     let weak = Arc::downgrade(inner);
     let me = worker.clone();
@@ -182,9 +196,10 @@ fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
 fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
     loop {
         let Some(inner) = node.upgrade() else { return };
-        let Some(shared) = next_sandbox(&inner) else {
+        let Some((shared, busy)) = next_sandbox(&inner) else {
             return;
         };
+        me.running_busy.store(busy, Ordering::Relaxed);
         me.slice_started
             .store(clock::coarse_ms() + 1, Ordering::Relaxed);
         run_sandbox(&inner, &shared, &me);
@@ -210,7 +225,7 @@ fn retire_if_spare(inner: &NodeInner, me: &Arc<Worker>) -> bool {
 }
 
 /// Waits for the next sandbox to run; `None` when the node stops.
-fn next_sandbox(inner: &NodeInner) -> Option<Arc<Shared>> {
+fn next_sandbox(inner: &NodeInner) -> Option<(Arc<Shared>, bool)> {
     let mut q = inner.queue.lock();
     if inner.stopping.load(Ordering::Relaxed) {
         return None;
@@ -451,7 +466,7 @@ mod tests {
         }
         q.busy.push_back(b.clone());
         let order: Vec<bool> = (0..5)
-            .map(|_| Arc::ptr_eq(&q.pop().expect("queued"), &b))
+            .map(|_| Arc::ptr_eq(&q.pop().expect("queued").0, &b))
             .collect();
         assert_eq!(order, [false, false, false, true, false]);
     }
