@@ -35,8 +35,8 @@ function m.handle_call(req, from, state)
   return "ok", state
 end
 function m.handle_cast(ms, state)
-  local t0 = os.clock()
-  while os.clock() - t0 < ms / 1000 do end
+  local t0 = graft.now()
+  while graft.now() - t0 < ms do end
   return state
 end
 return m
@@ -102,7 +102,10 @@ fn call_blocking_on_a_busy_sandbox_queues_and_still_answers() {
         n += 1;
         assert_eq!(sb.call_blocking("c", json!("inc"), None).unwrap(), json!(n));
     }
-    assert_eq!(sb.call_blocking("w", json!("x"), None).unwrap(), json!("ok"));
+    assert_eq!(
+        sb.call_blocking("w", json!("x"), None).unwrap(),
+        json!("ok")
+    );
 }
 
 #[test]

@@ -6,7 +6,12 @@
 //!   touched concurrently. Different sandboxes run in parallel.
 //! * Every request from a host is a command queued to the sandbox and run
 //!   between time slices; the host waits on a one-shot channel, never on the
-//!   VM. A slow handler therefore never blocks a host thread.
+//!   VM. A slow handler therefore never blocks an async host thread.
+//! * The one exception is `Sandbox::call_blocking`, for threads that may
+//!   block: when the sandbox is idle, the caller claims it (`scheduled`,
+//!   as a scheduler thread would) and runs the slice holding its command
+//!   itself, behind the same panic barrier and with the same epilogue. The
+//!   inbox is still drained in order, so requests keep their order.
 //! * A slice lasts at most [`SLICE_MS`](crate::kernel) of CPU: the VM
 //!   interrupt preempts long callbacks, so a spinning sandbox cannot starve
 //!   the others.
@@ -574,7 +579,12 @@ impl Sandbox {
     /// let reply = sandbox.call_blocking("e", serde_json::json!("hi"), None).unwrap();
     /// assert_eq!(reply, serde_json::json!("hi"));
     /// ```
-    pub fn call_blocking(&self, target: &str, request: Json, timeout_ms: Option<u64>) -> Result<Json> {
+    pub fn call_blocking(
+        &self,
+        target: &str,
+        request: Json,
+        timeout_ms: Option<u64>,
+    ) -> Result<Json> {
         let target = target.to_owned();
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
