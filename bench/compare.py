@@ -265,7 +265,12 @@ def build(args):
     # calls
     t.ratio_row("call host → process", get(one(graft, "call_host"), "per_op_ns"),
                 get(one(otp, "call_host"), "per_op_ns"), fmt_ns,
-                note="Graft: Sandbox::call from Rust; OTP: gen_server:call from a plain process")
+                note="Graft: Sandbox::call (async) via block_on from Rust; "
+                     "OTP: gen_server:call from a plain process")
+    t.ratio_row("call host → process, blocking", get(one(graft, "call_host_blocking"), "per_op_ns"),
+                get(one(otp, "call_host"), "per_op_ns"), fmt_ns, goal=1,
+                note="Graft: Sandbox::call_blocking (the handler runs on the caller's thread "
+                     "when the sandbox is idle); OTP: gen_server:call as above")
     t.ratio_row("call process → process", get(one(graft, "call_proc"), "per_op_ns"),
                 get(one(otp, "call_proc"), "per_op_ns"), fmt_ns, goal=3,
                 note="graft.call / gen_server:call inside a handler")

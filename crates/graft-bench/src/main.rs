@@ -3,7 +3,8 @@
 //! can put both in one table.
 //!
 //! Usage: `graft-bench [--smoke] [WORKLOAD…]`. Workloads: spawn_idle,
-//! call_host, call_proc, reload, reload_empty, reload_empty_server,
+//! call_host (emits `call_host` for `Sandbox::call` and `call_host_blocking`
+//! for `Sandbox::call_blocking`), call_proc, reload, reload_empty, reload_empty_server,
 //! sandbox_create, batch_reload, idle_1m, baseline. Memory figures count the
 //! Luau heap *and* every Rust allocation (a counting global allocator), so
 //! nothing is hidden.
@@ -140,6 +141,17 @@ fn call_host(node: &Node, m: usize) {
     }
     let ns = t.elapsed().as_nanos() as f64 / m as f64;
     emit(json!({ "workload": "call_host", "m": m, "per_op_ns": ns }));
+    // The same calls through the synchronous API, which runs the handler on
+    // this thread while the sandbox is idle.
+    for _ in 0..1000 {
+        sb.call_blocking("counter", json!("inc"), None).unwrap();
+    }
+    let t = Instant::now();
+    for _ in 0..m {
+        sb.call_blocking("counter", json!("inc"), None).unwrap();
+    }
+    let ns = t.elapsed().as_nanos() as f64 / m as f64;
+    emit(json!({ "workload": "call_host_blocking", "m": m, "per_op_ns": ns }));
     node.destroy("callhost").unwrap();
 }
 

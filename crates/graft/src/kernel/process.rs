@@ -6,6 +6,7 @@
 //! a few hundred bytes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -21,15 +22,31 @@ pub(crate) type HostReply = tokio::sync::oneshot::Sender<Result<Json, Error>>;
 
 /// Where a host waits for its answer. The slot is emptied by the first of
 /// reply, timeout or failure, so an answer is given exactly once.
-pub(crate) struct HostSlot(Mutex<Option<HostReply>>);
+pub(crate) struct HostSlot {
+    reply: Mutex<Option<HostReply>>,
+    /// The id of the timer that times this request out (0: none), cancelled
+    /// by the reply so that answered calls leave no timer data behind.
+    timer: AtomicU64,
+}
 
 impl HostSlot {
     pub fn new(tx: HostReply) -> Arc<HostSlot> {
-        Arc::new(HostSlot(Mutex::new(Some(tx))))
+        Arc::new(HostSlot {
+            reply: Mutex::new(Some(tx)),
+            timer: AtomicU64::new(0),
+        })
+    }
+    /// Records the id of this request's timeout timer.
+    pub fn set_timer(&self, id: u64) {
+        self.timer.store(id, Ordering::Relaxed);
+    }
+    /// The id of this request's timeout timer (0: none).
+    pub fn timer(&self) -> u64 {
+        self.timer.load(Ordering::Relaxed)
     }
     /// Answers if nobody answered yet; returns whether this call answered.
     pub fn answer(&self, r: Result<Json, Error>) -> bool {
-        match self.0.lock().take() {
+        match self.reply.lock().take() {
             Some(tx) => {
                 let _ = tx.send(r);
                 true
@@ -38,7 +55,7 @@ impl HostSlot {
         }
     }
     pub fn is_answered(&self) -> bool {
-        self.0.lock().is_none()
+        self.reply.lock().is_none()
     }
 }
 

@@ -86,6 +86,10 @@ impl Kernel {
                         .map_err(Error::from)
                 });
                 slot.answer(r);
+                let timer = slot.timer();
+                if timer != 0 {
+                    self.cancel_timer(timer);
+                }
             }
             Waiter::Process { serial, token } => match result {
                 Ok(v) => self.resume_with(lua, serial, token, true, v),

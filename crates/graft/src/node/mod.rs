@@ -6,7 +6,12 @@
 //!   touched concurrently. Different sandboxes run in parallel.
 //! * Every request from a host is a command queued to the sandbox and run
 //!   between time slices; the host waits on a one-shot channel, never on the
-//!   VM. A slow handler therefore never blocks a host thread.
+//!   VM. A slow handler therefore never blocks an async host thread.
+//! * The one exception is `Sandbox::call_blocking`, for threads that may
+//!   block: when the sandbox is idle, the caller claims it (`scheduled`,
+//!   as a scheduler thread would) and runs the slice holding its command
+//!   itself, behind the same panic barrier and with the same epilogue. The
+//!   inbox is still drained in order, so requests keep their order.
 //! * A slice lasts at most [`SLICE_MS`](crate::kernel) of CPU: the VM
 //!   interrupt preempts long callbacks, so a spinning sandbox cannot starve
 //!   the others.
@@ -473,7 +478,9 @@ impl Sandbox {
         &self.shared.id
     }
 
-    fn submit(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
+    /// Queues a command in the inbox; returns the node, which the caller
+    /// must wake (`schedule`) or serve itself (`run_inline`).
+    fn enqueue(&self, cmd: Command) -> Result<Arc<NodeInner>> {
         let node = self
             .shared
             .node
@@ -488,7 +495,12 @@ impl Sandbox {
         if let Some(e) = self.shared.failure_error() {
             return Err(e);
         }
-        self.shared.inbox.lock().push_back(Box::new(cmd));
+        self.shared.inbox.lock().push_back(cmd);
+        Ok(node)
+    }
+
+    fn submit(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
+        let node = self.enqueue(Box::new(cmd))?;
         schedule(&node, &self.shared, false);
         Ok(())
     }
@@ -541,6 +553,56 @@ impl Sandbox {
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
             .await
+    }
+
+    /// Calls a process like [`Sandbox::call`], blocking the calling thread
+    /// until the reply arrives or `timeout_ms` (default 5 s) passes.
+    ///
+    /// When the sandbox is idle (neither queued nor running), the handler
+    /// runs on the calling thread: no scheduler thread is woken, and the
+    /// reply is usually ready when the slice ends. Otherwise the request
+    /// queues like [`Sandbox::call`]'s. Requests from one thread keep their
+    /// order either way. For threads that may block; in async code use
+    /// [`Sandbox::call`], which never holds an executor thread for a slice.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let node = Node::new();
+    /// let spec = SandboxSpec::new("demo").entry(None).module("echo", r#"
+    ///     local echo = {}
+    ///     function echo.init() return {} end
+    ///     function echo.handle_call(req, from, state) return req, state end
+    ///     return echo
+    /// "#);
+    /// let sandbox = node.create_sandbox(spec).unwrap();
+    /// graft::block_on(sandbox.spawn("echo", serde_json::json!({}), Some("e"))).unwrap();
+    /// let reply = sandbox.call_blocking("e", serde_json::json!("hi"), None).unwrap();
+    /// assert_eq!(reply, serde_json::json!("hi"));
+    /// ```
+    pub fn call_blocking(
+        &self,
+        target: &str,
+        request: Json,
+        timeout_ms: Option<u64>,
+    ) -> Result<Json> {
+        let target = target.to_owned();
+        let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let slot = HostSlot::new(tx);
+        let node = self.enqueue(Box::new(move |rt: &mut Runtime| {
+            rt.host_call(target, request, ms, slot)
+        }))?;
+        if !scheduler::run_inline(&node, &self.shared) {
+            schedule(&node, &self.shared, false);
+        }
+        drop(node);
+        match rx.try_recv() {
+            Ok(answer) => answer,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                block_on(rx).map_err(|_| self.gone())?
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(self.gone()),
+        }
     }
 
     /// Casts a message (`handle_cast`). Fails with `MailboxFull` rather than dropping it.

@@ -293,14 +293,15 @@ impl Runtime {
             };
             k.deliver(serial, job).map_err(|(e, _)| e)?;
             let at = clock::precise_ms().saturating_add(timeout_ms);
-            k.add_timer(
+            let timer = k.add_timer(
                 at,
                 Timer::HostCallTimeout {
                     slot: slot.clone(),
-                    target: target.clone(),
+                    target,
                     ms: timeout_ms,
                 },
             );
+            slot.set_timer(timer);
             Ok(())
         })();
         if let Err(e) = r {

@@ -202,7 +202,7 @@ fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
         me.running_busy.store(busy, Ordering::Relaxed);
         me.slice_started
             .store(clock::coarse_ms() + 1, Ordering::Relaxed);
-        run_sandbox(&inner, &shared, &me);
+        run_sandbox(&inner, &shared, Some(&me));
         *me.running.lock() = None;
         me.slice_started.store(0, Ordering::Relaxed);
         if me.stuck.load(Ordering::Relaxed) && retire_if_spare(&inner, &me) {
@@ -261,8 +261,53 @@ fn next_sandbox(inner: &NodeInner) -> Option<(Arc<Shared>, bool)> {
     next
 }
 
-/// Runs one slice of a sandbox behind the panic barrier.
-fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
+thread_local! {
+    /// Set while this thread runs a sandbox's slice (scheduler thread or an
+    /// inline caller), so that a host function called from that slice never
+    /// runs another slice on top of Luau's C stack.
+    static IN_SLICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`IN_SLICE`] when the slice ends, unwinding included.
+struct InSlice;
+
+impl InSlice {
+    fn enter() -> InSlice {
+        IN_SLICE.with(|f| f.set(true));
+        InSlice
+    }
+}
+
+impl Drop for InSlice {
+    fn drop(&mut self) {
+        IN_SLICE.with(|f| f.set(false));
+    }
+}
+
+/// Runs a slice of an idle sandbox on the calling thread (for
+/// `Sandbox::call_blocking`): the caller's command, already in the inbox,
+/// runs without waking a scheduler thread. Returns false, having done
+/// nothing, when the sandbox is queued or running already (its owner then
+/// runs the command; a `submit` that saw the flag set relies on that) or
+/// when this thread is already inside a slice.
+///
+/// The slice is the one a scheduler thread would run: same panic barrier,
+/// same epilogue (wake-ups registered, re-queued if work remains). Only the
+/// watchdog and fresh-work preemption do not see it: it holds the caller's
+/// own thread, which waits for the answer anyway, and the interrupt still
+/// ends it at `SLICE_MS` or `handler_ms`.
+pub(super) fn run_inline(node: &NodeInner, shared: &Arc<Shared>) -> bool {
+    if IN_SLICE.with(|f| f.get()) || shared.scheduled.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    run_sandbox(node, shared, None);
+    true
+}
+
+/// Runs one slice of a sandbox behind the panic barrier. `me`: the scheduler
+/// thread running it, `None` for an inline caller.
+fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
+    let _in_slice = InSlice::enter();
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_sandbox_slice(node, shared, me)
     }));
@@ -284,7 +329,7 @@ fn release(node: &NodeInner, shared: &Arc<Shared>) {
     }
 }
 
-fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
+fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
     let (more, next_timer) = {
         let mut guard = shared.runtime.lock();
         if shared.destroyed.load(Ordering::Acquire) {
@@ -322,7 +367,9 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: &Worker) {
         }
         // A restart command may have replaced the VM: enforce the current one's limits.
         let _scope = kernel::WatchScope::enter(&rt.vm.lua);
-        *me.running.lock() = Some(kernel::kernel(&rt.vm.lua).watch.clone());
+        if let Some(me) = me {
+            *me.running.lock() = Some(kernel::kernel(&rt.vm.lua).watch.clone());
+        }
         rt.run_pending_reloads();
         let more = kernel::run_slice(&rt.vm.lua);
         rt.poll_app_start();
@@ -469,5 +516,80 @@ mod tests {
             .map(|_| Arc::ptr_eq(&q.pop().expect("queued").0, &b))
             .collect();
         assert_eq!(order, [false, false, false, true, false]);
+    }
+
+    /// A sandbox with nothing queued and nothing running.
+    fn idle(node: &crate::Node, id: &str) -> crate::Sandbox {
+        node.create_sandbox(crate::SandboxSpec::new(id).entry(None))
+            .expect("sandbox")
+    }
+
+    #[test]
+    fn an_idle_sandbox_runs_on_the_calling_thread() {
+        let node = crate::Node::with_threads(1);
+        let sb = idle(&node, "idle");
+        // A new sandbox may still be queued for its first slices (start-up
+        // timers): a command the owner ran instead is received, and we retry.
+        for _ in 0..1000 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let inner = sb
+                .enqueue(Box::new(move |_| {
+                    tx.send(std::thread::current().id()).expect("receiver");
+                }))
+                .expect("queued");
+            if run_inline(&inner, &sb.shared) {
+                assert_eq!(rx.try_recv(), Ok(std::thread::current().id()));
+                return;
+            }
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("the owner ran it");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the sandbox never became idle");
+    }
+
+    #[test]
+    fn a_scheduled_sandbox_is_left_to_its_owner() {
+        let node = crate::Node::with_threads(1);
+        let sb = idle(&node, "owned");
+        // As if a scheduler thread had claimed it: run_inline must not touch it.
+        sb.shared.scheduled.store(true, Ordering::Release);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let inner = sb
+            .enqueue(Box::new(move |_| {
+                tx.send(std::thread::current().id()).expect("receiver");
+            }))
+            .expect("queued");
+        assert!(!run_inline(&inner, &sb.shared));
+        assert_eq!(sb.shared.inbox.lock().len(), 1, "the command still waits");
+        // The owner's release finds the command and queues the sandbox.
+        release(&inner, &sb.shared);
+        let ran_on = rx.recv_timeout(Duration::from_secs(5)).expect("ran");
+        assert_ne!(ran_on, std::thread::current().id());
+    }
+
+    #[test]
+    fn a_panic_in_an_inline_slice_fails_only_that_sandbox() {
+        let node = crate::Node::with_threads(1);
+        let victim = idle(&node, "victim");
+        let bystander = idle(&node, "bystander");
+        victim
+            .enqueue(Box::new(|_| panic!("a bug in the runtime")))
+            .expect("queued");
+        // The call runs inline behind the panicking command: the barrier
+        // fails the sandbox and the call learns why.
+        let err = victim
+            .call_blocking("anyone", serde_json::json!(null), None)
+            .expect_err("the sandbox failed");
+        assert_eq!(err.kind(), "sandbox_failed", "{err}");
+        assert!(!victim.shared.scheduled.load(Ordering::Acquire), "released");
+        let err = victim
+            .call_blocking("anyone", serde_json::json!(null), None)
+            .expect_err("still failed");
+        assert_eq!(err.kind(), "sandbox_failed");
+        let err = bystander
+            .call_blocking("anyone", serde_json::json!(null), None)
+            .expect_err("no such process");
+        assert_eq!(err.kind(), "no_process", "{err}");
     }
 }
