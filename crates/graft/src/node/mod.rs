@@ -133,6 +133,8 @@ struct NodeInner {
     stopping: AtomicBool,
     threads: usize,
     limits: NodeLimits,
+    /// Keeps the coarse clock ticking until the node's last thread lets go.
+    _clock: crate::clock::ClockGuard,
 }
 
 /// A Graft node: many sandboxes, scheduled in parallel.
@@ -239,6 +241,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             threads,
             limits,
+            _clock: crate::clock::ClockGuard::acquire(),
         });
         scheduler::start(&inner);
         let owner = Arc::new(Owner(Arc::downgrade(&inner)));
