@@ -107,6 +107,16 @@ pub fn version() -> Bound {
     Bound::new("version", 1, u64::from(u32::MAX))
 }
 
+/// The largest event number a client may pass as `since`: the largest
+/// integer a JSON reader that uses doubles (JavaScript) holds exactly. A
+/// sandbox numbers its events one by one, so it never gets there.
+pub const MAX_EVENT_SEQ: u64 = (1 << 53) - 1;
+
+/// `since` of `GET /sandboxes/{id}/events` (0: every kept event).
+pub fn since() -> Bound {
+    Bound::new("since", 0, MAX_EVENT_SEQ)
+}
+
 /// `max_concurrency` of a batch reload: more than the node can hold
 /// sandboxes would never be used.
 pub fn max_concurrency(node: &NodeLimits) -> Bound {

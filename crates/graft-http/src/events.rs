@@ -1,12 +1,14 @@
 //! `/sandboxes/{id}/events`: reload history and lifecycle events, newest
-//! last; `?since=N` keeps those with `seq > N`. Any other query parameter
-//! is 400 `bad_request`.
+//! last; `?since=N` keeps those with `seq > N` ([`crate::bounds::since`]:
+//! a negative or too large `N` is 422 `limit_out_of_range`, anything but an
+//! integer 400). Any other query parameter is 400 `bad_request`.
 
 use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::Json;
 use graft::Node;
-use serde_json::Value;
+use serde_json::{Number, Value};
 
+use crate::bounds;
 use crate::errors::{ApiError, ApiResult};
 use crate::request::sandbox;
 
@@ -17,12 +19,7 @@ pub(crate) async fn events(
 ) -> ApiResult<Json<Value>> {
     let sb = sandbox(&node, &id)?;
     let since = since(query.as_deref().unwrap_or(""))?;
-    let events: Vec<_> = sb
-        .events()
-        .await?
-        .into_iter()
-        .filter(|e| e.seq > since)
-        .collect();
+    let events = sb.events_since(since).await?;
     Ok(Json(serde_json::to_value(events).unwrap_or(Value::Null)))
 }
 
@@ -32,12 +29,15 @@ fn since(query: &str) -> Result<u64, ApiError> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("since", v)) => {
-                since = v.parse().map_err(|_| {
+                // Parsed as a JSON number so that `-1` and `1e30` are out of
+                // range like in a body, not shape errors.
+                let n: Number = v.parse().map_err(|_| {
                     ApiError::bad_request(
                         "bad_request",
                         format!("since must be an event number, not `{v}`"),
                     )
-                })?
+                })?;
+                since = bounds::since().check(&n)?;
             }
             _ => {
                 return Err(ApiError::bad_request(

@@ -330,6 +330,47 @@ async fn a_rollback_version_past_u32_is_limit_out_of_range() {
 }
 
 #[tokio::test]
+async fn events_since_out_of_range_is_422_and_not_a_number_is_400() {
+    let api = node().await;
+    let events = |q: &str| format!("/api/v1/sandboxes/{BYSTANDER}/events?since={q}");
+    let max = (1u64 << 53) - 1;
+    for huge in [
+        u64::MAX.to_string(),
+        (max + 1).to_string(),
+        "-1".into(),
+        "-9223372036854775809".into(),
+        "1e30".into(),
+        "99999999999999999999999999".into(),
+    ] {
+        assert_out_of_range(&api.get(&events(&huge)).await, "since", 0, max);
+    }
+    for junk in ["", "x", "1.5", "0x10", "%31", "1;2", "null"] {
+        assert_error(
+            &api.get(&events(junk)).await,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        );
+    }
+    assert_error(
+        &api.get(&format!("/api/v1/sandboxes/{BYSTANDER}/events?after=1"))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    // At the bound: a valid question with an empty answer.
+    let (s, none) = api.get(&events(&max.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{none}");
+    assert_eq!(none, json!([]));
+    let (s, all) = api.get(&events("0")).await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    let (_, plain) = api
+        .get(&format!("/api/v1/sandboxes/{BYSTANDER}/events"))
+        .await;
+    assert_eq!(all, plain);
+    assert_healthy(&api).await;
+}
+
+#[tokio::test]
 async fn spawn_names_that_read_as_pids_or_serials_are_badarg() {
     let api = node().await;
     let long = "n".repeat(65);

@@ -41,7 +41,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
 pub mod diagnostic;
 pub mod error;

@@ -23,7 +23,7 @@ use axum::Json;
 use graft::{Node, NodeLimits};
 use serde_json::{json, Map, Value};
 
-use crate::bounds::Bound;
+use crate::bounds::{self, Bound};
 use crate::errors::KINDS;
 
 /// Sandbox ids (`graft::config::validate_sandbox_id`).
@@ -99,6 +99,14 @@ fn id_param() -> Value {
         id_schema(),
         "demo",
     )
+}
+
+/// `?since=` of the events: a query parameter, optional, in the range the
+/// handler checks.
+fn since_param() -> Value {
+    json!({ "name": "since", "in": "query", "required": false,
+            "description": "only events with seq > since (default 0: every kept event); negative or above the maximum: 422 limit_out_of_range; not an integer: 400 bad_request",
+            "schema": int(bounds::since()), "example": 0 })
 }
 
 fn module_param() -> Value {

@@ -5,7 +5,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{errors, id_param, module_param, ok, param, props, r, responses, Requests};
+use super::{
+    errors, id_param, module_param, ok, param, props, r, responses, since_param, Requests,
+};
 
 /// `/health` and `/openapi.json`.
 pub(super) fn node() -> Map<String, Value> {
@@ -172,10 +174,10 @@ pub(super) fn eval_and_events(req: &Requests) -> Map<String, Value> {
             }
         },
         "/sandboxes/{id}/events": {
-            "parameters": [id_param(), { "name": "since", "in": "query", "required": false, "description": "only events with seq > since", "schema": { "type": "integer", "minimum": 0 } }],
+            "parameters": [id_param(), since_param()],
             "get": {
                 "summary": "Reload history and lifecycle events, newest last", "operationId": "events",
-                "responses": responses(("200", ok("events", json!({ "type": "array", "items": r("Event") }))), &errors(&[]))
+                "responses": responses(("200", ok("events", json!({ "type": "array", "items": r("Event") }))), &errors(&[422]))
             }
         }
     }))

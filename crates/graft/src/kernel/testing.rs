@@ -53,11 +53,15 @@ return probe
 pub(super) struct TestKernel {
     vm: Vm,
     _engine: Engine,
+    /// The VM's interrupt reads the coarse clock, which ticks only while a
+    /// guard lives; here there is no node to hold one.
+    _clock: clock::ClockGuard,
 }
 
 impl TestKernel {
     /// A kernel with these modules loaded (as version 1).
     pub fn new(modules: &[(&str, &str)]) -> TestKernel {
+        let clock = clock::ClockGuard::acquire();
         let limits = Limits::default();
         let host_fns = BTreeMap::new();
         let vm = new_vm("test", &limits, &NodeLimits::default(), &[], &host_fns).expect("a VM");
@@ -86,6 +90,7 @@ impl TestKernel {
         TestKernel {
             vm,
             _engine: engine,
+            _clock: clock,
         }
     }
 

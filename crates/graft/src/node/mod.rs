@@ -138,6 +138,8 @@ struct NodeInner {
     stopping: AtomicBool,
     threads: usize,
     limits: NodeLimits,
+    /// Keeps the coarse clock ticking until the node's last thread lets go.
+    _clock: crate::clock::ClockGuard,
 }
 
 /// A Graft node: many sandboxes, scheduled in parallel.
@@ -244,6 +246,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             threads,
             limits,
+            _clock: crate::clock::ClockGuard::acquire(),
         });
         scheduler::start(&inner);
         let owner = Arc::new(Owner(Arc::downgrade(&inner)));
@@ -739,10 +742,32 @@ impl Sandbox {
     /// Events, newest last. A failed sandbox keeps the events it had, and
     /// a `failed` event with the internal error.
     pub async fn events(&self) -> Result<Vec<Event>> {
+        self.events_since(0).await
+    }
+
+    /// The events with `seq > since`, newest last: what happened after the
+    /// last event a reader saw (sequence numbers start at 1, so `0` is every
+    /// kept event). Events pruned by the node's `max_events` are not
+    /// returned, so a reader that fell behind sees a gap in `seq`.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let node = Node::new();
+    /// let sb = node
+    ///     .create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))
+    ///     .unwrap();
+    /// let all = graft::block_on(sb.events()).unwrap();
+    /// let seen = all.last().map_or(0, |e| e.seq);
+    /// let src = [("m".to_string(), "return { v = 2 }".to_string())].into();
+    /// graft::block_on(sb.reload(src, Default::default())).unwrap();
+    /// let newer = graft::block_on(sb.events_since(seen)).unwrap();
+    /// assert!(!newer.is_empty() && newer.iter().all(|e| e.seq > seen));
+    /// ```
+    pub async fn events_since(&self, since: u64) -> Result<Vec<Event>> {
         if let Some(f) = self.shared.failed.lock().as_ref() {
-            return Ok(f.events.clone());
+            return Ok(f.events.iter().filter(|e| e.seq > since).cloned().collect());
         }
-        self.ask(|rt| rt.events()).await
+        self.ask(move |rt| rt.events_since(since)).await
     }
 
     /// Waits for the app's `init` to finish; returns the root supervisor's pid.
@@ -1021,6 +1046,43 @@ mod tests {
             .expect("sandbox");
         block_on(sb.spawn("c", Json::Null, Some("c"))).expect("spawn");
         sb
+    }
+
+    #[test]
+    fn events_since_keeps_only_newer_events_running_and_failed() {
+        let node = Node::with_threads(1);
+        let sb = counter(&node, "since");
+        for step in [2, 3, 4] {
+            let src = COUNTER.replace("n + 1, n + 1", &format!("n + {step}, n + {step}"));
+            block_on(sb.reload([("c".to_owned(), src)].into(), ReloadOptions::default()))
+                .expect("reload");
+        }
+        let all = block_on(sb.events()).expect("events");
+        assert!(all.len() >= 3, "{all:?}");
+        assert_eq!(block_on(sb.events_since(0)).unwrap().len(), all.len());
+        let mid = all[all.len() - 2].seq;
+        let newer = block_on(sb.events_since(mid)).unwrap();
+        assert_eq!(
+            newer.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [all[all.len() - 1].seq]
+        );
+        assert!(block_on(sb.events_since(u64::MAX)).unwrap().is_empty());
+
+        // A failed sandbox answers from the events it kept, filtered alike.
+        let last = all[all.len() - 1].seq;
+        sb.submit(|_| panic!("a bug in the runtime"))
+            .expect("queued");
+        crate::node::blocking::block_on(async {
+            while sb.shared.failed.lock().is_none() {
+                std::thread::yield_now();
+            }
+        });
+        let after = block_on(sb.events_since(last)).unwrap();
+        assert_eq!(
+            after.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["failed"]
+        );
+        assert!(block_on(sb.events_since(u64::MAX)).unwrap().is_empty());
     }
 
     #[test]

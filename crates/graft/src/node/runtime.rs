@@ -465,8 +465,12 @@ impl Runtime {
         Ok(h.versions.iter().cloned().collect())
     }
 
-    pub fn events(&self) -> Vec<Event> {
-        kernel(self.lua()).events.iter().cloned().collect()
+    /// The kept events with `seq > since`; the log is in `seq` order, so
+    /// the older ones are skipped without being cloned.
+    pub fn events_since(&self, since: u64) -> Vec<Event> {
+        let k = kernel(self.lua());
+        let first = k.events.partition_point(|e| e.seq <= since);
+        k.events.range(first..).cloned().collect()
     }
 
     /// The events, read without panicking even if the kernel is borrowed
