@@ -296,7 +296,7 @@ impl Node {
             last_info: Mutex::new(None),
             wakeup_at: AtomicU64::new(u64::MAX),
             node: Arc::downgrade(&self.inner),
-            known_globals: crate::vm::known_globals(&spec.grants, &host.0),
+            known_globals: crate::vm::globals_for(&spec.grants, &host.0),
             spec,
             host_fns: host.0,
         });
@@ -469,7 +469,8 @@ impl HostFunctions {
         name: &str,
         f: impl Fn(Vec<Json>) -> std::result::Result<Json, String> + Send + Sync + 'static,
     ) -> Self {
-        self.0.insert(name.to_owned(), HostEntry::Quick(Arc::new(f)));
+        self.0
+            .insert(name.to_owned(), HostEntry::Quick(Arc::new(f)));
         self
     }
 

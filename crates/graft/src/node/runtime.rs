@@ -124,7 +124,7 @@ impl Runtime {
             app_waiters: Vec::new(),
             app_start: None,
         };
-        let globals = crate::vm::known_globals(&rt.spec.grants, &rt.host_fns);
+        let globals = crate::vm::globals_for(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {
             known_globals: &globals,
             max_source_bytes: rt.spec.limits.max_source_bytes,

@@ -29,10 +29,11 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
 pub use compile::{compile, COMPILE_TIMEOUT};
-pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{
-    call_guarded, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking, OUTSIDE_PROCESS,
+    call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
+    OUTSIDE_PROCESS,
 };
+pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{panic_text, PidText};
 
 const PRELUDE: &str = include_str!("prelude.luau");
