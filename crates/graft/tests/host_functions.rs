@@ -316,3 +316,25 @@ return m
         "{err}"
     );
 }
+
+#[test]
+fn a_blocking_call_in_a_nested_callback_suspends_its_process() {
+    let node = Node::with_threads(2);
+    // `outer` calls `inner` (run nested inside the caller when idle), whose
+    // handler calls the blocking function.
+    let module = r#"
+local m = {}
+function m.init(_) return {} end
+function m.handle_call(req, _, state)
+  if req.via then
+    return graft.call(req.via, { direct = true }), state
+  end
+  return io.sleep(), state
+end
+return m
+"#;
+    let sb = sandbox(&node, "nested", module, sleeper(20));
+    let outer = spawn(&sb);
+    let inner = block_on(sb.spawn("m", json!(null), Some("inner"))).unwrap();
+    assert_eq!(call(&sb, &outer, json!({ "via": "inner" })), json!(inner));
+}
