@@ -88,6 +88,7 @@ pub fn node_limits() -> NodeLimits {
         max_sandboxes: 4,
         max_value_bytes: 1024 * 1024,
         max_events: 100,
+        ..NodeLimits::default()
     }
 }
 

@@ -196,6 +196,7 @@ impl Caps {
             max_sandboxes: self.max_sandboxes,
             max_value_bytes: self.max_value_bytes,
             max_events: self.max_events,
+            ..NodeLimits::default()
         }
     }
 

@@ -20,6 +20,7 @@ fn caps() -> NodeLimits {
         max_sandboxes: 4,
         max_value_bytes: 1 << 20,
         max_events: 100,
+        ..NodeLimits::default()
     }
 }
 

@@ -1,5 +1,5 @@
 //! Embedding Graft in a Rust application: a sandbox whose Luau code calls a
-//! host function the app registers, then a live upgrade of that code.
+//! (blocking) host function the app registers, then a live upgrade of that code.
 //!
 //! Run with `cargo run -p graft --example embed`.
 
@@ -14,7 +14,7 @@ local scorer = {}
 function scorer.init(args) return { total = 0 } end
 function scorer.handle_call(points, from, state)
   state.total += points
-  audit.record("scored " .. points)      -- a host function granted by the app
+  audit.record("scored " .. points)      -- a blocking host function granted by the app
   return state.total, state
 end
 return scorer
@@ -39,13 +39,18 @@ return scorer
 fn main() -> graft::Result<()> {
     let audit_log = Arc::new(Mutex::new(Vec::<String>::new()));
     let log = audit_log.clone();
-    let host = HostFunctions::default().function("audit.record", move |args| {
-        let line = args
+    // A blocking host function: it may wait (here on a lock; in an app, on a
+    // database or a socket). The calling process suspends while it runs on
+    // the node's blocking pool, so other processes and sandboxes keep
+    // running. It also learns who called it.
+    let host = HostFunctions::default().blocking("audit.record", move |call| {
+        let line = call
+            .args
             .first()
             .and_then(|a| a.as_str())
             .unwrap_or("?")
             .to_owned();
-        log.lock().unwrap().push(line);
+        log.lock().unwrap().push(format!("{} {line}", call.pid));
         Ok(json!(true))
     });
 

@@ -141,6 +141,10 @@ pub struct NodeLimits {
     pub max_value_bytes: usize,
     /// Events each sandbox keeps (oldest dropped first).
     pub max_events: usize,
+    /// Blocking host functions ([`HostFunctions::blocking`](crate::HostFunctions::blocking))
+    /// running at once on the node; further calls queue (FIFO) until one
+    /// returns. Each running call holds a thread of the node's blocking pool.
+    pub max_blocking_host_calls: usize,
 }
 
 impl Default for NodeLimits {
@@ -150,6 +154,7 @@ impl Default for NodeLimits {
             max_sandboxes: 1024,
             max_value_bytes: 8 * 1024 * 1024,
             max_events: 1000,
+            max_blocking_host_calls: 16,
         }
     }
 }
@@ -172,6 +177,12 @@ impl NodeLimits {
             1 << 32,
         )?;
         check_range("max_events", self.max_events as u64, 1, 1_000_000)?;
+        check_range(
+            "max_blocking_host_calls",
+            self.max_blocking_host_calls as u64,
+            1,
+            4096,
+        )?;
         Ok(())
     }
 }

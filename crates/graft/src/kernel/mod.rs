@@ -7,6 +7,7 @@
 //! * `watch`: the CPU watch (the VM interrupt) and the canary watch;
 //! * `timers`: the timer heap and what a due timer does;
 //! * `reply`: answering a waiter (a host slot or a suspended process);
+//! * `host`: blocking host function calls (started here, run by the node);
 //! * `exit`: exits, links, monitors, exit reasons and where guest code raised;
 //! * `outcome`: what a finished stretch of a callback leads to;
 //! * `nest`: nested jobs (the fast path of calls and spawns between processes);
@@ -35,6 +36,7 @@
 
 mod exit;
 pub(crate) mod fast;
+mod host;
 mod log;
 mod natives;
 mod nest;
@@ -61,6 +63,7 @@ use crate::value::{ExitReason, Pid};
 use crate::vm::{self, Vm};
 
 pub(crate) use exit::{remember_chunk, truncate_reason};
+pub(crate) use host::BlockingCall;
 pub(crate) use nest::{nest_done, NestEnd, NestResult};
 pub(crate) use process::{HostSlot, Job, Process, Run, Waiter};
 pub(crate) use run::run_slice;
@@ -201,6 +204,10 @@ pub(crate) struct Kernel {
     pub internal_error: Option<String>,
     /// The guest log's line budget.
     pub log_gate: log::LogGate,
+    /// Blocking host calls started since the node last drained them.
+    pub blocking_out: Vec<host::BlockingCall>,
+    /// Which VM this is, for answers that outlive it (see `host`).
+    epoch: u64,
 }
 
 /// The kernel of the sandbox whose VM `lua` is. Panics if it is borrowed
@@ -474,11 +481,16 @@ pub(crate) fn new_vm(
     limits: &Limits,
     node: &NodeLimits,
     grants: &[String],
-    host_fns: &std::collections::BTreeMap<String, vm::HostFn>,
+    host_fns: &vm::HostTable,
 ) -> mlua::Result<Vm> {
+    let host = vm::HostHooks {
+        fns: host_fns,
+        caller: host::caller_of,
+        start_blocking: host::start_blocking,
+    };
     let vm = Vm::new(
         grants,
-        host_fns,
+        host,
         limits.max_message_bytes,
         node.max_value_bytes,
         natives::install,
@@ -518,6 +530,8 @@ pub(crate) fn new_vm(
         crashed_since_collect: false,
         internal_error: None,
         log_gate: log::LogGate::default(),
+        blocking_out: Vec::new(),
+        epoch: host::next_epoch(),
     };
     vm.lua.set_app_data(k);
     watch::install_interrupt(&vm.lua);

@@ -70,7 +70,7 @@ impl TestKernel {
             .iter()
             .map(|(n, s)| (n.to_string(), s.to_string()))
             .collect();
-        let globals = crate::vm::known_globals(&[], &host_fns);
+        let globals = crate::vm::globals_for(&[], &host_fns);
         let files = BTreeMap::new();
         let cx = PrepareContext {
             known_globals: &globals,

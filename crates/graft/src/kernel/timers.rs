@@ -41,6 +41,13 @@ pub(crate) enum Timer {
         target: String,
         ms: u64,
     },
+    /// A blocking host function did not answer within `handler_ms`.
+    HostFnTimeout {
+        serial: u64,
+        token: u64,
+        name: Arc<str>,
+        ms: u64,
+    },
     ShutdownKill {
         serial: u64,
     },
@@ -185,6 +192,16 @@ impl Kernel {
                     target,
                     timeout_ms: ms,
                 }));
+            }
+            Timer::HostFnTimeout {
+                serial,
+                token,
+                name,
+                ms,
+            } => {
+                let msg = format!("{name}: timeout after {ms} ms (handler_ms)");
+                let msg = lua.create_string(&msg).map_or(Value::Nil, Value::String);
+                self.resume_with(lua, serial, token, false, msg);
             }
             Timer::ShutdownKill { serial } => {
                 if self.procs.contains_key(&serial) {

@@ -17,6 +17,7 @@
 //!   the others.
 
 mod blocking;
+mod host_pool;
 mod runtime;
 mod scheduler;
 
@@ -37,7 +38,7 @@ use crate::kernel::{AppStatus, Event, HostSlot};
 use crate::upgrade::{
     self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
 };
-use crate::vm::HostFn;
+use crate::vm::{HostCall, HostEntry, HostTable};
 use runtime::Runtime;
 use scheduler::schedule;
 
@@ -65,7 +66,7 @@ struct Shared {
     node: Weak<NodeInner>,
     known_globals: Vec<String>,
     spec: SandboxSpec,
-    host_fns: BTreeMap<String, HostFn>,
+    host_fns: HostTable,
 }
 
 /// A sandbox stopped by a panic: the message, its version history and events
@@ -138,6 +139,8 @@ struct NodeInner {
     stopping: AtomicBool,
     threads: usize,
     limits: NodeLimits,
+    /// Runs blocking host functions, off the scheduler threads.
+    host_pool: Arc<host_pool::HostPool>,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
 }
@@ -183,6 +186,7 @@ impl Drop for Owner {
             inner.queue_cv.notify_all();
             drop(inner.timers.lock());
             inner.timer_cv.notify_all();
+            inner.host_pool.stop();
             // Drop the VMs now (a slice still running keeps its own until it
             // ends): hosts still waiting on them get `sandbox_stopped`.
             let all: Vec<Arc<Shared>> = std::mem::take(&mut *inner.sandboxes.write())
@@ -233,6 +237,7 @@ impl Node {
             max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
             max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
             max_events: limits.max_events.clamp(1, 1_000_000),
+            max_blocking_host_calls: limits.max_blocking_host_calls.clamp(1, 4096),
         };
         let inner = Arc::new(NodeInner {
             sandboxes: RwLock::new(BTreeMap::new()),
@@ -245,6 +250,7 @@ impl Node {
             timer_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             threads,
+            host_pool: Arc::new(host_pool::HostPool::new(limits.max_blocking_host_calls)),
             limits,
             _clock: crate::clock::ClockGuard::acquire(),
         });
@@ -298,7 +304,7 @@ impl Node {
             last_info: Mutex::new(None),
             wakeup_at: AtomicU64::new(u64::MAX),
             node: Arc::downgrade(&self.inner),
-            known_globals: crate::vm::known_globals(&spec.grants, &host.0),
+            known_globals: crate::vm::globals_for(&spec.grants, &host.0),
             spec,
             host_fns: host.0,
         });
@@ -440,24 +446,124 @@ impl Node {
 /// `kv.get` in Luau). Each takes JSON arguments and returns JSON or an error
 /// message, which the guest sees as `nil, message`.
 ///
+/// Three shapes:
+/// * [`function`](Self::function): arguments only, run on the scheduler
+///   thread inside the calling handler. The fast path, for quick functions.
+/// * [`function_with_context`](Self::function_with_context): the same, but
+///   the function also learns its caller ([`HostCall`]: sandbox id, pid).
+/// * [`blocking`](Self::blocking): for functions that wait (I/O, locks,
+///   sleeps). The calling process suspends; the function runs on the
+///   node's blocking pool, so other processes and sandboxes keep running.
+///
+/// A panic in any of them is an error for the guest that called it.
+///
 /// ```
 /// let host = graft::HostFunctions::default()
-///     .function("kv.get", |args| Ok(serde_json::json!(format!("value of {}", args[0]))));
+///     .function("kv.get", |args| Ok(serde_json::json!(format!("value of {}", args[0]))))
+///     .function_with_context("whoami", |call| {
+///         Ok(serde_json::json!({ "sandbox": call.sandbox, "pid": call.pid }))
+///     });
 /// assert!(host.names().any(|n| n == "kv.get"));
+/// assert!(host.names().any(|n| n == "whoami"));
 /// ```
 #[derive(Clone, Default)]
-pub struct HostFunctions(BTreeMap<String, HostFn>);
+pub struct HostFunctions(HostTable);
 
 impl HostFunctions {
-    /// Adds a host function.
+    /// Adds a quick host function: it runs on the scheduler thread, inside
+    /// the calling handler, so it must not wait (see [`blocking`](Self::blocking)).
     pub fn function(
         mut self,
         name: &str,
         f: impl Fn(Vec<Json>) -> std::result::Result<Json, String> + Send + Sync + 'static,
     ) -> Self {
-        self.0.insert(name.to_owned(), Arc::new(f));
+        self.0
+            .insert(name.to_owned(), HostEntry::Quick(Arc::new(f)));
         self
     }
+
+    /// Adds a quick host function that receives its caller: the sandbox id
+    /// and the calling process's pid (`"<counter.1>"`), with the arguments.
+    /// Called outside a process (a module body), the guest gets `nil, message`.
+    ///
+    /// ```
+    /// use graft::{HostFunctions, Node, SandboxSpec};
+    /// use serde_json::json;
+    /// let host = HostFunctions::default().function_with_context("who.am_i", |call| {
+    ///     Ok(json!(format!("{} in {}", call.pid, call.sandbox)))
+    /// });
+    /// let spec = SandboxSpec::new("ctx").entry(None).module("m", r#"
+    ///     local m = {}
+    ///     function m.init(_) return {} end
+    ///     function m.handle_call(_, _, s) return who.am_i(), s end
+    ///     return m
+    /// "#);
+    /// let node = Node::new();
+    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
+    /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
+    /// let reply = graft::block_on(sandbox.call(&pid, json!(null), None)).unwrap();
+    /// assert_eq!(reply, json!(format!("{pid} in ctx")));
+    /// ```
+    pub fn function_with_context(
+        mut self,
+        name: &str,
+        f: impl for<'a> Fn(HostCall<'a>) -> std::result::Result<Json, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.0
+            .insert(name.to_owned(), HostEntry::WithContext(Arc::new(f)));
+        self
+    }
+
+    /// Adds a blocking host function. When a guest calls it, the calling
+    /// process suspends (as in a `graft.call` that waits) and the function
+    /// runs on the node's blocking pool; its result resumes the process.
+    /// Other processes of the sandbox, and other sandboxes, keep running.
+    ///
+    /// Bounds:
+    /// * At most [`NodeLimits::max_blocking_host_calls`](crate::NodeLimits::max_blocking_host_calls)
+    ///   run at once per node; more calls wait in a queue.
+    /// * The caller waits at most its sandbox's `handler_ms` (wall clock),
+    ///   then gets `nil, "<name>: timeout after …"`; a late result is
+    ///   dropped. A function that never returns keeps its pool thread.
+    /// * Arguments and the result are capped at the node's `max_value_bytes`.
+    /// * A panic is an error (`nil, "<name>: panicked: …"`) for the caller.
+    /// * If the sandbox is destroyed meanwhile, the result is dropped.
+    /// * Only a process's callback may call it (a module body gets `nil, message`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use graft::{HostFunctions, Node, SandboxSpec};
+    /// use serde_json::json;
+    /// let host = HostFunctions::default().blocking("db.fetch", |call| {
+    ///     std::thread::sleep(Duration::from_millis(20)); // stands for real I/O
+    ///     Ok(json!({ "key": call.args[0], "asked_by": call.pid }))
+    /// });
+    /// let spec = SandboxSpec::new("db").entry(None).module("m", r#"
+    ///     local m = {}
+    ///     function m.init(_) return {} end
+    ///     function m.handle_call(key, _, s)
+    ///         local row, err = db.fetch(key)
+    ///         assert(row, err)
+    ///         return row.key, s
+    ///     end
+    ///     return m
+    /// "#);
+    /// let node = Node::new();
+    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
+    /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
+    /// let reply = graft::block_on(sandbox.call(&pid, json!("k1"), None)).unwrap();
+    /// assert_eq!(reply, json!("k1"));
+    /// ```
+    pub fn blocking(
+        mut self,
+        name: &str,
+        f: impl for<'a> Fn(HostCall<'a>) -> std::result::Result<Json, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.0
+            .insert(name.to_owned(), HostEntry::Blocking(Arc::new(f)));
+        self
+    }
+
     /// The registered names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(|s| s.as_str())
@@ -1006,7 +1112,7 @@ impl Sandbox {
 /// the current versions of `history` when restarting.
 fn new_runtime(
     spec: &SandboxSpec,
-    host_fns: &BTreeMap<String, HostFn>,
+    host_fns: &HostTable,
     history: Option<&BTreeMap<String, ModuleHistory>>,
     limits: &NodeLimits,
 ) -> Result<Runtime> {

@@ -20,7 +20,7 @@ use crate::upgrade::{
     ReloadReport, ReloadStatus,
 };
 use crate::value::{estimate_size, json_to_lua, lua_to_json, Pid};
-use crate::vm::{HostFn, Vm};
+use crate::vm::{HostTable, Vm};
 
 /// How long a reload waits for busy processes to finish their callbacks.
 pub const QUIESCE_TIMEOUT_MS: u64 = 5000;
@@ -96,7 +96,7 @@ pub(crate) struct Runtime {
     pub vm: Vm,
     pub engine: Engine,
     pub spec: SandboxSpec,
-    pub host_fns: BTreeMap<String, HostFn>,
+    pub host_fns: HostTable,
     pending: VecDeque<PendingReload>,
     app_waiters: Vec<Arc<HostSlot>>,
     app_start: Option<tokio::sync::oneshot::Receiver<Result<Json>>>,
@@ -106,7 +106,7 @@ impl Runtime {
     /// Builds the VM, loads every module (as version 1) and queues the app start.
     pub fn new(
         spec: SandboxSpec,
-        host_fns: BTreeMap<String, HostFn>,
+        host_fns: HostTable,
         history: Option<BTreeMap<String, crate::upgrade::ModuleHistory>>,
         node: &NodeLimits,
     ) -> Result<Runtime> {
@@ -124,7 +124,7 @@ impl Runtime {
             app_waiters: Vec::new(),
             app_start: None,
         };
-        let globals = crate::vm::known_globals(&rt.spec.grants, &rt.host_fns);
+        let globals = crate::vm::globals_for(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {
             known_globals: &globals,
             max_source_bytes: rt.spec.limits.max_source_bytes,

@@ -383,6 +383,11 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
             std::panic::resume_unwind(Box::new(message));
         }
         let next_timer = k.next_timer_at();
+        let blocking = std::mem::take(&mut k.blocking_out);
+        if !blocking.is_empty() {
+            node.host_pool
+                .submit(shared, blocking, node.limits.max_value_bytes);
+        }
         (more, next_timer)
     };
     shared.scheduled.store(false, Ordering::Release);

@@ -78,11 +78,60 @@ pub fn safe_globals() -> impl Iterator<Item = &'static str> {
 }
 
 /// A host function an embedding app grants to a sandbox: JSON arguments in,
-/// JSON result (or an error message) out. It runs on the sandbox's scheduler
-/// thread, inside the calling handler: keep it quick.
+/// JSON result (or an error message) out. Registered with
+/// [`HostFunctions::function`](crate::HostFunctions::function), it runs on
+/// the sandbox's scheduler thread, inside the calling handler: keep it quick
+/// (register slow ones with [`HostFunctions::blocking`](crate::HostFunctions::blocking)).
 pub type HostFn = Arc<
     dyn Fn(Vec<serde_json::Value>) -> std::result::Result<serde_json::Value, String> + Send + Sync,
 >;
+
+/// A host function that also receives its caller ([`HostCall`]); see
+/// [`HostFunctions::function_with_context`](crate::HostFunctions::function_with_context)
+/// and [`HostFunctions::blocking`](crate::HostFunctions::blocking).
+pub type ContextHostFn = Arc<
+    dyn for<'a> Fn(HostCall<'a>) -> std::result::Result<serde_json::Value, String> + Send + Sync,
+>;
+
+/// One call of a host function, with who made it.
+#[derive(Debug)]
+pub struct HostCall<'a> {
+    /// The calling sandbox's id.
+    pub sandbox: &'a str,
+    /// The calling process's pid as the API shows it (`"<counter.1>"`).
+    pub pid: &'a str,
+    /// The arguments, converted to JSON.
+    pub args: Vec<serde_json::Value>,
+}
+
+/// A registered host function and how it runs.
+#[derive(Clone)]
+pub(crate) enum HostEntry {
+    /// Today's fast path: no caller context, on the scheduler thread.
+    Quick(HostFn),
+    /// On the scheduler thread, with the caller's context.
+    WithContext(ContextHostFn),
+    /// On the node's blocking pool; the calling process suspends meanwhile.
+    Blocking(ContextHostFn),
+}
+
+/// Host functions by `"kv.get"`-style name.
+pub(crate) type HostTable = BTreeMap<String, HostEntry>;
+
+/// A blocking host function call the kernel hands to the node's pool.
+pub(crate) struct BlockingStart {
+    pub name: Arc<str>,
+    pub f: ContextHostFn,
+    pub args: Vec<serde_json::Value>,
+}
+
+/// Who is calling: the sandbox id and the current process's pid text
+/// (`None` outside a process, e.g. in a module body); the kernel supplies it.
+pub(crate) type CallerOf = fn(&Lua) -> Option<(Arc<str>, String)>;
+
+/// Queues a blocking call for the current process and returns the token it
+/// will be answered under (or why it cannot start); the kernel supplies it.
+pub(crate) type StartBlocking = fn(&Lua, BlockingStart) -> std::result::Result<u64, String>;
 
 /// How a pid reads in JSON handed to the host (`"<module.N>"`); the sandbox
 /// layer supplies it, since module names live in its kernel.
@@ -115,7 +164,8 @@ pub(super) fn guest_globals(
     if grants.iter().any(|g| g == "clock") {
         globals.raw_set("os", guest_os(lua, real)?)?;
     }
-    install_host_functions(lua, &globals, host)?;
+    let blocking_host: Function = prelude.raw_get("blocking_host")?;
+    install_host_functions(lua, &globals, host, &blocking_host)?;
     globals.raw_set("require", require)?;
     globals.set_readonly(true);
     globals.set_safeenv(true);
@@ -123,9 +173,13 @@ pub(super) fn guest_globals(
 }
 
 /// The host functions of a sandbox and how their arguments cross into JSON.
-pub(super) struct HostFunctionsIn<'a> {
+pub(crate) struct HostFunctionsIn<'a> {
     /// `"kv.get"`-style names to functions.
-    pub fns: &'a BTreeMap<String, HostFn>,
+    pub fns: &'a HostTable,
+    /// The caller's context, for functions that take it.
+    pub caller: CallerOf,
+    /// Hands a blocking call to the node.
+    pub start_blocking: StartBlocking,
     /// How pids read in their arguments.
     pub pid_text: PidText,
     /// The cap on one argument's JSON form.
@@ -201,21 +255,25 @@ pub(super) fn freeze_builtins(lua: &Lua) -> mlua::Result<()> {
 }
 
 /// Exposes `"kv.get"`-style host functions as `kv.get` in the guest globals.
+/// A blocking one is the prelude's `blocking_host` wrapper around a native
+/// that starts the call: only Luau code can suspend the calling handler.
 fn install_host_functions(
     lua: &Lua,
     globals: &Table,
     host: HostFunctionsIn<'_>,
+    blocking_host: &Function,
 ) -> mlua::Result<()> {
     let HostFunctionsIn {
         fns: host_fns,
+        caller,
+        start_blocking,
         pid_text,
         max_value_bytes,
     } = host;
     let mut namespaces: BTreeMap<&str, Table> = BTreeMap::new();
-    for (name, f) in host_fns {
-        let f = f.clone();
-        let display = name.clone();
-        let name_for_log = name.clone();
+    for (name, entry) in host_fns {
+        let entry = entry.clone();
+        let display: Arc<str> = Arc::from(name.as_str());
         let func = lua.create_function(move |lua, args: mlua::MultiValue| {
             let mut json_args = Vec::with_capacity(args.len());
             for (i, a) in args.iter().enumerate() {
@@ -225,25 +283,43 @@ fn install_host_functions(
                     Err(e) => return Ok((Value::Nil, Some(format!("{display}: {e}")))),
                 }
             }
-            // A host function is the embedder's code: a panic in it is an
-            // error for the guest that called it, never an unwind through
-            // the VM's C stack.
-            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(json_args)));
-            match called {
-                Ok(Ok(v)) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
-                Ok(Err(msg)) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
-                Err(payload) => {
-                    let why = panic_text(&*payload);
-                    let name: &str = &name_for_log;
-                    tracing::error!(
-                        function = name,
-                        panic = why.as_str(),
-                        "a host function panicked"
-                    );
-                    Ok((Value::Nil, Some(format!("{display}: panicked: {why}"))))
+            let called = match &entry {
+                HostEntry::Quick(f) => call_guarded(&display, || f(json_args)),
+                HostEntry::WithContext(f) => {
+                    let Some((sandbox, pid)) = caller(lua) else {
+                        return Ok((Value::Nil, Some(format!("{display}: {OUTSIDE_PROCESS}"))));
+                    };
+                    call_guarded(&display, || {
+                        f(HostCall {
+                            sandbox: &sandbox,
+                            pid: &pid,
+                            args: json_args,
+                        })
+                    })
                 }
+                HostEntry::Blocking(f) => {
+                    let start = BlockingStart {
+                        name: display.clone(),
+                        f: f.clone(),
+                        args: json_args,
+                    };
+                    // The token goes to the prelude's wrapper, which awaits it.
+                    return match start_blocking(lua, start) {
+                        Ok(token) => Ok((Value::Number(token as f64), None)),
+                        Err(msg) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
+                    };
+                }
+            };
+            match called {
+                Ok(v) => Ok((crate::value::json_to_lua(lua, &v)?, None)),
+                Err(msg) => Ok((Value::Nil, Some(format!("{display}: {msg}")))),
             }
         })?;
+        let func = if matches!(host_fns[name], HostEntry::Blocking(_)) {
+            blocking_host.call::<Function>(func)?
+        } else {
+            func
+        };
         match name.split_once('.') {
             Some((ns, field)) => {
                 let t = match namespaces.get(ns) {
@@ -277,8 +353,38 @@ fn install_host_functions(
     Ok(())
 }
 
+/// Why a host function that needs its caller cannot run: no process is.
+pub(crate) const OUTSIDE_PROCESS: &str = "can only be called from a process's callback";
+
+/// Runs a host function behind a panic barrier: the embedder's panic is an
+/// error (`panicked: …`) for the guest that called it, never an unwind
+/// through the VM's C stack (or the death of a blocking pool thread).
+pub(crate) fn call_guarded(
+    name: &str,
+    f: impl FnOnce() -> std::result::Result<serde_json::Value, String>,
+) -> std::result::Result<serde_json::Value, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let why = panic_text(&*payload);
+            tracing::error!(
+                function = name,
+                panic = why.as_str(),
+                "a host function panicked"
+            );
+            Err(format!("panicked: {why}"))
+        }
+    }
+}
+
 /// Names a module may use as globals in a sandbox with these grants and host functions.
 pub fn known_globals(grants: &[String], host_fns: &BTreeMap<String, HostFn>) -> Vec<String> {
+    globals_for(grants, host_fns)
+}
+
+/// [`known_globals`] for any map of host functions (the node keeps every
+/// kind in one [`HostTable`]).
+pub(crate) fn globals_for<V>(grants: &[String], host_fns: &BTreeMap<String, V>) -> Vec<String> {
     let mut names: Vec<String> = safe_globals().map(str::to_owned).collect();
     if grants.iter().any(|g| g == "clock") {
         names.push("os".into());

@@ -29,7 +29,11 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
 pub use compile::{compile, COMPILE_TIMEOUT};
-pub use env::{known_globals, safe_globals, HostFn, LUAU_SAFE_GLOBALS};
+pub(crate) use env::{
+    call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
+    OUTSIDE_PROCESS,
+};
+pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{panic_text, PidText};
 
 const PRELUDE: &str = include_str!("prelude.luau");
@@ -50,13 +54,21 @@ pub(crate) struct Vm {
     pub set_view: Function,
 }
 
+/// A sandbox's host functions and the kernel hooks they need: who is
+/// calling, and how a blocking call is handed to the node.
+pub(crate) struct HostHooks<'a> {
+    pub fns: &'a HostTable,
+    pub caller: CallerOf,
+    pub start_blocking: StartBlocking,
+}
+
 impl Vm {
     /// Creates the VM: libraries, prelude, guest environment, supervisor.
     /// `install_natives` fills the natives table the prelude receives.
     /// `max_value_bytes` caps the JSON form of a host function's argument.
     pub fn new(
         grants: &[String],
-        host_fns: &BTreeMap<String, HostFn>,
+        host: HostHooks<'_>,
         max_message_bytes: usize,
         max_value_bytes: usize,
         install_natives: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
@@ -79,7 +91,9 @@ impl Vm {
             load_trusted(&lua, "=graft.prelude", PRELUDE, &real)?.call(natives.clone())?;
         let view_fns = require_view(&lua, &real)?;
         let host = env::HostFunctionsIn {
-            fns: host_fns,
+            fns: host.fns,
+            caller: host.caller,
+            start_blocking: host.start_blocking,
             pid_text,
             max_value_bytes,
         };
