@@ -331,7 +331,11 @@ fn batch_reload(node: &Node, n: usize) {
     let mut sources = BTreeMap::new();
     sources.insert("counter".to_string(), COUNTER_V2.to_string());
     let t = Instant::now();
-    let results = block_on(node.reload_batch(&ids, &sources, &ReloadOptions::default(), 64, false));
+    let results = block_on(node.reload_batch(
+        &ids,
+        &sources,
+        &graft::BatchOptions::default().max_concurrency(64),
+    ));
     let us = t.elapsed().as_micros();
     assert!(results.iter().all(|(_, r)| r.is_ok()));
     emit(

@@ -154,7 +154,13 @@ pub(crate) async fn batch(
     // In range: at most max_sandboxes, a usize.
     let max_concurrency = usize::try_from(max_concurrency).unwrap_or(usize::MAX);
     let results = node
-        .reload_batch(&ids, &sources, &opts, max_concurrency, rolling)
+        .reload_batch(
+            &ids,
+            &sources,
+            &graft::BatchOptions::new(opts)
+                .max_concurrency(max_concurrency)
+                .rolling(rolling),
+        )
         .await;
     let out = results
         .into_iter()

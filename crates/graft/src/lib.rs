@@ -58,7 +58,7 @@ pub use diagnostic::Diagnostic;
 pub use error::{Error, ReloadStep, Result};
 pub use kernel::{AppStatus, Event};
 pub use node::{
-    block_on, with_timeout, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
+    block_on, with_timeout, BatchOptions, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
     QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use graft::{
-    block_on, Error, Node, ReloadOptions, ReloadStatus, ReloadStep, Sandbox, SandboxSpec,
-    StateHandler,
+    block_on, BatchOptions, Error, Node, ReloadOptions, ReloadStatus, ReloadStep, Sandbox,
+    SandboxSpec, StateHandler,
 };
 use serde_json::{json, Value};
 
@@ -548,9 +548,7 @@ fn batch_reload_reports_in_input_order_and_rolling_stops_at_first_failure() {
     let results = block_on(node.reload_batch(
         &ids,
         &sources(&[("counter", COUNTER_V2)]),
-        &ReloadOptions::default(),
-        2,
-        false,
+        &BatchOptions::default().max_concurrency(2),
     ));
     let names: Vec<&str> = results.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(names, vec!["b1", "missing", "b2", "b3"]);
@@ -560,9 +558,7 @@ fn batch_reload_reports_in_input_order_and_rolling_stops_at_first_failure() {
     let results = block_on(node.reload_batch(
         &ids,
         &sources(&[("counter", &v3)]),
-        &ReloadOptions::default(),
-        4,
-        true,
+        &BatchOptions::default().max_concurrency(4).rolling(true),
     ));
     assert!(results[0].1.is_ok());
     assert!(matches!(results[1].1, Err(Error::NoSandbox(_))));

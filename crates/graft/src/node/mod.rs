@@ -365,17 +365,33 @@ impl Node {
     }
 
     /// Reloads the same sources into many sandboxes (SPEC §3 batch). Results
-    /// come in input order. With `rolling`, the first failure stops the batch
-    /// and the remaining sandboxes report `skipped`.
+    /// come in input order. With [`BatchOptions::rolling`], the first failure
+    /// stops the batch and the remaining sandboxes report `skipped`.
+    ///
+    /// ```
+    /// use graft::{BatchOptions, Node, SandboxSpec};
+    /// let node = Node::new();
+    /// for id in ["a", "b"] {
+    ///     node.create_sandbox(SandboxSpec::new(id).entry(None).module("m", "return { v = 1 }")).unwrap();
+    /// }
+    /// let ids = vec!["a".to_string(), "b".to_string()];
+    /// let sources = [("m".to_string(), "return { v = 2 }".to_string())].into();
+    /// let results = graft::block_on(node.reload_batch(&ids, &sources, &BatchOptions::default().rolling(true)));
+    /// assert!(results.iter().all(|(_, r)| r.is_ok()));
+    /// ```
     pub async fn reload_batch(
         &self,
         ids: &[String],
         sources: &BTreeMap<String, String>,
-        opts: &ReloadOptions,
-        max_concurrency: usize,
-        rolling: bool,
+        batch: &BatchOptions,
     ) -> Vec<(String, Result<ReloadReport>)> {
-        let max_concurrency = if rolling { 1 } else { max_concurrency.max(1) };
+        let opts = &batch.reload;
+        let rolling = batch.rolling;
+        let max_concurrency = if rolling {
+            1
+        } else {
+            batch.max_concurrency.max(1)
+        };
         let mut results: Vec<Option<Result<ReloadReport>>> = (0..ids.len()).map(|_| None).collect();
         let mut next = 0;
         let mut stop = false;
@@ -1133,6 +1149,54 @@ fn new_runtime(
             message: panic_message(&*payload),
         })
     })
+}
+
+/// How [`Node::reload_batch`] runs: the options of each sandbox's reload,
+/// how many sandboxes reload at once, and whether the batch is rolling.
+///
+/// ```
+/// use graft::{BatchOptions, ReloadOptions};
+/// let batch = BatchOptions::new(ReloadOptions::default()).max_concurrency(4);
+/// assert_eq!(batch.max_concurrency, 4);
+/// assert!(!batch.rolling);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BatchOptions {
+    /// Applied to every sandbox's reload.
+    pub reload: ReloadOptions,
+    /// Sandboxes reloading at once (0 counts as 1). Default 8.
+    pub max_concurrency: usize,
+    /// One sandbox at a time; the first failure stops the batch and the
+    /// rest report `skipped`. Default false.
+    pub rolling: bool,
+}
+
+impl BatchOptions {
+    /// A parallel batch (8 at once) with these reload options.
+    pub fn new(reload: ReloadOptions) -> BatchOptions {
+        BatchOptions {
+            reload,
+            max_concurrency: 8,
+            rolling: false,
+        }
+    }
+    /// Sets how many sandboxes reload at once.
+    pub fn max_concurrency(mut self, n: usize) -> BatchOptions {
+        self.max_concurrency = n;
+        self
+    }
+    /// Makes the batch rolling (or not).
+    pub fn rolling(mut self, rolling: bool) -> BatchOptions {
+        self.rolling = rolling;
+        self
+    }
+}
+
+impl Default for BatchOptions {
+    fn default() -> BatchOptions {
+        BatchOptions::new(ReloadOptions::default())
+    }
 }
 
 #[cfg(test)]
