@@ -50,6 +50,8 @@ pub(crate) struct CreateBody {
     modules: Value,
     #[serde(default, deserialize_with = "explicit_null")]
     entry: Option<Option<String>>,
+    /// The entry module's `init` argument (default `null`).
+    entry_args: Option<Value>,
     limits: Option<serde_json::Map<String, Value>>,
     capabilities: Option<Vec<String>>,
 }
@@ -105,6 +107,9 @@ fn create_spec(body: CreateBody, node: &graft::NodeLimits) -> ApiResult<SandboxS
         // No entry given: `app` when there is one (a project's graft.toml says otherwise).
         None if !from_project && !spec.modules.contains_key("app") => spec.entry = None,
         None => {}
+    }
+    if let Some(args) = body.entry_args {
+        spec.entry_args = args;
     }
     if let Some(limits) = limits {
         spec.limits = limits;

@@ -1222,3 +1222,35 @@ async fn batch_reload() {
         .await;
     assert_error(&resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
 }
+
+#[tokio::test]
+async fn entry_args_reach_the_apps_init() {
+    let api = Api::new();
+    let app = r#"return {
+        init = function(args) graft.register("app") return { args = args } end,
+        handle_call = function(_, _, s) return s.args, s end,
+    }"#;
+    let args = json!({ "port": 8080, "tags": ["a", "b"] });
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes",
+            json!({ "id": "withargs", "modules": { "app": app }, "entry_args": args }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api.call("withargs", "app", json!(0)).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({ "reply": args })));
+
+    // Hostile: args over the sandbox's max_message_bytes are refused and
+    // nothing is created.
+    let big = json!({
+        "id": "bigargs",
+        "modules": { "app": app },
+        "entry_args": "x".repeat(8192),
+        "limits": { "max_message_bytes": 4096 },
+    });
+    let resp = api.post("/api/v1/sandboxes", big).await;
+    assert_error(&resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    let (s, _) = api.get("/api/v1/sandboxes/bigargs").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

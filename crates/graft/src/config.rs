@@ -199,6 +199,9 @@ pub struct SandboxSpec {
     pub id: String,
     /// The module whose supervisor is the app (`None`: no app is started).
     pub entry: Option<String>,
+    /// What the entry module's `init` receives (plain data; `null` by
+    /// default). Bounded by `limits.max_message_bytes` like any message.
+    pub entry_args: serde_json::Value,
     /// Limits.
     pub limits: Limits,
     /// Built-in capabilities granted (`clock`, `random`).
@@ -222,6 +225,7 @@ impl SandboxSpec {
         SandboxSpec {
             id: id.into(),
             entry: Some("app".into()),
+            entry_args: serde_json::Value::Null,
             limits: Limits::default(),
             grants: Vec::new(),
             modules: BTreeMap::new(),
@@ -236,6 +240,23 @@ impl SandboxSpec {
     /// Sets the entry module (`None`: start no app).
     pub fn entry(mut self, entry: Option<&str>) -> Self {
         self.entry = entry.map(str::to_owned);
+        self
+    }
+    /// Sets what the entry module's `init` receives.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let spec = SandboxSpec::new("cfg")
+    ///     .module("app", r#"return {
+    ///         init = function(args) return { port = args.port } end,
+    ///         handle_call = function(_, _, s) return s.port, s end,
+    ///     }"#)
+    ///     .entry_args(serde_json::json!({ "port": 8080 }));
+    /// let sb = Node::new().create_sandbox(spec).unwrap();
+    /// graft::block_on(sb.wait_app_started()).unwrap();
+    /// ```
+    pub fn entry_args(mut self, args: serde_json::Value) -> Self {
+        self.entry_args = args;
         self
     }
     /// Sets the limits.
@@ -257,6 +278,7 @@ impl SandboxSpec {
             .map_err(|e| Error::InvalidInput(format!("{}: {e}", toml_path.display())))?;
         let mut spec = SandboxSpec::new(file.sandbox.id);
         spec.entry = Some(file.sandbox.entry.unwrap_or_else(|| "app".into()));
+        spec.entry_args = file.sandbox.entry_args.unwrap_or(serde_json::Value::Null);
         spec.limits = file.limits;
         spec.grants = file.capabilities.grant;
         let src = dir.join("src");
@@ -309,6 +331,8 @@ struct ProjectFile {
 struct ProjectSandbox {
     id: String,
     entry: Option<String>,
+    /// The entry module's `init` argument (any TOML value).
+    entry_args: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -489,6 +513,29 @@ mod tests {
         }
         let err = validate_process_name(&"9".repeat(1 << 20)).unwrap_err();
         assert!(err.to_string().len() < 200, "{err}");
+    }
+
+    #[test]
+    fn graft_toml_entry_args_become_the_apps_init_argument() {
+        let dir = std::env::temp_dir().join(format!("graft-entry-args-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::write(
+            dir.join("graft.toml"),
+            "[sandbox]\nid = \"x\"\nentry_args = { port = 8080, tags = [\"a\"] }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("src/app.luau"), "return {}").unwrap();
+        let spec = SandboxSpec::from_dir(&dir).unwrap();
+        assert_eq!(
+            spec.entry_args,
+            serde_json::json!({ "port": 8080, "tags": ["a"] })
+        );
+        std::fs::write(dir.join("graft.toml"), "[sandbox]\nid = \"x\"\n").unwrap();
+        assert_eq!(
+            SandboxSpec::from_dir(&dir).unwrap().entry_args,
+            serde_json::Value::Null
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

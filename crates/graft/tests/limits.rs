@@ -1774,3 +1774,49 @@ fn ungranted_host_functions_are_refused_with_an_error_naming_them() {
         }
     }
 }
+
+#[test]
+fn entry_args_reach_init_and_oversize_args_are_refused() {
+    use graft::{Node, SandboxSpec};
+    let app = r#"return {
+        init = function(args) return { args = args } end,
+        handle_call = function(_, _, s) return s.args, s end,
+    }"#;
+    let node = Node::with_threads(1);
+    let args = serde_json::json!({ "port": 8080, "names": ["a", "b"] });
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("args")
+                .module("app", app)
+                .entry_args(args.clone()),
+        )
+        .unwrap();
+    graft::block_on(sb.wait_app_started()).unwrap();
+    let procs = graft::block_on(sb.processes()).unwrap();
+    let pid = procs
+        .iter()
+        .find(|p| p.module == "app")
+        .unwrap()
+        .pid
+        .clone();
+    assert_eq!(
+        graft::block_on(sb.call(&pid, serde_json::json!(0), None)).unwrap(),
+        args
+    );
+    // Bigger than max_message_bytes: refused like any message, nothing created.
+    let mut limits = graft::Limits::default();
+    limits.max_message_bytes = 1024;
+    let big = serde_json::json!("x".repeat(4096));
+    let err = node
+        .create_sandbox(
+            SandboxSpec::new("bigargs")
+                .module("app", app)
+                .limits(limits)
+                .entry_args(big),
+        )
+        .err()
+        .expect("oversize entry args are refused");
+    assert_eq!(err.kind(), "invalid_input", "{err}");
+    assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    assert!(node.sandbox("bigargs").is_err());
+}

@@ -107,6 +107,7 @@ pub(super) fn requests(node: &NodeLimits) -> Map<String, Value> {
         "id": id_schema(),
         "modules": { "oneOf": [r("Sources"), { "type": "string", "description": "server-side path: a project directory (with graft.toml) or a directory of .luau files" }] },
         "entry": with(nullable(module_schema()), json!({ "description": "absent: `app` when there is such a module (or the project's entry); null: no app" })),
+        "entry_args": { "description": "what the entry module's `init` receives (plain JSON, default null; at most limits.max_message_bytes)" },
         "limits": nullable(r("Limits")),
         "capabilities": nullable(json!({ "type": "array", "items": { "type": "string", "enum": graft::config::BUILTIN_CAPABILITIES } })),
     }))));

@@ -161,10 +161,9 @@ impl Runtime {
     }
 
     fn start_app(&mut self, entry: &str) -> Result<()> {
+        self.check_size(&self.spec.entry_args)?;
         let lua = &self.vm.lua;
-        let args = lua
-            .create_registry_value(Value::Nil)
-            .map_err(|e| Error::Luau(e.to_string()))?;
+        let args = host_value(lua, &self.spec.entry_args)?;
         let mut k = kernel(lua);
         let mid = k
             .module_id(entry)
