@@ -252,7 +252,8 @@ impl SandboxSpec {
     ///         handle_call = function(_, _, s) return s.port, s end,
     ///     }"#)
     ///     .entry_args(serde_json::json!({ "port": 8080 }));
-    /// let sb = Node::new().create_sandbox(spec).unwrap();
+    /// let node = Node::new();
+    /// let sb = node.create_sandbox(spec).unwrap();
     /// graft::block_on(sb.wait_app_started()).unwrap();
     /// ```
     pub fn entry_args(mut self, args: serde_json::Value) -> Self {

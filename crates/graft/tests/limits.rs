@@ -1804,8 +1804,10 @@ fn entry_args_reach_init_and_oversize_args_are_refused() {
         args
     );
     // Bigger than max_message_bytes: refused like any message, nothing created.
-    let mut limits = graft::Limits::default();
-    limits.max_message_bytes = 1024;
+    let limits = graft::Limits {
+        max_message_bytes: 1024,
+        ..Default::default()
+    };
     let big = serde_json::json!("x".repeat(4096));
     let err = node
         .create_sandbox(
