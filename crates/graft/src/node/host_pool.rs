@@ -156,7 +156,7 @@ fn run_task(task: Task) {
         })
     })
     .and_then(|v| {
-        let bytes = json_len(&v);
+        let bytes = crate::value::json_len(&v);
         if bytes > max_value_bytes {
             Err(format!(
                 "result too large: {bytes} bytes as JSON (max_value_bytes {max_value_bytes})"
@@ -174,21 +174,4 @@ fn run_task(task: Task) {
         let lua = &rt.vm.lua;
         kernel::kernel(lua).blocking_done(lua, (serial, token, epoch), &name, result);
     });
-}
-
-/// The length of a value's JSON form, without building it.
-fn json_len(v: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut n = Count(0);
-    let _ = serde_json::to_writer(&mut n, v);
-    n.0
 }

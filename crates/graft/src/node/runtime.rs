@@ -249,21 +249,7 @@ impl Runtime {
     /// Host messages obey `max_message_bytes` like guest messages (measured as JSON).
     fn check_size(&self, v: &Json) -> Result<()> {
         let max = self.spec.limits.max_message_bytes;
-        // Counted while serializing, without building the text.
-        struct Count(usize);
-        impl std::io::Write for Count {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0 += b.len();
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut count = Count(0);
-        let size = serde_json::to_writer(&mut count, v)
-            .map(|_| count.0)
-            .unwrap_or(usize::MAX);
+        let size = crate::value::json_len(v);
         if size > max {
             return Err(Error::InvalidInput(format!(
                 "message is {size} bytes as JSON; this sandbox's max_message_bytes is {max}"

@@ -56,3 +56,22 @@ impl SizeWalk {
         }
     }
 }
+
+/// The length of a value's JSON form, without building it.
+pub(crate) fn json_len(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Writing JSON into a counter cannot fail except on a non-string map
+    // key, which a `serde_json::Value` never has.
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
+}

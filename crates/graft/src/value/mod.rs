@@ -41,7 +41,7 @@ mod tests;
 
 use mlua::{LightUserData, Value};
 
-pub(crate) use estimate::estimate_size;
+pub(crate) use estimate::{estimate_size, json_len};
 pub use exit::ExitReason;
 pub use from_json::check_json_depth;
 pub(crate) use from_json::json_to_lua;
