@@ -66,16 +66,12 @@ type RawSandbox = (
     f64,
 );
 const SANDBOX_COLS: &str = "id, entry, limits, capabilities, source_root, spec, created_ms";
-fn raw_sandbox(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-    ))
+/// A row as a tuple of its columns (rusqlite converts tuples of `FromSql`).
+fn row_tuple<T>(r: &Row<'_>) -> rusqlite::Result<T>
+where
+    T: for<'a> TryFrom<&'a Row<'a>, Error = rusqlite::Error>,
+{
+    T::try_from(r)
 }
 fn sandbox(path: &Path, r: RawSandbox) -> StoreResult<SandboxRecord> {
     Ok(SandboxRecord {
@@ -92,18 +88,6 @@ fn sandbox(path: &Path, r: RawSandbox) -> StoreResult<SandboxRecord> {
 type RawVersion = (String, String, i64, String, String, String, String, f64);
 const VERSION_COLS: &str =
     "sandbox, module, version, checksum, source, dependencies, status, created_ms";
-fn raw_version(r: &Row<'_>) -> rusqlite::Result<RawVersion> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
-}
 fn version(path: &Path, r: RawVersion) -> StoreResult<VersionRecord> {
     Ok(VersionRecord {
         version: u32_col(path, "version", r.2)?,
@@ -126,16 +110,6 @@ type RawModule = (
     i64,
     Option<String>,
 );
-fn raw_module(r: &Row<'_>) -> rusqlite::Result<RawModule> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-    ))
-}
 fn decode_module(path: &Path, r: RawModule) -> StoreResult<ModuleRecord> {
     Ok(ModuleRecord {
         current: r
@@ -190,17 +164,6 @@ type RawToken = (
     Option<f64>,
 );
 const TOKEN_COLS: &str = "id, hash, role, sandboxes, label, created_ms, revoked_ms";
-fn raw_token(r: &Row<'_>) -> rusqlite::Result<RawToken> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-    ))
-}
 fn token(path: &Path, r: RawToken) -> StoreResult<TokenRecord> {
     let hash: [u8; 32] = r.1.as_slice().try_into().map_err(|_| {
         bad(
@@ -257,7 +220,7 @@ fn load_all_in_tx(path: &Path, conn: &Connection) -> StoreResult<RestoreSnapshot
         conn,
         &format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY id"),
         [],
-        raw_sandbox,
+        row_tuple,
         |r| sandbox(path, r),
     )?;
     let mut index: HashMap<String, usize> = HashMap::with_capacity(sandboxes.len());
@@ -275,7 +238,7 @@ fn load_all_in_tx(path: &Path, conn: &Connection) -> StoreResult<RestoreSnapshot
         conn,
         "SELECT sandbox, module, current, stable, next_version, file FROM modules ORDER BY sandbox, module",
         [],
-        raw_module,
+        row_tuple,
         |r| decode_module(path, r),
     )?;
     let mut module_index: HashMap<(String, String), (usize, usize)> =
@@ -296,7 +259,7 @@ fn load_all_in_tx(path: &Path, conn: &Connection) -> StoreResult<RestoreSnapshot
         conn,
         &format!("SELECT {VERSION_COLS} FROM module_versions ORDER BY sandbox, module, version"),
         [],
-        raw_version,
+        row_tuple,
         |r| version(path, r),
     )?;
     for v in versions {
@@ -395,7 +358,7 @@ pub(crate) fn sandboxes(path: &Path, conn: &Connection) -> StoreResult<Vec<Sandb
         conn,
         &format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY id"),
         [],
-        raw_sandbox,
+        row_tuple,
         |r| sandbox(path, r),
     )
 }
@@ -411,7 +374,7 @@ pub(crate) fn versions(
         conn,
         &format!("SELECT {VERSION_COLS} FROM module_versions WHERE sandbox = ?1 AND module = ?2 ORDER BY version"),
         params![sb, m],
-        raw_version,
+        row_tuple,
         |r| version(path, r),
     )
 }
@@ -427,7 +390,7 @@ pub(crate) fn module(
         conn,
         "SELECT sandbox, module, current, stable, next_version, file FROM modules WHERE sandbox = ?1 AND module = ?2",
         params![sb, m],
-        raw_module,
+        row_tuple,
         |r| decode_module(path, r),
     )?;
     Ok(v.pop())
@@ -470,7 +433,7 @@ pub(crate) fn tokens(path: &Path, conn: &Connection) -> StoreResult<Vec<TokenRec
         conn,
         &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created_ms, id"),
         [],
-        raw_token,
+        row_tuple,
         |r| token(path, r),
     )
 }
@@ -485,7 +448,7 @@ pub(crate) fn token_by_hash(
         conn,
         &format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash = ?1"),
         params![&hash[..]],
-        raw_token,
+        row_tuple,
         |r| token(path, r),
     )?;
     Ok(v.pop())
