@@ -18,6 +18,8 @@
 
 mod batch;
 mod blocking;
+mod checkpoint;
+mod durable;
 mod host_functions;
 mod host_pool;
 mod runtime;
@@ -33,13 +35,13 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use batch::BatchOptions;
 pub use blocking::{block_on, with_timeout};
+pub use durable::{CheckpointStats, NodeBuilder, DATABASE_FILE, DEFAULT_CHECKPOINT_MS};
 pub use host_functions::HostFunctions;
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 pub use sandbox::Sandbox;
 
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, ReloadStep, Result};
-use crate::kernel::Event;
 use crate::upgrade::{Direction, ModuleHistory, ReloadReport};
 use crate::vm::HostTable;
 use runtime::Runtime;
@@ -73,12 +75,11 @@ struct Shared {
     host_fns: HostTable,
 }
 
-/// A sandbox stopped by a panic: the message, its version history and events
-/// (plain Rust data, saved from the dead runtime) so that a restart keeps them.
+/// A sandbox stopped by a panic: the message and its version history (plain
+/// Rust data, saved from the dead runtime) so that a restart keeps them.
 struct Failure {
     message: String,
     history: BTreeMap<String, ModuleHistory>,
-    events: Vec<Event>,
 }
 
 impl Shared {
@@ -88,21 +89,15 @@ impl Shared {
     fn fail(&self, message: String) {
         tracing::error!(sandbox = %self.id, %message, "internal error: the sandbox failed");
         let rt = self.runtime.lock().take();
-        let (history, mut events) = match &rt {
-            Some(rt) => (rt.engine.modules.clone(), rt.saved_events()),
-            None => (BTreeMap::new(), Vec::new()),
+        let history = match &rt {
+            Some(rt) => rt.engine.modules.clone(),
+            None => BTreeMap::new(),
         };
-        let seq = events.last().map_or(1, |e| e.seq + 1);
-        events.push(Event::new(
-            seq,
-            "failed",
-            serde_json::json!({ "error": message }),
-        ));
-        *self.failed.lock() = Some(Failure {
-            message,
-            history,
-            events,
-        });
+        if let Some(node) = self.node.upgrade() {
+            node.events
+                .append(&self.id, "failed", serde_json::json!({ "error": message }));
+        }
+        *self.failed.lock() = Some(Failure { message, history });
         // Dropping the VM drops every waiting host's reply channel.
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
         if dropped.is_err() {
@@ -126,6 +121,19 @@ impl Shared {
     }
 }
 
+/// Caps out of range clamped into range.
+fn clamp_limits(limits: NodeLimits) -> NodeLimits {
+    NodeLimits {
+        max_sandbox_memory: limits
+            .max_sandbox_memory
+            .max(crate::config::MIN_SANDBOX_MEMORY),
+        max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
+        max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
+        max_events: limits.max_events.clamp(1, 1_000_000),
+        max_blocking_host_calls: limits.max_blocking_host_calls.clamp(1, 4096),
+    }
+}
+
 /// The text of a panic payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     format!("internal error (panic): {}", crate::vm::panic_text(payload))
@@ -145,6 +153,12 @@ struct NodeInner {
     limits: NodeLimits,
     /// Runs blocking host functions, off the scheduler threads.
     host_pool: Arc<host_pool::HostPool>,
+    /// Every event of every sandbox, numbered node-wide.
+    events: Arc<crate::events::EventLog>,
+    /// The database of a durable node.
+    store: Option<Arc<crate::store::Store>>,
+    /// What the checkpointer last wrote, per sandbox.
+    checkpoints: durable::Checkpoints,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
 }
@@ -184,6 +198,7 @@ impl Drop for Owner {
     fn drop(&mut self) {
         if let Some(inner) = self.0.upgrade() {
             inner.stopping.store(true, Ordering::SeqCst);
+            inner.checkpoints.stop_thread();
             // Take each lock once so no thread is between its check of
             // `stopping` and its wait when the notification goes out.
             drop(inner.queue.lock());
@@ -233,16 +248,19 @@ impl Node {
     /// caps. Caps out of range are clamped into range (see [`NodeLimits::validate`]
     /// to refuse them instead).
     pub fn with_limits(threads: usize, limits: NodeLimits) -> Node {
+        let limits = clamp_limits(limits);
+        let events = crate::events::EventLog::in_memory(limits.max_events);
+        Node::assemble(threads, limits, events, None)
+    }
+
+    /// A node around an event log (and store), its threads started.
+    fn assemble(
+        threads: usize,
+        limits: NodeLimits,
+        events: Arc<crate::events::EventLog>,
+        store: Option<Arc<crate::store::Store>>,
+    ) -> Node {
         let threads = threads.max(1);
-        let limits = NodeLimits {
-            max_sandbox_memory: limits
-                .max_sandbox_memory
-                .max(crate::config::MIN_SANDBOX_MEMORY),
-            max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
-            max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
-            max_events: limits.max_events.clamp(1, 1_000_000),
-            max_blocking_host_calls: limits.max_blocking_host_calls.clamp(1, 4096),
-        };
         let inner = Arc::new(NodeInner {
             sandboxes: RwLock::new(BTreeMap::new()),
             queue: Mutex::new(scheduler::RunQueue::default()),
@@ -255,6 +273,9 @@ impl Node {
             stopping: AtomicBool::new(false),
             threads,
             host_pool: Arc::new(host_pool::HostPool::new(limits.max_blocking_host_calls)),
+            events,
+            store,
+            checkpoints: durable::Checkpoints::default(),
             limits,
             _clock: crate::clock::ClockGuard::acquire(),
         });
@@ -276,6 +297,42 @@ impl Node {
         &self.inner.limits
     }
 
+    /// The node's database, if it was opened with one
+    /// ([`Node::builder`]`.data_dir(…)` or `.ephemeral()`).
+    pub fn store(&self) -> Option<&Arc<crate::store::Store>> {
+        self.inner.store.as_ref()
+    }
+
+    /// Events of the whole node with `seq > after` that match `filter`,
+    /// oldest first, at most `limit`; `gap` says whether some were dropped
+    /// before this reader saw them (each sandbox keeps its newest
+    /// `max_events`). Sequence numbers are node-wide, durable and never
+    /// reused, so a reader resumes from the last `seq` it saw.
+    ///
+    /// ```
+    /// use graft::{EventFilter, Node, SandboxSpec};
+    /// let node = Node::new();
+    /// node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}")).unwrap();
+    /// let page = node.events_after(0, &EventFilter::default().sandbox("ev"), 100);
+    /// assert!(page.gap.is_none());
+    /// assert!(page.events.iter().all(|e| e.sandbox == "ev"));
+    /// ```
+    pub fn events_after(
+        &self,
+        after: u64,
+        filter: &crate::EventFilter,
+        limit: usize,
+    ) -> crate::EventPage {
+        self.inner.events.read(after, filter, limit)
+    }
+
+    /// The highest event number readers can see, updated whenever it moves:
+    /// wait on it, then read with [`events_after`](Self::events_after).
+    /// Every event at or below it is readable (and durable, with a store).
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.events.subscribe()
+    }
+
     /// Creates a sandbox from a spec (compiles and loads every module, then
     /// starts the app if the spec has an entry module).
     pub fn create_sandbox(&self, spec: SandboxSpec) -> Result<Sandbox> {
@@ -283,7 +340,23 @@ impl Node {
     }
 
     /// Creates a sandbox with host functions (capabilities) for its guests.
+    ///
+    /// With a store, the sandbox (its record, first versions and a
+    /// `sandbox_created` event) is written before this returns; if that
+    /// write fails, no sandbox is created.
     pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
+        self.create_from(spec, host, None, true)
+    }
+
+    /// Creates a sandbox, fresh or from a restored `history`; `persist`
+    /// writes its creation (a restored one is in the store already).
+    fn create_from(
+        &self,
+        spec: SandboxSpec,
+        host: HostFunctions,
+        history: Option<BTreeMap<String, ModuleHistory>>,
+        persist: bool,
+    ) -> Result<Sandbox> {
         spec.validate(&self.inner.limits)?;
         {
             let map = self.inner.sandboxes.read();
@@ -297,7 +370,8 @@ impl Node {
                 )));
             }
         }
-        let runtime = new_runtime(&spec, &host.0, None, &self.inner.limits)?;
+        let runtime = new_runtime(&spec, &host.0, history.as_ref(), &self.inner)?;
+        let ops = persist.then(|| durable::creation_ops(&spec, &runtime.engine.modules));
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
@@ -325,6 +399,25 @@ impl Node {
             }
             map.insert(shared.id.clone(), shared.clone());
         }
+        self.inner.events.sandbox_created(&shared.id);
+        if let Some(ops) = ops {
+            let detail = serde_json::json!({
+                "entry": shared.spec.entry,
+                "modules": shared.spec.modules.keys().collect::<Vec<_>>(),
+            });
+            if let Err(e) = self
+                .inner
+                .events
+                .commit(&shared.id, ops, "sandbox_created", detail)
+            {
+                // Not stored, so not created: the id is free again.
+                self.inner.sandboxes.write().remove(&shared.id);
+                shared.destroyed.store(true, Ordering::Release);
+                let rt = shared.runtime.lock().take();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+                return Err(e.into());
+            }
+        }
         schedule(&self.inner, &shared, false);
         Ok(Sandbox { shared })
     }
@@ -348,13 +441,27 @@ impl Node {
     /// `terminate` (use [`Sandbox::stop_app`] first for an orderly stop).
     /// Never waits for a running slice: a sandbox busy in a callback is
     /// dropped by its scheduler thread when the slice ends.
+    ///
+    /// With a store, the deletion (and a `sandbox_deleted` event) is written
+    /// first; if that write fails the sandbox stays as it was.
     pub fn destroy(&self, id: &str) -> Result<()> {
+        if !self.inner.sandboxes.read().contains_key(id) {
+            return Err(Error::NoSandbox(id.into()));
+        }
+        let ops = match &self.inner.store {
+            Some(_) => vec![crate::store::WriteOp::DeleteSandbox { id: id.to_owned() }],
+            None => Vec::new(),
+        };
+        self.inner
+            .events
+            .commit(id, ops, "sandbox_deleted", serde_json::json!({}))?;
         let shared = self
             .inner
             .sandboxes
             .write()
             .remove(id)
             .ok_or_else(|| Error::NoSandbox(id.into()))?;
+        self.inner.events.sandbox_deleted(id);
         shared.destroyed.store(true, Ordering::Release);
         if let Some(mut guard) = shared.runtime.try_lock() {
             let rt = guard.take();

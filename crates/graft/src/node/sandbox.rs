@@ -14,7 +14,7 @@ use super::runtime::{self, Runtime};
 use super::scheduler::{self, schedule};
 use super::{block_on, panic_message, with_timeout, Command, NodeInner, Shared, INFO_WAIT_MS};
 use super::{ProcessInfo, SandboxInfo};
-use crate::config::{NodeLimits, SandboxSpec};
+use crate::config::SandboxSpec;
 use crate::error::{Error, Result};
 use crate::kernel::{AppStatus, Event, HostSlot};
 use crate::upgrade::{
@@ -66,7 +66,7 @@ impl Sandbox {
         Ok(())
     }
 
-    async fn ask<T: Send + 'static>(
+    pub(super) async fn ask<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Runtime) -> T + Send + 'static,
     ) -> Result<T> {
@@ -75,6 +75,17 @@ impl Sandbox {
             let _ = tx.send(f(rt));
         })?;
         rx.await.map_err(|_| self.gone())
+    }
+
+    /// A committed reload changed states: the checkpointer writes this
+    /// sandbox's registered processes soon.
+    fn after_commit(&self, result: Result<ReloadReport>) -> Result<ReloadReport> {
+        if let (Ok(r), Some(node)) = (&result, self.shared.node.upgrade()) {
+            if r.status == upgrade::ReloadStatus::Reloaded && node.store.is_some() {
+                node.checkpoints.request(&self.shared.id);
+            }
+        }
+        result
     }
 
     /// Why a request's answer channel closed: the sandbox failed, was
@@ -322,10 +333,28 @@ impl Sandbox {
     /// assert!(!newer.is_empty() && newer.iter().all(|e| e.seq > seen));
     /// ```
     pub async fn events_since(&self, since: u64) -> Result<Vec<Event>> {
-        if let Some(f) = self.shared.failed.lock().as_ref() {
-            return Ok(f.events.iter().filter(|e| e.seq > since).cloned().collect());
-        }
-        self.ask(move |rt| rt.events_since(since)).await
+        let node = self
+            .shared
+            .node
+            .upgrade()
+            .ok_or_else(|| stopped(&self.shared.id))?;
+        // Commands queued before this call (an `abort` event of a reload
+        // that failed to compile) run first, as they did before the log
+        // moved out of the sandbox. A failed sandbox answers nothing here.
+        let _ = self.ask(|_| ()).await;
+        node.events.settle().await;
+        let filter = crate::EventFilter::default().sandbox(self.shared.id.clone());
+        let page = node.events.read(since, &filter, usize::MAX);
+        Ok(page
+            .events
+            .into_iter()
+            .map(|e| Event {
+                seq: e.seq,
+                at_ms: e.at_ms,
+                kind: e.kind,
+                detail: e.detail,
+            })
+            .collect())
     }
 
     /// Waits for the app's `init` to finish; returns the root supervisor's pid.
@@ -392,7 +421,8 @@ impl Sandbox {
         opts: ReloadOptions,
     ) -> Result<ReloadReport> {
         let rx = self.reload_start(sources, opts, Direction::Up, None)?;
-        rx.await.map_err(|_| self.gone())?
+        let result = rx.await.map_err(|_| self.gone())?;
+        self.after_commit(result)
     }
 
     /// Rolls `module` back (or forward) to a kept version; `code_change` gets
@@ -444,7 +474,8 @@ impl Sandbox {
             targets.insert(module_name, version);
             rt.reload(prepared, opts, direction, Some(targets), tx);
         })?;
-        rx.await.map_err(|_| self.gone())?
+        let result = rx.await.map_err(|_| self.gone())?;
+        self.after_commit(result)
     }
 
     /// Every kept version of every module (for export/backup).
@@ -514,7 +545,7 @@ impl Sandbox {
                 let _ = tx.send(Err(stopped(&shared.id)));
                 return;
             };
-            match new_runtime(&shared.spec, &shared.host_fns, Some(&history), &node.limits) {
+            match new_runtime(&shared.spec, &shared.host_fns, Some(&history), &node) {
                 Ok(mut new_rt) => {
                     // Kept across the restart: events, and reloads that were
                     // waiting (they apply to the new VM, never lost).
@@ -543,15 +574,7 @@ impl Sandbox {
             return Ok(()); // restarted meanwhile
         };
         let history = (!f.history.is_empty()).then_some(&f.history);
-        let mut rt = new_runtime(
-            &self.shared.spec,
-            &self.shared.host_fns,
-            history,
-            &node.limits,
-        )?;
-        if let Some(f) = failed.as_mut() {
-            rt.restore_events(std::mem::take(&mut f.events));
-        }
+        let rt = new_runtime(&self.shared.spec, &self.shared.host_fns, history, &node)?;
         *self.shared.runtime.lock() = Some(rt);
         *failed = None;
         drop(failed);
@@ -566,7 +589,7 @@ pub(super) fn new_runtime(
     spec: &SandboxSpec,
     host_fns: &HostTable,
     history: Option<&BTreeMap<String, ModuleHistory>>,
-    limits: &NodeLimits,
+    node: &NodeInner,
 ) -> Result<Runtime> {
     let mut spec = spec.clone();
     let spec_id = spec.id.clone();
@@ -577,7 +600,13 @@ pub(super) fn new_runtime(
             .collect();
     }
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Runtime::new(spec, host_fns.clone(), history.cloned(), limits)
+        Runtime::new(
+            spec,
+            host_fns.clone(),
+            history.cloned(),
+            &node.limits,
+            node.events.clone(),
+        )
     }));
     built.unwrap_or_else(|payload| {
         Err(Error::SandboxFailed {
