@@ -105,7 +105,7 @@ pub(crate) const SLICE_MS: u64 = 5;
 pub(crate) const DEFAULT_CALL_TIMEOUT_MS: u64 = 5000;
 
 /// A sandbox event: reloads, rollbacks, aborts, crashes, app stops.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     /// Position in the sandbox's event log (1, 2, 3 …).
     pub seq: u64,

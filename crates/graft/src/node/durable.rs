@@ -76,6 +76,7 @@ pub struct NodeBuilder {
     storage: Storage,
     checkpoint_ms: u64,
     host: HostFunctions,
+    max_database_bytes: Option<u64>,
 }
 
 impl Node {
@@ -87,6 +88,7 @@ impl Node {
             storage: Storage::None,
             checkpoint_ms: DEFAULT_CHECKPOINT_MS,
             host: HostFunctions::default(),
+            max_database_bytes: None,
         }
     }
 }
@@ -125,6 +127,14 @@ impl NodeBuilder {
         self
     }
 
+    /// A cap on the database's size: past it every write fails with
+    /// `storage_full`, as on a full disk (and the request that caused it
+    /// fails, changing nothing). Default: no cap.
+    pub fn max_database_bytes(mut self, bytes: u64) -> NodeBuilder {
+        self.max_database_bytes = Some(bytes);
+        self
+    }
+
     /// Host functions granted to every sandbox restored from the store
     /// (sandboxes created later get theirs from `create_sandbox_with`).
     pub fn host_functions(mut self, host: HostFunctions) -> NodeBuilder {
@@ -144,6 +154,7 @@ impl NodeBuilder {
         let limits = clamp_limits(self.limits);
         let opts = StoreOptions {
             max_events_per_sandbox: limits.max_events as u64,
+            max_size_bytes: self.max_database_bytes,
             ..StoreOptions::default()
         };
         let store = match &self.storage {
@@ -265,15 +276,17 @@ impl Node {
                 }
             }
         }
+        // Apps start in parallel; `open` returns once each app's `init`
+        // finished (or failed), so a restored node answers like it did.
         for (sb, rows) in started {
-            if rows.is_empty() {
-                continue;
-            }
             if sb.shared.spec.entry.is_some() {
                 let _ = super::block_on(super::with_timeout(
                     sb.wait_app_started(),
                     Duration::from_secs(10),
                 ));
+            }
+            if rows.is_empty() {
+                continue;
             }
             let restored = super::block_on(sb.ask(move |rt| rt.restore_checkpoints(rows)));
             match restored {
