@@ -44,6 +44,8 @@ enum Command {
         listen: Listen,
         #[command(flatten)]
         caps: Caps,
+        #[command(flatten)]
+        storage: Storage,
         /// Do not watch src/ (no hot reload)
         #[arg(long)]
         no_watch: bool,
@@ -59,6 +61,17 @@ enum Command {
         listen: Listen,
         #[command(flatten)]
         caps: Caps,
+        #[command(flatten)]
+        storage: Storage,
+    },
+    /// Copy a node's database to a new file, consistently, while it runs
+    Backup {
+        /// The file to create (must not exist)
+        dest: PathBuf,
+        /// The node's data directory (default: ./.graft if it holds a
+        /// database, else the default data directory of `graft serve`)
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
     },
     /// Call a process and print its reply
     Call {
@@ -233,6 +246,22 @@ impl Caps {
     }
 }
 
+/// Where `run` and `serve` keep the node's data (SPEC §8).
+#[derive(Args, Clone)]
+struct Storage {
+    /// The data directory (default: DIR/.graft for `run`, $XDG_DATA_HOME/graft
+    /// or ~/.local/share/graft for `serve`)
+    #[arg(long, value_name = "DIR", conflicts_with = "ephemeral")]
+    data: Option<PathBuf>,
+    /// Keep everything in memory: nothing survives a restart
+    #[arg(long)]
+    ephemeral: bool,
+    /// How often the changed states of registered processes are checkpointed
+    /// (also after every reload and at shutdown; 0: only then)
+    #[arg(long, value_name = "MS", default_value_t = graft::DEFAULT_CHECKPOINT_MS)]
+    checkpoint_ms: u64,
+}
+
 /// A byte count: digits, optionally followed by `KiB`, `MiB` or `GiB`.
 fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -348,21 +377,40 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             dir,
             listen,
             caps,
+            storage,
             no_watch,
             debounce_ms,
         } => {
+            let data = node::DataChoice::from_flags(
+                storage.data,
+                storage.ephemeral,
+                dir.join(".graft"),
+                storage.checkpoint_ms,
+            );
             node::run(
                 &dir,
                 &listen.bind,
                 listen.port,
                 caps.checked("run"),
+                data,
                 (!no_watch).then_some(debounce_ms),
             )
             .await
         }
-        Command::Serve { listen, caps } => {
-            node::serve(&listen.bind, listen.port, caps.checked("serve")).await
+        Command::Serve {
+            listen,
+            caps,
+            storage,
+        } => {
+            let data = node::DataChoice::from_flags(
+                storage.data,
+                storage.ephemeral,
+                node::default_data_dir()?,
+                storage.checkpoint_ms,
+            );
+            node::serve(&listen.bind, listen.port, caps.checked("serve"), data).await
         }
+        Command::Backup { dest, data } => node::backup(data, &dest),
         Command::Call {
             sandbox,
             target,

@@ -1,6 +1,11 @@
-//! `graft run` and `graft serve`: a node serving the HTTP API until Ctrl-C.
+//! `graft run` and `graft serve`: a node serving the HTTP API until Ctrl-C
+//! (or SIGTERM), keeping its data in a data directory (SPEC §8).
+//!
+//! Shutdown order: stop taking requests and let in-flight ones finish, write
+//! the final checkpoint and close the database (so nothing acknowledged is
+//! lost), then stop every app in order (terminate callbacks run).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -18,7 +23,91 @@ async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
     })
 }
 
-/// Serves the API until Ctrl-C (or SIGTERM), then stops every app in order.
+/// Where the node keeps its data.
+pub enum DataChoice {
+    /// A data directory (created if missing).
+    Dir { dir: PathBuf, checkpoint_ms: u64 },
+    /// In memory only.
+    Ephemeral,
+}
+
+impl DataChoice {
+    /// From `--data`, `--ephemeral` and the subcommand's default directory.
+    pub fn from_flags(
+        data: Option<PathBuf>,
+        ephemeral: bool,
+        default: PathBuf,
+        checkpoint_ms: u64,
+    ) -> DataChoice {
+        if ephemeral {
+            return DataChoice::Ephemeral;
+        }
+        DataChoice::Dir {
+            dir: data.unwrap_or(default),
+            checkpoint_ms,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            DataChoice::Dir { dir, .. } => format!("data in {}", dir.display()),
+            DataChoice::Ephemeral => "ephemeral: nothing is kept".into(),
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/graft`, else `~/.local/share/graft`: `graft serve`'s data.
+pub fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("graft"));
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".local/share/graft")),
+        None => Err(anyhow!(
+            "no data directory: neither XDG_DATA_HOME nor HOME is set; pass --data DIR or --ephemeral"
+        )),
+    }
+}
+
+/// Opens the node (restoring what its data directory holds) off the async
+/// threads; a database it cannot use stops the command with a clear error.
+async fn open_node(caps: NodeLimits, data: &DataChoice) -> Result<Node> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let builder = Node::builder().threads(threads).limits(caps);
+    let (builder, dir) = match data {
+        DataChoice::Dir { dir, checkpoint_ms } => (
+            builder.data_dir(dir).checkpoint_ms(*checkpoint_ms),
+            Some(dir.clone()),
+        ),
+        DataChoice::Ephemeral => (builder.ephemeral(), None),
+    };
+    let opened = tokio::task::spawn_blocking(move || builder.open()).await?;
+    opened.map_err(|e| match dir {
+        Some(dir) => anyhow!(
+            "cannot open the node's data in {}: {e}\n  = help: fix or move that directory, pass another --data DIR, or run with --ephemeral",
+            dir.display()
+        ),
+        None => anyhow!("cannot open an in-memory database: {e}"),
+    })
+}
+
+/// `graft backup`: a consistent copy of a node's database, live or not.
+pub fn backup(data: Option<PathBuf>, dest: &Path) -> Result<()> {
+    let dir = match data {
+        Some(d) => d,
+        None if Path::new(".graft").join(graft::DATABASE_FILE).is_file() => PathBuf::from(".graft"),
+        None => default_data_dir()?,
+    };
+    let db = dir.join(graft::DATABASE_FILE);
+    graft::store::Store::backup_file(&db, dest)
+        .map_err(|e| anyhow!("cannot back up {}: {e}", db.display()))?;
+    println!("✓ backed up {} to {}", db.display(), dest.display());
+    Ok(())
+}
+
+/// Serves the API until Ctrl-C (or SIGTERM), then shuts down (module docs).
 async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = graft_http::router(node.clone());
@@ -30,11 +119,13 @@ async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
             .await
     });
     shutdown_signal().await;
-    eprintln!("graft: stopping (terminate callbacks run) …");
-    node.stop_all(STOP_TIMEOUT).await;
+    eprintln!("graft: stopping: no new requests, final checkpoint, then terminate callbacks …");
     let _ = stop_tx.send(());
     // In-flight requests get a moment; idle connections close at once.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let n = node.clone();
+    let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
+    node.stop_all(STOP_TIMEOUT).await;
     eprintln!("graft: stopped");
     Ok(())
 }
@@ -61,19 +152,20 @@ async fn shutdown_signal() {
     }
 }
 
-/// A node with one scheduler thread per core and these caps.
-fn node(caps: NodeLimits) -> Node {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    Node::with_limits(threads, caps)
-}
-
-pub async fn serve(bind: &str, port: u16, caps: NodeLimits) -> Result<()> {
-    let node = node(caps);
+pub async fn serve(bind: &str, port: u16, caps: NodeLimits, data: DataChoice) -> Result<()> {
+    let node = open_node(caps, &data).await?;
     let listener = listen(bind, port).await?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}  (API: http://{addr}/api/v1, no sandboxes yet)");
+    let ids = node.sandbox_ids();
+    let sandboxes = if ids.is_empty() {
+        "no sandboxes yet".to_string()
+    } else {
+        format!("restored: {}", ids.join(", "))
+    };
+    println!(
+        "listening on http://{addr}  (API: http://{addr}/api/v1, {sandboxes}; {})",
+        data.describe()
+    );
     serve_until_signal(node, listener).await
 }
 
@@ -82,6 +174,7 @@ pub async fn run(
     bind: &str,
     port: u16,
     caps: NodeLimits,
+    data: DataChoice,
     debounce_ms: Option<u64>,
 ) -> Result<()> {
     if !dir.join("graft.toml").is_file() {
@@ -99,9 +192,18 @@ pub async fn run(
         .iter()
         .map(|(m, p)| (m.clone(), watch::shown(p)))
         .collect();
-    let node = node(caps);
+    let node = open_node(caps, &data).await?;
+    let restored = node.sandbox(&id).ok();
     let n = node.clone();
-    let created = tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?;
+    let created = match restored {
+        // The project's sandbox came back from the data directory; then
+        // what src/ holds goes live, as the watcher would have done: a
+        // reload that is `unchanged` when the files match the running
+        // version, re-uses a kept version's number when they match it, and
+        // is a new version when they were edited while the node was down.
+        Some(sb) => restore_sources(sb, sources.clone()).await,
+        None => tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?,
+    };
     let sandbox = match created {
         Ok(sb) => sb,
         Err(e) => {
@@ -127,7 +229,11 @@ pub async fn run(
     let listener = listen(bind, port).await?;
     let addr = listener.local_addr()?;
     let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
-    println!("✓ sandbox `{id}` started: {}", modules.join(", "));
+    println!(
+        "✓ sandbox `{id}` started: {}  ({})",
+        modules.join(", "),
+        data.describe()
+    );
     let watcher = if let Some(ms) = debounce_ms {
         let w = watch::start(
             dir,
@@ -147,4 +253,37 @@ pub async fn run(
     let result = serve_until_signal(node, listener).await;
     drop(watcher);
     result
+}
+
+/// Brings a restored sandbox up to the sources on disk.
+async fn restore_sources(
+    sb: graft::Sandbox,
+    sources: std::collections::BTreeMap<String, String>,
+) -> graft::Result<graft::Sandbox> {
+    let report = match sb.reload(sources, graft::ReloadOptions::default()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = e.to_string();
+            eprintln!(
+                "warning: the files in src/ do not load: {}\n  = note: the restored version keeps running; fix and save to reload",
+                crate::render::escape(&why, crate::render::Lines::Keep)
+            );
+            return Ok(sb);
+        }
+    };
+    let changed: Vec<String> = report
+        .modules
+        .iter()
+        .map(|m| format!("{} v{} → v{}", m.name, m.from, m.to))
+        .collect();
+    if changed.is_empty() {
+        println!("✓ sandbox `{}` restored; its files did not change", sb.id());
+    } else {
+        println!(
+            "✓ sandbox `{}` restored and reloaded from its files: {}",
+            sb.id(),
+            changed.join(", ")
+        );
+    }
+    Ok(sb)
 }

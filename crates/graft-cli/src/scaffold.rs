@@ -225,6 +225,11 @@ pub fn new_project(dir: &Path, id: Option<&str>) -> Result<()> {
     write("src/counter.luau", COUNTER)?;
     write("test/counter_test.luau", TEST)?;
     write("README.md", &readme(&id, &shown))?;
+    // `graft run` keeps the node's database in DIR/.graft/ (SPEC §8).
+    write(
+        ".gitignore",
+        "# the node's data: graft run keeps it here\n.graft/\n",
+    )?;
     println!("✓ created {shown} (sandbox `{id}`)");
     println!();
     println!("  graft run {shown}");

@@ -12,8 +12,15 @@ use serde_json::{json, Value};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn graft() -> Command {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
-    cmd.env_remove("GRAFT_URL").env_remove("RUST_LOG");
+    // `graft serve` keeps its data in $XDG_DATA_HOME/graft: one per command,
+    // so parallel tests never share (or lock) a database.
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let xdg = std::env::temp_dir().join(format!("graft-cli-xdg-{}-{n}", std::process::id()));
+    cmd.env_remove("GRAFT_URL")
+        .env_remove("RUST_LOG")
+        .env("XDG_DATA_HOME", xdg);
     cmd
 }
 

@@ -157,6 +157,10 @@ impl NodeBuilder {
             max_size_bytes: self.max_database_bytes,
             ..StoreOptions::default()
         };
+        let data_lock = match &self.storage {
+            Storage::Dir(dir) => Some(lock_data_dir(dir)?),
+            _ => None,
+        };
         let store = match &self.storage {
             Storage::None => None,
             Storage::Dir(dir) => Some(Arc::new(Store::open_with(dir.join(DATABASE_FILE), opts)?)),
@@ -166,7 +170,7 @@ impl NodeBuilder {
             Some(s) => EventLog::durable(limits.max_events, s.clone())?,
             None => EventLog::in_memory(limits.max_events),
         };
-        let node = Node::assemble(threads, limits, events, store.clone());
+        let node = Node::assemble(threads, limits, events, store.clone(), data_lock);
         if let Some(store) = store {
             let snapshot = store.load_all()?;
             node.restore(snapshot.sandboxes, &self.host);
@@ -175,6 +179,39 @@ impl NodeBuilder {
             }
         }
         Ok(node)
+    }
+}
+
+/// The name of the lock file in a data directory.
+pub const LOCK_FILE: &str = "graft.lock";
+
+/// Takes the data directory's lock (created with the directory if missing),
+/// or says which directory is in use.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let io = |what: &'static str, source: std::io::Error| {
+        Error::Storage(crate::store::StoreError::Io {
+            what,
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io("creating the data directory", e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| io("opening the lock file in", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io(
+            "locking",
+            std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another graft node uses this data directory; stop it or pass another --data",
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(io("locking", e)),
     }
 }
 

@@ -159,6 +159,9 @@ struct NodeInner {
     store: Option<Arc<crate::store::Store>>,
     /// What the checkpointer last wrote, per sandbox.
     checkpoints: durable::Checkpoints,
+    /// An exclusive lock on the data directory, held while the node lives:
+    /// two nodes on one database would restore and write the same sandboxes.
+    _data_lock: Option<std::fs::File>,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
 }
@@ -250,7 +253,7 @@ impl Node {
     pub fn with_limits(threads: usize, limits: NodeLimits) -> Node {
         let limits = clamp_limits(limits);
         let events = crate::events::EventLog::in_memory(limits.max_events);
-        Node::assemble(threads, limits, events, None)
+        Node::assemble(threads, limits, events, None, None)
     }
 
     /// A node around an event log (and store), its threads started.
@@ -259,6 +262,7 @@ impl Node {
         limits: NodeLimits,
         events: Arc<crate::events::EventLog>,
         store: Option<Arc<crate::store::Store>>,
+        data_lock: Option<std::fs::File>,
     ) -> Node {
         let threads = threads.max(1);
         let inner = Arc::new(NodeInner {
@@ -276,6 +280,7 @@ impl Node {
             events,
             store,
             checkpoints: durable::Checkpoints::default(),
+            _data_lock: data_lock,
             limits,
             _clock: crate::clock::ClockGuard::acquire(),
         });

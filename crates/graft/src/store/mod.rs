@@ -432,50 +432,30 @@ impl Store {
     /// never blocks the writer), fsynced and renamed into place, so `dest`
     /// is either absent or a complete database.
     pub fn backup_to(&self, dest: impl AsRef<Path>) -> StoreResult<()> {
-        let dest = dest.as_ref();
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { what, path, source }
-        };
-        if dest.exists() {
-            return Err(io("backing up to", dest)(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the file exists; choose a new name",
-            )));
+        self.with_reader(|p, c| vacuum_into(p, c, dest.as_ref()))
+    }
+
+    /// Backs up the database file `db` (which a node may be using) to
+    /// `dest` through a read-only connection, like [`Store::backup_to`]:
+    /// the `graft backup` command. Refuses a file this build cannot read.
+    pub fn backup_file(db: impl AsRef<Path>, dest: impl AsRef<Path>) -> StoreResult<()> {
+        let db = db.as_ref();
+        if !db.is_file() {
+            return Err(StoreError::Io {
+                what: "opening",
+                path: db.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no database here"),
+            });
         }
-        let mut tmp_name = dest
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        tmp_name.push(".partial");
-        let tmp = dest.with_file_name(tmp_name);
-        let _ = std::fs::remove_file(&tmp);
-        let tmp_str = tmp.to_str().ok_or_else(|| StoreError::Invalid {
-            op: "backup",
-            detail: format!("the path {} is not valid UTF-8", tmp.display()),
-        })?;
-        let result = self
-            .with_reader(|p, c| {
-                c.execute("VACUUM INTO ?1", [tmp_str])
-                    .map(|_| ())
-                    .map_err(|e| StoreError::from_sqlite("backing up", p, e))
-            })
-            .and_then(|()| {
-                std::fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io("syncing", &tmp))
-            })
-            .and_then(|()| std::fs::rename(&tmp, dest).map_err(io("renaming the backup to", dest)))
-            .and_then(
-                |()| match dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    Some(dir) => sync_dir(dir),
-                    None => Ok(()),
-                },
-            );
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        let header = schema::inspect_file(db)?;
+        schema::check_header(db, &header)?;
+        schema::check_with_sqlite(db, SCHEMA_VERSION)?;
+        let conn = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::from_sqlite("opening", db, e))?;
+        vacuum_into(db, &conn, dest.as_ref())
     }
 
     /// Stops accepting writes, lets the writer commit everything already
@@ -591,4 +571,50 @@ fn sweep_dead_ephemeral_dirs(base: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// `VACUUM INTO` a temporary file beside `dest`, fsynced and renamed into
+/// place, so `dest` is either absent or a complete database.
+fn vacuum_into(p: &Path, c: &Connection, dest: &Path) -> StoreResult<()> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { what, path, source }
+    };
+    if dest.exists() {
+        return Err(io("backing up to", dest)(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the file exists; choose a new name",
+        )));
+    }
+    let mut tmp_name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    tmp_name.push(".partial");
+    let tmp = dest.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let tmp_str = tmp.to_str().ok_or_else(|| StoreError::Invalid {
+        op: "backup",
+        detail: format!("the path {} is not valid UTF-8", tmp.display()),
+    })?;
+    let result = c
+        .execute("VACUUM INTO ?1", [tmp_str])
+        .map(|_| ())
+        .map_err(|e| StoreError::from_sqlite("backing up", p, e))
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("syncing", &tmp))
+        })
+        .and_then(|()| std::fs::rename(&tmp, dest).map_err(io("renaming the backup to", dest)))
+        .and_then(
+            |()| match dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(dir) => sync_dir(dir),
+                None => Ok(()),
+            },
+        );
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -1,0 +1,395 @@
+//! The durable node through the real binary (SPEC §8): graceful restarts
+//! and `kill -9` at random moments during a stream of reloads. Every
+//! acknowledged version must come back, numbers consecutive and unique, the
+//! database must open cleanly, and named state may lose at most what changed
+//! since the last checkpoint.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn graft() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
+    cmd.env_remove("GRAFT_URL").env_remove("RUST_LOG");
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scaffolded project in a fresh temporary directory.
+fn project(name: &str) -> PathBuf {
+    let root =
+        std::env::temp_dir().join(format!("graft-durable-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = root.join("myapp");
+    let out = graft().arg("new").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read_to_string(dir.join(".gitignore"))
+            .unwrap()
+            .lines()
+            .any(|l| l == ".graft/"),
+        "graft new keeps the data directory out of git"
+    );
+    dir
+}
+
+/// `graft run DIR` in the background, with its port.
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+impl Running {
+    fn start(dir: &Path, extra: &[&str]) -> Running {
+        let mut child = graft()
+            .arg("run")
+            .arg(dir)
+            .args(["--port", "0", "--no-watch"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = String::new();
+        let deadline = Instant::now() + DEADLINE;
+        let port = loop {
+            let mut buf = [0u8; 256];
+            let n = stdout.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("graft run ended before listening:\n{seen}\n{err}");
+            }
+            seen.push_str(&text(&buf[..n]));
+            if let Some(rest) = seen.split("listening on http://127.0.0.1:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if rest.len() > digits.len() {
+                    break digits.parse().unwrap();
+                }
+            }
+            assert!(Instant::now() < deadline, "no listening line: {seen}");
+        };
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        Running { child, port }
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        graft()
+            .args(args)
+            .args(["--url", &format!("http://127.0.0.1:{}", self.port)])
+            .output()
+            .unwrap()
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert!(
+            out.status.success(),
+            "graft {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    fn count(&self) -> i64 {
+        self.ok(&["call", "myapp", "counter", "get"])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// (version, checksum, current) of the counter module.
+    fn versions(&self) -> Vec<(u64, String, bool)> {
+        let v: Value =
+            serde_json::from_str(&self.ok(&["versions", "myapp", "counter", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["version"].as_u64().unwrap(),
+                    v["checksum"].as_str().unwrap().to_string(),
+                    v["current"] == Value::Bool(true),
+                )
+            })
+            .collect()
+    }
+
+    fn kill9(mut self) {
+        // `Child::kill` is SIGKILL on Unix.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "graceful stop exits 0: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "graft did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes a counter source that differs from the scaffold's only by a
+/// comment into src/ (as an editor would; `graft run` makes src/ live on
+/// start) and returns its path.
+fn revision(dir: &Path, n: u32) -> PathBuf {
+    let path = dir.join("src/counter.luau");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let base = original.split("\n-- revision ").next().unwrap_or(&original);
+    std::fs::write(&path, format!("{base}\n-- revision {n}\n")).unwrap();
+    path
+}
+
+/// The version number a `graft reload --json` acknowledged.
+fn acknowledged(out: &Output) -> Option<u64> {
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["modules"][0]["to"].as_u64()
+}
+
+/// Cheap randomness for kill timing (no RNG crate needed).
+fn jitter_ms(round: u32, max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (nanos ^ (u64::from(round) * 2_654_435_761)) % max
+}
+
+#[test]
+fn a_graceful_restart_keeps_versions_current_and_named_state() {
+    let dir = project("graceful");
+    let node = Running::start(&dir, &[]);
+    for _ in 0..5 {
+        node.ok(&["call", "myapp", "counter", "inc"]);
+    }
+    for n in 1..=3 {
+        let f = revision(&dir, n);
+        node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    }
+    let before = node.versions();
+    assert_eq!(before.len(), 4);
+    node.terminate();
+
+    let node = Running::start(&dir, &[]);
+    assert_eq!(node.versions(), before, "versions, checksums, current");
+    assert_eq!(node.count(), 5, "the named state came back");
+    node.terminate();
+    assert!(dir.join(".graft").join(graft::DATABASE_FILE).is_file());
+
+    // A file edited while the node was down goes live when it starts.
+    let src = dir.join("src/counter.luau");
+    let edited = std::fs::read_to_string(&src).unwrap() + "\n-- edited offline\n";
+    std::fs::write(&src, &edited).unwrap();
+    let node = Running::start(&dir, &[]);
+    let kept = node.versions();
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    assert_eq!(kept.iter().find(|v| v.2).map(|v| v.0), Some(5));
+    assert_eq!(
+        kept.last().map(|v| v.1.clone()),
+        Some(graft::upgrade::checksum(&edited))
+    );
+    assert_eq!(node.count(), 5, "state migrated, not reset");
+    node.terminate();
+}
+
+#[test]
+fn kill_9_never_loses_an_acknowledged_version() {
+    let dir = project("kill9");
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    let mut count_at_checkpoint: Option<i64> = None;
+    let mut rev = 0;
+    for round in 0..20 {
+        let node = Running::start(&dir, &["--checkpoint-ms", "50"]);
+        // Everything acknowledged before the kill is here.
+        let kept = node.versions();
+        let numbers: Vec<u64> = kept.iter().map(|v| v.0).collect();
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "round {round}: numbers unique and ordered: {numbers:?}"
+        );
+        let newest_acked = acked.keys().next_back().copied().unwrap_or(1);
+        for (version, checksum) in &acked {
+            // Only the newest `max_versions` (10) are kept.
+            if version + 8 < newest_acked {
+                continue;
+            }
+            let found = kept.iter().find(|v| v.0 == *version);
+            assert_eq!(
+                found.map(|v| &v.1),
+                Some(checksum),
+                "round {round}: acknowledged v{version} is missing: {kept:?}"
+            );
+        }
+        let current = kept.iter().find(|v| v.2).expect("a current version").0;
+        assert!(
+            current >= newest_acked,
+            "round {round}: current v{current} is older than acknowledged v{newest_acked}"
+        );
+        let newest = numbers.last().copied().unwrap_or(0);
+        assert!(
+            newest <= newest_acked + 1,
+            "round {round}: at most the one in-flight reload beyond the acknowledged: {numbers:?}"
+        );
+        // State lost is bounded by the checkpoint interval: the count
+        // checkpointed before the last kill is back.
+        if let Some(c) = count_at_checkpoint {
+            assert_eq!(node.count(), c, "round {round}: checkpointed state");
+        }
+        node.ok(&["call", "myapp", "counter", "inc"]);
+        std::thread::sleep(Duration::from_millis(250)); // > 4 checkpoint intervals
+        count_at_checkpoint = Some(node.count());
+
+        for _ in 0..2 {
+            rev += 1;
+            let f = revision(&dir, rev);
+            let out = node.client(&["reload", "myapp", f.to_str().unwrap(), "--json"]);
+            let v = acknowledged(&out).expect("a reload on a live node is acknowledged");
+            acked.insert(
+                v,
+                graft::upgrade::checksum(&std::fs::read_to_string(&f).unwrap()),
+            );
+        }
+        // One more reload in flight while the node is killed.
+        rev += 1;
+        let f = revision(&dir, rev);
+        let source = std::fs::read_to_string(&f).unwrap();
+        let in_flight = graft()
+            .args(["reload", "myapp", f.to_str().unwrap(), "--json"])
+            .args(["--url", &format!("http://127.0.0.1:{}", node.port)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(jitter_ms(round, 40)));
+        node.kill9();
+        let out = in_flight.wait_with_output().unwrap();
+        if let Some(v) = acknowledged(&out) {
+            acked.insert(v, graft::upgrade::checksum(&source));
+        }
+    }
+    // The database opens cleanly one last time.
+    let node = Running::start(&dir, &[]);
+    assert!(!node.versions().is_empty());
+    node.terminate();
+}
+
+#[test]
+fn a_canary_open_at_kill_9_comes_back_on_the_previous_version() {
+    let dir = project("canary");
+    let node = Running::start(&dir, &[]);
+    // From outside src/: on start `graft run` makes src/ (still version 1)
+    // live, which must not mask the rollback.
+    let f = dir.join("canary/counter.luau");
+    std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+    let src = std::fs::read_to_string(dir.join("src/counter.luau")).unwrap();
+    std::fs::write(&f, src + "\n-- canary\n").unwrap();
+    let out = node.client(&[
+        "reload",
+        "myapp",
+        f.to_str().unwrap(),
+        "--canary-ms",
+        "600000",
+        "--json",
+    ]);
+    assert_eq!(acknowledged(&out), Some(2));
+    node.kill9();
+    let node = Running::start(&dir, &[]);
+    let kept = node.versions();
+    assert_eq!(
+        kept.iter().find(|v| v.2).map(|v| v.0),
+        Some(1),
+        "rolled back to the last permanent version: {kept:?}"
+    );
+    assert!(kept.iter().any(|v| v.0 == 2), "the canary version is kept");
+    node.terminate();
+}
+
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let dir = project("locked");
+    let node = Running::start(&dir, &[]);
+    let out = graft()
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", "0", "--no-watch"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("another graft node uses this data directory"),
+        "{err}"
+    );
+    node.terminate();
+}
+
+#[test]
+fn backup_copies_a_live_database() {
+    let dir = project("backup");
+    let node = Running::start(&dir, &[]);
+    let f = revision(&dir, 1);
+    node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    let dest = dir.join("copy.db");
+    let out = graft()
+        .args(["backup", dest.to_str().unwrap(), "--data"])
+        .arg(dir.join(".graft"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The copy is a database a node can open.
+    let copy_dir = dir.join("restored");
+    std::fs::create_dir_all(&copy_dir).unwrap();
+    std::fs::rename(&dest, copy_dir.join(graft::DATABASE_FILE)).unwrap();
+    let restored = graft::Node::builder().data_dir(&copy_dir).open().unwrap();
+    let sb = restored.sandbox("myapp").unwrap();
+    let kept: Vec<u32> = graft::block_on(sb.versions("counter"))
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(kept, vec![1, 2]);
+    restored.shutdown();
+    // A backup never overwrites.
+    let again = graft()
+        .args([
+            "backup",
+            copy_dir.join(graft::DATABASE_FILE).to_str().unwrap(),
+            "--data",
+        ])
+        .arg(dir.join(".graft"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    node.terminate();
+}
