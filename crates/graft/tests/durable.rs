@@ -178,8 +178,10 @@ fn a_canary_open_at_a_crash_comes_back_rolled_back_with_an_event() {
         let node = open(&dir);
         let sb = node.create_sandbox(spec("shop")).expect("create");
         block_on(sb.wait_app_started()).expect("app");
-        let mut opts = ReloadOptions::default();
-        opts.canary_ms = 60_000;
+        let opts = ReloadOptions {
+            canary_ms: 60_000,
+            ..Default::default()
+        };
         reload(&sb, counter(2), opts);
         assert_eq!(call(&sb, "version"), 2);
     }
@@ -222,8 +224,10 @@ fn a_passed_canary_is_permanent_after_a_restart() {
         let node = open(&dir);
         let sb = node.create_sandbox(spec("shop")).expect("create");
         block_on(sb.wait_app_started()).expect("app");
-        let mut opts = ReloadOptions::default();
-        opts.canary_ms = 50;
+        let opts = ReloadOptions {
+            canary_ms: 50,
+            ..Default::default()
+        };
         reload(&sb, counter(2), opts);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !block_on(sb.events())
@@ -246,8 +250,10 @@ fn a_manual_rollback_ends_the_canary_window() {
     let node = Node::builder().ephemeral().open().expect("node");
     let sb = node.create_sandbox(spec("shop")).expect("create");
     block_on(sb.wait_app_started()).expect("app");
-    let mut opts = ReloadOptions::default();
-    opts.canary_ms = 100;
+    let opts = ReloadOptions {
+        canary_ms: 100,
+        ..Default::default()
+    };
     reload(&sb, counter(2), opts);
     block_on(sb.rollback("counter", 1, ReloadOptions::default())).expect("rollback");
     std::thread::sleep(Duration::from_millis(400));
