@@ -17,6 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use graft::error::ReloadStep;
+use graft::store::StoreError;
 use graft::Error;
 use serde_json::{json, Value};
 
@@ -80,9 +81,21 @@ pub const KINDS: &[ErrorKind] = &[
     k(429, "node_limit", "the node holds `--max-sandboxes` sandboxes"),
     k(500, "crashed", "the called process exited before replying (`target`, `reason`)"),
     k(500, "internal", "a fault of the server"),
+    k(500, "storage_constraint", "the database refused a write that breaks its rules (a bug); nothing was applied"),
+    k(500, "storage_invalid", "a value the database cannot hold; nothing was applied"),
+    k(500, "storage_corrupt", "the database file is damaged; nothing was applied"),
+    k(500, "storage_error", "another database error; nothing was applied"),
+    k(500, "storage_newer_schema", "the database is from a newer Graft; nothing was applied"),
+    k(500, "storage_not_found", "a stored row the write needs is missing; nothing was applied"),
     k(503, "sandbox_stopped", "the sandbox was destroyed while the request waited (`sandbox`)"),
     k(503, "sandbox_failed", "the sandbox was stopped by an internal error; restart or delete it (`sandbox`)"),
     k(503, "out_of_memory", "the sandbox's heap is full (`memory_bytes`)"),
+    k(503, "storage_read_only", "the data directory cannot be written; nothing was applied"),
+    k(503, "storage_io", "the data directory failed (an I/O error); nothing was applied"),
+    k(503, "storage_closed", "the node is shutting down; nothing was applied"),
+    k(503, "storage_writer_gone", "the database writer stopped; nothing was applied"),
+    k(503, "storage_open", "the database could not be opened; nothing was applied"),
+    k(507, "storage_full", "the disk (or `max_database_bytes`) is full; nothing was applied"),
     k(504, "timeout", "no answer within `timeout_ms` (`target`, `timeout_ms`)"),
 ];
 
@@ -166,6 +179,16 @@ pub fn status_for(e: &Error) -> StatusCode {
         Error::NodeLimit(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::Busy(_) => StatusCode::CONFLICT,
         Error::SandboxFailed { .. } | Error::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // Nothing was applied; whether retrying can help decides the class.
+        Error::Storage(s) => match s {
+            StoreError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            StoreError::ReadOnly { .. }
+            | StoreError::Io { .. }
+            | StoreError::Open { .. }
+            | StoreError::Closed
+            | StoreError::WriterGone(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        },
         // `Error` is non-exhaustive: a kind this table does not know yet is
         // the server's fault until it is mapped here.
         _ => StatusCode::INTERNAL_SERVER_ERROR,

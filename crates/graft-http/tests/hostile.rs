@@ -452,3 +452,37 @@ async fn an_oversize_body_is_413() {
     assert_eq!(resp.1["error"]["limit_bytes"], graft_http::MAX_BODY_BYTES);
     assert_healthy(&api).await;
 }
+
+#[tokio::test]
+async fn a_full_database_is_507_and_the_running_version_stays() {
+    let node = graft::Node::builder()
+        .threads(2)
+        .ephemeral()
+        .checkpoint_ms(0)
+        .max_database_bytes(256 * 1024)
+        .open()
+        .expect("node");
+    let api = Api::with_node(node);
+    api.counter_app(BYSTANDER).await;
+    api.counter_app("full").await;
+    let huge = format!("{}\n-- {}", counter_v(5), "x".repeat(400 * 1024));
+    let resp = api
+        .post(
+            "/api/v1/sandboxes/full/reload",
+            json!({ "modules": { "counter": huge } }),
+        )
+        .await;
+    assert_eq!(resp.0, StatusCode::INSUFFICIENT_STORAGE, "{}", resp.1);
+    assert_eq!(resp.1["error"]["kind"], "storage_full", "{}", resp.1);
+    // Nothing was applied: still version 1, counting by 1.
+    let (_, modules) = api.get("/api/v1/sandboxes/full/modules").await;
+    assert_eq!(modules[0]["version"], 1, "{modules}");
+    let first = api.call("full", "counter", json!("inc")).await;
+    let second = api.call("full", "counter", json!("inc")).await;
+    assert_eq!(
+        second.1["reply"].as_i64().unwrap() - first.1["reply"].as_i64().unwrap(),
+        1,
+        "{first:?} {second:?}"
+    );
+    assert_healthy(&api).await;
+}

@@ -74,7 +74,11 @@ impl Api {
 
     /// A router over a node with these caps.
     pub fn with_limits(limits: NodeLimits) -> Api {
-        let node = Node::with_limits(2, limits);
+        Api::with_node(Node::with_limits(2, limits))
+    }
+
+    /// A router over this node.
+    pub fn with_node(node: Node) -> Api {
         Api {
             router: graft_http::router(node.clone()),
             node,
