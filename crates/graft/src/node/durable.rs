@@ -261,6 +261,9 @@ pub struct CheckpointStats {
     pub removed: usize,
     /// Registered processes whose state is not plain data (not written).
     pub skipped: usize,
+    /// Microseconds the snapshots held sandboxes' threads (the JSON
+    /// conversion of the dirty states); serialising and writing are not in it.
+    pub sandbox_thread_us: u64,
 }
 
 impl Node {
@@ -274,6 +277,7 @@ impl Node {
             total.written += s.written;
             total.removed += s.removed;
             total.skipped += s.skipped;
+            total.sandbox_thread_us += s.sandbox_thread_us;
         }
         Ok(total)
     }
@@ -293,6 +297,7 @@ impl Node {
         if let Some(store) = &self.inner.store {
             store.close();
         }
+        drop(self.inner.data_lock.lock().take());
     }
 
     /// Restores stored sandboxes (see the module docs). A sandbox that
@@ -502,11 +507,16 @@ fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats
         .get(id)
         .cloned()
         .unwrap_or_default();
-    let snapshot = super::block_on(sb.ask(move |rt| rt.snapshot(&written)))?;
+    let (snapshot, on_thread) = super::block_on(sb.ask(move |rt| {
+        let started = std::time::Instant::now();
+        let s = rt.snapshot(&written);
+        (s, started.elapsed().as_micros() as u64)
+    }))?;
     let stats = CheckpointStats {
         written: snapshot.states.len(),
         removed: snapshot.removed.len(),
         skipped: snapshot.skipped.len(),
+        sandbox_thread_us: on_thread,
     };
     if snapshot.states.is_empty() && snapshot.removed.is_empty() {
         return Ok(stats);

@@ -159,9 +159,10 @@ struct NodeInner {
     store: Option<Arc<crate::store::Store>>,
     /// What the checkpointer last wrote, per sandbox.
     checkpoints: durable::Checkpoints,
-    /// An exclusive lock on the data directory, held while the node lives:
-    /// two nodes on one database would restore and write the same sandboxes.
-    _data_lock: Option<std::fs::File>,
+    /// An exclusive lock on the data directory, held until the node shuts
+    /// down or its last handle goes: two nodes on one database would restore
+    /// and write the same sandboxes.
+    data_lock: Mutex<Option<std::fs::File>>,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
 }
@@ -202,6 +203,9 @@ impl Drop for Owner {
         if let Some(inner) = self.0.upgrade() {
             inner.stopping.store(true, Ordering::SeqCst);
             inner.checkpoints.stop_thread();
+            // Threads may hold the node a moment longer; the directory is
+            // free now (the store closes when they let go).
+            drop(inner.data_lock.lock().take());
             // Take each lock once so no thread is between its check of
             // `stopping` and its wait when the notification goes out.
             drop(inner.queue.lock());
@@ -280,7 +284,7 @@ impl Node {
             events,
             store,
             checkpoints: durable::Checkpoints::default(),
-            _data_lock: data_lock,
+            data_lock: Mutex::new(data_lock),
             limits,
             _clock: crate::clock::ClockGuard::acquire(),
         });
