@@ -8,8 +8,10 @@
 //! * Only *dirty* processes are snapshotted: one whose (serial, messages
 //!   handled, module version) changed since its last checkpoint. A state
 //!   changes only in a callback or a migration, and both move that key.
-//! * What runs on the sandbox's thread is the JSON conversion; serialising
-//!   to text and the write happen on the caller's (the checkpointer's) thread.
+//! * What runs on the sandbox's thread is finding the dirty processes and
+//!   the JSON conversion of their states, in chunks of [`CHUNK`] so that a
+//!   checkpoint of many processes never holds the thread for long;
+//!   serialising to text and the write happen on the checkpointer's thread.
 //! * Restoring runs guest code (`code_change`) under the sandbox's
 //!   `handler_ms`, like a migration; a failure keeps the state `init` gave
 //!   and is reported as an event, never as a failed start.
@@ -23,6 +25,9 @@ use super::runtime::Runtime;
 use crate::kernel::kernel;
 use crate::store::CheckpointRecord;
 use crate::value::{json_to_lua, lua_to_json};
+
+/// States converted per visit to the sandbox's thread.
+pub(crate) const CHUNK: usize = 1024;
 
 /// What identifies a state's revision: (serial, messages handled, version).
 pub(crate) type Revision = (u64, u64, u32);
@@ -54,13 +59,12 @@ impl Snapshot {
 }
 
 impl Runtime {
-    /// Snapshots the registered processes whose revision differs from
-    /// `written` (all of them when `written` is empty).
-    pub fn snapshot(&self, written: &HashMap<String, Revision>) -> Snapshot {
-        let lua = &self.vm.lua;
-        let k = kernel(lua);
-        let mut states = Vec::new();
-        let mut skipped = Vec::new();
+    /// The registered processes whose revision differs from `written` (all
+    /// of them when `written` is empty), and the names no longer registered.
+    /// Cheap: no state is read, so the sandbox's thread is held briefly.
+    pub fn dirty(&self, written: &HashMap<String, Revision>) -> (Vec<(String, u64)>, Vec<String>) {
+        let k = kernel(&self.vm.lua);
+        let mut dirty = Vec::new();
         let mut live = std::collections::HashSet::new();
         for (name, serial) in &k.names {
             let Some(p) = k.procs.get(serial) else {
@@ -68,18 +72,8 @@ impl Runtime {
             };
             live.insert(&**name);
             let revision = (*serial, p.messages_handled as u64, p.version);
-            if written.get(&**name) == Some(&revision) {
-                continue;
-            }
-            let module = k
-                .module_names
-                .get(p.pid.module_index() as usize)
-                .map(|m| m.to_string())
-                .unwrap_or_default();
-            let state: Value = k.states.raw_get(*serial).unwrap_or(Value::Nil);
-            match lua_to_json(&state, "state", k.max_value_bytes, &|pid| k.pid_string(pid)) {
-                Ok(json) => states.push((name.to_string(), module, p.version, json, revision)),
-                Err(e) => skipped.push((name.to_string(), e.to_string())),
+            if written.get(&**name) != Some(&revision) {
+                dirty.push((name.to_string(), *serial));
             }
         }
         let removed = written
@@ -87,9 +81,38 @@ impl Runtime {
             .filter(|n| !live.contains(n.as_str()))
             .cloned()
             .collect();
+        (dirty, removed)
+    }
+
+    /// Snapshots the states of `procs` (name, serial) that are still
+    /// registered under that name; each state as of now, a message boundary.
+    pub fn snapshot(&self, procs: &[(String, u64)]) -> Snapshot {
+        let lua = &self.vm.lua;
+        let k = kernel(lua);
+        let mut states = Vec::new();
+        let mut skipped = Vec::new();
+        for (name, serial) in procs {
+            if k.names.get(name.as_str()) != Some(serial) {
+                continue; // unregistered or re-registered since: the next round sees it
+            }
+            let Some(p) = k.procs.get(serial) else {
+                continue;
+            };
+            let revision = (*serial, p.messages_handled as u64, p.version);
+            let module = k
+                .module_names
+                .get(p.pid.module_index() as usize)
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            let state: Value = k.states.raw_get(*serial).unwrap_or(Value::Nil);
+            match lua_to_json(&state, "state", k.max_value_bytes, &|pid| k.pid_string(pid)) {
+                Ok(json) => states.push((name.clone(), module, p.version, json, revision)),
+                Err(e) => skipped.push((name.clone(), e.to_string())),
+            }
+        }
         Snapshot {
             states,
-            removed,
+            removed: Vec::new(),
             skipped,
         }
     }

@@ -261,9 +261,13 @@ pub struct CheckpointStats {
     pub removed: usize,
     /// Registered processes whose state is not plain data (not written).
     pub skipped: usize,
-    /// Microseconds the snapshots held sandboxes' threads (the JSON
-    /// conversion of the dirty states); serialising and writing are not in it.
+    /// Microseconds the snapshots held sandboxes' threads in all (finding
+    /// dirty processes, converting their states to JSON); serialising and
+    /// writing are not in it.
     pub sandbox_thread_us: u64,
+    /// The longest single hold of a sandbox's thread, in microseconds (the
+    /// conversion runs in chunks, between which the sandbox runs).
+    pub longest_pause_us: u64,
 }
 
 impl Node {
@@ -278,6 +282,7 @@ impl Node {
             total.removed += s.removed;
             total.skipped += s.skipped;
             total.sandbox_thread_us += s.sandbox_thread_us;
+            total.longest_pause_us = total.longest_pause_us.max(s.longest_pause_us);
         }
         Ok(total)
     }
@@ -507,16 +512,35 @@ fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats
         .get(id)
         .cloned()
         .unwrap_or_default();
-    let (snapshot, on_thread) = super::block_on(sb.ask(move |rt| {
+    let timed = |started: std::time::Instant| started.elapsed().as_micros() as u64;
+    let ((dirty, removed), mut longest) = super::block_on(sb.ask(move |rt| {
         let started = std::time::Instant::now();
-        let s = rt.snapshot(&written);
-        (s, started.elapsed().as_micros() as u64)
+        (rt.dirty(&written), timed(started))
     }))?;
+    let mut on_thread = longest;
+    let mut snapshot = super::checkpoint::Snapshot {
+        states: Vec::new(),
+        removed,
+        skipped: Vec::new(),
+    };
+    // In chunks: the sandbox serves its messages between them.
+    for chunk in dirty.chunks(super::checkpoint::CHUNK) {
+        let chunk = chunk.to_vec();
+        let (part, us) = super::block_on(sb.ask(move |rt| {
+            let started = std::time::Instant::now();
+            (rt.snapshot(&chunk), timed(started))
+        }))?;
+        on_thread += us;
+        longest = longest.max(us);
+        snapshot.states.extend(part.states);
+        snapshot.skipped.extend(part.skipped);
+    }
     let stats = CheckpointStats {
         written: snapshot.states.len(),
         removed: snapshot.removed.len(),
         skipped: snapshot.skipped.len(),
         sandbox_thread_us: on_thread,
+        longest_pause_us: longest,
     };
     if snapshot.states.is_empty() && snapshot.removed.is_empty() {
         return Ok(stats);
