@@ -252,8 +252,10 @@ fn restore(o: &Opts) {
 
     let dir = temp_dir("restore");
     {
-        let mut limits = graft::NodeLimits::default();
-        limits.max_sandboxes = o.sandboxes.max(1);
+        let limits = graft::NodeLimits {
+            max_sandboxes: o.sandboxes.max(1),
+            ..Default::default()
+        };
         let node = Node::builder()
             .threads(2)
             .checkpoint_ms(0)
@@ -272,8 +274,10 @@ fn restore(o: &Opts) {
         node.checkpoint().expect("checkpoint");
         node.shutdown();
     }
-    let mut limits = graft::NodeLimits::default();
-    limits.max_sandboxes = o.sandboxes.max(1);
+    let limits = graft::NodeLimits {
+        max_sandboxes: o.sandboxes.max(1),
+        ..Default::default()
+    };
     let t = Instant::now();
     let node = Node::builder()
         .threads(2)
