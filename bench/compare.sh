@@ -7,6 +7,9 @@
 #   3. target/release/edit_to_live [--smoke]            (graft run + editor saves, JSON line)
 #   4. target/release/http_spin [--smoke]               (HTTP calls to a bystander while 4
 #                                                        sandboxes spin; Graft only, JSON lines)
+#      target/release/durable [--smoke]                 (cost of durability: reload with and
+#                                                        without a store, checkpoint, restore;
+#                                                        printed, see docs/persistence.md)
 #   5. bench/otp/run.sh [--smoke]                       (OTP workloads; installs erlang-base if missing)
 #   6. bench/compare.py: one markdown table with goals and "met?", written to
 #      docs/benchmarks.md (full run) or a temp file (--smoke), and printed.
@@ -59,6 +62,11 @@ stamp edit_to_live
 log "http_spin ${SMOKE}"
 "$BIN/http_spin" $SMOKE >"$WORK/spin.jsonl"
 stamp http_spin
+
+log "durable ${SMOKE}"
+"$BIN/durable" $SMOKE >"$WORK/durable.jsonl"
+cat "$WORK/durable.jsonl" >&2
+stamp durable
 
 log "bench/otp/run.sh ${SMOKE}"
 OTP_STATUS=ok
