@@ -338,3 +338,82 @@ return m
     let inner = block_on(sb.spawn("m", json!(null), Some("inner"))).unwrap();
     assert_eq!(call(&sb, &outer, json!({ "via": "inner" })), json!(inner));
 }
+
+/// A handler may wait on a blocking host function inside its own
+/// coroutines: the wait is forwarded up to the process's worker and the
+/// coroutine gets the answer, never an internal marker. `graft.call` there
+/// is refused with a clear error (its nested fast path runs on the worker).
+#[test]
+fn blocking_host_functions_work_inside_guest_coroutines() {
+    let node = Node::with_threads(2);
+    let host = HostFunctions::default().blocking("io.echo", |call| {
+        std::thread::sleep(Duration::from_millis(5));
+        Ok(json!({ "echo": call.args[0].clone() }))
+    });
+    let module = r#"
+local m = {}
+function m.init(_) return {} end
+function m.handle_call(req, _, state)
+  if req == "peer" then return "peer-reply", state end
+  if req == "wrap" then
+    local f = coroutine.wrap(function(x)
+      local v = io.echo(x)
+      local y = coroutine.yield(v.echo)
+      return y .. "+" .. io.echo("z").echo
+    end)
+    local first = f("a")
+    local second = f("b")
+    return { first = first, second = second }, state
+  end
+  if req == "resume" then
+    local co = coroutine.create(function()
+      local a = io.echo("c").echo
+      local b = io.echo("d").echo
+      return a, b
+    end)
+    local ok, a, b = coroutine.resume(co)
+    return { ok = ok, a = a, b = b, status = coroutine.status(co) }, state
+  end
+  if req == "error" then
+    local f = coroutine.wrap(function()
+      io.echo("d")
+      error("inner failure", 0)
+    end)
+    local ok, err = pcall(f)
+    return { ok = ok, err = err }, state
+  end
+  if req == "call" then
+    local co = coroutine.create(function() return graft.call("peer", "peer") end)
+    local ok, err = coroutine.resume(co)
+    return { ok = ok, err = err }, state
+  end
+  return nil, state
+end
+return m
+"#;
+    let sb = sandbox(&node, "co", module, host);
+    block_on(sb.spawn("m", json!(null), Some("peer"))).expect("peer");
+    block_on(sb.spawn("m", json!(null), Some("me"))).expect("me");
+    let wrap = block_on(sb.call("me", json!("wrap"), None)).expect("wrap");
+    assert_eq!(wrap, json!({ "first": "a", "second": "b+z" }));
+    let resume = block_on(sb.call("me", json!("resume"), None)).expect("resume");
+    assert_eq!(
+        resume,
+        json!({ "ok": true, "a": "c", "b": "d", "status": "dead" })
+    );
+    let err = block_on(sb.call("me", json!("error"), None)).expect("error");
+    assert_eq!(err, json!({ "ok": false, "err": "inner failure" }));
+    let call = block_on(sb.call("me", json!("call"), None)).expect("call");
+    assert_eq!(call["ok"], false);
+    assert!(
+        call["err"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be used inside a coroutine")),
+        "{call}"
+    );
+    // The process is still fine.
+    assert_eq!(
+        block_on(sb.call("me", json!("peer"), None)).expect("alive"),
+        "peer-reply"
+    );
+}
