@@ -4,10 +4,12 @@
 //! Exit codes: 0 success, 1 a user error (a clear message on stderr), 2 bad
 //! usage (clap's, and node caps out of range).
 
+mod check;
 mod client;
 mod node;
 mod render;
 mod scaffold;
+mod tester;
 mod watch;
 
 use std::path::PathBuf;
@@ -52,6 +54,38 @@ enum Command {
         /// edit-to-live benchmark (docs/benchmarks.md).
         #[arg(long, default_value_t = watch::DEFAULT_DEBOUNCE_MS)]
         debounce_ms: u64,
+    },
+    /// Compile and analyse every module without starting the app; exit 1
+    /// on any error (a pre-commit hook)
+    Check {
+        /// The project directory (with graft.toml)
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the project's tests (test/**/*_test.luau), each in a fresh sandbox
+    Test {
+        /// The project directory (with graft.toml)
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Run only the tests whose `file::name` contains this text
+        #[arg(long)]
+        filter: Option<String>,
+        /// Also write a JUnit XML report to this file
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Print a JSON report instead of lines
+        #[arg(long)]
+        json: bool,
+        /// Each test's time limit (real time), sandbox start included
+        #[arg(long, value_name = "MS", default_value_t = tester::DEFAULT_TIMEOUT_MS,
+              value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        timeout_ms: u64,
+        /// Tests run at once (default: one per core)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+        jobs: Option<u64>,
     },
     /// Run a node with no project; sandboxes come through the API
     Serve {
@@ -313,6 +347,26 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::New { dir, id } => scaffold::new_project(&dir, id.as_deref()),
+        Command::Check { dir, json } => check::run(&dir, json),
+        Command::Test {
+            dir,
+            filter,
+            junit,
+            json,
+            timeout_ms,
+            jobs,
+        } => tester::run(&tester::Options {
+            dir,
+            filter,
+            junit,
+            json,
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            jobs: jobs.map(|n| n as usize).unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            }),
+        }),
         other => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -343,7 +397,9 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     use client::Client;
     match command {
-        Command::New { .. } => unreachable!("handled without a runtime"),
+        Command::New { .. } | Command::Check { .. } | Command::Test { .. } => {
+            unreachable!("handled without a runtime")
+        }
         Command::Run {
             dir,
             listen,

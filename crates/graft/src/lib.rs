@@ -59,7 +59,7 @@ pub use error::{Error, ReloadStep, Result};
 pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, BatchOptions, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
-    QUIESCE_TIMEOUT_MS,
+    MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,
