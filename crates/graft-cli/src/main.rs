@@ -334,8 +334,12 @@ impl std::error::Error for Reported {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,graft=info"));
+    // `test` and `check` crash processes on purpose and print their own
+    // report: the library's warnings would only interleave with it.
+    let quiet = matches!(cli.command, Command::Test { .. } | Command::Check { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "warn,graft=info" })
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -77,10 +77,22 @@ pub fn driver_vm(
     let lua = Lua::new();
     lua.sandbox(true)?;
     lua.set_memory_limit(memory_bytes)?;
-    lua.set_interrupt(move |_| {
+    lua.set_interrupt(move |lua| {
         if Instant::now() >= deadline {
             timed_out.store(true, Ordering::Relaxed);
-            return Err(mlua::Error::runtime(TIMEOUT_MESSAGE));
+            // Where the test was when its time ran out (level 0: the
+            // running Luau function).
+            let at = lua
+                .inspect_stack(0, |d| {
+                    let line = d.current_line()?;
+                    let src = d.source();
+                    Some(format!("{}:{line}", src.short_src.as_deref()?))
+                })
+                .flatten();
+            return Err(mlua::Error::runtime(match at {
+                Some(at) => format!("{TIMEOUT_MESSAGE} (at {at})"),
+                None => TIMEOUT_MESSAGE.to_string(),
+            }));
         }
         Ok(mlua::VmState::Continue)
     });

@@ -101,11 +101,8 @@ pub fn run(opts: &Options) -> Result<()> {
             .is_none_or(|f| o.id().contains(f.as_str()))
     });
     if !opts.json {
-        println!(
-            "running {} test{}",
-            cases.len(),
-            if cases.len() == 1 { "" } else { "s" }
-        );
+        let n = cases.len() + outcomes.len();
+        println!("running {n} test{}", if n == 1 { "" } else { "s" });
         for o in &outcomes {
             println!("{}", report::line(o));
         }
@@ -298,7 +295,7 @@ fn test_names(
             }
         };
         if !matches!(v, Value::Function(_)) {
-            bad.push((name, format!("is a {}, not a test function", v.type_name())));
+            bad.push((name, format!("is {}, not a test function", a_type(&v))));
             continue;
         }
         if names.len() >= MAX_TESTS {
@@ -314,6 +311,16 @@ fn test_names(
     names.sort();
     bad.sort();
     Ok((names, bad))
+}
+
+/// `a number`, `an integer`, `a table`…
+fn a_type(v: &Value) -> String {
+    let t = v.type_name();
+    if t.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {t}")
+    } else {
+        format!("a {t}")
+    }
 }
 
 /// Runs `cases` on `jobs` threads; `on_done` sees each outcome as it
