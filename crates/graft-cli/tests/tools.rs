@@ -413,3 +413,30 @@ fn check_reports_each_kind_of_error_like_run() {
     assert!(text(&out.stderr).contains("not a Graft project"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// CI runs the bundled examples' suites through `graft test` here (the
+/// README's test command is `cargo test --workspace`).
+#[test]
+fn the_bundled_examples_pass_their_suites() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for (name, count) in [("counter", 5), ("chat", 3), ("ratelimit", 6)] {
+        let dir = examples.join(name);
+        let junit = temp_dir(&format!("example-{name}")).join("junit.xml");
+        let out = run(&[
+            "test",
+            dir.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{name}:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("{count} passed, 0 failed")),
+            "{name}:\n{stdout}"
+        );
+        well_formed(&std::fs::read_to_string(&junit).unwrap());
+        let _ = std::fs::remove_dir_all(junit.parent().unwrap());
+        let out = run(&["check", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    }
+}
