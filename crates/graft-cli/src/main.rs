@@ -83,6 +83,9 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = tester::DEFAULT_TIMEOUT_MS,
               value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         timeout_ms: u64,
+        /// Report statement coverage of each module (lines run by the tests)
+        #[arg(long)]
+        coverage: bool,
         /// Tests run at once (default: one per core)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
         jobs: Option<u64>,
@@ -358,8 +361,10 @@ fn main() -> ExitCode {
             junit,
             json,
             timeout_ms,
+            coverage,
             jobs,
         } => tester::run(&tester::Options {
+            coverage,
             dir,
             filter,
             junit,

@@ -58,8 +58,8 @@ pub use diagnostic::Diagnostic;
 pub use error::{Error, ReloadStep, Result};
 pub use kernel::{AppStatus, Event};
 pub use node::{
-    block_on, with_timeout, BatchOptions, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
-    MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
+    block_on, with_timeout, BatchOptions, HostFunctions, ModuleCoverage, Node, ProcessInfo,
+    Sandbox, SandboxInfo, MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,

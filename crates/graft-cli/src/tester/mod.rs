@@ -24,8 +24,10 @@ pub mod library;
 pub mod report;
 pub mod values;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,8 @@ pub const MAX_FILES: usize = 10_000;
 pub const MAX_DEPTH: usize = 16;
 /// Tests run at most (all files together).
 pub const MAX_TESTS: usize = 100_000;
+/// How long reading a sandbox's coverage may take.
+const COVERAGE_WAIT: Duration = Duration::from_secs(5);
 /// A test's default time limit (`--timeout-ms`).
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
@@ -61,6 +65,33 @@ pub struct Options {
     pub timeout: Duration,
     /// Tests run at once (default: the number of cores).
     pub jobs: usize,
+    /// Collect statement coverage of the project's modules.
+    pub coverage: bool,
+}
+
+/// Line hits per module, summed over every test's sandbox; only the
+/// project's own sources count (versions a test reloaded are other text).
+#[derive(Default)]
+pub struct Coverage {
+    /// Module → line → hits.
+    pub modules: BTreeMap<String, BTreeMap<u32, u64>>,
+}
+
+impl Coverage {
+    fn add(&mut self, spec: &SandboxSpec, found: Vec<graft::ModuleCoverage>) {
+        for m in found {
+            let Some(source) = spec.modules.get(&m.module) else {
+                continue;
+            };
+            if graft::upgrade::checksum(source) != m.checksum {
+                continue;
+            }
+            let lines = self.modules.entry(m.module).or_default();
+            for (line, hits) in m.lines {
+                *lines.entry(line).or_insert(0) += hits;
+            }
+        }
+    }
 }
 
 /// One test to run.
@@ -76,6 +107,11 @@ struct Case {
 pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
     let jobs = opts.jobs.max(1);
+    if opts.coverage {
+        // Before any module is compiled: every sandbox of this run counts.
+        graft::vm::enable_coverage();
+    }
+    let coverage = opts.coverage.then(|| Mutex::new(Coverage::default()));
     let node = Node::with_limits(jobs, NodeLimits::default());
     let spec = match check::load(&opts.dir, &node)? {
         Checked::Ok(spec) => spec,
@@ -107,7 +143,14 @@ pub fn run(opts: &Options) -> Result<()> {
             println!("{}", report::line(o));
         }
     }
-    let results = run_all(&node, &spec, &opts.dir, cases, opts.timeout, jobs, |o| {
+    let run = Run {
+        node: &node,
+        spec: &spec,
+        root: &opts.dir,
+        timeout: opts.timeout,
+        coverage: coverage.as_ref(),
+    };
+    let results = run_all(&run, cases, jobs, |o| {
         if !opts.json {
             println!("{}", report::line(o));
         }
@@ -115,11 +158,18 @@ pub fn run(opts: &Options) -> Result<()> {
     outcomes.extend(results);
     let elapsed = started.elapsed();
     let failures: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed()).collect();
+    let coverage = coverage.map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner()));
+    let files: BTreeMap<String, String> = spec
+        .files
+        .iter()
+        .map(|(m, p)| (m.clone(), shown_file(&opts.dir, p)))
+        .collect();
     if opts.json {
-        println!(
-            "{}",
-            render::json(&report::json_report(&outcomes, elapsed), true)
-        );
+        let mut doc = report::json_report(&outcomes, elapsed);
+        if let Some(c) = &coverage {
+            doc["coverage"] = report::coverage_json(&c.modules, &files);
+        }
+        println!("{}", render::json(&doc, true));
     } else {
         if !failures.is_empty() {
             println!("\nfailures:\n");
@@ -130,6 +180,9 @@ pub fn run(opts: &Options) -> Result<()> {
                 );
                 println!("{}", report::failure_block(o));
             }
+        }
+        if let Some(c) = &coverage {
+            print!("{}", report::coverage_table(&c.modules, &files));
         }
         println!("{}", report::summary(&outcomes, elapsed));
     }
@@ -323,14 +376,20 @@ fn a_type(v: &Value) -> String {
     }
 }
 
+/// What every test of a run shares.
+struct Run<'a> {
+    node: &'a Node,
+    spec: &'a SandboxSpec,
+    root: &'a Path,
+    timeout: Duration,
+    coverage: Option<&'a Mutex<Coverage>>,
+}
+
 /// Runs `cases` on `jobs` threads; `on_done` sees each outcome as it
 /// arrives; the outcomes come back in the cases' order.
 fn run_all(
-    node: &Node,
-    spec: &SandboxSpec,
-    root: &Path,
+    run: &Run<'_>,
     cases: Vec<Case>,
-    timeout: Duration,
     jobs: usize,
     mut on_done: impl FnMut(&Outcome),
 ) -> Vec<Outcome> {
@@ -346,7 +405,7 @@ fn run_all(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(case) = cases.get(i) else { break };
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_one(node, spec, root, case, i, timeout)
+                    run_one(run, case, i)
                 }))
                 .unwrap_or_else(|p| {
                     let why = p
@@ -398,21 +457,23 @@ fn sandbox_id(i: usize, project: &str) -> String {
 }
 
 /// One test in its own sandbox and driver VM.
-fn run_one(
-    node: &Node,
-    spec: &SandboxSpec,
-    root: &Path,
-    case: &Case,
-    i: usize,
-    timeout: Duration,
-) -> Outcome {
+fn run_one(run: &Run<'_>, case: &Case, i: usize) -> Outcome {
+    let (node, spec, root) = (run.node, run.spec, run.root);
     let started = Instant::now();
-    let deadline = started + timeout;
+    let deadline = started + run.timeout;
     let mut sandbox_spec = spec.clone().test_clock(true);
     sandbox_spec.id = sandbox_id(i, &spec.id);
     let mut outcome = match node.create_sandbox(sandbox_spec) {
         Ok(sb) => {
             let o = drive(spec, root, case, &sb, deadline);
+            if let Some(c) = run.coverage {
+                // Read before the VM goes; a sandbox that no longer answers
+                // (it failed) adds nothing.
+                let found = graft::block_on(graft::with_timeout(sb.coverage(), COVERAGE_WAIT));
+                if let Some(Ok(found)) = found {
+                    c.lock().unwrap_or_else(|e| e.into_inner()).add(spec, found);
+                }
+            }
             let _ = node.destroy(sb.id());
             o
         }

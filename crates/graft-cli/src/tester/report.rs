@@ -2,6 +2,7 @@
 //! and JSON. Guest text (messages, values, names) is escaped for the
 //! terminal by [`crate::render`] and for XML here.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -167,6 +168,69 @@ pub fn json_report(outcomes: &[Outcome], elapsed: Duration) -> Value {
         "duration_ms": elapsed.as_secs_f64() * 1000.0,
         "tests": tests,
     })
+}
+
+/// `(statement lines, lines run)` of one module's hits.
+fn covered(lines: &BTreeMap<u32, u64>) -> (usize, usize) {
+    (lines.len(), lines.values().filter(|h| **h > 0).count())
+}
+
+fn percent(total: usize, run: usize) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        run as f64 * 100.0 / total as f64
+    }
+}
+
+/// The `--coverage` table: per module, its file, statement lines run of
+/// all, and the percentage.
+pub fn coverage_table(
+    modules: &BTreeMap<String, BTreeMap<u32, u64>>,
+    files: &BTreeMap<String, String>,
+) -> String {
+    let mut out = String::from("\ncoverage (lines with a statement, run by at least one test):\n");
+    let width = files.values().map(|f| f.chars().count()).max().unwrap_or(0);
+    for (module, file) in files {
+        let (total, run) = modules.get(module).map(covered).unwrap_or((0, 0));
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {run:>5}/{total:<5}  {:>5.1}%",
+            render::escape(file, Lines::Escape),
+            percent(total, run)
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// The `coverage` member of the `--json` report.
+pub fn coverage_json(
+    modules: &BTreeMap<String, BTreeMap<u32, u64>>,
+    files: &BTreeMap<String, String>,
+) -> Value {
+    let list: Vec<Value> = files
+        .iter()
+        .map(|(module, file)| {
+            let lines = modules.get(module).cloned().unwrap_or_default();
+            let (total, run) = covered(&lines);
+            let missed: Vec<u32> = lines
+                .iter()
+                .filter(|(_, h)| **h == 0)
+                .map(|(l, _)| *l)
+                .collect();
+            json!({
+                "module": module,
+                "file": file,
+                "lines": total,
+                "covered": run,
+                "percent": percent(total, run),
+                "missed": missed,
+                "hits": lines,
+            })
+        })
+        .collect();
+    Value::Array(list)
 }
 
 /// Text for XML 1.0: markup escaped; characters XML cannot hold at all

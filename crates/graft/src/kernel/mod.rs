@@ -212,7 +212,15 @@ pub(crate) struct Kernel {
     /// `graft.now()` read it instead of the node's clock, and only
     /// `Sandbox::advance_clock` moves it. `None` in production.
     pub test_clock: Option<TestClock>,
+    /// Evaluated module chunks (module, source checksum, chunk), kept only
+    /// when [`crate::vm::enable_coverage`] was called, at most
+    /// [`MAX_COVERAGE_CHUNKS`].
+    pub coverage_chunks: Vec<(Arc<str>, String, Function)>,
 }
+
+/// Module chunks a sandbox keeps for coverage, at most (one per evaluated
+/// module version; reloads past it are not counted).
+pub(crate) const MAX_COVERAGE_CHUNKS: usize = 4096;
 
 /// The manual clock of a sandbox created with [`crate::SandboxSpec::test_clock`].
 ///
@@ -587,6 +595,7 @@ pub(crate) fn new_vm(
         blocking_out: Vec::new(),
         epoch: host::next_epoch(),
         test_clock: None,
+        coverage_chunks: Vec::new(),
     };
     vm.lua.set_app_data(k);
     watch::install_interrupt(&vm.lua);

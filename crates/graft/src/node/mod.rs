@@ -597,6 +597,18 @@ fn stopped(id: &str) -> Error {
     Error::SandboxStopped(id.to_owned())
 }
 
+/// Statement coverage of one evaluated module version ([`Sandbox::coverage`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleCoverage {
+    /// Module name.
+    pub module: String,
+    /// SHA-256 of the version's source ([`crate::upgrade::checksum`]).
+    pub checksum: String,
+    /// Line (1-based) → times a statement on it ran, for every line where
+    /// a statement starts.
+    pub lines: std::collections::BTreeMap<u32, u64>,
+}
+
 /// The most steps [`Sandbox::advance_clock`] takes (one per due timer or
 /// busy slice) before it gives up.
 pub const MAX_CLOCK_STEPS: usize = 100_000;
@@ -890,6 +902,26 @@ impl Sandbox {
             "sandbox `{}`: the clock did not settle after {MAX_CLOCK_STEPS} steps (timers keep firing)",
             self.shared.id
         )))
+    }
+
+    /// Statement coverage of every module version evaluated in this
+    /// sandbox: line → hits, for lines where a statement starts. Empty
+    /// unless [`crate::vm::enable_coverage`] was called before the
+    /// sandbox's modules were compiled (`graft test --coverage`).
+    ///
+    /// ```
+    /// graft::vm::enable_coverage();
+    /// let node = graft::Node::new();
+    /// let spec = graft::SandboxSpec::new("cov").entry(None)
+    ///     .module("m", "local m = {}\nfunction m.f() return 1 end\nreturn m");
+    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let cov = graft::block_on(sb.coverage()).unwrap();
+    /// assert_eq!(cov[0].module, "m");
+    /// assert_eq!(cov[0].lines.get(&1), Some(&1), "the body ran line 1 once");
+    /// assert_eq!(cov[0].lines.get(&2).copied(), Some(0), "m.f never ran");
+    /// ```
+    pub async fn coverage(&self) -> Result<Vec<ModuleCoverage>> {
+        self.ask(|rt| rt.coverage()).await
     }
 
     /// Modules with their current version.

@@ -469,6 +469,31 @@ impl Runtime {
         }
     }
 
+    /// Line hits of every module chunk evaluated in this VM (empty unless
+    /// [`crate::vm::enable_coverage`] was called).
+    pub fn coverage(&self) -> Vec<crate::node::ModuleCoverage> {
+        let chunks = kernel(self.lua()).coverage_chunks.clone();
+        chunks
+            .into_iter()
+            .map(|(module, checksum, f)| {
+                let mut lines = BTreeMap::new();
+                f.coverage(|info| {
+                    for (line, &hits) in info.hits.iter().enumerate() {
+                        // -1: no statement starts on this line.
+                        if hits >= 0 {
+                            *lines.entry(line as u32).or_insert(0u64) += hits as u64;
+                        }
+                    }
+                });
+                crate::node::ModuleCoverage {
+                    module: module.to_string(),
+                    checksum,
+                    lines,
+                }
+            })
+            .collect()
+    }
+
     /// The test clock's reading (timer time), or an error without one.
     pub fn clock_now(&self) -> Result<u64> {
         let k = kernel(self.lua());

@@ -28,7 +28,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
-pub use compile::{compile, COMPILE_TIMEOUT};
+pub use compile::{compile, coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
 pub(crate) use env::{
     call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
     OUTSIDE_PROCESS,
