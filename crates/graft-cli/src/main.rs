@@ -10,6 +10,7 @@ mod node;
 mod render;
 mod scaffold;
 mod tester;
+mod types;
 mod watch;
 
 use std::path::PathBuf;
@@ -89,6 +90,15 @@ enum Command {
         /// Tests run at once (default: one per core)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
         jobs: Option<u64>,
+    },
+    /// Write graft.d.luau: luau-lsp definitions of `graft` and the test library
+    Types {
+        /// The project directory
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Print the definitions instead of writing the file
+        #[arg(long)]
+        stdout: bool,
     },
     /// Run a node with no project; sandboxes come through the API
     Serve {
@@ -355,6 +365,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::New { dir, id } => scaffold::new_project(&dir, id.as_deref()),
         Command::Check { dir, json } => check::run(&dir, json),
+        Command::Types { dir, stdout } => types::run(&dir, stdout),
         Command::Test {
             dir,
             filter,
@@ -406,7 +417,10 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     use client::Client;
     match command {
-        Command::New { .. } | Command::Check { .. } | Command::Test { .. } => {
+        Command::New { .. }
+        | Command::Check { .. }
+        | Command::Test { .. }
+        | Command::Types { .. } => {
             unreachable!("handled without a runtime")
         }
         Command::Run {

@@ -191,6 +191,18 @@ graft test {dir}
 graft check {dir}
 ```
 
+## Editor
+
+`graft.d.luau` declares the `graft` global and the test library (`t`) for
+luau-lsp; `.vscode/settings.json` points the luau-lsp extension at it and
+`.luaurc` sets the language mode. Regenerate it after upgrading Graft:
+
+```
+graft types {dir}
+```
+
+Annotate a test's argument to get completion: `function tests.x(t: GraftTest)`.
+
 Reload files by hand (without the watcher) with `graft reload {id} src/counter.luau`.
 Every client command takes `--url` (or `GRAFT_URL`) and `--json`.
 Stop `graft run` with Ctrl-C: `terminate` callbacks run, then it exits.
@@ -257,6 +269,9 @@ pub fn new_project(dir: &Path, id: Option<&str>) -> Result<()> {
     write("src/counter.luau", COUNTER)?;
     write("test/counter_test.luau", TEST)?;
     write("README.md", &readme(&id, &shown))?;
+    write(crate::types::FILE, &crate::types::definitions())?;
+    write(".luaurc", crate::types::LUAURC)?;
+    write(".vscode/settings.json", crate::types::VSCODE_SETTINGS)?;
     println!("✓ created {shown} (sandbox `{id}`)");
     println!();
     println!("  graft run {shown}");

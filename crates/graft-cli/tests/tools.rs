@@ -479,3 +479,48 @@ fn coverage_counts_the_statement_lines_each_module_ran() {
         "the summary stays the closing line: {stdout}"
     );
 }
+
+/// The definitions golden test: `graft types` prints exactly the checked-in
+/// file. Changing `graft::vm::GRAFT_API` or the test library's `TEST_API`
+/// means regenerating it (`graft types --stdout > tests/fixtures/graft.d.luau`)
+/// and reviewing the diff; the VM refuses to start when `GRAFT_API` and
+/// the prelude disagree, so the file matches what guests get.
+#[test]
+fn types_match_the_golden_definitions_and_scaffold_the_editor() {
+    let golden = std::fs::read_to_string(fixture("graft.d.luau")).unwrap();
+    let out = run(&["types", "--stdout"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), golden);
+
+    let dir = temp_dir("types");
+    let out = run(&["types", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("graft.d.luau")).unwrap(),
+        golden
+    );
+    let out = run(&["types", dir.join("missing").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is not a directory"));
+
+    let project = dir.join("app");
+    assert!(run(&["new", project.to_str().unwrap()]).status.success());
+    assert_eq!(
+        std::fs::read_to_string(project.join("graft.d.luau")).unwrap(),
+        golden
+    );
+    let settings: Value = serde_json::from_str(
+        &std::fs::read_to_string(project.join(".vscode/settings.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        settings["luau-lsp.types.definitionFiles"],
+        serde_json::json!(["graft.d.luau"])
+    );
+    let luaurc: Value =
+        serde_json::from_str(&std::fs::read_to_string(project.join(".luaurc")).unwrap()).unwrap();
+    assert_eq!(luaurc["languageMode"], "nonstrict");
+    let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+    assert!(readme.contains("graft types"), "{readme}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,6 +219,67 @@ fn reload_options(lua: &Lua, opts: Option<Table>) -> mlua::Result<ReloadOptions>
     Ok(o)
 }
 
+/// One key of the test library: name, Luau type, doc. [`install`] checks
+/// that `t` has exactly these keys; `graft types` declares them.
+pub struct TestItem {
+    /// The key (`call`).
+    pub name: &'static str,
+    /// Its Luau type.
+    pub ty: &'static str,
+    /// Hover text.
+    pub doc: &'static str,
+}
+
+macro_rules! item {
+    ($name:literal, $ty:literal, $doc:literal) => {
+        TestItem {
+            name: $name,
+            ty: $ty,
+            doc: $doc,
+        }
+    };
+}
+
+/// Every key of `t`, sorted by name.
+pub const TEST_API: &[TestItem] = &[
+    item!("advance", "(ms: number) -> ()", "Moves the sandbox's test clock forward by `ms`, firing every timer due on the way (in order) and letting processes handle them."),
+    item!("call", "(target: string, request: any, timeout_ms: number?) -> any", "Calls a process of the sandbox (registered name or pid string) and returns its reply; raises if the call fails."),
+    item!("cast", "(target: string, msg: any) -> ()", "Casts `msg` to a process (`handle_cast`)."),
+    item!("deep_eq", "(actual: any, expected: any, message: string?) -> ()", "Asserts structural equality of tables (metatables ignored); a failure lists the paths that differ."),
+    item!("eq", "(actual: any, expected: any, message: string?) -> ()", "Asserts `actual == expected` (numbers by value)."),
+    item!("eval", "(code: string) -> any", "Runs a Luau chunk inside the sandbox as a short-lived process and returns its result (use it for `require`d library code)."),
+    item!("fail", "(message: string?) -> ()", "Fails the test here."),
+    item!("matches", "(s: any, pattern: string, message: string?) -> ()", "Asserts that `s` is a string matching the Luau `pattern`."),
+    item!("ok", "(v: any, message: string?) -> ()", "Asserts that `v` is neither nil nor false."),
+    item!("processes", "() -> { any }", "The sandbox's processes: `{ pid, name, module, version, status, ... }`."),
+    item!("raises", "(f: () -> ...any, pattern: string?) -> string", "Asserts that `f` raises (an error matching `pattern`, if given); returns the error message."),
+    item!("reload", "(module: string, source: string, opts: ReloadOptions?) -> any", "Reloads `module` with a new source (one transaction, `code_change` runs); returns the reload report."),
+    item!("rollback", "(module: string, version: number, opts: ReloadOptions?) -> any", "Makes a kept version of `module` current again (`code_change` gets `{ down = n }`)."),
+    item!("send", "(target: string, msg: any) -> ()", "Sends `msg` to a process (`handle_info`)."),
+    item!("source", "(path: string) -> string", "Reads a file of the project (a relative path, at most 1 MiB), e.g. the next version of a module."),
+    item!("start", "(module: string, args: any?, name: string?) -> string", "Starts a process of `module`; returns its pid string."),
+    item!("state", "(target: string) -> any", "A process's state."),
+    item!("versions", "(module: string) -> { number }", "The kept version numbers of `module`, oldest first."),
+];
+
+/// The test library's luau-lsp declarations (for `graft.d.luau`).
+pub fn definitions() -> String {
+    let mut out = String::from(
+        "--- `t.reload` / `t.rollback` options.\n\
+         type ReloadOptions = { extra: any?, dry_run: boolean?, canary_ms: number?, canary_crashes: number? }\n\n\
+         --- The test library: the argument of every test function (`graft test`).\n\
+         declare class GraftTest\n",
+    );
+    for item in TEST_API {
+        out.push_str(&format!(
+            "\t--- {}\n\t{}: {}\n",
+            item.doc, item.name, item.ty
+        ));
+    }
+    out.push_str("end\n");
+    out
+}
+
 /// Builds the `t` table for one test.
 pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
     let t = lua.create_table()?;
@@ -364,6 +425,19 @@ pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
     )?;
 
     install_assertions(lua, &t)?;
+    // `graft types` declares TEST_API: `t` must hold exactly that.
+    let mut keys: Vec<String> = t
+        .pairs::<String, Value>()
+        .filter_map(|p| p.ok().map(|(k, _)| k))
+        .collect();
+    keys.sort();
+    let declared: Vec<&str> = TEST_API.iter().map(|i| i.name).collect();
+    if keys != declared {
+        return Err(mlua::Error::runtime(format!(
+            "the test library's keys {keys:?} differ from TEST_API {declared:?}"
+        )));
+    }
+    t.set_readonly(true);
     Ok(t)
 }
 
