@@ -99,7 +99,8 @@ impl Coverage {
 struct Case {
     file: String,
     name: String,
-    source: Arc<String>,
+    /// The file compiled once, here (see [`compile`]).
+    bytecode: Arc<Vec<u8>>,
 }
 
 /// `graft test`: runs the tests, prints, writes `--junit`; `Err(Reported)`
@@ -263,7 +264,15 @@ fn discover(
                 continue;
             }
         };
-        match test_names(&file, &source, spec, timeout) {
+        let bytecode = match compile(&file, &source) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                let o = classify(&file, "<load>", &e, &AtomicBool::new(false), Kind::Load);
+                problems.push(o);
+                continue;
+            }
+        };
+        match test_names(&file, &bytecode, spec, timeout) {
             Ok((names, bad)) => {
                 for (name, why) in bad {
                     problems.push(Outcome::failed(&file, &name, Kind::Load, why));
@@ -277,7 +286,7 @@ fn discover(
                     cases.push(Case {
                         file: file.clone(),
                         name,
-                        source: source.clone(),
+                        bytecode: bytecode.clone(),
                     });
                 }
             }
@@ -300,10 +309,29 @@ fn read_bounded(path: &Path, max: usize) -> std::result::Result<String, String> 
 }
 
 /// Loads a test file into a driver VM and returns the table it returns.
-fn load_file(lua: &Lua, file: &str, source: &str) -> mlua::Result<Value> {
-    lua.load(source)
+/// Compiles a test file once for all its tests (a file of 1,000 tests
+/// would otherwise be compiled 1,000 times). The bytecode is this
+/// process's own, made from the file's text just now.
+fn compile(file: &str, source: &str) -> mlua::Result<Vec<u8>> {
+    mlua::chunk::Compiler::new()
+        .set_debug_level(1)
+        .compile(source)
+        .map_err(|e| match e {
+            // Luau names the chunk `[string "..."]`; say which file.
+            mlua::Error::SyntaxError { message, .. } => mlua::Error::runtime(format!(
+                "syntax error: {file}:{}",
+                message
+                    .split_once("]:")
+                    .map_or(message.as_str(), |(_, rest)| rest)
+            )),
+            other => other,
+        })
+}
+
+fn load_file(lua: &Lua, file: &str, bytecode: &[u8]) -> mlua::Result<Value> {
+    lua.load(bytecode)
         .set_name(format!("@{file}"))
-        .set_mode(ChunkMode::Text)
+        .set_mode(ChunkMode::Binary)
         .eval::<Value>()
 }
 
@@ -311,7 +339,7 @@ fn load_file(lua: &Lua, file: &str, source: &str) -> mlua::Result<Value> {
 #[allow(clippy::type_complexity)]
 fn test_names(
     file: &str,
-    source: &str,
+    bytecode: &[u8],
     spec: &SandboxSpec,
     timeout: Duration,
 ) -> std::result::Result<(Vec<String>, Vec<(String, String)>), Box<Outcome>> {
@@ -319,7 +347,7 @@ fn test_names(
     let deadline = Instant::now() + timeout;
     let lua = library::driver_vm(spec.limits.memory_bytes, deadline, flag.clone())
         .map_err(|e| Box::new(Outcome::failed(file, "<load>", Kind::Error, e.to_string())))?;
-    let value = load_file(&lua, file, source)
+    let value = load_file(&lua, file, bytecode)
         .map_err(|e| Box::new(classify(file, "<load>", &e, &flag, Kind::Load)))?;
     let Value::Table(table) = value else {
         return Err(Box::new(Outcome::failed(
@@ -526,7 +554,7 @@ fn drive(
     };
     let result = (|| -> mlua::Result<()> {
         let t = library::install(&lua, cx)?;
-        let table: Table = match load_file(&lua, &case.file, &case.source)? {
+        let table: Table = match load_file(&lua, &case.file, &case.bytecode)? {
             Value::Table(t) => t,
             other => {
                 return Err(mlua::Error::runtime(format!(
