@@ -84,6 +84,11 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = tester::DEFAULT_TIMEOUT_MS,
               value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         timeout_ms: u64,
+        /// Instead of the tests: migrate every changed module's states up
+        /// from its previous git version and back down, and report those
+        /// that do not round-trip (docs/testing.md)
+        #[arg(long, conflicts_with_all = ["filter", "junit", "coverage"])]
+        migrations: bool,
         /// Report statement coverage of each module (lines run by the tests)
         #[arg(long)]
         coverage: bool,
@@ -368,12 +373,19 @@ fn main() -> ExitCode {
         Command::Types { dir, stdout } => types::run(&dir, stdout),
         Command::Test {
             dir,
+            json,
+            migrations: true,
+            ..
+        } => tester::migrations::run(&dir, json),
+        Command::Test {
+            dir,
             filter,
             junit,
             json,
             timeout_ms,
             coverage,
             jobs,
+            migrations: false,
         } => tester::run(&tester::Options {
             coverage,
             dir,

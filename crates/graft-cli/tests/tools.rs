@@ -524,3 +524,89 @@ fn types_match_the_golden_definitions_and_scaffold_the_editor() {
     assert!(readme.contains("graft types"), "{readme}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.email=t@example.com", "-c", "user.name=t"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+}
+
+const STORE_APP: &str = "return { behaviour = \"supervisor\", init = function() return { strategy = \"one_for_one\", children = { { id = \"store\", module = \"store\", args = { items = { \"a\", \"b\" } }, name = \"store\" } } } end }";
+
+/// A store whose version 1 undoes version 2's `count` on a rollback
+/// (`reversible`) or forgets to.
+fn store_v1(reversible: bool) -> String {
+    format!(
+        "local m = {{}}\nfunction m.init(args) return {{ items = args.items }} end\nfunction m.handle_call(r, f, s) return #s.items, s end\nfunction m.code_change(old, s, extra)\n  if type(old) == \"table\" then {} end\n  return s\nend\nreturn m\n",
+        if reversible { "s.count = nil" } else { "" }
+    )
+}
+
+const STORE_V2: &str = "local m = {}\nfunction m.init(args) return { items = args.items, count = #args.items } end\nfunction m.handle_call(r, f, s) return s.count, s end\nfunction m.code_change(old, s, extra)\n  s.count = #s.items\n  return s\nend\nreturn m\n";
+
+#[test]
+fn migration_checks_catch_a_code_change_that_does_not_round_trip() {
+    for reversible in [false, true] {
+        let dir = project(
+            if reversible { "mig-ok" } else { "mig-bad" },
+            &[
+                ("src/app.luau", STORE_APP),
+                ("src/store.luau", &store_v1(reversible)),
+            ],
+        );
+        git(&dir, &["init", "-q"]);
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "-qm", "v1"]);
+        std::fs::write(dir.join("src/store.luau"), STORE_V2).unwrap();
+        let out = run(&["test", "--migrations", dir.to_str().unwrap()]);
+        let stdout = text(&out.stdout);
+        if reversible {
+            assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+            assert!(
+                stdout.contains("✓ store: 1 state round-trips (HEAD → working tree → HEAD)"),
+                "{stdout}"
+            );
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{stdout}");
+            assert!(
+                stdout.contains("✗ store: 1 of 1 states do not round-trip"),
+                "{stdout}"
+            );
+            assert!(
+                stdout.contains("down:   {\"count\":2,\"items\":[\"a\",\"b\"]}"),
+                "{stdout}"
+            );
+        }
+        // Committed: the previous version is the commit before the last
+        // change of the file.
+        git(&dir, &["commit", "-qam", "v2"]);
+        let out = run(&["test", "--migrations", dir.to_str().unwrap(), "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["checked"], 1);
+        assert_eq!(report["failed"], if reversible { 0 } else { 1 });
+        // An up migration that fails is reported, not a crash.
+        std::fs::write(
+            dir.join("src/store.luau"),
+            STORE_V2.replace("s.count = #s.items", "error(\"no way up\")"),
+        )
+        .unwrap();
+        let out = run(&["test", "--migrations", dir.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            text(&out.stdout).contains("migrating up (HEAD → working tree) failed"),
+            "{}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stdout).contains("no way up"),
+            "{}",
+            text(&out.stdout)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -21,6 +21,7 @@
 //!   the sandbox's `max_source_bytes`.
 
 pub mod library;
+pub mod migrations;
 pub mod report;
 pub mod values;
 
