@@ -168,7 +168,7 @@ fn well_formed(xml: &str) {
         .expect("XML declaration");
     for c in body.chars() {
         assert!(
-            !(c < ' ' && !matches!(c, '\t' | '\n' | '\r')),
+            c >= ' ' || matches!(c, '\t' | '\n' | '\r'),
             "control character {c:?}"
         );
     }
