@@ -4,10 +4,13 @@
 //! Exit codes: 0 success, 1 a user error (a clear message on stderr), 2 bad
 //! usage (clap's, and node caps out of range).
 
+mod check;
 mod client;
 mod node;
 mod render;
 mod scaffold;
+mod tester;
+mod types;
 mod watch;
 
 use std::path::PathBuf;
@@ -54,6 +57,55 @@ enum Command {
         /// edit-to-live benchmark (docs/benchmarks.md).
         #[arg(long, default_value_t = watch::DEFAULT_DEBOUNCE_MS)]
         debounce_ms: u64,
+    },
+    /// Compile and analyse every module without starting the app; exit 1
+    /// on any error (a pre-commit hook)
+    Check {
+        /// The project directory (with graft.toml)
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the project's tests (test/**/*_test.luau), each in a fresh sandbox
+    Test {
+        /// The project directory (with graft.toml)
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Run only the tests whose `file::name` contains this text
+        #[arg(long)]
+        filter: Option<String>,
+        /// Also write a JUnit XML report to this file
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Print a JSON report instead of lines
+        #[arg(long)]
+        json: bool,
+        /// Each test's time limit (real time), sandbox start included
+        #[arg(long, value_name = "MS", default_value_t = tester::DEFAULT_TIMEOUT_MS,
+              value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        timeout_ms: u64,
+        /// Instead of the tests: migrate every changed module's states up
+        /// from its previous git version and back down, and report those
+        /// that do not round-trip (docs/testing.md)
+        #[arg(long, conflicts_with_all = ["filter", "junit", "coverage"])]
+        migrations: bool,
+        /// Report statement coverage of each module (lines run by the tests)
+        #[arg(long)]
+        coverage: bool,
+        /// Tests run at once (default: one per core)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+        jobs: Option<u64>,
+    },
+    /// Write graft.d.luau: luau-lsp definitions of `graft` and the test library
+    Types {
+        /// The project directory
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Print the definitions instead of writing the file
+        #[arg(long)]
+        stdout: bool,
     },
     /// Run a node with no project; sandboxes come through the API
     Serve {
@@ -329,8 +381,12 @@ impl std::error::Error for Reported {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,graft=info"));
+    // `test` and `check` crash processes on purpose and print their own
+    // report: the library's warnings would only interleave with it.
+    let quiet = matches!(cli.command, Command::Test { .. } | Command::Check { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "warn,graft=info" })
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -342,6 +398,36 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::New { dir, id } => scaffold::new_project(&dir, id.as_deref()),
+        Command::Check { dir, json } => check::run(&dir, json),
+        Command::Types { dir, stdout } => types::run(&dir, stdout),
+        Command::Test {
+            dir,
+            json,
+            migrations: true,
+            ..
+        } => tester::migrations::run(&dir, json),
+        Command::Test {
+            dir,
+            filter,
+            junit,
+            json,
+            timeout_ms,
+            coverage,
+            jobs,
+            migrations: false,
+        } => tester::run(&tester::Options {
+            coverage,
+            dir,
+            filter,
+            junit,
+            json,
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            jobs: jobs.map(|n| n as usize).unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            }),
+        }),
         other => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -372,7 +458,12 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     use client::Client;
     match command {
-        Command::New { .. } => unreachable!("handled without a runtime"),
+        Command::New { .. }
+        | Command::Check { .. }
+        | Command::Test { .. }
+        | Command::Types { .. } => {
+            unreachable!("handled without a runtime")
+        }
         Command::Run {
             dir,
             listen,

@@ -67,16 +67,46 @@ end
 return counter
 "#;
 
-const TEST: &str = r#"-- Runs inside the sandbox as a short-lived process, against the live app:
---   graft eval <sandbox> --file test/counter_test.luau
--- It returns "ok" or fails with an error.
-local before = graft.call("counter", "get")
-local after = graft.call("counter", "inc")
-assert(after > before, "inc should raise the count")
-graft.cast("counter", 10)
-local now = graft.call("counter", "get")
-assert(now == after + 10, "cast 10 should add 10, got " .. tostring(now - after))
-return "ok"
+const TEST: &str = r#"-- Tests for `counter`, run by `graft test` (docs/testing.md). Each function
+-- runs in a fresh sandbox built from this project exactly as `graft run`
+-- builds it, app started, and gets `t`, the test library:
+--   t.call t.cast t.send t.state t.start t.eval   talk to the sandbox
+--   t.reload t.rollback t.versions t.source       upgrade it
+--   t.advance(ms)                                 move its test clock (timers)
+--   t.eq t.deep_eq t.ok t.raises t.matches        assertions (file:line on failure)
+local tests = {}
+
+function tests.inc_adds_one(t)
+  local before = t.call("counter", "get")
+  t.eq(t.call("counter", "inc"), before + 1)
+end
+
+function tests.cast_adds_the_number(t)
+  t.cast("counter", 10)
+  t.eq(t.call("counter", "get"), 10)
+end
+
+function tests.the_state_is_the_count(t)
+  t.call("counter", "inc")
+  t.deep_eq(t.state("counter"), { count = 1 })
+end
+
+function tests.a_reload_keeps_the_count(t)
+  t.call("counter", "inc")
+  local source = t.source("src/counter.luau"):gsub("local STEP = 1\n", "local STEP = 10\n")
+  t.reload("counter", source)
+  t.eq(t.call("counter", "inc"), 11, "the new STEP runs on the old count")
+  t.rollback("counter", 1)
+  t.eq(t.call("counter", "inc"), 12, "back to STEP = 1")
+end
+
+function tests.unknown_processes_are_errors(t)
+  t.raises(function()
+    t.call("nobody", "get")
+  end, "nobody")
+end
+
+return tests
 "#;
 
 fn graft_toml(id: &str) -> String {
@@ -110,7 +140,7 @@ run.
 graft.toml              sandbox id, entry module, limits
 src/app.luau            the root supervisor: starts `counter`
 src/counter.luau        a server holding a count
-test/counter_test.luau  a check that runs inside the sandbox
+test/counter_test.luau  tests, run by `graft test`
 ```
 
 ## The edit-and-watch loop
@@ -153,11 +183,25 @@ graft versions {id} counter
 graft rollback {id} counter 1
 ```
 
-Run the test inside the live sandbox:
+Run the tests (each in a fresh sandbox, with a test clock; see
+`test/counter_test.luau`), and check every module without running the app:
 
 ```
-graft eval {id} --file test/counter_test.luau    # "ok"
+graft test {dir}
+graft check {dir}
 ```
+
+## Editor
+
+`graft.d.luau` declares the `graft` global and the test library (`t`) for
+luau-lsp; `.vscode/settings.json` points the luau-lsp extension at it and
+`.luaurc` sets the language mode. Regenerate it after upgrading Graft:
+
+```
+graft types {dir}
+```
+
+Annotate a test's argument to get completion: `function tests.x(t: GraftTest)`.
 
 Reload files by hand (without the watcher) with `graft reload {id} src/counter.luau`.
 Every client command takes `--url` (or `GRAFT_URL`) and `--json`.
@@ -230,6 +274,9 @@ pub fn new_project(dir: &Path, id: Option<&str>) -> Result<()> {
         ".gitignore",
         "# the node's data: graft run keeps it here\n.graft/\n",
     )?;
+    write(crate::types::FILE, &crate::types::definitions())?;
+    write(".luaurc", crate::types::LUAURC)?;
+    write(".vscode/settings.json", crate::types::VSCODE_SETTINGS)?;
     println!("✓ created {shown} (sandbox `{id}`)");
     println!();
     println!("  graft run {shown}");
@@ -263,7 +310,6 @@ mod tests {
             graft::block_on(sb.call("counter", serde_json::json!("inc"), None)).unwrap(),
             1
         );
-        assert_eq!(graft::block_on(sb.eval(TEST)).unwrap(), "ok");
         toml_parses(&graft_toml("scaffold"));
     }
 

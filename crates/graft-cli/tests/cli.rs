@@ -588,9 +588,14 @@ fn run_serves_every_client_verb() {
     let st: Value = serde_json::from_str(&node.ok(&["state", "myapp", &pid, "--json"])).unwrap();
     assert_eq!(st, json!({ "count": 12 }));
 
-    // eval: inline, from the scaffold's test file, from stdin
+    // eval: inline, from a file, from stdin
     assert_eq!(node.ok(&["eval", "myapp", "return 6 * 7"]).trim(), "42");
-    let test_file = dir.join("test/counter_test.luau");
+    let test_file = dir.join("check.luau");
+    std::fs::write(
+        &test_file,
+        "local n = graft.call(\"counter\", \"get\")\nassert(n >= 0)\nreturn \"ok\"\n",
+    )
+    .unwrap();
     assert_eq!(
         node.ok(&["eval", "myapp", "--file", test_file.to_str().unwrap()])
             .trim(),

@@ -210,6 +210,10 @@ pub struct SandboxSpec {
     pub modules: BTreeMap<String, String>,
     /// Module name → file it came from (for diagnostics).
     pub files: BTreeMap<String, PathBuf>,
+    /// Run the sandbox's timers on a manual clock that only
+    /// [`crate::Sandbox::advance_clock`] moves (`graft test`). Off in
+    /// production; `graft.toml` cannot set it.
+    pub test_clock: bool,
 }
 
 impl SandboxSpec {
@@ -230,6 +234,7 @@ impl SandboxSpec {
             grants: Vec::new(),
             modules: BTreeMap::new(),
             files: BTreeMap::new(),
+            test_clock: false,
         }
     }
     /// Adds (or replaces) a module source.
@@ -263,6 +268,22 @@ impl SandboxSpec {
     /// Sets the limits.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+    /// Puts the sandbox's timers (`send_after`, call timeouts, canary
+    /// windows) and `graft.now()` on a manual clock, moved only by
+    /// [`crate::Sandbox::advance_clock`]. For tests: a 60 s timer fires
+    /// as soon as the test advances the clock by 60 s.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let spec = SandboxSpec::new("clocked").entry(None).test_clock(true);
+    /// let node = Node::new();
+    /// let sb = node.create_sandbox(spec).unwrap();
+    /// graft::block_on(sb.advance_clock(60_000)).unwrap();
+    /// ```
+    pub fn test_clock(mut self, on: bool) -> Self {
+        self.test_clock = on;
         self
     }
     /// Grants a built-in capability.

@@ -60,8 +60,9 @@ pub use error::{Error, ReloadStep, Result};
 pub use events::{EventFilter, EventGap, EventPage, NodeEvent};
 pub use kernel::{AppStatus, Event};
 pub use node::{
-    block_on, with_timeout, BatchOptions, CheckpointStats, HostFunctions, Node, NodeBuilder,
-    ProcessInfo, Sandbox, SandboxInfo, DATABASE_FILE, DEFAULT_CHECKPOINT_MS, QUIESCE_TIMEOUT_MS,
+    block_on, with_timeout, BatchOptions, CheckpointStats, HostFunctions, ModuleCoverage, Node,
+    NodeBuilder, ProcessInfo, Sandbox, SandboxInfo, DATABASE_FILE, DEFAULT_CHECKPOINT_MS,
+    MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,

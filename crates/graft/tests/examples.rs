@@ -27,7 +27,7 @@ fn counter_example_counts_and_its_test_passes() {
         json!(42)
     );
     let test = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/counter/test/counter_test.luau"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/counter/test/smoke.luau"),
     )
     .unwrap();
     assert_eq!(
@@ -152,7 +152,7 @@ fn chat_example_delivers_messages_between_processes() {
 
     // The bundled test passes (it uses its own members and room).
     assert_eq!(
-        block_on(sb.eval(&example_file("chat", "test/chat_test.luau"))).unwrap(),
+        block_on(sb.eval(&example_file("chat", "test/smoke.luau"))).unwrap(),
         json!({"delivered": 2, "ben_got": "hello ben", "members": ["ann"]})
     );
     assert_eq!(call("registry", json!("rooms")), json!(["lobby", "test"]));
@@ -260,7 +260,7 @@ fn ratelimit_example_limits_and_upgrades_live_to_v2_and_back() {
     assert!(buckets.contains_key("alice"), "{state}");
     assert!(buckets.values().all(|v| v.is_number()), "v1 shape: {state}");
     assert_eq!(
-        block_on(sb.eval(&example_file("ratelimit", "test/ratelimit_test.luau"))).unwrap(),
+        block_on(sb.eval(&example_file("ratelimit", "test/smoke.luau"))).unwrap(),
         json!({"version": 1, "taken": 10, "denied": true})
     );
 
@@ -302,7 +302,7 @@ fn ratelimit_example_limits_and_upgrades_live_to_v2_and_back() {
         json!({"allowed": true, "remaining": 6})
     );
     assert_eq!(
-        block_on(sb.eval(&example_file("ratelimit", "test/ratelimit_test.luau"))).unwrap(),
+        block_on(sb.eval(&example_file("ratelimit", "test/smoke.luau"))).unwrap(),
         json!({"version": 2, "taken": 10, "denied": true})
     );
 
@@ -320,7 +320,7 @@ fn ratelimit_example_limits_and_upgrades_live_to_v2_and_back() {
         json!({"allowed": true, "remaining": 0})
     );
     assert_eq!(
-        block_on(sb.eval(&example_file("ratelimit", "test/ratelimit_test.luau"))).unwrap(),
+        block_on(sb.eval(&example_file("ratelimit", "test/smoke.luau"))).unwrap(),
         json!({"version": 1, "taken": 10, "denied": true})
     );
     let versions = block_on(sb.versions("ratelimit")).unwrap();

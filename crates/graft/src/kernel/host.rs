@@ -21,7 +21,6 @@ use serde_json::Value as Json;
 
 use super::timers::Timer;
 use super::{kernel, Kernel};
-use crate::clock;
 use crate::vm::{BlockingStart, ContextHostFn, OUTSIDE_PROCESS};
 
 /// A blocking host function call for the node's pool to run.
@@ -67,7 +66,7 @@ pub(crate) fn start_blocking(lua: &Lua, start: BlockingStart) -> Result<u64, Str
     };
     let token = k.token();
     let ms = k.limits.handler_ms;
-    let at = clock::precise_ms().saturating_add(ms);
+    let at = k.timer_now().saturating_add(ms);
     let timeout = Timer::HostFnTimeout {
         serial,
         token,

@@ -56,6 +56,7 @@ use mlua::{AppDataRefMut, Function, Lua, RegistryKey, Table, Thread, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::clock;
 use crate::config::{Limits, NodeLimits};
 use crate::error::Error;
 use crate::value::{ExitReason, Pid};
@@ -193,6 +194,44 @@ pub(crate) struct Kernel {
     pub blocking_out: Vec<host::BlockingCall>,
     /// Which VM this is, for answers that outlive it (see `host`).
     epoch: u64,
+    /// A manual clock (`graft test`): when set, the sandbox's timers and
+    /// `graft.now()` read it instead of the node's clock, and only
+    /// `Sandbox::advance_clock` moves it. `None` in production.
+    pub test_clock: Option<TestClock>,
+    /// Evaluated module chunks (module, source checksum, chunk), kept only
+    /// when [`crate::vm::enable_coverage`] was called, at most
+    /// [`MAX_COVERAGE_CHUNKS`].
+    pub coverage_chunks: Vec<(Arc<str>, String, Function)>,
+}
+
+/// Module chunks a sandbox keeps for coverage, at most (one per evaluated
+/// module version; reloads past it are not counted).
+pub(crate) const MAX_COVERAGE_CHUNKS: usize = 4096;
+
+/// The manual clock of a sandbox created with [`crate::SandboxSpec::test_clock`].
+///
+/// Invariant: `now_ms` only grows. Callback deadlines (`handler_ms`) and
+/// slice ends stay on the node's real clock, so a guest that loops still
+/// times out while the test clock stands still.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TestClock {
+    /// Timer time, in the units of [`clock::precise_ms`] (it starts there).
+    pub now_ms: u64,
+    /// `graft.now()` at `start_ms`.
+    unix_base: f64,
+    start_ms: u64,
+}
+
+impl TestClock {
+    /// A manual clock standing at the current real time.
+    pub fn starting_now() -> TestClock {
+        let now = clock::precise_ms();
+        TestClock {
+            now_ms: now,
+            unix_base: clock::unix_ms(),
+            start_ms: now,
+        }
+    }
 }
 
 /// The kernel of the sandbox whose VM `lua` is. Panics if it is borrowed
@@ -204,6 +243,30 @@ pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
 }
 
 impl Kernel {
+    /// Now, in timer time: the node's precise clock, or the test clock
+    /// when the sandbox has one. Every timer of the sandbox is set and
+    /// fired against this.
+    #[inline]
+    pub fn timer_now(&self) -> u64 {
+        match &self.test_clock {
+            None => clock::precise_ms(),
+            Some(c) => c.now_ms,
+        }
+    }
+
+    /// What `graft.now()` returns: wall-clock ms, or the test clock's.
+    pub fn unix_now(&self) -> f64 {
+        match &self.test_clock {
+            None => clock::unix_ms(),
+            Some(c) => c.unix_base + (c.now_ms - c.start_ms) as f64,
+        }
+    }
+
+    /// Whether processes or exits wait to run (the next slice has work).
+    pub fn has_ready_work(&self) -> bool {
+        !self.ready.is_empty() || !self.exits.is_empty()
+    }
+
     /// The index of module `name`, given one if it has none yet.
     pub fn intern_module(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.module_index.get(name) {
@@ -507,6 +570,8 @@ pub(crate) fn new_vm(
         log_gate: log::LogGate::default(),
         blocking_out: Vec::new(),
         epoch: host::next_epoch(),
+        test_clock: None,
+        coverage_chunks: Vec::new(),
     };
     vm.lua.set_app_data(k);
     watch::install_interrupt(&vm.lua);

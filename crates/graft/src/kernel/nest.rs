@@ -287,9 +287,10 @@ impl Kernel {
                 },
                 None => format!("#{callee}"),
             };
+            let now = self.timer_now();
             self.add_timer_with_id(
                 wait.token,
-                clock::precise_ms().saturating_add(ms),
+                now.saturating_add(ms),
                 Timer::CallTimeout {
                     serial: wait.caller,
                     token: wait.token,

@@ -17,7 +17,6 @@ use mlua::{Lua, RegistryKey, Value};
 
 use super::process::{HostSlot, Job};
 use super::{kernel, Kernel, SerialMap, Target};
-use crate::clock;
 use crate::error::Error;
 use crate::value::ExitReason;
 
@@ -217,7 +216,9 @@ impl Kernel {
 
 /// Fires every timer that is due.
 pub(crate) fn fire_timers(lua: &Lua) {
-    kernel(lua).fire_due(lua, clock::precise_ms());
+    let mut k = kernel(lua);
+    let now = k.timer_now();
+    k.fire_due(lua, now);
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub use blocking::{block_on, with_timeout};
 pub use durable::{CheckpointStats, NodeBuilder, DATABASE_FILE, DEFAULT_CHECKPOINT_MS};
 pub use host_functions::HostFunctions;
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
-pub use sandbox::Sandbox;
+pub use sandbox::{ModuleCoverage, Sandbox, MAX_CLOCK_STEPS};
 
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, ReloadStep, Result};

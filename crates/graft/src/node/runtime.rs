@@ -124,6 +124,9 @@ impl Runtime {
         .map_err(|e| Error::Luau(e.to_string()))?;
         let engine = Engine::new(&vm.lua, spec.limits.max_versions)
             .map_err(|e| Error::Luau(e.to_string()))?;
+        if spec.test_clock {
+            kernel(&vm.lua).test_clock = Some(kernel::TestClock::starting_now());
+        }
         let mut rt = Runtime {
             vm,
             engine,
@@ -287,7 +290,7 @@ impl Runtime {
                 waiter: Waiter::Host(slot.clone()),
             };
             k.deliver(serial, job).map_err(|(e, _)| e)?;
-            let at = clock::precise_ms().saturating_add(timeout_ms);
+            let at = k.timer_now().saturating_add(timeout_ms);
             let timer = k.add_timer(
                 at,
                 Timer::HostCallTimeout {
@@ -447,6 +450,69 @@ impl Runtime {
         }
     }
 
+    /// One step of [`crate::Sandbox::advance_clock`] towards `target`
+    /// (timer time): waits while processes have work, else moves the test
+    /// clock to the next due timer (the slice after this command fires
+    /// it), else to `target`. `Ok(true)` once the clock stands at `target`
+    /// with nothing left to run.
+    pub fn clock_step(&mut self, target: u64) -> Result<bool> {
+        let mut k = kernel(self.lua());
+        if k.test_clock.is_none() {
+            return Err(no_test_clock(&self.spec.id));
+        }
+        if k.has_ready_work() {
+            return Ok(false);
+        }
+        let next = k.next_timer_at();
+        let Some(c) = k.test_clock.as_mut() else {
+            return Err(no_test_clock(&self.spec.id));
+        };
+        match next {
+            Some(at) if at <= target => {
+                c.now_ms = c.now_ms.max(at);
+                Ok(false)
+            }
+            _ => {
+                c.now_ms = c.now_ms.max(target);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Line hits of every module chunk evaluated in this VM (empty unless
+    /// [`crate::vm::enable_coverage`] was called).
+    pub fn coverage(&self) -> Vec<crate::node::ModuleCoverage> {
+        let chunks = kernel(self.lua()).coverage_chunks.clone();
+        chunks
+            .into_iter()
+            .map(|(module, checksum, f)| {
+                let mut lines = BTreeMap::new();
+                f.coverage(|info| {
+                    for (line, &hits) in info.hits.iter().enumerate() {
+                        // -1: no statement starts on this line.
+                        if hits >= 0 {
+                            *lines.entry(line as u32).or_insert(0u64) += hits as u64;
+                        }
+                    }
+                });
+                crate::node::ModuleCoverage {
+                    module: module.to_string(),
+                    checksum,
+                    lines,
+                }
+            })
+            .collect()
+    }
+
+    /// The test clock's reading (timer time), or an error without one.
+    pub fn clock_now(&self) -> Result<u64> {
+        let k = kernel(self.lua());
+        match &k.test_clock {
+            Some(c) => Ok(c.now_ms),
+            None => Err(no_test_clock(&self.spec.id)),
+        }
+    }
+
     pub fn modules(&self) -> Vec<ModuleInfo> {
         self.engine.list(&self.vm)
     }
@@ -510,8 +576,13 @@ impl Runtime {
                         k.frozen.insert(*m);
                     }
                     if r.frozen.is_empty() {
-                        // Wake at the deadline even if nothing else happens.
-                        k.add_timer(r.deadline, Timer::Wake);
+                        // Wake at the deadline even if nothing else happens
+                        // (in timer time: a test clock moves only when
+                        // advanced, and commands still reach this check).
+                        let at = k
+                            .timer_now()
+                            .saturating_add(r.deadline.saturating_sub(clock::precise_ms()));
+                        k.add_timer(at, Timer::Wake);
                     }
                     r.frozen = modules;
                     drop(k);
@@ -658,7 +729,8 @@ impl Runtime {
         if let Some(old) = k.canary.take() {
             k.cancel_timer(old.timer);
         }
-        let timer = k.add_timer(clock::precise_ms() + opts.canary_ms, Timer::Canary);
+        let now = k.timer_now();
+        let timer = k.add_timer(now + opts.canary_ms, Timer::Canary);
         k.canary = Some(CanaryWatch {
             modules,
             crashes_allowed: opts.canary_crashes.max(1),
@@ -788,4 +860,10 @@ pub(crate) fn prepared_from_versions(
             compile_us: 0,
         })
         .collect()
+}
+
+fn no_test_clock(id: &str) -> Error {
+    Error::InvalidInput(format!(
+        "sandbox `{id}` has no test clock; create it with `SandboxSpec::test_clock(true)`"
+    ))
 }

@@ -33,6 +33,22 @@ pub(super) fn stopped(id: &str) -> Error {
     Error::SandboxStopped(id.to_owned())
 }
 
+/// Statement coverage of one evaluated module version ([`Sandbox::coverage`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleCoverage {
+    /// Module name.
+    pub module: String,
+    /// SHA-256 of the version's source ([`crate::upgrade::checksum`]).
+    pub checksum: String,
+    /// Line (1-based) → times a statement on it ran, for every line where
+    /// a statement starts.
+    pub lines: std::collections::BTreeMap<u32, u64>,
+}
+
+/// The most steps [`Sandbox::advance_clock`] takes (one per due timer or
+/// busy slice) before it gives up.
+pub const MAX_CLOCK_STEPS: usize = 100_000;
+
 impl Sandbox {
     /// The sandbox id.
     pub fn id(&self) -> &str {
@@ -295,6 +311,64 @@ impl Sandbox {
             module_count: f.history.len(),
             capabilities,
         })
+    }
+
+    /// Moves the sandbox's test clock ([`SandboxSpec::test_clock`]) forward
+    /// by `ms`, firing every timer that falls due on the way, in due order
+    /// and with the clock standing at each one's due time, and lets the
+    /// processes handle what they were sent; returns once nothing is left
+    /// to run. A sandbox without a test clock answers `InvalidInput`.
+    ///
+    /// Bounded: after [`MAX_CLOCK_STEPS`] steps (processes that keep
+    /// setting zero-delay timers) it stops with `InvalidInput`.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let spec = SandboxSpec::new("ticker").entry(None).test_clock(true).module("t", r#"
+    ///     return {
+    ///         init = function() graft.send_after(60000, graft.self(), "tick"); return 0 end,
+    ///         handle_info = function(_, n) return n + 1 end,
+    ///         handle_call = function(_, _, n) return n, n end,
+    ///     }"#);
+    /// let node = Node::new();
+    /// let sb = node.create_sandbox(spec).unwrap();
+    /// graft::block_on(sb.spawn("t", serde_json::Value::Null, Some("t"))).unwrap();
+    /// graft::block_on(sb.advance_clock(60_000)).unwrap();
+    /// assert_eq!(graft::block_on(sb.call("t", "n".into(), None)).unwrap(), 1);
+    /// ```
+    pub async fn advance_clock(&self, ms: u64) -> Result<()> {
+        let target = self.ask(|rt| rt.clock_now()).await??.saturating_add(ms);
+        for _ in 0..MAX_CLOCK_STEPS {
+            if self.ask(move |rt| rt.clock_step(target)).await?? {
+                // One more round trip: the slice after the last step has run.
+                self.ask(|_| ()).await?;
+                return Ok(());
+            }
+        }
+        Err(Error::InvalidInput(format!(
+            "sandbox `{}`: the clock did not settle after {MAX_CLOCK_STEPS} steps (timers keep firing)",
+            self.shared.id
+        )))
+    }
+
+    /// Statement coverage of every module version evaluated in this
+    /// sandbox: line → hits, for lines where a statement starts. Empty
+    /// unless [`crate::vm::enable_coverage`] was called before the
+    /// sandbox's modules were compiled (`graft test --coverage`).
+    ///
+    /// ```
+    /// graft::vm::enable_coverage();
+    /// let node = graft::Node::new();
+    /// let spec = graft::SandboxSpec::new("cov").entry(None)
+    ///     .module("m", "local m = {}\nfunction m.f()\n  return 1\nend\nreturn m");
+    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let cov = graft::block_on(sb.coverage()).unwrap();
+    /// assert_eq!(cov[0].module, "m");
+    /// assert_eq!(cov[0].lines.get(&1), Some(&1), "the body ran line 1 once");
+    /// assert_eq!(cov[0].lines.get(&3).copied(), Some(0), "m.f never ran");
+    /// ```
+    pub async fn coverage(&self) -> Result<Vec<ModuleCoverage>> {
+        self.ask(|rt| rt.coverage()).await
     }
 
     /// Modules with their current version.

@@ -382,7 +382,12 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
             drop(k);
             std::panic::resume_unwind(Box::new(message));
         }
-        let next_timer = k.next_timer_at();
+        // A test clock's timers fire only when it is advanced
+        // (`Sandbox::advance_clock` schedules the sandbox itself).
+        let next_timer = match k.test_clock {
+            None => k.next_timer_at(),
+            Some(_) => None,
+        };
         let blocking = std::mem::take(&mut k.blocking_out);
         if !blocking.is_empty() {
             node.host_pool

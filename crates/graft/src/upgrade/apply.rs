@@ -195,17 +195,15 @@ impl Engine {
         vm.set_view.call::<()>(overlay.clone())?;
         let eval_result = (|| -> Result<()> {
             for name in order {
-                let (bytecode, file) = match rq.by_name.get(name.as_str()) {
-                    Some(p) => (p.bytecode.clone(), p.file.clone()),
+                let (bytecode, file, checksum) = match rq.by_name.get(name.as_str()) {
+                    Some(p) => (p.bytecode.clone(), p.file.clone(), &p.checksum),
                     None => {
                         let h = &self.modules[name];
-                        (
-                            h.current().expect("current").bytecode.clone(),
-                            h.file.clone(),
-                        )
+                        let current = h.current().expect("current");
+                        (current.bytecode.clone(), h.file.clone(), &current.checksum)
                     }
                 };
-                let table = evaluate(vm, name, &file, &bytecode)?;
+                let table = evaluate(vm, name, &file, &bytecode, checksum)?;
                 check_behaviour(vm, name, &table)?;
                 overlay.raw_set(name.as_str(), table.clone())?;
                 new_tables.push((name.clone(), table));
@@ -334,7 +332,7 @@ fn quiesce(vm: &Vm, affected: &BTreeSet<String>) -> Option<Vec<u32>> {
 }
 
 /// Runs a module chunk under the sandbox's CPU budget; it must return a table.
-fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
+fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8], checksum: &str) -> Result<Table> {
     let abort = |message: String, line: Option<u32>| {
         aborted(ReloadStep::Evaluate, Some(name), line, message)
     };
@@ -344,6 +342,13 @@ fn evaluate(vm: &Vm, name: &str, file: &str, bytecode: &[u8]) -> Result<Table> {
     let f = vm
         .load_guest(chunk, bytecode)
         .map_err(|e| abort(e.to_string(), None))?;
+    if crate::vm::coverage_enabled() {
+        let mut k = kernel(&vm.lua);
+        if k.coverage_chunks.len() < crate::kernel::MAX_COVERAGE_CHUNKS {
+            k.coverage_chunks
+                .push((name.into(), checksum.to_owned(), f.clone()));
+        }
+    }
     let (watch, limits) = {
         let k = kernel(&vm.lua);
         (k.watch.clone(), k.limits.clone())

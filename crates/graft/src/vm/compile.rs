@@ -5,11 +5,35 @@
 //! Graft's own constant sources) is ever loaded: Luau does not verify
 //! bytecode.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use mlua::chunk::Compiler;
 
 use super::parse::syntax_error_column;
 use crate::diagnostic::Diagnostic;
 use crate::error::{Error, Result};
+
+static COVERAGE: AtomicBool = AtomicBool::new(false);
+
+/// Compiles every guest source from now on with Luau's statement coverage
+/// counters, for the whole process (`graft test --coverage`), and keeps
+/// each evaluated module chunk so [`crate::Sandbox::coverage`] can read
+/// its counters. It cannot be turned off: a test runner's process sets it
+/// once before it creates sandboxes. Production never calls it (the
+/// counters cost an instruction per statement).
+///
+/// ```
+/// graft::vm::enable_coverage();
+/// assert!(graft::vm::coverage_enabled());
+/// ```
+pub fn enable_coverage() {
+    COVERAGE.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`enable_coverage`] was called.
+pub fn coverage_enabled() -> bool {
+    COVERAGE.load(Ordering::Relaxed)
+}
 
 /// Compiler settings shared by every compile: keep line info for tracebacks.
 pub(super) fn compiler() -> Compiler {
@@ -18,6 +42,7 @@ pub(super) fn compiler() -> Compiler {
     Compiler::new()
         .set_optimization_level(1)
         .set_debug_level(1)
+        .set_coverage_level(if coverage_enabled() { 1 } else { 0 })
         .set_disabled_builtins(["math.random", "math.randomseed"])
 }
 

@@ -148,7 +148,7 @@ pub(super) fn guest_globals(
     grants: &[String],
     host: HostFunctionsIn<'_>,
 ) -> mlua::Result<Table> {
-    let graft: Table = prelude.raw_get("graft")?;
+    let graft = graft_table(lua, &prelude.raw_get::<Table>("graft")?)?;
     let globals = lua.create_table()?;
     for name in safe_globals() {
         let v: Value = real.raw_get(name)?;
@@ -170,6 +170,41 @@ pub(super) fn guest_globals(
     globals.set_readonly(true);
     globals.set_safeenv(true);
     Ok(globals)
+}
+
+/// The guests' `graft`: exactly the keys of [`super::GRAFT_API`], taken
+/// from the prelude's table, read-only. A key in one and not the other is
+/// an error (no VM is built), so the definitions `graft types` writes
+/// always describe what guests get.
+fn graft_table(lua: &Lua, from_prelude: &Table) -> mlua::Result<Table> {
+    let graft = lua.create_table()?;
+    for item in super::GRAFT_API {
+        let v: Value = from_prelude.raw_get(item.name)?;
+        if v.is_nil() {
+            return Err(mlua::Error::runtime(format!(
+                "vm::GRAFT_API declares `graft.{}` but the prelude does not define it",
+                item.name
+            )));
+        }
+        graft.raw_set(item.name, v)?;
+    }
+    for pair in from_prelude.pairs::<Value, Value>() {
+        let (k, _) = pair?;
+        let declared = match &k {
+            Value::String(s) => super::GRAFT_API
+                .iter()
+                .any(|i| s.as_bytes() == i.name.as_bytes()),
+            _ => false,
+        };
+        if !declared {
+            return Err(mlua::Error::runtime(format!(
+                "the prelude defines `graft.{}` but vm::GRAFT_API does not declare it",
+                k.to_string().unwrap_or_default()
+            )));
+        }
+    }
+    graft.set_readonly(true);
+    Ok(graft)
 }
 
 /// The host functions of a sandbox and how their arguments cross into JSON.

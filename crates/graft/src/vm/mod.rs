@@ -17,6 +17,7 @@
 //! `error`, `diagnostic` and `value`: the kernel and the upgrade engine build
 //! on it, never the reverse.
 
+mod api;
 mod compile;
 mod env;
 pub(crate) mod parse;
@@ -28,7 +29,8 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
-pub use compile::{compile, COMPILE_TIMEOUT};
+pub use api::{definitions, ApiItem, GRAFT_API};
+pub use compile::{compile, coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
 pub(crate) use env::{
     call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
     OUTSIDE_PROCESS,

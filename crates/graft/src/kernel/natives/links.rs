@@ -5,7 +5,6 @@
 use mlua::{Lua, Table, Value};
 
 use super::{fail, ok, outside, set, to_json, R};
-use crate::clock;
 use crate::kernel::{kernel, truncate_reason, Job, Timer};
 use crate::value::{ExitReason, Pid};
 
@@ -179,8 +178,9 @@ fn shutdown_child(lua: &Lua, (target, mode): (Value, Value)) -> R {
     };
     k.exit_process(child, ExitReason::Shutdown, true);
     if let Some(ms) = kill_after {
+        let now = k.timer_now();
         k.add_timer(
-            clock::precise_ms().saturating_add(ms),
+            now.saturating_add(ms),
             Timer::ShutdownKill { serial: child },
         );
     }

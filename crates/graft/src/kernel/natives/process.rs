@@ -4,7 +4,6 @@
 use mlua::{Lua, MultiValue, Table, Thread, Value};
 
 use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, to_json, MAX_DELAY_MS, R};
-use crate::clock;
 use crate::error::Error;
 use crate::kernel::{
     kernel, nest_done, Job, NestEnd, NestResult, Timer, Waiter, DEFAULT_CALL_TIMEOUT_MS,
@@ -17,7 +16,7 @@ pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
         Ok(Pid::from_lua(&v).is_some())
     })?;
     set(lua, n, "parent", parent)?;
-    set(lua, n, "now", |_, ()| Ok(clock::unix_ms()))?;
+    set(lua, n, "now", |lua, ()| Ok(kernel(lua).unix_now()))?;
     set(lua, n, "spawn", spawn)?;
     set(lua, n, "call", call)?;
     set(lua, n, "nest_done", nest_done_native)?;
@@ -202,7 +201,7 @@ fn call(lua: &Lua, (target, request, timeout, co): (Value, Value, Value, Option<
         return fail(lua, format!("graft.call: {e}"));
     }
     // The token names the timeout timer, so a reply cancels it.
-    let at = clock::precise_ms().saturating_add(ms);
+    let at = k.timer_now().saturating_add(ms);
     let timeout = Timer::CallTimeout {
         serial: me,
         token,

@@ -4,7 +4,6 @@ use mlua::{Lua, Table, Value};
 
 use super::MAX_PENDING_TIMERS;
 use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, MAX_DELAY_MS, R};
-use crate::clock;
 use crate::kernel::{kernel, Target, Timer};
 use crate::value::Pid;
 
@@ -57,9 +56,7 @@ fn send_after(lua: &Lua, (ms, target, msg): (Value, Value, Value)) -> R {
         },
     };
     let message = lua.create_registry_value(msg)?;
-    let id = k.add_timer(
-        clock::precise_ms().saturating_add(ms),
-        Timer::SendAfter { target, message },
-    );
+    let now = k.timer_now();
+    let id = k.add_timer(now.saturating_add(ms), Timer::SendAfter { target, message });
     ok(lua, id as f64)
 }
