@@ -879,7 +879,7 @@ impl Sandbox {
     /// use graft::{Node, SandboxSpec};
     /// let spec = SandboxSpec::new("ticker").entry(None).test_clock(true).module("t", r#"
     ///     return {
-    ///         init = function() graft.send_after(graft.self(), 60000, "tick"); return 0 end,
+    ///         init = function() graft.send_after(60000, graft.self(), "tick"); return 0 end,
     ///         handle_info = function(_, n) return n + 1 end,
     ///         handle_call = function(_, _, n) return n, n end,
     ///     }"#);
@@ -913,12 +913,12 @@ impl Sandbox {
     /// graft::vm::enable_coverage();
     /// let node = graft::Node::new();
     /// let spec = graft::SandboxSpec::new("cov").entry(None)
-    ///     .module("m", "local m = {}\nfunction m.f() return 1 end\nreturn m");
+    ///     .module("m", "local m = {}\nfunction m.f()\n  return 1\nend\nreturn m");
     /// let sb = node.create_sandbox(spec).unwrap();
     /// let cov = graft::block_on(sb.coverage()).unwrap();
     /// assert_eq!(cov[0].module, "m");
     /// assert_eq!(cov[0].lines.get(&1), Some(&1), "the body ran line 1 once");
-    /// assert_eq!(cov[0].lines.get(&2).copied(), Some(0), "m.f never ran");
+    /// assert_eq!(cov[0].lines.get(&3), Some(&0), "m.f never ran");
     /// ```
     pub async fn coverage(&self) -> Result<Vec<ModuleCoverage>> {
         self.ask(|rt| rt.coverage()).await
