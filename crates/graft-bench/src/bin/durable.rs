@@ -128,11 +128,19 @@ fn reload_latency(node: &Node, id: &str, procs: usize, reloads: usize) -> (f64, 
 
 fn reload_durable(o: &Opts) {
     for (label, procs) in [("empty", 0usize), ("procs", o.procs)] {
-        let reloads = if procs > 0 { o.reloads / 4 + 1 } else { o.reloads };
+        let reloads = if procs > 0 {
+            o.reloads / 4 + 1
+        } else {
+            o.reloads
+        };
         let base = Node::with_threads(2);
         let (b50, b99) = reload_latency(&base, "base", procs, reloads);
         drop(base);
-        let eph = Node::builder().threads(2).ephemeral().open().expect("ephemeral");
+        let eph = Node::builder()
+            .threads(2)
+            .ephemeral()
+            .open()
+            .expect("ephemeral");
         let (e50, e99) = reload_latency(&eph, "eph", procs, reloads);
         eph.shutdown();
         drop(eph);
@@ -230,7 +238,11 @@ fn checkpoint(o: &Opts) {
 fn restore(o: &Opts) {
     let empty_dir = temp_dir("restore-empty");
     let t = Instant::now();
-    let empty = Node::builder().threads(2).data_dir(&empty_dir).open().expect("empty");
+    let empty = Node::builder()
+        .threads(2)
+        .data_dir(&empty_dir)
+        .open()
+        .expect("empty");
     let empty_ms = t.elapsed().as_secs_f64() * 1e3;
     empty.shutdown();
     drop(empty);
@@ -268,12 +280,19 @@ fn restore(o: &Opts) {
         .open()
         .expect("restore");
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(node.sandbox_ids().len(), o.sandboxes, "every sandbox restored");
+    assert_eq!(
+        node.sandbox_ids().len(),
+        o.sandboxes,
+        "every sandbox restored"
+    );
     // `open` returned after every app started and every checkpoint was put
     // back (and migrated where the version moved).
     let sb = node.sandbox("sb0").expect("sb0");
     let n = block_on(sb.call("p1", json!(0), None)).expect("p1 answers");
-    assert!(n.as_i64().unwrap_or(0) >= 2, "p1 kept its checkpointed state: {n}");
+    assert!(
+        n.as_i64().unwrap_or(0) >= 2,
+        "p1 kept its checkpointed state: {n}"
+    );
     node.shutdown();
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
