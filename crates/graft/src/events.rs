@@ -21,7 +21,7 @@
 //!   memory; the commit points that must be durable write synchronously.
 //! * Nothing here runs guest code or holds a sandbox's VM.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -387,6 +387,30 @@ impl EventLog {
         let mut st = self.state.lock();
         st.deleted.retain(|s| s != sandbox);
         st.deleted.push_back(sandbox.to_owned());
+        while st.deleted.len() > MAX_DELETED_KEPT {
+            if let Some(old) = st.deleted.pop_front() {
+                st.drop_bucket(&old);
+            }
+        }
+    }
+
+    /// After a restart: every sandbox that has events in the log but is not
+    /// in `live` (deleted before the restart, or not restorable) counts as
+    /// deleted, the most recently active last, so only [`MAX_DELETED_KEPT`]
+    /// of them stay in memory, as before the restart. Without this, every
+    /// sandbox ever deleted would come back into memory at each start and
+    /// stay there. Their rows stay in the store.
+    pub fn absent_are_deleted(&self, live: &HashSet<String>) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let mut absent: Vec<(u64, String)> = st
+            .buckets
+            .iter()
+            .filter(|(id, _)| !id.is_empty() && !live.contains(*id) && !st.deleted.contains(id))
+            .map(|(id, b)| (b.seqs.back().copied().unwrap_or(0), id.clone()))
+            .collect();
+        absent.sort_unstable();
+        st.deleted.extend(absent.into_iter().map(|(_, id)| id));
         while st.deleted.len() > MAX_DELETED_KEPT {
             if let Some(old) = st.deleted.pop_front() {
                 st.drop_bucket(&old);

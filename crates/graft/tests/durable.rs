@@ -388,3 +388,307 @@ fn a_corrupt_database_is_refused_with_a_clear_message() {
         .expect("refused");
     assert!(err.kind().starts_with("storage_"), "{err}");
 }
+
+/// A version stored as `canary` whose window ended without a verdict (here: a
+/// manual rollback) and that is later made current again by a plain reload
+/// (a roll-forward to its kept number, no canary) was acknowledged like any
+/// reload: a restart must not roll it back as if a canary were still open.
+#[test]
+fn a_roll_forward_onto_a_former_canary_version_survives_a_restart() {
+    let dir = TempDir::new("refwd");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        let canary = ReloadOptions {
+            canary_ms: 60_000,
+            ..Default::default()
+        };
+        reload(&sb, counter(2), canary);
+        block_on(sb.rollback("counter", 1, ReloadOptions::default())).expect("rollback");
+        let fwd = reload(&sb, counter(2), ReloadOptions::default());
+        assert_eq!((fwd.modules[0].from, fwd.modules[0].to), (1, 2));
+        assert_eq!(call(&sb, "version"), 2);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        call(&sb, "version"),
+        2,
+        "the acknowledged roll-forward to version 2 was lost on restart"
+    );
+    let kinds: Vec<String> = block_on(sb.events())
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(!kinds.contains(&"canary_rollback".to_string()), "{kinds:?}");
+    node.shutdown();
+}
+
+/// The same after a crash during a canary window, as `graft run` meets it:
+/// the restart rolls the canary back, then `src/` (still the canary's source)
+/// is made live again by a plain reload, which is a roll-forward.
+#[test]
+fn a_roll_forward_after_a_canary_rollback_on_restart_survives_the_next_restart() {
+    let dir = TempDir::new("refwd-crash");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        let canary = ReloadOptions {
+            canary_ms: 60_000,
+            ..Default::default()
+        };
+        reload(&sb, counter(2), canary);
+        // Dropped without `shutdown`, the canary window open.
+    }
+    {
+        let node = open(&dir);
+        let sb = node.sandbox("shop").expect("restored");
+        assert_eq!(call(&sb, "version"), 1);
+        let fwd = reload(&sb, counter(2), ReloadOptions::default());
+        assert_eq!(fwd.modules[0].to, 2);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored again");
+    assert_eq!(call(&sb, "version"), 2, "the acknowledged reload was lost");
+    node.shutdown();
+}
+
+/// A checkpoint taken on a newer version than the one restored (a canary
+/// rolled back at restart) is a downgrade: `code_change` gets
+/// `{ down = <checkpoint's version> }`, as a rollback gives it, not the bare
+/// number an upgrade gets.
+#[test]
+fn a_checkpoint_from_a_rolled_back_canary_is_migrated_down() {
+    let dir = TempDir::new("down");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        let canary = ReloadOptions {
+            canary_ms: 60_000,
+            ..Default::default()
+        };
+        reload(&sb, counter(2), canary);
+        call(&sb, "inc");
+        assert_eq!(node.checkpoint().expect("checkpoint").written, 1);
+        // Dropped without `shutdown`, the canary window open.
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(call(&sb, "version"), 1);
+    let state = call(&sb, "get");
+    assert_eq!(state["n"], 2, "{state}");
+    assert_eq!(state["from"], json!({ "down": 2 }), "{state}");
+    node.shutdown();
+}
+
+/// Events of deleted sandboxes stay in memory only for the last 16
+/// deletions; a restart must not bring every sandbox ever deleted back into
+/// memory (create/delete churn would grow a node's memory without bound).
+#[test]
+fn a_restart_keeps_deleted_sandboxes_events_bounded_in_memory() {
+    // `events::MAX_DELETED_KEPT`, documented in docs/persistence.md.
+    const DELETED_KEPT: usize = 16;
+    let dir = TempDir::new("churn");
+    let deleted_in_memory = |node: &Node| {
+        let page = node.events_after(0, &EventFilter::default(), usize::MAX);
+        let mut ids: Vec<String> = page
+            .events
+            .into_iter()
+            .map(|e| e.sandbox)
+            .filter(|s| s.starts_with("tmp-"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    {
+        let node = open(&dir);
+        node.create_sandbox(spec("kept")).expect("kept");
+        for i in 0..40 {
+            let id = format!("tmp-{i}");
+            node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}"))
+                .expect("create");
+            node.destroy(&id).expect("destroy");
+        }
+        assert!(deleted_in_memory(&node) <= DELETED_KEPT);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    assert_eq!(node.sandbox_ids(), vec!["kept".to_string()]);
+    let n = deleted_in_memory(&node);
+    assert!(
+        n <= DELETED_KEPT,
+        "{n} deleted sandboxes' events came back into memory"
+    );
+    assert!(n > 0, "the most recent deletions stay readable");
+    // The live sandbox's events are all there.
+    let page = node.events_after(0, &EventFilter::default().sandbox("kept"), usize::MAX);
+    assert!(page.events.iter().any(|e| e.kind == "sandbox_created"));
+    node.shutdown();
+}
+
+/// A sandbox whose stored rows cannot be restored (here: a version's source
+/// altered by hand, so its checksum does not match) is left in the database
+/// with a `restore_failed` event; creating a sandbox with its id replaces it
+/// (docs/persistence.md) instead of colliding with the old rows forever.
+#[test]
+fn a_sandbox_that_failed_to_restore_can_be_created_again() {
+    let dir = TempDir::new("unrestorable");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        reload(&sb, counter(2), ReloadOptions::default());
+        node.shutdown();
+    }
+    {
+        let db = rusqlite::Connection::open(dir.0.join(graft::DATABASE_FILE)).expect("sqlite");
+        let n = db
+            .execute(
+                "UPDATE module_versions SET source = source || '-- edited' WHERE sandbox = 'shop' AND module = 'counter' AND version = 1",
+                [],
+            )
+            .expect("tamper");
+        assert_eq!(n, 1);
+    }
+    {
+        let node = open(&dir);
+        assert!(
+            node.sandbox("shop").is_err(),
+            "an altered version is refused"
+        );
+        // Written by the event pump: readable once it is on disk.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node
+            .events_after(0, &EventFilter::default().sandbox("shop"), usize::MAX)
+            .events
+            .iter()
+            .any(|e| e.kind == "restore_failed")
+        {
+            assert!(Instant::now() < deadline, "a restore_failed event");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sb = node
+            .create_sandbox(spec("shop"))
+            .expect("creating the id again replaces the unrestorable rows");
+        block_on(sb.wait_app_started()).expect("app");
+        assert_eq!(call(&sb, "version"), 1);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("the new sandbox is restored");
+    assert_eq!(versions(&sb).len(), 1, "none of the old rows came back");
+    assert_eq!(call(&sb, "version"), 1);
+    node.shutdown();
+}
+
+/// `graft backup DEST` (`Store::backup_file`): a file of the user's that
+/// happens to be named `DEST.partial` is not the backup's to delete, and a
+/// destination in a missing directory is named as the problem (not the
+/// database being backed up).
+#[test]
+fn a_backup_leaves_other_files_alone_and_names_a_missing_destination() {
+    let dir = TempDir::new("backup");
+    {
+        let node = open(&dir);
+        node.create_sandbox(spec("shop")).expect("create");
+        node.shutdown();
+    }
+    let db = dir.0.join(graft::DATABASE_FILE);
+    let dest = dir.0.join("copy.db");
+    let bystander = dir.0.join("copy.db.partial");
+    std::fs::write(&bystander, "the user's own file").expect("write");
+    graft::store::Store::backup_file(&db, &dest).expect("backup");
+    assert_eq!(
+        std::fs::read_to_string(&bystander).expect("the user's file is still there"),
+        "the user's own file"
+    );
+    assert!(graft::store::Store::open(&dest).is_ok(), "the copy opens");
+
+    let nowhere = dir.0.join("no-such-dir").join("copy.db");
+    let err = graft::store::Store::backup_file(&db, &nowhere)
+        .expect_err("a missing directory fails")
+        .to_string();
+    assert!(err.contains("no-such-dir"), "names the destination: {err}");
+    assert!(
+        !dir.0.join("no-such-dir").exists(),
+        "nothing is created on failure"
+    );
+}
+
+/// A registered supervisor's state holds its children's pids. Restored from
+/// a checkpoint those pids come back as text (they address nothing), so the
+/// supervisor could no longer tell which child exited and would stop
+/// restarting them. Its state is rebuilt by its `init`, as OTP's is: it is
+/// not checkpointed, and a crashing child is still restarted after a
+/// restart.
+#[test]
+fn a_named_supervisor_still_restarts_its_children_after_a_restart() {
+    const ROOT: &str = r#"
+return {
+  behaviour = "supervisor",
+  init = function()
+    return { strategy = "one_for_one", children = { { id = "workers", module = "workers", name = "workers" } } }
+  end,
+}
+"#;
+    const WORKERS: &str = r#"
+return {
+  behaviour = "supervisor",
+  init = function()
+    return { strategy = "one_for_one", intensity = 10, period = 1, children = { { id = "c", module = "worker", name = "c" } } }
+  end,
+}
+"#;
+    const WORKER: &str = r#"
+local w = {}
+function w.init() return { n = 0 } end
+function w.handle_call(req, from, state)
+  if req == "boom" then error("boom") end
+  if req == "inc" then state.n += 1 end
+  return state.n, state
+end
+return w
+"#;
+    let spec = || {
+        SandboxSpec::new("sup")
+            .entry(Some("root"))
+            .module("root", ROOT)
+            .module("workers", WORKERS)
+            .module("worker", WORKER)
+    };
+    let dir = TempDir::new("namedsup");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec()).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        assert_eq!(call(&sb, "inc"), 1);
+        node.checkpoint().expect("checkpoint");
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("sup").expect("restored");
+    block_on(sb.wait_app_started()).expect("app");
+    assert_eq!(call(&sb, "get"), 1, "the worker's state came back");
+    let _ = block_on(sb.call("c", json!("boom"), None));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match block_on(sb.call("c", json!("get"), None)) {
+            Ok(v) => {
+                assert_eq!(v, 0, "a fresh worker from init");
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the supervisor never restarted its crashed child: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.shutdown();
+}

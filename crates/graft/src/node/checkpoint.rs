@@ -12,6 +12,8 @@
 //!   the JSON conversion of their states, in chunks of [`CHUNK`] so that a
 //!   checkpoint of many processes never holds the thread for long;
 //!   serialising to text and the write happen on the checkpointer's thread.
+//! * Supervisors are never checkpointed: their state is their children's
+//!   pids, which a restart cannot bring back; `init` rebuilds it.
 //! * Restoring runs guest code (`code_change`) under the sandbox's
 //!   `handler_ms`, like a migration; a failure keeps the state `init` gave
 //!   and is reported as an event, never as a failed start.
@@ -70,6 +72,15 @@ impl Runtime {
             let Some(p) = k.procs.get(serial) else {
                 continue;
             };
+            let table = k
+                .module_tables
+                .get(p.pid.module_index() as usize)
+                .cloned()
+                .flatten();
+            if table.as_ref().is_some_and(is_supervisor) {
+                // Rebuilt by its `init`; an old checkpoint of it is removed.
+                continue;
+            }
             live.insert(&**name);
             let revision = (*serial, p.messages_handled as u64, p.version);
             if written.get(&**name) != Some(&revision) {
@@ -168,6 +179,18 @@ impl Runtime {
                 .flatten();
             (serial, p.version, table, k.watch.clone())
         };
+        if table.as_ref().is_some_and(is_supervisor) {
+            // A supervisor's state holds its children's pids, which a
+            // restart cannot bring back: it keeps the state its `init` just
+            // built (as OTP's supervisors do). Reported as matching the
+            // store, so the next checkpoint removes the row.
+            let k = kernel(&lua);
+            let handled = k
+                .procs
+                .get(&serial)
+                .map_or(0, |p| p.messages_handled as u64);
+            return Ok(Some((serial, handled, version)));
+        }
         let json: Json = serde_json::from_str(&row.state_json)
             .map_err(|e| format!("the checkpoint is not valid JSON: {e}"))?;
         let mut state = json_to_lua(&lua, &json).map_err(|e| e.to_string())?;
@@ -178,8 +201,21 @@ impl Runtime {
                 .and_then(|t| t.raw_get("code_change").ok())
                 .flatten();
             if let Some(f) = code_change {
+                // A checkpoint from a newer version than the one running
+                // (a rollback committed after it, or a canary rolled back by
+                // the restart) is a downgrade: `code_change` is told so as a
+                // rollback tells it, `{ down = <old version> }`.
+                let old_vsn = if row.module_version > version {
+                    let t = lua
+                        .create_table()
+                        .and_then(|t| t.raw_set("down", row.module_version).map(|()| t))
+                        .map_err(|e| format!("could not describe the old version: {e}"))?;
+                    Value::Table(t)
+                } else {
+                    Value::Number(f64::from(row.module_version))
+                };
                 watch.arm_for_host_code();
-                let result = f.call::<Value>((row.module_version, state, Value::Nil));
+                let result = f.call::<Value>((old_vsn, state, Value::Nil));
                 let timed_out = watch.disarm_host_code();
                 state = match result {
                     Ok(v) => v,
@@ -209,4 +245,14 @@ impl Runtime {
             .map_or(0, |p| p.messages_handled as u64);
         Ok((!migrated).then_some((serial, handled, version)))
     }
+}
+
+/// Whether a module is a supervisor (`behaviour = "supervisor"`): its
+/// state is its children's pids and specs, rebuilt by `init`, never
+/// checkpointed.
+fn is_supervisor(t: &mlua::Table) -> bool {
+    matches!(
+        t.raw_get::<Value>("behaviour"),
+        Ok(Value::String(s)) if s.to_str().is_ok_and(|s| &*s == "supervisor")
+    )
 }

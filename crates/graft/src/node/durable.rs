@@ -174,6 +174,8 @@ impl NodeBuilder {
         if let Some(store) = store {
             let snapshot = store.load_all()?;
             node.restore(snapshot.sandboxes, &self.host);
+            let live: HashSet<String> = node.sandbox_ids().into_iter().collect();
+            node.inner.events.absent_are_deleted(&live);
             if self.checkpoint_ms > 0 {
                 start_checkpointer(&node.inner, self.checkpoint_ms);
             }
@@ -225,6 +227,11 @@ pub(super) struct Checkpoints {
     wake: Condvar,
     stop: Mutex<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Sandboxes a restore left in the store untouched (`restore_failed`):
+    /// creating one of these ids deletes the old rows in the same
+    /// transaction, so the new sandbox replaces them instead of colliding
+    /// with its old versions.
+    pub unrestored: Mutex<HashSet<String>>,
 }
 
 impl Checkpoints {
@@ -315,6 +322,7 @@ impl Node {
                 Ok(sb) => started.push((sb, snap.checkpoints)),
                 Err(e) => {
                     tracing::error!(sandbox = %id, error = %e, "the sandbox could not be restored");
+                    self.inner.checkpoints.unrestored.lock().insert(id.clone());
                     self.inner.events.append(
                         &id,
                         "restore_failed",
@@ -454,17 +462,25 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
 }
 
 /// The rows of a new sandbox: its record, its first versions (permanent)
-/// and their current pointers.
+/// and their current pointers; first, the deletion of the rows a failed
+/// restore left under the same id.
 pub(super) fn creation_ops(
+    node: &NodeInner,
     spec: &SandboxSpec,
     modules: &BTreeMap<String, ModuleHistory>,
 ) -> Vec<WriteOp> {
+    let mut ops = Vec::new();
+    if node.checkpoints.unrestored.lock().contains(&spec.id) {
+        ops.push(WriteOp::DeleteSandbox {
+            id: spec.id.clone(),
+        });
+    }
     let files: serde_json::Map<String, serde_json::Value> = spec
         .files
         .iter()
         .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
         .collect();
-    let mut ops = vec![WriteOp::PutSandbox(SandboxRecord {
+    ops.push(WriteOp::PutSandbox(SandboxRecord {
         id: spec.id.clone(),
         entry: spec.entry.clone(),
         limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
@@ -472,7 +488,7 @@ pub(super) fn creation_ops(
         source_root: None,
         spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
         created_ms: crate::clock::unix_ms(),
-    })];
+    }));
     for (name, h) in modules {
         for v in &h.versions {
             ops.push(WriteOp::PutVersion(VersionRecord {

@@ -380,7 +380,8 @@ impl Node {
             }
         }
         let runtime = new_runtime(&spec, &host.0, history.as_ref(), &self.inner)?;
-        let ops = persist.then(|| durable::creation_ops(&spec, &runtime.engine.modules));
+        let ops =
+            persist.then(|| durable::creation_ops(&self.inner, &spec, &runtime.engine.modules));
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
@@ -426,6 +427,8 @@ impl Node {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
                 return Err(e.into());
             }
+            // Its old rows are gone now (see `creation_ops`).
+            self.inner.checkpoints.unrestored.lock().remove(&shared.id);
         }
         schedule(&self.inner, &shared, false);
         Ok(Sandbox { shared })

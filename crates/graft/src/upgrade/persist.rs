@@ -81,16 +81,17 @@ impl Engine {
             .modules
             .get(&change.name)
             .is_some_and(|h| h.get(change.to).is_some());
+        // An upgrade of a running module under a canary window is on
+        // probation; anything else stands at once.
+        let on_probation =
+            opts.canary_ms > 0 && change.from > 0 && matches!(direction, Direction::Up);
         let mut ops = Vec::new();
         if !kept {
-            // An upgrade of a running module under a canary window is on
-            // probation; anything else stands at once.
-            let status =
-                if opts.canary_ms > 0 && change.from > 0 && matches!(direction, Direction::Up) {
-                    VersionStatus::Canary
-                } else {
-                    VersionStatus::Permanent
-                };
+            let status = if on_probation {
+                VersionStatus::Canary
+            } else {
+                VersionStatus::Permanent
+            };
             ops.push(WriteOp::PutVersion(VersionRecord {
                 sandbox: sandbox.to_owned(),
                 module: change.name.clone(),
@@ -108,6 +109,20 @@ impl Engine {
             version: change.to,
             file: Some(p.file.clone()),
         });
+        if kept && !on_probation {
+            // A kept version may still be stored as `canary` (its window was
+            // ended by a rollback, or rolled back by a restart). Made current
+            // by a plain reload or rollback it stands like any other: without
+            // this, `stable` stays behind and the next restart would roll the
+            // acknowledged change back as an open canary. Idempotent for a
+            // version that is permanent already.
+            ops.push(WriteOp::SetVersionStatus {
+                sandbox: sandbox.to_owned(),
+                module: change.name.clone(),
+                version: change.to,
+                status: VersionStatus::Permanent,
+            });
+        }
         ops
     }
 
