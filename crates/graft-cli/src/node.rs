@@ -1,13 +1,85 @@
 //! `graft run` and `graft serve`: a node serving the HTTP API until Ctrl-C.
+//!
+//! Both open the node's data directory (`graft run DIR`: `DIR/.graft`;
+//! `graft serve`: the default data directory), make sure its admin token
+//! file exists, and serve every route behind the trust middleware, over TLS
+//! when given a certificate.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use graft::{Node, NodeLimits, SandboxSpec};
+use graft_http::trust::{ensure_admin_token_file, TokenFile, Trust, TrustConfig};
 use tokio::net::TcpListener;
 
 use crate::{render, watch, Reported};
+
+/// How `run` and `serve` face the network (checked by `main`).
+pub struct Serving {
+    pub bind: String,
+    pub port: u16,
+    pub allow_hosts: Vec<String>,
+    /// `--tls-cert` and `--tls-key`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub projects_roots: Vec<PathBuf>,
+}
+
+impl Serving {
+    fn trust_config(&self) -> TrustConfig {
+        let mut allow_hosts = self.allow_hosts.clone();
+        // A node bound to one address may be reached by that address: a
+        // literal IP cannot be rebound by DNS.
+        if let Ok(ip) = self.bind.parse::<std::net::IpAddr>() {
+            if !ip.is_unspecified() && !ip.is_loopback() {
+                allow_hosts.push(ip.to_string());
+            }
+        }
+        TrustConfig {
+            allow_hosts,
+            projects_roots: self.projects_roots.clone(),
+            tls: self.tls.is_some(),
+            ..TrustConfig::default()
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Opens the node's database in `data_dir`, makes sure the admin token
+/// file exists, and loads the node's trust. (The one seam to the node's
+/// store: with a durable node the store is the node's own.)
+fn open_trust(data_dir: &Path, config: TrustConfig) -> Result<(Arc<Trust>, TokenFile)> {
+    let store = Arc::new(
+        graft::store::Store::open(data_dir.join("graft.db"))
+            .with_context(|| format!("cannot open the node's data in {}", data_dir.display()))?,
+    );
+    let file = ensure_admin_token_file(data_dir, &store).with_context(|| {
+        format!(
+            "cannot write the admin token file in {}",
+            data_dir.display()
+        )
+    })?;
+    let trust = Trust::new(store, config)
+        .with_context(|| format!("cannot read the tokens in {}", data_dir.display()))?;
+    Ok((Arc::new(trust), file))
+}
+
+fn token_banner(file: &TokenFile) -> String {
+    format!(
+        "admin token: {}{}  (graft commands find it; others: GRAFT_TOKEN or --token)",
+        file.path.display(),
+        if file.created { " (new)" } else { "" }
+    )
+}
 
 /// How long Ctrl-C waits for each sandbox's app to stop (terminate callbacks).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -19,15 +91,29 @@ async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
 }
 
 /// Serves the API until Ctrl-C (or SIGTERM), then stops every app in order.
-async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
+async fn serve_until_signal(
+    node: Node,
+    trust: Arc<Trust>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = graft_http::router(node.clone());
+    let app = graft_http::router(node.clone(), trust);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        match tls {
+            Some(config) => graft_http::tls::serve(listener, app, config, stopped).await,
+            None => {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped)
+                .await
+            }
+        }
     });
     shutdown_signal().await;
     eprintln!("graft: stopping (terminate callbacks run) …");
@@ -69,18 +155,31 @@ fn node(caps: NodeLimits) -> Node {
     Node::with_limits(threads, caps)
 }
 
-pub async fn serve(bind: &str, port: u16, caps: NodeLimits) -> Result<()> {
+fn tls_config(serving: &Serving) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match &serving.tls {
+        Some((cert, key)) => Ok(Some(graft_http::tls::server_config(cert, key)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn serve(serving: Serving, caps: NodeLimits) -> Result<()> {
+    let data_dir = crate::datadir::default_data_dir().ok_or_else(|| {
+        anyhow!("cannot find the default data directory: set HOME or XDG_DATA_HOME")
+    })?;
+    let tls = tls_config(&serving)?;
+    let (trust, file) = open_trust(&data_dir, serving.trust_config())?;
     let node = node(caps);
-    let listener = listen(bind, port).await?;
+    let listener = listen(&serving.bind, serving.port).await?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}  (API: http://{addr}/api/v1, no sandboxes yet)");
-    serve_until_signal(node, listener).await
+    let scheme = serving.scheme();
+    println!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, no sandboxes yet)");
+    println!("{}", token_banner(&file));
+    serve_until_signal(node, trust, listener, tls).await
 }
 
 pub async fn run(
     dir: &Path,
-    bind: &str,
-    port: u16,
+    mut serving: Serving,
     caps: NodeLimits,
     debounce_ms: Option<u64>,
 ) -> Result<()> {
@@ -92,6 +191,13 @@ pub async fn run(
         ));
     }
     let spec = SandboxSpec::from_dir(dir)?;
+    // `graft run DIR` may create sandboxes from DIR through the API.
+    serving.projects_roots.push(dir.to_owned());
+    let tls = tls_config(&serving)?;
+    let (trust, file) = open_trust(
+        &crate::datadir::project_data_dir(dir),
+        serving.trust_config(),
+    )?;
     let id = spec.id.clone();
     let sources = spec.modules.clone();
     let files: std::collections::BTreeMap<String, String> = spec
@@ -124,8 +230,9 @@ pub async fn run(
             );
         }
     }
-    let listener = listen(bind, port).await?;
+    let listener = listen(&serving.bind, serving.port).await?;
     let addr = listener.local_addr()?;
+    let scheme = serving.scheme();
     let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
     println!("✓ sandbox `{id}` started: {}", modules.join(", "));
     let watcher = if let Some(ms) = debounce_ms {
@@ -136,15 +243,16 @@ pub async fn run(
             std::time::Duration::from_millis(ms),
         )?;
         println!(
-            "listening on http://{addr}  (API: http://{addr}/api/v1, watching {})",
+            "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {})",
             dir.join("src").display()
         );
         Some(w)
     } else {
-        println!("listening on http://{addr}  (API: http://{addr}/api/v1)");
+        println!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1)");
         None
     };
-    let result = serve_until_signal(node, listener).await;
+    println!("{}", token_banner(&file));
+    let result = serve_until_signal(node, trust, listener, tls).await;
     drop(watcher);
     result
 }
