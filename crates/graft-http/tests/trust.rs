@@ -458,12 +458,15 @@ fn browser(api: &Api, m: Method, uri: &str, headers: &[(&str, &str)], body: &str
     req.body(Body::from(body.to_owned())).unwrap()
 }
 
+/// Headers of a refused request, and the status and kind it gets.
+type Refusal<'a> = (&'a [(&'a str, &'a str)], StatusCode, &'a str);
+
 #[tokio::test]
 async fn cross_site_origin_rebinding_host_and_text_plain_are_refused_without_effect() {
     let api = demo().await;
     let call = json!({ "to": "counter", "request": "inc" }).to_string();
     let uri = "/api/v1/sandboxes/demo/call";
-    let refusals: &[(&[(&str, &str)], StatusCode, &str)] = &[
+    let refusals: &[Refusal] = &[
         (
             &[
                 ("host", "127.0.0.1:7878"),
