@@ -1151,7 +1151,7 @@ fn audit_rows_are_finished_and_queried_by_filter() {
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 
-    let q = |f: fn(&mut AuditQuery)| {
+    let q = |f: &dyn Fn(&mut AuditQuery)| {
         let mut q = AuditQuery {
             limit: 10,
             ..AuditQuery::default()
@@ -1164,14 +1164,14 @@ fn audit_rows_are_finished_and_queried_by_filter() {
             .map(|r| r.id)
             .collect::<Vec<_>>()
     };
-    assert_eq!(q(|_| {}), vec![ids[2], ids[1], ids[0]]);
-    assert_eq!(q(|q| q.token_id = Some("a".into())), vec![ids[2], ids[0]]);
-    assert_eq!(q(|q| q.token_id = Some("c".into())), vec![ids[1]]);
-    assert_eq!(q(|q| q.sandbox = Some("one".into())), vec![ids[0]]);
-    assert_eq!(q(|q| q.outcome = Some("pending".into())), vec![ids[2]]);
-    assert_eq!(q(|q| q.since_ms = Some(20.0)), vec![ids[2], ids[1]]);
-    assert_eq!(q(|q| q.before = Some(ids[2])), vec![ids[1], ids[0]]);
-    assert_eq!(q(|q| q.limit = 1), vec![ids[2]]);
+    assert_eq!(q(&|_| {}), vec![ids[2], ids[1], ids[0]]);
+    assert_eq!(q(&|q| q.token_id = Some("a".into())), vec![ids[2], ids[0]]);
+    assert_eq!(q(&|q| q.token_id = Some("c".into())), vec![ids[1]]);
+    assert_eq!(q(&|q| q.sandbox = Some("one".into())), vec![ids[0]]);
+    assert_eq!(q(&|q| q.outcome = Some("pending".into())), vec![ids[2]]);
+    assert_eq!(q(&|q| q.since_ms = Some(20.0)), vec![ids[2], ids[1]]);
+    assert_eq!(q(&|q| q.before = Some(ids[2])), vec![ids[1], ids[0]]);
+    assert_eq!(q(&|q| q.limit = 1), vec![ids[2]]);
     let first = store
         .audit_query(&AuditQuery {
             sandbox: Some("one".into()),
