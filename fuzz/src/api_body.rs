@@ -97,6 +97,8 @@ pub struct Harness {
     node: Node,
     router: Router,
     rt: tokio::runtime::Runtime,
+    /// `Bearer <admin token>` of the harness's node.
+    bearer: String,
 }
 
 impl Default for Harness {
@@ -113,10 +115,21 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+        let store = std::sync::Arc::new(
+            graft::store::Store::in_memory().unwrap_or_else(|e| panic!("store: {e}")),
+        );
+        let trust = std::sync::Arc::new(
+            graft_http::trust::Trust::new(store, Default::default())
+                .unwrap_or_else(|e| panic!("trust: {e}")),
+        );
+        let admin = trust
+            .create_token(graft_http::trust::Role::Admin, None, None)
+            .unwrap_or_else(|e| panic!("token: {e}"));
         let h = Harness {
-            router: graft_http::router(node.clone()),
+            router: graft_http::router(node.clone(), trust),
             node,
             rt,
+            bearer: format!("Bearer {}", admin.secret),
         };
         h.reset();
         h
@@ -147,6 +160,7 @@ impl Harness {
             .method(method)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, &self.bearer)
             .body(Body::from(body))
             .unwrap_or_else(|e| panic!("request {uri}: {e}"));
         let router = self.router.clone();

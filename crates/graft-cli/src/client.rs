@@ -1,5 +1,7 @@
 //! The client verbs: small HTTP/1.1 requests to a node's API (hyper-util's
-//! client; hyper is in the tree through axum already).
+//! client; hyper is in the tree through axum already), over https through
+//! hyper-rustls when the URL says so. Every request carries the token that
+//! `datadir::resolve_token` finds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,11 +11,13 @@ use anyhow::{anyhow, bail, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use crate::datadir::{resolve_token, token_places, TokenSource};
 use crate::{render, Conn, Reported};
 
 /// How long a request may take when nothing says otherwise.
@@ -22,7 +26,55 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 pub struct Client {
     base: String,
     json: bool,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    token: Option<(String, TokenSource)>,
+}
+
+/// Filters of `graft audit`.
+pub struct AuditFilters {
+    pub token: Option<String>,
+    pub sandbox: Option<String>,
+    pub outcome: Option<String>,
+    pub since_ms: Option<u64>,
+    pub before: Option<u64>,
+    pub limit: u64,
+}
+
+/// The TLS settings of an https client: the CA of `--cacert` only, else the
+/// system's roots.
+fn tls_config(cacert: Option<&Path>) -> Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match cacert {
+        Some(path) => {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| anyhow!("cannot read --cacert {}: {e}", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| {
+                    anyhow!("--cacert {}: not a PEM certificate: {e}", path.display())
+                })?;
+                roots.add(cert).map_err(|e| {
+                    anyhow!("--cacert {}: unusable certificate: {e}", path.display())
+                })?;
+            }
+            if roots.is_empty() {
+                bail!(
+                    "--cacert {}: no certificate found (expected -----BEGIN CERTIFICATE-----)",
+                    path.display()
+                );
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Options of `graft reload`.
@@ -45,23 +97,41 @@ impl Client {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| anyhow!("invalid --url `{url}`: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             Some(other) => {
-                bail!("invalid --url `{url}`: only http:// is supported, not {other}://")
+                bail!("invalid --url `{url}`: use http:// or https://, not {other}://")
             }
-            None => bail!("invalid --url `{url}`: expected http://HOST:PORT"),
-        }
+            None => bail!("invalid --url `{url}`: expected http://HOST:PORT or https://HOST:PORT"),
+        };
         if uri.host().is_none() {
-            bail!("invalid --url `{url}`: expected http://HOST:PORT");
+            bail!("invalid --url `{url}`: expected http://HOST:PORT or https://HOST:PORT");
+        }
+        if conn.cacert.is_some() && !https {
+            bail!("--cacert is for https:// URLs; `{url}` is plain http");
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        // The system's roots are read only when they may be needed.
+        let tls = if https {
+            tls_config(conn.cacert.as_deref())?
+        } else {
+            tls_config_empty()?
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = HyperClient::builder(TokioExecutor::new()).build(connector);
+        let cwd = std::env::current_dir().unwrap_or_default();
         Ok(Client {
             base: url.to_owned(),
             json: conn.json,
             http,
+            token: resolve_token(conn.token.as_deref(), &cwd),
         })
     }
 
@@ -75,11 +145,17 @@ impl Client {
     ) -> Result<std::result::Result<Value, ApiFailure>> {
         let uri = format!("{}/api/v1{path}", self.base);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(&uri)
             .header("content-type", "application/json")
-            .header("accept", "application/json")
+            .header("accept", "application/json");
+        if let Some((token, _)) = &self.token {
+            let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow!("the token holds characters a header cannot carry; check --token or GRAFT_TOKEN"))?;
+            req = req.header("authorization", value);
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| anyhow!("invalid request to {uri}: {e}"))?;
         let unreachable = |detail: String| {
@@ -158,8 +234,39 @@ impl Client {
                     );
                 } else {
                     eprint!("{}", render::error(&failure.error, file_of));
+                    if failure.error["kind"] == "unauthorized" {
+                        eprintln!("{}", self.token_hint());
+                    }
                 }
                 Err(Reported.into())
+            }
+        }
+    }
+
+    /// Where the token came from (or was looked for), after a 401.
+    fn token_hint(&self) -> String {
+        match &self.token {
+            Some((_, TokenSource::Given)) => {
+                "  = note: the token came from --token or GRAFT_TOKEN".into()
+            }
+            Some((_, TokenSource::File(f))) => format!(
+                "  = note: the token came from {}; is this the node that wrote it?",
+                f.display()
+            ),
+            None => {
+                let cwd = std::env::current_dir().unwrap_or_default();
+                let places: Vec<String> = token_places(&cwd)
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                format!(
+                    "  = note: no token found: pass --token or set GRAFT_TOKEN (looked in {})",
+                    if places.is_empty() {
+                        "no token file".into()
+                    } else {
+                        places.join(", ")
+                    }
+                )
             }
         }
     }
@@ -429,6 +536,211 @@ impl Client {
         );
         Ok(())
     }
+}
+
+impl Client {
+    pub async fn token_create(
+        &self,
+        role: &str,
+        sandboxes: Vec<String>,
+        label: Option<String>,
+    ) -> Result<()> {
+        let mut body = json!({ "role": role });
+        if !sandboxes.is_empty() {
+            body["sandboxes"] = json!(sandboxes);
+        }
+        if let Some(l) = label {
+            body["label"] = json!(l);
+        }
+        let v = self
+            .send(Method::POST, "/tokens", Some(body), DEFAULT_WAIT)
+            .await?;
+        if self.printed_json(&v) {
+            return Ok(());
+        }
+        // The secret alone on stdout (scripts capture it); the rest on stderr.
+        println!("{}", v["token"].as_str().unwrap_or(""));
+        let scope = match v["sandboxes"].as_array() {
+            Some(list) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "all sandboxes".into(),
+        };
+        eprintln!(
+            "✓ token {} ({}, {}): shown once, only its SHA-256 is kept",
+            render::escape(v["id"].as_str().unwrap_or(""), render::Lines::Escape),
+            v["role"].as_str().unwrap_or(""),
+            render::escape(&scope, render::Lines::Escape)
+        );
+        Ok(())
+    }
+
+    pub async fn token_list(&self) -> Result<()> {
+        let v = self
+            .send(Method::GET, "/tokens", None, DEFAULT_WAIT)
+            .await?;
+        if self.printed_json(&v) {
+            return Ok(());
+        }
+        let text = |x: &Value| {
+            render::escape(x.as_str().unwrap_or("-"), render::Lines::Escape).into_owned()
+        };
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| {
+                        vec![
+                            text(&t["id"]),
+                            text(&t["role"]),
+                            match t["sandboxes"].as_array() {
+                                Some(l) => render::escape(
+                                    &l.iter()
+                                        .filter_map(Value::as_str)
+                                        .collect::<Vec<_>>()
+                                        .join(","),
+                                    render::Lines::Escape,
+                                )
+                                .into_owned(),
+                                None => "*".into(),
+                            },
+                            text(&t["label"]),
+                            render::timestamp(t["created_ms"].as_f64().unwrap_or(0.0)),
+                            t["revoked_ms"]
+                                .as_f64()
+                                .map_or_else(|| "-".into(), render::timestamp),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        print!(
+            "{}",
+            render::table(
+                &[
+                    "ID",
+                    "ROLE",
+                    "SANDBOXES",
+                    "LABEL",
+                    "CREATED (UTC)",
+                    "REVOKED (UTC)"
+                ],
+                &rows
+            )
+        );
+        Ok(())
+    }
+
+    pub async fn token_revoke(&self, id: &str) -> Result<()> {
+        let v = self
+            .send(
+                Method::DELETE,
+                &format!("/tokens/{}", seg(id)),
+                None,
+                DEFAULT_WAIT,
+            )
+            .await?;
+        if !self.printed_json(&v) {
+            println!(
+                "✓ token {} revoked",
+                render::escape(id, render::Lines::Escape)
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn audit(&self, f: AuditFilters) -> Result<()> {
+        let mut query = vec![format!("limit={}", f.limit)];
+        for (k, v) in [
+            ("token", &f.token),
+            ("sandbox", &f.sandbox),
+            ("outcome", &f.outcome),
+        ] {
+            if let Some(v) = v {
+                query.push(format!("{k}={}", seg(v)));
+            }
+        }
+        if let Some(ms) = f.since_ms {
+            query.push(format!("since_ms={ms}"));
+        }
+        if let Some(b) = f.before {
+            query.push(format!("before={b}"));
+        }
+        let v = self
+            .send(
+                Method::GET,
+                &format!("/audit?{}", query.join("&")),
+                None,
+                DEFAULT_WAIT,
+            )
+            .await?;
+        if self.printed_json(&v) {
+            return Ok(());
+        }
+        let text = |x: &Value| {
+            render::escape(x.as_str().unwrap_or("-"), render::Lines::Escape).into_owned()
+        };
+        let rows: Vec<Vec<String>> = v["rows"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        vec![
+                            r["id"].as_u64().unwrap_or(0).to_string(),
+                            render::timestamp(r["at_ms"].as_f64().unwrap_or(0.0)),
+                            text(&r["token_id"]),
+                            text(&r["role"]),
+                            text(&r["method"]),
+                            text(&r["route"]),
+                            text(&r["sandbox"]),
+                            text(&r["outcome"]),
+                            r["status"]
+                                .as_u64()
+                                .map_or_else(|| "-".into(), |s| s.to_string()),
+                            format!(
+                                "{:.1} ms",
+                                r["duration_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+                            ),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        print!(
+            "{}",
+            render::table(
+                &[
+                    "ID",
+                    "TIME (UTC)",
+                    "TOKEN",
+                    "ROLE",
+                    "METHOD",
+                    "ROUTE",
+                    "SANDBOX",
+                    "OUTCOME",
+                    "STATUS",
+                    "TOOK"
+                ],
+                &rows
+            )
+        );
+        if let Some(next) = v["next_before"].as_u64() {
+            println!("more: graft audit --before {next}");
+        }
+        Ok(())
+    }
+}
+
+/// A TLS configuration for plain-http clients: never used for a handshake.
+fn tls_config_empty() -> Result<rustls::ClientConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS setup: {e}"))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
 }
 
 /// The module name of a file: its path under the nearest `src/` directory

@@ -6,6 +6,7 @@
 
 mod check;
 mod client;
+mod datadir;
 mod node;
 mod render;
 mod scaffold;
@@ -219,17 +220,134 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Create, list and revoke API tokens (admin)
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Read the node's audit log, newest first (admin)
+    Audit {
+        /// Only requests made with this token id (`tok_…`)
+        #[arg(long, value_name = "ID")]
+        token_id: Option<String>,
+        /// Only requests on this sandbox
+        #[arg(long, value_name = "ID")]
+        sandbox: Option<String>,
+        /// Only this outcome (`ok`, `forbidden`, `unauthorized`, an error kind …)
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only rows at or after this time (ms since the Unix epoch)
+        #[arg(long, value_name = "MS")]
+        since_ms: Option<u64>,
+        /// Only rows older than this id (the next page)
+        #[arg(long, value_name = "ID")]
+        before: Option<u64>,
+        /// Rows to show (1 to 1000)
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
-/// Where `run` and `serve` listen.
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a token and print it once (only its SHA-256 is kept)
+    Create {
+        /// viewer (read all but state), operator (also call, cast, spawn,
+        /// reload, rollback, restart) or admin (everything)
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Limit the token to this sandbox (repeat for several)
+        #[arg(long = "sandbox", value_name = "ID")]
+        sandboxes: Vec<String>,
+        /// A note shown in `graft token list`
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List tokens (ids, roles, scopes; never secrets)
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a token by id; refused from its next request on
+    Revoke {
+        /// The token's id (`tok_…`, from `graft token list`)
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Where `run` and `serve` listen, and how they face the network (SPEC §9).
 #[derive(Args, Clone)]
 struct Listen {
     /// Port of the HTTP API (0 picks a free port and prints it)
     #[arg(long, default_value_t = 7878)]
     port: u16,
-    /// Address to bind
+    /// Address to bind; anything but loopback needs --tls-cert/--tls-key
+    /// or --insecure-http
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
+    /// A host name browsers may use to reach the node besides loopback
+    /// names (repeat for several); other Host headers are refused
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
+    /// PEM certificate chain: serve https
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain http on a non-loopback --bind (tokens travel in clear)
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_http: bool,
+    /// Directory under which sandboxes may be created from a path (repeat
+    /// for several; `graft run DIR` allows DIR)
+    #[arg(long = "projects-root", value_name = "DIR")]
+    projects_roots: Vec<PathBuf>,
+}
+
+impl Listen {
+    /// The serving settings, or a usage error (exit 2): a non-loopback
+    /// address needs TLS or an explicit --insecure-http.
+    fn checked(self, subcommand: &str) -> node::Serving {
+        let loopback = self.bind == "localhost"
+            || self
+                .bind
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback && self.tls_cert.is_none() && !self.insecure_http {
+            usage_error(
+                subcommand,
+                format!(
+                    "--bind {} is not a loopback address: serve TLS with --tls-cert and --tls-key, \
+                     or pass --insecure-http to send tokens in clear",
+                    self.bind
+                ),
+            );
+        }
+        node::Serving {
+            bind: self.bind,
+            port: self.port,
+            allow_hosts: self.allow_hosts,
+            tls: self.tls_cert.zip(self.tls_key),
+            projects_roots: self.projects_roots,
+        }
+    }
+}
+
+/// Exits with clap's usage error (exit 2) for `subcommand`.
+fn usage_error(subcommand: &str, message: String) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(clap::error::ErrorKind::ArgumentConflict, message),
+        None => cli.error(clap::error::ErrorKind::ArgumentConflict, message),
+    }
+    .exit()
 }
 
 /// Node-wide caps of `run` and `serve` (SPEC §7); out of range is bad usage.
@@ -336,9 +454,16 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 /// How client verbs reach a node.
 #[derive(Args, Clone)]
 struct Conn {
-    /// URL of the node
+    /// URL of the node (http:// or https://)
     #[arg(long, env = "GRAFT_URL", default_value = "http://127.0.0.1:7878")]
     url: String,
+    /// API token; default: the token file of the project you are in
+    /// (DIR/.graft/admin.token), else of the default data directory
+    #[arg(long, env = "GRAFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate to trust for https (instead of the system's roots)
+    #[arg(long, value_name = "PEM")]
+    cacert: Option<PathBuf>,
     /// Print the API's JSON instead of a human-readable view
     #[arg(long)]
     json: bool,
@@ -480,8 +605,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             node::run(
                 &dir,
-                &listen.bind,
-                listen.port,
+                listen.checked("run"),
                 caps.checked("run"),
                 data,
                 (!no_watch).then_some(debounce_ms),
@@ -496,10 +620,45 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let data = node::DataChoice::from_flags(
                 storage.data,
                 storage.ephemeral,
-                node::default_data_dir()?,
+                datadir::default_data_dir().ok_or_else(|| {
+                    anyhow::anyhow!("cannot find the default data directory: set HOME or XDG_DATA_HOME, or pass --data DIR")
+                })?,
                 storage.checkpoint_ms,
             );
-            node::serve(&listen.bind, listen.port, caps.checked("serve"), data).await
+            node::serve(listen.checked("serve"), caps.checked("serve"), data).await
+        }
+        Command::Token { action } => match action {
+            TokenAction::Create {
+                role,
+                sandboxes,
+                label,
+                conn,
+            } => {
+                Client::new(&conn)?
+                    .token_create(&role, sandboxes, label)
+                    .await
+            }
+            TokenAction::List { conn } => Client::new(&conn)?.token_list().await,
+            TokenAction::Revoke { id, conn } => Client::new(&conn)?.token_revoke(&id).await,
+        },
+        Command::Audit {
+            token_id,
+            sandbox,
+            outcome,
+            since_ms,
+            before,
+            limit,
+            conn,
+        } => {
+            let filters = client::AuditFilters {
+                token: token_id,
+                sandbox,
+                outcome,
+                since_ms,
+                before,
+                limit,
+            };
+            Client::new(&conn)?.audit(filters).await
         }
         Command::Backup { dest, data } => node::backup(data, &dest),
         Command::Call {

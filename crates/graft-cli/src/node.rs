@@ -1,18 +1,95 @@
 //! `graft run` and `graft serve`: a node serving the HTTP API until Ctrl-C
-//! (or SIGTERM), keeping its data in a data directory (SPEC §8).
+//! (or SIGTERM).
+//!
+//! Both open the node's data directory (`graft run DIR`: `DIR/.graft`;
+//! `graft serve`: the default data directory; `--data`, `--ephemeral`),
+//! restoring what it holds (SPEC §8), make sure its admin token file exists,
+//! and serve every route behind the trust middleware, over TLS when given a
+//! certificate.
 //!
 //! Shutdown order: stop taking requests and let in-flight ones finish, write
 //! the final checkpoint and close the database (so nothing acknowledged is
 //! lost), then stop every app in order (terminate callbacks run).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use graft::{Node, NodeLimits, SandboxSpec};
+use graft_http::trust::{ensure_admin_token_file, TokenFile, Trust, TrustConfig};
 use tokio::net::TcpListener;
 
 use crate::{render, watch, Reported};
+
+/// How `run` and `serve` face the network (checked by `main`).
+pub struct Serving {
+    pub bind: String,
+    pub port: u16,
+    pub allow_hosts: Vec<String>,
+    /// `--tls-cert` and `--tls-key`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub projects_roots: Vec<PathBuf>,
+}
+
+impl Serving {
+    fn trust_config(&self) -> TrustConfig {
+        let mut allow_hosts = self.allow_hosts.clone();
+        // A node bound to one address may be reached by that address: a
+        // literal IP cannot be rebound by DNS.
+        if let Ok(ip) = self.bind.parse::<std::net::IpAddr>() {
+            if !ip.is_unspecified() && !ip.is_loopback() {
+                allow_hosts.push(ip.to_string());
+            }
+        }
+        TrustConfig {
+            allow_hosts,
+            projects_roots: self.projects_roots.clone(),
+            tls: self.tls.is_some(),
+            ..TrustConfig::default()
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Makes sure the admin token file exists in `token_dir` and loads the
+/// node's trust from the node's own database (tokens and audit live there).
+fn open_trust(
+    node: &Node,
+    token_dir: &Path,
+    config: TrustConfig,
+) -> Result<(Arc<Trust>, TokenFile)> {
+    let store = node
+        .store()
+        .cloned()
+        .ok_or_else(|| anyhow!("the node has no database for its tokens"))?;
+    let data_dir = token_dir;
+    let file = ensure_admin_token_file(data_dir, &store).with_context(|| {
+        format!(
+            "cannot write the admin token file in {}",
+            data_dir.display()
+        )
+    })?;
+    let trust = Trust::new(store, config)
+        .with_context(|| format!("cannot read the tokens in {}", data_dir.display()))?;
+    Ok((Arc::new(trust), file))
+}
+
+fn token_banner(file: &TokenFile) -> String {
+    format!(
+        "admin token: {}{}  (graft commands find it; others: GRAFT_TOKEN or --token)",
+        file.path.display(),
+        if file.created { " (new)" } else { "" }
+    )
+}
 
 /// How long Ctrl-C waits for each sandbox's app to stop (terminate callbacks).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,8 +104,8 @@ async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
 pub enum DataChoice {
     /// A data directory (created if missing).
     Dir { dir: PathBuf, checkpoint_ms: u64 },
-    /// In memory only.
-    Ephemeral,
+    /// In memory only; the admin token file still goes to `token_dir`.
+    Ephemeral { token_dir: PathBuf },
 }
 
 impl DataChoice {
@@ -39,33 +116,28 @@ impl DataChoice {
         default: PathBuf,
         checkpoint_ms: u64,
     ) -> DataChoice {
+        let dir = data.unwrap_or(default);
         if ephemeral {
-            return DataChoice::Ephemeral;
+            return DataChoice::Ephemeral { token_dir: dir };
         }
-        DataChoice::Dir {
-            dir: data.unwrap_or(default),
-            checkpoint_ms,
+        DataChoice::Dir { dir, checkpoint_ms }
+    }
+
+    /// Where the admin token file goes: the data directory, or for an
+    /// ephemeral node the one it would have used (the token is new at each
+    /// start, since the ephemeral database is).
+    fn token_dir(&self) -> &Path {
+        match self {
+            DataChoice::Dir { dir, .. } => dir,
+            DataChoice::Ephemeral { token_dir } => token_dir,
         }
     }
 
     fn describe(&self) -> String {
         match self {
             DataChoice::Dir { dir, .. } => format!("data in {}", dir.display()),
-            DataChoice::Ephemeral => "ephemeral: nothing is kept".into(),
+            DataChoice::Ephemeral { .. } => "ephemeral: nothing is kept".into(),
         }
-    }
-}
-
-/// `$XDG_DATA_HOME/graft`, else `~/.local/share/graft`: `graft serve`'s data.
-pub fn default_data_dir() -> Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("graft"));
-    }
-    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".local/share/graft")),
-        None => Err(anyhow!(
-            "no data directory: neither XDG_DATA_HOME nor HOME is set; pass --data DIR or --ephemeral"
-        )),
     }
 }
 
@@ -81,7 +153,7 @@ async fn open_node(caps: NodeLimits, data: &DataChoice) -> Result<Node> {
             builder.data_dir(dir).checkpoint_ms(*checkpoint_ms),
             Some(dir.clone()),
         ),
-        DataChoice::Ephemeral => (builder.ephemeral(), None),
+        DataChoice::Ephemeral { .. } => (builder.ephemeral(), None),
     };
     let opened = tokio::task::spawn_blocking(move || builder.open()).await?;
     opened.map_err(|e| match dir {
@@ -98,7 +170,9 @@ pub fn backup(data: Option<PathBuf>, dest: &Path) -> Result<()> {
     let dir = match data {
         Some(d) => d,
         None if Path::new(".graft").join(graft::DATABASE_FILE).is_file() => PathBuf::from(".graft"),
-        None => default_data_dir()?,
+        None => crate::datadir::default_data_dir().ok_or_else(|| {
+            anyhow!("cannot find the default data directory: set HOME or XDG_DATA_HOME, or pass --data DIR")
+        })?,
     };
     let db = dir.join(graft::DATABASE_FILE);
     graft::store::Store::backup_file(&db, dest)
@@ -108,15 +182,29 @@ pub fn backup(data: Option<PathBuf>, dest: &Path) -> Result<()> {
 }
 
 /// Serves the API until Ctrl-C (or SIGTERM), then shuts down (module docs).
-async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
+async fn serve_until_signal(
+    node: Node,
+    trust: Arc<Trust>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = graft_http::router(node.clone());
+    let app = graft_http::router(node.clone(), trust);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        match tls {
+            Some(config) => graft_http::tls::serve(listener, app, config, stopped).await,
+            None => {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped)
+                .await
+            }
+        }
     });
     shutdown_signal().await;
     eprintln!("graft: stopping: no new requests, final checkpoint, then terminate callbacks …");
@@ -152,10 +240,20 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(bind: &str, port: u16, caps: NodeLimits, data: DataChoice) -> Result<()> {
+fn tls_config(serving: &Serving) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match &serving.tls {
+        Some((cert, key)) => Ok(Some(graft_http::tls::server_config(cert, key)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn serve(serving: Serving, caps: NodeLimits, data: DataChoice) -> Result<()> {
+    let tls = tls_config(&serving)?;
     let node = open_node(caps, &data).await?;
-    let listener = listen(bind, port).await?;
+    let (trust, file) = open_trust(&node, data.token_dir(), serving.trust_config())?;
+    let listener = listen(&serving.bind, serving.port).await?;
     let addr = listener.local_addr()?;
+    let scheme = serving.scheme();
     let ids = node.sandbox_ids();
     let sandboxes = if ids.is_empty() {
         "no sandboxes yet".to_string()
@@ -163,16 +261,16 @@ pub async fn serve(bind: &str, port: u16, caps: NodeLimits, data: DataChoice) ->
         format!("restored: {}", ids.join(", "))
     };
     println!(
-        "listening on http://{addr}  (API: http://{addr}/api/v1, {sandboxes}; {})",
+        "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, {sandboxes}; {})",
         data.describe()
     );
-    serve_until_signal(node, listener).await
+    println!("{}", token_banner(&file));
+    serve_until_signal(node, trust, listener, tls).await
 }
 
 pub async fn run(
     dir: &Path,
-    bind: &str,
-    port: u16,
+    mut serving: Serving,
     caps: NodeLimits,
     data: DataChoice,
     debounce_ms: Option<u64>,
@@ -185,6 +283,11 @@ pub async fn run(
         ));
     }
     let spec = SandboxSpec::from_dir(dir)?;
+    // `graft run DIR` may create sandboxes from DIR through the API.
+    serving.projects_roots.push(dir.to_owned());
+    let tls = tls_config(&serving)?;
+    let node = open_node(caps, &data).await?;
+    let (trust, file) = open_trust(&node, data.token_dir(), serving.trust_config())?;
     let id = spec.id.clone();
     let sources = spec.modules.clone();
     let files: std::collections::BTreeMap<String, String> = spec
@@ -192,7 +295,6 @@ pub async fn run(
         .iter()
         .map(|(m, p)| (m.clone(), watch::shown(p)))
         .collect();
-    let node = open_node(caps, &data).await?;
     let restored = node.sandbox(&id).ok();
     let n = node.clone();
     let created = match restored {
@@ -226,8 +328,9 @@ pub async fn run(
             );
         }
     }
-    let listener = listen(bind, port).await?;
+    let listener = listen(&serving.bind, serving.port).await?;
     let addr = listener.local_addr()?;
+    let scheme = serving.scheme();
     let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
     println!(
         "✓ sandbox `{id}` started: {}  ({})",
@@ -242,15 +345,16 @@ pub async fn run(
             std::time::Duration::from_millis(ms),
         )?;
         println!(
-            "listening on http://{addr}  (API: http://{addr}/api/v1, watching {})",
+            "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {})",
             dir.join("src").display()
         );
         Some(w)
     } else {
-        println!("listening on http://{addr}  (API: http://{addr}/api/v1)");
+        println!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1)");
         None
     };
-    let result = serve_until_signal(node, listener).await;
+    println!("{}", token_banner(&file));
+    let result = serve_until_signal(node, trust, listener, tls).await;
     drop(watcher);
     result
 }

@@ -12,16 +12,19 @@ use serde_json::{json, Value};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn graft() -> Command {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
-    // `graft serve` keeps its data in $XDG_DATA_HOME/graft: one per command,
-    // so parallel tests never share (or lock) a database.
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let xdg = std::env::temp_dir().join(format!("graft-cli-xdg-{}-{n}", std::process::id()));
     cmd.env_remove("GRAFT_URL")
         .env_remove("RUST_LOG")
-        .env("XDG_DATA_HOME", xdg);
+        .env_remove("GRAFT_TOKEN")
+        // `graft serve` keeps its data (and admin token) in the default data
+        // directory: a private one per test process, never the user's.
+        .env("XDG_DATA_HOME", xdg_dir("shared"));
     cmd
+}
+
+/// A data home of its own for one node (or the clients of this process).
+fn xdg_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("graft-cli-{}-xdg-{name}", std::process::id()))
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -46,6 +49,8 @@ fn text(bytes: &[u8]) -> String {
 struct Node {
     child: Child,
     port: u16,
+    /// The admin token from the file the banner names.
+    token: String,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -63,7 +68,10 @@ fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
 
 impl Node {
     fn start(args: &[&str]) -> Node {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut child = graft()
+            .env("XDG_DATA_HOME", xdg_dir(&format!("node{n}")))
             .args(args)
             .args(["--port", "0"])
             .stdin(Stdio::null())
@@ -78,14 +86,16 @@ impl Node {
         let mut node = Node {
             child,
             port: 0,
+            token: String::new(),
             stdout,
             stderr,
         };
         node.wait_until("the listening line", |out, _| {
             out.contains("listening on http://127.0.0.1:")
+                || out.contains("listening on https://127.0.0.1:")
         });
         let out = node.out();
-        let rest = out.split("listening on http://127.0.0.1:").nth(1).unwrap();
+        let rest = out.split("://127.0.0.1:").nth(1).unwrap();
         node.port = rest
             .chars()
             .take_while(char::is_ascii_digit)
@@ -93,6 +103,14 @@ impl Node {
             .parse()
             .unwrap();
         assert_ne!(node.port, 0);
+        node.wait_until("the token line", |out, _| out.contains("admin token: "));
+        let out = node.out();
+        let line = out.split("admin token: ").nth(1).unwrap();
+        let path = line.split("  (").next().unwrap().trim_end_matches(" (new)");
+        node.token = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_owned();
         node
     }
 
@@ -143,6 +161,7 @@ impl Node {
     /// Runs a client verb against this node.
     fn client(&self, args: &[&str]) -> Output {
         graft()
+            .env("GRAFT_TOKEN", &self.token)
             .args(args)
             .args(["--url", &self.url()])
             .output()
@@ -352,16 +371,16 @@ fn max_sandboxes_caps_the_node() {
     ]);
     let body =
         |id: &str| json!({ "id": id, "modules": { "m": "return {}" }, "entry": null }).to_string();
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body("one"));
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body("one"));
     assert_eq!(status, 201, "{resp}");
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body("two"));
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body("two"));
     assert_eq!(status, 429, "{resp}");
     assert!(resp.contains("node_limit"), "{resp}");
     // the memory cap bounds what a sandbox may ask for
-    let (status, _) = http(node.port, "DELETE", "/api/v1/sandboxes/one", "");
+    let (status, _) = http(&node, "DELETE", "/api/v1/sandboxes/one", "");
     assert_eq!(status, 204);
     let big = json!({ "id": "big", "modules": { "m": "return {}" }, "limits": { "memory_bytes": 128 << 20 } });
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &big.to_string());
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &big.to_string());
     assert_eq!(status, 422, "{resp}");
     let v: Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(v["error"]["kind"], "limit_out_of_range");
@@ -385,14 +404,14 @@ return evil
 fn guest_text_reaches_the_terminal_escaped() {
     let mut node = Node::start(&["serve"]);
     let body = json!({ "id": "esc", "modules": { "evil": EVIL } }).to_string();
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
     assert_eq!(status, 201, "{resp}");
     let spawn = json!({ "module": "evil", "name": "evil" }).to_string();
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes/esc/spawn", &spawn);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes/esc/spawn", &spawn);
     assert_eq!(status, 201, "{resp}");
     // a name with control characters never gets into a table or a log
     let spawn = json!({ "module": "evil", "name": "x\u{1b}[2Jy" }).to_string();
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes/esc/spawn", &spawn);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes/esc/spawn", &spawn);
     assert_eq!(status, 422, "{resp}");
     assert_eq!(
         serde_json::from_str::<Value>(&resp).unwrap()["error"]["kind"],
@@ -603,6 +622,7 @@ fn run_serves_every_client_verb() {
     );
     let mut child = graft()
         .args(["eval", "myapp", "-", "--json", "--url", &node.url()])
+        .env("GRAFT_TOKEN", &node.token)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -754,27 +774,29 @@ fn serve_takes_sandboxes_through_the_api() {
     let node = Node::start(&["serve"]);
     let app = "return { init = function() return 0 end, handle_call = function(r, f, s) return r * 2, s end }";
     let body = json!({ "id": "api", "modules": { "doubler": app } }).to_string();
-    let (status, resp) = http(node.port, "POST", "/api/v1/sandboxes", &body);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
     assert_eq!(status, 201, "{resp}");
     let (status, resp) = http(
-        node.port,
+        &node,
         "POST",
         "/api/v1/sandboxes/api/spawn",
         "{\"module\": \"doubler\", \"name\": \"d\"}",
     );
     assert_eq!(status, 201, "{resp}");
     assert_eq!(node.ok(&["call", "api", "d", "21"]).trim(), "42");
-    let (status, _) = http(node.port, "GET", "/api/v1/health", "");
+    let (status, _) = http(&node, "GET", "/api/v1/health", "");
     assert_eq!(status, 200);
     node.interrupt();
 }
 
-/// A minimal HTTP/1.1 exchange (the test needs no client library).
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// A minimal HTTP/1.1 exchange with the node's admin token (the test
+/// needs no client library).
+fn http(node: &Node, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        node.token,
         body.len()
     )
     .unwrap();
@@ -963,4 +985,213 @@ fn watch_hot_reloads_every_kind_of_save() {
     let (out, _) = node.interrupt();
     assert_eq!(reload_lines(&out, "counter"), 5, "{out}");
     cleanup("watch");
+}
+
+/// A node over TLS with a certificate made here, for `localhost`.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn tokens_roles_and_the_audit_log_from_the_command_line() {
+    let node = Node::start(&["serve"]);
+    let body = json!({ "id": "t", "modules": { "counter": "return { init = function() return 0 end, handle_call = function(r, f, s) return s + 1, s + 1 end }" } }).to_string();
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    let (status, resp) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes/t/spawn",
+        "{\"module\": \"counter\", \"name\": \"c\"}",
+    );
+    assert_eq!(status, 201, "{resp}");
+
+    let out = node.client(&[
+        "token",
+        "create",
+        "--role",
+        "viewer",
+        "--label",
+        "read only",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let viewer = text(&out.stdout).trim().to_owned();
+    assert!(
+        viewer.starts_with("graft_") && viewer.len() == 70,
+        "{viewer}"
+    );
+    assert!(
+        text(&out.stderr).contains("shown once"),
+        "{}",
+        text(&out.stderr)
+    );
+    let as_viewer = |args: &[&str]| {
+        graft()
+            .args(args)
+            .args(["--url", &node.url(), "--token", &viewer])
+            .output()
+            .unwrap()
+    };
+    let ps = as_viewer(&["ps", "t"]);
+    assert!(ps.status.success(), "{}", text(&ps.stderr));
+    let call = as_viewer(&["call", "t", "c", "1"]);
+    assert_eq!(call.status.code(), Some(1));
+    assert!(
+        text(&call.stderr).contains("needs the operator role"),
+        "{}",
+        text(&call.stderr)
+    );
+
+    let list = node.ok(&["token", "list"]);
+    assert!(
+        list.contains("viewer") && list.contains("read only"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(&viewer[6..]) && !list.contains(&node.token[6..]),
+        "{list}"
+    );
+    let id = list
+        .lines()
+        .find(|l| l.contains("viewer"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert!(node.ok(&["token", "revoke", &id]).contains("revoked"));
+    let refused = as_viewer(&["ps", "t"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("not valid") && err.contains("GRAFT_TOKEN"),
+        "{err}"
+    );
+    assert!(!err.contains(&viewer[6..]), "the token was echoed: {err}");
+
+    let audit = node.ok(&["audit", "--outcome", "forbidden"]);
+    assert!(
+        audit.contains("/api/v1/sandboxes/{id}/call") && audit.contains("viewer"),
+        "{audit}"
+    );
+    let all = node.ok(&["audit", "--json", "--limit", "1000"]);
+    let v: Value = serde_json::from_str(&all).unwrap();
+    assert!(v["rows"].as_array().unwrap().len() >= 4, "{v}");
+    assert!(!all.contains(&viewer[6..]) && !all.contains(&node.token[6..]));
+    node.interrupt();
+}
+
+#[test]
+fn run_names_its_token_file_and_clients_in_the_project_find_it() {
+    let dir = scaffold("token-file");
+    let node = run(&dir);
+    let out = node.out();
+    let file = dir.join(".graft").join("admin.token");
+    assert!(
+        out.contains(&format!("admin token: {}", file.display())),
+        "{out}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    // Inside the project (a subdirectory too) no token is typed.
+    let inside = graft()
+        .current_dir(dir.join("src"))
+        .args(["call", "myapp", "counter", "inc", "--url", &node.url()])
+        .output()
+        .unwrap();
+    assert!(inside.status.success(), "{}", text(&inside.stderr));
+    // Elsewhere, with no token: 401 and where the client looked.
+    let elsewhere = graft()
+        .current_dir(std::env::temp_dir())
+        .args(["call", "myapp", "counter", "inc", "--url", &node.url()])
+        .output()
+        .unwrap();
+    assert_eq!(elsewhere.status.code(), Some(1));
+    let err = text(&elsewhere.stderr);
+    assert!(
+        err.contains("needs a token") && err.contains("GRAFT_TOKEN"),
+        "{err}"
+    );
+    // A restart keeps the same token file.
+    let token = node.token.clone();
+    node.interrupt();
+    let again = run(&dir);
+    assert_eq!(again.token, token);
+    again.interrupt();
+    cleanup("token-file");
+}
+
+#[test]
+fn a_non_loopback_bind_needs_tls_or_insecure_http() {
+    let out = graft()
+        .args(["serve", "--bind", "0.0.0.0", "--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--tls-cert") && err.contains("--insecure-http"),
+        "{err}"
+    );
+    let out = graft()
+        .args(["serve", "--tls-cert", "x.pem", "--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
+fn https_with_a_pinned_ca_and_refused_without_it() {
+    let dir = temp_dir("tls");
+    let (cert, key) = self_signed(&dir);
+    let node = Node::start(&[
+        "serve",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        node.out().contains("listening on https://"),
+        "{}",
+        node.out()
+    );
+    let url = format!("https://localhost:{}", node.port);
+    let pinned = graft()
+        .env("GRAFT_TOKEN", &node.token)
+        .args([
+            "token",
+            "list",
+            "--url",
+            &url,
+            "--cacert",
+            cert.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(pinned.status.success(), "{}", text(&pinned.stderr));
+    assert!(text(&pinned.stdout).contains("admin"));
+    let unpinned = graft()
+        .env("GRAFT_TOKEN", &node.token)
+        .args(["token", "list", "--url", &url])
+        .output()
+        .unwrap();
+    assert_eq!(unpinned.status.code(), Some(1));
+    assert!(
+        text(&unpinned.stderr).contains("cannot reach"),
+        "{}",
+        text(&unpinned.stderr)
+    );
+    node.interrupt();
+    cleanup("tls");
 }

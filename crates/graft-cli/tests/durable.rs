@@ -16,7 +16,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn graft() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
-    cmd.env_remove("GRAFT_URL").env_remove("RUST_LOG");
+    cmd.env_remove("GRAFT_URL")
+        .env_remove("RUST_LOG")
+        .env_remove("GRAFT_TOKEN");
     cmd
 }
 
@@ -43,10 +45,11 @@ fn project(name: &str) -> PathBuf {
     dir
 }
 
-/// `graft run DIR` in the background, with its port.
+/// `graft run DIR` in the background, with its port and admin token.
 struct Running {
     child: Child,
     port: u16,
+    token: String,
 }
 
 impl Running {
@@ -88,13 +91,19 @@ impl Running {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
-        Running { child, port }
+        // The node wrote its admin token file before listening (SPEC §9).
+        let token = std::fs::read_to_string(dir.join(".graft/admin.token"))
+            .expect("the admin token file")
+            .trim()
+            .to_string();
+        Running { child, port, token }
     }
 
     fn client(&self, args: &[&str]) -> Output {
         graft()
             .args(args)
             .args(["--url", &format!("http://127.0.0.1:{}", self.port)])
+            .env("GRAFT_TOKEN", &self.token)
             .output()
             .unwrap()
     }
@@ -287,6 +296,7 @@ fn kill_9_never_loses_an_acknowledged_version() {
         let in_flight = graft()
             .args(["reload", "myapp", f.to_str().unwrap(), "--json"])
             .args(["--url", &format!("http://127.0.0.1:{}", node.port)])
+            .env("GRAFT_TOKEN", &node.token)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

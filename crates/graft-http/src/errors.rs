@@ -55,16 +55,23 @@ pub const KINDS: &[ErrorKind] = &[
     k(400, "bad_request", "wrong shape: a missing or unknown field, a wrong type, a fraction where an integer is expected, an unknown query parameter"),
     k(400, "too_deep", "JSON nested more than 64 levels (`max_depth`)"),
     k(400, "invalid_input", "a sandbox id or module name in the path that does not match its pattern"),
+    k(401, "unauthorized", "no token or session, or a malformed, unknown or revoked one, or an expired session"),
+    k(403, "forbidden", "the token's role does not allow the route, or the token is limited to other sandboxes"),
+    k(403, "forbidden_host", "`Host` is not a loopback name or an `--allow-host` (DNS rebinding)"),
+    k(403, "forbidden_origin", "`Origin` is not the node's own (a cross-site request)"),
+    k(403, "path_forbidden", "a sandbox from a path outside `--projects-root` (the same answer whether or not the path exists)"),
     k(404, "not_found", "no such route"),
     k(404, "no_sandbox", "unknown sandbox (`sandbox`)"),
     k(404, "no_process", "unknown process (`process`)"),
     k(404, "no_module", "unknown module (`module`)"),
+    k(404, "no_token", "unknown token id (`token`)"),
     k(404, "no_version", "a version that is not kept (`module`, `version`, `kept`)"),
     k(405, "method_not_allowed", "the route does not take this method"),
     k(409, "sandbox_exists", "create with an id in use (`sandbox`)"),
     k(409, "reload_aborted", "a reload failed after compile/check; nothing changed (`step`, `module`, `process`, `line`, `column`)"),
     k(409, "busy", "the sandbox cannot take the request now (it is restarting)"),
     k(413, "body_too_large", "the body is over 1 MiB (`limit_bytes`)"),
+    k(415, "unsupported_media_type", "a mutating request whose `Content-Type` is not `application/json`"),
     k(422, "invalid_input", "invalid id, module name, capability or entry; an empty `modules`; a message over `max_message_bytes`; a name already registered"),
     k(422, "compile_error", "syntax or static check error (`module`, `file`, `line`, `column`, `frame`, `diagnostics`)"),
     k(422, "reload_aborted", "a behaviour check failed (step `check`)"),
@@ -79,6 +86,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(429, "mailbox_full", "the target's mailbox holds `max_mailbox` messages (`target`)"),
     k(429, "max_processes", "the sandbox has `max_processes` processes (`max_processes`)"),
     k(429, "node_limit", "the node holds `--max-sandboxes` sandboxes"),
+    k(429, "auth_rate_limited", "too many failed authentications from this address (`retry_after_s`)"),
     k(500, "crashed", "the called process exited before replying (`target`, `reason`)"),
     k(500, "internal", "a fault of the server"),
     k(500, "storage_constraint", "the database refused a write that breaks its rules (a bug); nothing was applied"),
@@ -89,6 +97,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(500, "storage_not_found", "a stored row the write needs is missing; nothing was applied"),
     k(503, "sandbox_stopped", "the sandbox was destroyed while the request waited (`sandbox`)"),
     k(503, "sandbox_failed", "the sandbox was stopped by an internal error; restart or delete it (`sandbox`)"),
+    k(503, "audit_unavailable", "the audit row could not be written; nothing was done"),
     k(503, "out_of_memory", "the sandbox's heap is full (`memory_bytes`)"),
     k(503, "storage_read_only", "the data directory cannot be written; nothing was applied"),
     k(503, "storage_io", "the data directory failed (an I/O error); nothing was applied"),
@@ -263,9 +272,22 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The `error.kind` of an error answer, kept in the response's extensions
+/// for the audit row.
+#[derive(Clone, Debug)]
+pub(crate) struct ResponseKind(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let kind = self
+            .error
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("error")
+            .to_owned();
+        let mut resp = (self.status, Json(self.body())).into_response();
+        resp.extensions_mut().insert(ResponseKind(kind));
+        resp
     }
 }
 

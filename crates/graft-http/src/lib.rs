@@ -1,12 +1,20 @@
 //! The HTTP API of a Graft node (SPEC §6), as an [`axum::Router`].
 //!
 //! ```no_run
-//! # async fn demo() -> std::io::Result<()> {
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::sync::Arc;
 //! let node = graft::Node::new();
+//! let store = Arc::new(graft::store::Store::in_memory()?);
+//! let trust = Arc::new(graft_http::trust::Trust::new(store, Default::default())?);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7878").await?;
-//! axum::serve(listener, graft_http::router(node)).await
-//! # }
+//! let app = graft_http::router(node, trust);
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+//! # Ok(()) }
 //! ```
+//!
+//! Every route but `GET /health` and the sign-in needs a token (SPEC §9):
+//! [`trust`] holds the tokens, the browser rules, the route table and the
+//! audit log; [`tls`] serves the router over TLS.
 //!
 //! Every path is under `/api/v1`; every body is JSON. Errors are
 //! `{ "error": { "kind", "message", ... } }` with a status from [`KINDS`]:
@@ -34,7 +42,10 @@
 //! * `errors`: the one place that turns an error into a status and a JSON
 //!   body, matching library errors by variant, never by message;
 //! * `openapi`: the document, written from the same tables (`bounds`,
-//!   [`KINDS`]) the handlers check against.
+//!   [`KINDS`], the route table) the handlers check against;
+//! * [`trust`]: tokens, roles, sessions, the browser rules, the one
+//!   middleware and its route table, the audit log; `tokens`: the token
+//!   endpoints; [`tls`]: serving over rustls.
 
 // The OpenAPI document is built from big `json!`s.
 #![recursion_limit = "512"]
@@ -52,12 +63,17 @@ mod reload;
 mod request;
 mod router;
 mod sandboxes;
+pub mod tls;
+mod tokens;
+pub mod trust;
 
 pub use body::MAX_BODY_BYTES;
 pub use errors::{kinds_of, status_for, ApiError, ApiResult, ErrorKind, KINDS};
 pub use graft::config::MAX_TIMEOUT_MS;
 pub use openapi::{openapi_document, openapi_document_for};
-pub use router::router;
+#[cfg(feature = "bench-baseline")]
+pub use router::router_without_auth;
+pub use router::{router, AppState};
 
 /// Default `timeout_ms` of `call` and `eval`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;

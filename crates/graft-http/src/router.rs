@@ -1,17 +1,49 @@
-//! The route table: every route of SPEC §6, each to its resource's handler.
-//! Unknown routes answer 404 `not_found`, known routes with another method
-//! 405 `method_not_allowed`, and no body over [`MAX_BODY_BYTES`] is read.
+//! The route table: every route of SPEC §6 and §9, each to its resource's
+//! handler, all behind the one trust middleware. Unknown routes answer 404
+//! `not_found`, known routes with another method 405 `method_not_allowed`,
+//! and no body over [`MAX_BODY_BYTES`] is read.
+//!
+//! Who may call each route is not decided here but in
+//! [`crate::trust::routes::ROUTES`]; the middleware is applied to every
+//! route of [`routes`] at once, so a route added there cannot skip it.
 
-use axum::extract::DefaultBodyLimit;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 use axum::Router;
 use graft::Node;
 
 use crate::errors::{method_not_allowed, not_found};
-use crate::{eval, events, health, modules, openapi, processes, reload, sandboxes, MAX_BODY_BYTES};
+use crate::trust::{self, Trust};
+use crate::{
+    eval, events, health, modules, openapi, processes, reload, sandboxes, tokens, MAX_BODY_BYTES,
+};
 
-/// The API router for `node`: every route of SPEC §6 under `/api/v1`.
-pub fn router(node: Node) -> Router {
+/// The router's state: the node and its trust. Handlers take what they need
+/// (`State<Node>`, `State<Arc<Trust>>`) through [`FromRef`].
+#[derive(Clone)]
+pub struct AppState {
+    /// The node.
+    pub node: Node,
+    /// Its tokens, sessions, rules and audit log.
+    pub trust: Arc<Trust>,
+}
+
+impl FromRef<AppState> for Node {
+    fn from_ref(s: &AppState) -> Node {
+        s.node.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Trust> {
+    fn from_ref(s: &AppState) -> Arc<Trust> {
+        s.trust.clone()
+    }
+}
+
+/// Every route, without the middleware.
+fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/health", get(health::health))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
@@ -46,8 +78,74 @@ pub fn router(node: Node) -> Router {
         .route("/api/v1/sandboxes/{id}/eval", post(eval::eval))
         .route("/api/v1/sandboxes/{id}/events", get(events::events))
         .route("/api/v1/reload", post(reload::batch))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route(
+            "/api/v1/tokens/{token}",
+            axum::routing::delete(tokens::revoke),
+        )
+        .route("/api/v1/audit", get(trust::audit::list))
+        .route(
+            "/api/v1/session",
+            get(trust::session::show)
+                .post(trust::session::create)
+                .delete(trust::session::delete),
+        )
+}
+
+fn finish(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(node)
+        .with_state(state)
+}
+
+/// The API router for `node`, every route behind `trust`'s middleware.
+///
+/// Serve it with [`axum::Router::into_make_service_with_connect_info`]
+/// (`SocketAddr`) so that failed authentication is limited per peer.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// use std::sync::Arc;
+/// let node = graft::Node::new();
+/// let store = Arc::new(graft::store::Store::open("/var/lib/graft/graft.db")?);
+/// graft_http::trust::ensure_admin_token_file("/var/lib/graft".as_ref(), &store)?;
+/// let trust = Arc::new(graft_http::trust::Trust::new(store, Default::default())?);
+/// let app = graft_http::router(node, trust);
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:7878").await?;
+/// axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+/// # Ok(()) }
+/// ```
+pub fn router(node: Node, trust: Arc<Trust>) -> Router {
+    let state = AppState { node, trust };
+    let protected = routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        trust::middleware::enforce,
+    ));
+    finish(protected, state)
+}
+
+/// The same API with no authentication, no browser rules and no audit: the
+/// baseline of the benchmark that measures what trust costs. Never serve it.
+#[cfg(feature = "bench-baseline")]
+pub fn router_without_auth(node: Node, trust: Arc<Trust>) -> Router {
+    use axum::extract::Request;
+    use axum::middleware::Next;
+    // The handlers that read the caller or the peer still find them.
+    async fn as_admin(mut req: Request, next: Next) -> axum::response::Response {
+        req.extensions_mut().insert(trust::Caller {
+            token_id: "baseline".into(),
+            role: trust::Role::Admin,
+            sandboxes: None,
+            session_expires_ms: None,
+        });
+        req.extensions_mut().insert(trust::Peer(None));
+        next.run(req).await
+    }
+    let state = AppState { node, trust };
+    finish(
+        routes().route_layer(axum::middleware::from_fn(as_admin)),
+        state,
+    )
 }

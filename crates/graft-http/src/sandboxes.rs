@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, State};
+use std::sync::Arc;
+
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,13 +23,22 @@ use crate::body::Body;
 use crate::bounds;
 use crate::errors::{invalid, join_error, ApiError, ApiResult};
 use crate::request::sandbox;
+use crate::trust::{projects, Caller, Trust};
 
 /// How long `DELETE /sandboxes/{id}` waits for the app to stop, and create/restart for it to start.
 const APP_WAIT: Duration = Duration::from_secs(5);
 
-pub(crate) async fn list(State(node): State<Node>) -> ApiResult<Json<Value>> {
+pub(crate) async fn list(
+    State(node): State<Node>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Value>> {
     let mut out = Vec::new();
-    for id in node.sandbox_ids() {
+    // A token limited to some sandboxes does not see the others.
+    for id in node
+        .sandbox_ids()
+        .into_iter()
+        .filter(|id| caller.may_see(id))
+    {
         // A sandbox destroyed meanwhile is simply not listed.
         if let Ok(sb) = node.sandbox(&id) {
             if let Ok(info) = sb.info().await {
@@ -71,9 +82,18 @@ fn create_limits(
 }
 
 /// Builds the spec of a create request (may read a project directory).
-fn create_spec(body: CreateBody, node: &graft::NodeLimits) -> ApiResult<SandboxSpec> {
+fn create_spec(
+    body: CreateBody,
+    node: &graft::NodeLimits,
+    roots: &[PathBuf],
+) -> ApiResult<SandboxSpec> {
     graft::config::validate_sandbox_id(&body.id)?;
     let limits = create_limits(body.limits, node)?;
+    // A path is checked (symlinks resolved) before anything under it is
+    // looked at, with one answer for every refusal.
+    if let Value::String(p) = &body.modules {
+        projects::check_project(roots, Path::new(p))?;
+    }
     let from_project =
         matches!(&body.modules, Value::String(p) if Path::new(p).join("graft.toml").is_file());
     let mut spec = match body.modules {
@@ -149,11 +169,12 @@ fn spec_from_path(path: &Path, id: &str) -> ApiResult<SandboxSpec> {
 
 pub(crate) async fn create(
     State(node): State<Node>,
+    State(trust): State<Arc<Trust>>,
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Response> {
     let n = node.clone();
     let sb = tokio::task::spawn_blocking(move || -> ApiResult<Sandbox> {
-        let spec = create_spec(body, n.limits())?;
+        let spec = create_spec(body, n.limits(), trust.roots())?;
         Ok(n.create_sandbox(spec)?)
     })
     .await

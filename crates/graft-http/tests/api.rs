@@ -45,6 +45,10 @@ async fn openapi_lists_every_path_and_method() {
         ("/sandboxes/{id}/eval", &["post"]),
         ("/sandboxes/{id}/events", &["get"]),
         ("/reload", &["post"]),
+        ("/tokens", &["get", "post"]),
+        ("/tokens/{token}", &["delete"]),
+        ("/audit", &["get"]),
+        ("/session", &["get", "post", "delete"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
     assert_eq!(
@@ -103,6 +107,8 @@ async fn create_list_info_delete() {
     let req = Request::builder()
         .method(Method::POST)
         .uri("/api/v1/sandboxes")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, api.bearer())
         .body(Body::from(
             json!({ "id": "one", "modules": { "app": APP, "counter": COUNTER } }).to_string(),
         ))
@@ -228,7 +234,9 @@ async fn create_errors() {
             json!({ "id": "n", "modules": "/definitely/not/here" }),
         )
         .await;
-    assert_error(&nodir, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    // A path outside --projects-root (here: the node has none) is refused
+    // before anything is looked at (tests/trust.rs has the rest).
+    assert_error(&nodir, StatusCode::FORBIDDEN, "path_forbidden");
 
     // malformed and badly shaped bodies are 400
     let resp = api
@@ -303,10 +311,16 @@ async fn create_errors() {
 
 #[tokio::test]
 async fn create_from_a_path() {
-    let api = Api::new();
     let dir = std::env::temp_dir().join(format!("graft-http-path-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("src/lib")).unwrap();
+    let api = Api::with(
+        graft::NodeLimits::default(),
+        graft_http::trust::TrustConfig {
+            projects_roots: vec![dir.clone()],
+            ..Default::default()
+        },
+    );
     std::fs::write(dir.join("src/app.luau"), APP).unwrap();
     std::fs::write(dir.join("src/counter.luau"), COUNTER).unwrap();
     std::fs::write(
@@ -576,12 +590,15 @@ async fn call_timeout_is_504_and_a_slow_call_blocks_nothing() {
     // while a 600 ms call runs, other requests (same sandbox too) answer at once
     let slow = {
         let router = api.router.clone();
+        let bearer = api.bearer();
         tokio::spawn(async move {
             let body = json!({ "to": "counter", "request": { "sleep": 600 }, "timeout_ms": 5000 })
                 .to_string();
             let req = Request::builder()
                 .method(Method::POST)
                 .uri("/api/v1/sandboxes/slow/call")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::AUTHORIZATION, bearer)
                 .body(Body::from(body))
                 .unwrap();
             let started = Instant::now();
@@ -626,11 +643,14 @@ async fn full_mailbox_is_429() {
     assert_eq!(s, StatusCode::CREATED);
     let busy = {
         let router = api.router.clone();
+        let bearer = api.bearer();
         tokio::spawn(async move {
             let body = json!({ "to": "c", "request": { "sleep": 300 } }).to_string();
             let req = Request::builder()
                 .method(Method::POST)
                 .uri("/api/v1/sandboxes/mb/call")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::AUTHORIZATION, bearer)
                 .body(Body::from(body))
                 .unwrap();
             router.oneshot(req).await.unwrap().status()

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use graft::{block_on, HostFunctions, Limits, Node, Sandbox, SandboxSpec};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -221,6 +221,7 @@ async fn drive(load: &Load, out: &mut PhaseResult) -> Result<(), String> {
         let req = Request::post(CALL_PATH)
             .header(HOST, "127.0.0.1")
             .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, BEARER.get().map_or("", String::as_str))
             .body(Full::new(body.clone()))
             .map_err(|e| e.to_string())?;
         let resp = sender
@@ -413,10 +414,26 @@ fn serve(node: &Node, threads: usize) -> (SocketAddr, tokio::runtime::Runtime) {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap_or_else(|e| fail(&format!("bind 127.0.0.1:0: {e}")));
     let addr = listener.local_addr().expect("local address");
-    let app = graft_http::router(node.clone());
+    // Authenticated like any client: an operator token (calls are
+    // audited, in an ephemeral store).
+    let store =
+        Arc::new(graft::store::Store::in_memory().unwrap_or_else(|e| fail(&format!("store: {e}"))));
+    let trust = Arc::new(
+        graft_http::trust::Trust::new(store, Default::default())
+            .unwrap_or_else(|e| fail(&format!("trust: {e}"))),
+    );
+    let token = trust
+        .create_token(graft_http::trust::Role::Operator, None, None)
+        .unwrap_or_else(|e| fail(&format!("token: {e}")));
+    let _ = BEARER.set(format!("Bearer {}", token.secret));
+    let app =
+        graft_http::router(node.clone(), trust).into_make_service_with_connect_info::<SocketAddr>();
     rt.spawn(async move { axum::serve(listener, app).await });
     (addr, rt)
 }
+
+/// `Bearer <token>` of the served node.
+static BEARER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn check_phase(name: &str, r: &PhaseResult) {
     if r.failures > 0 {

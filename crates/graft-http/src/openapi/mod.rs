@@ -191,6 +191,8 @@ pub fn openapi_document_for(node: &NodeLimits) -> Value {
     paths.extend(paths::modules(&req));
     paths.extend(paths::reload(&req));
     paths.extend(paths::eval_and_events(&req));
+    paths.extend(paths::trust(&req));
+    secure(&mut paths);
     let mut schemas = schemas::requests(node);
     schemas.extend(schemas::responses(node));
     schemas.extend(schemas::errors());
@@ -203,8 +205,73 @@ pub fn openapi_document_for(node: &NodeLimits) -> Value {
         },
         "servers": [{ "url": "/api/v1" }],
         "paths": paths,
-        "components": { "schemas": schemas }
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer", "description": "`Authorization: Bearer graft_…` (a token from `graft token create`, or the node's admin token file)" },
+                "session": { "type": "apiKey", "in": "cookie", "name": "graft_session", "description": "the dashboard's session, from `POST /session`" }
+            }
+        }
     })
+}
+
+/// Adds to every operation what the route table says: who may call it
+/// (`security`, `x-graft-role`), whether it is audited (`x-graft-audited`),
+/// and the answers of the trust middleware (401, 403, 415, 429, 503).
+fn secure(paths: &mut Map<String, Value>) {
+    use crate::trust::routes::{find, Access};
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            let Ok(m) = method.to_uppercase().parse::<axum::http::Method>() else {
+                continue;
+            };
+            let Some(op) = op.as_object_mut() else {
+                continue;
+            };
+            let Some(row) = find(&m, &format!("/api/v1{path}")) else {
+                continue;
+            };
+            let mut statuses: Vec<u16> = vec![403];
+            if m != axum::http::Method::GET {
+                statuses.push(415);
+            }
+            match row.access {
+                Access::Public => {
+                    op.insert("security".into(), json!([]));
+                    op.insert("x-graft-role".into(), json!("public"));
+                }
+                Access::Role(role) => {
+                    op.insert(
+                        "security".into(),
+                        json!([{ "bearer": [] }, { "session": [] }]),
+                    );
+                    op.insert("x-graft-role".into(), json!(role.as_str()));
+                    statuses.extend([401, 429]);
+                }
+            }
+            op.insert("x-graft-audited".into(), json!(row.audit));
+            if row.audit {
+                statuses.push(503);
+            }
+            let Some(resps) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for status in statuses {
+                let when: Vec<String> = KINDS
+                    .iter()
+                    .filter(|k| k.status == status)
+                    .map(|k| format!("`{}`: {}", k.kind, k.when))
+                    .collect();
+                resps.insert(
+                    status.to_string(),
+                    ok(&when.join("; "), r(&format!("Error{status}"))),
+                );
+            }
+        }
+    }
 }
 
 /// `GET /openapi.json`: the document for this node's caps.

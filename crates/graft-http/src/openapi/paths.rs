@@ -182,3 +182,66 @@ pub(super) fn eval_and_events(req: &Requests) -> Map<String, Value> {
         }
     }))
 }
+
+/// Tokens, the audit log and the dashboard's session (SPEC §9).
+pub(super) fn trust(req: &Requests) -> Map<String, Value> {
+    let token = json!({ "type": "object", "properties": {
+        "id": { "type": "string" }, "role": { "type": "string", "enum": ["viewer", "operator", "admin"] },
+        "sandboxes": { "type": ["array", "null"], "items": { "type": "string" } },
+        "label": { "type": ["string", "null"] }, "created_ms": { "type": "number" }, "revoked_ms": { "type": ["number", "null"] } } });
+    let query = |name: &str, description: &str, schema: Value| json!({ "name": name, "in": "query", "required": false, "description": description, "schema": schema });
+    props(json!({
+        "/tokens": {
+            "get": {
+                "summary": "Every token (never its secret or hash)", "operationId": "listTokens",
+                "responses": responses(("200", ok("tokens, oldest first", json!({ "type": "array", "items": token.clone() }))), &[500])
+            },
+            "post": {
+                "summary": "Create a token; its secret is in this answer only", "operationId": "createToken",
+                "requestBody": req.body("CreateToken"),
+                "responses": responses(("201", ok("the token, with `token`: the secret", token.clone())), &[400, 413, 422, 500])
+            }
+        },
+        "/tokens/{token}": {
+            "parameters": [param("token", "the token's id (`tok_…`), not its secret", json!({ "type": "string" }), "tok_0123456789ab")],
+            "delete": {
+                "summary": "Revoke a token (refused from the next request on)", "operationId": "revokeToken",
+                "responses": responses(("204", json!({ "description": "revoked" })), &[404, 500])
+            }
+        },
+        "/audit": {
+            "parameters": [
+                query("token", "only rows of this token id", json!({ "type": "string", "maxLength": 256 })),
+                query("sandbox", "only rows of this sandbox", json!({ "type": "string", "maxLength": 256 })),
+                query("outcome", "only rows with this outcome (`ok`, `pending`, `abandoned`, an error kind)", json!({ "type": "string", "maxLength": 256 })),
+                query("since_ms", "only rows at or after this time (ms since the Unix epoch)", json!({ "type": "integer", "minimum": 0 })),
+                query("before", "only rows with a smaller id (the `next_before` of the previous page)", json!({ "type": "integer", "minimum": 0 })),
+                query("limit", "rows per page (default 100)", json!({ "type": "integer", "minimum": 1, "maximum": 1000 }))
+            ],
+            "get": {
+                "summary": "The audit log, newest first", "operationId": "audit",
+                "responses": responses(("200", ok("a page of rows", json!({ "type": "object", "properties": {
+                    "rows": { "type": "array", "items": r("AuditRow") },
+                    "next_before": { "type": ["integer", "null"], "description": "pass as `before` for the next page; null: no more" } } }))), &[400, 500])
+            }
+        },
+        "/session": {
+            "post": {
+                "summary": "Sign in: a token for an HttpOnly, SameSite=Strict session cookie", "operationId": "signIn",
+                "requestBody": req.body("SignIn"),
+                "responses": responses(("204", json!({ "description": "signed in; `Set-Cookie: graft_session=…`" })), &[400, 401, 413, 429, 500])
+            },
+            "get": {
+                "summary": "Who the caller is", "operationId": "session",
+                "responses": responses(("200", ok("the caller", json!({ "type": "object", "properties": {
+                    "token_id": { "type": "string" }, "role": { "type": "string" },
+                    "sandboxes": { "type": ["array", "null"], "items": { "type": "string" } },
+                    "expires_at_ms": { "type": ["number", "null"], "description": "the session's expiry; null for a bearer token" } } }))), &[])
+            },
+            "delete": {
+                "summary": "Sign out: ends the session and clears the cookie", "operationId": "signOut",
+                "responses": responses(("204", json!({ "description": "signed out" })), &[])
+            }
+        }
+    }))
+}

@@ -163,6 +163,25 @@ pub(super) fn requests(node: &NodeLimits) -> Map<String, Value> {
             props(json!({ "source": { "type": "string" }, "timeout_ms": timeout })),
         ),
     );
+    s.insert(
+        "CreateToken".into(),
+        object(
+            &["role"],
+            props(json!({
+                "role": { "type": "string", "enum": ["viewer", "operator", "admin"] },
+                "sandboxes": nullable(json!({ "type": "array", "maxItems": crate::trust::tokens::MAX_SCOPE, "items": id_schema(),
+                    "description": "limit the token to these sandboxes (absent or null: all)" })),
+                "label": nullable(json!({ "type": "string", "maxLength": crate::trust::tokens::MAX_LABEL_CHARS, "description": "a note; no control characters" })),
+            })),
+        ),
+    );
+    s.insert(
+        "SignIn".into(),
+        object(
+            &["token"],
+            props(json!({ "token": { "type": "string", "description": "a token (`graft_` and 64 hex digits)" } })),
+        ),
+    );
     s
 }
 
@@ -171,6 +190,11 @@ pub(super) fn responses(node: &NodeLimits) -> Map<String, Value> {
         "Diagnostic": { "type": "object", "properties": { "kind": { "type": "string" }, "module": { "type": "string" }, "file": { "type": "string" },
             "line": { "type": "integer" }, "column": { "type": "integer" }, "message": { "type": "string" }, "frame": { "type": "string" } } },
         "Sources": sources_schema(),
+        "AuditRow": { "type": "object", "properties": {
+            "id": { "type": "integer" }, "at_ms": { "type": "number" }, "token_id": { "type": ["string", "null"] }, "role": { "type": ["string", "null"] },
+            "method": { "type": "string" }, "route": { "type": "string", "description": "the route pattern, e.g. /api/v1/sandboxes/{id}/eval" },
+            "sandbox": { "type": ["string", "null"] }, "outcome": { "type": "string", "description": "`ok`, an error kind, `pending` (still running, or the node stopped first) or `abandoned` (the client left)" },
+            "status": { "type": ["integer", "null"] }, "duration_us": { "type": "integer" } } },
         "Limits": limits_schema(node),
         "SandboxInfo": { "type": "object", "properties": {
             "id": { "type": "string" }, "status": { "type": "string" }, "app": { "type": "object" }, "entry": { "type": ["string", "null"] },
@@ -223,6 +247,8 @@ pub(super) fn examples(node: &NodeLimits) -> Map<String, Value> {
         "Rollback": { "version": 1, "extra": null, "dry_run": true },
         "Reload": { "modules": { "counter": EXAMPLE_COUNTER }, "extra": { "why": "demo" }, "dry_run": false, "canary_ms": 0, "canary_crashes": 1 },
         "BatchReload": { "sandboxes": ["demo"], "modules": { "counter": EXAMPLE_COUNTER }, "max_concurrency": 1, "rolling": false, "dry_run": true },
-        "Eval": { "source": "return 1 + 1", "timeout_ms": 1000 }
+        "Eval": { "source": "return 1 + 1", "timeout_ms": 1000 },
+        "CreateToken": { "role": "operator", "sandboxes": ["demo"], "label": "deploy bot" },
+        "SignIn": { "token": "graft_0000000000000000000000000000000000000000000000000000000000000000" }
     }))
 }

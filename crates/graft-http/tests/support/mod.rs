@@ -6,8 +6,11 @@
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
+use std::sync::Arc;
+
 use axum::Router;
 use graft::{Node, NodeLimits};
+use graft_http::trust::{Role, Trust, TrustConfig};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -61,10 +64,14 @@ pub fn counter_v(n: i64) -> String {
     COUNTER.replace("state.count += 1", &format!("state.count += {n}"))
 }
 
-/// A router over a node.
+/// A router over a node whose trust lives in an ephemeral store, with a
+/// known admin token that every helper request carries.
 pub struct Api {
     pub router: Router,
     pub node: Node,
+    pub trust: Arc<Trust>,
+    /// The admin token's secret.
+    pub admin: String,
 }
 
 impl Api {
@@ -77,12 +84,94 @@ impl Api {
         Api::with_node(Node::with_limits(2, limits))
     }
 
-    /// A router over this node.
-    pub fn with_node(node: Node) -> Api {
-        Api {
-            router: graft_http::router(node.clone()),
-            node,
+    /// The default test trust settings: tests send many refused requests
+    /// from one (unnamed) peer, so only the rate-limit test keeps the
+    /// default limit.
+    fn test_trust() -> TrustConfig {
+        TrustConfig {
+            auth_failures: graft_http::trust::RateLimit {
+                burst: 1_000_000,
+                per_second: 1_000_000.0,
+            },
+            ..TrustConfig::default()
         }
+    }
+
+    /// A router over this node (its own database holds the tokens when it
+    /// has one; else a private in-memory one).
+    pub fn with_node(node: Node) -> Api {
+        Api::with_node_and(node, Api::test_trust())
+    }
+
+    /// A router over a node with these caps and trust settings.
+    pub fn with(limits: NodeLimits, config: TrustConfig) -> Api {
+        Api::with_node_and(Node::with_limits(2, limits), config)
+    }
+
+    fn with_node_and(node: Node, config: TrustConfig) -> Api {
+        let store = match node.store() {
+            Some(s) => s.clone(),
+            None => Arc::new(graft::store::Store::in_memory().expect("ephemeral store")),
+        };
+        let trust = Arc::new(Trust::new(store, config).expect("trust"));
+        let admin = trust
+            .create_token(Role::Admin, None, None)
+            .expect("admin token")
+            .secret;
+        Api {
+            router: graft_http::router(node.clone(), trust.clone()),
+            node,
+            trust,
+            admin,
+        }
+    }
+
+    /// `Bearer <admin token>`.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.admin)
+    }
+
+    /// A new token's secret.
+    pub fn token(&self, role: Role, sandboxes: Option<Vec<String>>) -> String {
+        self.trust
+            .create_token(role, sandboxes, None)
+            .expect("token")
+            .secret
+    }
+
+    /// A request with any headers; the answer's status, headers and JSON.
+    pub async fn send(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
+        };
+        (status, headers, value)
+    }
+
+    /// A JSON request with this bearer token (`None`: no Authorization).
+    pub async fn as_token(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (s, _, v) = self.send(req.body(Body::from(body)).unwrap()).await;
+        (s, v)
     }
 
     pub async fn raw(&self, method: Method, uri: &str, body: Vec<u8>) -> (StatusCode, Value) {
@@ -90,6 +179,7 @@ impl Api {
             .method(method)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, self.bearer())
             .body(Body::from(body))
             .unwrap();
         let resp = self.router.clone().oneshot(req).await.unwrap();

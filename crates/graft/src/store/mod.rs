@@ -58,7 +58,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use error::{StoreError, StoreResult};
 pub use ops::{Applied, WriteOp};
 pub use records::{
-    AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot, NewEvent,
+    AuditQuery, AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot, NewEvent,
     RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
 };
 pub use schema::SCHEMA_VERSION;
@@ -425,6 +425,12 @@ impl Store {
     /// first, at most `limit`.
     pub fn audit(&self, before: Option<u64>, limit: usize) -> StoreResult<Vec<AuditRecord>> {
         self.with_reader(|p, c| read::audit_before(p, c, before, limit))
+    }
+
+    /// Audit rows matching `query`'s filters, newest first, at most
+    /// `query.limit`.
+    pub fn audit_query(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        self.with_reader(|p, c| read::audit_query(p, c, query))
     }
 
     /// Writes a consistent copy of the database to `dest` (which must not

@@ -101,6 +101,23 @@ pub enum WriteOp {
     },
     /// Appends an audit row (its id is in the receipt).
     AppendAudit(AuditRecord),
+    /// Completes an audit row appended before its request ran: sets its
+    /// outcome, status and duration, and its token and role when given (a
+    /// sign-in learns them only while it runs). `NotFound` if absent.
+    FinishAudit {
+        /// The row id (from the receipt of its `AppendAudit`).
+        id: u64,
+        /// `ok` or an error kind.
+        outcome: String,
+        /// The HTTP status.
+        status: Option<u16>,
+        /// How long the request took, µs.
+        duration_us: u64,
+        /// The token, if learnt while the request ran (`None` keeps the row's).
+        token_id: Option<String>,
+        /// Its role, likewise.
+        role: Option<String>,
+    },
 }
 
 impl WriteOp {
@@ -119,6 +136,7 @@ impl WriteOp {
             WriteOp::PutToken(_) => "put_token",
             WriteOp::RevokeToken { .. } => "revoke_token",
             WriteOp::AppendAudit(_) => "append_audit",
+            WriteOp::FinishAudit { .. } => "finish_audit",
         }
     }
 }
@@ -482,6 +500,40 @@ pub(crate) fn apply(conn: &Connection, op: &WriteOp, ctx: ApplyCtx<'_>) -> Store
             Ok(Applied::Audit {
                 id: conn.last_insert_rowid() as u64,
             })
+        }
+        WriteOp::FinishAudit {
+            id,
+            outcome,
+            status,
+            duration_us,
+            token_id,
+            role,
+        } => {
+            let duration = i64::try_from(*duration_us).map_err(|_| StoreError::Invalid {
+                op: name,
+                detail: format!("duration_us {duration_us} is out of range"),
+            })?;
+            let row = i64::try_from(*id).map_err(|_| StoreError::Invalid {
+                op: name,
+                detail: format!("audit id {id} is out of range"),
+            })?;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE audit SET outcome = ?2, status = ?3, duration_us = ?4,
+                       token_id = coalesce(?5, token_id), role = coalesce(?6, role)
+                     WHERE id = ?1",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![row, outcome, status, duration, token_id, role])
+                })
+                .map_err(sql_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    op: name,
+                    what: format!("audit row {id}"),
+                });
+            }
+            Ok(Applied::Done)
         }
     }
 }

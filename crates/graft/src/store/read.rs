@@ -16,8 +16,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::error::{StoreError, StoreResult};
 use super::records::{
-    AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot, RestoreSnapshot,
-    SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
+    AuditQuery, AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot,
+    RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
 };
 
 fn bad(path: &Path, detail: String) -> StoreError {
@@ -468,6 +468,35 @@ pub(crate) fn audit_before(
         "SELECT id, at_ms, token_id, role, method, route, sandbox, outcome, status, duration_us
          FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
         params![before, limit],
+        raw_audit,
+        Ok,
+    )
+}
+
+/// Audit rows matching `q`, newest first (see [`AuditQuery`]).
+pub(crate) fn audit_query(
+    path: &Path,
+    conn: &Connection,
+    q: &AuditQuery,
+) -> StoreResult<Vec<AuditRecord>> {
+    let before = q
+        .before
+        .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    // Absent filters are NULL and match every row (`?n IS NULL OR …`), so
+    // one cached statement serves every combination.
+    collect(
+        path,
+        conn,
+        "SELECT id, at_ms, token_id, role, method, route, sandbox, outcome, status, duration_us
+         FROM audit
+         WHERE id < ?1
+           AND (?2 IS NULL OR token_id = ?2)
+           AND (?3 IS NULL OR sandbox = ?3)
+           AND (?4 IS NULL OR outcome = ?4)
+           AND (?5 IS NULL OR at_ms >= ?5)
+         ORDER BY id DESC LIMIT ?6",
+        params![before, q.token_id, q.sandbox, q.outcome, q.since_ms, limit],
         raw_audit,
         Ok,
     )

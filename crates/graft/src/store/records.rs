@@ -185,6 +185,29 @@ pub struct AuditRecord {
     pub duration_us: u64,
 }
 
+/// A filtered, paged read of the audit log ([`crate::store::Store::audit_query`]):
+/// rows matching every filter that is set, newest first.
+///
+/// ```
+/// let q = graft::store::AuditQuery { sandbox: Some("demo".into()), limit: 50, ..Default::default() };
+/// assert!(q.token_id.is_none());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuditQuery {
+    /// Only rows of this token.
+    pub token_id: Option<String>,
+    /// Only rows concerning this sandbox.
+    pub sandbox: Option<String>,
+    /// Only rows with this outcome (`ok`, `pending`, an error kind).
+    pub outcome: Option<String>,
+    /// Only rows at or after this time, ms since the Unix epoch.
+    pub since_ms: Option<f64>,
+    /// Only rows with an id below this one (the next page).
+    pub before: Option<u64>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
 /// Everything needed to bring a node back: every stored sandbox with its
 /// modules, versions and checkpoints, read in one consistent snapshot.
 #[derive(Clone, Debug, Default, PartialEq)]

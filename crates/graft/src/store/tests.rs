@@ -1089,3 +1089,103 @@ fn an_ephemeral_store_works_the_same_and_leaves_nothing() {
     drop(store);
     assert!(!dir.exists());
 }
+
+#[test]
+fn audit_rows_are_finished_and_queried_by_filter() {
+    let store = Store::in_memory().unwrap();
+    let row = |at_ms: f64, token: &str, sandbox: Option<&str>| AuditRecord {
+        id: 0,
+        at_ms,
+        token_id: Some(token.into()),
+        role: Some("admin".into()),
+        method: "POST".into(),
+        route: "/api/v1/sandboxes/{id}/eval".into(),
+        sandbox: sandbox.map(Into::into),
+        outcome: "pending".into(),
+        status: None,
+        duration_us: 0,
+    };
+    let mut ids = Vec::new();
+    for (at, token, sb) in [
+        (10.0, "a", Some("one")),
+        (20.0, "b", Some("two")),
+        (30.0, "a", None),
+    ] {
+        let r = store
+            .write(vec![WriteOp::AppendAudit(row(at, token, sb))])
+            .unwrap();
+        let Applied::Audit { id } = r.applied[0] else {
+            panic!("{:?}", r.applied)
+        };
+        ids.push(id);
+    }
+    store
+        .write(vec![WriteOp::FinishAudit {
+            id: ids[0],
+            outcome: "ok".into(),
+            status: Some(200),
+            duration_us: 77,
+            token_id: None,
+            role: None,
+        }])
+        .unwrap();
+    // A sign-in learns its token while it runs: the finish fills it in.
+    store
+        .write(vec![WriteOp::FinishAudit {
+            id: ids[1],
+            outcome: "forbidden".into(),
+            status: Some(403),
+            duration_us: 5,
+            token_id: Some("c".into()),
+            role: Some("viewer".into()),
+        }])
+        .unwrap();
+    let err = store
+        .write(vec![WriteOp::FinishAudit {
+            id: 999,
+            outcome: "ok".into(),
+            status: None,
+            duration_us: 0,
+            token_id: None,
+            role: None,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+
+    let q = |f: &dyn Fn(&mut AuditQuery)| {
+        let mut q = AuditQuery {
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        f(&mut q);
+        store
+            .audit_query(&q)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(q(&|_| {}), vec![ids[2], ids[1], ids[0]]);
+    assert_eq!(q(&|q| q.token_id = Some("a".into())), vec![ids[2], ids[0]]);
+    assert_eq!(q(&|q| q.token_id = Some("c".into())), vec![ids[1]]);
+    assert_eq!(q(&|q| q.sandbox = Some("one".into())), vec![ids[0]]);
+    assert_eq!(q(&|q| q.outcome = Some("pending".into())), vec![ids[2]]);
+    assert_eq!(q(&|q| q.since_ms = Some(20.0)), vec![ids[2], ids[1]]);
+    assert_eq!(q(&|q| q.before = Some(ids[2])), vec![ids[1], ids[0]]);
+    assert_eq!(q(&|q| q.limit = 1), vec![ids[2]]);
+    let first = store
+        .audit_query(&AuditQuery {
+            sandbox: Some("one".into()),
+            limit: 1,
+            ..AuditQuery::default()
+        })
+        .unwrap();
+    assert_eq!(
+        (
+            first[0].outcome.as_str(),
+            first[0].status,
+            first[0].duration_us
+        ),
+        ("ok", Some(200), 77)
+    );
+}

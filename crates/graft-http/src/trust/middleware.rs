@@ -1,0 +1,472 @@
+//! The one middleware of the API: browser rules, authentication,
+//! authorization and the audit row, in that order, for every routed request,
+//! as the route's row in [`super::routes::ROUTES`] says.
+//!
+//! Invariants:
+//! * Nothing reaches a handler unless its row allows the caller; a routed
+//!   request without a row needs an unscoped admin ([`super::routes::UNLISTED`]).
+//! * Refusals come before any body is read, except for the two routes that
+//!   name their sandboxes in the body (create, batch reload), whose body is
+//!   read (at most [`crate::MAX_BODY_BYTES`]) and handed on unchanged.
+//! * An audited request runs only after its `pending` row is committed.
+//! * No answer quotes a presented credential; query and header text shown in
+//!   errors is cut short and escaped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::audit::{self, AuthenticatedAs, RowStart};
+use super::routes::{self, Access, Route, SandboxAt};
+use super::session::session_cookie;
+use super::{Caller, Peer, Trust};
+use crate::errors::{ApiError, ResponseKind};
+use crate::router::AppState;
+use crate::MAX_BODY_BYTES;
+
+/// The longest `Authorization` header looked at; longer is refused unread.
+const MAX_AUTHORIZATION_BYTES: usize = 512;
+
+/// Text from a request shown in an error: at most 64 characters, escaped.
+pub(crate) fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(64).collect();
+    let mut out = cut.escape_default().to_string();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+pub(crate) fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+pub(crate) fn rate_limited(retry: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "auth_rate_limited",
+        "too many failed authentications from this address; wait and retry",
+    )
+    .with("retry_after_s", retry.as_secs().max(1))
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// The host name of a `Host` value (no port, no IPv6 brackets), lower case.
+fn host_name(host: &str) -> String {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.to_ascii_lowercase()
+}
+
+fn is_loopback_name(name: &str) -> bool {
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The browser rules: `Host` (DNS rebinding), `Origin` (cross-site
+/// requests) and, for mutating methods, `Content-Type` (cross-site forms
+/// and `text/plain` posts, which skip the CORS preflight).
+pub(crate) fn browser_rules(
+    trust: &Trust,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "more than one Host header",
+        ));
+    }
+    let host = match host {
+        // HTTP/1.0 clients may omit Host; browsers always send it.
+        None => None,
+        Some(v) => {
+            let h = v.to_str().map_err(|_| {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden_host",
+                    "the Host header is not text",
+                )
+            })?;
+            let name = host_name(h);
+            let allowed = is_loopback_name(&name)
+                || trust
+                    .config()
+                    .allow_hosts
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(&name) || a.eq_ignore_ascii_case(h));
+            if !allowed {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden_host",
+                    format!(
+                        "Host `{}` is not a loopback name or an allowed host; start the node with --allow-host {}",
+                        shown(h),
+                        shown(&name)
+                    ),
+                ));
+            }
+            Some(h)
+        }
+    };
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let scheme = if trust.config().tls { "https" } else { "http" };
+        let own = host.is_some_and(|h| {
+            origin.to_str().is_ok_and(|o| {
+                o.strip_prefix(scheme)
+                    .and_then(|r| r.strip_prefix("://"))
+                    .is_some_and(|r| r.eq_ignore_ascii_case(h))
+            })
+        });
+        if !own {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "cross-origin requests are refused: Origin is not this node's own",
+            ));
+        }
+    }
+    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.split(';')
+                    .next()
+                    .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "this request changes something: send it with Content-Type: application/json",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Who the credentials of a request stand for: a bearer token, else the
+/// session cookie. A failure takes from the peer's rate limit.
+pub(crate) fn authenticate(
+    trust: &Trust,
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+) -> Result<Caller, ApiError> {
+    trust.limiter.check(peer).map_err(rate_limited)?;
+    let result = credentials(trust, headers);
+    if result.is_err() {
+        trust.limiter.failed(peer);
+    }
+    result
+}
+
+fn credentials(trust: &Trust, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let mut auths = headers.get_all(header::AUTHORIZATION).iter();
+    let first = auths.next();
+    if auths.next().is_some() {
+        return Err(unauthorized("send one Authorization header, not several"));
+    }
+    if let Some(value) = first {
+        let bytes = value.as_bytes();
+        if bytes.len() > MAX_AUTHORIZATION_BYTES {
+            return Err(unauthorized(
+                "the Authorization header is malformed: expected `Bearer graft_…`",
+            ));
+        }
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .ok_or_else(|| {
+                unauthorized("the Authorization header is malformed: expected `Bearer graft_…`")
+            })?;
+        return trust
+            .caller_for_token(token)
+            .ok_or_else(|| unauthorized("the token is not valid (malformed, unknown or revoked)"));
+    }
+    if let Some(secret) = session_cookie(headers) {
+        return trust.caller_for_session(secret).ok_or_else(|| {
+            unauthorized("the session has expired or was signed out; sign in again")
+        });
+    }
+    Err(unauthorized(
+        "this request needs a token: send `Authorization: Bearer graft_…` (graft token create), or sign in",
+    ))
+}
+
+/// The sandbox(es) a body names (`id`, or `sandboxes`), if it parses.
+fn body_sandboxes(bytes: &[u8], at: SandboxAt) -> Option<Vec<String>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    match at {
+        SandboxAt::BodyId => v.get("id")?.as_str().map(|s| vec![s.to_owned()]),
+        SandboxAt::BodyList => v
+            .get("sandboxes")?
+            .as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect(),
+        _ => None,
+    }
+}
+
+/// The middleware itself (see the module doc).
+pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let trust = app.trust.clone();
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let row: &'static Route = matched
+        .as_deref()
+        .and_then(|p| routes::find(req.method(), p))
+        .unwrap_or(&routes::UNLISTED);
+    let route_name = matched.unwrap_or_else(|| req.uri().path().chars().take(256).collect());
+    let method = req.method().clone();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let mut sandbox: Option<String> = None;
+    let (mut parts, body) = req.into_parts();
+    if row.sandbox == SandboxAt::Path {
+        if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &()).await {
+            sandbox = params
+                .iter()
+                .find(|(k, _)| *k == "id")
+                .map(|(_, v)| v.chars().take(256).collect());
+        }
+    }
+    let req = Request::from_parts(parts, body);
+    continue_with(
+        trust, row, route_name, method, peer, sandbox, req, next, started,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn continue_with(
+    trust: Arc<Trust>,
+    row: &'static Route,
+    route_name: String,
+    method: Method,
+    peer: Option<std::net::IpAddr>,
+    mut sandbox: Option<String>,
+    mut req: Request,
+    next: Next,
+    started: Instant,
+) -> Response {
+    let deny = |caller: Option<Caller>, sandbox: Option<String>, err: ApiError| {
+        let trust = trust.clone();
+        let route_name = route_name.clone();
+        let method = method.clone();
+        async move {
+            let status = err.status;
+            let kind = err
+                .error
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("denied")
+                .to_owned();
+            let retry = err.error.get("retry_after_s").and_then(Value::as_u64);
+            if row.audit && status != StatusCode::TOO_MANY_REQUESTS {
+                let start = RowStart {
+                    caller: caller.as_ref(),
+                    method: method.as_str(),
+                    route: &route_name,
+                    sandbox,
+                };
+                let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+                if let Err(e) =
+                    audit::write_denied(trust.store(), start, &kind, status.as_u16(), us).await
+                {
+                    tracing::warn!(error = %e, "audit: could not record a denied request");
+                }
+            }
+            let mut resp = err.into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"graft\""),
+                );
+            }
+            if let Some(s) = retry {
+                if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                    resp.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+            }
+            resp
+        }
+    };
+
+    if let Err(e) = browser_rules(&trust, &method, req.headers()) {
+        return deny(None, sandbox, e).await;
+    }
+    let caller = match row.access {
+        Access::Public => None,
+        Access::Role(needed) => {
+            let caller = match authenticate(&trust, req.headers(), peer) {
+                Ok(c) => c,
+                Err(e) => return deny(None, sandbox, e).await,
+            };
+            if caller.role < needed {
+                let e = forbidden(format!(
+                    "this needs the {} role; the token `{}` is {}",
+                    needed.as_str(),
+                    caller.token_id,
+                    caller.role.as_str()
+                ));
+                return deny(Some(caller), sandbox, e).await;
+            }
+            Some(caller)
+        }
+    };
+    let scoped = caller.as_ref().is_some_and(Caller::is_scoped);
+    match row.sandbox {
+        SandboxAt::Path => {
+            if let (Some(c), Some(id)) = (&caller, &sandbox) {
+                if !c.may_see(id) {
+                    let e = forbidden(format!(
+                        "the token `{}` is not allowed on this sandbox",
+                        c.token_id
+                    ));
+                    return deny(caller, sandbox, e).await;
+                }
+            }
+        }
+        SandboxAt::NodeWide if scoped => {
+            let e = forbidden(
+                "a token limited to some sandboxes cannot use this node-wide route".into(),
+            );
+            return deny(caller, sandbox, e).await;
+        }
+        SandboxAt::BodyId | SandboxAt::BodyList => {
+            let (parts, body) = req.into_parts();
+            let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+                Ok(b) => b,
+                Err(_) => {
+                    let e = ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the request body is larger than {MAX_BODY_BYTES} bytes (or could not be read)"),
+                    )
+                    .with("limit_bytes", MAX_BODY_BYTES);
+                    return deny(caller, sandbox, e).await;
+                }
+            };
+            let named = body_sandboxes(&bytes, row.sandbox);
+            if let Some(c) = &caller {
+                if c.is_scoped()
+                    && !named
+                        .as_ref()
+                        .is_some_and(|ids| ids.iter().all(|id| c.may_see(id)))
+                {
+                    let e = forbidden(format!(
+                        "the token `{}` is not allowed on every sandbox this names",
+                        c.token_id
+                    ));
+                    return deny(caller, named.map(|n| n.join(",")), e).await;
+                }
+            }
+            sandbox = named
+                .map(|n| n.join(","))
+                .map(|s| s.chars().take(1024).collect());
+            req = Request::from_parts(parts, Body::from(bytes));
+        }
+        _ => {}
+    }
+
+    req.extensions_mut().insert(Peer(peer));
+    if let Some(c) = &caller {
+        req.extensions_mut().insert(c.clone());
+    }
+    let pending = if row.audit {
+        let start = RowStart {
+            caller: caller.as_ref(),
+            method: method.as_str(),
+            route: &route_name,
+            sandbox: sandbox.clone(),
+        };
+        match audit::begin(trust.store(), start).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the audit log cannot be written, so nothing was done; check the node's storage",
+                )
+                .into_response();
+            }
+        }
+    } else {
+        None
+    };
+    let resp = next.run(req).await;
+    if let Some(p) = pending {
+        let status = resp.status();
+        let outcome = if status.is_success() {
+            "ok".to_owned()
+        } else {
+            resp.extensions()
+                .get::<ResponseKind>()
+                .map(|k| k.0.clone())
+                .unwrap_or_else(|| status.as_u16().to_string())
+        };
+        let learnt = resp.extensions().get::<AuthenticatedAs>().map(|a| &a.0);
+        let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        p.finish(&outcome, status.as_u16(), us, learnt);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("127.0.0.1:7878"), "127.0.0.1");
+        assert_eq!(host_name("[::1]:80"), "::1");
+        assert_eq!(host_name("LocalHost"), "localhost");
+        assert_eq!(host_name("evil.com:7878"), "evil.com");
+        assert!(is_loopback_name("localhost"));
+        assert!(is_loopback_name("app.localhost"));
+        assert!(is_loopback_name("127.9.9.9"));
+        assert!(is_loopback_name("::1"));
+        assert!(!is_loopback_name("localhost.evil.com"));
+        assert!(!is_loopback_name("10.0.0.1"));
+    }
+
+    #[test]
+    fn shown_text_is_short_and_escaped() {
+        assert_eq!(shown("a\nb"), "a\\nb");
+        assert_eq!(shown(&"x".repeat(100)).chars().count(), 65);
+    }
+}

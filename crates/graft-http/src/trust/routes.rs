@@ -1,0 +1,233 @@
+//! The one table of who may call what: every routed method and path, the
+//! role it needs, whether it is audited, and where its sandbox is named.
+//!
+//! The middleware reads nothing else to decide; handlers check no roles.
+//! Tests walk this table (every role against every route) and the OpenAPI
+//! document (every documented operation has a row here), so a route added
+//! without a row is caught; at run time such a route needs an unscoped
+//! admin and is not audited (refused rather than open).
+//!
+//! Add a route: a row here, its handler in `router.rs`, its operation in the
+//! OpenAPI document.
+
+use axum::http::Method;
+
+use super::Role;
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (the handler may authenticate itself: the sign-in).
+    Public,
+    /// A token (or session) with at least this role.
+    Role(Role),
+}
+
+/// Where a route names its sandbox (for scoped tokens and the audit row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxAt {
+    /// It concerns no one sandbox.
+    None,
+    /// The path's `{id}`.
+    Path,
+    /// The body's `id` (create).
+    BodyId,
+    /// The body's `sandboxes` list (batch reload): every one must be in scope.
+    BodyList,
+    /// It concerns the whole node: a token limited to some sandboxes is refused.
+    NodeWide,
+}
+
+/// One row of the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// The HTTP method, upper case.
+    pub method: &'static str,
+    /// The path as routed (`/api/v1/sandboxes/{id}`).
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+    /// Whether every request (allowed or denied) writes an audit row.
+    pub audit: bool,
+    /// Where its sandbox is named.
+    pub sandbox: SandboxAt,
+}
+
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    access: Access,
+    audit: bool,
+    sandbox: SandboxAt,
+) -> Route {
+    Route {
+        method,
+        path,
+        access,
+        audit,
+        sandbox,
+    }
+}
+
+use Access::{Public, Role as R};
+use SandboxAt::{BodyId, BodyList, NodeWide, Path};
+
+const VIEWER: Access = R(Role::Viewer);
+const OPERATOR: Access = R(Role::Operator);
+const ADMIN: Access = R(Role::Admin);
+const AUDIT: bool = true;
+const NO_AUDIT: bool = false;
+
+/// Every route of the API (SPEC §6, §9). Roles follow SPEC §9: viewers read
+/// everything but process state; operators call, cast, send, spawn, reload,
+/// roll back and restart; admins also create and delete sandboxes, eval,
+/// read state, and manage tokens and the audit log. Audited: every mutating
+/// request, every eval and every state read.
+pub const ROUTES: &[Route] = &[
+    r("GET", "/api/v1/health", Public, NO_AUDIT, SandboxAt::None),
+    r(
+        "GET",
+        "/api/v1/openapi.json",
+        VIEWER,
+        NO_AUDIT,
+        SandboxAt::None,
+    ),
+    r(
+        "GET",
+        "/api/v1/sandboxes",
+        VIEWER,
+        NO_AUDIT,
+        SandboxAt::None,
+    ),
+    r("POST", "/api/v1/sandboxes", ADMIN, AUDIT, BodyId),
+    r("GET", "/api/v1/sandboxes/{id}", VIEWER, NO_AUDIT, Path),
+    r("DELETE", "/api/v1/sandboxes/{id}", ADMIN, AUDIT, Path),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/restart",
+        OPERATOR,
+        AUDIT,
+        Path,
+    ),
+    r(
+        "GET",
+        "/api/v1/sandboxes/{id}/processes",
+        VIEWER,
+        NO_AUDIT,
+        Path,
+    ),
+    r(
+        "GET",
+        "/api/v1/sandboxes/{id}/processes/{target}/state",
+        ADMIN,
+        AUDIT,
+        Path,
+    ),
+    r("POST", "/api/v1/sandboxes/{id}/call", OPERATOR, AUDIT, Path),
+    r("POST", "/api/v1/sandboxes/{id}/cast", OPERATOR, AUDIT, Path),
+    r("POST", "/api/v1/sandboxes/{id}/send", OPERATOR, AUDIT, Path),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/spawn",
+        OPERATOR,
+        AUDIT,
+        Path,
+    ),
+    r(
+        "GET",
+        "/api/v1/sandboxes/{id}/modules",
+        VIEWER,
+        NO_AUDIT,
+        Path,
+    ),
+    r(
+        "GET",
+        "/api/v1/sandboxes/{id}/modules/{module}/versions",
+        VIEWER,
+        NO_AUDIT,
+        Path,
+    ),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/modules/{module}/rollback",
+        OPERATOR,
+        AUDIT,
+        Path,
+    ),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/reload",
+        OPERATOR,
+        AUDIT,
+        Path,
+    ),
+    r("POST", "/api/v1/sandboxes/{id}/eval", ADMIN, AUDIT, Path),
+    r(
+        "GET",
+        "/api/v1/sandboxes/{id}/events",
+        VIEWER,
+        NO_AUDIT,
+        Path,
+    ),
+    r("POST", "/api/v1/reload", OPERATOR, AUDIT, BodyList),
+    r("GET", "/api/v1/tokens", ADMIN, NO_AUDIT, NodeWide),
+    r("POST", "/api/v1/tokens", ADMIN, AUDIT, NodeWide),
+    r("DELETE", "/api/v1/tokens/{token}", ADMIN, AUDIT, NodeWide),
+    r("GET", "/api/v1/audit", ADMIN, NO_AUDIT, NodeWide),
+    r("POST", "/api/v1/session", Public, AUDIT, SandboxAt::None),
+    r("GET", "/api/v1/session", VIEWER, NO_AUDIT, SandboxAt::None),
+    r("DELETE", "/api/v1/session", Public, AUDIT, SandboxAt::None),
+];
+
+/// What a routed request not in the table gets (a wrong method on a known
+/// path, or a route added without a row): an unscoped admin, not audited.
+pub const UNLISTED: Route = r("*", "*", ADMIN, NO_AUDIT, NodeWide);
+
+/// The row of `method` on the routed path `path`, if any.
+///
+/// ```
+/// use graft_http::trust::routes::{find, Access};
+/// use graft_http::trust::Role;
+/// let row = find(&axum::http::Method::POST, "/api/v1/sandboxes/{id}/eval").unwrap();
+/// assert_eq!(row.access, Access::Role(Role::Admin));
+/// assert!(row.audit);
+/// ```
+pub fn find(method: &Method, path: &str) -> Option<&'static Route> {
+    ROUTES
+        .iter()
+        .find(|r| r.path == path && r.method == method.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_unique_and_mutations_are_audited() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            assert!(
+                !ROUTES[i + 1..]
+                    .iter()
+                    .any(|b| a.method == b.method && a.path == b.path),
+                "{} {} listed twice",
+                a.method,
+                a.path
+            );
+            if a.method != "GET" {
+                assert!(
+                    a.audit,
+                    "{} {} mutates but is not audited",
+                    a.method, a.path
+                );
+            }
+            if a.path.contains("{id}") {
+                assert_eq!(a.sandbox, Path, "{} {}", a.method, a.path);
+            }
+        }
+        let state = find(
+            &Method::GET,
+            "/api/v1/sandboxes/{id}/processes/{target}/state",
+        );
+        assert!(state.is_some_and(|r| r.audit && r.access == ADMIN));
+    }
+}

@@ -1,0 +1,443 @@
+//! Tokens: `graft_` followed by 64 hex digits (256 random bits), shown once,
+//! stored as SHA-256 only; and the admin token file a node writes at first
+//! start.
+//!
+//! Invariants:
+//! * A presented token is checked for its shape (length, prefix, lowercase
+//!   hex) before it is hashed, so a malformed or oversized one costs nothing.
+//! * The token table in memory mirrors the store: every change is committed
+//!   first, then applied to the table, under the table's write lock so that
+//!   two changes cannot apply out of order.
+//! * The token file is written whole (a temporary file with mode 0600,
+//!   renamed into place) and is never readable by other users, not even for
+//!   an instant.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use graft::store::{StoreError, TokenRecord, WriteOp};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{Caller, Role, Trust};
+
+/// Every token starts with this, so a leaked one is easy to grep for.
+pub const TOKEN_PREFIX: &str = "graft_";
+
+/// The admin token file's name inside a data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// Secret bytes of a token or session.
+const SECRET_BYTES: usize = 32;
+
+/// Hex digits of a secret (a session cookie is exactly this).
+pub(crate) const SECRET_HEX: usize = 2 * SECRET_BYTES;
+
+/// Length of a well-formed token: the prefix and 64 hex digits.
+pub(crate) const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 2 * SECRET_BYTES;
+
+/// Most labels are a few words.
+pub(crate) const MAX_LABEL_CHARS: usize = 128;
+
+/// Sandboxes one token may name.
+pub(crate) const MAX_SCOPE: usize = 1024;
+
+/// Random bytes as lowercase hex.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)?;
+    Ok(hex(&buf))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// A new token secret: `graft_` and 64 hex digits from the OS's randomness.
+///
+/// ```
+/// let t = graft_http::trust::generate_token().unwrap();
+/// assert!(t.starts_with("graft_") && t.len() == 70);
+/// ```
+pub fn generate_token() -> Result<String, getrandom::Error> {
+    Ok(format!("{TOKEN_PREFIX}{}", random_hex(SECRET_BYTES)?))
+}
+
+/// The SHA-256 of a secret, the only form in which it is kept.
+///
+/// ```
+/// let h = graft_http::trust::hash_secret("graft_00");
+/// assert_eq!(h.len(), 32);
+/// ```
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Whether `s` has the shape of a token (checked before any hashing).
+pub(crate) fn well_formed_token(s: &str) -> bool {
+    s.len() == TOKEN_LEN
+        && s.starts_with(TOKEN_PREFIX)
+        && s.as_bytes()[TOKEN_PREFIX.len()..]
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// What `Trust::create_token` made: the secret (shown once) and its record.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    /// The secret: give it to its user; it is not stored.
+    pub secret: String,
+    /// The stored record (hash, role, scope).
+    pub record: TokenRecord,
+}
+
+/// Why a token could not be made or changed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// A bad request: label, scope.
+    Invalid(String),
+    /// No token with this id.
+    NotFound(String),
+    /// The OS gave no randomness.
+    Random(getrandom::Error),
+    /// The store refused the write.
+    Store(StoreError),
+}
+
+impl std::fmt::Display for TokenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenError::Invalid(m) => f.write_str(m),
+            TokenError::NotFound(id) => write!(f, "no token with id `{id}`"),
+            TokenError::Random(e) => write!(f, "the OS gave no randomness: {e}"),
+            TokenError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+pub(crate) fn check_label(label: &str) -> Result<(), String> {
+    if label.chars().count() > MAX_LABEL_CHARS {
+        return Err(format!(
+            "label: at most {MAX_LABEL_CHARS} characters, not {}",
+            label.chars().count()
+        ));
+    }
+    if label.chars().any(char::is_control) {
+        return Err("label: control characters are not allowed".into());
+    }
+    Ok(())
+}
+
+impl Trust {
+    /// Makes a token with `role`, limited to `sandboxes` if given, durable
+    /// before it is returned. Its secret is in the answer only.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use graft_http::trust::{Role, Trust};
+    /// let store = std::sync::Arc::new(graft::store::Store::in_memory()?);
+    /// let trust = Trust::new(store, Default::default())?;
+    /// let t = trust.create_token(Role::Viewer, Some(vec!["demo".into()]), None)?;
+    /// assert!(t.secret.starts_with("graft_"));
+    /// # Ok(()) }
+    /// ```
+    pub fn create_token(
+        &self,
+        role: Role,
+        sandboxes: Option<Vec<String>>,
+        label: Option<String>,
+    ) -> Result<NewToken, TokenError> {
+        if let Some(label) = &label {
+            check_label(label).map_err(TokenError::Invalid)?;
+        }
+        if let Some(list) = &sandboxes {
+            if list.len() > MAX_SCOPE {
+                return Err(TokenError::Invalid(format!(
+                    "sandboxes: at most {MAX_SCOPE}, not {}",
+                    list.len()
+                )));
+            }
+            for id in list {
+                graft::config::validate_sandbox_id(id)
+                    .map_err(|e| TokenError::Invalid(format!("sandboxes: {e}")))?;
+            }
+        }
+        let secret = generate_token().map_err(TokenError::Random)?;
+        let id = format!("tok_{}", random_hex(6).map_err(TokenError::Random)?);
+        let record = TokenRecord {
+            id,
+            hash: hash_secret(&secret),
+            role: role.as_str().to_owned(),
+            sandboxes,
+            label,
+            created_ms: now_ms(),
+            revoked_ms: None,
+        };
+        let mut table = self.tokens.write();
+        self.store
+            .write(vec![WriteOp::PutToken(record.clone())])
+            .map_err(TokenError::Store)?;
+        table.insert(record.hash, Arc::new(record.clone()));
+        Ok(NewToken { secret, record })
+    }
+
+    /// Every token, revoked ones included, oldest first.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut list: Vec<TokenRecord> =
+            self.tokens.read().values().map(|t| (**t).clone()).collect();
+        list.sort_by(|a, b| a.created_ms.total_cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        Ok(list)
+    }
+
+    /// Revokes token `id`: durable, then refused from the next request on.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenRecord, TokenError> {
+        let mut table = self.tokens.write();
+        let Some(hash) = table.values().find(|t| t.id == id).map(|t| t.hash) else {
+            return Err(TokenError::NotFound(id.to_owned()));
+        };
+        let at = now_ms();
+        self.store
+            .write(vec![WriteOp::RevokeToken {
+                id: id.to_owned(),
+                at_ms: at,
+            }])
+            .map_err(TokenError::Store)?;
+        let mut record = table
+            .get(&hash)
+            .map(|t| (**t).clone())
+            .ok_or_else(|| TokenError::NotFound(id.to_owned()))?;
+        record.revoked_ms.get_or_insert(at);
+        table.insert(hash, Arc::new(record.clone()));
+        Ok(record)
+    }
+
+    /// The live (not revoked) token whose secret hashes to `hash`.
+    pub(crate) fn token_for_hash(&self, hash: &[u8; 32]) -> Option<Arc<TokenRecord>> {
+        let table = self.tokens.read();
+        let found = table.get(hash)?;
+        // The lookup above is keyed by a SHA-256 an attacker cannot steer
+        // towards a stored one; the comparison that decides is constant-time.
+        if !bool::from(found.hash.ct_eq(hash)) || found.revoked_ms.is_some() {
+            return None;
+        }
+        Some(found.clone())
+    }
+
+    /// The live token with this id (for sessions, which remember the id).
+    pub(crate) fn token_by_id(&self, id: &str) -> Option<Arc<TokenRecord>> {
+        self.tokens
+            .read()
+            .values()
+            .find(|t| t.id == id && t.revoked_ms.is_none())
+            .cloned()
+    }
+
+    /// The caller a well-formed token secret stands for, if it is live.
+    pub(crate) fn caller_for_token(&self, secret: &str) -> Option<Caller> {
+        if !well_formed_token(secret) {
+            return None;
+        }
+        self.token_for_hash(&hash_secret(secret))
+            .and_then(|t| caller_of(&t, None))
+    }
+}
+
+/// The caller of a token record (`None` for a role this build does not know:
+/// refused rather than guessed).
+pub(crate) fn caller_of(t: &TokenRecord, session_expires_ms: Option<f64>) -> Option<Caller> {
+    Some(Caller {
+        token_id: t.id.clone(),
+        role: Role::parse(&t.role)?,
+        sandboxes: t.sandboxes.as_ref().map(|s| Arc::from(s.as_slice())),
+        session_expires_ms,
+    })
+}
+
+/// The admin token file of a data directory, after [`ensure_admin_token_file`].
+#[derive(Clone, Debug)]
+pub struct TokenFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// The token's public id.
+    pub token_id: String,
+    /// Whether this start made it (first start, or the old one was revoked).
+    pub created: bool,
+}
+
+/// Makes sure `data_dir/admin.token` holds a live admin token (SPEC §9's
+/// first start): keeps a file whose token the store knows and has not
+/// revoked; otherwise mints a new admin token and writes the file with mode
+/// 0600 (a temporary file renamed into place). `data_dir` is created (0700)
+/// if missing and gets a `.gitignore` of `*` so a project's token is never
+/// committed.
+///
+/// Call it before [`Trust::new`] so the table sees the token.
+///
+/// ```no_run
+/// # fn main() -> anyhow::Result<()> {
+/// let dir = std::path::Path::new("/var/lib/graft");
+/// let store = std::sync::Arc::new(graft::store::Store::open(dir.join("graft.db"))?);
+/// let file = graft_http::trust::ensure_admin_token_file(dir, &store)?;
+/// println!("admin token in {}", file.path.display());
+/// # Ok(()) }
+/// ```
+pub fn ensure_admin_token_file(
+    data_dir: &Path,
+    store: &graft::store::Store,
+) -> std::io::Result<TokenFile> {
+    let io = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("{what} {}: {e}", data_dir.display()))
+    };
+    create_private_dir(data_dir)?;
+    let path = data_dir.join(TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let secret = text.trim();
+        if well_formed_token(secret) {
+            let known = store
+                .token_by_hash(&hash_secret(secret))
+                .map_err(|e| io("reading the tokens of", &e))?;
+            if let Some(t) = known.filter(|t| t.revoked_ms.is_none() && t.role == "admin") {
+                return Ok(TokenFile {
+                    path,
+                    token_id: t.id,
+                    created: false,
+                });
+            }
+        }
+    }
+    let secret = generate_token().map_err(|e| io("making a token for", &e))?;
+    let id = format!(
+        "tok_{}",
+        random_hex(6).map_err(|e| io("making a token for", &e))?
+    );
+    let record = TokenRecord {
+        id: id.clone(),
+        hash: hash_secret(&secret),
+        role: Role::Admin.as_str().to_owned(),
+        sandboxes: None,
+        label: Some("admin token file".into()),
+        created_ms: now_ms(),
+        revoked_ms: None,
+    };
+    store
+        .write(vec![WriteOp::PutToken(record)])
+        .map_err(|e| io("storing the admin token of", &e))?;
+    write_private(&path, &format!("{secret}\n"))?;
+    Ok(TokenFile {
+        path,
+        token_id: id,
+        created: true,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.is_dir() {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir)?;
+    }
+    let ignore = dir.join(".gitignore");
+    if !ignore.exists() {
+        std::fs::write(
+            &ignore,
+            "# Graft's data: tokens and the database. Never commit.\n*\n",
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a 0600 temporary file renamed into place.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("token.partial");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_shape_is_checked_before_hashing() {
+        let t = generate_token().unwrap();
+        assert!(well_formed_token(&t));
+        assert_ne!(t, generate_token().unwrap());
+        assert!(!well_formed_token(&t[..t.len() - 1]));
+        assert!(!well_formed_token(&t.to_uppercase()));
+        assert!(!well_formed_token(&t.replace("graft_", "graff_")));
+        assert!(!well_formed_token(&format!("{t}0")));
+        assert!(!well_formed_token(""));
+        // Multi-byte text of the right byte length is not hex.
+        let odd = format!("graft_{}", "é".repeat(32));
+        assert_eq!(odd.len(), TOKEN_LEN);
+        assert!(!well_formed_token(&odd));
+    }
+
+    #[test]
+    fn the_token_file_is_private_and_survives_restarts() {
+        let dir = std::env::temp_dir().join(format!("graft-token-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = graft::store::Store::in_memory().unwrap();
+        let first = ensure_admin_token_file(&dir, &store).unwrap();
+        assert!(first.created);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&first.path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let secret = std::fs::read_to_string(&first.path).unwrap();
+        assert!(well_formed_token(secret.trim()));
+        let again = ensure_admin_token_file(&dir, &store).unwrap();
+        assert!(!again.created);
+        assert_eq!(again.token_id, first.token_id);
+        // Only the hash is stored.
+        let stored = store.tokens().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].hash, hash_secret(secret.trim()));
+        // A revoked file token is replaced at the next start.
+        store
+            .write(vec![WriteOp::RevokeToken {
+                id: first.token_id.clone(),
+                at_ms: 1.0,
+            }])
+            .unwrap();
+        let third = ensure_admin_token_file(&dir, &store).unwrap();
+        assert!(third.created);
+        assert_ne!(third.token_id, first.token_id);
+        assert_eq!(
+            std::fs::read_to_string(dir.join(".gitignore"))
+                .unwrap()
+                .lines()
+                .last(),
+            Some("*")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,980 @@
+//! Trust (SPEC §9) through the router: every route against every role (from
+//! the route table, and from the OpenAPI document), scoped, revoked and
+//! malformed tokens, browser rules, sessions, path sandboxes, the audit log
+//! (and what happens when it cannot be written), and the rate limit of
+//! failed authentication.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{header, Method, Request, StatusCode};
+use graft::NodeLimits;
+use graft_http::trust::routes::{Access, Route, ROUTES};
+use graft_http::trust::{RateLimit, Role, TrustConfig};
+use serde_json::{json, Value};
+use support::{assert_error, Api, COUNTER};
+
+/// The concrete URI and a plausible body for a route, on sandbox `demo`.
+fn request_for(row: &Route, api: &Api, n: usize) -> (String, Option<Value>) {
+    let uri = row
+        .path
+        .replace("{id}", "demo")
+        .replace("{target}", "counter")
+        .replace("{module}", "counter")
+        .replace("{token}", "tok_000000000000");
+    let body = match (row.method, row.path.rsplit('/').next().unwrap_or("")) {
+        ("POST", "sandboxes") => {
+            Some(json!({ "id": format!("made-{n}"), "modules": { "counter": COUNTER } }))
+        }
+        ("POST", "call") => Some(json!({ "to": "counter", "request": "inc" })),
+        ("POST", "cast" | "send") => Some(json!({ "to": "counter", "message": 1 })),
+        ("POST", "spawn") => Some(json!({ "module": "counter" })),
+        ("POST", "rollback") => Some(json!({ "version": 1, "dry_run": true })),
+        ("POST", "reload") if row.path.contains("{id}") => {
+            Some(json!({ "modules": { "counter": COUNTER }, "dry_run": true }))
+        }
+        ("POST", "reload") => Some(
+            json!({ "sandboxes": ["demo"], "modules": { "counter": COUNTER }, "dry_run": true }),
+        ),
+        ("POST", "eval") => Some(json!({ "source": "return 1" })),
+        ("POST", "tokens") => Some(json!({ "role": "viewer" })),
+        ("POST", "session") => Some(json!({ "token": api.admin })),
+        ("POST", "restart") => Some(json!({})),
+        _ => None,
+    };
+    (uri, body)
+}
+
+fn method(row: &Route) -> Method {
+    row.method.parse().expect("a method")
+}
+
+/// A node with the counter app in sandbox `demo`.
+async fn demo() -> Api {
+    let api = Api::new();
+    api.counter_app("demo").await;
+    api
+}
+
+/// Checks one route for one caller (`None`: no token) against its row.
+async fn probe(api: &Api, row: &Route, role: Option<Role>, n: usize) {
+    let (uri, body) = request_for(row, api, n);
+    let token = role.map(|r| api.token(r, None));
+    let (status, v) = api
+        .as_token(token.as_deref(), method(row), &uri, body)
+        .await;
+    let what = format!("{} {} as {:?}: {status} {v}", row.method, row.path, role);
+    match (row.access, role) {
+        (Access::Public, _) => assert_ne!(status, StatusCode::FORBIDDEN, "{what}"),
+        (Access::Role(_), None) => {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+            assert_eq!(v["error"]["kind"], "unauthorized", "{what}");
+        }
+        (Access::Role(needed), Some(r)) if r < needed => {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+            assert_eq!(v["error"]["kind"], "forbidden", "{what}");
+        }
+        (Access::Role(_), Some(_)) => {
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{what}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_role_against_every_route_of_the_table() {
+    let api = demo().await;
+    let mut n = 0;
+    // Destructive routes last, so the others find `demo`.
+    let mut rows: Vec<&Route> = ROUTES.iter().collect();
+    rows.sort_by_key(|r| r.method == "DELETE" && r.path.contains("{id}"));
+    for row in rows {
+        for role in [
+            None,
+            Some(Role::Viewer),
+            Some(Role::Operator),
+            Some(Role::Admin),
+        ] {
+            n += 1;
+            probe(&api, row, role, n).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_of_the_openapi_document_is_protected_as_the_table_says() {
+    let api = demo().await;
+    let (s, doc) = api.get("/api/v1/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    let mut seen = Vec::new();
+    let mut n = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (m, op) in item.as_object().unwrap() {
+            let Ok(method) = m.to_uppercase().parse::<Method>() else {
+                continue;
+            };
+            if !matches!(
+                method,
+                Method::GET | Method::POST | Method::DELETE | Method::PUT | Method::PATCH
+            ) {
+                continue;
+            }
+            let full = format!("/api/v1{path}");
+            let row = graft_http::trust::routes::find(&method, &full).unwrap_or_else(|| {
+                panic!("{m} {full} is documented but has no row in the route table")
+            });
+            // The document states what the table says.
+            let role = match row.access {
+                Access::Public => "public".to_owned(),
+                Access::Role(r) => r.as_str().to_owned(),
+            };
+            assert_eq!(op["x-graft-role"], json!(role), "{m} {full}");
+            assert_eq!(op["x-graft-audited"], json!(row.audit), "{m} {full}");
+            if row.method == "DELETE" && row.path.contains("{id}") {
+                continue; // probed last, below
+            }
+            for role in [
+                None,
+                Some(Role::Viewer),
+                Some(Role::Operator),
+                Some(Role::Admin),
+            ] {
+                n += 1;
+                probe(&api, row, role, n).await;
+            }
+            seen.push((row.method, row.path));
+        }
+    }
+    let delete =
+        graft_http::trust::routes::find(&Method::DELETE, "/api/v1/sandboxes/{id}").unwrap();
+    for role in [
+        None,
+        Some(Role::Viewer),
+        Some(Role::Operator),
+        Some(Role::Admin),
+    ] {
+        probe(&api, delete, role, 0).await;
+    }
+    seen.push((delete.method, delete.path));
+    for row in ROUTES {
+        assert!(
+            seen.contains(&(row.method, row.path)),
+            "{} {} is in the route table but not in the OpenAPI document",
+            row.method,
+            row.path
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_scoped_token_sees_and_touches_only_its_sandboxes() {
+    let api = demo().await;
+    api.counter_app("other").await;
+    let scoped = api.token(Role::Admin, Some(vec!["demo".into()]));
+    let t = Some(scoped.as_str());
+    let (s, list) = api
+        .as_token(t, Method::GET, "/api/v1/sandboxes", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["demo"]);
+    let (s, v) = api
+        .as_token(
+            t,
+            Method::POST,
+            "/api/v1/sandboxes/demo/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        )
+        .await;
+    assert_eq!((s, &v["reply"]), (StatusCode::OK, &json!(1)));
+    for (m, uri, body) in [
+        (Method::GET, "/api/v1/sandboxes/other", None),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/other/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        ),
+        (Method::DELETE, "/api/v1/sandboxes/other", None),
+        (
+            Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({ "id": "third", "modules": { "counter": COUNTER } })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/reload",
+            Some(json!({ "sandboxes": ["demo", "other"], "modules": { "counter": COUNTER } })),
+        ),
+        (Method::GET, "/api/v1/tokens", None),
+        (Method::GET, "/api/v1/audit", None),
+        (
+            Method::POST,
+            "/api/v1/tokens",
+            Some(json!({ "role": "admin" })),
+        ),
+    ] {
+        let resp = api.as_token(t, m.clone(), uri, body).await;
+        assert_error(&resp, StatusCode::FORBIDDEN, "forbidden");
+    }
+    // Nothing of it happened.
+    let (_, v) = api.call("other", "counter", json!("inc")).await;
+    assert_eq!(v["reply"], 1);
+    assert_eq!(
+        api.get("/api/v1/sandboxes/third").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(api.trust.tokens().unwrap().len(), 2);
+    // A create inside its scope works.
+    let scoped_new = api.token(Role::Admin, Some(vec!["mine".into()]));
+    let (s, v) = api
+        .as_token(
+            Some(&scoped_new),
+            Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({ "id": "mine", "modules": { "counter": COUNTER } })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
+#[tokio::test]
+async fn missing_malformed_unknown_and_revoked_tokens_are_401_and_never_echoed() {
+    let api = demo().await;
+    let viewer = api.token(Role::Viewer, None);
+    let unknown = graft_http::trust::generate_token().unwrap();
+    let long = format!("Bearer graft_{}", "a".repeat(10_000));
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (None, "none"),
+        (Some(format!("Bearer {unknown}")), "unknown"),
+        (
+            Some(format!("Bearer {}", &viewer[..viewer.len() - 1])),
+            "truncated",
+        ),
+        (
+            Some(format!("Bearer {}", viewer.to_uppercase())),
+            "upper case",
+        ),
+        (Some(format!("Basic {viewer}")), "basic"),
+        (Some(viewer.clone()), "no scheme"),
+        (Some(long.clone()), "oversized"),
+        (Some("Bearer graft_\u{ff}".into()), "not ascii"),
+    ];
+    for (auth, what) in cases {
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri("/api/v1/sandboxes");
+        if let Some(a) = &auth {
+            req = req.header(header::AUTHORIZATION, a.as_bytes());
+        }
+        let (s, headers, v) = api.send(req.body(Body::empty()).unwrap()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {v}");
+        assert_eq!(v["error"]["kind"], "unauthorized", "{what}");
+        assert!(headers.contains_key(header::WWW_AUTHENTICATE), "{what}");
+        let text = v.to_string();
+        assert!(
+            !text.contains(&viewer[6..20])
+                && !text.contains(&unknown[6..20])
+                && !text.contains("aaaaaaaa"),
+            "{what} echoed: {text}"
+        );
+    }
+    // Two Authorization headers, one of them valid: refused.
+    let req = Request::builder()
+        .uri("/api/v1/sandboxes")
+        .header(header::AUTHORIZATION, format!("Bearer {viewer}"))
+        .header(header::AUTHORIZATION, format!("Bearer {unknown}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.send(req).await.0, StatusCode::UNAUTHORIZED);
+    // The scheme is case-insensitive (RFC 9110).
+    let req = Request::builder()
+        .uri("/api/v1/sandboxes")
+        .header(header::AUTHORIZATION, format!("bearer {viewer}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.send(req).await.0, StatusCode::OK);
+    // Revoked: refused from the next request on.
+    let id = api
+        .trust
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.role == "viewer")
+        .unwrap()
+        .id;
+    let (s, _) = api.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .as_token(Some(&viewer), Method::GET, "/api/v1/sandboxes", None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The secret is nowhere in the database file.
+    let db = std::fs::read(api.trust.store().path()).unwrap_or_default();
+    let wal = std::fs::read(api.trust.store().path().with_extension("db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(viewer.len()).any(|w| w == viewer.as_bytes()));
+        assert!(!bytes
+            .windows(api.admin.len())
+            .any(|w| w == api.admin.as_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_created_listed_and_revoked_over_http() {
+    let api = Api::new();
+    let (s, v) = api
+        .post(
+            "/api/v1/tokens",
+            json!({ "role": "operator", "sandboxes": ["demo"], "label": "ci bot" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let secret = v["token"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("graft_") && secret.len() == 70);
+    assert_eq!(v["role"], "operator");
+    let (s, list) = api.get("/api/v1/tokens").await;
+    assert_eq!(s, StatusCode::OK);
+    let text = list.to_string();
+    assert!(!text.contains(&secret) && !text.contains("hash"), "{text}");
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    for bad in [
+        json!({ "role": "root" }),
+        json!({ "role": "viewer", "sandboxes": ["Bad Id"] }),
+        json!({ "role": "viewer", "label": "x".repeat(129) }),
+        json!({ "role": "viewer", "label": "a\u{1b}[31m" }),
+    ] {
+        assert_error(
+            &api.post("/api/v1/tokens", bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+        );
+    }
+    assert_error(
+        &api.post("/api/v1/tokens", json!({ "role": "viewer", "admin": true }))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &api.delete("/api/v1/tokens/tok_nope").await,
+        StatusCode::NOT_FOUND,
+        "no_token",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_under_concurrent_requests_holds_from_the_next_request() {
+    let api = Arc::new(demo().await);
+    let op = api.token(Role::Operator, None);
+    let id = api
+        .trust
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.role == "operator")
+        .unwrap()
+        .id;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (api, op, stop) = (api.clone(), op.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (s, _) = api
+                    .as_token(
+                        Some(&op),
+                        Method::GET,
+                        "/api/v1/sandboxes/demo/processes",
+                        None,
+                    )
+                    .await;
+                statuses.push(s);
+                tokio::task::yield_now().await;
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, _) = api.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Every request that starts after the revocation answered is refused.
+    for _ in 0..20 {
+        let (s, _) = api
+            .as_token(
+                Some(&op),
+                Method::GET,
+                "/api/v1/sandboxes/demo/processes",
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let statuses = w.await.unwrap();
+        // Each worker saw only OK, then only 401: never OK after a 401.
+        let first_refused = statuses
+            .iter()
+            .position(|s| *s == StatusCode::UNAUTHORIZED)
+            .unwrap_or(statuses.len());
+        assert!(
+            statuses[..first_refused]
+                .iter()
+                .all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        assert!(
+            statuses[first_refused..]
+                .iter()
+                .all(|s| *s == StatusCode::UNAUTHORIZED),
+            "{statuses:?}"
+        );
+    }
+}
+
+/// A request with browser-like headers and the admin token.
+fn browser(api: &Api, m: Method, uri: &str, headers: &[(&str, &str)], body: &str) -> Request<Body> {
+    let mut req = Request::builder()
+        .method(m)
+        .uri(uri)
+        .header(header::AUTHORIZATION, api.bearer());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Body::from(body.to_owned())).unwrap()
+}
+
+/// Headers of a refused request, and the status and kind it gets.
+type Refusal<'a> = (&'a [(&'a str, &'a str)], StatusCode, &'a str);
+
+#[tokio::test]
+async fn cross_site_origin_rebinding_host_and_text_plain_are_refused_without_effect() {
+    let api = demo().await;
+    let call = json!({ "to": "counter", "request": "inc" }).to_string();
+    let uri = "/api/v1/sandboxes/demo/call";
+    let refusals: &[Refusal] = &[
+        (
+            &[
+                ("host", "127.0.0.1:7878"),
+                ("origin", "https://evil.example"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+        ),
+        (
+            &[
+                ("host", "127.0.0.1:7878"),
+                ("origin", "null"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+        ),
+        (
+            &[
+                ("host", "127.0.0.1:7878"),
+                ("origin", "http://127.0.0.1:9999"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+        ),
+        (
+            &[
+                ("origin", "http://127.0.0.1:7878"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+        ),
+        (
+            &[
+                ("host", "rebind.evil.example:7878"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+        ),
+        (
+            &[
+                ("host", "localhost.evil.example"),
+                ("content-type", "application/json"),
+            ],
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+        ),
+        (
+            &[("host", "127.0.0.1:7878"), ("content-type", "text/plain")],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            &[
+                ("host", "127.0.0.1:7878"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            &[("host", "127.0.0.1:7878")],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ];
+    for (headers, status, kind) in refusals {
+        let (s, _, v) = api
+            .send(browser(&api, Method::POST, uri, headers, &call))
+            .await;
+        assert_eq!(
+            (s, v["error"]["kind"].as_str()),
+            (*status, Some(*kind)),
+            "{headers:?}: {v}"
+        );
+    }
+    // No call went through: the next one is the first.
+    let ok: &[(&str, &str)] = &[
+        ("host", "localhost:7878"),
+        ("origin", "http://localhost:7878"),
+        ("content-type", "application/json; charset=utf-8"),
+    ];
+    let (s, _, v) = api.send(browser(&api, Method::POST, uri, ok, &call)).await;
+    assert_eq!((s, &v["reply"]), (StatusCode::OK, &json!(1)), "{v}");
+    // A GET needs no content type; an allowed host is accepted.
+    let api2 = Api::with(
+        NodeLimits::default(),
+        TrustConfig {
+            allow_hosts: vec!["graft.example".into()],
+            ..TrustConfig::default()
+        },
+    );
+    let (s, _, v) = api2
+        .send(browser(
+            &api2,
+            Method::GET,
+            "/api/v1/sandboxes",
+            &[("host", "graft.example:443")],
+            "",
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+fn cookie_of(headers: &axum::http::HeaderMap) -> String {
+    headers[header::SET_COOKIE].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sessions_are_http_only_strict_cookies_that_end() {
+    let api = Api::with(
+        NodeLimits::default(),
+        TrustConfig {
+            session_ttl: Duration::from_millis(300),
+            ..TrustConfig::default()
+        },
+    );
+    api.counter_app("demo").await;
+    let viewer = api.token(Role::Viewer, None);
+    let sign_in = |token: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/api/v1/session")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({ "token": token }).to_string()))
+            .unwrap()
+    };
+    let (s, headers, _) = api.send(sign_in(&viewer)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let set = cookie_of(&headers);
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains(&viewer), "{set}");
+    let value = set.split(';').next().unwrap().to_owned(); // graft_session=…
+    let with_cookie = |cookie: &str, uri: &str| {
+        Request::builder()
+            .uri(uri)
+            .header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, _, who) = api.send(with_cookie(&value, "/api/v1/session")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(who["role"], "viewer");
+    assert!(who["expires_at_ms"].as_f64().is_some());
+    // The session has the token's role: a viewer cannot eval.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/sandboxes/demo/eval")
+        .header(header::COOKIE, &value)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"source":"return 1"}"#))
+        .unwrap();
+    assert_eq!(api.send(req).await.0, StatusCode::FORBIDDEN);
+    // Tampered, duplicated or foreign cookies are refused.
+    let mut flipped = value.clone().into_bytes();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    for bad in [
+        flipped.as_str(),
+        "graft_session=zz",
+        &format!("{value}; {value}"),
+        "graft_session=",
+    ] {
+        let (s, _, _) = api.send(with_cookie(bad, "/api/v1/sandboxes")).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{bad}");
+    }
+    // A bad token gets no session.
+    let (s, headers, v) = api.send(sign_in("graft_nope")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(!headers.contains_key(header::SET_COOKIE));
+    // The session ends on its own.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        api.send(with_cookie(&value, "/api/v1/session")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Signing out ends it at once; revoking the token ends it too.
+    let (_, headers, _) = api.send(sign_in(&viewer)).await;
+    let value = cookie_of(&headers).split(';').next().unwrap().to_owned();
+    let out = Request::builder()
+        .method(Method::DELETE)
+        .uri("/api/v1/session")
+        .header(header::COOKIE, &value)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::empty())
+        .unwrap();
+    let (s, headers, _) = api.send(out).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(cookie_of(&headers).contains("Max-Age=0"));
+    assert_eq!(
+        api.send(with_cookie(&value, "/api/v1/session")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (_, headers, _) = api.send(sign_in(&viewer)).await;
+    let value = cookie_of(&headers).split(';').next().unwrap().to_owned();
+    let id = api
+        .trust
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.role == "viewer")
+        .unwrap()
+        .id;
+    api.trust.revoke_token(&id).unwrap();
+    assert_eq!(
+        api.send(with_cookie(&value, "/api/v1/session")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("graft-trust-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir.canonicalize().unwrap())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn path_sandboxes_only_under_the_projects_root_and_probes_learn_nothing() {
+    let scratch = Scratch::new("roots");
+    let root = scratch.0.join("root");
+    let outside = scratch.0.join("outside");
+    for d in [
+        root.join("ok/src"),
+        outside.join("secret/src"),
+        root.join("leaky/src"),
+    ] {
+        std::fs::create_dir_all(&d).unwrap();
+    }
+    std::fs::write(root.join("ok/src/counter.luau"), COUNTER).unwrap();
+    std::fs::write(outside.join("secret/src/counter.luau"), COUNTER).unwrap();
+    std::fs::write(outside.join("file.txt"), "x").unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("secret/src/counter.luau"),
+            root.join("leaky/src/counter.luau"),
+        )
+        .unwrap();
+    }
+    let api = Api::with(
+        NodeLimits::default(),
+        TrustConfig {
+            projects_roots: vec![root.clone()],
+            ..TrustConfig::default()
+        },
+    );
+    let create = |id: &str, path: PathBuf| json!({ "id": id, "modules": path.to_string_lossy() });
+    let mut answers = Vec::new();
+    for (i, path) in [
+        outside.join("secret"),
+        outside.join("missing"),
+        outside.join("file.txt"),
+        root.join("../outside/secret"),
+        root.join("link/secret"),
+        PathBuf::from("/etc"),
+        PathBuf::from("/nonexistent/deep/path"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let resp = api
+            .post("/api/v1/sandboxes", create(&format!("p{i}"), path.clone()))
+            .await;
+        assert_error(&resp, StatusCode::FORBIDDEN, "path_forbidden");
+        answers.push(resp.1.to_string());
+        assert!(
+            !resp.1.to_string().contains("outside"),
+            "{path:?}: {}",
+            resp.1
+        );
+    }
+    answers.dedup();
+    assert_eq!(answers.len(), 1, "the answers differ: {answers:?}");
+    // A module file that links out of the root is never read (the loader
+    // does not follow links): the project has no module.
+    let resp = api
+        .post("/api/v1/sandboxes", create("leaky", root.join("leaky")))
+        .await;
+    assert_error(&resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    let (s, v) = api
+        .post("/api/v1/sandboxes", create("ok", root.join("ok")))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // A node with no projects root refuses every path.
+    let closed = Api::new();
+    let resp = closed
+        .post("/api/v1/sandboxes", create("ok", root.join("ok")))
+        .await;
+    assert_error(&resp, StatusCode::FORBIDDEN, "path_forbidden");
+}
+
+async fn audit_rows(api: &Api, query: &str) -> Vec<Value> {
+    // Completions are queued after the answer: wait until none is pending.
+    for _ in 0..200 {
+        let (s, v) = api.get(&format!("/api/v1/audit?{query}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let rows = v["rows"].as_array().unwrap().clone();
+        if rows.iter().all(|r| r["outcome"] != "pending") {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("audit rows stay pending");
+}
+
+#[tokio::test]
+async fn audit_rows_for_allowed_and_denied_requests() {
+    let api = demo().await;
+    let viewer = api.token(Role::Viewer, None);
+    let viewer_id = api
+        .trust
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.role == "viewer")
+        .unwrap()
+        .id;
+    assert_eq!(
+        api.call("demo", "counter", json!("inc")).await.0,
+        StatusCode::OK
+    );
+    api.as_token(
+        Some(&viewer),
+        Method::POST,
+        "/api/v1/sandboxes/demo/eval",
+        Some(json!({ "source": "return 1" })),
+    )
+    .await;
+    api.as_token(
+        None,
+        Method::GET,
+        "/api/v1/sandboxes/demo/processes/counter/state",
+        None,
+    )
+    .await;
+    api.get("/api/v1/sandboxes/demo/processes/counter/state")
+        .await;
+    // Reads other than state are not audited.
+    api.get("/api/v1/sandboxes/demo/processes").await;
+
+    let rows = audit_rows(&api, "sandbox=demo").await;
+    let summary: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["route"].as_str().unwrap().into(),
+                r["outcome"].as_str().unwrap().into(),
+                r["role"].as_str().unwrap_or("-").into(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        summary,
+        vec![
+            s(
+                "/api/v1/sandboxes/{id}/processes/{target}/state",
+                "ok",
+                "admin"
+            ),
+            s(
+                "/api/v1/sandboxes/{id}/processes/{target}/state",
+                "unauthorized",
+                "-"
+            ),
+            s("/api/v1/sandboxes/{id}/eval", "forbidden", "viewer"),
+            s("/api/v1/sandboxes/{id}/call", "ok", "admin"),
+            s("/api/v1/sandboxes", "ok", "admin"),
+        ],
+        "{rows:#?}"
+    );
+    let call = &rows[3];
+    assert_eq!(call["method"], "POST");
+    assert_eq!(call["status"], 200);
+    assert!(call["duration_us"].as_u64().unwrap() > 0);
+    assert!(call["at_ms"].as_f64().unwrap() > 1.6e12);
+    // Filters and paging.
+    let by_viewer = audit_rows(&api, &format!("token={viewer_id}")).await;
+    assert_eq!(by_viewer.len(), 1);
+    assert_eq!(audit_rows(&api, "outcome=unauthorized").await.len(), 1);
+    let (_, page) = api.get("/api/v1/audit?limit=2").await;
+    let before = page["next_before"].as_u64().unwrap();
+    let (_, next) = api
+        .get(&format!("/api/v1/audit?limit=2&before={before}"))
+        .await;
+    assert!(next["rows"][0]["id"].as_u64().unwrap() < before);
+    assert_error(
+        &api.get("/api/v1/audit?limit=0").await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &api.get("/api/v1/audit?who=me").await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    // No row holds a secret.
+    let all = api.get("/api/v1/audit?limit=1000").await.1.to_string();
+    assert!(!all.contains(&viewer) && !all.contains(&api.admin));
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_written_nothing_is_done() {
+    let api = demo().await;
+    assert_eq!(
+        api.call("demo", "counter", json!("inc")).await.1["reply"],
+        1
+    );
+    api.trust.store().close();
+    for (m, uri, body) in [
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/eval",
+            Some(json!({ "source": "return 1" })),
+        ),
+        (Method::DELETE, "/api/v1/sandboxes/demo", None),
+        (
+            Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({ "id": "new", "modules": { "counter": COUNTER } })),
+        ),
+        (
+            Method::GET,
+            "/api/v1/sandboxes/demo/processes/counter/state",
+            None,
+        ),
+    ] {
+        let resp = api.as_token(Some(&api.admin), m.clone(), uri, body).await;
+        assert_error(&resp, StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable");
+    }
+    // Unaudited reads still answer, and show that nothing changed.
+    let (s, list) = api.get("/api/v1/sandboxes").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let sb = api.node.sandbox("demo").unwrap();
+    let state = sb.state("counter").await.unwrap();
+    assert_eq!(state["count"], 1);
+}
+
+fn from_peer(ip: [u8; 4], token: &str) -> Request<Body> {
+    Request::builder()
+        .uri("/api/v1/sandboxes")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .extension(ConnectInfo(SocketAddr::from((ip, 40000))))
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn failed_authentication_is_rate_limited_per_peer() {
+    let api = Api::with(
+        NodeLimits::default(),
+        TrustConfig {
+            auth_failures: RateLimit {
+                burst: 5,
+                per_second: 0.0,
+            },
+            ..TrustConfig::default()
+        },
+    );
+    let bad = graft_http::trust::generate_token().unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let (s, headers, v) = api.send(from_peer([10, 0, 0, 1], &bad)).await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(v["error"]["kind"], "auth_rate_limited");
+            assert!(headers.contains_key(header::RETRY_AFTER));
+        }
+        statuses.push(s.as_u16());
+    }
+    assert_eq!(statuses, [vec![401; 5], vec![429; 7]].concat());
+    // Once limited, even a valid token from that peer waits …
+    assert_eq!(
+        api.send(from_peer([10, 0, 0, 1], &api.admin)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // … while other peers are not affected.
+    assert_eq!(
+        api.send(from_peer([10, 0, 0, 2], &api.admin)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.send(from_peer([10, 0, 0, 2], &bad)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
