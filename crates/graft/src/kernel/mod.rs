@@ -185,6 +185,9 @@ pub(crate) struct Kernel {
     exits: VecDeque<(u64, ExitReason, bool)>,
     pub events: VecDeque<Event>,
     next_event: u64,
+    /// User messages refused by a full mailbox (read by `info`; counted on
+    /// the refusal path only).
+    pub mailbox_full: u64,
     pub app: Option<u64>,
     pub app_status: AppStatus,
     /// Modules a pending reload waits on: their processes start no new job.
@@ -340,6 +343,7 @@ impl Kernel {
         }
         if p.mailbox.len() >= max {
             let pid = p.pid;
+            self.mailbox_full += 1;
             return Err((Error::MailboxFull(self.pid_string(pid)), job));
         }
         p.mailbox.push_back(job);
@@ -520,6 +524,7 @@ pub(crate) fn new_vm(
         exits: VecDeque::new(),
         events: VecDeque::new(),
         next_event: 0,
+        mailbox_full: 0,
         app: None,
         app_status: AppStatus::None,
         frozen: HashSet::new(),
