@@ -17,6 +17,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn event(n: u64) -> WriteOp {
     WriteOp::AppendEvent(NewEvent {
+        seq: None,
         sandbox: Some("bench".into()),
         kind: "reload".into(),
         payload_json: format!(r#"{{"module":"app","from":{n},"to":{}}}"#, n + 1),

@@ -452,11 +452,12 @@ async fn idle_streams_get_keep_alive_comments() {
 #[tokio::test]
 async fn a_stalled_reader_is_told_of_the_gap() {
     let node = Node::with_threads(1);
-    let live = graft_http::Live::new(node.clone());
-    let router = graft_http::router_with(node, live.clone());
-    // A fake node: more events than the feed keeps.
+    // A fake event source that pruned the events a reader wants.
+    let feed = std::sync::Arc::new(graft_http::live::feed::Feed::default());
+    let live = graft_http::Live::with_source(node.clone(), feed.clone(), Duration::from_secs(15));
+    let router = graft_http::router_with(node, live);
     for _ in 0..(graft_http::live::feed::KEEP_EVENTS + 20) {
-        live.feed().push("x", 0.0, "reload", json!({}));
+        feed.push("x", 0.0, "reload", json!({}));
     }
     let mut f = Frames::open(&router, "/api/v1/events/stream", Some(5)).await;
     let (id, kind, gap) = f.next_event(WAIT).await.unwrap();

@@ -45,6 +45,7 @@ pub(crate) mod clock;
 pub mod config;
 pub mod diagnostic;
 pub mod error;
+mod events;
 mod kernel;
 mod node;
 pub mod store;
@@ -56,10 +57,11 @@ pub mod watch;
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, ReloadStep, Result};
+pub use events::{EventFilter, EventGap, EventPage, NodeEvent};
 pub use kernel::{AppStatus, Event};
 pub use node::{
-    block_on, with_timeout, BatchOptions, HostFunctions, Node, ProcessInfo, Sandbox, SandboxInfo,
-    QUIESCE_TIMEOUT_MS,
+    block_on, with_timeout, BatchOptions, CheckpointStats, HostFunctions, Node, NodeBuilder,
+    ProcessInfo, Sandbox, SandboxInfo, DATABASE_FILE, DEFAULT_CHECKPOINT_MS, QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,

@@ -66,6 +66,7 @@ fn crash_child(path: &str) -> ! {
                     file: None,
                 },
                 WriteOp::AppendEvent(NewEvent {
+                    seq: None,
                     sandbox: Some("crash".into()),
                     kind: "reload".into(),
                     payload_json: format!("{{\"version\":{next}}}"),

@@ -5,9 +5,8 @@
 //! state stays whatever the rest of the API uses (`Node` today).
 //!
 //! Invariants: nothing here runs inside a sandbox's thread or holds a
-//! sandbox: the feed's one poller asks each sandbox for its new events with
-//! an ordinary command (bounded by a timeout), and every reader reads the
-//! feed (see [`feed`]).
+//! sandbox's lock: events are read from the node's event log (see
+//! [`feed`]), and one counting task per API reads it for the metrics.
 
 pub mod dashboard;
 pub mod feed;
@@ -20,7 +19,7 @@ use std::time::Duration;
 
 use graft::Node;
 
-use feed::{EventSource, Feed};
+use feed::EventSource;
 use metrics::Metrics;
 
 /// How often an idle event stream sends a keep-alive comment.
@@ -45,56 +44,79 @@ pub struct Live {
 
 struct Inner {
     node: Node,
-    feed: Arc<Feed>,
+    source: Arc<dyn EventSource>,
     metrics: Arc<Metrics>,
-    polling: OnceLock<()>,
+    counting: OnceLock<()>,
     keep_alive: Duration,
 }
 
 impl Live {
-    /// The live parts for `node`; the feed starts polling on the first
-    /// request that needs it (or at once when built inside a tokio runtime).
+    /// The live parts for `node`, reading the node's event log. The metrics
+    /// start counting events on the first request that needs them (or at
+    /// once when built inside a tokio runtime).
     pub fn new(node: Node) -> Live {
         Live::with_keep_alive(node, KEEP_ALIVE)
     }
 
     /// As [`Live::new`], with another keep-alive interval for event streams.
     pub fn with_keep_alive(node: Node, keep_alive: Duration) -> Live {
-        let feed = Arc::new(Feed::default());
-        let metrics = Arc::new(Metrics::default());
-        let m = metrics.clone();
-        feed.on_event(move |e| m.observe(e));
+        let source: Arc<dyn EventSource> = Arc::new(node.clone());
+        Live::with_source(node, source, keep_alive)
+    }
+
+    /// The live parts reading events from `source` instead of the node's log
+    /// (a fake node in tests).
+    pub fn with_source(node: Node, source: Arc<dyn EventSource>, keep_alive: Duration) -> Live {
         let live = Live {
             inner: Arc::new(Inner {
                 node,
-                feed,
-                metrics,
-                polling: OnceLock::new(),
+                source,
+                metrics: Arc::new(Metrics::default()),
+                counting: OnceLock::new(),
                 keep_alive,
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
-            live.ensure_polling();
+            live.ensure_counting();
         }
         live
     }
 
-    /// Starts the feed's poller once (needs a tokio runtime).
-    pub(crate) fn ensure_polling(&self) {
-        self.inner.polling.get_or_init(|| {
-            self.inner.feed.spawn_poller(self.inner.node.clone());
+    /// Starts the metrics' counting task once (needs a tokio runtime). It
+    /// reads every event from the first one kept and ends when the API's
+    /// live parts are dropped or the log closes.
+    pub(crate) fn ensure_counting(&self) {
+        self.inner.counting.get_or_init(|| {
+            let source = self.inner.source.clone();
+            let metrics = Arc::downgrade(&self.inner.metrics);
+            let mut rx = source.subscribe();
+            tokio::spawn(async move {
+                let mut pos = 0;
+                loop {
+                    let Some(m) = metrics.upgrade() else { return };
+                    loop {
+                        let page = source.events_after(pos, &Default::default(), 1024);
+                        let Some(last) = page.events.last().map(|e| e.seq) else {
+                            break;
+                        };
+                        for e in &page.events {
+                            m.observe(e);
+                        }
+                        pos = last;
+                    }
+                    drop(m);
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
         });
     }
 
     /// Where events are read from.
     pub fn source(&self) -> Arc<dyn EventSource> {
-        self.ensure_polling();
-        self.inner.feed.clone()
-    }
-
-    /// The feed itself (tests push fake events into it).
-    pub fn feed(&self) -> &Arc<Feed> {
-        &self.inner.feed
+        self.ensure_counting();
+        self.inner.source.clone()
     }
 
     /// The node.

@@ -241,10 +241,9 @@ pub(crate) async fn stream(
         (None, Some(tail)) => head.saturating_sub(tail),
         (None, None) => head,
     };
-    let filter = EventFilter {
-        sandbox: start.filter_sandbox,
-        kinds: start.kinds,
-    };
+    let mut filter = EventFilter::default();
+    filter.sandbox = start.filter_sandbox;
+    filter.kinds = start.kinds;
     let sse = Sse::new(frames(source, pos, filter)).keep_alive(
         KeepAlive::new()
             .interval(live.keep_alive())
@@ -313,10 +312,7 @@ mod tests {
         feed.push("b", 0.0, "reload", json!({}));
         feed.push("a", 0.0, "crash", json!({}));
         feed.push("a", 0.0, "reload", json!({}));
-        let f = EventFilter {
-            sandbox: Some("a".into()),
-            kinds: vec!["reload".into()],
-        };
+        let f = EventFilter::default().sandbox("a").kind("reload");
         let text = take(frames(feed.clone(), 0, f), 2).await;
         assert_eq!(ids(&text), vec![1, 4]);
         assert!(!text.contains("\"sandbox\":\"b\""));

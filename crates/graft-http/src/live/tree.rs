@@ -102,10 +102,7 @@ pub(crate) async fn tree(
 
 /// `crash` events per module of sandbox `id`, among the kept events.
 fn crash_counts(live: &Live, id: &str) -> HashMap<String, u64> {
-    let filter = EventFilter {
-        sandbox: Some(id.to_owned()),
-        kinds: vec!["crash".into()],
-    };
+    let filter = EventFilter::default().sandbox(id).kind("crash");
     let page = live
         .source()
         .events_after(0, &filter, super::feed::KEEP_EVENTS);

@@ -56,7 +56,6 @@ use mlua::{AppDataRefMut, Function, Lua, RegistryKey, Table, Thread, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::clock;
 use crate::config::{Limits, NodeLimits};
 use crate::error::Error;
 use crate::value::{ExitReason, Pid};
@@ -106,7 +105,7 @@ pub(crate) const SLICE_MS: u64 = 5;
 pub(crate) const DEFAULT_CALL_TIMEOUT_MS: u64 = 5000;
 
 /// A sandbox event: reloads, rollbacks, aborts, crashes, app stops.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     /// Position in the sandbox's event log (1, 2, 3 …).
     pub seq: u64,
@@ -116,18 +115,6 @@ pub struct Event {
     pub kind: String,
     /// Details (module, versions, timings, reason …).
     pub detail: Json,
-}
-
-impl Event {
-    /// An event stamped now.
-    pub(crate) fn new(seq: u64, kind: &str, detail: Json) -> Event {
-        Event {
-            seq,
-            at_ms: clock::unix_ms(),
-            kind: kind.into(),
-            detail,
-        }
-    }
 }
 
 /// A message destination resolved when delivered (names resolve late, like OTP).
@@ -183,8 +170,8 @@ pub(crate) struct Kernel {
     pub states: Table,
     pub watch: Arc<Watch>,
     exits: VecDeque<(u64, ExitReason, bool)>,
-    pub events: VecDeque<Event>,
-    next_event: u64,
+    /// The node's event log (events are numbered node-wide).
+    pub events: Arc<crate::events::EventLog>,
     /// User messages refused by a full mailbox (read by `info`; counted on
     /// the refusal path only).
     pub mailbox_full: u64,
@@ -198,8 +185,6 @@ pub(crate) struct Kernel {
     pub app_stop_waiters: Vec<Arc<HostSlot>>,
     /// The node's cap on a value's JSON form (replies, states, events).
     pub max_value_bytes: usize,
-    /// Events kept (the node's `max_events`).
-    pub max_events: usize,
     /// A process crashed since the last collection (see `drain_exits`).
     crashed_since_collect: bool,
     /// A panic caught where it could not unwind (a raw native on Luau's C
@@ -222,11 +207,6 @@ pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
 }
 
 impl Kernel {
-    /// Continues the event numbering after events restored from an earlier runtime.
-    pub fn set_event_seq(&mut self, seq: u64) {
-        self.next_event = seq;
-    }
-
     /// The index of module `name`, given one if it has none yet.
     pub fn intern_module(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.module_index.get(name) {
@@ -263,14 +243,10 @@ impl Kernel {
         self.next_token
     }
 
-    /// Records an event; the oldest beyond `max_events` are forgotten.
+    /// Records an event in the node's log (each sandbox keeps its newest
+    /// `max_events` there).
     pub fn event(&mut self, kind: &str, detail: Json) {
-        self.next_event += 1;
-        while self.events.len() >= self.max_events.max(1) {
-            self.events.pop_front();
-        }
-        self.events
-            .push_back(Event::new(self.next_event, kind, detail));
+        self.events.append(&self.id, kind, detail);
     }
 
     /// The lines the guest log dropped since the last report, as a log line
@@ -486,6 +462,7 @@ pub(crate) fn new_vm(
     node: &NodeLimits,
     grants: &[String],
     host_fns: &vm::HostTable,
+    events: Arc<crate::events::EventLog>,
 ) -> mlua::Result<Vm> {
     let host = vm::HostHooks {
         fns: host_fns,
@@ -522,8 +499,7 @@ pub(crate) fn new_vm(
         states: vm.states.clone(),
         watch: Arc::new(Watch::new(limits.handler_ms)),
         exits: VecDeque::new(),
-        events: VecDeque::new(),
-        next_event: 0,
+        events,
         mailbox_full: 0,
         app: None,
         app_status: AppStatus::None,
@@ -531,7 +507,6 @@ pub(crate) fn new_vm(
         canary: None,
         app_stop_waiters: Vec::new(),
         max_value_bytes: node.max_value_bytes,
-        max_events: node.max_events,
         crashed_since_collect: false,
         internal_error: None,
         log_gate: log::LogGate::default(),

@@ -64,7 +64,15 @@ impl TestKernel {
         let clock = clock::ClockGuard::acquire();
         let limits = Limits::default();
         let host_fns = BTreeMap::new();
-        let vm = new_vm("test", &limits, &NodeLimits::default(), &[], &host_fns).expect("a VM");
+        let vm = new_vm(
+            "test",
+            &limits,
+            &NodeLimits::default(),
+            &[],
+            &host_fns,
+            crate::events::EventLog::in_memory(1000),
+        )
+        .expect("a VM");
         let mut engine = Engine::new(&vm.lua, limits.max_versions).expect("an engine");
         let sources: BTreeMap<String, String> = modules
             .iter()

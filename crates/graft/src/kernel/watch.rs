@@ -296,7 +296,27 @@ impl Kernel {
         if let Some(c) = self.canary.take() {
             let modules: Vec<&String> = c.modules.iter().map(|m| &m.3).collect();
             let detail = serde_json::json!({ "modules": modules, "crashes": c.crashes });
-            self.event("canary_passed", detail);
+            // The verdict and the versions becoming permanent are one write.
+            let ops = match self.events.store() {
+                Some(_) => c
+                    .modules
+                    .iter()
+                    .map(|(_, to, _, name)| crate::store::WriteOp::SetVersionStatus {
+                        sandbox: self.id.to_string(),
+                        module: name.clone(),
+                        version: *to,
+                        status: crate::store::VersionStatus::Permanent,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            if let Err(e) = self.events.commit(&self.id, ops, "canary_passed", detail) {
+                tracing::error!(sandbox = %self.id, error = %e, "the canary verdict could not be stored: a restart will roll the upgrade back");
+                self.event(
+                    "canary_passed_not_stored",
+                    serde_json::json!({ "modules": modules, "error": e.to_string() }),
+                );
+            }
         }
     }
 }

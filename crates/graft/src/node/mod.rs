@@ -16,9 +16,14 @@
 //!   interrupt preempts long callbacks, so a spinning sandbox cannot starve
 //!   the others.
 
+mod batch;
 mod blocking;
+mod checkpoint;
+mod durable;
+mod host_functions;
 mod host_pool;
 mod runtime;
+mod sandbox;
 mod scheduler;
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -27,19 +32,20 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde_json::Value as Json;
 
+pub use batch::BatchOptions;
 pub use blocking::{block_on, with_timeout};
+pub use durable::{CheckpointStats, NodeBuilder, DATABASE_FILE, DEFAULT_CHECKPOINT_MS};
+pub use host_functions::HostFunctions;
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
+pub use sandbox::Sandbox;
 
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, ReloadStep, Result};
-use crate::kernel::{AppStatus, Event, HostSlot};
-use crate::upgrade::{
-    self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
-};
-use crate::vm::{HostCall, HostEntry, HostTable};
+use crate::upgrade::{Direction, ModuleHistory, ReloadReport};
+use crate::vm::HostTable;
 use runtime::Runtime;
+use sandbox::new_runtime;
 use scheduler::schedule;
 
 type Command = Box<dyn FnOnce(&mut Runtime) + Send>;
@@ -69,12 +75,11 @@ struct Shared {
     host_fns: HostTable,
 }
 
-/// A sandbox stopped by a panic: the message, its version history and events
-/// (plain Rust data, saved from the dead runtime) so that a restart keeps them.
+/// A sandbox stopped by a panic: the message and its version history (plain
+/// Rust data, saved from the dead runtime) so that a restart keeps them.
 struct Failure {
     message: String,
     history: BTreeMap<String, ModuleHistory>,
-    events: Vec<Event>,
 }
 
 impl Shared {
@@ -84,21 +89,15 @@ impl Shared {
     fn fail(&self, message: String) {
         tracing::error!(sandbox = %self.id, %message, "internal error: the sandbox failed");
         let rt = self.runtime.lock().take();
-        let (history, mut events) = match &rt {
-            Some(rt) => (rt.engine.modules.clone(), rt.saved_events()),
-            None => (BTreeMap::new(), Vec::new()),
+        let history = match &rt {
+            Some(rt) => rt.engine.modules.clone(),
+            None => BTreeMap::new(),
         };
-        let seq = events.last().map_or(1, |e| e.seq + 1);
-        events.push(Event::new(
-            seq,
-            "failed",
-            serde_json::json!({ "error": message }),
-        ));
-        *self.failed.lock() = Some(Failure {
-            message,
-            history,
-            events,
-        });
+        if let Some(node) = self.node.upgrade() {
+            node.events
+                .append(&self.id, "failed", serde_json::json!({ "error": message }));
+        }
+        *self.failed.lock() = Some(Failure { message, history });
         // Dropping the VM drops every waiting host's reply channel.
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
         if dropped.is_err() {
@@ -122,6 +121,19 @@ impl Shared {
     }
 }
 
+/// Caps out of range clamped into range.
+fn clamp_limits(limits: NodeLimits) -> NodeLimits {
+    NodeLimits {
+        max_sandbox_memory: limits
+            .max_sandbox_memory
+            .max(crate::config::MIN_SANDBOX_MEMORY),
+        max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
+        max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
+        max_events: limits.max_events.clamp(1, 1_000_000),
+        max_blocking_host_calls: limits.max_blocking_host_calls.clamp(1, 4096),
+    }
+}
+
 /// The text of a panic payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     format!("internal error (panic): {}", crate::vm::panic_text(payload))
@@ -141,6 +153,12 @@ struct NodeInner {
     limits: NodeLimits,
     /// Runs blocking host functions, off the scheduler threads.
     host_pool: Arc<host_pool::HostPool>,
+    /// Every event of every sandbox, numbered node-wide.
+    events: Arc<crate::events::EventLog>,
+    /// The database of a durable node.
+    store: Option<Arc<crate::store::Store>>,
+    /// What the checkpointer last wrote, per sandbox.
+    checkpoints: durable::Checkpoints,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
 }
@@ -180,6 +198,7 @@ impl Drop for Owner {
     fn drop(&mut self) {
         if let Some(inner) = self.0.upgrade() {
             inner.stopping.store(true, Ordering::SeqCst);
+            inner.checkpoints.stop_thread();
             // Take each lock once so no thread is between its check of
             // `stopping` and its wait when the notification goes out.
             drop(inner.queue.lock());
@@ -229,16 +248,19 @@ impl Node {
     /// caps. Caps out of range are clamped into range (see [`NodeLimits::validate`]
     /// to refuse them instead).
     pub fn with_limits(threads: usize, limits: NodeLimits) -> Node {
+        let limits = clamp_limits(limits);
+        let events = crate::events::EventLog::in_memory(limits.max_events);
+        Node::assemble(threads, limits, events, None)
+    }
+
+    /// A node around an event log (and store), its threads started.
+    fn assemble(
+        threads: usize,
+        limits: NodeLimits,
+        events: Arc<crate::events::EventLog>,
+        store: Option<Arc<crate::store::Store>>,
+    ) -> Node {
         let threads = threads.max(1);
-        let limits = NodeLimits {
-            max_sandbox_memory: limits
-                .max_sandbox_memory
-                .max(crate::config::MIN_SANDBOX_MEMORY),
-            max_sandboxes: limits.max_sandboxes.clamp(1, 1 << 20),
-            max_value_bytes: limits.max_value_bytes.clamp(1024, 1 << 32),
-            max_events: limits.max_events.clamp(1, 1_000_000),
-            max_blocking_host_calls: limits.max_blocking_host_calls.clamp(1, 4096),
-        };
         let inner = Arc::new(NodeInner {
             sandboxes: RwLock::new(BTreeMap::new()),
             queue: Mutex::new(scheduler::RunQueue::default()),
@@ -251,6 +273,9 @@ impl Node {
             stopping: AtomicBool::new(false),
             threads,
             host_pool: Arc::new(host_pool::HostPool::new(limits.max_blocking_host_calls)),
+            events,
+            store,
+            checkpoints: durable::Checkpoints::default(),
             limits,
             _clock: crate::clock::ClockGuard::acquire(),
         });
@@ -272,6 +297,42 @@ impl Node {
         &self.inner.limits
     }
 
+    /// The node's database, if it was opened with one
+    /// ([`Node::builder`]`.data_dir(…)` or `.ephemeral()`).
+    pub fn store(&self) -> Option<&Arc<crate::store::Store>> {
+        self.inner.store.as_ref()
+    }
+
+    /// Events of the whole node with `seq > after` that match `filter`,
+    /// oldest first, at most `limit`; `gap` says whether some were dropped
+    /// before this reader saw them (each sandbox keeps its newest
+    /// `max_events`). Sequence numbers are node-wide, durable and never
+    /// reused, so a reader resumes from the last `seq` it saw.
+    ///
+    /// ```
+    /// use graft::{EventFilter, Node, SandboxSpec};
+    /// let node = Node::new();
+    /// node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}")).unwrap();
+    /// let page = node.events_after(0, &EventFilter::default().sandbox("ev"), 100);
+    /// assert!(page.gap.is_none());
+    /// assert!(page.events.iter().all(|e| e.sandbox == "ev"));
+    /// ```
+    pub fn events_after(
+        &self,
+        after: u64,
+        filter: &crate::EventFilter,
+        limit: usize,
+    ) -> crate::EventPage {
+        self.inner.events.read(after, filter, limit)
+    }
+
+    /// The highest event number readers can see, updated whenever it moves:
+    /// wait on it, then read with [`events_after`](Self::events_after).
+    /// Every event at or below it is readable (and durable, with a store).
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.events.subscribe()
+    }
+
     /// Creates a sandbox from a spec (compiles and loads every module, then
     /// starts the app if the spec has an entry module).
     pub fn create_sandbox(&self, spec: SandboxSpec) -> Result<Sandbox> {
@@ -279,7 +340,23 @@ impl Node {
     }
 
     /// Creates a sandbox with host functions (capabilities) for its guests.
+    ///
+    /// With a store, the sandbox (its record, first versions and a
+    /// `sandbox_created` event) is written before this returns; if that
+    /// write fails, no sandbox is created.
     pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
+        self.create_from(spec, host, None, true)
+    }
+
+    /// Creates a sandbox, fresh or from a restored `history`; `persist`
+    /// writes its creation (a restored one is in the store already).
+    fn create_from(
+        &self,
+        spec: SandboxSpec,
+        host: HostFunctions,
+        history: Option<BTreeMap<String, ModuleHistory>>,
+        persist: bool,
+    ) -> Result<Sandbox> {
         spec.validate(&self.inner.limits)?;
         {
             let map = self.inner.sandboxes.read();
@@ -293,7 +370,8 @@ impl Node {
                 )));
             }
         }
-        let runtime = new_runtime(&spec, &host.0, None, &self.inner.limits)?;
+        let runtime = new_runtime(&spec, &host.0, history.as_ref(), &self.inner)?;
+        let ops = persist.then(|| durable::creation_ops(&spec, &runtime.engine.modules));
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
@@ -321,6 +399,25 @@ impl Node {
             }
             map.insert(shared.id.clone(), shared.clone());
         }
+        self.inner.events.sandbox_created(&shared.id);
+        if let Some(ops) = ops {
+            let detail = serde_json::json!({
+                "entry": shared.spec.entry,
+                "modules": shared.spec.modules.keys().collect::<Vec<_>>(),
+            });
+            if let Err(e) = self
+                .inner
+                .events
+                .commit(&shared.id, ops, "sandbox_created", detail)
+            {
+                // Not stored, so not created: the id is free again.
+                self.inner.sandboxes.write().remove(&shared.id);
+                shared.destroyed.store(true, Ordering::Release);
+                let rt = shared.runtime.lock().take();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+                return Err(e.into());
+            }
+        }
         schedule(&self.inner, &shared, false);
         Ok(Sandbox { shared })
     }
@@ -344,13 +441,27 @@ impl Node {
     /// `terminate` (use [`Sandbox::stop_app`] first for an orderly stop).
     /// Never waits for a running slice: a sandbox busy in a callback is
     /// dropped by its scheduler thread when the slice ends.
+    ///
+    /// With a store, the deletion (and a `sandbox_deleted` event) is written
+    /// first; if that write fails the sandbox stays as it was.
     pub fn destroy(&self, id: &str) -> Result<()> {
+        if !self.inner.sandboxes.read().contains_key(id) {
+            return Err(Error::NoSandbox(id.into()));
+        }
+        let ops = match &self.inner.store {
+            Some(_) => vec![crate::store::WriteOp::DeleteSandbox { id: id.to_owned() }],
+            None => Vec::new(),
+        };
+        self.inner
+            .events
+            .commit(id, ops, "sandbox_deleted", serde_json::json!({}))?;
         let shared = self
             .inner
             .sandboxes
             .write()
             .remove(id)
             .ok_or_else(|| Error::NoSandbox(id.into()))?;
+        self.inner.events.sandbox_deleted(id);
         shared.destroyed.store(true, Ordering::Release);
         if let Some(mut guard) = shared.runtime.try_lock() {
             let rt = guard.take();
@@ -458,752 +569,11 @@ impl Node {
     }
 }
 
-/// Host functions granted to a sandbox, by dotted name (`"kv.get"` becomes
-/// `kv.get` in Luau). Each takes JSON arguments and returns JSON or an error
-/// message, which the guest sees as `nil, message`.
-///
-/// Three shapes:
-/// * [`function`](Self::function): arguments only, run on the scheduler
-///   thread inside the calling handler. The fast path, for quick functions.
-/// * [`function_with_context`](Self::function_with_context): the same, but
-///   the function also learns its caller ([`HostCall`]: sandbox id, pid).
-/// * [`blocking`](Self::blocking): for functions that wait (I/O, locks,
-///   sleeps). The calling process suspends; the function runs on the
-///   node's blocking pool, so other processes and sandboxes keep running.
-///
-/// A panic in any of them is an error for the guest that called it.
-///
-/// ```
-/// let host = graft::HostFunctions::default()
-///     .function("kv.get", |args| Ok(serde_json::json!(format!("value of {}", args[0]))))
-///     .function_with_context("whoami", |call| {
-///         Ok(serde_json::json!({ "sandbox": call.sandbox, "pid": call.pid }))
-///     });
-/// assert!(host.names().any(|n| n == "kv.get"));
-/// assert!(host.names().any(|n| n == "whoami"));
-/// ```
-#[derive(Clone, Default)]
-pub struct HostFunctions(HostTable);
-
-impl HostFunctions {
-    /// Adds a quick host function: it runs on the scheduler thread, inside
-    /// the calling handler, so it must not wait (see [`blocking`](Self::blocking)).
-    pub fn function(
-        mut self,
-        name: &str,
-        f: impl Fn(Vec<Json>) -> std::result::Result<Json, String> + Send + Sync + 'static,
-    ) -> Self {
-        self.0
-            .insert(name.to_owned(), HostEntry::Quick(Arc::new(f)));
-        self
-    }
-
-    /// Adds a quick host function that receives its caller: the sandbox id
-    /// and the calling process's pid (`"<counter.1>"`), with the arguments.
-    /// Called outside a process (a module body), the guest gets `nil, message`.
-    ///
-    /// ```
-    /// use graft::{HostFunctions, Node, SandboxSpec};
-    /// use serde_json::json;
-    /// let host = HostFunctions::default().function_with_context("who.am_i", |call| {
-    ///     Ok(json!(format!("{} in {}", call.pid, call.sandbox)))
-    /// });
-    /// let spec = SandboxSpec::new("ctx").entry(None).module("m", r#"
-    ///     local m = {}
-    ///     function m.init(_) return {} end
-    ///     function m.handle_call(_, _, s) return who.am_i(), s end
-    ///     return m
-    /// "#);
-    /// let node = Node::new();
-    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
-    /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
-    /// let reply = graft::block_on(sandbox.call(&pid, json!(null), None)).unwrap();
-    /// assert_eq!(reply, json!(format!("{pid} in ctx")));
-    /// ```
-    pub fn function_with_context(
-        mut self,
-        name: &str,
-        f: impl for<'a> Fn(HostCall<'a>) -> std::result::Result<Json, String> + Send + Sync + 'static,
-    ) -> Self {
-        self.0
-            .insert(name.to_owned(), HostEntry::WithContext(Arc::new(f)));
-        self
-    }
-
-    /// Adds a blocking host function. When a guest calls it, the calling
-    /// process suspends (as in a `graft.call` that waits) and the function
-    /// runs on the node's blocking pool; its result resumes the process.
-    /// Other processes of the sandbox, and other sandboxes, keep running.
-    ///
-    /// Bounds:
-    /// * At most [`NodeLimits::max_blocking_host_calls`](crate::NodeLimits::max_blocking_host_calls)
-    ///   run at once per node; more calls wait in a queue.
-    /// * The caller waits at most its sandbox's `handler_ms` (wall clock),
-    ///   then gets `nil, "<name>: timeout after …"`; a late result is
-    ///   dropped. A function that never returns keeps its pool thread.
-    /// * Arguments and the result are capped at the node's `max_value_bytes`.
-    /// * A panic is an error (`nil, "<name>: panicked: …"`) for the caller.
-    /// * If the sandbox is destroyed meanwhile, the result is dropped.
-    /// * Only a process's callback may call it (a module body gets `nil, message`).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use graft::{HostFunctions, Node, SandboxSpec};
-    /// use serde_json::json;
-    /// let host = HostFunctions::default().blocking("db.fetch", |call| {
-    ///     std::thread::sleep(Duration::from_millis(20)); // stands for real I/O
-    ///     Ok(json!({ "key": call.args[0], "asked_by": call.pid }))
-    /// });
-    /// let spec = SandboxSpec::new("db").entry(None).module("m", r#"
-    ///     local m = {}
-    ///     function m.init(_) return {} end
-    ///     function m.handle_call(key, _, s)
-    ///         local row, err = db.fetch(key)
-    ///         assert(row, err)
-    ///         return row.key, s
-    ///     end
-    ///     return m
-    /// "#);
-    /// let node = Node::new();
-    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
-    /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
-    /// let reply = graft::block_on(sandbox.call(&pid, json!("k1"), None)).unwrap();
-    /// assert_eq!(reply, json!("k1"));
-    /// ```
-    pub fn blocking(
-        mut self,
-        name: &str,
-        f: impl for<'a> Fn(HostCall<'a>) -> std::result::Result<Json, String> + Send + Sync + 'static,
-    ) -> Self {
-        self.0
-            .insert(name.to_owned(), HostEntry::Blocking(Arc::new(f)));
-        self
-    }
-
-    /// The registered names.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(|s| s.as_str())
-    }
-}
-
-/// A handle to one sandbox; cheap to clone. Every method queues a request to
-/// the sandbox's scheduler and waits for the answer without blocking it.
-#[derive(Clone)]
-pub struct Sandbox {
-    shared: Arc<Shared>,
-}
-
-fn stopped(id: &str) -> Error {
-    Error::SandboxStopped(id.to_owned())
-}
-
-impl Sandbox {
-    /// The sandbox id.
-    pub fn id(&self) -> &str {
-        &self.shared.id
-    }
-
-    /// Queues a command in the inbox; returns the node, which the caller
-    /// must wake (`schedule`) or serve itself (`run_inline`).
-    fn enqueue(&self, cmd: Command) -> Result<Arc<NodeInner>> {
-        let node = self
-            .shared
-            .node
-            .upgrade()
-            .ok_or_else(|| stopped(&self.shared.id))?;
-        if node.stopping.load(Ordering::Acquire) {
-            return Err(stopped(&self.shared.id));
-        }
-        if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
-        }
-        if let Some(e) = self.shared.failure_error() {
-            return Err(e);
-        }
-        self.shared.inbox.lock().push_back(cmd);
-        Ok(node)
-    }
-
-    fn submit(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
-        let node = self.enqueue(Box::new(cmd))?;
-        schedule(&node, &self.shared, false);
-        Ok(())
-    }
-
-    async fn ask<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Runtime) -> T + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move |rt| {
-            let _ = tx.send(f(rt));
-        })?;
-        rx.await.map_err(|_| self.gone())
-    }
-
-    /// Why a request's answer channel closed: the sandbox failed, was
-    /// destroyed, or its node stopped.
-    fn gone(&self) -> Error {
-        let node_stopped = self
-            .shared
-            .node
-            .upgrade()
-            .is_none_or(|n| n.stopping.load(Ordering::Acquire));
-        if node_stopped {
-            return stopped(&self.shared.id);
-        }
-        if let Some(e) = self.shared.failure_error() {
-            return e;
-        }
-        if self.shared.destroyed.load(Ordering::Acquire) {
-            return Error::NoSandbox(self.shared.id.clone());
-        }
-        stopped(&self.shared.id)
-    }
-
-    async fn ask_slot(
-        &self,
-        f: impl FnOnce(&mut Runtime, Arc<HostSlot>) + Send + 'static,
-    ) -> Result<Json> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let slot = HostSlot::new(tx);
-        self.submit(move |rt| f(rt, slot))?;
-        rx.await.map_err(|_| self.gone())?
-    }
-
-    /// Calls a process (`handle_call`) and waits for its reply. `target` is a
-    /// registered name or a pid string `"<module.N>"`. Default timeout 5 s.
-    pub async fn call(&self, target: &str, request: Json, timeout_ms: Option<u64>) -> Result<Json> {
-        let target = target.to_owned();
-        let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
-        self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
-            .await
-    }
-
-    /// Calls a process like [`Sandbox::call`], blocking the calling thread
-    /// until the reply arrives or `timeout_ms` (default 5 s) passes.
-    ///
-    /// When the sandbox is idle (neither queued nor running), the handler
-    /// runs on the calling thread: no scheduler thread is woken, and the
-    /// reply is usually ready when the slice ends. Otherwise the request
-    /// queues like [`Sandbox::call`]'s. Requests from one thread keep their
-    /// order either way. For threads that may block; in async code use
-    /// [`Sandbox::call`], which never holds an executor thread for a slice.
-    ///
-    /// ```
-    /// use graft::{Node, SandboxSpec};
-    /// let node = Node::new();
-    /// let spec = SandboxSpec::new("demo").entry(None).module("echo", r#"
-    ///     local echo = {}
-    ///     function echo.init() return {} end
-    ///     function echo.handle_call(req, from, state) return req, state end
-    ///     return echo
-    /// "#);
-    /// let sandbox = node.create_sandbox(spec).unwrap();
-    /// graft::block_on(sandbox.spawn("echo", serde_json::json!({}), Some("e"))).unwrap();
-    /// let reply = sandbox.call_blocking("e", serde_json::json!("hi"), None).unwrap();
-    /// assert_eq!(reply, serde_json::json!("hi"));
-    /// ```
-    pub fn call_blocking(
-        &self,
-        target: &str,
-        request: Json,
-        timeout_ms: Option<u64>,
-    ) -> Result<Json> {
-        let target = target.to_owned();
-        let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let slot = HostSlot::new(tx);
-        let node = self.enqueue(Box::new(move |rt: &mut Runtime| {
-            rt.host_call(target, request, ms, slot)
-        }))?;
-        if !scheduler::run_inline(&node, &self.shared) {
-            schedule(&node, &self.shared, false);
-        }
-        drop(node);
-        match rx.try_recv() {
-            Ok(answer) => answer,
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                block_on(rx).map_err(|_| self.gone())?
-            }
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(self.gone()),
-        }
-    }
-
-    /// Casts a message (`handle_cast`). Fails with `MailboxFull` rather than dropping it.
-    pub async fn cast(&self, target: &str, message: Json) -> Result<()> {
-        let target = target.to_owned();
-        self.ask(move |rt| rt.host_send(&target, &message, true))
-            .await?
-    }
-
-    /// Sends a plain message (`handle_info`).
-    pub async fn send(&self, target: &str, message: Json) -> Result<()> {
-        let target = target.to_owned();
-        self.ask(move |rt| rt.host_send(&target, &message, false))
-            .await?
-    }
-
-    /// Spawns a process of `module` with `args`; returns its pid string once `init` succeeded.
-    pub async fn spawn(&self, module: &str, args: Json, name: Option<&str>) -> Result<String> {
-        let module = module.to_owned();
-        let name = name.map(str::to_owned);
-        let pid = self
-            .ask_slot(move |rt, slot| rt.host_spawn(&module, &args, name.as_deref(), slot))
-            .await?;
-        Ok(pid.as_str().unwrap_or_default().to_owned())
-    }
-
-    /// Runs a Luau chunk as a short-lived process under the sandbox's limits.
-    pub async fn eval(&self, source: &str) -> Result<Json> {
-        let cx = upgrade::PrepareContext {
-            known_globals: &self.shared.known_globals,
-            max_source_bytes: self.shared.spec.limits.max_source_bytes,
-            files: &BTreeMap::new(),
-        };
-        let mut sources = BTreeMap::new();
-        sources.insert("eval".to_owned(), source.to_owned());
-        let prepared = upgrade::prepare(&sources, &cx)?;
-        let bytecode = prepared[0].bytecode.clone();
-        self.ask_slot(move |rt, slot| rt.host_eval(&bytecode, slot))
-            .await
-    }
-
-    /// The process list.
-    pub async fn processes(&self) -> Result<Vec<ProcessInfo>> {
-        self.ask(|rt| rt.processes()).await
-    }
-
-    /// A process's state as JSON.
-    pub async fn state(&self, target: &str) -> Result<Json> {
-        let target = target.to_owned();
-        self.ask(move |rt| rt.state(&target)).await?
-    }
-
-    /// Status, process count and memory. A failed sandbox answers with
-    /// status `failed` (and no processes) until it is restarted or deleted.
-    pub async fn info(&self) -> Result<SandboxInfo> {
-        if let Some(info) = self.failed_info() {
-            return Ok(info);
-        }
-        if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
-        }
-        // Read between slices, without queueing: a listing must answer even
-        // while this sandbox is stuck in a long callback.
-        let guard = self
-            .shared
-            .runtime
-            .try_lock_for(Duration::from_millis(INFO_WAIT_MS));
-        match guard {
-            Some(guard) => {
-                let info = guard.as_ref().map(|rt| rt.info());
-                drop(guard);
-                let info = info.ok_or_else(|| self.gone())?;
-                *self.shared.last_info.lock() = Some(info.clone());
-                Ok(info)
-            }
-            None => Ok(self.busy_info()),
-        }
-    }
-
-    /// What `info` says while a callback holds the sandbox: the figures of
-    /// the last look, with status `busy`.
-    fn busy_info(&self) -> SandboxInfo {
-        let last = self.shared.last_info.lock().clone();
-        let mut info = last.unwrap_or_else(|| {
-            let spec = &self.shared.spec;
-            SandboxInfo {
-                id: self.shared.id.clone(),
-                status: String::new(),
-                app: AppStatus::None,
-                entry: spec.entry.clone(),
-                process_count: 0,
-                memory_bytes: 0,
-                limits: spec.limits.clone(),
-                module_count: spec.modules.len(),
-                capabilities: Vec::new(),
-                mailbox_full_total: 0,
-            }
-        });
-        info.status = "busy".into();
-        info
-    }
-
-    fn failed_info(&self) -> Option<SandboxInfo> {
-        let failed = self.shared.failed.lock();
-        let f = failed.as_ref()?;
-        let spec = &self.shared.spec;
-        let mut capabilities = spec.grants.clone();
-        capabilities.extend(self.shared.host_fns.keys().cloned());
-        Some(SandboxInfo {
-            id: self.shared.id.clone(),
-            status: "failed".into(),
-            app: AppStatus::Stopped {
-                reason: f.message.clone(),
-            },
-            entry: spec.entry.clone(),
-            process_count: 0,
-            memory_bytes: 0,
-            limits: spec.limits.clone(),
-            module_count: f.history.len(),
-            capabilities,
-            mailbox_full_total: 0,
-        })
-    }
-
-    /// Modules with their current version.
-    pub async fn modules(&self) -> Result<Vec<ModuleInfo>> {
-        self.ask(|rt| rt.modules()).await
-    }
-
-    /// Kept versions of a module, oldest first.
-    pub async fn versions(&self, module: &str) -> Result<Vec<ModuleVersion>> {
-        let module = module.to_owned();
-        self.ask(move |rt| rt.versions(&module)).await?
-    }
-
-    /// Events, newest last. A failed sandbox keeps the events it had, and
-    /// a `failed` event with the internal error.
-    pub async fn events(&self) -> Result<Vec<Event>> {
-        self.events_since(0).await
-    }
-
-    /// The events with `seq > since`, newest last: what happened after the
-    /// last event a reader saw (sequence numbers start at 1, so `0` is every
-    /// kept event). Events pruned by the node's `max_events` are not
-    /// returned, so a reader that fell behind sees a gap in `seq`.
-    ///
-    /// ```
-    /// use graft::{Node, SandboxSpec};
-    /// let node = Node::new();
-    /// let sb = node
-    ///     .create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))
-    ///     .unwrap();
-    /// let all = graft::block_on(sb.events()).unwrap();
-    /// let seen = all.last().map_or(0, |e| e.seq);
-    /// let src = [("m".to_string(), "return { v = 2 }".to_string())].into();
-    /// graft::block_on(sb.reload(src, Default::default())).unwrap();
-    /// let newer = graft::block_on(sb.events_since(seen)).unwrap();
-    /// assert!(!newer.is_empty() && newer.iter().all(|e| e.seq > seen));
-    /// ```
-    pub async fn events_since(&self, since: u64) -> Result<Vec<Event>> {
-        if let Some(f) = self.shared.failed.lock().as_ref() {
-            return Ok(f.events.iter().filter(|e| e.seq > since).cloned().collect());
-        }
-        self.ask(move |rt| rt.events_since(since)).await
-    }
-
-    /// Waits for the app's `init` to finish; returns the root supervisor's pid.
-    pub async fn wait_app_started(&self) -> Result<Json> {
-        self.ask_slot(|rt, slot| rt.wait_app(slot)).await
-    }
-
-    /// Stops the app in order: supervisors stop children in reverse order and
-    /// `terminate` callbacks run. Returns the app's exit reason.
-    pub async fn stop_app(&self) -> Result<Json> {
-        self.ask_slot(|rt, slot| rt.stop_app(slot)).await
-    }
-
-    fn reload_start(
-        &self,
-        sources: BTreeMap<String, String>,
-        opts: ReloadOptions,
-        direction: Direction,
-        targets: Option<HashMap<String, u32>>,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<ReloadReport>>> {
-        // Compile and check here, on the caller's thread: the sandbox keeps running.
-        let cx = upgrade::PrepareContext {
-            known_globals: &self.shared.known_globals,
-            max_source_bytes: self.shared.spec.limits.max_source_bytes,
-            files: &self.shared.spec.files,
-        };
-        let prepared = match upgrade::prepare(&sources, &cx) {
-            Ok(p) => p,
-            Err(e) => {
-                let detail = match &e {
-                    Error::Compile { diagnostics } => {
-                        serde_json::json!({ "modules": sources.keys().collect::<Vec<_>>(), "error": e.to_string(), "diagnostics": diagnostics })
-                    }
-                    _ => serde_json::json!({ "error": e.to_string() }),
-                };
-                let _ =
-                    self.submit(move |rt| crate::kernel::kernel(&rt.vm.lua).event("abort", detail));
-                return Err(e);
-            }
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move |rt| rt.reload(prepared, opts, direction, targets, tx))?;
-        Ok(rx)
-    }
-
-    /// Reloads modules from sources as one transaction (SPEC §3).
-    ///
-    /// ```
-    /// use graft::{Node, SandboxSpec, ReloadOptions};
-    /// let node = Node::new();
-    /// let v1 = "return { init = function() return 1 end, handle_call = function(r, f, s) return s, s end }";
-    /// let v2 = "return { init = function() return 1 end, handle_call = function(r, f, s) return s * 10, s end }";
-    /// let sb = node.create_sandbox(SandboxSpec::new("up").entry(None).module("m", v1)).unwrap();
-    /// graft::block_on(sb.spawn("m", serde_json::json!(null), Some("m"))).unwrap();
-    /// let mut sources = std::collections::BTreeMap::new();
-    /// sources.insert("m".to_string(), v2.to_string());
-    /// let report = graft::block_on(sb.reload(sources, ReloadOptions::default())).unwrap();
-    /// assert_eq!(report.modules[0].to, 2);
-    /// assert_eq!(graft::block_on(sb.call("m", serde_json::json!(null), None)).unwrap(), 10);
-    /// ```
-    pub async fn reload(
-        &self,
-        sources: BTreeMap<String, String>,
-        opts: ReloadOptions,
-    ) -> Result<ReloadReport> {
-        let rx = self.reload_start(sources, opts, Direction::Up, None)?;
-        rx.await.map_err(|_| self.gone())?
-    }
-
-    /// Rolls `module` back (or forward) to a kept version; `code_change` gets
-    /// `{ down = <current version> }`. The target version becomes current.
-    pub async fn rollback(
-        &self,
-        module: &str,
-        version: u32,
-        opts: ReloadOptions,
-    ) -> Result<ReloadReport> {
-        let module_name = module.to_owned();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move |rt| {
-            let h = match rt.engine.modules.get(&module_name) {
-                Some(h) => h,
-                None => {
-                    let _ = tx.send(Err(Error::NoModule(module_name)));
-                    return;
-                }
-            };
-            let Some(v) = h.get(version).cloned() else {
-                let _ = tx.send(Err(Error::NoVersion {
-                    module: module_name,
-                    version,
-                    kept: h.kept(),
-                }));
-                return;
-            };
-            if h.current == version {
-                let _ = tx.send(Ok(ReloadReport {
-                    status: upgrade::ReloadStatus::Unchanged,
-                    modules: Vec::new(),
-                    processes_migrated: 0,
-                    timings: Default::default(),
-                }));
-                return;
-            }
-            // Moving to an older version is a downgrade (`{ down = n }`); to a
-            // newer kept version, an ordinary upgrade.
-            let direction = if version < h.current {
-                Direction::Down
-            } else {
-                Direction::Up
-            };
-            let mut one = BTreeMap::new();
-            one.insert(module_name.clone(), v);
-            let prepared = runtime::prepared_from_versions(&one, &rt.engine);
-            let mut targets = HashMap::new();
-            targets.insert(module_name, version);
-            rt.reload(prepared, opts, direction, Some(targets), tx);
-        })?;
-        rx.await.map_err(|_| self.gone())?
-    }
-
-    /// Every kept version of every module (for export/backup).
-    pub async fn export(&self) -> Result<BTreeMap<String, Vec<ModuleVersion>>> {
-        self.ask(|rt| rt.export()).await
-    }
-
-    /// Imports module histories produced by [`Sandbox::export`] (possibly from
-    /// another node). Every version's source is checked against its checksum
-    /// and recompiled here; the newest imported version of each module goes
-    /// live through an ordinary reload (so live processes are migrated), and
-    /// then the imported versions replace the module's kept history.
-    ///
-    /// ```
-    /// use graft::{Node, SandboxSpec, ReloadOptions};
-    /// let node = Node::new();
-    /// let a = node.create_sandbox(SandboxSpec::new("a").entry(None).module("m", "return { v = 1 }")).unwrap();
-    /// let mut v2 = std::collections::BTreeMap::new();
-    /// v2.insert("m".to_string(), "return { v = 2 }".to_string());
-    /// graft::block_on(a.reload(v2, ReloadOptions::default())).unwrap();
-    /// let exported = graft::block_on(a.export()).unwrap();
-    /// let b = node.create_sandbox(SandboxSpec::new("b").entry(None).module("m", "return { v = 0 }")).unwrap();
-    /// graft::block_on(b.import(exported, ReloadOptions::default())).unwrap();
-    /// let kept: Vec<u32> = graft::block_on(b.versions("m")).unwrap().iter().map(|v| v.version).collect();
-    /// assert_eq!(kept, vec![1, 2]);
-    /// ```
-    pub async fn import(
-        &self,
-        modules: BTreeMap<String, Vec<ModuleVersion>>,
-        opts: ReloadOptions,
-    ) -> Result<ReloadReport> {
-        let import = upgrade::prepare_import(
-            modules,
-            self.shared.spec.limits.max_source_bytes,
-            &self.shared.spec.files,
-        )?;
-        let rx = self.reload_start(import.newest, opts, Direction::Up, Some(import.targets))?;
-        let report = rx.await.map_err(|_| self.gone())??;
-        let histories = import.histories;
-        self.ask(move |rt| {
-            for (name, versions) in histories {
-                let max = rt.engine.max_versions;
-                rt.engine
-                    .modules
-                    .entry(name)
-                    .or_default()
-                    .replace(versions, max);
-            }
-        })
-        .await?;
-        Ok(report)
-    }
-
-    /// Stops the app, rebuilds the VM from the modules' current versions and
-    /// starts the app again. Version history is kept.
-    pub async fn restart(&self) -> Result<()> {
-        if self.shared.failed.lock().is_some() {
-            return self.restart_failed();
-        }
-        let _ = with_timeout(self.stop_app(), Duration::from_secs(10)).await;
-        let shared = self.shared.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move |rt| {
-            let history = std::mem::take(&mut rt.engine.modules);
-            let Some(node) = shared.node.upgrade() else {
-                rt.engine.modules = history;
-                let _ = tx.send(Err(stopped(&shared.id)));
-                return;
-            };
-            match new_runtime(&shared.spec, &shared.host_fns, Some(&history), &node.limits) {
-                Ok(mut new_rt) => {
-                    // Kept across the restart: events, and reloads that were
-                    // waiting (they apply to the new VM, never lost).
-                    new_rt.adopt(rt);
-                    *rt = new_rt;
-                    let _ = tx.send(Ok(()));
-                }
-                Err(e) => {
-                    rt.engine.modules = history;
-                    let _ = tx.send(Err(e));
-                }
-            }
-        })?;
-        rx.await.map_err(|_| self.gone())?
-    }
-
-    /// Rebuilds a failed sandbox from its saved version history.
-    fn restart_failed(&self) -> Result<()> {
-        let node = self
-            .shared
-            .node
-            .upgrade()
-            .ok_or_else(|| stopped(&self.shared.id))?;
-        let mut failed = self.shared.failed.lock();
-        let Some(f) = failed.as_ref() else {
-            return Ok(()); // restarted meanwhile
-        };
-        let history = (!f.history.is_empty()).then_some(&f.history);
-        let mut rt = new_runtime(
-            &self.shared.spec,
-            &self.shared.host_fns,
-            history,
-            &node.limits,
-        )?;
-        if let Some(f) = failed.as_mut() {
-            rt.restore_events(std::mem::take(&mut f.events));
-        }
-        *self.shared.runtime.lock() = Some(rt);
-        *failed = None;
-        drop(failed);
-        schedule(&node, &self.shared, false);
-        Ok(())
-    }
-}
-
-/// Builds a sandbox's runtime behind the panic barrier: from `spec`, or from
-/// the current versions of `history` when restarting.
-fn new_runtime(
-    spec: &SandboxSpec,
-    host_fns: &HostTable,
-    history: Option<&BTreeMap<String, ModuleHistory>>,
-    limits: &NodeLimits,
-) -> Result<Runtime> {
-    let mut spec = spec.clone();
-    let spec_id = spec.id.clone();
-    if let Some(h) = history {
-        spec.modules = h
-            .iter()
-            .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
-            .collect();
-    }
-    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Runtime::new(spec, host_fns.clone(), history.cloned(), limits)
-    }));
-    built.unwrap_or_else(|payload| {
-        Err(Error::SandboxFailed {
-            id: spec_id.clone(),
-            message: panic_message(&*payload),
-        })
-    })
-}
-
-/// How [`Node::reload_batch`] runs: the options of each sandbox's reload,
-/// how many sandboxes reload at once, and whether the batch is rolling.
-///
-/// ```
-/// use graft::{BatchOptions, ReloadOptions};
-/// let batch = BatchOptions::new(ReloadOptions::default()).max_concurrency(4);
-/// assert_eq!(batch.max_concurrency, 4);
-/// assert!(!batch.rolling);
-/// ```
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct BatchOptions {
-    /// Applied to every sandbox's reload.
-    pub reload: ReloadOptions,
-    /// Sandboxes reloading at once (0 counts as 1). Default 8.
-    pub max_concurrency: usize,
-    /// One sandbox at a time; the first failure stops the batch and the
-    /// rest report `skipped`. Default false.
-    pub rolling: bool,
-}
-
-impl BatchOptions {
-    /// A parallel batch (8 at once) with these reload options.
-    pub fn new(reload: ReloadOptions) -> BatchOptions {
-        BatchOptions {
-            reload,
-            max_concurrency: 8,
-            rolling: false,
-        }
-    }
-    /// Sets how many sandboxes reload at once.
-    pub fn max_concurrency(mut self, n: usize) -> BatchOptions {
-        self.max_concurrency = n;
-        self
-    }
-    /// Makes the batch rolling (or not).
-    pub fn rolling(mut self, rolling: bool) -> BatchOptions {
-        self.rolling = rolling;
-        self
-    }
-}
-
-impl Default for BatchOptions {
-    fn default() -> BatchOptions {
-        BatchOptions::new(ReloadOptions::default())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::ReloadOptions;
+    use serde_json::Value as Json;
 
     const COUNTER: &str = r#"
         return {

@@ -12,8 +12,9 @@ use serde_json::Value as Json;
 use crate::clock;
 use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, ReloadStep, Result};
+use crate::events::EventLog;
 use crate::kernel::{
-    self, kernel, AppStatus, CanaryWatch, Event, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
+    self, kernel, AppStatus, CanaryWatch, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
 };
 use crate::upgrade::{
     Applied, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions,
@@ -112,10 +113,18 @@ impl Runtime {
         host_fns: HostTable,
         history: Option<BTreeMap<String, crate::upgrade::ModuleHistory>>,
         node: &NodeLimits,
+        events: Arc<EventLog>,
     ) -> Result<Runtime> {
         spec.validate(node)?;
-        let vm = kernel::new_vm(&spec.id, &spec.limits, node, &spec.grants, &host_fns)
-            .map_err(|e| Error::Luau(e.to_string()))?;
+        let vm = kernel::new_vm(
+            &spec.id,
+            &spec.limits,
+            node,
+            &spec.grants,
+            &host_fns,
+            events,
+        )
+        .map_err(|e| Error::Luau(e.to_string()))?;
         let engine = Engine::new(&vm.lua, spec.limits.max_versions)
             .map_err(|e| Error::Luau(e.to_string()))?;
         let mut rt = Runtime {
@@ -153,6 +162,7 @@ impl Runtime {
             // A restart keeps the version history.
             rt.engine.modules = h;
         }
+        rt.engine.persist = true;
         if let Some(entry) = rt.spec.entry.clone() {
             rt.start_app(&entry)?;
         }
@@ -454,45 +464,10 @@ impl Runtime {
         Ok(h.versions.iter().cloned().collect())
     }
 
-    /// The kept events with `seq > since`; the log is in `seq` order, so
-    /// the older ones are skipped without being cloned.
-    pub fn events_since(&self, since: u64) -> Vec<Event> {
-        let k = kernel(self.lua());
-        let first = k.events.partition_point(|e| e.seq <= since);
-        k.events.range(first..).cloned().collect()
-    }
-
-    /// The events, read without panicking even if the kernel is borrowed
-    /// (after a panic that unwound through a kernel borrow).
-    pub fn saved_events(&self) -> Vec<Event> {
-        self.vm
-            .lua
-            .try_app_data_ref::<crate::kernel::Kernel>()
-            .ok()
-            .flatten()
-            .map(|k| k.events.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Puts events saved from an earlier runtime of this sandbox before this one's.
-    pub fn restore_events(&mut self, mut saved: Vec<Event>) {
-        let mut k = kernel(self.lua());
-        let mut seq = saved.last().map_or(0, |e| e.seq);
-        for mut e in k.events.drain(..) {
-            seq += 1;
-            e.seq = seq;
-            saved.push(e);
-        }
-        let keep = k.max_events.max(1);
-        let skip = saved.len().saturating_sub(keep);
-        k.events = saved.into_iter().skip(skip).collect();
-        k.set_event_seq(seq);
-    }
-
     /// Takes over what a restarted runtime of the same sandbox must not
-    /// lose: its events and the reloads still waiting to apply.
+    /// lose: the reloads still waiting to apply (its events are in the
+    /// node's log already).
     pub fn adopt(&mut self, old: &mut Runtime) {
-        self.restore_events(old.saved_events());
         self.pending.extend(old.pending.drain(..).map(|mut r| {
             // Its frozen modules belonged to the old kernel.
             r.frozen.clear();
@@ -564,10 +539,13 @@ impl Runtime {
                 }
                 Ok(Applied::Done(report)) => {
                     self.unfreeze(&r.frozen);
-                    self.record(&report, r.direction);
+                    self.record(&report);
                     if report.status == ReloadStatus::DryRun {
                         // The dry run's module tables and state copies are garbage now.
                         let _ = self.lua().gc_collect();
+                    }
+                    if report.status == ReloadStatus::Reloaded {
+                        self.end_canary_touched_by(&report, r.direction);
                     }
                     if report.status == ReloadStatus::Reloaded && r.opts.canary_ms > 0 {
                         self.arm_canary(&report, &r.opts);
@@ -607,12 +585,13 @@ impl Runtime {
         }
     }
 
-    fn record(&mut self, report: &ReloadReport, direction: Direction) {
-        let kind = match (report.status, direction) {
-            (ReloadStatus::Unchanged, _) => "unchanged",
-            (ReloadStatus::DryRun, _) => "dry_run",
-            (ReloadStatus::Reloaded, Direction::Up) => "reload",
-            (ReloadStatus::Reloaded, Direction::Down) => "rollback",
+    /// Records a reload that did not commit (a committed one was recorded
+    /// by its commit point, in the same transaction).
+    fn record(&mut self, report: &ReloadReport) {
+        let kind = match report.status {
+            ReloadStatus::Unchanged => "unchanged",
+            ReloadStatus::DryRun => "dry_run",
+            ReloadStatus::Reloaded => return,
         };
         kernel(self.lua()).event(kind, serde_json::to_value(report).unwrap_or(Json::Null));
     }
@@ -637,6 +616,33 @@ impl Runtime {
             other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
         };
         kernel(self.lua()).event("abort", detail);
+    }
+
+    /// A reload or rollback of a module under a canary window ends that
+    /// window: the version it watched is no longer the one running, so it
+    /// can neither pass nor trip.
+    fn end_canary_touched_by(&mut self, report: &ReloadReport, direction: Direction) {
+        let mut k = kernel(self.lua());
+        let touched = k.canary.as_ref().is_some_and(|c| {
+            c.modules
+                .iter()
+                .any(|(_, _, _, name)| report.modules.iter().any(|m| m.name == *name))
+        });
+        if !touched {
+            return;
+        }
+        if let Some(c) = k.canary.take() {
+            k.cancel_timer(c.timer);
+            let modules: Vec<&String> = c.modules.iter().map(|m| &m.3).collect();
+            let by = match direction {
+                Direction::Up => "a reload",
+                Direction::Down => "a rollback",
+            };
+            k.event(
+                "canary_ended",
+                serde_json::json!({ "modules": modules, "why": format!("{by} replaced the version under watch") }),
+            );
+        }
     }
 
     fn arm_canary(&mut self, report: &ReloadReport, opts: &ReloadOptions) {

@@ -332,10 +332,19 @@ pub(crate) fn apply(conn: &Connection, op: &WriteOp, ctx: ApplyCtx<'_>) -> Store
         }
         WriteOp::AppendEvent(ev) => {
             let at = finite(name, "at_ms", ev.at_ms)?;
+            let given = match ev.seq {
+                Some(seq) => Some(i64::try_from(seq).map_err(|_| StoreError::Invalid {
+                    op: name,
+                    detail: format!("event seq {seq} is out of range"),
+                })?),
+                None => None,
+            };
             conn.prepare_cached(
-                "INSERT INTO events (sandbox, kind, payload, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO events (seq, sandbox, kind, payload, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )
-            .and_then(|mut st| st.execute(params![ev.sandbox, ev.kind, ev.payload_json, at]))
+            .and_then(|mut st| {
+                st.execute(params![given, ev.sandbox, ev.kind, ev.payload_json, at])
+            })
             .map_err(sql_err)?;
             let seq = conn.last_insert_rowid();
             // Keeps the newest `max_events_per_sandbox`: one index seek to the

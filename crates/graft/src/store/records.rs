@@ -93,9 +93,14 @@ pub struct ModuleRecord {
     pub file: Option<String>,
 }
 
-/// An event to append; the store gives it its sequence number.
+/// An event to append: with the sequence number its node gave it, or none
+/// for the store to give the next one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {
+    /// The node-wide sequence number, if the node numbered the event itself
+    /// (it must not be stored already); `None`: the next free one.
+    #[serde(default)]
+    pub seq: Option<u64>,
     /// The sandbox (`None`: an event of the node).
     pub sandbox: Option<String>,
     /// `reload`, `rollback`, `crash` …

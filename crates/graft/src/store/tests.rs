@@ -68,6 +68,7 @@ fn version(sb: &str, module: &str, v: u32, status: VersionStatus) -> VersionReco
 
 fn event(sb: Option<&str>, kind: &str, n: u64) -> NewEvent {
     NewEvent {
+        seq: None,
         sandbox: sb.map(str::to_string),
         kind: kind.into(),
         payload_json: format!(r#"{{"n":{n}}}"#),

@@ -91,20 +91,25 @@ impl Engine {
         timings.migrate_us = migrate_started.elapsed().as_micros() as u64;
 
         let modules = self.version_changes(&changed, target_versions);
-        let status = if opts.dry_run {
-            ReloadStatus::DryRun
-        } else {
-            reserve_module_slots(vm, &new_tables)?;
-            self.commit(vm, changed, &new_tables, &migration, &modules, &plan)?;
-            ReloadStatus::Reloaded
-        };
-        timings.swap_us = started.elapsed().as_micros() as u64;
-        Ok(Applied::Done(ReloadReport {
-            status,
+        let mut report = ReloadReport {
+            status: ReloadStatus::DryRun,
             modules,
             processes_migrated: migration.processes,
             timings,
-        }))
+        };
+        if !opts.dry_run {
+            reserve_module_slots(vm, &new_tables)?;
+            report.status = ReloadStatus::Reloaded;
+            if self.persist {
+                report.timings.swap_us = started.elapsed().as_micros() as u64;
+                self.persist(vm, &changed, &report, opts, direction)?;
+            }
+            let modules = std::mem::take(&mut report.modules);
+            self.commit(vm, changed, &new_tables, &migration, &modules, &plan)?;
+            report.modules = modules;
+        }
+        report.timings.swap_us = started.elapsed().as_micros() as u64;
+        Ok(Applied::Done(report))
     }
 
     /// Step 1: the prepared modules whose source differs from the current one.
@@ -212,16 +217,24 @@ impl Engine {
         Ok(new_tables)
     }
 
-    /// The version number module `name` gets in this reload.
+    /// The version number module `p` gets in this reload: the one asked
+    /// for, else a kept version with the same source (a roll-forward
+    /// re-uses its number), else a new one.
     pub(super) fn target_version(
         &self,
-        name: &str,
+        p: &PreparedModule,
         target_versions: Option<&HashMap<String, u32>>,
     ) -> u32 {
-        match target_versions.and_then(|t| t.get(name)) {
-            Some(v) => *v,
-            None => self.modules.get(name).map(|h| h.next + 1).unwrap_or(1),
+        if let Some(v) = target_versions.and_then(|t| t.get(&p.name)) {
+            return *v;
         }
+        let Some(h) = self.modules.get(&p.name) else {
+            return 1;
+        };
+        h.versions
+            .iter()
+            .find(|v| v.checksum == p.checksum)
+            .map_or(h.next + 1, |v| v.version)
     }
 
     /// The version change of each changed module.
@@ -235,7 +248,7 @@ impl Engine {
             .map(|p| ModuleChange {
                 name: p.name.clone(),
                 from: self.modules.get(&p.name).map(|h| h.current).unwrap_or(0),
-                to: self.target_version(&p.name, target_versions),
+                to: self.target_version(p, target_versions),
             })
             .collect()
     }

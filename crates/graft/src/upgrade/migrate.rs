@@ -114,7 +114,10 @@ impl Engine {
             table,
             serials,
             old_vsn,
-            new_vsn: self.target_version(name, rq.target_versions),
+            new_vsn: match rq.by_name.get(name) {
+                Some(p) => self.target_version(p, rq.target_versions),
+                None => self.modules.get(name).map_or(1, |h| h.next + 1),
+            },
         }))
     }
 }

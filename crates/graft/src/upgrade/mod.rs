@@ -33,6 +33,7 @@ mod graph;
 mod guest;
 mod history;
 mod migrate;
+mod persist;
 mod prepare;
 
 use std::collections::{BTreeMap, HashMap};
@@ -170,6 +171,9 @@ pub(crate) struct Engine {
     pub max_versions: usize,
     /// `require` view: module name → current table (a Lua table).
     pub view: Table,
+    /// Commits are written to the node's log (and store) before they apply.
+    /// Off while a sandbox loads its first versions (its creator writes them).
+    pub persist: bool,
 }
 
 /// The reload's inputs as the steps see them.
@@ -195,6 +199,7 @@ impl Engine {
             modules: BTreeMap::new(),
             max_versions,
             view: lua.create_table()?,
+            persist: false,
         })
     }
 

@@ -1,0 +1,618 @@
+//! The node's event log: every event of every sandbox, numbered node-wide.
+//!
+//! An event (a reload, a crash, a canary verdict …) gets the next sequence
+//! number of its node when it happens. With a [`Store`] the event is written
+//! to the database by a pump thread (many events per transaction); events of
+//! a commit point (a reload's `reload` event) are written by the commit's own
+//! transaction instead ([`EventLog::reserve`] / [`EventLog::publish`]).
+//!
+//! # Invariants
+//! * Readers see an event only once it is durable (with a store) and only
+//!   once every event with a lower number is visible too: the *visible*
+//!   watermark never passes a number still being written. So a reader that
+//!   resumes after `seq` never misses an event that is later shown with a
+//!   lower number, and a `kill -9` never takes back an event a reader saw.
+//! * Memory is bounded: each sandbox keeps its newest `max_events` events;
+//!   a deleted sandbox's events stay readable until [`MAX_DELETED_KEPT`]
+//!   newer deletions push them out. What was dropped is remembered as a
+//!   number (`pruned_through`), which is how a reader learns of a gap.
+//! * Appending never blocks on the disk and never fails: a write that fails
+//!   (disk full, read-only) is logged and the events stay readable in
+//!   memory; the commit points that must be durable write synchronously.
+//! * Nothing here runs guest code or holds a sandbox's VM.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::store::{NewEvent, Store, StoreError, WriteOp};
+
+/// Deleted sandboxes whose events stay readable in memory.
+pub const MAX_DELETED_KEPT: usize = 16;
+
+/// Events a pump transaction writes at most.
+const PUMP_BATCH: usize = 1024;
+
+/// One event of the node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeEvent {
+    /// Node-wide sequence number (1, 2, 3 …, never reused, also across
+    /// restarts of a durable node).
+    pub seq: u64,
+    /// The sandbox it belongs to.
+    pub sandbox: String,
+    /// Wall-clock time, ms since the Unix epoch.
+    pub at_ms: f64,
+    /// `reload`, `unchanged`, `abort`, `rollback`, `canary_passed`,
+    /// `canary_rollback`, `crash`, `restart`, `sandbox_created` …
+    pub kind: String,
+    /// Details (module, versions, timings, reason …).
+    pub detail: Json,
+}
+
+/// Which events a reader wants.
+///
+/// ```
+/// let f = graft::EventFilter::default().sandbox("shop").kind("crash");
+/// assert_eq!(f.sandbox.as_deref(), Some("shop"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct EventFilter {
+    /// Only this sandbox's events (`None`: all).
+    pub sandbox: Option<String>,
+    /// Only these kinds (empty: all).
+    pub kinds: Vec<String>,
+}
+
+impl EventFilter {
+    /// Only `id`'s events.
+    pub fn sandbox(mut self, id: impl Into<String>) -> EventFilter {
+        self.sandbox = Some(id.into());
+        self
+    }
+
+    /// Also events of `kind` (the first call narrows to that kind).
+    pub fn kind(mut self, kind: impl Into<String>) -> EventFilter {
+        self.kinds.push(kind.into());
+        self
+    }
+
+    fn matches(&self, e: &NodeEvent) -> bool {
+        self.sandbox.as_deref().is_none_or(|s| s == e.sandbox)
+            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+    }
+}
+
+/// Events after a point, and whether some were dropped before they were read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EventPage {
+    /// Matching events, oldest first.
+    pub events: Vec<NodeEvent>,
+    /// Set when events with `after < seq <= up_to` were dropped (each
+    /// sandbox keeps its newest `max_events`): some of them may have matched.
+    pub gap: Option<EventGap>,
+}
+
+/// A range of sequence numbers a reader can no longer read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EventGap {
+    /// The reader's position.
+    pub after: u64,
+    /// The newest dropped sequence number.
+    pub up_to: u64,
+}
+
+/// One sandbox's kept events, as sequence numbers (the events themselves
+/// are in `LogState::by_seq`).
+#[derive(Default)]
+struct Bucket {
+    seqs: VecDeque<u64>,
+    /// The newest sequence number dropped from this bucket (0: none).
+    pruned_through: u64,
+}
+
+struct LogState {
+    next_seq: u64,
+    /// Numbered, not yet durable.
+    pending: BTreeSet<u64>,
+    /// Durable, waiting for a lower pending number to become durable.
+    staged: BTreeMap<u64, NodeEvent>,
+    visible: u64,
+    by_seq: BTreeMap<u64, NodeEvent>,
+    buckets: HashMap<String, Bucket>,
+    /// Deleted sandboxes whose buckets are still kept, oldest first.
+    deleted: VecDeque<String>,
+    /// The newest sequence number dropped from any bucket (0: none).
+    pruned_through: u64,
+}
+
+/// The node's event log (see the module docs).
+pub(crate) struct EventLog {
+    state: Mutex<LogState>,
+    visible_tx: tokio::sync::watch::Sender<u64>,
+    store: Option<Arc<Store>>,
+    pump: Mutex<Option<mpsc::Sender<NodeEvent>>>,
+    pump_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    max_per_sandbox: usize,
+}
+
+impl EventLog {
+    /// A log kept in memory only.
+    pub fn in_memory(max_per_sandbox: usize) -> Arc<EventLog> {
+        Arc::new(EventLog::new(max_per_sandbox, None, Vec::new(), 0))
+    }
+
+    /// A log written to `store`, starting from the events it holds.
+    pub fn durable(max_per_sandbox: usize, store: Arc<Store>) -> crate::Result<Arc<EventLog>> {
+        let last = store.last_event_seq()?;
+        let kept = store.events_since(0, None, usize::MAX)?;
+        let restored = kept
+            .into_iter()
+            .map(|r| NodeEvent {
+                seq: r.seq,
+                sandbox: r.sandbox.unwrap_or_default(),
+                at_ms: r.at_ms,
+                kind: r.kind,
+                detail: serde_json::from_str(&r.payload_json).unwrap_or(Json::Null),
+            })
+            .collect();
+        let log = Arc::new(EventLog::new(
+            max_per_sandbox,
+            Some(store.clone()),
+            restored,
+            last,
+        ));
+        let (tx, rx) = mpsc::channel();
+        let weak = Arc::downgrade(&log);
+        let path = store.path().to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("graft-events".into())
+            .spawn(move || pump(rx, store, weak))
+            .map_err(|source| crate::store::StoreError::Io {
+                what: "start the event writer thread",
+                path,
+                source,
+            })?;
+        *log.pump.lock() = Some(tx);
+        *log.pump_thread.lock() = Some(thread);
+        Ok(log)
+    }
+
+    fn new(
+        max_per_sandbox: usize,
+        store: Option<Arc<Store>>,
+        restored: Vec<NodeEvent>,
+        last_seq: u64,
+    ) -> EventLog {
+        let mut state = LogState {
+            next_seq: last_seq + 1,
+            pending: BTreeSet::new(),
+            staged: BTreeMap::new(),
+            visible: last_seq,
+            by_seq: BTreeMap::new(),
+            buckets: HashMap::new(),
+            deleted: VecDeque::new(),
+            pruned_through: 0,
+        };
+        let max = max_per_sandbox.max(1);
+        for e in restored {
+            state.insert(e, max);
+        }
+        let (visible_tx, _) = tokio::sync::watch::channel(last_seq);
+        EventLog {
+            state: Mutex::new(state),
+            visible_tx,
+            store,
+            pump: Mutex::new(None),
+            pump_thread: Mutex::new(None),
+            max_per_sandbox: max,
+        }
+    }
+
+    /// Records an event of `sandbox`: readable at once without a store,
+    /// within a pump transaction with one.
+    pub fn append(&self, sandbox: &str, kind: &str, detail: Json) {
+        let event = self.reserve(sandbox, kind, detail);
+        let queued = match self.pump.lock().as_ref() {
+            Some(tx) => tx.send(event.clone()).is_ok(),
+            None => false,
+        };
+        if !queued {
+            self.publish(vec![event]);
+        }
+    }
+
+    /// Numbers an event that the caller writes in its own transaction (a
+    /// commit point). The caller must then [`publish`](Self::publish) it,
+    /// or [`abandon`](Self::abandon) it if the transaction failed; until
+    /// then no later event becomes visible.
+    pub fn reserve(&self, sandbox: &str, kind: &str, detail: Json) -> NodeEvent {
+        let mut st = self.state.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.pending.insert(seq);
+        NodeEvent {
+            seq,
+            sandbox: sandbox.to_owned(),
+            at_ms: crate::clock::unix_ms(),
+            kind: kind.to_owned(),
+            detail,
+        }
+    }
+
+    /// The store row of a reserved event, for the caller's transaction.
+    pub fn write_op(event: &NodeEvent) -> WriteOp {
+        WriteOp::AppendEvent(NewEvent {
+            seq: Some(event.seq),
+            sandbox: Some(event.sandbox.clone()),
+            kind: event.kind.clone(),
+            payload_json: event.detail.to_string(),
+            at_ms: event.at_ms,
+        })
+    }
+
+    /// Writes `ops` and the event in one transaction (a commit point: a
+    /// reload, a canary verdict, a sandbox created), then makes the event
+    /// readable. Without a store the event is recorded and `ops` dropped.
+    /// On a failed write nothing is stored and the event is never shown.
+    pub fn commit(
+        &self,
+        sandbox: &str,
+        mut ops: Vec<WriteOp>,
+        kind: &str,
+        detail: Json,
+    ) -> Result<u64, StoreError> {
+        let event = self.reserve(sandbox, kind, detail);
+        if let Some(store) = &self.store {
+            ops.push(EventLog::write_op(&event));
+            if let Err(e) = store.write(ops) {
+                self.abandon(event.seq);
+                return Err(e);
+            }
+        }
+        let seq = event.seq;
+        self.publish(vec![event]);
+        Ok(seq)
+    }
+
+    /// The database events are written to, if any.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    /// Makes durable events readable (in number order).
+    pub fn publish(&self, events: Vec<NodeEvent>) {
+        let visible = {
+            let mut st = self.state.lock();
+            for e in events {
+                st.pending.remove(&e.seq);
+                st.staged.insert(e.seq, e);
+            }
+            st.advance(self.max_per_sandbox)
+        };
+        self.visible_tx.send_replace(visible);
+    }
+
+    /// Gives up a reserved number whose transaction failed (the number is
+    /// never shown).
+    pub fn abandon(&self, seq: u64) {
+        let visible = {
+            let mut st = self.state.lock();
+            st.pending.remove(&seq);
+            st.advance(self.max_per_sandbox)
+        };
+        self.visible_tx.send_replace(visible);
+    }
+
+    /// The highest number readers may see.
+    #[cfg(test)]
+    pub fn visible(&self) -> u64 {
+        self.state.lock().visible
+    }
+
+    /// The highest number given so far.
+    pub fn last_assigned(&self) -> u64 {
+        self.state.lock().next_seq - 1
+    }
+
+    /// Notified with the visible watermark whenever it moves.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.visible_tx.subscribe()
+    }
+
+    /// Waits (async) until every event numbered before this call is visible.
+    pub async fn settle(&self) {
+        let target = self.last_assigned();
+        let mut rx = self.subscribe();
+        // The sender lives as long as `self`, so `wait_for` ends.
+        let _ = rx.wait_for(|v| *v >= target).await;
+    }
+
+    /// Visible events matching `filter` with `seq > after`, oldest first, at
+    /// most `limit`, and the gap the reader fell into, if any.
+    pub fn read(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {
+        let st = self.state.lock();
+        let pruned = match &filter.sandbox {
+            // A sandbox without a bucket may have had one that was dropped:
+            // assume the worst.
+            Some(id) => st
+                .buckets
+                .get(id)
+                .map_or(st.pruned_through, |b| b.pruned_through),
+            None => st.pruned_through,
+        };
+        let gap = (pruned > after).then_some(EventGap {
+            after,
+            up_to: pruned,
+        });
+        let mut events = Vec::new();
+        if after < st.visible && limit > 0 {
+            match filter.sandbox.as_ref().and_then(|id| st.buckets.get(id)) {
+                // One sandbox: walk its own numbers, not every event.
+                Some(bucket) => {
+                    let start = bucket.seqs.partition_point(|s| *s <= after);
+                    for seq in bucket.seqs.range(start..) {
+                        if *seq > st.visible || events.len() >= limit {
+                            break;
+                        }
+                        if let Some(e) = st.by_seq.get(seq).filter(|e| filter.matches(e)) {
+                            events.push(e.clone());
+                        }
+                    }
+                }
+                None if filter.sandbox.is_some() => {}
+                None => {
+                    for e in st.by_seq.range(after + 1..=st.visible).map(|(_, e)| e) {
+                        if events.len() >= limit {
+                            break;
+                        }
+                        if filter.matches(e) {
+                            events.push(e.clone());
+                        }
+                    }
+                }
+            }
+        }
+        EventPage { events, gap }
+    }
+
+    /// Marks `sandbox` deleted: its events stay readable until
+    /// [`MAX_DELETED_KEPT`] later deletions.
+    pub fn sandbox_deleted(&self, sandbox: &str) {
+        let mut st = self.state.lock();
+        st.deleted.retain(|s| s != sandbox);
+        st.deleted.push_back(sandbox.to_owned());
+        while st.deleted.len() > MAX_DELETED_KEPT {
+            if let Some(old) = st.deleted.pop_front() {
+                st.drop_bucket(&old);
+            }
+        }
+    }
+
+    /// Marks `sandbox` live again (a sandbox re-created with the same id
+    /// continues its bucket).
+    pub fn sandbox_created(&self, sandbox: &str) {
+        self.state.lock().deleted.retain(|s| s != sandbox);
+    }
+
+    /// Stops the pump after it wrote what was queued.
+    pub fn close(&self) {
+        drop(self.pump.lock().take());
+        if let Some(t) = self.pump_thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl LogState {
+    /// Moves staged events up to the new watermark into the buckets.
+    fn advance(&mut self, max: usize) -> u64 {
+        let visible = match self.pending.first() {
+            Some(first) => first - 1,
+            None => self.next_seq - 1,
+        };
+        while let Some(entry) = self.staged.first_entry() {
+            if *entry.key() > visible {
+                break;
+            }
+            let e = entry.remove();
+            self.insert(e, max);
+        }
+        self.visible = visible;
+        visible
+    }
+
+    fn insert(&mut self, e: NodeEvent, max: usize) {
+        let bucket = self.buckets.entry(e.sandbox.clone()).or_default();
+        bucket.seqs.push_back(e.seq);
+        let mut dropped = Vec::new();
+        while bucket.seqs.len() > max {
+            if let Some(old) = bucket.seqs.pop_front() {
+                bucket.pruned_through = bucket.pruned_through.max(old);
+                dropped.push(old);
+            }
+        }
+        for old in dropped {
+            self.by_seq.remove(&old);
+            self.pruned_through = self.pruned_through.max(old);
+        }
+        self.by_seq.insert(e.seq, e);
+    }
+
+    fn drop_bucket(&mut self, sandbox: &str) {
+        if let Some(bucket) = self.buckets.remove(sandbox) {
+            for seq in bucket.seqs {
+                self.by_seq.remove(&seq);
+                self.pruned_through = self.pruned_through.max(seq);
+            }
+        }
+    }
+}
+
+/// The pump: writes queued events in batches, then publishes them.
+fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < PUMP_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let ops = batch.iter().map(EventLog::write_op).collect();
+        if let Err(e) = store.write(ops) {
+            tracing::error!(error = %e, events = batch.len(), "events could not be written; they are kept in memory only");
+        }
+        match log.upgrade() {
+            Some(log) => log.publish(batch),
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(page: &EventPage) -> Vec<(u64, &str)> {
+        page.events
+            .iter()
+            .map(|e| (e.seq, e.kind.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_reserved_event_holds_back_later_ones_until_published() {
+        let log = EventLog::in_memory(10);
+        log.append("a", "one", Json::Null);
+        let held = log.reserve("a", "commit", Json::Null);
+        log.append("a", "three", Json::Null);
+        let all = EventFilter::default();
+        assert_eq!(kinds(&log.read(0, &all, 100)), vec![(1, "one")]);
+        assert_eq!(log.visible(), 1);
+        log.publish(vec![held]);
+        assert_eq!(
+            kinds(&log.read(0, &all, 100)),
+            vec![(1, "one"), (2, "commit"), (3, "three")]
+        );
+    }
+
+    #[test]
+    fn an_abandoned_number_is_skipped_and_never_shown() {
+        let log = EventLog::in_memory(10);
+        let held = log.reserve("a", "commit", Json::Null);
+        log.append("a", "after", Json::Null);
+        assert!(log.read(0, &EventFilter::default(), 10).events.is_empty());
+        log.abandon(held.seq);
+        assert_eq!(
+            kinds(&log.read(0, &EventFilter::default(), 10)),
+            vec![(2, "after")]
+        );
+    }
+
+    #[test]
+    fn each_sandbox_keeps_its_newest_events_and_readers_learn_of_the_gap() {
+        let log = EventLog::in_memory(2);
+        for i in 0..4 {
+            log.append("a", &format!("a{i}"), Json::Null);
+        }
+        log.append("b", "b0", Json::Null);
+        let a = EventFilter::default().sandbox("a");
+        let page = log.read(0, &a, 10);
+        assert_eq!(kinds(&page), vec![(3, "a2"), (4, "a3")]);
+        assert_eq!(page.gap, Some(EventGap { after: 0, up_to: 2 }));
+        // A reader already past the dropped ones has no gap.
+        assert_eq!(log.read(2, &a, 10).gap, None);
+        // `b` lost nothing.
+        let b = log.read(0, &EventFilter::default().sandbox("b"), 10);
+        assert_eq!((kinds(&b), b.gap), (vec![(5, "b0")], None));
+        // The node-wide stream reports the gap too.
+        assert_eq!(
+            log.read(0, &EventFilter::default(), 10).gap,
+            Some(EventGap { after: 0, up_to: 2 })
+        );
+    }
+
+    #[test]
+    fn filters_by_kind_and_limits_the_page() {
+        let log = EventLog::in_memory(100);
+        for kind in ["crash", "reload", "crash", "crash"] {
+            log.append("a", kind, Json::Null);
+        }
+        let crashes = EventFilter::default().kind("crash");
+        assert_eq!(
+            kinds(&log.read(0, &crashes, 2)),
+            vec![(1, "crash"), (3, "crash")]
+        );
+        assert_eq!(kinds(&log.read(3, &crashes, 2)), vec![(4, "crash")]);
+        assert!(log
+            .read(0, &EventFilter::default().sandbox("nope"), 10)
+            .events
+            .is_empty());
+    }
+
+    #[test]
+    fn deleted_sandboxes_beyond_the_cap_are_forgotten() {
+        let log = EventLog::in_memory(10);
+        for i in 0..=MAX_DELETED_KEPT {
+            let id = format!("s{i}");
+            log.append(&id, "x", Json::Null);
+            log.sandbox_deleted(&id);
+        }
+        let first = log.read(0, &EventFilter::default().sandbox("s0"), 10);
+        assert!(first.events.is_empty());
+        assert_eq!(first.gap, Some(EventGap { after: 0, up_to: 1 }));
+        let last = format!("s{MAX_DELETED_KEPT}");
+        assert_eq!(
+            log.read(0, &EventFilter::default().sandbox(last), 10)
+                .events
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_durable_log_survives_reopening_and_continues_the_numbers() {
+        let dir = std::env::temp_dir().join(format!("graft-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("node.db");
+        {
+            let store = Arc::new(Store::open(&path).expect("open"));
+            let log = EventLog::durable(10, store.clone()).expect("log");
+            log.append("a", "one", Json::Null);
+            let held = log.reserve("a", "commit", serde_json::json!({ "v": 2 }));
+            store
+                .write(vec![EventLog::write_op(&held)])
+                .expect("commit");
+            log.publish(vec![held]);
+            crate::block_on(log.settle());
+            assert_eq!(log.read(0, &EventFilter::default(), 10).events.len(), 2);
+            log.close();
+            store.close();
+        }
+        let store = Arc::new(Store::open(&path).expect("reopen"));
+        let log = EventLog::durable(10, store.clone()).expect("log");
+        let page = log.read(0, &EventFilter::default(), 10);
+        assert_eq!(kinds(&page), vec![(1, "one"), (2, "commit")]);
+        assert_eq!(page.events[1].detail, serde_json::json!({ "v": 2 }));
+        log.append("a", "three", Json::Null);
+        crate::block_on(log.settle());
+        assert_eq!(log.read(2, &EventFilter::default(), 10).events[0].seq, 3);
+        log.close();
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,189 @@
+//! Checkpoints of registered processes' states (SPEC §8): taken on the
+//! sandbox's thread at a message boundary, written off it; restored after a
+//! restart, migrated with `code_change` when the module version moved.
+//!
+//! # Invariants
+//! * A snapshot is taken between callbacks (the runtime runs commands only
+//!   between slices), so a state is never half-updated.
+//! * Only *dirty* processes are snapshotted: one whose (serial, messages
+//!   handled, module version) changed since its last checkpoint. A state
+//!   changes only in a callback or a migration, and both move that key.
+//! * What runs on the sandbox's thread is the JSON conversion; serialising
+//!   to text and the write happen on the caller's (the checkpointer's) thread.
+//! * Restoring runs guest code (`code_change`) under the sandbox's
+//!   `handler_ms`, like a migration; a failure keeps the state `init` gave
+//!   and is reported as an event, never as a failed start.
+
+use std::collections::HashMap;
+
+use mlua::{Function, Value};
+use serde_json::Value as Json;
+
+use super::runtime::Runtime;
+use crate::kernel::kernel;
+use crate::store::CheckpointRecord;
+use crate::value::{json_to_lua, lua_to_json};
+
+/// What identifies a state's revision: (serial, messages handled, version).
+pub(crate) type Revision = (u64, u64, u32);
+
+/// States of registered processes that changed since the last checkpoint.
+pub(crate) struct Snapshot {
+    /// (name, module, module version, state, revision).
+    pub states: Vec<(String, String, u32, Json, Revision)>,
+    /// Names checkpointed before that are no longer registered.
+    pub removed: Vec<String>,
+    /// Registered processes whose state is not plain data: (name, why).
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Snapshot {
+    /// The store rows (serialising here, off the sandbox's thread).
+    pub fn rows(&self, at_ms: f64) -> Vec<CheckpointRecord> {
+        self.states
+            .iter()
+            .map(|(name, module, version, state, _)| CheckpointRecord {
+                name: name.clone(),
+                module: module.clone(),
+                module_version: *version,
+                state_json: state.to_string(),
+                at_ms,
+            })
+            .collect()
+    }
+}
+
+impl Runtime {
+    /// Snapshots the registered processes whose revision differs from
+    /// `written` (all of them when `written` is empty).
+    pub fn snapshot(&self, written: &HashMap<String, Revision>) -> Snapshot {
+        let lua = &self.vm.lua;
+        let k = kernel(lua);
+        let mut states = Vec::new();
+        let mut skipped = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        for (name, serial) in &k.names {
+            let Some(p) = k.procs.get(serial) else {
+                continue;
+            };
+            live.insert(&**name);
+            let revision = (*serial, p.messages_handled as u64, p.version);
+            if written.get(&**name) == Some(&revision) {
+                continue;
+            }
+            let module = k
+                .module_names
+                .get(p.pid.module_index() as usize)
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            let state: Value = k.states.raw_get(*serial).unwrap_or(Value::Nil);
+            match lua_to_json(&state, "state", k.max_value_bytes, &|pid| k.pid_string(pid)) {
+                Ok(json) => states.push((name.to_string(), module, p.version, json, revision)),
+                Err(e) => skipped.push((name.to_string(), e.to_string())),
+            }
+        }
+        let removed = written
+            .keys()
+            .filter(|n| !live.contains(n.as_str()))
+            .cloned()
+            .collect();
+        Snapshot {
+            states,
+            removed,
+            skipped,
+        }
+    }
+
+    /// Gives each registered process named in `rows` its checkpointed state,
+    /// migrated by its module's `code_change(old_vsn, state, nil)` when the
+    /// version moved. Returns the revisions now matching the store, and the
+    /// rows that could not be restored, with why.
+    pub fn restore_checkpoints(
+        &mut self,
+        rows: Vec<CheckpointRecord>,
+    ) -> (HashMap<String, Revision>, Vec<(String, String)>) {
+        let mut restored = HashMap::new();
+        let mut failed = Vec::new();
+        for row in rows {
+            match self.restore_one(&row) {
+                Ok(Some(revision)) => {
+                    restored.insert(row.name, revision);
+                }
+                Ok(None) => {}
+                Err(why) => failed.push((row.name, why)),
+            }
+        }
+        (restored, failed)
+    }
+
+    /// `Ok(Some(revision))` if the state was put back unchanged (it matches
+    /// the store), `Ok(None)` if it was migrated (so it is dirty).
+    fn restore_one(&mut self, row: &CheckpointRecord) -> Result<Option<Revision>, String> {
+        let lua = self.vm.lua.clone();
+        let (serial, version, table, watch) = {
+            let k = kernel(&lua);
+            let serial = *k
+                .names
+                .get(row.name.as_str())
+                .ok_or("no process has this name after the restart")?;
+            let p = k.procs.get(&serial).ok_or("the process is gone")?;
+            let module = k
+                .module_names
+                .get(p.pid.module_index() as usize)
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            if module != row.module {
+                return Err(format!(
+                    "the name now belongs to a process of `{module}`, not `{}`",
+                    row.module
+                ));
+            }
+            let table = k
+                .module_tables
+                .get(p.pid.module_index() as usize)
+                .cloned()
+                .flatten();
+            (serial, p.version, table, k.watch.clone())
+        };
+        let json: Json = serde_json::from_str(&row.state_json)
+            .map_err(|e| format!("the checkpoint is not valid JSON: {e}"))?;
+        let mut state = json_to_lua(&lua, &json).map_err(|e| e.to_string())?;
+        let migrated = row.module_version != version;
+        if migrated {
+            let code_change: Option<Function> = table
+                .as_ref()
+                .and_then(|t| t.raw_get("code_change").ok())
+                .flatten();
+            if let Some(f) = code_change {
+                watch.arm_for_host_code();
+                let result = f.call::<Value>((row.module_version, state, Value::Nil));
+                let timed_out = watch.disarm_host_code();
+                state = match result {
+                    Ok(v) => v,
+                    Err(_) if timed_out => {
+                        return Err(format!(
+                            "code_change from version {} ran out of time",
+                            row.module_version
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "code_change from version {} failed: {}",
+                            row.module_version,
+                            e.to_string().lines().next().unwrap_or_default()
+                        ))
+                    }
+                };
+            }
+        }
+        let k = kernel(&lua);
+        k.states
+            .raw_set(serial, state)
+            .map_err(|e| format!("could not store the state: {e}"))?;
+        let handled = k
+            .procs
+            .get(&serial)
+            .map_or(0, |p| p.messages_handled as u64);
+        Ok((!migrated).then_some((serial, handled, version)))
+    }
+}

@@ -1,0 +1,541 @@
+//! The durable node (SPEC §8): opening a node on a database, writing a
+//! sandbox's creation and deletion, restoring everything on start, and the
+//! checkpointer.
+//!
+//! # Invariants
+//! * Every change the API acknowledges is in the store first: a sandbox's
+//!   creation (its record, its first versions, their current pointers and a
+//!   `sandbox_created` event) and deletion are one transaction each, written
+//!   before the call returns; reloads write theirs at their commit point
+//!   (`upgrade::persist`). A failed write changes nothing, in memory either.
+//! * A restart brings back each module's last *permanent* version: a canary
+//!   still open when the node stopped is rolled back, durably, with a
+//!   `canary_rollback` event, before the sandbox runs.
+//! * Registered processes get their last checkpointed state; anonymous ones
+//!   start from `init`. Pids inside a restored state come back as their text
+//!   (`"<module.N>"`), which addresses nothing: serials restart at 1.
+//! * The checkpointer only writes processes whose state may have changed
+//!   (see `checkpoint`), never from a sandbox's thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use serde_json::json;
+
+use super::checkpoint::Revision;
+use super::{clamp_limits, HostFunctions, Node, NodeInner, Sandbox};
+use crate::config::{Limits, NodeLimits, SandboxSpec};
+use crate::error::{Error, Result};
+use crate::events::EventLog;
+use crate::store::{
+    ModuleSnapshot, SandboxRecord, SandboxSnapshot, Store, StoreOptions, VersionRecord,
+    VersionStatus, WriteOp,
+};
+use crate::upgrade::{ModuleHistory, ModuleVersion};
+
+/// The database file inside a data directory.
+pub const DATABASE_FILE: &str = "graft.db";
+
+/// Default interval of periodic checkpoints.
+pub const DEFAULT_CHECKPOINT_MS: u64 = 5_000;
+
+/// Where a node keeps its truth.
+#[derive(Clone, Debug)]
+enum Storage {
+    /// Nothing is written anywhere (`Node::new`).
+    None,
+    /// `DIR/graft.db`.
+    Dir(PathBuf),
+    /// A private temporary database, removed when the node stops.
+    Ephemeral,
+}
+
+/// Opens a node: threads, caps, and where it keeps its data.
+///
+/// ```
+/// let dir = std::env::temp_dir().join(format!("graft-doc-builder-{}", std::process::id()));
+/// let node = graft::Node::builder().threads(2).data_dir(&dir).open().unwrap();
+/// node.create_sandbox(graft::SandboxSpec::new("kept").entry(None).module("m", "return {}")).unwrap();
+/// node.shutdown();
+/// drop(node);
+/// // The sandbox comes back when the node is opened on the same directory.
+/// let node = graft::Node::builder().data_dir(&dir).open().unwrap();
+/// assert_eq!(node.sandbox_ids(), vec!["kept".to_string()]);
+/// node.shutdown();
+/// # drop(node);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct NodeBuilder {
+    threads: Option<usize>,
+    limits: NodeLimits,
+    storage: Storage,
+    checkpoint_ms: u64,
+    host: HostFunctions,
+    max_database_bytes: Option<u64>,
+}
+
+impl Node {
+    /// A builder for a node with storage (see [`NodeBuilder`]).
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            threads: None,
+            limits: NodeLimits::default(),
+            storage: Storage::None,
+            checkpoint_ms: DEFAULT_CHECKPOINT_MS,
+            host: HostFunctions::default(),
+            max_database_bytes: None,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Scheduler threads (default: one per core).
+    pub fn threads(mut self, n: usize) -> NodeBuilder {
+        self.threads = Some(n);
+        self
+    }
+
+    /// Node-wide caps (clamped into range).
+    pub fn limits(mut self, limits: NodeLimits) -> NodeBuilder {
+        self.limits = limits;
+        self
+    }
+
+    /// Keeps everything in `DIR/graft.db` (created if missing) and restores
+    /// what it holds when opened.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> NodeBuilder {
+        self.storage = Storage::Dir(dir.into());
+        self
+    }
+
+    /// Keeps everything in a private temporary database, gone with the node
+    /// (events, tokens and audit still work; nothing survives a restart).
+    pub fn ephemeral(mut self) -> NodeBuilder {
+        self.storage = Storage::Ephemeral;
+        self
+    }
+
+    /// Interval of periodic checkpoints of registered processes (default
+    /// 5000 ms; 0 turns periodic checkpoints off).
+    pub fn checkpoint_ms(mut self, ms: u64) -> NodeBuilder {
+        self.checkpoint_ms = ms;
+        self
+    }
+
+    /// A cap on the database's size: past it every write fails with
+    /// `storage_full`, as on a full disk (and the request that caused it
+    /// fails, changing nothing). Default: no cap.
+    pub fn max_database_bytes(mut self, bytes: u64) -> NodeBuilder {
+        self.max_database_bytes = Some(bytes);
+        self
+    }
+
+    /// Host functions granted to every sandbox restored from the store
+    /// (sandboxes created later get theirs from `create_sandbox_with`).
+    pub fn host_functions(mut self, host: HostFunctions) -> NodeBuilder {
+        self.host = host;
+        self
+    }
+
+    /// Opens the node: opens (or creates, or migrates) the database, then
+    /// restores every stored sandbox. Refuses to start on a database it
+    /// cannot use (newer schema, corrupt, unreadable), leaving it untouched.
+    pub fn open(self) -> Result<Node> {
+        let threads = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
+        let limits = clamp_limits(self.limits);
+        let opts = StoreOptions {
+            max_events_per_sandbox: limits.max_events as u64,
+            max_size_bytes: self.max_database_bytes,
+            ..StoreOptions::default()
+        };
+        let store = match &self.storage {
+            Storage::None => None,
+            Storage::Dir(dir) => Some(Arc::new(Store::open_with(dir.join(DATABASE_FILE), opts)?)),
+            Storage::Ephemeral => Some(Arc::new(Store::in_memory_with(opts)?)),
+        };
+        let events = match &store {
+            Some(s) => EventLog::durable(limits.max_events, s.clone())?,
+            None => EventLog::in_memory(limits.max_events),
+        };
+        let node = Node::assemble(threads, limits, events, store.clone());
+        if let Some(store) = store {
+            let snapshot = store.load_all()?;
+            node.restore(snapshot.sandboxes, &self.host);
+            if self.checkpoint_ms > 0 {
+                start_checkpointer(&node.inner, self.checkpoint_ms);
+            }
+        }
+        Ok(node)
+    }
+}
+
+/// What the checkpointer knows: per sandbox, the revision of each
+/// registered process's state as last written.
+#[derive(Default)]
+pub(super) struct Checkpoints {
+    written: Mutex<HashMap<String, HashMap<String, Revision>>>,
+    /// Sandboxes to checkpoint soon (after a committed reload).
+    requested: Mutex<VecDeque<String>>,
+    wake: Condvar,
+    stop: Mutex<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Checkpoints {
+    /// Stops the periodic checkpointer (it finishes the sandbox it is at).
+    pub fn stop_thread(&self) {
+        *self.stop.lock() = true;
+        self.wake.notify_all();
+        if let Some(t) = self.thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Asks the checkpointer to checkpoint `sandbox` now.
+    pub fn request(&self, sandbox: &str) {
+        let mut q = self.requested.lock();
+        if !q.iter().any(|s| s == sandbox) {
+            q.push_back(sandbox.to_owned());
+        }
+        drop(q);
+        let _stop = self.stop.lock();
+        self.wake.notify_all();
+    }
+}
+
+/// How many states a checkpoint wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckpointStats {
+    /// States written.
+    pub written: usize,
+    /// Checkpoints forgotten (names no longer registered).
+    pub removed: usize,
+    /// Registered processes whose state is not plain data (not written).
+    pub skipped: usize,
+}
+
+impl Node {
+    /// Checkpoints the registered processes of every sandbox whose state
+    /// changed since their last checkpoint, and waits until it is on disk.
+    /// Without a store it does nothing.
+    pub fn checkpoint(&self) -> Result<CheckpointStats> {
+        let mut total = CheckpointStats::default();
+        for id in self.sandbox_ids() {
+            let s = checkpoint_sandbox(&self.inner, &id)?;
+            total.written += s.written;
+            total.removed += s.removed;
+            total.skipped += s.skipped;
+        }
+        Ok(total)
+    }
+
+    /// Stops the node gracefully: the periodic checkpointer stops, a final
+    /// checkpoint is written, and the database is closed (its log folded in).
+    /// Sandboxes keep running until the node is dropped, but nothing more
+    /// is written; call it once the surfaces stopped taking requests.
+    pub fn shutdown(&self) {
+        self.inner.checkpoints.stop_thread();
+        if self.inner.store.is_some() {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "the final checkpoint failed");
+            }
+        }
+        self.inner.events.close();
+        if let Some(store) = &self.inner.store {
+            store.close();
+        }
+    }
+
+    /// Restores stored sandboxes (see the module docs). A sandbox that
+    /// cannot be restored is logged and left in the store, untouched.
+    fn restore(&self, sandboxes: Vec<SandboxSnapshot>, host: &HostFunctions) {
+        let mut started = Vec::new();
+        for snap in sandboxes {
+            let id = snap.sandbox.id.clone();
+            match self.restore_sandbox(&snap, host) {
+                Ok(sb) => started.push((sb, snap.checkpoints)),
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e, "the sandbox could not be restored");
+                    self.inner.events.append(
+                        &id,
+                        "restore_failed",
+                        json!({ "error": e.to_string() }),
+                    );
+                }
+            }
+        }
+        // Apps start in parallel; `open` returns once each app's `init`
+        // finished (or failed), so a restored node answers like it did.
+        for (sb, rows) in started {
+            if sb.shared.spec.entry.is_some() {
+                let _ = super::block_on(super::with_timeout(
+                    sb.wait_app_started(),
+                    Duration::from_secs(10),
+                ));
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let restored = super::block_on(sb.ask(move |rt| rt.restore_checkpoints(rows)));
+            match restored {
+                Ok((revisions, failed)) => {
+                    self.inner
+                        .checkpoints
+                        .written
+                        .lock()
+                        .insert(sb.id().to_owned(), revisions);
+                    for (name, why) in failed {
+                        self.inner.events.append(
+                            sb.id(),
+                            "checkpoint_not_restored",
+                            json!({ "name": name, "why": why }),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %sb.id(), error = %e, "checkpoints not restored")
+                }
+            }
+        }
+    }
+
+    fn restore_sandbox(&self, snap: &SandboxSnapshot, host: &HostFunctions) -> Result<Sandbox> {
+        let rec = &snap.sandbox;
+        let limits: Limits = serde_json::from_str(&rec.limits_json)
+            .map_err(|e| Error::InvalidInput(format!("stored limits: {e}")))?;
+        let extra: serde_json::Value = serde_json::from_str(&rec.spec_json).unwrap_or_default();
+        let mut spec = SandboxSpec::new(rec.id.clone()).entry(rec.entry.as_deref());
+        spec.limits = limits;
+        spec.grants = rec.capabilities.clone();
+        spec.entry_args = extra.get("entry_args").cloned().unwrap_or_default();
+        if let Some(files) = extra.get("files").and_then(|f| f.as_object()) {
+            for (m, path) in files {
+                if let Some(p) = path.as_str() {
+                    spec.files.insert(m.clone(), PathBuf::from(p));
+                }
+            }
+        }
+        let mut history = BTreeMap::new();
+        let mut rolled_back = Vec::new();
+        let mut ops = Vec::new();
+        for m in &snap.modules {
+            let h = module_history(m, spec.limits.max_source_bytes)?;
+            if m.canary_open() {
+                rolled_back.push(json!({
+                    "module": m.module.module,
+                    "from": m.module.current,
+                    "to": h.current,
+                }));
+                ops.push(WriteOp::SetCurrent {
+                    sandbox: rec.id.clone(),
+                    module: m.module.module.clone(),
+                    version: h.current,
+                    file: None,
+                });
+            }
+            spec.modules.insert(
+                m.module.module.clone(),
+                h.current().map(|v| v.source.clone()).unwrap_or_default(),
+            );
+            history.insert(m.module.module.clone(), h);
+        }
+        if !ops.is_empty() {
+            // Durable before the sandbox runs the old version again.
+            self.inner.events.commit(
+                &rec.id,
+                ops,
+                "canary_rollback",
+                json!({
+                    "why": "the node stopped while the canary window was open",
+                    "modules": rolled_back,
+                }),
+            )?;
+        }
+        self.create_from(spec, host.clone(), Some(history), false)
+    }
+}
+
+/// A module's kept versions, recompiled here (stored bytecode is never
+/// loaded), with its last permanent version current.
+fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleHistory> {
+    let name = &m.module.module;
+    let current = m
+        .restore_version()
+        .map(|v| v.version)
+        .ok_or_else(|| Error::InvalidInput(format!("module `{name}` has no permanent version")))?;
+    let file = m
+        .module
+        .file
+        .clone()
+        .unwrap_or_else(|| format!("{name}.luau"));
+    let mut versions = VecDeque::new();
+    for v in &m.versions {
+        if crate::upgrade::checksum(&v.source) != v.checksum {
+            return Err(Error::InvalidInput(format!(
+                "version {} of `{name}` does not match its checksum (the database was altered)",
+                v.version
+            )));
+        }
+        let bytecode = crate::vm::compile(name, &file, &v.source, max_source_bytes)?;
+        versions.push_back(ModuleVersion {
+            version: v.version,
+            checksum: v.checksum.clone(),
+            source: v.source.clone(),
+            bytecode: Arc::new(bytecode),
+            loaded_at_ms: v.created_ms,
+            dependencies: v.dependencies.clone(),
+        });
+    }
+    Ok(ModuleHistory {
+        versions,
+        current,
+        next: m.module.next_version.saturating_sub(1),
+        file,
+    })
+}
+
+/// The rows of a new sandbox: its record, its first versions (permanent)
+/// and their current pointers.
+pub(super) fn creation_ops(
+    spec: &SandboxSpec,
+    modules: &BTreeMap<String, ModuleHistory>,
+) -> Vec<WriteOp> {
+    let files: serde_json::Map<String, serde_json::Value> = spec
+        .files
+        .iter()
+        .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
+        .collect();
+    let mut ops = vec![WriteOp::PutSandbox(SandboxRecord {
+        id: spec.id.clone(),
+        entry: spec.entry.clone(),
+        limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
+        capabilities: spec.grants.clone(),
+        source_root: None,
+        spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
+        created_ms: crate::clock::unix_ms(),
+    })];
+    for (name, h) in modules {
+        for v in &h.versions {
+            ops.push(WriteOp::PutVersion(VersionRecord {
+                sandbox: spec.id.clone(),
+                module: name.clone(),
+                version: v.version,
+                checksum: v.checksum.clone(),
+                source: v.source.clone(),
+                dependencies: v.dependencies.clone(),
+                status: VersionStatus::Permanent,
+                created_ms: v.loaded_at_ms,
+            }));
+        }
+        ops.push(WriteOp::SetCurrent {
+            sandbox: spec.id.clone(),
+            module: name.clone(),
+            version: h.current,
+            file: Some(h.file.clone()),
+        });
+    }
+    ops
+}
+
+/// Checkpoints one sandbox's dirty registered processes (see the module docs).
+fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats> {
+    let Some(store) = node.store.clone() else {
+        return Ok(CheckpointStats::default());
+    };
+    let Some(shared) = node.sandboxes.read().get(id).cloned() else {
+        return Ok(CheckpointStats::default());
+    };
+    let sb = Sandbox { shared };
+    let written = node
+        .checkpoints
+        .written
+        .lock()
+        .get(id)
+        .cloned()
+        .unwrap_or_default();
+    let snapshot = super::block_on(sb.ask(move |rt| rt.snapshot(&written)))?;
+    let stats = CheckpointStats {
+        written: snapshot.states.len(),
+        removed: snapshot.removed.len(),
+        skipped: snapshot.skipped.len(),
+    };
+    if snapshot.states.is_empty() && snapshot.removed.is_empty() {
+        return Ok(stats);
+    }
+    let rows = snapshot.rows(crate::clock::unix_ms());
+    store.write(vec![WriteOp::PutCheckpoints {
+        sandbox: id.to_owned(),
+        rows,
+        removed: snapshot.removed.clone(),
+    }])?;
+    let mut all = node.checkpoints.written.lock();
+    let mine = all.entry(id.to_owned()).or_default();
+    for name in &snapshot.removed {
+        mine.remove(name);
+    }
+    for (name, _, _, _, revision) in snapshot.states {
+        mine.insert(name, revision);
+    }
+    Ok(stats)
+}
+
+/// Starts the periodic checkpointer (it holds the node weakly).
+fn start_checkpointer(node: &Arc<NodeInner>, every_ms: u64) {
+    let weak = Arc::downgrade(node);
+    let spawned = std::thread::Builder::new()
+        .name("graft-checkpoint".into())
+        .spawn(move || {
+            let mut next = std::time::Instant::now() + Duration::from_millis(every_ms);
+            loop {
+                let Some(node) = weak.upgrade() else { return };
+                let due: Vec<String> = {
+                    let cp = &node.checkpoints;
+                    let mut stop = cp.stop.lock();
+                    while !*stop
+                        && cp.requested.lock().is_empty()
+                        && std::time::Instant::now() < next
+                    {
+                        if cp.wake.wait_until(&mut stop, next).timed_out() {
+                            break;
+                        }
+                    }
+                    if *stop {
+                        return;
+                    }
+                    if std::time::Instant::now() >= next {
+                        next = std::time::Instant::now() + Duration::from_millis(every_ms);
+                        cp.requested.lock().clear();
+                        node.sandboxes.read().keys().cloned().collect()
+                    } else {
+                        cp.requested.lock().drain(..).collect()
+                    }
+                };
+                let live: HashSet<String> = node.sandboxes.read().keys().cloned().collect();
+                node.checkpoints
+                    .written
+                    .lock()
+                    .retain(|id, _| live.contains(id));
+                for id in due {
+                    if let Err(e) = checkpoint_sandbox(&node, &id) {
+                        tracing::warn!(sandbox = %id, error = %e, "checkpoint failed");
+                    }
+                }
+            }
+        });
+    match spawned {
+        Ok(t) => *node.checkpoints.thread.lock() = Some(t),
+        Err(e) => tracing::error!(error = %e, "the checkpointer could not start"),
+    }
+}
