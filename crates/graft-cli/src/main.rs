@@ -139,6 +139,20 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Show the node's recent events; with --follow, every new one live
+    Events {
+        /// Only this sandbox's events
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only events of this kind (repeatable: reload, crash, abort …)
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Keep printing events as they happen (Ctrl-C stops)
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List a module's kept versions
     Versions {
         sandbox: String,
@@ -165,6 +179,10 @@ struct Listen {
     /// Address to bind
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
+    /// Also serve GET /metrics (only) on this address, for scrapers, e.g.
+    /// 127.0.0.1:9464 (the API's own /metrics stays)
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_bind: Option<String>,
 }
 
 /// Node-wide caps of `run` and `serve` (SPEC §7); out of range is bad usage.
@@ -355,13 +373,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 &dir,
                 &listen.bind,
                 listen.port,
+                listen.metrics_bind.as_deref(),
                 caps.checked("run"),
                 (!no_watch).then_some(debounce_ms),
             )
             .await
         }
         Command::Serve { listen, caps } => {
-            node::serve(&listen.bind, listen.port, caps.checked("serve")).await
+            node::serve(
+                &listen.bind,
+                listen.port,
+                listen.metrics_bind.as_deref(),
+                caps.checked("serve"),
+            )
+            .await
         }
         Command::Call {
             sandbox,
@@ -433,6 +458,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             module,
             conn,
         } => Client::new(&conn)?.versions(&sandbox, &module).await,
+        Command::Events {
+            sandbox,
+            kinds,
+            follow,
+            conn,
+        } => {
+            Client::new(&conn)?
+                .events(sandbox.as_deref(), &kinds, follow)
+                .await
+        }
         Command::Rollback {
             sandbox,
             module,

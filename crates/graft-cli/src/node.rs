@@ -19,9 +19,26 @@ async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
 }
 
 /// Serves the API until Ctrl-C (or SIGTERM), then stops every app in order.
-async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
+async fn serve_until_signal(
+    node: Node,
+    listener: TcpListener,
+    metrics_bind: Option<&str>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = graft_http::router(node.clone());
+    let live = graft_http::Live::new(node.clone());
+    let app = graft_http::router_with(node.clone(), live.clone());
+    // A scrape-only listener shares the API's counters (same `Live`).
+    let scraper = match metrics_bind {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                anyhow!("cannot listen on {addr} for --metrics-bind: {e}; pick another HOST:PORT")
+            })?;
+            println!("metrics on http://{}/metrics", l.local_addr()?);
+            let router = graft_http::metrics_router(live);
+            Some(tokio::spawn(async move { axum::serve(l, router).await }))
+        }
+        None => None,
+    };
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -35,6 +52,9 @@ async fn serve_until_signal(node: Node, listener: TcpListener) -> Result<()> {
     let _ = stop_tx.send(());
     // In-flight requests get a moment; idle connections close at once.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some(s) = scraper {
+        s.abort();
+    }
     eprintln!("graft: stopped");
     Ok(())
 }
@@ -69,18 +89,24 @@ fn node(caps: NodeLimits) -> Node {
     Node::with_limits(threads, caps)
 }
 
-pub async fn serve(bind: &str, port: u16, caps: NodeLimits) -> Result<()> {
+pub async fn serve(
+    bind: &str,
+    port: u16,
+    metrics_bind: Option<&str>,
+    caps: NodeLimits,
+) -> Result<()> {
     let node = node(caps);
     let listener = listen(bind, port).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}  (API: http://{addr}/api/v1, no sandboxes yet)");
-    serve_until_signal(node, listener).await
+    serve_until_signal(node, listener, metrics_bind).await
 }
 
 pub async fn run(
     dir: &Path,
     bind: &str,
     port: u16,
+    metrics_bind: Option<&str>,
     caps: NodeLimits,
     debounce_ms: Option<u64>,
 ) -> Result<()> {
@@ -144,7 +170,7 @@ pub async fn run(
         println!("listening on http://{addr}  (API: http://{addr}/api/v1)");
         None
     };
-    let result = serve_until_signal(node, listener).await;
+    let result = serve_until_signal(node, listener, metrics_bind).await;
     drop(watcher);
     result
 }

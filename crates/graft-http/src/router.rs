@@ -27,6 +27,7 @@ pub fn router_with(node: Node, live: Live) -> Router {
         .route("/assets/app.css", get(dashboard::css))
         .route("/assets/app.js", get(dashboard::js))
         .route("/metrics", get(metrics::metrics))
+        .route("/api/v1/events", get(stream::page))
         .route("/api/v1/events/stream", get(stream::stream))
         .route("/api/v1/sandboxes/{id}/tree", get(tree::tree))
         .route("/api/v1/health", get(health::health))

@@ -45,6 +45,9 @@ async fn openapi_lists_every_path_and_method() {
         ("/sandboxes/{id}/eval", &["post"]),
         ("/sandboxes/{id}/events", &["get"]),
         ("/reload", &["post"]),
+        ("/events", &["get"]),
+        ("/events/stream", &["get"]),
+        ("/sandboxes/{id}/tree", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
     assert_eq!(

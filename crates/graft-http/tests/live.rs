@@ -573,3 +573,130 @@ async fn the_dashboard_is_served_small_and_locked_down() {
     let (s, _) = api.get("/assets/../Cargo.toml").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn the_events_page_lists_node_events_with_filters() {
+    let api = Api::new();
+    api.counter_app("p1").await;
+    api.counter_app("p2").await;
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes/p2/reload",
+            json!({ "modules": { "counter": counter_v(5) } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, page) = api.get("/api/v1/events?sandbox=p2&kind=reload").await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{page}");
+    assert_eq!(events[0]["sandbox"], "p2");
+    assert!(page["last_seq"].as_u64().unwrap() >= events[0]["seq"].as_u64().unwrap());
+    let (_, all) = api.get("/api/v1/events?after=0").await;
+    let seqs: Vec<u64> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]) && seqs.len() >= 3,
+        "{all}"
+    );
+    let kinds: Vec<&str> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"sandbox_created"), "{kinds:?}");
+    // The largest position is valid: nothing after it.
+    let (s, none) = api.get("/api/v1/events?after=18446744073709551615").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(none["events"], json!([]));
+    for bad in [
+        "/api/v1/events?after=18446744073709551616",
+        "/api/v1/events?after=x",
+        "/api/v1/events?tail=-1",
+        "/api/v1/events?kind=A",
+        "/api/v1/events?limit=5",
+    ] {
+        let (s, v) = api.get(bad).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_resumes_by_last_event_id_across_a_node_restart() {
+    let dir = std::env::temp_dir().join(format!("graft-live-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = |dir: &std::path::Path| {
+        Node::builder()
+            .threads(2)
+            .checkpoint_ms(0)
+            .data_dir(dir)
+            .open()
+            .expect("open the node")
+    };
+    let create = json!({ "id": "d", "modules": { "app": support::APP, "counter": COUNTER } });
+    let last = {
+        let node = open(&dir);
+        let router = graft_http::router(node.clone());
+        let (s, v) = post(&router, "/api/v1/sandboxes", create).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let (s, v) = post(
+            &router,
+            "/api/v1/sandboxes/d/reload",
+            json!({ "modules": { "counter": counter_v(2) } }),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload&after=0", None).await;
+        let (id, _, _) = f.next_event(WAIT).await.expect("the first reload");
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || n.shutdown())
+            .await
+            .unwrap();
+        id
+    };
+    let node = open(&dir);
+    let router = graft_http::router(node.clone());
+    let (s, v) = post(
+        &router,
+        "/api/v1/sandboxes/d/reload",
+        json!({ "modules": { "counter": counter_v(3) } }),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload", Some(last)).await;
+    let (id, kind, e) = f
+        .next_event(WAIT)
+        .await
+        .expect("the reload after the restart");
+    assert_eq!(kind, "message");
+    assert!(id > last, "{id} after {last}");
+    assert_eq!(e["detail"]["modules"][0]["to"], 3, "{e}");
+    assert!(
+        f.next_event(Duration::from_millis(300)).await.is_none(),
+        "no duplicate"
+    );
+    let n = node.clone();
+    tokio::task::spawn_blocking(move || n.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn post(router: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
+    let req = Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}

@@ -65,7 +65,7 @@ impl Ring {
 
     fn page(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {
         let first = self.events.front().map_or(self.last + 1, |e| e.seq);
-        let gap = (after + 1 < first && after < self.last).then_some(EventGap {
+        let gap = (after.saturating_add(1) < first && after < self.last).then_some(EventGap {
             after,
             up_to: first - 1,
         });

@@ -227,6 +227,38 @@ pub(crate) fn frames(
     })
 }
 
+/// Events `GET /api/v1/events` answers at most.
+pub const MAX_PAGE: usize = 1_000;
+
+/// `GET /api/v1/events`: one page of node events as JSON, from the same
+/// query as the stream (`after`, `tail`, `sandbox`, `kind`; default: the
+/// last 100), with `last_seq`, the highest seq readable now, to resume from.
+pub(crate) async fn page(
+    Extension(live): Extension<Live>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let start = parse(query.as_deref().unwrap_or(""), &headers)?;
+    let source = live.source();
+    let head = *source.subscribe().borrow();
+    let (pos, limit) = match (start.after, start.tail) {
+        (Some(after), tail) => (after, tail.map_or(MAX_PAGE, |t| t as usize)),
+        (None, tail) => {
+            let tail = tail.unwrap_or(100);
+            (head.saturating_sub(tail), tail as usize)
+        }
+    };
+    let mut filter = EventFilter::default();
+    filter.sandbox = start.filter_sandbox;
+    filter.kinds = start.kinds;
+    let page = source.events_after(pos, &filter, limit.min(MAX_PAGE));
+    Ok(axum::Json(json!({
+        "events": page.events,
+        "gap": page.gap,
+        "last_seq": head,
+    })))
+}
+
 /// `GET /api/v1/events/stream`.
 pub(crate) async fn stream(
     Extension(live): Extension<Live>,
