@@ -27,7 +27,7 @@ pub const KEEP_EVENTS: usize = 10_000;
 /// Whether `e` passes `filter` (the library keeps its own check private).
 pub fn matches(filter: &EventFilter, e: &NodeEvent) -> bool {
     filter.sandbox.as_deref().is_none_or(|s| s == e.sandbox)
-        && (filter.kinds.is_empty() || filter.kinds.iter().any(|k| *k == e.kind))
+        && (filter.kinds.is_empty() || filter.kinds.contains(&e.kind))
 }
 
 /// Where the stream and the metrics read node events from.
