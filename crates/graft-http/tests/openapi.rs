@@ -478,7 +478,8 @@ async fn requests_generated_from_the_document_get_the_answers_it_promises() {
     let ops = operations(&doc);
     assert_eq!(ops.iter().filter(|op| op.body.is_some()).count(), 9);
     let mut checked = 0;
-    for op in &ops {
+    // An event stream never ends: tests/live.rs reads it frame by frame.
+    for op in ops.iter().filter(|op| !op.uri.contains("/events/stream")) {
         match &op.body {
             Some((schema, example)) => checked += exercise(&api, &doc, op, schema, example).await,
             None if op.method == Method::DELETE => {}
