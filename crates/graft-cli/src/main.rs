@@ -205,6 +205,20 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Show the node's recent events; with --follow, every new one live
+    Events {
+        /// Only this sandbox's events
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only events of this kind (repeatable: reload, crash, abort …)
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Keep printing events as they happen (Ctrl-C stops)
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List a module's kept versions
     Versions {
         sandbox: String,
@@ -308,6 +322,10 @@ struct Listen {
     /// for several; `graft run DIR` allows DIR)
     #[arg(long = "projects-root", value_name = "DIR")]
     projects_roots: Vec<PathBuf>,
+    /// Also serve GET /metrics (only, viewer token) on this address, for
+    /// scrapers, e.g. 127.0.0.1:9464 (the API's own /metrics stays)
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_bind: Option<String>,
 }
 
 impl Listen {
@@ -330,6 +348,7 @@ impl Listen {
             );
         }
         node::Serving {
+            metrics_bind: self.metrics_bind,
             bind: self.bind,
             port: self.port,
             allow_hosts: self.allow_hosts,
@@ -731,6 +750,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             module,
             conn,
         } => Client::new(&conn)?.versions(&sandbox, &module).await,
+        Command::Events {
+            sandbox,
+            kinds,
+            follow,
+            conn,
+        } => {
+            Client::new(&conn)?
+                .events(sandbox.as_deref(), &kinds, follow)
+                .await
+        }
         Command::Rollback {
             sandbox,
             module,

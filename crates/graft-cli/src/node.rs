@@ -26,6 +26,8 @@ use crate::{render, watch, Reported};
 /// How `run` and `serve` face the network (checked by `main`).
 pub struct Serving {
     pub bind: String,
+    /// `--metrics-bind`: a scrape-only listener.
+    pub metrics_bind: Option<String>,
     pub port: u16,
     pub allow_hosts: Vec<String>,
     /// `--tls-cert` and `--tls-key`.
@@ -187,9 +189,29 @@ async fn serve_until_signal(
     trust: Arc<Trust>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    metrics_bind: Option<&str>,
 ) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = graft_http::router(node.clone(), trust);
+    let live = graft_http::Live::new(node.clone());
+    let app = graft_http::router_with(node.clone(), trust.clone(), live.clone());
+    // A scrape-only listener shares the API's counters (same `Live`).
+    let scraper = match metrics_bind {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                anyhow!("cannot listen on {addr} for --metrics-bind: {e}; pick another HOST:PORT")
+            })?;
+            println!("metrics on http://{}/metrics", l.local_addr()?);
+            let router = graft_http::metrics_router(trust, live);
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    l,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .await
+            }))
+        }
+        None => None,
+    };
     let stopped = async {
         let _ = stop_rx.await;
     };
@@ -211,6 +233,9 @@ async fn serve_until_signal(
     let _ = stop_tx.send(());
     // In-flight requests get a moment; idle connections close at once.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some(s) = scraper {
+        s.abort();
+    }
     let n = node.clone();
     let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
     node.stop_all(STOP_TIMEOUT).await;
@@ -265,7 +290,7 @@ pub async fn serve(serving: Serving, caps: NodeLimits, data: DataChoice) -> Resu
         data.describe()
     );
     println!("{}", token_banner(&file));
-    serve_until_signal(node, trust, listener, tls).await
+    serve_until_signal(node, trust, listener, tls, serving.metrics_bind.as_deref()).await
 }
 
 pub async fn run(
@@ -354,7 +379,8 @@ pub async fn run(
         None
     };
     println!("{}", token_banner(&file));
-    let result = serve_until_signal(node, trust, listener, tls).await;
+    let result =
+        serve_until_signal(node, trust, listener, tls, serving.metrics_bind.as_deref()).await;
     drop(watcher);
     result
 }

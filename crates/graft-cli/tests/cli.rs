@@ -792,7 +792,12 @@ fn serve_takes_sandboxes_through_the_api() {
 /// A minimal HTTP/1.1 exchange with the node's admin token (the test
 /// needs no client library).
 fn http(node: &Node, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    http_port(node, node.port, method, path, body)
+}
+
+/// [`http`] to another port of the same node (`--metrics-bind`).
+fn http_port(node: &Node, port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1194,4 +1199,82 @@ fn https_with_a_pinned_ca_and_refused_without_it() {
     );
     node.interrupt();
     cleanup("tls");
+}
+
+#[test]
+fn events_lists_and_follows_and_metrics_bind_serves_metrics() {
+    let mut node = Node::start(&["serve", "--metrics-bind", "127.0.0.1:0"]);
+    node.wait_until("the metrics line", |out, _| {
+        out.contains("metrics on http://")
+    });
+    let out = node.out();
+    let metrics_port: u16 = out
+        .split("metrics on http://127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    let app = "return { init = function() return 0 end, handle_call = function(r, f, s) return r, s end }";
+    let body = json!({ "id": "ev", "modules": { "echo": app } }).to_string();
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    // Listed: the creation, with its sandbox and kind.
+    let listed = node.ok(&["events", "--sandbox", "ev"]);
+    assert!(
+        listed.contains("sandbox_created") && listed.contains("ev"),
+        "{listed}"
+    );
+    // Followed: a reload made after the follower started shows up.
+    let mut follower = graft()
+        .args([
+            "events",
+            "--follow",
+            "--kind",
+            "reload",
+            "--url",
+            &node.url(),
+        ])
+        .env("GRAFT_TOKEN", &node.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    collect(follower.stdout.take().unwrap(), seen.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = app.replace("return r, s", "return r + 1, s");
+    let body = json!({ "modules": { "echo": v2 } }).to_string();
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes/ev/reload", &body);
+    assert_eq!(status, 200, "{resp}");
+    let deadline = Instant::now() + DEADLINE;
+    while !seen.lock().unwrap().contains("reload") {
+        assert!(
+            Instant::now() < deadline,
+            "the follower printed: {}",
+            seen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !seen.lock().unwrap().contains("sandbox_created"),
+        "the kind filter holds"
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
+    // The scrape-only listener serves the metrics and nothing else.
+    let (status, text) = http_port(&node, metrics_port, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("graft_reloads_total{sandbox=\"ev\",result=\"reload\"} 1"),
+        "{text}"
+    );
+    let (status, _) = http_port(&node, metrics_port, "GET", "/api/v1/sandboxes", "");
+    assert_eq!(status, 404);
+    // Hostile: a bad kind is refused with the API's message, exit 1.
+    let err = node.fails(&["events", "--kind", "NOT A KIND"]);
+    assert!(err.contains("kind"), "{err}");
+    node.interrupt();
 }

@@ -35,6 +35,8 @@
 //!   `sandboxes` (create, info, restart, destroy), `processes` (list, state,
 //!   call, cast, send, spawn), `modules` (list, versions, rollback), `reload`
 //!   (reload, batch reload, dry runs), `eval`, `events`, `health`;
+//! * `live`: SPEC §10, the node-wide event feed, the SSE stream, `/metrics`,
+//!   the supervision tree and the embedded dashboard at `/`;
 //! * `request`: the checks every handler shares (the sandbox of a path, a
 //!   module name in a path), so a malformed path answers alike everywhere;
 //! * `body`: how a body is read (size, JSON, depth, shape), and [`bounds`]:
@@ -56,6 +58,7 @@ mod errors;
 mod eval;
 mod events;
 mod health;
+pub mod live;
 mod modules;
 mod openapi;
 mod processes;
@@ -70,10 +73,12 @@ pub mod trust;
 pub use body::MAX_BODY_BYTES;
 pub use errors::{kinds_of, status_for, ApiError, ApiResult, ErrorKind, KINDS};
 pub use graft::config::MAX_TIMEOUT_MS;
+pub use live::feed::{EventFilter, EventGap, EventPage, EventSource, NodeEvent};
+pub use live::Live;
 pub use openapi::{openapi_document, openapi_document_for};
 #[cfg(feature = "bench-baseline")]
 pub use router::router_without_auth;
-pub use router::{router, AppState};
+pub use router::{metrics_router, router, router_with, AppState};
 
 /// Default `timeout_ms` of `call` and `eval`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;

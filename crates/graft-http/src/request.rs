@@ -18,3 +18,9 @@ pub(crate) fn module_param(module: &str) -> ApiResult<()> {
     graft::config::validate_module_name(module)
         .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))
 }
+
+/// A sandbox id given as a filter (no sandbox need exist): malformed is 400.
+pub(crate) fn sandbox_name(id: &str) -> ApiResult<()> {
+    graft::config::validate_sandbox_id(id)
+        .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))
+}

@@ -15,6 +15,7 @@ use axum::Router;
 use graft::Node;
 
 use crate::errors::{method_not_allowed, not_found};
+use crate::live::{dashboard, metrics, stream, tree, Live};
 use crate::trust::{self, Trust};
 use crate::{
     eval, events, health, modules, openapi, processes, reload, sandboxes, tokens, MAX_BODY_BYTES,
@@ -45,6 +46,14 @@ impl FromRef<AppState> for Arc<Trust> {
 /// Every route, without the middleware.
 fn routes() -> Router<AppState> {
     Router::new()
+        // SPEC §10: seeing it live.
+        .route("/", get(dashboard::index))
+        .route("/assets/app.css", get(dashboard::css))
+        .route("/assets/app.js", get(dashboard::js))
+        .route("/metrics", get(metrics::metrics))
+        .route("/api/v1/events", get(stream::page))
+        .route("/api/v1/events/stream", get(stream::stream))
+        .route("/api/v1/sandboxes/{id}/tree", get(tree::tree))
         .route("/api/v1/health", get(health::health))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route(
@@ -92,15 +101,22 @@ fn routes() -> Router<AppState> {
         )
 }
 
-fn finish(routes: Router<AppState>, state: AppState) -> Router {
+fn finish(routes: Router<AppState>, state: AppState, live: Live) -> Router {
     routes
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            live.metrics().clone(),
+            metrics::track,
+        ))
+        .layer(axum::Extension(live))
         .with_state(state)
 }
 
-/// The API router for `node`, every route behind `trust`'s middleware.
+/// The API router for `node`, every route behind `trust`'s middleware:
+/// SPEC §6 under `/api/v1`, the event stream, `/metrics` and the dashboard
+/// at `/` (SPEC §10).
 ///
 /// Serve it with [`axum::Router::into_make_service_with_connect_info`]
 /// (`SocketAddr`) so that failed authentication is limited per peer.
@@ -108,8 +124,8 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
 /// ```no_run
 /// # async fn demo() -> anyhow::Result<()> {
 /// use std::sync::Arc;
-/// let node = graft::Node::new();
-/// let store = Arc::new(graft::store::Store::open("/var/lib/graft/graft.db")?);
+/// let node = graft::Node::builder().data_dir("/var/lib/graft").open()?;
+/// let store = node.store().expect("a node opened on a data directory").clone();
 /// graft_http::trust::ensure_admin_token_file("/var/lib/graft".as_ref(), &store)?;
 /// let trust = Arc::new(graft_http::trust::Trust::new(store, Default::default())?);
 /// let app = graft_http::router(node, trust);
@@ -118,12 +134,37 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
 /// # Ok(()) }
 /// ```
 pub fn router(node: Node, trust: Arc<Trust>) -> Router {
+    let live = Live::new(node.clone());
+    router_with(node, trust, live)
+}
+
+/// [`router`] with the live parts given, so that another listener (a
+/// separate metrics port) can share them.
+pub fn router_with(node: Node, trust: Arc<Trust>, live: Live) -> Router {
     let state = AppState { node, trust };
     let protected = routes().route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
         trust::middleware::enforce,
     ));
-    finish(protected, state)
+    finish(protected, state, live)
+}
+
+/// Only `GET /metrics`, for a listener of its own (`--metrics-bind`), behind
+/// the same middleware (a viewer token).
+pub fn metrics_router(trust: Arc<Trust>, live: Live) -> Router {
+    let state = AppState {
+        node: live.node().clone(),
+        trust,
+    };
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            trust::middleware::enforce,
+        ))
+        .fallback(not_found)
+        .layer(axum::Extension(live))
+        .with_state(state)
 }
 
 /// The same API with no authentication, no browser rules and no audit: the
@@ -143,9 +184,11 @@ pub fn router_without_auth(node: Node, trust: Arc<Trust>) -> Router {
         req.extensions_mut().insert(trust::Peer(None));
         next.run(req).await
     }
+    let live = Live::new(node.clone());
     let state = AppState { node, trust };
     finish(
         routes().route_layer(axum::middleware::from_fn(as_admin)),
         state,
+        live,
     )
 }

@@ -49,6 +49,9 @@ async fn openapi_lists_every_path_and_method() {
         ("/tokens/{token}", &["delete"]),
         ("/audit", &["get"]),
         ("/session", &["get", "post", "delete"]),
+        ("/events", &["get"]),
+        ("/events/stream", &["get"]),
+        ("/sandboxes/{id}/tree", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
     assert_eq!(

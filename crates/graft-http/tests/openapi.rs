@@ -478,7 +478,8 @@ async fn requests_generated_from_the_document_get_the_answers_it_promises() {
     let ops = operations(&doc);
     assert_eq!(ops.iter().filter(|op| op.body.is_some()).count(), 11);
     let mut checked = 0;
-    for op in &ops {
+    // An event stream never ends: tests/live.rs reads it frame by frame.
+    for op in ops.iter().filter(|op| !op.uri.contains("/events/stream")) {
         match &op.body {
             // The sign-in's example token is a placeholder: sign in with a live one.
             Some((schema, _)) if op.uri == "/api/v1/session" => {

@@ -172,7 +172,8 @@ fn a_blocking_host_function_that_outlives_handler_ms_times_its_caller_out() {
         reply,
         json!({ "err": "io.hang: timeout after 100 ms (handler_ms)" })
     );
-    assert!(took >= Duration::from_millis(100), "{took:?}");
+    // The timer runs on the node's millisecond clock: allow its rounding.
+    assert!(took >= Duration::from_millis(98), "{took:?}");
     assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!(call(&sb, &pid, json!("ping")), json!("pong"));
     // The late result is dropped: the process is not resumed a second time

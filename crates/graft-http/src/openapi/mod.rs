@@ -15,6 +15,7 @@
 //! document; `schemas` holds the request, response and error schemas,
 //! `paths` the operations, one function per resource.
 
+mod live;
 mod paths;
 mod schemas;
 
@@ -191,6 +192,7 @@ pub fn openapi_document_for(node: &NodeLimits) -> Value {
     paths.extend(paths::modules(&req));
     paths.extend(paths::reload(&req));
     paths.extend(paths::eval_and_events(&req));
+    paths.extend(live::paths());
     paths.extend(paths::trust(&req));
     secure(&mut paths);
     let mut schemas = schemas::requests(node);

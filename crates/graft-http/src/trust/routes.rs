@@ -177,6 +177,16 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/api/v1/session", Public, AUDIT, SandboxAt::None),
     r("GET", "/api/v1/session", VIEWER, NO_AUDIT, SandboxAt::None),
     r("DELETE", "/api/v1/session", Public, AUDIT, SandboxAt::None),
+    // SPEC §10. The dashboard's page and assets hold no data (it signs in
+    // through `/api/v1/session`). The node-wide views refuse scoped tokens
+    // rather than filter them.
+    r("GET", "/", Public, NO_AUDIT, SandboxAt::None),
+    r("GET", "/assets/app.css", Public, NO_AUDIT, SandboxAt::None),
+    r("GET", "/assets/app.js", Public, NO_AUDIT, SandboxAt::None),
+    r("GET", "/metrics", VIEWER, NO_AUDIT, NodeWide),
+    r("GET", "/api/v1/events", VIEWER, NO_AUDIT, NodeWide),
+    r("GET", "/api/v1/events/stream", VIEWER, NO_AUDIT, NodeWide),
+    r("GET", "/api/v1/sandboxes/{id}/tree", VIEWER, NO_AUDIT, Path),
 ];
 
 /// What a routed request not in the table gets (a wrong method on a known

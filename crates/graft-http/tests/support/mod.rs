@@ -126,6 +126,24 @@ impl Api {
         }
     }
 
+    /// The router with the admin token added to every request that has
+    /// none (for tests about something else than trust).
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn as_admin(&self) -> Router {
+        let bearer = axum::http::HeaderValue::from_str(&self.bearer()).expect("header");
+        self.router.clone().layer(axum::middleware::map_request(
+            move |mut req: axum::http::Request<axum::body::Body>| {
+                let bearer = bearer.clone();
+                async move {
+                    req.headers_mut()
+                        .entry(axum::http::header::AUTHORIZATION)
+                        .or_insert(bearer);
+                    req
+                }
+            },
+        ))
+    }
+
     /// `Bearer <admin token>`.
     pub fn bearer(&self) -> String {
         format!("Bearer {}", self.admin)
@@ -144,9 +162,21 @@ impl Api {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
+        let kind = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if kind.starts_with("text/event-stream") {
+            // An event stream never ends: its status and headers are the answer.
+            return (status, headers, Value::Null);
+        }
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
+        } else if !kind.starts_with("application/json") && status.is_success() {
+            // The dashboard's page and assets, the metrics text.
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
         } else {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))

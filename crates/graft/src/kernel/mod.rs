@@ -173,6 +173,9 @@ pub(crate) struct Kernel {
     exits: VecDeque<(u64, ExitReason, bool)>,
     /// The node's event log (events are numbered node-wide).
     pub events: Arc<crate::events::EventLog>,
+    /// User messages refused by a full mailbox (read by `info`; counted on
+    /// the refusal path only).
+    pub mailbox_full: u64,
     pub app: Option<u64>,
     pub app_status: AppStatus,
     /// Modules a pending reload waits on: their processes start no new job.
@@ -379,6 +382,7 @@ impl Kernel {
         }
         if p.mailbox.len() >= max {
             let pid = p.pid;
+            self.mailbox_full += 1;
             return Err((Error::MailboxFull(self.pid_string(pid)), job));
         }
         p.mailbox.push_back(job);
@@ -559,6 +563,7 @@ pub(crate) fn new_vm(
         watch: Arc::new(Watch::new(limits.handler_ms)),
         exits: VecDeque::new(),
         events,
+        mailbox_full: 0,
         app: None,
         app_status: AppStatus::None,
         frozen: HashSet::new(),

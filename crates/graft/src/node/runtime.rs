@@ -81,6 +81,9 @@ pub struct SandboxInfo {
     pub module_count: usize,
     /// Capabilities granted (built-in and host functions).
     pub capabilities: Vec<String>,
+    /// Messages refused so far because the target's mailbox was full (since
+    /// the sandbox's VM was built; a restart starts again at 0).
+    pub mailbox_full_total: u64,
 }
 
 struct PendingReload {
@@ -447,6 +450,7 @@ impl Runtime {
             limits: self.spec.limits.clone(),
             module_count: self.engine.modules.len(),
             capabilities,
+            mailbox_full_total: k.mailbox_full,
         }
     }
 

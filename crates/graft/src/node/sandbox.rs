@@ -286,6 +286,7 @@ impl Sandbox {
                 limits: spec.limits.clone(),
                 module_count: spec.modules.len(),
                 capabilities: Vec::new(),
+                mailbox_full_total: 0,
             }
         });
         info.status = "busy".into();
@@ -310,6 +311,7 @@ impl Sandbox {
             limits: spec.limits.clone(),
             module_count: f.history.len(),
             capabilities,
+            mailbox_full_total: 0,
         })
     }
 

@@ -1,0 +1,396 @@
+//! `GET /api/v1/events/stream`: every node event as Server-Sent Events.
+//!
+//! Each event is one frame, `id:` its node-wide seq and `data:` the event as
+//! JSON (no `event:` field, so a browser's `onmessage` sees every kind).
+//! Where to start: the `Last-Event-ID` header (a reconnecting client), else
+//! `?after=N`, else `?tail=N` (the last N kept events), else only new
+//! events. A reader whose position was pruned from the feed first gets one
+//! `event: gap` frame `{"after": A, "up_to": U}` (events `A < seq <= U`
+//! matching its filters may be lost; its `id` is U, so a reconnect does not
+//! repeat it). Filters: `?sandbox=ID` and `?kind=K` (repeatable, or
+//! comma-separated). Idle streams get a keep-alive comment.
+//!
+//! Invariants: frames go out in seq order with no seq twice; a stream reads
+//! only the feed, never a sandbox, and holds no lock while it waits for the
+//! client to take a frame (a slow client falls behind and is told by a gap).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::RawQuery;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures_util::stream::{self, Stream};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::feed::{EventFilter, EventSource, NodeEvent, KEEP_EVENTS};
+use super::Live;
+use crate::errors::ApiError;
+
+/// Events read from the feed per page.
+const PAGE: usize = 256;
+/// Kinds one `?kind=` filter may name at most.
+pub const MAX_KINDS: usize = 32;
+/// The longest kind name accepted in a filter, in bytes.
+pub const MAX_KIND_BYTES: usize = 64;
+
+/// Where a stream starts and what it keeps.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Start {
+    pub after: Option<u64>,
+    pub tail: Option<u64>,
+    pub filter_sandbox: Option<String>,
+    pub kinds: Vec<String>,
+}
+
+/// Parses the query string (and the `Last-Event-ID` header, which wins).
+pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError> {
+    let mut start = Start {
+        after: None,
+        tail: None,
+        filter_sandbox: None,
+        kinds: Vec::new(),
+    };
+    let number = |name: &str, v: &str| -> Result<u64, ApiError> {
+        v.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "bad_request",
+                format!(
+                    "{name} must be a non-negative integer event number, not `{}`",
+                    clip(v)
+                ),
+            )
+        })
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v)?;
+        match k {
+            "after" => start.after = Some(number("after", &v)?),
+            "tail" => {
+                let n = number("tail", &v)?;
+                if n > KEEP_EVENTS as u64 {
+                    return Err(ApiError::bad_request(
+                        "bad_request",
+                        format!("tail must be at most {KEEP_EVENTS} (the events kept), not {n}"),
+                    ));
+                }
+                start.tail = Some(n);
+            }
+            "sandbox" => {
+                crate::request::sandbox_name(&v)?;
+                start.filter_sandbox = Some(v);
+            }
+            "kind" => {
+                for kind in v.split(',').filter(|k| !k.is_empty()) {
+                    let ok = kind.len() <= MAX_KIND_BYTES
+                        && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                    if !ok {
+                        return Err(ApiError::bad_request(
+                            "bad_request",
+                            format!(
+                                "kind `{}` is not an event kind (lowercase letters and `_`, at most {MAX_KIND_BYTES} bytes)",
+                                clip(kind)
+                            ),
+                        ));
+                    }
+                    if start.kinds.len() >= MAX_KINDS {
+                        return Err(ApiError::bad_request(
+                            "bad_request",
+                            format!("at most {MAX_KINDS} kinds in one filter"),
+                        ));
+                    }
+                    start.kinds.push(kind.to_owned());
+                }
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad_request",
+                    format!(
+                        "unknown query parameter `{}` (known: sandbox, kind, after, tail)",
+                        clip(pair)
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(h) = headers.get("last-event-id") {
+        let v = h.to_str().unwrap_or("");
+        start.after = Some(number("Last-Event-ID", v.trim())?);
+    }
+    Ok(start)
+}
+
+/// At most 64 characters of what a client sent, for an error message.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn percent_decode(v: &str) -> Result<String, ApiError> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "bad_request",
+                            "malformed percent-encoding in the query",
+                        )
+                    })?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad_request("bad_request", "the query is not UTF-8"))
+}
+
+/// The stream's cursor between frames.
+struct Cursor {
+    source: Arc<dyn EventSource>,
+    rx: watch::Receiver<u64>,
+    pos: u64,
+    filter: EventFilter,
+    ready: VecDeque<SseEvent>,
+}
+
+/// One SSE frame of an event.
+pub(crate) fn frame(e: &NodeEvent) -> SseEvent {
+    let data = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
+    SseEvent::default().id(e.seq.to_string()).data(data)
+}
+
+/// The frames of `source` after `pos` matching `filter`, forever.
+pub(crate) fn frames(
+    source: Arc<dyn EventSource>,
+    pos: u64,
+    filter: EventFilter,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+    let rx = source.subscribe();
+    let cursor = Cursor {
+        source,
+        rx,
+        pos,
+        filter,
+        ready: VecDeque::new(),
+    };
+    stream::unfold(cursor, |mut c| async move {
+        loop {
+            if let Some(f) = c.ready.pop_front() {
+                return Some((Ok(f), c));
+            }
+            // Everything up to `head` is readable now.
+            let head = *c.rx.borrow_and_update();
+            let page = c.source.events_after(c.pos, &c.filter, PAGE);
+            if let Some(gap) = page.gap {
+                let data = json!({ "after": gap.after, "up_to": gap.up_to }).to_string();
+                c.ready.push_back(
+                    SseEvent::default()
+                        .event("gap")
+                        .id(gap.up_to.to_string())
+                        .data(data),
+                );
+                c.pos = c.pos.max(gap.up_to);
+            }
+            let full = page.events.len() >= PAGE;
+            for e in &page.events {
+                c.ready.push_back(frame(e));
+                c.pos = c.pos.max(e.seq);
+            }
+            if !full {
+                // No more matching events up to `head`.
+                c.pos = c.pos.max(head);
+            }
+            if c.ready.is_empty() && c.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+}
+
+/// Events `GET /api/v1/events` answers at most.
+pub const MAX_PAGE: usize = 1_000;
+
+/// `GET /api/v1/events`: one page of node events as JSON, from the same
+/// query as the stream (`after`, `tail`, `sandbox`, `kind`; default: the
+/// last 100), with `last_seq`, the highest seq readable now, to resume from.
+pub(crate) async fn page(
+    Extension(live): Extension<Live>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let start = parse(query.as_deref().unwrap_or(""), &headers)?;
+    let source = live.source();
+    let head = *source.subscribe().borrow();
+    let (pos, limit) = match (start.after, start.tail) {
+        (Some(after), tail) => (after, tail.map_or(MAX_PAGE, |t| t as usize)),
+        (None, tail) => {
+            let tail = tail.unwrap_or(100);
+            (head.saturating_sub(tail), tail as usize)
+        }
+    };
+    let mut filter = EventFilter::default();
+    filter.sandbox = start.filter_sandbox;
+    filter.kinds = start.kinds;
+    let page = source.events_after(pos, &filter, limit.min(MAX_PAGE));
+    Ok(axum::Json(json!({
+        "events": page.events,
+        "gap": page.gap,
+        "last_seq": head,
+    })))
+}
+
+/// `GET /api/v1/events/stream`.
+pub(crate) async fn stream(
+    Extension(live): Extension<Live>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let start = parse(query.as_deref().unwrap_or(""), &headers)?;
+    let source = live.source();
+    let head = *source.subscribe().borrow();
+    let pos = match (start.after, start.tail) {
+        (Some(after), _) => after,
+        (None, Some(tail)) => head.saturating_sub(tail),
+        (None, None) => head,
+    };
+    let mut filter = EventFilter::default();
+    filter.sandbox = start.filter_sandbox;
+    filter.kinds = start.kinds;
+    let sse = Sse::new(frames(source, pos, filter)).keep_alive(
+        KeepAlive::new()
+            .interval(live.keep_alive())
+            .text("keep-alive"),
+    );
+    Ok(sse.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::feed::Feed;
+    use futures_util::StreamExt;
+    use std::time::Duration;
+
+    /// The text of a frame as it goes on the wire.
+    async fn wire(frames: Vec<SseEvent>) -> String {
+        let s = Sse::new(stream::iter(frames.into_iter().map(Ok::<_, Infallible>)));
+        let body = s.into_response().into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    async fn take(s: impl Stream<Item = Result<SseEvent, Infallible>> + Send, n: usize) -> String {
+        let got: Vec<SseEvent> = tokio::time::timeout(
+            Duration::from_secs(5),
+            s.take(n).map(|r| r.unwrap()).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("frames in time");
+        wire(got).await
+    }
+
+    fn ids(text: &str) -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .map(|v| v.parse().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn resumes_after_a_position_in_order_without_duplicates() {
+        let feed = Arc::new(Feed::default());
+        for i in 0..5 {
+            feed.push("a", 0.0, "reload", json!({ "i": i }));
+        }
+        let text = take(frames(feed.clone(), 2, EventFilter::default()), 3).await;
+        assert_eq!(ids(&text), vec![3, 4, 5]);
+        assert!(text.contains("\"kind\":\"reload\""));
+        // Live events arrive after the stored ones, once each.
+        let s = frames(feed.clone(), 4, EventFilter::default());
+        let f2 = feed.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            f2.push("a", 0.0, "crash", json!({}));
+            f2.push("b", 0.0, "reload", json!({}));
+        });
+        let text = take(s, 3).await;
+        assert_eq!(ids(&text), vec![5, 6, 7]);
+    }
+
+    #[tokio::test]
+    async fn filters_by_sandbox_and_kind() {
+        let feed = Arc::new(Feed::default());
+        feed.push("a", 0.0, "reload", json!({}));
+        feed.push("b", 0.0, "reload", json!({}));
+        feed.push("a", 0.0, "crash", json!({}));
+        feed.push("a", 0.0, "reload", json!({}));
+        let f = EventFilter::default().sandbox("a").kind("reload");
+        let text = take(frames(feed.clone(), 0, f), 2).await;
+        assert_eq!(ids(&text), vec![1, 4]);
+        assert!(!text.contains("\"sandbox\":\"b\""));
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_the_kept_events_gets_one_gap_frame_first() {
+        let feed = Arc::new(Feed::default());
+        for _ in 0..(KEEP_EVENTS + 10) {
+            feed.push("a", 0.0, "reload", json!({}));
+        }
+        let text = take(frames(feed.clone(), 3, EventFilter::default()), 3).await;
+        let gap = text.split("\n\n").next().unwrap();
+        assert!(gap.contains("event: gap"), "{text}");
+        assert!(
+            gap.contains("\"after\":3") && gap.contains("\"up_to\":10"),
+            "{gap}"
+        );
+        assert_eq!(ids(&text), vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn parses_filters_and_refuses_hostile_queries() {
+        let h = HeaderMap::new();
+        let s = parse("sandbox=app&kind=reload,crash&kind=abort&after=7", &h).unwrap();
+        assert_eq!(s.filter_sandbox.as_deref(), Some("app"));
+        assert_eq!(s.kinds, vec!["reload", "crash", "abort"]);
+        assert_eq!(s.after, Some(7));
+        let mut h = HeaderMap::new();
+        h.insert("last-event-id", "42".parse().unwrap());
+        assert_eq!(parse("after=7", &h).unwrap().after, Some(42));
+        h.insert("last-event-id", "-1".parse().unwrap());
+        assert!(parse("", &h).is_err());
+        let h = HeaderMap::new();
+        for bad in [
+            "after=-1",
+            "after=1e9",
+            "tail=99999999",
+            "kind=Reload",
+            "kind=a%ZZ",
+            "sandbox=../x",
+            "pid=1",
+            &format!("kind={}", "a".repeat(65)),
+            &format!("kind={}", vec!["a"; 33].join(",")),
+        ] {
+            assert!(parse(bad, &h).is_err(), "{bad} accepted");
+        }
+    }
+}
