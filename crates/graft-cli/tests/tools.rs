@@ -729,3 +729,64 @@ fn migration_checks_use_the_running_nodes_kept_versions_and_checkpoints() {
     node.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn migration_checks_survive_a_damaged_node_database_and_refuse_bad_flags() {
+    let dir = project(
+        "mig-hostile",
+        &[
+            ("src/app.luau", STORE_APP),
+            ("src/store.luau", &store_v1(true)),
+        ],
+    );
+    git(&dir, &["init", "-q"]);
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-qm", "v1"]);
+    std::fs::write(dir.join("src/store.luau"), STORE_V2).unwrap();
+    let db = dir.join(".graft/graft.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let garbage = "not a database at all ".repeat(300);
+    std::fs::write(&db, &garbage).unwrap();
+    let out = run(&[
+        "test",
+        "--migrations",
+        dir.to_str().unwrap(),
+        "--cases",
+        "5",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("note: cannot read the node's data"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "(HEAD → working tree → HEAD; 0 recorded, 1 from the app, 0 from init, 5 generated)"
+        ),
+        "git decides when the node's data cannot be read: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&db).unwrap(),
+        garbage,
+        "the damaged file is left as it was"
+    );
+    // Bounds and misuse of the flags are refused by the parser (exit 2).
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["test", "--migrations", d, "--cases", "10001"],
+        vec!["test", "--migrations", d, "--cases", "-1"],
+        vec!["test", "--migrations", d, "--seed", "x"],
+        vec!["test", d, "--seed", "3"],
+        vec!["test", d, "--cases", "3"],
+    ] {
+        let out = run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
