@@ -145,6 +145,9 @@ fn git_previous(dir: &Path, rel: &str, current: &str) -> Result<Option<(String, 
     }
 }
 
+/// A version to migrate from: `(label, source)`.
+type Labelled = (String, String);
+
 /// What the node's data directory holds for the project's sandbox.
 struct NodeData {
     store: graft::store::Store,
@@ -158,7 +161,7 @@ impl NodeData {
         &self,
         module: &str,
         current: &str,
-    ) -> Result<(Option<(String, String)>, BTreeMap<u32, String>)> {
+    ) -> Result<(Option<Labelled>, BTreeMap<u32, String>)> {
         let kept: BTreeMap<u32, String> = self
             .store
             .versions(&self.sandbox, module)
