@@ -189,7 +189,7 @@ impl NodeData {
 
 /// Opens `DIR/.graft/graft.db` read-only, if it exists.
 fn open_node_data(dir: &Path, sandbox: &str, notes: &mut Vec<String>) -> Option<NodeData> {
-    let db = dir.join(".graft").join("graft.db");
+    let db = dir.join(".graft").join(graft::DATABASE_FILE);
     if !db.exists() {
         return None;
     }
