@@ -87,11 +87,19 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = tester::DEFAULT_TIMEOUT_MS,
               value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         timeout_ms: u64,
-        /// Instead of the tests: migrate every changed module's states up
-        /// from its previous git version and back down, and report those
-        /// that do not round-trip (docs/testing.md)
+        /// Instead of the tests: migrate every module whose `code_change`
+        /// changed up from its previous version (the node's kept versions,
+        /// else git) and back down, on recorded, app, `init` and generated
+        /// states; report those that do not round-trip (docs/testing.md)
         #[arg(long, conflicts_with_all = ["filter", "junit", "coverage"])]
         migrations: bool,
+        /// With --migrations: generated (perturbed) states per module
+        #[arg(long, value_name = "N", requires = "migrations", default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        cases: u64,
+        /// With --migrations: the seed of the perturbations (same seed, same states)
+        #[arg(long, value_name = "N", requires = "migrations", default_value_t = 1)]
+        seed: u64,
         /// Report statement coverage of each module (lines run by the tests)
         #[arg(long)]
         coverage: bool,
@@ -548,8 +556,10 @@ fn main() -> ExitCode {
             dir,
             json,
             migrations: true,
+            cases,
+            seed,
             ..
-        } => tester::migrations::run(&dir, json),
+        } => tester::migrations::run(&dir, json, cases as usize, seed),
         Command::Test {
             dir,
             filter,
@@ -559,6 +569,7 @@ fn main() -> ExitCode {
             coverage,
             jobs,
             migrations: false,
+            ..
         } => tester::run(&tester::Options {
             coverage,
             dir,

@@ -568,20 +568,47 @@ fn migration_checks_catch_a_code_change_that_does_not_round_trip() {
         if reversible {
             assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
             assert!(
-                stdout.contains("✓ store: 1 state round-trips (HEAD → working tree → HEAD)"),
+                stdout.contains("round-trip (HEAD → working tree → HEAD; 0 recorded, 1 from the app, 0 from init, 100 generated)"),
                 "{stdout}"
             );
         } else {
             assert_eq!(out.status.code(), Some(1), "{stdout}");
             assert!(
-                stdout.contains("✗ store: 1 of 1 states do not round-trip"),
+                stdout.contains("states fail (HEAD → working tree → HEAD;"),
                 "{stdout}"
             );
+            assert!(stdout.contains("first: app process"), "{stdout}");
+            // Shrunk from `{ items = { "a", "b" } }`: no element is needed
+            // to show that `count` survives the rollback; dropping `items`
+            // fails another way (the up migration raises), so it stays.
+            assert!(stdout.contains("smallest found"), "{stdout}");
             assert!(
-                stdout.contains("down:   {\"count\":2,\"items\":[\"a\",\"b\"]}"),
+                stdout.contains("down:   {\"count\":0,\"items\":"),
                 "{stdout}"
             );
+            assert!(!stdout.contains("\"a\""), "shrunk: {stdout}");
         }
+        // Same seed, same generated states, same report.
+        let args = [
+            "test",
+            "--migrations",
+            dir.to_str().unwrap(),
+            "--json",
+            "--cases",
+            "7",
+            "--seed",
+            "42",
+        ];
+        let a: Value = serde_json::from_slice(&run(&args).stdout).unwrap();
+        let b: Value = serde_json::from_slice(&run(&args).stdout).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a["seed"], 42);
+        assert!(
+            a["modules"][0]["report"]
+                .to_string()
+                .contains("7 generated"),
+            "{a}"
+        );
         // Committed: the previous version is the commit before the last
         // change of the file.
         git(&dir, &["commit", "-qam", "v2"]);
@@ -607,6 +634,159 @@ fn migration_checks_catch_a_code_change_that_does_not_round_trip() {
             "{}",
             text(&out.stdout)
         );
+        // A change outside `code_change` (a comment in it, another
+        // callback) is not a migration change: the module is skipped.
+        git(&dir, &["checkout", "-q", "--", "src/store.luau"]);
+        let edited = STORE_V2
+            .replace("return s.count, s", "return s.count + 0, s")
+            .replace("  s.count = #s.items", "  -- recount\n  s.count = #s.items");
+        std::fs::write(dir.join("src/store.luau"), edited).unwrap();
+        let out = run(&["test", "--migrations", dir.to_str().unwrap(), "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(out.status.success(), "{report}");
+        assert_eq!(report["checked"], 0, "{report}");
+        assert_eq!(report["code_change_unchanged"], 1, "{report}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+const COUNTER_APP: &str = "return { behaviour = \"supervisor\", init = function() return { strategy = \"one_for_one\", children = { { id = \"c\", module = \"counter\", name = \"c\" } } } end }";
+
+/// Counter versions: 1 and 2 are kept by the node, 3 is the working tree.
+/// 3 adds `double`; 2 does not remove it on a rollback.
+fn counter(v: u32) -> String {
+    let migrate = match v {
+        1 => "return s",
+        2 => "s.v = 2\n  return s",
+        _ => "s.double = s.n * 2\n  return s",
+    };
+    format!(
+        "local c = {{}}\nfunction c.init(args) return {{ n = 0, v = {v} }} end\nfunction c.handle_call(r, f, s) s.n += 1; return s.n, s end\nfunction c.code_change(old, s, extra)\n  {migrate}\nend\nreturn c\n"
+    )
+}
+
+#[test]
+fn migration_checks_use_the_running_nodes_kept_versions_and_checkpoints() {
+    let dir = project(
+        "mig-node",
+        &[
+            ("src/app.luau", COUNTER_APP),
+            ("src/counter.luau", &counter(1)),
+        ],
+    );
+    // Git knows only version 1: the node's kept versions must win.
+    git(&dir, &["init", "-q"]);
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-qm", "v1"]);
+    let node = graft::Node::builder()
+        .threads(1)
+        .checkpoint_ms(0)
+        .data_dir(dir.join(".graft"))
+        .open()
+        .unwrap();
+    let sb = node
+        .create_sandbox(
+            graft::SandboxSpec::new("checked")
+                .entry(Some("app"))
+                .module("app", COUNTER_APP)
+                .module("counter", counter(1)),
+        )
+        .unwrap();
+    graft::block_on(sb.wait_app_started()).unwrap();
+    let v2 = std::iter::once(("counter".to_string(), counter(2))).collect();
+    graft::block_on(sb.reload(v2, graft::ReloadOptions::default())).unwrap();
+    for _ in 0..5 {
+        graft::block_on(sb.call("c", serde_json::json!("inc"), None)).unwrap();
+    }
+    assert_eq!(node.checkpoint().unwrap().written, 1);
+    std::fs::write(dir.join("src/counter.luau"), counter(3)).unwrap();
+
+    // The node is still running and holds its lock.
+    assert!(dir.join(".graft/graft.lock").exists());
+    let out = run(&[
+        "test",
+        "--migrations",
+        dir.to_str().unwrap(),
+        "--cases",
+        "20",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("(node v2 → working tree → node v2; 1 recorded, 1 from the app, 1 from init, 20 generated)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("first: checkpoint `c` (node v2)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"double\":0"), "shrunk to n = 0: {stdout}");
+    // The node is unharmed: it still answers and reloads.
+    assert_eq!(
+        graft::block_on(sb.call("c", serde_json::json!("inc"), None)).unwrap(),
+        6
+    );
+    node.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn migration_checks_survive_a_damaged_node_database_and_refuse_bad_flags() {
+    let dir = project(
+        "mig-hostile",
+        &[
+            ("src/app.luau", STORE_APP),
+            ("src/store.luau", &store_v1(true)),
+        ],
+    );
+    git(&dir, &["init", "-q"]);
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-qm", "v1"]);
+    std::fs::write(dir.join("src/store.luau"), STORE_V2).unwrap();
+    let db = dir.join(".graft/graft.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let garbage = "not a database at all ".repeat(300);
+    std::fs::write(&db, &garbage).unwrap();
+    let out = run(&[
+        "test",
+        "--migrations",
+        dir.to_str().unwrap(),
+        "--cases",
+        "5",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("note: cannot read the node's data"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "(HEAD → working tree → HEAD; 0 recorded, 1 from the app, 0 from init, 5 generated)"
+        ),
+        "git decides when the node's data cannot be read: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&db).unwrap(),
+        garbage,
+        "the damaged file is left as it was"
+    );
+    // Bounds and misuse of the flags are refused by the parser (exit 2).
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["test", "--migrations", d, "--cases", "10001"],
+        vec!["test", "--migrations", d, "--cases", "-1"],
+        vec!["test", "--migrations", d, "--seed", "x"],
+        vec!["test", d, "--seed", "3"],
+        vec!["test", d, "--cases", "3"],
+    ] {
+        let out = run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -692,3 +692,58 @@ return w
     }
     node.shutdown();
 }
+
+#[test]
+fn a_read_only_store_reads_a_running_nodes_database_and_never_writes() {
+    let dir = TempDir::new("readonly");
+    let node = open(&dir);
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    reload(&sb, counter(2), ReloadOptions::default());
+    call(&sb, "inc");
+    node.checkpoint().expect("checkpoint");
+    let db = dir.0.join("graft.db");
+    let lock = dir.0.join("graft.lock");
+    assert!(lock.exists(), "the node holds its lock");
+    let bytes = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
+    let (db_before, wal_before) = (bytes(&db), bytes(&dir.0.join("graft.db-wal")));
+
+    // The node is still running and holds the lock: the read-only store
+    // neither needs nor takes it.
+    let ro = graft::store::Store::open_read_only(&db).expect("open read-only");
+    let kept = ro.versions("shop", "counter").expect("versions");
+    assert_eq!(
+        kept.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(kept[1].source, counter(2));
+    let cps = ro.checkpoints("shop").expect("checkpoints");
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_eq!((cps[0].name.as_str(), cps[0].module_version), ("c", 2));
+    let state: serde_json::Value = serde_json::from_str(&cps[0].state_json).expect("json");
+    assert_eq!(state["n"], 2);
+    let write = ro.write(vec![graft::store::WriteOp::DeleteSandbox {
+        id: "shop".into(),
+    }]);
+    assert!(
+        matches!(write, Err(graft::store::StoreError::ReadOnly { .. })),
+        "{write:?}"
+    );
+    drop(ro);
+    assert_eq!(bytes(&db), db_before, "graft.db unchanged by the reader");
+    assert_eq!(
+        bytes(&dir.0.join("graft.db-wal")),
+        wal_before,
+        "the log unchanged by the reader"
+    );
+    // The node still works and writes after the reader is gone.
+    reload(&sb, counter(3), ReloadOptions::default());
+    node.shutdown();
+
+    // And with no node at all, a missing database is a clear error, not a
+    // new empty file.
+    let missing = dir.0.join("nope.db");
+    let err = graft::store::Store::open_read_only(&missing).expect_err("missing");
+    assert!(err.to_string().contains("no Graft database"), "{err}");
+    assert!(!missing.exists(), "nothing was created");
+}

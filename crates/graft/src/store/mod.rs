@@ -129,6 +129,57 @@ impl Store {
         Store::open_inner(path.as_ref(), opts, schema::MIGRATIONS, true, None)
     }
 
+    /// Opens an existing database for reading only, without the node's
+    /// lock and without a writer: the way a tool (`graft test
+    /// --migrations`) reads kept versions and checkpoints while a node may
+    /// be running on the same directory. The file is never created,
+    /// migrated or written (every write fails with [`StoreError::ReadOnly`]);
+    /// in WAL mode each read sees the last commit made before it began.
+    /// A missing file is [`StoreError::Open`]; a newer schema is
+    /// [`StoreError::NewerSchema`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use graft::store::Store;
+    /// let dir = std::env::temp_dir().join(format!("graft-ro-doc-{}", std::process::id()));
+    /// let db = dir.join("graft.db");
+    /// drop(Store::open(&db)?); // a node created it earlier
+    /// let ro = Store::open_read_only(&db)?;
+    /// assert!(ro.sandboxes()?.is_empty());
+    /// assert!(ro.read_only_reason().is_some());
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn open_read_only(path: impl AsRef<Path>) -> StoreResult<Store> {
+        let path = path.as_ref();
+        let supported = schema::MIGRATIONS.last().map_or(0, |m| m.version);
+        let header = schema::inspect_file(path)?;
+        if header.empty {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                detail: "no Graft database here (missing or empty file)".into(),
+            });
+        }
+        if header.user_version > supported {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: header.user_version,
+                supported,
+            });
+        }
+        schema::check_header(path, &header)?;
+        schema::check_with_sqlite(path, supported)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            opts: StoreOptions::default(),
+            sender: RwLock::new(None),
+            writer: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            ephemeral_dir: None,
+            read_only: Some("opened read-only (Store::open_read_only)".into()),
+        })
+    }
+
     /// A store for `--ephemeral` nodes: the same code path on a database in a
     /// fresh private directory under the system's temp directory, without
     /// fsync (`synchronous=OFF`: nothing is meant to survive), deleted on
