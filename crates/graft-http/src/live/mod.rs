@@ -28,12 +28,15 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The live parts of one API: its event feed and its metrics.
 ///
 /// ```no_run
-/// # async fn demo() -> std::io::Result<()> {
-/// let node = graft::Node::new();
+/// # fn demo() -> anyhow::Result<()> {
+/// use std::sync::Arc;
+/// let node = graft::Node::builder().ephemeral().open()?;
+/// let store = node.store().expect("an ephemeral node has a database").clone();
+/// let trust = Arc::new(graft_http::trust::Trust::new(store, Default::default())?);
 /// let live = graft_http::Live::new(node.clone());
-/// let app = graft_http::router_with(node, live.clone());
+/// let app = graft_http::router_with(node, trust.clone(), live.clone());
 /// // A second listener for scrapers only (`graft serve --metrics-bind`).
-/// let scrape = graft_http::metrics_router(live);
+/// let scrape = graft_http::metrics_router(trust, live);
 /// # let _ = (app, scrape);
 /// # Ok(()) }
 /// ```
