@@ -174,6 +174,8 @@ fn save(path: &Path, source: &str) {
 struct Http {
     addr: String,
     conn: Option<BufReader<TcpStream>>,
+    /// The node's admin token (`DIR/.graft/admin.token`, SPEC §9).
+    token: String,
 }
 
 impl Http {
@@ -201,8 +203,9 @@ impl Http {
     fn try_post(&mut self, path: &str, body: &str) -> std::io::Result<(u16, Vec<u8>)> {
         let conn = self.conn.as_mut().unwrap();
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.addr,
+            self.token,
             body.len()
         );
         conn.get_mut().write_all(req.as_bytes())?;
@@ -357,9 +360,15 @@ fn main() {
         o.seed
     );
 
+    // The node wrote its admin token file before it listened.
+    let token = std::fs::read_to_string(dir.join(".graft/admin.token"))
+        .expect("graft run writes DIR/.graft/admin.token")
+        .trim()
+        .to_string();
     let mut http = Http {
         addr: addr.clone(),
         conn: None,
+        token,
     };
     let path = format!("/api/v1/sandboxes/{id}/call");
     let body = json!({ "to": "counter", "request": "get" }).to_string();
