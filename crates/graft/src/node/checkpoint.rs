@@ -67,17 +67,23 @@ impl Runtime {
     pub fn dirty(&self, written: &HashMap<String, Revision>) -> (Vec<(String, u64)>, Vec<String>) {
         let k = kernel(&self.vm.lua);
         let mut dirty = Vec::new();
-        let mut live = std::collections::HashSet::new();
+        let mut live = std::collections::HashSet::with_capacity(k.names.len());
+        // Whether each module is a supervisor, asked of Luau once per module
+        // rather than once per process (this pass holds the sandbox's thread).
+        let supervisor: Vec<bool> = k
+            .module_tables
+            .iter()
+            .map(|t| t.as_ref().is_some_and(is_supervisor))
+            .collect();
         for (name, serial) in &k.names {
             let Some(p) = k.procs.get(serial) else {
                 continue;
             };
-            let table = k
-                .module_tables
+            if supervisor
                 .get(p.pid.module_index() as usize)
-                .cloned()
-                .flatten();
-            if table.as_ref().is_some_and(is_supervisor) {
+                .copied()
+                .unwrap_or(false)
+            {
                 // Rebuilt by its `init`; an old checkpoint of it is removed.
                 continue;
             }
