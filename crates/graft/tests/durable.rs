@@ -747,3 +747,25 @@ fn a_read_only_store_reads_a_running_nodes_database_and_never_writes() {
     assert!(err.to_string().contains("no Graft database"), "{err}");
     assert!(!missing.exists(), "nothing was created");
 }
+
+#[test]
+fn a_data_directory_deleted_while_the_node_runs_fails_writes_instead_of_losing_them() {
+    let dir = TempDir::new("deleted");
+    let node = open(&dir);
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    reload(&sb, counter(2), ReloadOptions::default());
+    // `git clean -fdx` on a project, or an `rm -r` of the data directory.
+    std::fs::remove_dir_all(&dir.0).expect("delete the data directory");
+    let mut m = BTreeMap::new();
+    m.insert("counter".to_string(), counter(3));
+    let err = block_on(sb.reload(m, ReloadOptions::default())).expect_err("refused");
+    assert_eq!(err.kind(), "storage_io", "{err}");
+    assert!(
+        err.to_string().contains("deleted while the node ran"),
+        "{err}"
+    );
+    assert_eq!(call(&sb, "version"), 2, "nothing was applied");
+    // The node keeps serving what it runs.
+    assert_eq!(call(&sb, "inc"), 2);
+}

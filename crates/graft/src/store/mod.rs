@@ -297,6 +297,7 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             max_events_per_sandbox: opts.max_events_per_sandbox,
+            identity: writer::file_identity(path),
         };
         let handle = std::thread::Builder::new()
             .name("graft-store-writer".into())

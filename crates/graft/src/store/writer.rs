@@ -75,6 +75,24 @@ pub(crate) struct Writer {
     pub conn: Connection,
     pub path: PathBuf,
     pub max_events_per_sandbox: u64,
+    /// The database file's (device, inode) when it was opened: a file
+    /// deleted or replaced under a running node (`git clean`, `rm -r`) would
+    /// otherwise take every later commit with it, acknowledged but gone.
+    pub identity: Option<(u64, u64)>,
+}
+
+/// The (device, inode) of `path`, where the platform has them.
+pub(crate) fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 impl Writer {
@@ -88,7 +106,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let results = self.commit_group(&group);
+            let results = match self.moved_away() {
+                Some(why) => group
+                    .iter()
+                    .map(|_| {
+                        Err(StoreError::Io {
+                            what: "writing",
+                            path: self.path.clone(),
+                            source: std::io::Error::new(std::io::ErrorKind::NotFound, why),
+                        })
+                    })
+                    .collect(),
+                None => self.commit_group(&group),
+            };
             for (s, r) in group.into_iter().zip(results) {
                 s.reply.send(r);
             }
@@ -100,6 +130,16 @@ impl Writer {
         }
         if let Err((_, e)) = self.conn.close() {
             tracing::warn!(error = %e, "storage: closing the database failed");
+        }
+    }
+
+    /// Why the database file is no longer the one this store opened, if so.
+    fn moved_away(&self) -> Option<&'static str> {
+        let opened = self.identity?;
+        match file_identity(&self.path) {
+            Some(now) if now == opened => None,
+            Some(_) => Some("the database file was replaced while the node ran; nothing was written (restart the node)"),
+            None => Some("the database file was deleted while the node ran; nothing was written (restart the node)"),
         }
     }
 
