@@ -136,6 +136,20 @@ impl Client {
     }
 
     /// Sends a request; `Ok(Err(..))` is an error answer of the API.
+    /// Adds the token this client found (if any) as `Authorization: Bearer`.
+    fn authorize(
+        &self,
+        req: hyper::http::request::Builder,
+    ) -> Result<hyper::http::request::Builder> {
+        let Some((token, _)) = &self.token else {
+            return Ok(req);
+        };
+        let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            anyhow!("the token holds characters a header cannot carry; check --token or GRAFT_TOKEN")
+        })?;
+        Ok(req.header("authorization", value))
+    }
+
     async fn request(
         &self,
         method: Method,
@@ -150,11 +164,7 @@ impl Client {
             .uri(&uri)
             .header("content-type", "application/json")
             .header("accept", "application/json");
-        if let Some((token, _)) = &self.token {
-            let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| anyhow!("the token holds characters a header cannot carry; check --token or GRAFT_TOKEN"))?;
-            req = req.header("authorization", value);
-        }
+        req = self.authorize(req)?;
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| anyhow!("invalid request to {uri}: {e}"))?;
@@ -572,11 +582,7 @@ impl Client {
             .uri(&uri)
             .header("accept", "text/event-stream")
             .header("last-event-id", last.to_string());
-        if let Some((token, _)) = &self.token {
-            let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| anyhow!("the token holds characters a header cannot carry; check --token or GRAFT_TOKEN"))?;
-            req = req.header("authorization", value);
-        }
+        req = self.authorize(req)?;
         let req = req
             .body(Full::new(Bytes::new()))
             .map_err(|e| anyhow!("invalid request to {uri}: {e}"))?;

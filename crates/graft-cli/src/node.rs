@@ -73,15 +73,14 @@ fn open_trust(
         .store()
         .cloned()
         .ok_or_else(|| anyhow!("the node has no database for its tokens"))?;
-    let data_dir = token_dir;
-    let file = ensure_admin_token_file(data_dir, &store).with_context(|| {
+    let file = ensure_admin_token_file(token_dir, &store).with_context(|| {
         format!(
             "cannot write the admin token file in {}",
-            data_dir.display()
+            token_dir.display()
         )
     })?;
     let trust = Trust::new(store, config)
-        .with_context(|| format!("cannot read the tokens in {}", data_dir.display()))?;
+        .with_context(|| format!("cannot read the tokens in {}", token_dir.display()))?;
     Ok((Arc::new(trust), file))
 }
 
