@@ -27,7 +27,7 @@
 //!
 //! Usage: `http_spin [--smoke] [--conns N] [--duration-ms N] [--warmup-ms N]
 //! [--max-requests N] [--spinners N | --kinds K,...] [--threads N]
-//! [--serve-threads N] [--handler-ms N]`.
+//! [--serve-threads N] [--handler-ms N] [--no-auth]`.
 //! stdout: JSON lines (`meta`, one per phase, `summary` with the ratio of the
 //! p99s and the goal p99 ≤ 5 ms while spinning); stderr: progress.
 
@@ -100,12 +100,15 @@ struct Opts {
     serve_threads: usize,
     /// The spinners' `handler_ms` (lower it to see the keepers re-cast).
     handler_ms: u64,
+    /// Serve without the trust middleware (no token check, no audit row),
+    /// to tell the audit's share of the latency from the scheduler's.
+    no_auth: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: http_spin [--smoke] [--conns N] [--duration-ms N] [--warmup-ms N] \
-         [--max-requests N] [--spinners N | --kinds K,K,...] [--threads N] [--serve-threads N] [--handler-ms N]\n\
+         [--max-requests N] [--spinners N | --kinds K,K,...] [--threads N] [--serve-threads N] [--handler-ms N] [--no-auth]\n\
          kinds: loop (plain Luau), sort (table.sort comparator), gsub (gsub callback)"
     );
     std::process::exit(2)
@@ -124,6 +127,7 @@ fn parse_opts() -> Opts {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         serve_threads: 2,
         handler_ms: SPIN_HANDLER_MS,
+        no_auth: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -143,6 +147,7 @@ fn parse_opts() -> Opts {
             "--threads" => o.threads = num().clamp(1, 256) as usize,
             "--serve-threads" => o.serve_threads = num().clamp(1, 256) as usize,
             "--handler-ms" => o.handler_ms = num().clamp(1, SPIN_HANDLER_MS),
+            "--no-auth" => o.no_auth = true,
             _ => usage(),
         }
     }
@@ -403,7 +408,7 @@ fn counter_sandbox(node: &Node) -> Sandbox {
 
 /// Serves the node's API on 127.0.0.1:0 from its own runtime; returns the
 /// address and the runtime (dropping it stops the server).
-fn serve(node: &Node, threads: usize) -> (SocketAddr, tokio::runtime::Runtime) {
+fn serve(node: &Node, threads: usize, no_auth: bool) -> (SocketAddr, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("http")
@@ -426,8 +431,12 @@ fn serve(node: &Node, threads: usize) -> (SocketAddr, tokio::runtime::Runtime) {
         .create_token(graft_http::trust::Role::Operator, None, None)
         .unwrap_or_else(|e| fail(&format!("token: {e}")));
     let _ = BEARER.set(format!("Bearer {}", token.secret));
-    let app =
-        graft_http::router(node.clone(), trust).into_make_service_with_connect_info::<SocketAddr>();
+    let router = if no_auth {
+        graft_http::router_without_auth(node.clone(), trust)
+    } else {
+        graft_http::router(node.clone(), trust)
+    };
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
     rt.spawn(async move { axum::serve(listener, app).await });
     (addr, rt)
 }
@@ -494,7 +503,7 @@ fn main() {
     let o = parse_opts();
     let node = Node::with_threads(o.threads);
     let bystander = counter_sandbox(&node);
-    let (addr, server) = serve(&node, o.serve_threads);
+    let (addr, server) = serve(&node, o.serve_threads, o.no_auth);
     println!(
         "{}",
         json!({

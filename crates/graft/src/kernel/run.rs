@@ -29,7 +29,7 @@ use crate::vm::{self, MARK_AWAIT, MARK_DONE};
 pub(crate) fn run_slice(lua: &Lua) -> bool {
     let started = clock::coarse_ms();
     // 0: the scheduler asked for this slice to end early (see
-    // `Watch::end_slice_early`) before it began; keep that request.
+    // `Watch::end_slice_at`) before it began; keep that request.
     let _ = kernel(lua).watch.slice_end.compare_exchange(
         u64::MAX,
         started + SLICE_MS,

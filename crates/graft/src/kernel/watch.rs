@@ -123,15 +123,17 @@ impl Watch {
         let ms = self.handler_ms.min(MODULE_BODY_MS);
         self.arm(clock::coarse_ms() + ms, 0, false);
     }
+    /// Ends the running time slice at the first safepoint at or after coarse
+    /// ms `at` (0: the next one), unless it ends sooner anyway. The scheduler
+    /// calls this when fresh work waits and no thread is free. `fetch_min`:
+    /// a later request never extends an earlier one. Harmless between
+    /// slices: the next slice then ends after its first callback.
+    pub(crate) fn end_slice_at(&self, at: u64) {
+        self.slice_end.fetch_min(at, Ordering::Relaxed);
+        self.check_at.fetch_min(at, Ordering::Relaxed);
+    }
     /// Ends a stretch armed by [`Watch::arm_for_host_code`] or
     /// [`Watch::arm_for_module_body`]; returns whether it ran out of time.
-    /// Ends the running time slice at the next safepoint (the scheduler
-    /// calls this when fresh work waits and no thread is free). Harmless
-    /// between slices: the next slice then ends after its first callback.
-    pub(crate) fn end_slice_early(&self) {
-        self.slice_end.store(0, Ordering::Relaxed);
-        self.check_at.store(0, Ordering::Relaxed);
-    }
     pub fn disarm_host_code(&self) -> bool {
         let t = self.timed_out.load(Ordering::Relaxed);
         self.disarm();

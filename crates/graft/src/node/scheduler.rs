@@ -17,8 +17,11 @@
 //!   cap, stuck sandboxes share the pool like any others.
 //! * Work that arrives from outside (host commands, timers, messages) is
 //!   *fresh* and served before sandboxes that used their whole slice
-//!   (*busy*); every [`FAIRNESS`]-th turn serves a busy one first, so busy
-//!   sandboxes are never starved by a stream of fresh work.
+//!   (*busy*); a busy sandbox that has waited [`BUSY_MAX_WAIT_MS`] is served
+//!   first, so busy sandboxes are never starved by a stream of fresh work.
+//!   The guarantee is by time, not by turns: fresh work arrives at the rate
+//!   of requests, and a turn-based share let every fourth request's thread
+//!   go to a spinner, protected for a while, exactly when fresh work waited.
 //! * Every entry into a sandbox's runtime runs behind a panic barrier: a
 //!   panic fails that sandbox (see `Shared::fail`), never the thread's loop.
 
@@ -42,8 +45,8 @@ pub(super) const STUCK_AFTER_MS: u64 = kernel::SLICE_MS + 3;
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
 /// Scheduler threads the watchdog may add beyond the configured ones.
 pub(super) const MAX_EXTRA_THREADS: usize = 64;
-/// One turn in this many serves a busy sandbox before fresh work.
-const FAIRNESS: u32 = 4;
+/// A busy sandbox queued this long (coarse ms) is served before fresh work.
+const BUSY_MAX_WAIT_MS: u64 = 4 * kernel::SLICE_MS;
 /// A slice that has run this long (coarse ms) is ended early when fresh work
 /// waits and no thread is free: fresh work then waits about this long for a
 /// thread instead of a whole [`kernel::SLICE_MS`].
@@ -53,27 +56,29 @@ const MIN_SLICE_MS: u64 = 1;
 #[derive(Default)]
 pub(super) struct RunQueue {
     fresh: VecDeque<Arc<Shared>>,
-    busy: VecDeque<Arc<Shared>>,
-    turn: u32,
+    /// With the coarse ms at which each was queued, oldest first.
+    busy: VecDeque<(Arc<Shared>, u64)>,
     /// Scheduler threads waiting in `next_sandbox` for work.
     idle: usize,
 }
 
 impl RunQueue {
-    /// The next sandbox to run, and whether fresh work may end its slice at
-    /// once: true for a busy sandbox taken because no fresh work waited; a
-    /// busy one served on its fairness turn keeps at least `MIN_SLICE_MS`,
-    /// so a stream of fresh work cannot starve it.
-    fn pop(&mut self) -> Option<(Arc<Shared>, bool)> {
-        self.turn = self.turn.wrapping_add(1);
-        if self.turn.is_multiple_of(FAIRNESS) {
-            if let Some(s) = self.busy.pop_front() {
-                return Some((s, false));
-            }
+    /// The next sandbox to run at coarse ms `now`, and whether fresh work
+    /// may end its slice at once: true for a busy sandbox taken because no
+    /// fresh work waited; a busy one served because it waited
+    /// [`BUSY_MAX_WAIT_MS`] keeps at least `MIN_SLICE_MS`, so a stream of
+    /// fresh work cannot starve it.
+    fn pop(&mut self, now: u64) -> Option<(Arc<Shared>, bool)> {
+        let starving = self
+            .busy
+            .front()
+            .is_some_and(|(_, queued)| now.saturating_sub(*queued) >= BUSY_MAX_WAIT_MS);
+        if starving {
+            return self.busy.pop_front().map(|(s, _)| (s, false));
         }
         match self.fresh.pop_front() {
             Some(s) => Some((s, false)),
-            None => self.busy.pop_front().map(|s| (s, true)),
+            None => self.busy.pop_front().map(|(s, _)| (s, true)),
         }
     }
     pub(super) fn is_empty(&self) -> bool {
@@ -109,7 +114,7 @@ pub(super) fn schedule(node: &NodeInner, shared: &Arc<Shared>, busy: bool) {
     if !shared.scheduled.swap(true, Ordering::AcqRel) {
         let mut q = node.queue.lock();
         if busy {
-            q.busy.push_back(shared.clone());
+            q.busy.push_back((shared.clone(), clock::coarse_ms()));
         } else {
             q.fresh.push_back(shared.clone());
         }
@@ -122,29 +127,33 @@ pub(super) fn schedule(node: &NodeInner, shared: &Arc<Shared>, busy: bool) {
     }
 }
 
-/// Fresh work waits and every thread runs a slice: ends the oldest slice
-/// that has run at least [`MIN_SLICE_MS`] at its next safepoint, so a host
-/// command or a timer waits about a millisecond, not a whole slice, behind
-/// sandboxes that loop. A slice in code Luau cannot yield from ignores the
-/// request; the watchdog covers those.
+/// Fresh work waits and every thread runs a slice: ends one slice at its
+/// next safepoint, so a host command or a timer waits about a millisecond,
+/// not a whole slice, behind sandboxes that loop. A busy sandbox's slice (it
+/// used whole slices before) ends at once; when every slice is still within
+/// its [`MIN_SLICE_MS`], the one whose minimum ends first is told to end
+/// then, rather than waiting for the watchdog's next look. A slice in code
+/// Luau cannot yield from ignores the request; the watchdog covers those.
 fn preempt_for_fresh_work(node: &NodeInner) {
-    let now = clock::coarse_ms();
     let pool = node.pool.lock();
-    let oldest = pool
+    let chosen = pool
         .workers
         .iter()
         .filter(|w| !w.stuck.load(Ordering::Relaxed))
         .filter_map(|w| {
-            let started = w.slice_started.load(Ordering::Relaxed);
-            let busy = w.running_busy.load(Ordering::Relaxed);
-            (started != 0 && (busy || started + MIN_SLICE_MS <= now + 1))
-                .then_some(((!busy, started), w))
+            // `slice_started` is the coarse ms the slice began, plus one.
+            let started = w.slice_started.load(Ordering::Relaxed).checked_sub(1)?;
+            let end_at = if w.running_busy.load(Ordering::Relaxed) {
+                0
+            } else {
+                started + MIN_SLICE_MS
+            };
+            Some((end_at, w))
         })
-        // Busy slices first, then the oldest fresh one.
-        .min_by_key(|(key, _)| *key);
-    if let Some((_, worker)) = oldest {
+        .min_by_key(|(end_at, _)| *end_at);
+    if let Some((end_at, worker)) = chosen {
         if let Some(watch) = worker.running.lock().as_ref() {
-            watch.end_slice_early();
+            watch.end_slice_at(end_at);
         }
     }
 }
@@ -230,7 +239,7 @@ fn next_sandbox(inner: &NodeInner) -> Option<(Arc<Shared>, bool)> {
     if inner.stopping.load(Ordering::Relaxed) {
         return None;
     }
-    if let Some(s) = q.pop() {
+    if let Some(s) = q.pop(clock::coarse_ms()) {
         return Some(s);
     }
     q.idle += 1;
@@ -238,7 +247,7 @@ fn next_sandbox(inner: &NodeInner) -> Option<(Arc<Shared>, bool)> {
         if inner.stopping.load(Ordering::Relaxed) {
             break None;
         }
-        if let Some(s) = q.pop() {
+        if let Some(s) = q.pop(clock::coarse_ms()) {
             break Some(s);
         }
         // Spin briefly before sleeping: a request that arrives within
@@ -509,7 +518,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_sandboxes_get_every_fairness_th_turn() {
+    fn fresh_work_goes_first_until_a_busy_sandbox_waited_too_long() {
         let node = crate::Node::with_threads(1);
         let mk = |id: &str| {
             node.create_sandbox(crate::SandboxSpec::new(id).entry(None))
@@ -521,11 +530,21 @@ mod tests {
         for _ in 0..8 {
             q.fresh.push_back(a.clone());
         }
-        q.busy.push_back(b.clone());
-        let order: Vec<bool> = (0..5)
-            .map(|_| Arc::ptr_eq(&q.pop().expect("queued").0, &b))
-            .collect();
-        assert_eq!(order, [false, false, false, true, false]);
+        q.busy.push_back((b.clone(), 100));
+        // Before the busy sandbox waited BUSY_MAX_WAIT_MS, every turn is fresh.
+        for now in [100, 100 + BUSY_MAX_WAIT_MS - 1] {
+            let (s, preemptible) = q.pop(now).expect("queued");
+            assert!(Arc::ptr_eq(&s, &a) && !preemptible);
+        }
+        // Then it goes first, protected for MIN_SLICE_MS (not preemptible at once).
+        let (s, preemptible) = q.pop(100 + BUSY_MAX_WAIT_MS).expect("queued");
+        assert!(Arc::ptr_eq(&s, &b) && !preemptible);
+        // Busy work taken when nothing fresh waits may be ended at once.
+        q.fresh.clear();
+        q.busy.push_back((b.clone(), 200));
+        let (s, preemptible) = q.pop(200).expect("queued");
+        assert!(Arc::ptr_eq(&s, &b) && preemptible);
+        assert!(q.pop(200).is_none());
     }
 
     /// A sandbox with nothing queued and nothing running.
