@@ -15,6 +15,12 @@
 //!   holds one OS thread, for at most its `handler_ms`, never the queue.
 //! * Threads beyond `threads` are capped ([`MAX_EXTRA_THREADS`]): past the
 //!   cap, stuck sandboxes share the pool like any others.
+//! * A stuck thread that spins (it uses the CPU, see `probe_stuck`) runs at
+//!   a lower OS priority ([`STUCK_NICE`], Linux) for the rest of its life,
+//!   and retires when its slice ends (a fresh thread replaces it if needed):
+//!   runaway code shares the cores with the serving threads, so it must not
+//!   take them from the requests they serve. An unprivileged thread cannot
+//!   raise its priority back, hence retirement.
 //! * Work that arrives from outside (host commands, timers, messages) is
 //!   *fresh* and served before sandboxes that used their whole slice
 //!   (*busy*); a busy sandbox that has waited [`BUSY_MAX_WAIT_MS`] is served
@@ -43,6 +49,10 @@ pub(super) const SPIN_MICROS: u64 = 50;
 pub(super) const STUCK_AFTER_MS: u64 = kernel::SLICE_MS + 3;
 /// How often the watchdog looks at the running slices.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
+/// The nice value a stuck thread gets (weight 15 against 1024 at nice 0):
+/// it still reaches its `handler_ms` timeout, in wall-clock time, while the
+/// serving threads get the cores when they have work.
+const STUCK_NICE: i32 = 19;
 /// Scheduler threads the watchdog may add beyond the configured ones.
 pub(super) const MAX_EXTRA_THREADS: usize = 64;
 /// A busy sandbox queued this long (coarse ms) is served before fresh work.
@@ -99,6 +109,15 @@ pub(super) struct Worker {
     /// The interrupt watch of the sandbox this thread runs, so that waiting
     /// fresh work can end the slice early (`preempt_for_fresh_work`).
     running: parking_lot::Mutex<Option<Arc<kernel::Watch>>>,
+    /// The OS thread id (Linux; 0 until the thread has started).
+    tid: std::sync::atomic::AtomicI32,
+    /// Its OS priority was lowered when it got stuck: it retires after the
+    /// slice instead of serving on at that priority.
+    lowered: AtomicBool,
+    /// While stuck and not lowered: coarse ms and the thread's CPU time (ns)
+    /// at the watchdog's last look, to tell a spinning slice from one the OS
+    /// merely did not run (an overloaded machine stretches every slice).
+    stuck_probe: parking_lot::Mutex<Option<(u64, u64)>>,
 }
 
 /// The scheduler threads alive and how many of them serve.
@@ -186,6 +205,9 @@ fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
         stuck: AtomicBool::new(false),
         running: parking_lot::Mutex::new(None),
         running_busy: AtomicBool::new(false),
+        tid: std::sync::atomic::AtomicI32::new(0),
+        lowered: AtomicBool::new(false),
+        stuck_probe: parking_lot::Mutex::new(None),
     });
     let weak = Arc::downgrade(inner);
     let me = worker.clone();
@@ -203,6 +225,7 @@ fn spawn_worker(inner: &Arc<NodeInner>, pool: &mut Pool) -> bool {
 }
 
 fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
+    me.tid.store(os_thread_id(), Ordering::Relaxed);
     loop {
         let Some(inner) = node.upgrade() else { return };
         let Some((shared, busy)) = next_sandbox(&inner) else {
@@ -221,16 +244,99 @@ fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
 }
 
 /// Called by a thread whose slice overran, once it ends: it serves again,
-/// unless the watchdog's replacement made it one too many.
-fn retire_if_spare(inner: &NodeInner, me: &Arc<Worker>) -> bool {
+/// unless the watchdog's replacement made it one too many or its priority
+/// was lowered (a fresh thread then takes its place if one is missing).
+fn retire_if_spare(inner: &Arc<NodeInner>, me: &Arc<Worker>) -> bool {
     let mut pool = inner.pool.lock();
     me.stuck.store(false, Ordering::Relaxed);
-    if pool.serving >= inner.threads {
+    *me.stuck_probe.lock() = None;
+    if pool.serving >= inner.threads || me.lowered.load(Ordering::Relaxed) {
         pool.workers.retain(|w| !Arc::ptr_eq(w, me));
+        if pool.serving < inner.threads && !inner.stopping.load(Ordering::Relaxed) {
+            spawn_worker(inner, &mut pool);
+        }
         return true;
     }
     pool.serving += 1;
     false
+}
+
+/// This thread's OS id, for [`lower_priority`] (0 where there is none).
+fn os_thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        unsafe { libc::gettid() }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
+/// How long the watchdog watches a stuck thread before judging it.
+const PROBE_MS: u64 = 4;
+
+/// Decides, at the watchdog's look at coarse ms `now`, whether a stuck
+/// thread spins: it used at least half of the time since the last look on a
+/// CPU. Only a spinning thread gets a lower priority; one that waits (a
+/// blocking host function) or that the OS did not run (an overloaded
+/// machine) keeps its own, since lowering it would only stretch its slice
+/// into a spurious `handler_ms` timeout.
+fn probe_stuck(worker: &Worker, now: u64) {
+    if worker.lowered.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(cpu) = thread_cpu_ns(worker.tid.load(Ordering::Relaxed)) else {
+        return;
+    };
+    let mut probe = worker.stuck_probe.lock();
+    match *probe {
+        Some((at, before)) if now >= at + PROBE_MS => {
+            let wall_ns = (now - at).saturating_mul(1_000_000);
+            if cpu.saturating_sub(before) >= wall_ns / 2 && lower_priority(worker) {
+                worker.lowered.store(true, Ordering::Relaxed);
+                *probe = None;
+            } else {
+                *probe = Some((now, cpu));
+            }
+        }
+        Some(_) => {}
+        None => *probe = Some((now, cpu)),
+    }
+}
+
+/// CPU time a thread of this process has used, in ns (Linux: the first
+/// field of its `schedstat`); `None` elsewhere or once it has exited.
+fn thread_cpu_ns(tid: i32) -> Option<u64> {
+    if tid <= 0 || !cfg!(target_os = "linux") {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Lowers a stuck scheduler thread's OS priority to [`STUCK_NICE`]. Returns
+/// whether it was lowered (not on other systems, or if the OS refused).
+fn lower_priority(worker: &Worker) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = worker.tid.load(Ordering::Relaxed);
+        if tid <= 0 {
+            return false;
+        }
+        // SAFETY: plain syscall on a thread id of this process (Linux
+        // applies PRIO_PROCESS to the one thread); raising a nice value
+        // needs no privilege, and a thread that already exited only makes
+        // it fail with ESRCH.
+        let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, STUCK_NICE) };
+        done == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = worker;
+        false
+    }
 }
 
 /// Waits for the next sandbox to run; `None` when the node stops.
@@ -436,6 +542,9 @@ fn watchdog_loop(node: Weak<NodeInner>) {
             {
                 newly_stuck += 1;
             }
+            if started != 0 && w.stuck.load(Ordering::Relaxed) {
+                probe_stuck(w, now);
+            }
         }
         pool.serving -= newly_stuck;
         while pool.serving < inner.threads
@@ -626,5 +735,134 @@ mod tests {
             .call_blocking("anyone", serde_json::json!(null), None)
             .expect_err("no such process");
         assert_eq!(err.kind(), "no_process", "{err}");
+    }
+
+    /// The nice value of a thread of this process.
+    #[cfg(target_os = "linux")]
+    fn nice_of(tid: i32) -> i32 {
+        // SAFETY: plain syscall; errno is reset first because -1 is a valid
+        // answer.
+        unsafe {
+            *libc::__errno_location() = 0;
+            libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t)
+        }
+    }
+
+    /// Waits up to `within` for `done` on the node's pool.
+    #[cfg(target_os = "linux")]
+    fn wait_pool(node: &crate::Node, within: Duration, done: impl Fn(&Pool) -> bool) -> bool {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if done(&node.inner.pool.lock()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_stuck_spinning_gets_a_lower_priority_then_retires() {
+        let node = crate::Node::with_threads(1);
+        let src = r#"
+            local m = {}
+            function m.init() return {} end
+            function m.handle_cast(_, state)
+              local t = {}
+              for i = 1, 50 do t[i] = i end
+              table.sort(t, function(a, b) while true do end end)
+              return state
+            end
+            function m.handle_call(req, _, state) return req, state end
+            return m
+        "#;
+        let sb = node
+            .create_sandbox(
+                crate::SandboxSpec::new("sorter")
+                    .entry(None)
+                    .module("m", src)
+                    .limits(crate::Limits {
+                        // Long enough for the watchdog to see it spin on a
+                        // loaded machine; the test waits for the timeout.
+                        handler_ms: 2_000,
+                        ..crate::Limits::default()
+                    }),
+            )
+            .expect("sandbox");
+        crate::block_on(sb.spawn("m", serde_json::Value::Null, Some("s"))).expect("spawn");
+        crate::block_on(sb.cast("s", serde_json::json!("go"))).expect("cast");
+        let lowered = wait_pool(&node, Duration::from_secs(3), |pool| {
+            pool.workers.iter().any(|w| {
+                w.lowered.load(Ordering::Relaxed)
+                    && nice_of(w.tid.load(Ordering::Relaxed)) == STUCK_NICE
+            })
+        });
+        assert!(lowered, "the spinning thread was not lowered");
+        // The callback times out, the lowered thread retires, and the pool
+        // serves at normal priority again.
+        let retired = wait_pool(&node, Duration::from_secs(10), |pool| {
+            pool.serving == 1
+                && pool.workers.iter().all(|w| {
+                    !w.lowered.load(Ordering::Relaxed)
+                        && nice_of(w.tid.load(Ordering::Relaxed)) == 0
+                })
+        });
+        assert!(retired, "a lowered thread still serves");
+        let echo = crate::block_on(sb.call("s", serde_json::json!("again"), Some(2_000)));
+        assert!(echo.is_err(), "s exited with its timeout: {echo:?}");
+        crate::block_on(sb.spawn("m", serde_json::Value::Null, Some("t"))).expect("respawn");
+        let echo = crate::block_on(sb.call("t", serde_json::json!("hi"), Some(2_000)));
+        assert_eq!(echo.expect("served"), serde_json::json!("hi"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_stuck_waiting_keeps_its_priority() {
+        let node = crate::Node::with_threads(1);
+        let host = crate::HostFunctions::default().function("nap", |_| {
+            std::thread::sleep(Duration::from_millis(150));
+            Ok(serde_json::Value::Null)
+        });
+        let src = r#"
+            local m = {}
+            function m.init() return {} end
+            function m.handle_call(req, _, state) nap() return req, state end
+            return m
+        "#;
+        let sb = node
+            .create_sandbox_with(
+                crate::SandboxSpec::new("napper")
+                    .entry(None)
+                    .module("m", src),
+                host,
+            )
+            .expect("sandbox");
+        crate::block_on(sb.spawn("m", serde_json::Value::Null, Some("n"))).expect("spawn");
+        let probed = std::sync::Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let node = node.clone();
+            let probed = probed.clone();
+            std::thread::spawn(move || {
+                // Seen stuck and probed by the watchdog, but never lowered.
+                wait_pool(&node, Duration::from_secs(2), |pool| {
+                    let seen = pool.workers.iter().any(|w| w.stuck_probe.lock().is_some());
+                    if seen {
+                        probed.store(true, Ordering::Relaxed);
+                    }
+                    pool.workers
+                        .iter()
+                        .any(|w| w.lowered.load(Ordering::Relaxed))
+                })
+            })
+        };
+        let r = crate::block_on(sb.call("n", serde_json::json!("x"), Some(5_000)));
+        assert_eq!(r.expect("answered"), serde_json::json!("x"));
+        let lowered = watcher.join().expect("watcher");
+        assert!(
+            probed.load(Ordering::Relaxed),
+            "the watchdog never probed the stuck thread"
+        );
+        assert!(!lowered, "a waiting thread was lowered");
     }
 }
