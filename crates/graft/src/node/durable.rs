@@ -29,7 +29,7 @@ use super::checkpoint::Revision;
 use super::{clamp_limits, HostFunctions, Node, NodeInner, Sandbox};
 use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::events::EventLog;
+use crate::events::{EventLog, MAX_DELETED_KEPT};
 use crate::store::{
     ModuleSnapshot, SandboxRecord, SandboxSnapshot, Store, StoreOptions, VersionRecord,
     VersionStatus, WriteOp,
@@ -163,7 +163,13 @@ impl NodeBuilder {
         };
         let store = match &self.storage {
             Storage::None => None,
-            Storage::Dir(dir) => Some(Arc::new(Store::open_with(dir.join(DATABASE_FILE), opts)?)),
+            Storage::Dir(dir) => {
+                let store = Store::open_with(dir.join(DATABASE_FILE), opts)?;
+                if let Some(why) = store.read_only_reason() {
+                    return Err(read_only_dir(dir, why));
+                }
+                Some(Arc::new(store))
+            }
             Storage::Ephemeral => Some(Arc::new(Store::in_memory_with(opts)?)),
         };
         let events = match &store {
@@ -173,15 +179,52 @@ impl NodeBuilder {
         let node = Node::assemble(threads, limits, events, store.clone(), data_lock);
         if let Some(store) = store {
             let snapshot = store.load_all()?;
+            let stored: HashSet<String> = snapshot
+                .sandboxes
+                .iter()
+                .map(|s| s.sandbox.id.clone())
+                .collect();
             node.restore(snapshot.sandboxes, &self.host);
             let live: HashSet<String> = node.sandbox_ids().into_iter().collect();
-            node.inner.events.absent_are_deleted(&live);
+            let dropped = node.inner.events.absent_are_deleted(&live);
+            prune_deleted_events(&store, dropped, &stored);
             if self.checkpoint_ms > 0 {
                 start_checkpointer(&node.inner, self.checkpoint_ms);
             }
         }
         Ok(node)
     }
+}
+
+/// Deletes from the store the events of deleted sandboxes that memory no
+/// longer keeps (left by a node older than this rule, or by deletions that
+/// raced): a few sandboxes per transaction, so each commit's work stays
+/// bounded. A sandbox still stored (one a restore failed on) keeps its
+/// events. A failed write is logged; the next start tries again.
+fn prune_deleted_events(store: &Store, dropped: Vec<String>, stored: &HashSet<String>) {
+    let doomed: Vec<String> = dropped.into_iter().filter(|id| !stored.contains(id)).collect();
+    for chunk in doomed.chunks(MAX_DELETED_KEPT) {
+        let ops = chunk
+            .iter()
+            .map(|sandbox| WriteOp::DeleteEvents {
+                sandbox: sandbox.clone(),
+            })
+            .collect();
+        if let Err(e) = store.write(ops) {
+            tracing::warn!(error = %e, "storage: old events of deleted sandboxes not pruned");
+            return;
+        }
+    }
+}
+
+/// The error of a node opened on a data directory it cannot write.
+fn read_only_dir(dir: &std::path::Path, why: &str) -> Error {
+    Error::Storage(crate::store::StoreError::ReadOnly {
+        detail: format!(
+            "the data directory {} is read-only ({why}); a node writes its database there, so it does not start: make the directory and its files writable, or pass another --data DIR",
+            dir.display()
+        ),
+    })
 }
 
 /// The name of the lock file in a data directory.
@@ -198,6 +241,12 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
         })
     };
     std::fs::create_dir_all(dir).map_err(|e| io("creating the data directory", e))?;
+    // A node must write its database: a read-only data directory is refused
+    // at start with a clear message (at run time, a directory that turns
+    // read-only fails each write instead; see `store::writer`).
+    if let Err(e) = crate::store::writable(dir) {
+        return Err(read_only_dir(dir, &e.to_string()));
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -227,6 +276,10 @@ pub(super) struct Checkpoints {
     wake: Condvar,
     stop: Mutex<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Per sandbox, the registered names whose state could not be
+    /// checkpointed (not plain data) and whose old checkpoint was deleted:
+    /// the event says so once, not at every round.
+    skipped: Mutex<HashMap<String, HashSet<String>>>,
     /// Sandboxes a restore left in the store untouched (`restore_failed`):
     /// creating one of these ids deletes the old rows in the same
     /// transaction, so the new sandbox replaces them instead of colliding
@@ -558,24 +611,85 @@ fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats
         sandbox_thread_us: on_thread,
         longest_pause_us: longest,
     };
-    if snapshot.states.is_empty() && snapshot.removed.is_empty() {
+    // A state that stopped being plain data: its older checkpoint goes (a
+    // restart would bring back a state older than what the process did
+    // since), once, with an event saying why.
+    let newly_skipped: Vec<&(String, String, Revision)> = {
+        let skipped = node.checkpoints.skipped.lock();
+        let known = skipped.get(id);
+        snapshot
+            .skipped
+            .iter()
+            .filter(|(name, _, _)| !known.is_some_and(|k| k.contains(name)))
+            .collect()
+    };
+    if snapshot.states.is_empty() && snapshot.removed.is_empty() && newly_skipped.is_empty() {
+        remember_skipped(node, id, &snapshot.skipped);
         return Ok(stats);
     }
     let rows = snapshot.rows(crate::clock::unix_ms());
-    store.write(vec![WriteOp::PutCheckpoints {
+    let mut removed = snapshot.removed.clone();
+    removed.extend(newly_skipped.iter().map(|(name, _, _)| name.clone()));
+    let ops = vec![WriteOp::PutCheckpoints {
         sandbox: id.to_owned(),
         rows,
-        removed: snapshot.removed.clone(),
-    }])?;
-    let mut all = node.checkpoints.written.lock();
-    let mine = all.entry(id.to_owned()).or_default();
-    for name in &snapshot.removed {
-        mine.remove(name);
+        removed,
+    }];
+    if newly_skipped.is_empty() {
+        store.write(ops)?;
+    } else {
+        let names: Vec<serde_json::Value> = newly_skipped
+            .iter()
+            .map(|(name, why, _)| json!({ "name": name, "why": why }))
+            .collect();
+        for (name, why, _) in &newly_skipped {
+            tracing::warn!(sandbox = %id, %name, %why, "state not checkpointed; its older checkpoint was deleted");
+        }
+        node.events.commit(
+            id,
+            ops,
+            "checkpoint_skipped",
+            json!({
+                "processes": names,
+                "why": "the state is not plain data; the older checkpoint was deleted, so a restart starts these processes from init",
+            }),
+        )?;
     }
-    for (name, _, _, _, revision) in snapshot.states {
-        mine.insert(name, revision);
+    {
+        let mut all = node.checkpoints.written.lock();
+        let mine = all.entry(id.to_owned()).or_default();
+        for name in &snapshot.removed {
+            mine.remove(name);
+        }
+        for (name, _, _, _, revision) in &snapshot.states {
+            mine.insert(name.clone(), *revision);
+        }
     }
+    {
+        let mut skipped = node.checkpoints.skipped.lock();
+        let mine = skipped.entry(id.to_owned()).or_default();
+        for name in snapshot.removed.iter().chain(snapshot.states.iter().map(|s| &s.0)) {
+            mine.remove(name);
+        }
+    }
+    remember_skipped(node, id, &snapshot.skipped);
     Ok(stats)
+}
+
+/// Records names skipped by a checkpoint (their old row is gone): not
+/// dirty again until their state changes, and no second event.
+fn remember_skipped(node: &NodeInner, id: &str, skipped: &[(String, String, Revision)]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let mut written = node.checkpoints.written.lock();
+    let revisions = written.entry(id.to_owned()).or_default();
+    let mut all = node.checkpoints.skipped.lock();
+    let names = all.entry(id.to_owned()).or_default();
+    for (name, _, revision) in skipped {
+        revisions.insert(name.clone(), *revision);
+        names.insert(name.clone());
+    }
 }
 
 /// Starts the periodic checkpointer (it holds the node weakly).
@@ -612,6 +726,10 @@ fn start_checkpointer(node: &Arc<NodeInner>, every_ms: u64) {
                 let live: HashSet<String> = node.sandboxes.read().keys().cloned().collect();
                 node.checkpoints
                     .written
+                    .lock()
+                    .retain(|id, _| live.contains(id));
+                node.checkpoints
+                    .skipped
                     .lock()
                     .retain(|id, _| live.contains(id));
                 for id in due {

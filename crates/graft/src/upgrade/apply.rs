@@ -105,7 +105,14 @@ impl Engine {
                 self.persist(vm, &changed, &report, opts, direction)?;
             }
             let modules = std::mem::take(&mut report.modules);
-            self.commit(vm, changed, &new_tables, &migration, &modules, &plan)?;
+            // Kept through eviction: a canary's rollback target.
+            let pinned: BTreeMap<String, u32> = modules
+                .iter()
+                .filter_map(|c| {
+                    super::persist::pinned(c, opts).map(|v| (c.name.clone(), v))
+                })
+                .collect();
+            self.commit(vm, changed, &new_tables, &migration, &modules, &plan, &pinned)?;
             report.modules = modules;
         }
         report.timings.swap_us = started.elapsed().as_micros() as u64;
@@ -262,6 +269,7 @@ impl Engine {
         migration: &Migration,
         modules_report: &[ModuleChange],
         plan: &Plan,
+        pinned: &BTreeMap<String, u32>,
     ) -> Result<()> {
         migration.commit(vm)?;
         let mut supervisors_changed = Vec::new();
@@ -290,6 +298,7 @@ impl Engine {
                 .find(|c| c.name == p.name)
                 .map(|c| c.to)
                 .unwrap_or(1);
+            let history_name = p.name.clone();
             let history = self.modules.entry(p.name.clone()).or_default();
             history.file = p.file.clone();
             history.commit(
@@ -302,6 +311,7 @@ impl Engine {
                     dependencies: p.dependencies,
                 },
                 self.max_versions,
+                pinned.get(&history_name).copied(),
             );
         }
         if !supervisors_changed.is_empty() {
