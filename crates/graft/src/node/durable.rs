@@ -384,6 +384,12 @@ impl Node {
                 }
             }
         }
+        self.restore_started(started);
+    }
+
+    /// Waits for each restored app's `init`, then gives registered
+    /// processes their checkpointed states (see the module docs).
+    fn restore_started(&self, started: Vec<(Sandbox, Vec<crate::store::CheckpointRecord>)>) {
         // Apps start in parallel; `open` returns once each app's `init`
         // finished (or failed), so a restored node answers like it did.
         for (sb, rows) in started {
@@ -528,20 +534,7 @@ pub(super) fn creation_ops(
             id: spec.id.clone(),
         });
     }
-    let files: serde_json::Map<String, serde_json::Value> = spec
-        .files
-        .iter()
-        .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
-        .collect();
-    ops.push(WriteOp::PutSandbox(SandboxRecord {
-        id: spec.id.clone(),
-        entry: spec.entry.clone(),
-        limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
-        capabilities: spec.grants.clone(),
-        source_root: None,
-        spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
-        created_ms: crate::clock::unix_ms(),
-    }));
+    ops.push(WriteOp::PutSandbox(sandbox_record(spec)));
     for (name, h) in modules {
         for v in &h.versions {
             ops.push(WriteOp::PutVersion(VersionRecord {
@@ -563,6 +556,179 @@ pub(super) fn creation_ops(
         });
     }
     ops
+}
+
+/// A sandbox's stored record (entry, limits, capabilities, entry args, files).
+fn sandbox_record(spec: &SandboxSpec) -> SandboxRecord {
+    let files: serde_json::Map<String, serde_json::Value> = spec
+        .files
+        .iter()
+        .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
+        .collect();
+    SandboxRecord {
+        id: spec.id.clone(),
+        entry: spec.entry.clone(),
+        limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
+        capabilities: spec.grants.clone(),
+        source_root: None,
+        spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
+        created_ms: crate::clock::unix_ms(),
+    }
+}
+
+/// What differs between a sandbox's settings and `spec`'s.
+fn settings_changed(old: &SandboxSpec, new: &SandboxSpec) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.entry != new.entry {
+        changed.push("entry");
+    }
+    if old.entry_args != new.entry_args {
+        changed.push("entry_args");
+    }
+    if old.limits != new.limits {
+        changed.push("limits");
+    }
+    if old.grants != new.grants {
+        changed.push("capabilities");
+    }
+    if old.files != new.files {
+        changed.push("files");
+    }
+    changed
+}
+
+impl Node {
+    /// Gives a sandbox new settings — entry, entry args, limits,
+    /// capabilities, file names — keeping its versions, and writes them
+    /// durably (`graft run DIR` applies its `graft.toml` this way when the
+    /// node restored the project's sandbox). Returns `None` when nothing
+    /// differs (modules are not compared: a reload makes sources live).
+    ///
+    /// The sandbox is rebuilt: the current version of each module is loaded
+    /// under the new settings, modules of `spec` it does not have yet are
+    /// added as version 1, the app is restarted (the old one stops in order,
+    /// `terminate` callbacks run) from the new entry, and every registered
+    /// process gets its checkpointed state back by name, as after a restart
+    /// (a name the new app does not register, or registers for another
+    /// module, keeps its `init` state: `checkpoint_not_restored`). The new
+    /// record, the added modules and a `sandbox_reconfigured` event are one
+    /// transaction, written before anything changes; if it fails, nothing
+    /// did. Refused while a canary window is open (wait for its verdict).
+    ///
+    /// ```
+    /// let node = graft::Node::builder().ephemeral().open().unwrap();
+    /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
+    /// node.create_sandbox(spec.clone()).unwrap();
+    /// assert!(node.reconfigure_sandbox(spec.clone()).unwrap().is_none());
+    /// let mut bigger = spec;
+    /// bigger.limits.max_versions = 3;
+    /// let sb = node.reconfigure_sandbox(bigger).unwrap();
+    /// assert!(sb.is_some(), "rebuilt with the new limits");
+    /// node.shutdown();
+    /// ```
+    pub fn reconfigure_sandbox(&self, spec: SandboxSpec) -> Result<Option<Sandbox>> {
+        let old = self.sandbox(&spec.id)?;
+        let changed = settings_changed(&old.shared.spec, &spec);
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        spec.validate(&self.inner.limits)?;
+        let (mut histories, window_open) = super::block_on(old.ask(|rt| {
+            let open = crate::kernel::kernel(&rt.vm.lua).canary.is_some();
+            (rt.engine.modules.clone(), open)
+        }))?;
+        if window_open {
+            return Err(Error::InvalidInput(format!(
+                "sandbox `{}` has a canary window open; change its settings after the verdict",
+                spec.id
+            )));
+        }
+        // Modules it does not have yet come in as version 1.
+        let added: BTreeMap<String, String> = spec
+            .modules
+            .iter()
+            .filter(|(name, _)| !histories.contains_key(*name))
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let globals = crate::vm::globals_for(&spec.grants, &old.shared.host_fns);
+        let prepared = crate::upgrade::prepare(
+            &added,
+            &crate::upgrade::PrepareContext {
+                known_globals: &globals,
+                max_source_bytes: spec.limits.max_source_bytes,
+                files: &spec.files,
+            },
+        )?;
+        let mut ops = vec![WriteOp::PutSandbox(sandbox_record(&spec))];
+        for p in prepared {
+            let v = ModuleVersion {
+                version: 1,
+                checksum: p.checksum,
+                source: p.source,
+                bytecode: p.bytecode,
+                loaded_at_ms: crate::clock::unix_ms(),
+                dependencies: p.dependencies,
+            };
+            ops.push(WriteOp::PutVersion(VersionRecord {
+                sandbox: spec.id.clone(),
+                module: p.name.clone(),
+                version: 1,
+                checksum: v.checksum.clone(),
+                source: v.source.clone(),
+                dependencies: v.dependencies.clone(),
+                status: VersionStatus::Permanent,
+                created_ms: v.loaded_at_ms,
+            }));
+            ops.push(WriteOp::SetCurrent {
+                sandbox: spec.id.clone(),
+                module: p.name.clone(),
+                version: 1,
+                file: Some(p.file.clone()),
+            });
+            histories.insert(
+                p.name,
+                ModuleHistory {
+                    versions: VecDeque::from([v]),
+                    current: 1,
+                    next: 1,
+                    file: p.file,
+                },
+            );
+        }
+        let mut new_spec = spec;
+        new_spec.modules = histories
+            .iter()
+            .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
+            .collect();
+        // The states as of now, so the new app gets them back.
+        checkpoint_sandbox(&self.inner, &new_spec.id)?;
+        if self.inner.store.is_none() {
+            ops.clear();
+        }
+        self.inner.events.commit(
+            &new_spec.id,
+            ops,
+            "sandbox_reconfigured",
+            json!({ "changed": changed, "entry": new_spec.entry }),
+        )?;
+        // Stop the old app in order, then let the old VM go (memory only:
+        // its rows are the sandbox's).
+        if old.shared.spec.entry.is_some() {
+            let _ = super::block_on(super::with_timeout(old.stop_app(), Duration::from_secs(10)));
+        }
+        let id = new_spec.id.clone();
+        let host = HostFunctions(old.shared.host_fns.clone());
+        self.forget_sandbox(&id);
+        drop(old);
+        let sb = self.create_from(new_spec, host, Some(histories), false)?;
+        self.inner.checkpoints.written.lock().remove(&id);
+        self.inner.checkpoints.skipped.lock().remove(&id);
+        if let Some(store) = &self.inner.store {
+            let rows = store.checkpoints(&id)?;
+            self.restore_started(vec![(sb.clone(), rows)]);
+        }
+        Ok(Some(sb))
+    }
 }
 
 /// Checkpoints one sandbox's dirty registered processes (see the module docs).

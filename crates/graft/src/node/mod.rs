@@ -504,6 +504,24 @@ impl Node {
         Ok(())
     }
 
+    /// Drops a sandbox from memory only (its rows stay): the first half of
+    /// rebuilding it (`reconfigure_sandbox`).
+    fn forget_sandbox(&self, id: &str) {
+        let Some(shared) = self.inner.sandboxes.write().remove(id) else {
+            return;
+        };
+        shared.destroyed.store(true, Ordering::Release);
+        if let Some(mut guard) = shared.runtime.try_lock() {
+            let rt = guard.take();
+            drop(guard);
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+            if dropped.is_err() {
+                tracing::error!(sandbox = %id, "the sandbox's VM panicked while dropped");
+            }
+        }
+        shared.drop_inbox();
+    }
+
     /// Reloads the same sources into many sandboxes (SPEC §3 batch). Results
     /// come in input order. With [`BatchOptions::rolling`], the first failure
     /// stops the batch and the remaining sandboxes report `skipped`.
