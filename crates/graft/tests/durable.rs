@@ -1107,3 +1107,90 @@ fn the_ephemeral_sweep_spares_a_locked_directory_whatever_its_pid() {
     assert!(!own.exists(), "removed when its store is dropped");
     drop(again);
 }
+
+/// The effective user of this process (the owner of `/proc/self`).
+fn euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1)
+}
+
+const RO_CHILD: &str = "GRAFT_TEST_READ_ONLY_DIR";
+
+/// A data directory that turns read-only under a running node fails the
+/// reload with `storage_read_only`, applies nothing, and the node carries
+/// on; writable again, reloads work. A node opened on a read-only directory
+/// is refused with a clear message. Root ignores file modes, so as root
+/// this test runs itself again as `nobody` on a directory `nobody` owns.
+#[test]
+fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let owned;
+    let dir = match std::env::var_os(RO_CHILD) {
+        Some(d) => PathBuf::from(d),
+        None if euid() == 0 => {
+            use std::os::unix::process::CommandExt;
+            owned = TempDir::new("ro-root");
+            std::fs::create_dir_all(&owned.0).unwrap();
+            std::os::unix::fs::chown(&owned.0, Some(NOBODY), Some(NOBODY)).unwrap();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "a_data_directory_turning_read_only_fails_the_reload_not_the_node",
+                    "--test-threads=1",
+                ])
+                .env(RO_CHILD, &owned.0)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "as nobody: {said}");
+            assert!(said.contains("1 passed"), "the test ran as nobody: {said}");
+            return;
+        }
+        None => {
+            owned = TempDir::new("ro");
+            owned.0.clone()
+        }
+    };
+    let set_mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let db = dir.join(graft::DATABASE_FILE);
+    let node = Node::builder()
+        .threads(2)
+        .checkpoint_ms(0)
+        .data_dir(&dir)
+        .open()
+        .expect("open");
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    reload(&sb, counter(2), ReloadOptions::default());
+    set_mode(&db, 0o444);
+    set_mode(&dir, 0o555);
+    let mut m = BTreeMap::new();
+    m.insert("counter".to_string(), counter(3));
+    let err = block_on(sb.reload(m.clone(), ReloadOptions::default())).expect_err("read-only");
+    assert_eq!(err.kind(), "storage_read_only", "{err}");
+    assert_eq!(current(&sb), 2, "nothing applied");
+    assert_eq!(call(&sb, "version"), 2, "the node serves on");
+    set_mode(&dir, 0o755);
+    set_mode(&db, 0o644);
+    block_on(sb.reload(m, ReloadOptions::default())).expect("writable again");
+    assert_eq!(current(&sb), 3);
+    drop(sb);
+    node.shutdown();
+    drop(node);
+
+    set_mode(&dir, 0o555);
+    let refused = Node::builder().data_dir(&dir).open();
+    set_mode(&dir, 0o755);
+    let err = refused.err().expect("a read-only data directory is refused");
+    assert_eq!(err.kind(), "storage_read_only");
+    assert!(err.to_string().contains("is read-only"), "{err}");
+}
