@@ -445,33 +445,64 @@ fn graft_run_applies_an_edited_graft_toml_after_a_restart() {
 
     let node = Running::start(&dir, &[]);
     assert_eq!(
-        node.ok(&["eval", "myapp", "return math.random(1, 1)"]).trim(),
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
         "1",
         "the new capability applies"
     );
-    assert_eq!(node.count(), 3, "the named state came back under the new entry");
+    assert_eq!(
+        node.count(),
+        3,
+        "the named state came back under the new entry"
+    );
     for n in 1..=3 {
         let f = revision(&dir, n);
         node.ok(&["reload", "myapp", f.to_str().unwrap()]);
     }
     assert_eq!(node.versions().len(), 2, "the new max_versions applies");
-    let events = node.ok(&["events", "--sandbox", "myapp", "--kind", "sandbox_reconfigured"]);
-    assert_eq!(events.matches("sandbox_reconfigured").count(), 1, "{events}");
+    let events = node.ok(&[
+        "events",
+        "--sandbox",
+        "myapp",
+        "--kind",
+        "sandbox_reconfigured",
+    ]);
+    assert_eq!(
+        events.matches("sandbox_reconfigured").count(),
+        1,
+        "{events}"
+    );
     node.terminate();
 
     // Durable: the next start has nothing to change, and keeps all of it.
     let node = Running::start(&dir, &[]);
-    assert_eq!(node.ok(&["eval", "myapp", "return math.random(1, 1)"]).trim(), "1");
+    assert_eq!(
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
+        "1"
+    );
     assert_eq!(node.versions().len(), 2);
-    let events = node.ok(&["events", "--sandbox", "myapp", "--kind", "sandbox_reconfigured"]);
-    assert_eq!(events.matches("sandbox_reconfigured").count(), 1, "{events}");
+    let events = node.ok(&[
+        "events",
+        "--sandbox",
+        "myapp",
+        "--kind",
+        "sandbox_reconfigured",
+    ]);
+    assert_eq!(
+        events.matches("sandbox_reconfigured").count(),
+        1,
+        "{events}"
+    );
     node.terminate();
 }
 
 /// The effective user of this process (the owner of `/proc/self`).
 fn euid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
 }
 
 /// A data directory that turns read-only while the node runs fails the

@@ -219,8 +219,11 @@ impl EventLog {
             }
             expected = e.seq + 1;
             if !state.buckets.contains_key(&e.sandbox) {
-                state.buckets.entry(e.sandbox.clone()).or_default().pruned_through =
-                    missing_through;
+                state
+                    .buckets
+                    .entry(e.sandbox.clone())
+                    .or_default()
+                    .pruned_through = missing_through;
             }
             state.insert(e, max);
         }

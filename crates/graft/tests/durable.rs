@@ -823,7 +823,10 @@ fn a_window_over_two_modules_ended_by_reloading_one_keeps_the_other_after_a_cras
         reload_both(&sb, 2, canary());
         reload(&sb, counter(3), ReloadOptions::default());
         assert!(kinds(&sb).contains(&"canary_ended".to_string()));
-        assert_eq!((version_of(&sb, "counter"), version_of(&sb, "other")), (3, 2));
+        assert_eq!(
+            (version_of(&sb, "counter"), version_of(&sb, "other")),
+            (3, 2)
+        );
         // Dropped without shutdown, as a crash leaves it.
     }
     let node = open(&dir);
@@ -863,7 +866,10 @@ fn a_window_over_two_modules_ended_by_a_rollback_keeps_the_other_after_a_restart
     }
     let node = open(&dir);
     let sb = node.sandbox("shop").expect("restored");
-    assert_eq!((version_of(&sb, "counter"), version_of(&sb, "other")), (1, 2));
+    assert_eq!(
+        (version_of(&sb, "counter"), version_of(&sb, "other")),
+        (1, 2)
+    );
     assert!(!kinds(&sb).contains(&"canary_rollback".to_string()));
     node.shutdown();
 }
@@ -996,10 +1002,17 @@ fn deleted_sandboxes_events_are_pruned_on_disk_and_readers_see_the_gap() {
     let all = node.events_after(0, &EventFilter::default(), usize::MAX);
     assert!(all.gap.is_some(), "still told of the gap after a restart");
     let early = node.events_after(0, &EventFilter::default().sandbox("tmp-00"), 10);
-    assert!(early.events.is_empty() && early.gap.is_some(), "{:?}", early.gap);
+    assert!(
+        early.events.is_empty() && early.gap.is_some(),
+        "{:?}",
+        early.gap
+    );
     // A reader that saw everything up to now is not told of a gap.
     let last = all.events.last().expect("events").seq;
-    assert_eq!(node.events_after(last, &EventFilter::default(), 10).gap, None);
+    assert_eq!(
+        node.events_after(last, &EventFilter::default(), 10).gap,
+        None
+    );
     // The live sandbox's events are intact.
     let kept = node.events_after(0, &EventFilter::default().sandbox("kept"), usize::MAX);
     assert!(kept.events.iter().any(|e| e.kind == "sandbox_created"));
@@ -1056,14 +1069,21 @@ fn a_state_that_stops_being_plain_data_drops_its_stale_checkpoint() {
         call(&sb, "inc");
         node.checkpoint().expect("checkpoint");
         assert_eq!(
-            kinds(&sb).iter().filter(|k| *k == "checkpoint_skipped").count(),
+            kinds(&sb)
+                .iter()
+                .filter(|k| *k == "checkpoint_skipped")
+                .count(),
             1
         );
         // Dropped without shutdown (the final checkpoint would skip too).
     }
     let node = open(&dir);
     let sb = node.sandbox("shop").expect("restored");
-    assert_eq!(call(&sb, "get"), 0, "restarted from init, not the stale n = 3");
+    assert_eq!(
+        call(&sb, "get"),
+        0,
+        "restarted from init, not the stale n = 3"
+    );
     // Plain again: checkpointed again.
     call(&sb, "inc");
     call(&sb, "cure");
@@ -1093,12 +1113,18 @@ fn the_ephemeral_sweep_spares_a_locked_directory_whatever_its_pid() {
         .unwrap();
     lock.try_lock().expect("lock");
     let store = graft::store::Store::in_memory().expect("ephemeral store");
-    assert!(dir.join("graft.db").is_file(), "a locked directory is in use");
+    assert!(
+        dir.join("graft.db").is_file(),
+        "a locked directory is in use"
+    );
     // The store's own directory holds its lock too.
     let own = store.path().parent().unwrap().to_path_buf();
     assert!(own.join("graft.lock").is_file());
     let other = graft::store::Store::in_memory().expect("a second one");
-    assert!(own.is_dir(), "a live store's directory survives another's sweep");
+    assert!(
+        own.is_dir(),
+        "a live store's directory survives another's sweep"
+    );
     drop(lock);
     drop(other);
     let again = graft::store::Store::in_memory().expect("a third one");
@@ -1111,7 +1137,9 @@ fn the_ephemeral_sweep_spares_a_locked_directory_whatever_its_pid() {
 /// The effective user of this process (the owner of `/proc/self`).
 fn euid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
 }
 
 const RO_CHILD: &str = "GRAFT_TEST_READ_ONLY_DIR";
@@ -1190,7 +1218,9 @@ fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
     set_mode(&dir, 0o555);
     let refused = Node::builder().data_dir(&dir).open();
     set_mode(&dir, 0o755);
-    let err = refused.err().expect("a read-only data directory is refused");
+    let err = refused
+        .err()
+        .expect("a read-only data directory is refused");
     assert_eq!(err.kind(), "storage_read_only");
     assert!(err.to_string().contains("is read-only"), "{err}");
 }

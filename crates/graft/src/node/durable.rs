@@ -202,7 +202,10 @@ impl NodeBuilder {
 /// bounded. A sandbox still stored (one a restore failed on) keeps its
 /// events. A failed write is logged; the next start tries again.
 fn prune_deleted_events(store: &Store, dropped: Vec<String>, stored: &HashSet<String>) {
-    let doomed: Vec<String> = dropped.into_iter().filter(|id| !stored.contains(id)).collect();
+    let doomed: Vec<String> = dropped
+        .into_iter()
+        .filter(|id| !stored.contains(id))
+        .collect();
     for chunk in doomed.chunks(MAX_DELETED_KEPT) {
         let ops = chunk
             .iter()
@@ -834,7 +837,11 @@ fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats
     {
         let mut skipped = node.checkpoints.skipped.lock();
         let mine = skipped.entry(id.to_owned()).or_default();
-        for name in snapshot.removed.iter().chain(snapshot.states.iter().map(|s| &s.0)) {
+        for name in snapshot
+            .removed
+            .iter()
+            .chain(snapshot.states.iter().map(|s| &s.0))
+        {
             mine.remove(name);
         }
     }

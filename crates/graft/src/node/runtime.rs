@@ -730,7 +730,10 @@ impl Runtime {
                     if report.modules.iter().any(|m| m.name == *name) {
                         matches!(direction, Direction::Up)
                     } else {
-                        self.engine.modules.get(name).is_some_and(|h| h.current == *to)
+                        self.engine
+                            .modules
+                            .get(name)
+                            .is_some_and(|h| h.current == *to)
                     }
                 })
                 .map(|(_, to, _, name)| serde_json::json!({ "module": name, "version": to }))

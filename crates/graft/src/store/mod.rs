@@ -62,8 +62,8 @@ pub use records::{
     RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
 };
 pub use schema::SCHEMA_VERSION;
-pub use writer::Receipt;
 pub(crate) use writer::writable;
+pub use writer::Receipt;
 
 use schema::Migration;
 use writer::{Reply, Submission, Writer};
@@ -203,10 +203,7 @@ impl Store {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let unique = format!(
-            "{pid}-{nanos:x}-{}",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let unique = format!("{pid}-{nanos:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed));
         // Made under a name the sweep ignores, locked, then renamed: a
         // directory the sweep can see always has its lock held by a live
         // store, or by nobody.

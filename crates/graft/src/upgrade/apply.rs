@@ -108,11 +108,17 @@ impl Engine {
             // Kept through eviction: a canary's rollback target.
             let pinned: BTreeMap<String, u32> = modules
                 .iter()
-                .filter_map(|c| {
-                    super::persist::pinned(c, opts).map(|v| (c.name.clone(), v))
-                })
+                .filter_map(|c| super::persist::pinned(c, opts).map(|v| (c.name.clone(), v)))
                 .collect();
-            self.commit(vm, changed, &new_tables, &migration, &modules, &plan, &pinned)?;
+            self.commit(
+                vm,
+                changed,
+                &new_tables,
+                &migration,
+                &modules,
+                &plan,
+                &pinned,
+            )?;
             report.modules = modules;
         }
         report.timings.swap_us = started.elapsed().as_micros() as u64;
@@ -261,6 +267,9 @@ impl Engine {
     /// Step 6, the commit point: migrated states, module tables, version
     /// numbers and histories. Nothing here can fail half-way (see the
     /// module docs); supervisors of changed modules re-read their spec after.
+    // Each argument is one product of an earlier step; bundling them would
+    // only move the list elsewhere.
+    #[allow(clippy::too_many_arguments)]
     fn commit(
         &mut self,
         vm: &Vm,

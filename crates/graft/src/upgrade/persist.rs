@@ -186,7 +186,6 @@ impl Engine {
             })
             .collect()
     }
-
 }
 
 /// The version an upgrade keeps through eviction: the version it replaces
@@ -200,7 +199,11 @@ pub(super) fn pinned(change: &ModuleChange, opts: &ReloadOptions) -> Option<u32>
 /// reloads or rolls back one of the watched modules, or opens a window of
 /// its own (one window per sandbox). The runtime ends the window in memory
 /// by the same rule once the commit is done.
-pub(crate) fn ends_window(watch: &CanaryWatch, report: &ReloadReport, opts: &ReloadOptions) -> bool {
+pub(crate) fn ends_window(
+    watch: &CanaryWatch,
+    report: &ReloadReport,
+    opts: &ReloadOptions,
+) -> bool {
     let touched = watch
         .modules
         .iter()
