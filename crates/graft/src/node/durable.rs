@@ -15,7 +15,19 @@
 //!   start from `init`. Pids inside a restored state come back as their text
 //!   (`"<module.N>"`), which addresses nothing: serials restart at 1.
 //! * The checkpointer only writes processes whose state may have changed
-//!   (see `checkpoint`), never from a sandbox's thread.
+//!   (see `checkpoint`), never from a sandbox's thread. A state it cannot
+//!   checkpoint (not plain data) deletes that name's older checkpoint, with
+//!   a `checkpoint_skipped` event, in one transaction.
+//! * A sandbox's settings change (`reconfigure_sandbox`, used by `graft run`
+//!   for an edited graft.toml) only through one transaction holding the new
+//!   record, the modules it adds and a `sandbox_reconfigured` event, written
+//!   before the sandbox is rebuilt; never while a canary window is open.
+//! * The events of deleted sandboxes beyond the 16 kept are deleted from
+//!   the store too, by the deletion that pushes them out (same transaction).
+//! * A node refuses to start on a data directory it cannot write. The data
+//!   directory's lock is released only once the store is closed (by
+//!   `shutdown`, or when the last handle goes), so a node opened on the same
+//!   directory never shares it with a previous node's writers.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -594,15 +606,14 @@ fn settings_changed(old: &SandboxSpec, new: &SandboxSpec) -> Vec<&'static str> {
     if old.grants != new.grants {
         changed.push("capabilities");
     }
-    if old.files != new.files {
-        changed.push("files");
-    }
+    // `files` (the paths diagnostics name) alone is no reason to restart an
+    // app: `graft run .` and `graft run /abs/dir` differ only there.
     changed
 }
 
 impl Node {
     /// Gives a sandbox new settings — entry, entry args, limits,
-    /// capabilities, file names — keeping its versions, and writes them
+    /// capabilities (and file names, with them) — keeping its versions, and writes them
     /// durably (`graft run DIR` applies its `graft.toml` this way when the
     /// node restored the project's sandbox). Returns `None` when nothing
     /// differs (modules are not compared: a reload makes sources live).
