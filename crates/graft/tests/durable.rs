@@ -1224,3 +1224,75 @@ fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
     assert_eq!(err.kind(), "storage_read_only");
     assert!(err.to_string().contains("is read-only"), "{err}");
 }
+
+/// New settings for a stored sandbox: durable, versions and named states
+/// kept; bad settings, a broken new module or an open canary window change
+/// nothing.
+#[test]
+fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
+    let dir = TempDir::new("reconfigure");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload(&sb, counter(2), ReloadOptions::default());
+        call(&sb, "inc");
+        call(&sb, "inc");
+        let events_before = block_on(sb.events()).expect("events").len();
+
+        // Hostile: no such sandbox; limits out of range; a new entry module
+        // that does not compile; an open canary window.
+        let missing = node.reconfigure_sandbox(spec("nope")).err().expect("missing");
+        assert_eq!(missing.kind(), "no_sandbox", "{missing}");
+        let mut huge = spec("shop");
+        huge.limits.max_versions = 1_000_000;
+        assert!(node.reconfigure_sandbox(huge).is_err());
+        let broken = spec("shop")
+            .module("main", "return {{{")
+            .entry(Some("main"));
+        let err = node.reconfigure_sandbox(broken).err().expect("does not compile");
+        assert_eq!(err.kind(), "compile_error", "{err}");
+        reload(&sb, counter(3), canary());
+        let mut bigger = spec("shop");
+        bigger.limits.max_versions = 4;
+        let err = node.reconfigure_sandbox(bigger).err().expect("window open");
+        assert!(err.to_string().contains("canary window"), "{err}");
+        block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
+        // Nothing of the refused ones happened.
+        assert_eq!(call(&sb, "get")["n"], 4);
+        assert!(!kinds(&sb).contains(&"sandbox_reconfigured".to_string()));
+        assert!(block_on(sb.events()).expect("events").len() > events_before);
+
+        // Happy path: a capability and a new entry module that starts the
+        // same named counter.
+        let mut next = spec("shop").module("main", APP).entry(Some("main"));
+        next.grants = vec!["random".to_string()];
+        next.limits.max_versions = 4;
+        let sb = node
+            .reconfigure_sandbox(next.clone())
+            .expect("reconfigure")
+            .expect("rebuilt");
+        assert_eq!(call(&sb, "get")["n"], 4, "the named state came back");
+        assert_eq!(current(&sb), 2, "the current version stays");
+        assert_eq!(
+            block_on(sb.eval("return math.random(1, 1)")).expect("random granted"),
+            json!(1)
+        );
+        assert!(node.reconfigure_sandbox(next).expect("same").is_none());
+        drop(sb);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        block_on(sb.eval("return math.random(1, 1)")).expect("still granted"),
+        json!(1)
+    );
+    let kept: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
+    assert_eq!(kept, [1, 2, 3]);
+    assert_eq!(
+        kinds(&sb).iter().filter(|k| *k == "sandbox_reconfigured").count(),
+        1
+    );
+    node.shutdown();
+}
