@@ -1242,7 +1242,10 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
 
         // Hostile: no such sandbox; limits out of range; a new entry module
         // that does not compile; an open canary window.
-        let missing = node.reconfigure_sandbox(spec("nope")).err().expect("missing");
+        let missing = node
+            .reconfigure_sandbox(spec("nope"))
+            .err()
+            .expect("missing");
         assert_eq!(missing.kind(), "no_sandbox", "{missing}");
         let mut huge = spec("shop");
         huge.limits.max_versions = 1_000_000;
@@ -1250,7 +1253,10 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
         let broken = spec("shop")
             .module("main", "return {{{")
             .entry(Some("main"));
-        let err = node.reconfigure_sandbox(broken).err().expect("does not compile");
+        let err = node
+            .reconfigure_sandbox(broken)
+            .err()
+            .expect("does not compile");
         assert_eq!(err.kind(), "compile_error", "{err}");
         reload(&sb, counter(3), canary());
         let mut bigger = spec("shop");
@@ -1291,7 +1297,10 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
     let kept: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
     assert_eq!(kept, [1, 2, 3]);
     assert_eq!(
-        kinds(&sb).iter().filter(|k| *k == "sandbox_reconfigured").count(),
+        kinds(&sb)
+            .iter()
+            .filter(|k| *k == "sandbox_reconfigured")
+            .count(),
         1
     );
     node.shutdown();
