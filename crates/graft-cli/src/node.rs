@@ -327,7 +327,10 @@ pub async fn run(
         // reload that is `unchanged` when the files match the running
         // version, re-uses a kept version's number when they match it, and
         // is a new version when they were edited while the node was down.
-        Some(sb) => restore_sources(sb, sources.clone()).await,
+        Some(sb) => match apply_settings(&node, spec).await {
+            Ok(rebuilt) => restore_sources(rebuilt.unwrap_or(sb), sources.clone()).await,
+            Err(e) => Err(e),
+        },
         None => tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?,
     };
     let sandbox = match created {
@@ -382,6 +385,25 @@ pub async fn run(
         serve_until_signal(node, trust, listener, tls, serving.metrics_bind.as_deref()).await;
     drop(watcher);
     result
+}
+
+/// Applies the project's current `graft.toml` (entry, entry args, limits,
+/// capabilities) to the sandbox the node restored, durably: the stored
+/// settings are the last run's, and an edit made while the node was down
+/// must not be ignored. `None` when nothing changed.
+async fn apply_settings(
+    node: &graft::Node,
+    spec: graft::SandboxSpec,
+) -> graft::Result<Option<graft::Sandbox>> {
+    let id = spec.id.clone();
+    let n = node.clone();
+    let rebuilt = tokio::task::spawn_blocking(move || n.reconfigure_sandbox(spec))
+        .await
+        .map_err(|e| graft::Error::InvalidInput(format!("applying graft.toml: {e}")))??;
+    if rebuilt.is_some() {
+        println!("✓ sandbox `{id}` restored with the settings of graft.toml, which changed since the last run (its app restarted)");
+    }
+    Ok(rebuilt)
 }
 
 /// Brings a restored sandbox up to the sources on disk.

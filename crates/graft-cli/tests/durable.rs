@@ -54,7 +54,17 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, extra: &[&str]) -> Running {
-        let mut child = graft()
+        Running::spawn(dir, extra, None, &dir.join(".graft"))
+    }
+
+    /// `graft run DIR` as user `uid` (when given), with its data in `data`.
+    fn spawn(dir: &Path, extra: &[&str], uid: Option<u32>, data: &Path) -> Running {
+        let mut cmd = graft();
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid).env("HOME", data);
+        }
+        let mut child = cmd
             .arg("run")
             .arg(dir)
             .args(["--port", "0", "--no-watch"])
@@ -92,7 +102,7 @@ impl Running {
             let _ = stdout.read_to_end(&mut sink);
         });
         // The node wrote its admin token file before listening (SPEC §9).
-        let token = std::fs::read_to_string(dir.join(".graft/admin.token"))
+        let token = std::fs::read_to_string(data.join("admin.token"))
             .expect("the admin token file")
             .trim()
             .to_string();
@@ -402,4 +412,171 @@ fn backup_copies_a_live_database() {
         .unwrap();
     assert!(!again.status.success());
     node.terminate();
+}
+
+/// `graft run DIR` after a restart applies the project's current graft.toml
+/// (limits, capabilities, entry), durably; registered states come back by
+/// name when the entry changes.
+#[test]
+fn graft_run_applies_an_edited_graft_toml_after_a_restart() {
+    let dir = project("respec");
+    let node = Running::start(&dir, &[]);
+    for _ in 0..3 {
+        node.ok(&["call", "myapp", "counter", "inc"]);
+    }
+    let denied = node.client(&["eval", "myapp", "return math.random(1, 1)"]);
+    assert!(!denied.status.success(), "random is not granted yet");
+    node.terminate();
+
+    // Edited while the node was down: fewer kept versions, a capability,
+    // and a new entry module that registers the counter under the same name.
+    let toml = dir.join("graft.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max_versions = 10", "max_versions = 2")
+        .replace("entry = \"app\"", "entry = \"main\"")
+        .replace(
+            "# [capabilities]\n# grant = [\"clock\", \"random\"]",
+            "[capabilities]\ngrant = [\"random\"]",
+        );
+    assert!(edited.contains("grant = [\"random\"]") && edited.contains("entry = \"main\""));
+    std::fs::write(&toml, edited).unwrap();
+    std::fs::copy(dir.join("src/app.luau"), dir.join("src/main.luau")).unwrap();
+
+    let node = Running::start(&dir, &[]);
+    assert_eq!(
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
+        "1",
+        "the new capability applies"
+    );
+    assert_eq!(
+        node.count(),
+        3,
+        "the named state came back under the new entry"
+    );
+    for n in 1..=3 {
+        let f = revision(&dir, n);
+        node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    }
+    assert_eq!(node.versions().len(), 2, "the new max_versions applies");
+    let events = node.ok(&[
+        "events",
+        "--sandbox",
+        "myapp",
+        "--kind",
+        "sandbox_reconfigured",
+    ]);
+    assert_eq!(
+        events.matches("sandbox_reconfigured").count(),
+        1,
+        "{events}"
+    );
+    node.terminate();
+
+    // Durable: the next start has nothing to change, and keeps all of it.
+    let node = Running::start(&dir, &[]);
+    assert_eq!(
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
+        "1"
+    );
+    assert_eq!(node.versions().len(), 2);
+    let events = node.ok(&[
+        "events",
+        "--sandbox",
+        "myapp",
+        "--kind",
+        "sandbox_reconfigured",
+    ]);
+    assert_eq!(
+        events.matches("sandbox_reconfigured").count(),
+        1,
+        "{events}"
+    );
+    node.terminate();
+}
+
+/// The effective user of this process (the owner of `/proc/self`).
+fn euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+}
+
+/// A data directory that turns read-only while the node runs fails the
+/// mutating request (503 storage_read_only, nothing applied), not the node;
+/// writable again, writes resume. A node started on a read-only data
+/// directory refuses to start and leaves it untouched. Root ignores file
+/// modes, so as root the node runs as `nobody` on a directory it owns.
+#[test]
+fn a_read_only_data_directory_fails_the_request_not_the_node() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let dir = project("readonly");
+    let data = dir.parent().unwrap().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let uid = (euid() == 0).then_some(NOBODY);
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(&data, Some(uid), Some(uid)).unwrap();
+    }
+    let data_arg = data.to_str().unwrap().to_string();
+    let node = Running::spawn(&dir, &["--data", &data_arg], uid, &data);
+    let first = revision(&dir, 1);
+    node.ok(&["reload", "myapp", first.to_str().unwrap()]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    let before = node.versions();
+    assert_eq!(before.len(), 2);
+
+    let set_mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let db = data.join(graft::DATABASE_FILE);
+    set_mode(&db, 0o444);
+    set_mode(&data, 0o555);
+    let second = revision(&dir, 2);
+    let out = node.client(&["reload", "myapp", second.to_str().unwrap(), "--json"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "the reload must fail: {said}");
+    // The request's audit row is its first write (the audit log is written
+    // before a mutating request runs, and a request that cannot be audited
+    // does nothing): that is what meets the read-only directory first.
+    assert!(
+        said.contains("storage_read_only") || said.contains("audit_unavailable"),
+        "{said}"
+    );
+    // Nothing applied, and the node serves on (a plain read needs no write;
+    // audited requests fail like the reload).
+    assert_eq!(node.versions(), before);
+
+    set_mode(&data, 0o755);
+    set_mode(&db, 0o644);
+    let out = node.client(&["reload", "myapp", second.to_str().unwrap(), "--json"]);
+    assert_eq!(acknowledged(&out), Some(3), "writable again, writes resume");
+    assert_eq!(node.count(), 1, "the same node, state intact");
+    node.terminate();
+
+    // Started on a read-only data directory: refused, the file untouched.
+    set_mode(&db, 0o444);
+    set_mode(&data, 0o555);
+    let bytes = std::fs::read(&db).unwrap();
+    let mut cmd = graft();
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid).env("HOME", &data);
+    }
+    let out = cmd
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", "0", "--no-watch", "--data", &data_arg])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("read-only"), "a clear message: {err}");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "left untouched");
+    set_mode(&data, 0o755);
+    set_mode(&db, 0o644);
 }

@@ -16,6 +16,13 @@
 //!   a deleted sandbox's events stay readable until [`MAX_DELETED_KEPT`]
 //!   newer deletions push them out. What was dropped is remembered as a
 //!   number (`pruned_through`), which is how a reader learns of a gap.
+//! * The database keeps the same: the deletion that pushes a deleted
+//!   sandbox out of the kept ones deletes its events in the deletion's own
+//!   transaction ([`EventLog::deletion_prunes`]), so create/delete churn does
+//!   not grow the file. After a restart, every number at or below the last
+//!   one given that the database no longer holds counts as dropped (an
+//!   event pruned, or a number whose write never landed), so a reader
+//!   resuming from before it is told of the gap rather than skipping it.
 //! * Appending never blocks on the disk and never fails: a write that fails
 //!   (disk full, read-only) is logged and the events stay readable in
 //!   memory; the commit points that must be durable write synchronously.
@@ -200,9 +207,30 @@ impl EventLog {
             pruned_through: 0,
         };
         let max = max_per_sandbox.max(1);
+        // Numbers missing from the database were dropped (pruned, or never
+        // written): a reader from before one of them fell into a gap. For a
+        // sandbox, the dropped numbers below its oldest kept event may have
+        // been its own (per-sandbox pruning drops the oldest first).
+        let mut expected = 1;
+        let mut missing_through = 0;
         for e in restored {
+            if e.seq > expected {
+                missing_through = e.seq - 1;
+            }
+            expected = e.seq + 1;
+            if !state.buckets.contains_key(&e.sandbox) {
+                state
+                    .buckets
+                    .entry(e.sandbox.clone())
+                    .or_default()
+                    .pruned_through = missing_through;
+            }
             state.insert(e, max);
         }
+        if last_seq >= expected {
+            missing_through = last_seq;
+        }
+        state.pruned_through = state.pruned_through.max(missing_through);
         let (visible_tx, _) = tokio::sync::watch::channel(last_seq);
         EventLog {
             state: Mutex::new(state),
@@ -381,6 +409,20 @@ impl EventLog {
         EventPage { events, gap }
     }
 
+    /// The deleted sandboxes whose events deleting `sandbox` pushes out of
+    /// the kept ones (oldest first): the deletion's transaction deletes
+    /// their events from the store too ([`WriteOp::DeleteEvents`]).
+    pub fn deletion_prunes(&self, sandbox: &str) -> Vec<String> {
+        let st = self.state.lock();
+        let kept = st.deleted.iter().filter(|s| *s != sandbox).count() + 1;
+        st.deleted
+            .iter()
+            .filter(|s| *s != sandbox)
+            .take(kept.saturating_sub(MAX_DELETED_KEPT))
+            .cloned()
+            .collect()
+    }
+
     /// Marks `sandbox` deleted: its events stay readable until
     /// [`MAX_DELETED_KEPT`] later deletions.
     pub fn sandbox_deleted(&self, sandbox: &str) {
@@ -399,8 +441,9 @@ impl EventLog {
     /// deleted, the most recently active last, so only [`MAX_DELETED_KEPT`]
     /// of them stay in memory, as before the restart. Without this, every
     /// sandbox ever deleted would come back into memory at each start and
-    /// stay there. Their rows stay in the store.
-    pub fn absent_are_deleted(&self, live: &HashSet<String>) {
+    /// stay there. Returns the sandboxes dropped from memory, whose events
+    /// the caller deletes from the store (unless the sandbox is still stored).
+    pub fn absent_are_deleted(&self, live: &HashSet<String>) -> Vec<String> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         let mut absent: Vec<(u64, String)> = st
@@ -411,11 +454,14 @@ impl EventLog {
             .collect();
         absent.sort_unstable();
         st.deleted.extend(absent.into_iter().map(|(_, id)| id));
+        let mut dropped = Vec::new();
         while st.deleted.len() > MAX_DELETED_KEPT {
             if let Some(old) = st.deleted.pop_front() {
                 st.drop_bucket(&old);
+                dropped.push(old);
             }
         }
+        dropped
     }
 
     /// Marks `sandbox` live again (a sandbox re-created with the same id

@@ -769,3 +769,539 @@ fn a_data_directory_deleted_while_the_node_runs_fails_writes_instead_of_losing_t
     // The node keeps serving what it runs.
     assert_eq!(call(&sb, "inc"), 2);
 }
+
+/// A second module beside `counter`, for windows that cover several.
+fn other(v: u32) -> String {
+    format!("return {{ v = {v} }}\n")
+}
+
+fn spec2(id: &str) -> SandboxSpec {
+    spec(id).module("other", other(1))
+}
+
+fn version_of(sb: &graft::Sandbox, module: &str) -> u32 {
+    block_on(sb.modules())
+        .expect("modules")
+        .into_iter()
+        .find(|m| m.name == module)
+        .expect("module")
+        .version
+}
+
+fn reload_both(sb: &graft::Sandbox, v: u32, opts: ReloadOptions) {
+    let mut m = BTreeMap::new();
+    m.insert("counter".to_string(), counter(v));
+    m.insert("other".to_string(), other(v));
+    block_on(sb.reload(m, opts)).expect("reload both");
+}
+
+fn canary() -> ReloadOptions {
+    ReloadOptions {
+        canary_ms: 600_000,
+        ..Default::default()
+    }
+}
+
+fn kinds(sb: &graft::Sandbox) -> Vec<String> {
+    block_on(sb.events())
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+/// A window over two modules ended by a reload of one of them: the other
+/// stays on its upgrade in memory, so a restart must bring it back there too
+/// (the window is over: no `canary_rollback`).
+#[test]
+fn a_window_over_two_modules_ended_by_reloading_one_keeps_the_other_after_a_crash() {
+    let dir = TempDir::new("window-reload");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload_both(&sb, 2, canary());
+        reload(&sb, counter(3), ReloadOptions::default());
+        assert!(kinds(&sb).contains(&"canary_ended".to_string()));
+        assert_eq!(
+            (version_of(&sb, "counter"), version_of(&sb, "other")),
+            (3, 2)
+        );
+        // Dropped without shutdown, as a crash leaves it.
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        (version_of(&sb, "counter"), version_of(&sb, "other")),
+        (3, 2),
+        "memory and disk agree: the ended window's versions stand"
+    );
+    assert!(!kinds(&sb).contains(&"canary_rollback".to_string()));
+    node.shutdown();
+}
+
+/// Ended by a manual rollback of one module: that one is back, the other
+/// keeps its upgrade, also after a restart.
+#[test]
+fn a_window_over_two_modules_ended_by_a_rollback_keeps_the_other_after_a_restart() {
+    let dir = TempDir::new("window-rollback");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload_both(&sb, 2, canary());
+        block_on(sb.rollback("counter", 1, ReloadOptions::default())).expect("rollback");
+        let ended = block_on(sb.events())
+            .expect("events")
+            .into_iter()
+            .find(|e| e.kind == "canary_ended")
+            .expect("canary_ended");
+        assert_eq!(
+            ended.detail["permanent"],
+            json!([{ "module": "other", "version": 2 }]),
+            "{}",
+            ended.detail
+        );
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        (version_of(&sb, "counter"), version_of(&sb, "other")),
+        (1, 2)
+    );
+    assert!(!kinds(&sb).contains(&"canary_rollback".to_string()));
+    node.shutdown();
+}
+
+/// A new canary window replaces an open one (one per sandbox): the old
+/// window's version stands, the new one is still on probation at the crash.
+#[test]
+fn a_new_window_ends_the_open_one_and_only_the_new_one_rolls_back_at_a_crash() {
+    let dir = TempDir::new("window-replaced");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload(&sb, counter(2), canary());
+        let mut m = BTreeMap::new();
+        m.insert("other".to_string(), other(2));
+        block_on(sb.reload(m, canary())).expect("reload other");
+        assert!(kinds(&sb).contains(&"canary_ended".to_string()));
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        (version_of(&sb, "counter"), version_of(&sb, "other")),
+        (2, 1),
+        "the ended window's version stands; the open one was rolled back"
+    );
+    node.shutdown();
+}
+
+/// The kept versions on disk equal the engine's after every commit, with a
+/// history of one version (eviction during a canary window included).
+#[test]
+fn kept_versions_on_disk_equal_the_engines_with_a_small_history() {
+    let dir = TempDir::new("kept-set");
+    let db = dir.0.join(graft::DATABASE_FILE);
+    let node = open(&dir);
+    let mut s = spec("shop");
+    s.limits.max_versions = 1;
+    let sb = node.create_sandbox(s).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    let check = |what: &str| {
+        let memory: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
+        let store = graft::store::Store::open_read_only(&db).expect("read the database");
+        let disk: Vec<u32> = store
+            .versions("shop", "counter")
+            .expect("versions")
+            .into_iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(disk, memory, "{what}");
+        memory
+    };
+    assert_eq!(check("created"), [1]);
+    // On probation: the version it would roll back to stays, in both.
+    reload(
+        &sb,
+        counter(2),
+        ReloadOptions {
+            canary_ms: 100,
+            ..Default::default()
+        },
+    );
+    assert_eq!(check("canary open"), [1, 2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kinds(&sb).contains(&"canary_passed".to_string()) {
+        assert!(Instant::now() < deadline, "the canary never passed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reload(&sb, counter(3), ReloadOptions::default());
+    assert_eq!(check("after the window"), [3]);
+    reload(&sb, counter(4), canary());
+    assert_eq!(check("a second window"), [3, 4]);
+    reload(&sb, counter(5), canary());
+    assert_eq!(check("a window replacing a window"), [4, 5]);
+    drop(sb);
+    drop(node);
+    // The open window is rolled back at restart, to a version both kept.
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(current(&sb), 4);
+    let memory: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
+    assert_eq!(memory, [4, 5]);
+    node.shutdown();
+}
+
+/// Create/delete churn: the database keeps the events of the 16 most
+/// recently deleted sandboxes only, and readers resuming from before the
+/// pruned ones are told of the gap, before and after a restart.
+#[test]
+fn deleted_sandboxes_events_are_pruned_on_disk_and_readers_see_the_gap() {
+    const DELETED_KEPT: usize = 16;
+    let dir = TempDir::new("prune");
+    let db = dir.0.join(graft::DATABASE_FILE);
+    let deleted_on_disk = || {
+        let store = graft::store::Store::open_read_only(&db).expect("read the database");
+        let mut ids: Vec<String> = store
+            .events_since(0, None, usize::MAX)
+            .expect("events")
+            .into_iter()
+            .filter_map(|e| e.sandbox)
+            .filter(|s| s.starts_with("tmp-"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let first_seq;
+    {
+        let node = open(&dir);
+        node.create_sandbox(spec("kept")).expect("kept");
+        for i in 0..40 {
+            let id = format!("tmp-{i:02}");
+            node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}"))
+                .expect("create");
+            node.destroy(&id).expect("destroy");
+        }
+        let on_disk = deleted_on_disk();
+        assert_eq!(on_disk.len(), DELETED_KEPT, "{on_disk:?}");
+        assert_eq!(on_disk.first().map(String::as_str), Some("tmp-24"));
+        let all = node.events_after(0, &EventFilter::default(), usize::MAX);
+        first_seq = all.events.first().expect("events").seq;
+        let gap = all.gap.expect("a reader from 0 is told of the gap");
+        assert!(gap.up_to > first_seq, "{gap:?}");
+        let early = node.events_after(0, &EventFilter::default().sandbox("tmp-00"), 10);
+        assert!(early.events.is_empty() && early.gap.is_some());
+        node.shutdown();
+    }
+    let node = open(&dir);
+    assert_eq!(deleted_on_disk().len(), DELETED_KEPT);
+    let all = node.events_after(0, &EventFilter::default(), usize::MAX);
+    assert!(all.gap.is_some(), "still told of the gap after a restart");
+    let early = node.events_after(0, &EventFilter::default().sandbox("tmp-00"), 10);
+    assert!(
+        early.events.is_empty() && early.gap.is_some(),
+        "{:?}",
+        early.gap
+    );
+    // A reader that saw everything up to now is not told of a gap.
+    let last = all.events.last().expect("events").seq;
+    assert_eq!(
+        node.events_after(last, &EventFilter::default(), 10).gap,
+        None
+    );
+    // The live sandbox's events are intact.
+    let kept = node.events_after(0, &EventFilter::default().sandbox("kept"), usize::MAX);
+    assert!(kept.events.iter().any(|e| e.kind == "sandbox_created"));
+    node.shutdown();
+}
+
+const POISONABLE: &str = r#"
+local c = {}
+function c.init(args) return { n = 0 } end
+function c.handle_call(req, from, state)
+  if req == "inc" then state.n += 1; return state.n, state end
+  if req == "poison" then state.f = function() end; return true, state end
+  if req == "cure" then state.f = nil; return true, state end
+  return state.n, state
+end
+return c
+"#;
+
+/// A state that stops being plain data cannot be checkpointed: its older
+/// checkpoint is deleted (with one event), so a restart starts the process
+/// from `init` instead of silently bringing back a stale state.
+#[test]
+fn a_state_that_stops_being_plain_data_drops_its_stale_checkpoint() {
+    let dir = TempDir::new("stale");
+    let db = dir.0.join(graft::DATABASE_FILE);
+    {
+        let node = open(&dir);
+        let sb = node
+            .create_sandbox(spec("shop").module("counter", POISONABLE))
+            .expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        for _ in 0..3 {
+            call(&sb, "inc");
+        }
+        assert_eq!(node.checkpoint().expect("checkpoint").written, 1);
+        let store = graft::store::Store::open_read_only(&db).expect("db");
+        assert_eq!(store.checkpoints("shop").expect("rows").len(), 1);
+        drop(store);
+        call(&sb, "poison");
+        call(&sb, "inc");
+        let stats = node.checkpoint().expect("checkpoint");
+        assert_eq!((stats.written, stats.skipped), (0, 1));
+        let store = graft::store::Store::open_read_only(&db).expect("db");
+        assert!(store.checkpoints("shop").expect("rows").is_empty());
+        drop(store);
+        let events = block_on(sb.events()).expect("events");
+        let skipped: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == "checkpoint_skipped")
+            .collect();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].detail["processes"][0]["name"], "c");
+        // Idle, or skipped again: no new event, no new write.
+        call(&sb, "inc");
+        node.checkpoint().expect("checkpoint");
+        assert_eq!(
+            kinds(&sb)
+                .iter()
+                .filter(|k| *k == "checkpoint_skipped")
+                .count(),
+            1
+        );
+        // Dropped without shutdown (the final checkpoint would skip too).
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        call(&sb, "get"),
+        0,
+        "restarted from init, not the stale n = 3"
+    );
+    // Plain again: checkpointed again.
+    call(&sb, "inc");
+    call(&sb, "cure");
+    assert_eq!(node.checkpoint().expect("checkpoint").written, 1);
+    node.shutdown();
+}
+
+/// The sweep of ephemeral directories left by killed nodes goes by the lock
+/// a live store holds, not by the pid in the name (meaningless across pid
+/// namespaces sharing a temp directory, and reused).
+#[test]
+fn the_ephemeral_sweep_spares_a_locked_directory_whatever_its_pid() {
+    // Above any Linux pid_max: no process has this pid in this namespace,
+    // like a live node in another container sharing /tmp.
+    let dir = std::env::temp_dir().join(format!(
+        "graft-ephemeral-4194399-{:x}-test",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("graft.db"), b"").unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("graft.lock"))
+        .unwrap();
+    lock.try_lock().expect("lock");
+    let store = graft::store::Store::in_memory().expect("ephemeral store");
+    assert!(
+        dir.join("graft.db").is_file(),
+        "a locked directory is in use"
+    );
+    // The store's own directory holds its lock too.
+    let own = store.path().parent().unwrap().to_path_buf();
+    assert!(own.join("graft.lock").is_file());
+    let other = graft::store::Store::in_memory().expect("a second one");
+    assert!(
+        own.is_dir(),
+        "a live store's directory survives another's sweep"
+    );
+    drop(lock);
+    drop(other);
+    let again = graft::store::Store::in_memory().expect("a third one");
+    assert!(!dir.exists(), "an unlocked directory is swept");
+    drop(store);
+    assert!(!own.exists(), "removed when its store is dropped");
+    drop(again);
+}
+
+/// The effective user of this process (the owner of `/proc/self`).
+fn euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+}
+
+const RO_CHILD: &str = "GRAFT_TEST_READ_ONLY_DIR";
+
+/// A data directory that turns read-only under a running node fails the
+/// reload with `storage_read_only`, applies nothing, and the node carries
+/// on; writable again, reloads work. A node opened on a read-only directory
+/// is refused with a clear message. Root ignores file modes, so as root
+/// this test runs itself again as `nobody` on a directory `nobody` owns.
+#[test]
+fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let owned;
+    let dir = match std::env::var_os(RO_CHILD) {
+        Some(d) => PathBuf::from(d),
+        None if euid() == 0 => {
+            use std::os::unix::process::CommandExt;
+            owned = TempDir::new("ro-root");
+            std::fs::create_dir_all(&owned.0).unwrap();
+            std::os::unix::fs::chown(&owned.0, Some(NOBODY), Some(NOBODY)).unwrap();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "a_data_directory_turning_read_only_fails_the_reload_not_the_node",
+                    "--test-threads=1",
+                ])
+                .env(RO_CHILD, &owned.0)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "as nobody: {said}");
+            assert!(said.contains("1 passed"), "the test ran as nobody: {said}");
+            return;
+        }
+        None => {
+            owned = TempDir::new("ro");
+            owned.0.clone()
+        }
+    };
+    let set_mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let db = dir.join(graft::DATABASE_FILE);
+    let node = Node::builder()
+        .threads(2)
+        .checkpoint_ms(0)
+        .data_dir(&dir)
+        .open()
+        .expect("open");
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    reload(&sb, counter(2), ReloadOptions::default());
+    set_mode(&db, 0o444);
+    set_mode(&dir, 0o555);
+    let mut m = BTreeMap::new();
+    m.insert("counter".to_string(), counter(3));
+    let err = block_on(sb.reload(m.clone(), ReloadOptions::default())).expect_err("read-only");
+    assert_eq!(err.kind(), "storage_read_only", "{err}");
+    assert_eq!(current(&sb), 2, "nothing applied");
+    assert_eq!(call(&sb, "version"), 2, "the node serves on");
+    set_mode(&dir, 0o755);
+    set_mode(&db, 0o644);
+    block_on(sb.reload(m, ReloadOptions::default())).expect("writable again");
+    assert_eq!(current(&sb), 3);
+    drop(sb);
+    node.shutdown();
+    drop(node);
+
+    set_mode(&dir, 0o555);
+    let refused = Node::builder().data_dir(&dir).open();
+    set_mode(&dir, 0o755);
+    let err = refused
+        .err()
+        .expect("a read-only data directory is refused");
+    assert_eq!(err.kind(), "storage_read_only");
+    assert!(err.to_string().contains("is read-only"), "{err}");
+}
+
+/// New settings for a stored sandbox: durable, versions and named states
+/// kept; bad settings, a broken new module or an open canary window change
+/// nothing.
+#[test]
+fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
+    let dir = TempDir::new("reconfigure");
+    {
+        let node = open(&dir);
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload(&sb, counter(2), ReloadOptions::default());
+        call(&sb, "inc");
+        call(&sb, "inc");
+        let events_before = block_on(sb.events()).expect("events").len();
+
+        // Hostile: no such sandbox; limits out of range; a new entry module
+        // that does not compile; an open canary window.
+        let missing = node
+            .reconfigure_sandbox(spec("nope"))
+            .err()
+            .expect("missing");
+        assert_eq!(missing.kind(), "no_sandbox", "{missing}");
+        let mut huge = spec("shop");
+        huge.limits.max_versions = 1_000_000;
+        assert!(node.reconfigure_sandbox(huge).is_err());
+        let broken = spec("shop")
+            .module("main", "return {{{")
+            .entry(Some("main"));
+        let err = node
+            .reconfigure_sandbox(broken)
+            .err()
+            .expect("does not compile");
+        assert_eq!(err.kind(), "compile_error", "{err}");
+        reload(&sb, counter(3), canary());
+        let mut bigger = spec("shop");
+        bigger.limits.max_versions = 4;
+        let err = node.reconfigure_sandbox(bigger).err().expect("window open");
+        assert!(err.to_string().contains("canary window"), "{err}");
+        block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
+        // Nothing of the refused ones happened.
+        assert_eq!(call(&sb, "get")["n"], 4);
+        assert!(!kinds(&sb).contains(&"sandbox_reconfigured".to_string()));
+        assert!(block_on(sb.events()).expect("events").len() > events_before);
+
+        // Happy path: a capability and a new entry module that starts the
+        // same named counter.
+        let mut next = spec("shop").module("main", APP).entry(Some("main"));
+        next.grants = vec!["random".to_string()];
+        next.limits.max_versions = 4;
+        let sb = node
+            .reconfigure_sandbox(next.clone())
+            .expect("reconfigure")
+            .expect("rebuilt");
+        assert_eq!(call(&sb, "get")["n"], 4, "the named state came back");
+        assert_eq!(current(&sb), 2, "the current version stays");
+        assert_eq!(
+            block_on(sb.eval("return math.random(1, 1)")).expect("random granted"),
+            json!(1)
+        );
+        assert!(node.reconfigure_sandbox(next).expect("same").is_none());
+        drop(sb);
+        node.shutdown();
+    }
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(
+        block_on(sb.eval("return math.random(1, 1)")).expect("still granted"),
+        json!(1)
+    );
+    let kept: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
+    assert_eq!(kept, [1, 2, 3]);
+    assert_eq!(
+        kinds(&sb)
+            .iter()
+            .filter(|k| *k == "sandbox_reconfigured")
+            .count(),
+        1
+    );
+    node.shutdown();
+}

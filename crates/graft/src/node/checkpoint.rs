@@ -12,6 +12,10 @@
 //!   the JSON conversion of their states, in chunks of [`CHUNK`] so that a
 //!   checkpoint of many processes never holds the thread for long;
 //!   serialising to text and the write happen on the checkpointer's thread.
+//! * A state that cannot be checkpointed (not plain data) deletes that
+//!   name's older checkpoint, with a `checkpoint_skipped` event, in one
+//!   transaction: a restart must not bring back a state older than what the
+//!   process went on to do; it restarts from `init` instead.
 //! * Supervisors are never checkpointed: their state is their children's
 //!   pids, which a restart cannot bring back; `init` rebuilds it.
 //! * Restoring runs guest code (`code_change`) under the sandbox's
@@ -40,8 +44,9 @@ pub(crate) struct Snapshot {
     pub states: Vec<(String, String, u32, Json, Revision)>,
     /// Names checkpointed before that are no longer registered.
     pub removed: Vec<String>,
-    /// Registered processes whose state is not plain data: (name, why).
-    pub skipped: Vec<(String, String)>,
+    /// Registered processes whose state is not plain data: (name, why,
+    /// revision). Their older checkpoint is deleted (see `durable`).
+    pub skipped: Vec<(String, String, Revision)>,
 }
 
 impl Snapshot {
@@ -124,7 +129,7 @@ impl Runtime {
             let state: Value = k.states.raw_get(*serial).unwrap_or(Value::Nil);
             match lua_to_json(&state, "state", k.max_value_bytes, &|pid| k.pid_string(pid)) {
                 Ok(json) => states.push((name.clone(), module, p.version, json, revision)),
-                Err(e) => skipped.push((name.clone(), e.to_string())),
+                Err(e) => skipped.push((name.clone(), e.to_string(), revision)),
             }
         }
         Snapshot {

@@ -15,7 +15,19 @@
 //!   start from `init`. Pids inside a restored state come back as their text
 //!   (`"<module.N>"`), which addresses nothing: serials restart at 1.
 //! * The checkpointer only writes processes whose state may have changed
-//!   (see `checkpoint`), never from a sandbox's thread.
+//!   (see `checkpoint`), never from a sandbox's thread. A state it cannot
+//!   checkpoint (not plain data) deletes that name's older checkpoint, with
+//!   a `checkpoint_skipped` event, in one transaction.
+//! * A sandbox's settings change (`reconfigure_sandbox`, used by `graft run`
+//!   for an edited graft.toml) only through one transaction holding the new
+//!   record, the modules it adds and a `sandbox_reconfigured` event, written
+//!   before the sandbox is rebuilt; never while a canary window is open.
+//! * The events of deleted sandboxes beyond the 16 kept are deleted from
+//!   the store too, by the deletion that pushes them out (same transaction).
+//! * A node refuses to start on a data directory it cannot write. The data
+//!   directory's lock is released only once the store is closed (by
+//!   `shutdown`, or when the last handle goes), so a node opened on the same
+//!   directory never shares it with a previous node's writers.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -29,7 +41,7 @@ use super::checkpoint::Revision;
 use super::{clamp_limits, HostFunctions, Node, NodeInner, Sandbox};
 use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::events::EventLog;
+use crate::events::{EventLog, MAX_DELETED_KEPT};
 use crate::store::{
     ModuleSnapshot, SandboxRecord, SandboxSnapshot, Store, StoreOptions, VersionRecord,
     VersionStatus, WriteOp,
@@ -163,7 +175,13 @@ impl NodeBuilder {
         };
         let store = match &self.storage {
             Storage::None => None,
-            Storage::Dir(dir) => Some(Arc::new(Store::open_with(dir.join(DATABASE_FILE), opts)?)),
+            Storage::Dir(dir) => {
+                let store = Store::open_with(dir.join(DATABASE_FILE), opts)?;
+                if let Some(why) = store.read_only_reason() {
+                    return Err(read_only_dir(dir, why));
+                }
+                Some(Arc::new(store))
+            }
             Storage::Ephemeral => Some(Arc::new(Store::in_memory_with(opts)?)),
         };
         let events = match &store {
@@ -173,15 +191,55 @@ impl NodeBuilder {
         let node = Node::assemble(threads, limits, events, store.clone(), data_lock);
         if let Some(store) = store {
             let snapshot = store.load_all()?;
+            let stored: HashSet<String> = snapshot
+                .sandboxes
+                .iter()
+                .map(|s| s.sandbox.id.clone())
+                .collect();
             node.restore(snapshot.sandboxes, &self.host);
             let live: HashSet<String> = node.sandbox_ids().into_iter().collect();
-            node.inner.events.absent_are_deleted(&live);
+            let dropped = node.inner.events.absent_are_deleted(&live);
+            prune_deleted_events(&store, dropped, &stored);
             if self.checkpoint_ms > 0 {
                 start_checkpointer(&node.inner, self.checkpoint_ms);
             }
         }
         Ok(node)
     }
+}
+
+/// Deletes from the store the events of deleted sandboxes that memory no
+/// longer keeps (left by a node older than this rule, or by deletions that
+/// raced): a few sandboxes per transaction, so each commit's work stays
+/// bounded. A sandbox still stored (one a restore failed on) keeps its
+/// events. A failed write is logged; the next start tries again.
+fn prune_deleted_events(store: &Store, dropped: Vec<String>, stored: &HashSet<String>) {
+    let doomed: Vec<String> = dropped
+        .into_iter()
+        .filter(|id| !stored.contains(id))
+        .collect();
+    for chunk in doomed.chunks(MAX_DELETED_KEPT) {
+        let ops = chunk
+            .iter()
+            .map(|sandbox| WriteOp::DeleteEvents {
+                sandbox: sandbox.clone(),
+            })
+            .collect();
+        if let Err(e) = store.write(ops) {
+            tracing::warn!(error = %e, "storage: old events of deleted sandboxes not pruned");
+            return;
+        }
+    }
+}
+
+/// The error of a node opened on a data directory it cannot write.
+fn read_only_dir(dir: &std::path::Path, why: &str) -> Error {
+    Error::Storage(crate::store::StoreError::ReadOnly {
+        detail: format!(
+            "the data directory {} is read-only ({why}); a node writes its database there, so it does not start: make the directory and its files writable, or pass another --data DIR",
+            dir.display()
+        ),
+    })
 }
 
 /// The name of the lock file in a data directory.
@@ -198,6 +256,12 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
         })
     };
     std::fs::create_dir_all(dir).map_err(|e| io("creating the data directory", e))?;
+    // A node must write its database: a read-only data directory is refused
+    // at start with a clear message (at run time, a directory that turns
+    // read-only fails each write instead; see `store::writer`).
+    if let Err(e) = crate::store::writable(dir) {
+        return Err(read_only_dir(dir, &e.to_string()));
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -227,6 +291,10 @@ pub(super) struct Checkpoints {
     wake: Condvar,
     stop: Mutex<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Per sandbox, the registered names whose state could not be
+    /// checkpointed (not plain data) and whose old checkpoint was deleted:
+    /// the event says so once, not at every round.
+    skipped: Mutex<HashMap<String, HashSet<String>>>,
     /// Sandboxes a restore left in the store untouched (`restore_failed`):
     /// creating one of these ids deletes the old rows in the same
     /// transaction, so the new sandbox replaces them instead of colliding
@@ -331,6 +399,12 @@ impl Node {
                 }
             }
         }
+        self.restore_started(started);
+    }
+
+    /// Waits for each restored app's `init`, then gives registered
+    /// processes their checkpointed states (see the module docs).
+    fn restore_started(&self, started: Vec<(Sandbox, Vec<crate::store::CheckpointRecord>)>) {
         // Apps start in parallel; `open` returns once each app's `init`
         // finished (or failed), so a restored node answers like it did.
         for (sb, rows) in started {
@@ -475,20 +549,7 @@ pub(super) fn creation_ops(
             id: spec.id.clone(),
         });
     }
-    let files: serde_json::Map<String, serde_json::Value> = spec
-        .files
-        .iter()
-        .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
-        .collect();
-    ops.push(WriteOp::PutSandbox(SandboxRecord {
-        id: spec.id.clone(),
-        entry: spec.entry.clone(),
-        limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
-        capabilities: spec.grants.clone(),
-        source_root: None,
-        spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
-        created_ms: crate::clock::unix_ms(),
-    }));
+    ops.push(WriteOp::PutSandbox(sandbox_record(spec)));
     for (name, h) in modules {
         for v in &h.versions {
             ops.push(WriteOp::PutVersion(VersionRecord {
@@ -510,6 +571,178 @@ pub(super) fn creation_ops(
         });
     }
     ops
+}
+
+/// A sandbox's stored record (entry, limits, capabilities, entry args, files).
+fn sandbox_record(spec: &SandboxSpec) -> SandboxRecord {
+    let files: serde_json::Map<String, serde_json::Value> = spec
+        .files
+        .iter()
+        .map(|(m, p)| (m.clone(), json!(p.to_string_lossy())))
+        .collect();
+    SandboxRecord {
+        id: spec.id.clone(),
+        entry: spec.entry.clone(),
+        limits_json: serde_json::to_string(&spec.limits).unwrap_or_else(|_| "{}".into()),
+        capabilities: spec.grants.clone(),
+        source_root: None,
+        spec_json: json!({ "entry_args": spec.entry_args, "files": files }).to_string(),
+        created_ms: crate::clock::unix_ms(),
+    }
+}
+
+/// What differs between a sandbox's settings and `spec`'s.
+fn settings_changed(old: &SandboxSpec, new: &SandboxSpec) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.entry != new.entry {
+        changed.push("entry");
+    }
+    if old.entry_args != new.entry_args {
+        changed.push("entry_args");
+    }
+    if old.limits != new.limits {
+        changed.push("limits");
+    }
+    if old.grants != new.grants {
+        changed.push("capabilities");
+    }
+    // `files` (the paths diagnostics name) alone is no reason to restart an
+    // app: `graft run .` and `graft run /abs/dir` differ only there.
+    changed
+}
+
+impl Node {
+    /// Gives a sandbox new settings — entry, entry args, limits,
+    /// capabilities (and file names, with them) — keeping its versions, and writes them
+    /// durably (`graft run DIR` applies its `graft.toml` this way when the
+    /// node restored the project's sandbox). Returns `None` when nothing
+    /// differs (modules are not compared: a reload makes sources live).
+    ///
+    /// The sandbox is rebuilt: the current version of each module is loaded
+    /// under the new settings, modules of `spec` it does not have yet are
+    /// added as version 1, the app is restarted (the old one stops in order,
+    /// `terminate` callbacks run) from the new entry, and every registered
+    /// process gets its checkpointed state back by name, as after a restart
+    /// (a name the new app does not register, or registers for another
+    /// module, keeps its `init` state: `checkpoint_not_restored`). The new
+    /// record, the added modules and a `sandbox_reconfigured` event are one
+    /// transaction, written before anything changes; if it fails, nothing
+    /// did. Refused while a canary window is open (wait for its verdict).
+    ///
+    /// ```
+    /// let node = graft::Node::builder().ephemeral().open().unwrap();
+    /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
+    /// node.create_sandbox(spec.clone()).unwrap();
+    /// assert!(node.reconfigure_sandbox(spec.clone()).unwrap().is_none());
+    /// let mut bigger = spec;
+    /// bigger.limits.max_versions = 3;
+    /// let sb = node.reconfigure_sandbox(bigger).unwrap();
+    /// assert!(sb.is_some(), "rebuilt with the new limits");
+    /// node.shutdown();
+    /// ```
+    pub fn reconfigure_sandbox(&self, spec: SandboxSpec) -> Result<Option<Sandbox>> {
+        let old = self.sandbox(&spec.id)?;
+        let changed = settings_changed(&old.shared.spec, &spec);
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        spec.validate(&self.inner.limits)?;
+        let (mut histories, window_open) = super::block_on(old.ask(|rt| {
+            let open = crate::kernel::kernel(&rt.vm.lua).canary.is_some();
+            (rt.engine.modules.clone(), open)
+        }))?;
+        if window_open {
+            return Err(Error::InvalidInput(format!(
+                "sandbox `{}` has a canary window open; change its settings after the verdict",
+                spec.id
+            )));
+        }
+        // Modules it does not have yet come in as version 1.
+        let added: BTreeMap<String, String> = spec
+            .modules
+            .iter()
+            .filter(|(name, _)| !histories.contains_key(*name))
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let globals = crate::vm::globals_for(&spec.grants, &old.shared.host_fns);
+        let prepared = crate::upgrade::prepare(
+            &added,
+            &crate::upgrade::PrepareContext {
+                known_globals: &globals,
+                max_source_bytes: spec.limits.max_source_bytes,
+                files: &spec.files,
+            },
+        )?;
+        let mut ops = vec![WriteOp::PutSandbox(sandbox_record(&spec))];
+        for p in prepared {
+            let v = ModuleVersion {
+                version: 1,
+                checksum: p.checksum,
+                source: p.source,
+                bytecode: p.bytecode,
+                loaded_at_ms: crate::clock::unix_ms(),
+                dependencies: p.dependencies,
+            };
+            ops.push(WriteOp::PutVersion(VersionRecord {
+                sandbox: spec.id.clone(),
+                module: p.name.clone(),
+                version: 1,
+                checksum: v.checksum.clone(),
+                source: v.source.clone(),
+                dependencies: v.dependencies.clone(),
+                status: VersionStatus::Permanent,
+                created_ms: v.loaded_at_ms,
+            }));
+            ops.push(WriteOp::SetCurrent {
+                sandbox: spec.id.clone(),
+                module: p.name.clone(),
+                version: 1,
+                file: Some(p.file.clone()),
+            });
+            histories.insert(
+                p.name,
+                ModuleHistory {
+                    versions: VecDeque::from([v]),
+                    current: 1,
+                    next: 1,
+                    file: p.file,
+                },
+            );
+        }
+        let mut new_spec = spec;
+        new_spec.modules = histories
+            .iter()
+            .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
+            .collect();
+        // The states as of now, so the new app gets them back.
+        checkpoint_sandbox(&self.inner, &new_spec.id)?;
+        if self.inner.store.is_none() {
+            ops.clear();
+        }
+        self.inner.events.commit(
+            &new_spec.id,
+            ops,
+            "sandbox_reconfigured",
+            json!({ "changed": changed, "entry": new_spec.entry }),
+        )?;
+        // Stop the old app in order, then let the old VM go (memory only:
+        // its rows are the sandbox's).
+        if old.shared.spec.entry.is_some() {
+            let _ = super::block_on(super::with_timeout(old.stop_app(), Duration::from_secs(10)));
+        }
+        let id = new_spec.id.clone();
+        let host = HostFunctions(old.shared.host_fns.clone());
+        self.forget_sandbox(&id);
+        drop(old);
+        let sb = self.create_from(new_spec, host, Some(histories), false)?;
+        self.inner.checkpoints.written.lock().remove(&id);
+        self.inner.checkpoints.skipped.lock().remove(&id);
+        if let Some(store) = &self.inner.store {
+            let rows = store.checkpoints(&id)?;
+            self.restore_started(vec![(sb.clone(), rows)]);
+        }
+        Ok(Some(sb))
+    }
 }
 
 /// Checkpoints one sandbox's dirty registered processes (see the module docs).
@@ -558,24 +791,89 @@ fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats
         sandbox_thread_us: on_thread,
         longest_pause_us: longest,
     };
-    if snapshot.states.is_empty() && snapshot.removed.is_empty() {
+    // A state that stopped being plain data: its older checkpoint goes (a
+    // restart would bring back a state older than what the process did
+    // since), once, with an event saying why.
+    let newly_skipped: Vec<&(String, String, Revision)> = {
+        let skipped = node.checkpoints.skipped.lock();
+        let known = skipped.get(id);
+        snapshot
+            .skipped
+            .iter()
+            .filter(|(name, _, _)| !known.is_some_and(|k| k.contains(name)))
+            .collect()
+    };
+    if snapshot.states.is_empty() && snapshot.removed.is_empty() && newly_skipped.is_empty() {
+        remember_skipped(node, id, &snapshot.skipped);
         return Ok(stats);
     }
     let rows = snapshot.rows(crate::clock::unix_ms());
-    store.write(vec![WriteOp::PutCheckpoints {
+    let mut removed = snapshot.removed.clone();
+    removed.extend(newly_skipped.iter().map(|(name, _, _)| name.clone()));
+    let ops = vec![WriteOp::PutCheckpoints {
         sandbox: id.to_owned(),
         rows,
-        removed: snapshot.removed.clone(),
-    }])?;
-    let mut all = node.checkpoints.written.lock();
-    let mine = all.entry(id.to_owned()).or_default();
-    for name in &snapshot.removed {
-        mine.remove(name);
+        removed,
+    }];
+    if newly_skipped.is_empty() {
+        store.write(ops)?;
+    } else {
+        let names: Vec<serde_json::Value> = newly_skipped
+            .iter()
+            .map(|(name, why, _)| json!({ "name": name, "why": why }))
+            .collect();
+        for (name, why, _) in &newly_skipped {
+            tracing::warn!(sandbox = %id, %name, %why, "state not checkpointed; its older checkpoint was deleted");
+        }
+        node.events.commit(
+            id,
+            ops,
+            "checkpoint_skipped",
+            json!({
+                "processes": names,
+                "why": "the state is not plain data; the older checkpoint was deleted, so a restart starts these processes from init",
+            }),
+        )?;
     }
-    for (name, _, _, _, revision) in snapshot.states {
-        mine.insert(name, revision);
+    {
+        let mut all = node.checkpoints.written.lock();
+        let mine = all.entry(id.to_owned()).or_default();
+        for name in &snapshot.removed {
+            mine.remove(name);
+        }
+        for (name, _, _, _, revision) in &snapshot.states {
+            mine.insert(name.clone(), *revision);
+        }
     }
+    {
+        let mut skipped = node.checkpoints.skipped.lock();
+        let mine = skipped.entry(id.to_owned()).or_default();
+        for name in snapshot
+            .removed
+            .iter()
+            .chain(snapshot.states.iter().map(|s| &s.0))
+        {
+            mine.remove(name);
+        }
+    }
+    remember_skipped(node, id, &snapshot.skipped);
     Ok(stats)
+}
+
+/// Records names skipped by a checkpoint (their old row is gone): not
+/// dirty again until their state changes, and no second event.
+fn remember_skipped(node: &NodeInner, id: &str, skipped: &[(String, String, Revision)]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let mut written = node.checkpoints.written.lock();
+    let revisions = written.entry(id.to_owned()).or_default();
+    let mut all = node.checkpoints.skipped.lock();
+    let names = all.entry(id.to_owned()).or_default();
+    for (name, _, revision) in skipped {
+        revisions.insert(name.clone(), *revision);
+        names.insert(name.clone());
+    }
 }
 
 /// Starts the periodic checkpointer (it holds the node weakly).
@@ -612,6 +910,10 @@ fn start_checkpointer(node: &Arc<NodeInner>, every_ms: u64) {
                 let live: HashSet<String> = node.sandboxes.read().keys().cloned().collect();
                 node.checkpoints
                     .written
+                    .lock()
+                    .retain(|id, _| live.contains(id));
+                node.checkpoints
+                    .skipped
                     .lock()
                     .retain(|id, _| live.contains(id));
                 for id in due {

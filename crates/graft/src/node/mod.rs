@@ -203,9 +203,6 @@ impl Drop for Owner {
         if let Some(inner) = self.0.upgrade() {
             inner.stopping.store(true, Ordering::SeqCst);
             inner.checkpoints.stop_thread();
-            // Threads may hold the node a moment longer; the directory is
-            // free now (the store closes when they let go).
-            drop(inner.data_lock.lock().take());
             // Take each lock once so no thread is between its check of
             // `stopping` and its wait when the notification goes out.
             drop(inner.queue.lock());
@@ -227,6 +224,15 @@ impl Drop for Owner {
                 }
                 shared.drop_inbox();
             }
+            // Only then is the directory free: events still queued are
+            // written and the store is closed first, so a node opened on the
+            // same directory right after never shares it with this one's
+            // writers (a VM a slice still holds gets `storage_closed`).
+            inner.events.close();
+            if let Some(store) = &inner.store {
+                store.close();
+            }
+            drop(inner.data_lock.lock().take());
         }
     }
 }
@@ -461,7 +467,18 @@ impl Node {
             return Err(Error::NoSandbox(id.into()));
         }
         let ops = match &self.inner.store {
-            Some(_) => vec![crate::store::WriteOp::DeleteSandbox { id: id.to_owned() }],
+            // The events of the deleted sandbox this deletion pushes out of
+            // the kept ones go in the same transaction (bounded: at most one
+            // sandbox's `max_events` rows, as in memory).
+            Some(_) => std::iter::once(crate::store::WriteOp::DeleteSandbox { id: id.to_owned() })
+                .chain(
+                    self.inner
+                        .events
+                        .deletion_prunes(id)
+                        .into_iter()
+                        .map(|sandbox| crate::store::WriteOp::DeleteEvents { sandbox }),
+                )
+                .collect(),
             None => Vec::new(),
         };
         self.inner
@@ -485,6 +502,24 @@ impl Node {
         }
         shared.drop_inbox();
         Ok(())
+    }
+
+    /// Drops a sandbox from memory only (its rows stay): the first half of
+    /// rebuilding it (`reconfigure_sandbox`).
+    fn forget_sandbox(&self, id: &str) {
+        let Some(shared) = self.inner.sandboxes.write().remove(id) else {
+            return;
+        };
+        shared.destroyed.store(true, Ordering::Release);
+        if let Some(mut guard) = shared.runtime.try_lock() {
+            let rt = guard.take();
+            drop(guard);
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
+            if dropped.is_err() {
+                tracing::error!(sandbox = %id, "the sandbox's VM panicked while dropped");
+            }
+        }
+        shared.drop_inbox();
     }
 
     /// Reloads the same sources into many sandboxes (SPEC §3 batch). Results

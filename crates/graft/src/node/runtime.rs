@@ -616,7 +616,7 @@ impl Runtime {
                         let _ = self.lua().gc_collect();
                     }
                     if report.status == ReloadStatus::Reloaded {
-                        self.end_canary_touched_by(&report, r.direction);
+                        self.end_canary_touched_by(&report, &r.opts, r.direction);
                     }
                     if report.status == ReloadStatus::Reloaded && r.opts.canary_ms > 0 {
                         self.arm_canary(&report, &r.opts);
@@ -691,27 +691,56 @@ impl Runtime {
 
     /// A reload or rollback of a module under a canary window ends that
     /// window: the version it watched is no longer the one running, so it
-    /// can neither pass nor trip.
-    fn end_canary_touched_by(&mut self, report: &ReloadReport, direction: Direction) {
+    /// can neither pass nor trip. So does a reload that opens a window of
+    /// its own (one window per sandbox). The commit that ended it already
+    /// made the watched versions that stay running permanent, by the same
+    /// rule (`upgrade::ends_window`), so memory and disk agree.
+    fn end_canary_touched_by(
+        &mut self,
+        report: &ReloadReport,
+        opts: &ReloadOptions,
+        direction: Direction,
+    ) {
         let mut k = kernel(self.lua());
-        let touched = k.canary.as_ref().is_some_and(|c| {
-            c.modules
-                .iter()
-                .any(|(_, _, _, name)| report.modules.iter().any(|m| m.name == *name))
-        });
-        if !touched {
+        let ends = k
+            .canary
+            .as_ref()
+            .is_some_and(|c| crate::upgrade::ends_window(c, report, opts));
+        if !ends {
             return;
         }
         if let Some(c) = k.canary.take() {
             k.cancel_timer(c.timer);
             let modules: Vec<&String> = c.modules.iter().map(|m| &m.3).collect();
-            let by = match direction {
-                Direction::Up => "a reload",
-                Direction::Down => "a rollback",
+            let touched = c
+                .modules
+                .iter()
+                .any(|(_, _, _, name)| report.modules.iter().any(|m| m.name == *name));
+            let why = match (touched, direction) {
+                (true, Direction::Up) => "a reload replaced a version under watch",
+                (true, Direction::Down) => "a rollback replaced a version under watch",
+                (false, _) => "a new canary window replaced it",
             };
+            // What the commit made permanent: the watched versions that were
+            // running, except those it rolled back.
+            let kept: Vec<serde_json::Value> = c
+                .modules
+                .iter()
+                .filter(|(_, to, _, name)| {
+                    if report.modules.iter().any(|m| m.name == *name) {
+                        matches!(direction, Direction::Up)
+                    } else {
+                        self.engine
+                            .modules
+                            .get(name)
+                            .is_some_and(|h| h.current == *to)
+                    }
+                })
+                .map(|(_, to, _, name)| serde_json::json!({ "module": name, "version": to }))
+                .collect();
             k.event(
                 "canary_ended",
-                serde_json::json!({ "modules": modules, "why": format!("{by} replaced the version under watch") }),
+                serde_json::json!({ "modules": modules, "why": why, "permanent": kept }),
             );
         }
     }

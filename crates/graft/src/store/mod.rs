@@ -62,6 +62,7 @@ pub use records::{
     RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
 };
 pub use schema::SCHEMA_VERSION;
+pub(crate) use writer::writable;
 pub use writer::Receipt;
 
 use schema::Migration;
@@ -106,6 +107,9 @@ pub struct Store {
     ephemeral_dir: Option<PathBuf>,
     /// Why the store could only be opened for reading (every write fails).
     read_only: Option<String>,
+    /// The lock on `ephemeral_dir/graft.lock`, held while the store lives:
+    /// how another process's sweep knows the directory is in use.
+    ephemeral_lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Store {
@@ -177,6 +181,7 @@ impl Store {
             readers: Mutex::new(Vec::new()),
             ephemeral_dir: None,
             read_only: Some("opened read-only (Store::open_read_only)".into()),
+            ephemeral_lock: None,
         })
     }
 
@@ -198,18 +203,43 @@ impl Store {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = base.join(format!(
-            "graft-ephemeral-{pid}-{nanos:x}-{}",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let unique = format!("{pid}-{nanos:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        // Made under a name the sweep ignores, locked, then renamed: a
+        // directory the sweep can see always has its lock held by a live
+        // store, or by nobody.
+        let staging = base.join(format!(".graft-staging-{unique}"));
+        let dir = base.join(format!("{EPHEMERAL_PREFIX}{unique}"));
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { what, path, source }
+        };
         let mut builder = std::fs::DirBuilder::new();
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&dir).map_err(|source| StoreError::Io {
-            what: "creating directory",
-            path: dir.clone(),
-            source,
-        })?;
+        builder
+            .create(&staging)
+            .map_err(io("creating directory", &staging))?;
+        let locked = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(staging.join(EPHEMERAL_LOCK))
+            .and_then(|f| match f.try_lock() {
+                Ok(()) => Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "a fresh lock file is locked by someone else",
+                )),
+                Err(std::fs::TryLockError::Error(e)) => Err(e),
+            })
+            .and_then(|f| std::fs::rename(&staging, &dir).map(|()| f));
+        let lock = match locked {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(io("locking the ephemeral directory", &staging)(e));
+            }
+        };
         match Store::open_inner(
             &dir.join("graft.db"),
             opts,
@@ -217,7 +247,10 @@ impl Store {
             false,
             Some(dir.clone()),
         ) {
-            Ok(s) => Ok(s),
+            Ok(mut s) => {
+                s.ephemeral_lock = Some(lock);
+                Ok(s)
+            }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
@@ -281,6 +314,7 @@ impl Store {
                     readers: Mutex::new(Vec::new()),
                     ephemeral_dir,
                     read_only: Some(detail),
+                    ephemeral_lock: None,
                 });
             }
             Err(e) => return Err(e),
@@ -315,6 +349,7 @@ impl Store {
             readers: Mutex::new(Vec::new()),
             ephemeral_dir,
             read_only: None,
+            ephemeral_lock: None,
         })
     }
 
@@ -604,31 +639,65 @@ fn sync_dir(dir: &Path) -> StoreResult<()> {
     }
 }
 
-/// Removes `graft-ephemeral-<pid>-…` directories whose process is gone (left
-/// by a killed ephemeral node). Linux only (it asks `/proc`); elsewhere the
-/// OS's temp cleaning takes them.
+/// The name prefix of ephemeral stores' directories.
+const EPHEMERAL_PREFIX: &str = "graft-ephemeral-";
+
+/// The lock file a live ephemeral store holds in its directory.
+const EPHEMERAL_LOCK: &str = "graft.lock";
+
+/// A directory without a lock file (made by an older Graft) is removed only
+/// when its pid is gone and it is at least this old.
+const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
+
+/// Removes `graft-ephemeral-…` directories left by ephemeral stores that are
+/// gone (a killed node). A directory is in use while its `graft.lock` is
+/// locked: the lock, not the pid in its name, decides, since a pid means
+/// nothing across pid namespaces (containers sharing `/tmp`) and pids are
+/// reused. The lock is taken before the directory is removed, so two
+/// sweeps never race a starting store.
 fn sweep_dead_ephemeral_dirs(base: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("graft-ephemeral-"))
-        else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(EPHEMERAL_PREFIX)) else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        let dir = entry.path();
+        match std::fs::File::open(dir.join(EPHEMERAL_LOCK)) {
+            Ok(lock) => {
+                // Held by a live store (in any process or pid namespace):
+                // leave it. Free: its store is gone.
+                if lock.try_lock().is_ok() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if unlocked_and_dead(&dir, rest) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            Err(_) => {}
         }
     }
+}
+
+/// For a directory without a lock file (an older Graft's): its pid is gone
+/// from `/proc` (Linux only) and it is older than [`UNLOCKED_GRACE`].
+fn unlocked_and_dead(dir: &Path, rest: &str) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return false;
+    }
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    let old = std::fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= UNLOCKED_GRACE);
+    old && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// `VACUUM INTO` a temporary file beside `dest`, fsynced and renamed into

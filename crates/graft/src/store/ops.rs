@@ -72,6 +72,13 @@ pub enum WriteOp {
     /// Appends an event (its node-wide sequence number is in the receipt) and
     /// forgets that sandbox's oldest events beyond `max_events_per_sandbox`.
     AppendEvent(NewEvent),
+    /// Forgets every event of a sandbox that no longer exists (a node keeps
+    /// the events of its 16 most recently deleted sandboxes only). Bounded: a sandbox holds at most
+    /// `max_events_per_sandbox` events. Absent events are no error.
+    DeleteEvents {
+        /// The deleted sandbox.
+        sandbox: String,
+    },
     /// Writes the last checkpoint of some registered processes of a sandbox
     /// (replacing older ones of the same names) and forgets the checkpoints of
     /// `removed` names (processes gone or unregistered).
@@ -131,6 +138,7 @@ impl WriteOp {
             WriteOp::SetVersionStatus { .. } => "set_version_status",
             WriteOp::DropVersion { .. } => "drop_version",
             WriteOp::AppendEvent(_) => "append_event",
+            WriteOp::DeleteEvents { .. } => "delete_events",
             WriteOp::PutCheckpoints { .. } => "put_checkpoints",
             WriteOp::ClearCheckpoints { .. } => "clear_checkpoints",
             WriteOp::PutToken(_) => "put_token",
@@ -375,6 +383,12 @@ pub(crate) fn apply(conn: &Connection, op: &WriteOp, ctx: ApplyCtx<'_>) -> Store
             .and_then(|mut st| st.execute(params![ev.sandbox, keep]))
             .map_err(sql_err)?;
             Ok(Applied::Event { seq: seq as u64 })
+        }
+        WriteOp::DeleteEvents { sandbox } => {
+            conn.prepare_cached("DELETE FROM events WHERE sandbox = ?1")
+                .and_then(|mut st| st.execute(params![sandbox]))
+                .map_err(sql_err)?;
+            Ok(Applied::Done)
         }
         WriteOp::PutCheckpoints {
             sandbox,

@@ -81,6 +81,30 @@ pub(crate) struct Writer {
     pub identity: Option<(u64, u64)>,
 }
 
+/// Whether this process may write `path` (faccessat(2) with `W_OK` for the
+/// effective user: its permissions, and `EROFS` on a read-only mount).
+pub(crate) fn writable(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        let rc =
+            unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// The (device, inode) of `path`, where the platform has them.
 pub(crate) fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     #[cfg(unix)]
@@ -106,8 +130,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let results = match self.moved_away() {
-                Some(why) => group
+            let results = match (self.moved_away(), self.unwritable()) {
+                (Some(why), _) => group
                     .iter()
                     .map(|_| {
                         Err(StoreError::Io {
@@ -117,7 +141,15 @@ impl Writer {
                         })
                     })
                     .collect(),
-                None => self.commit_group(&group),
+                (None, Some(detail)) => group
+                    .iter()
+                    .map(|_| {
+                        Err(StoreError::ReadOnly {
+                            detail: detail.clone(),
+                        })
+                    })
+                    .collect(),
+                (None, None) => self.commit_group(&group),
             };
             for (s, r) in group.into_iter().zip(results) {
                 s.reply.send(r);
@@ -141,6 +173,30 @@ impl Writer {
             Some(_) => Some("the database file was replaced while the node ran; nothing was written (restart the node)"),
             None => Some("the database file was deleted while the node ran; nothing was written (restart the node)"),
         }
+    }
+
+    /// Why the database can no longer be written, if its file or directory
+    /// stopped being writable for this process (a `chmod`, a read-only
+    /// remount). SQLite would go on writing through the file handles it
+    /// opened before, so the data directory's owner could not stop a node
+    /// from writing: this makes a read-only data directory fail each write
+    /// (and the request behind it) with nothing applied, and writes resume
+    /// once it is writable again.
+    fn unwritable(&self) -> Option<String> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        for (what, path) in [("data directory", dir), ("database file", &self.path)] {
+            if let Err(e) = writable(path) {
+                return Some(format!(
+                    "the {what} {} is not writable ({e}); the node keeps running, make it writable again to write",
+                    path.display()
+                ));
+            }
+        }
+        None
     }
 
     fn ctx(&self) -> ApplyCtx<'_> {

@@ -105,7 +105,20 @@ impl Engine {
                 self.persist(vm, &changed, &report, opts, direction)?;
             }
             let modules = std::mem::take(&mut report.modules);
-            self.commit(vm, changed, &new_tables, &migration, &modules, &plan)?;
+            // Kept through eviction: a canary's rollback target.
+            let pinned: BTreeMap<String, u32> = modules
+                .iter()
+                .filter_map(|c| super::persist::pinned(c, opts).map(|v| (c.name.clone(), v)))
+                .collect();
+            self.commit(
+                vm,
+                changed,
+                &new_tables,
+                &migration,
+                &modules,
+                &plan,
+                &pinned,
+            )?;
             report.modules = modules;
         }
         report.timings.swap_us = started.elapsed().as_micros() as u64;
@@ -254,6 +267,9 @@ impl Engine {
     /// Step 6, the commit point: migrated states, module tables, version
     /// numbers and histories. Nothing here can fail half-way (see the
     /// module docs); supervisors of changed modules re-read their spec after.
+    // Each argument is one product of an earlier step; bundling them would
+    // only move the list elsewhere.
+    #[allow(clippy::too_many_arguments)]
     fn commit(
         &mut self,
         vm: &Vm,
@@ -262,6 +278,7 @@ impl Engine {
         migration: &Migration,
         modules_report: &[ModuleChange],
         plan: &Plan,
+        pinned: &BTreeMap<String, u32>,
     ) -> Result<()> {
         migration.commit(vm)?;
         let mut supervisors_changed = Vec::new();
@@ -290,6 +307,7 @@ impl Engine {
                 .find(|c| c.name == p.name)
                 .map(|c| c.to)
                 .unwrap_or(1);
+            let history_name = p.name.clone();
             let history = self.modules.entry(p.name.clone()).or_default();
             history.file = p.file.clone();
             history.commit(
@@ -302,6 +320,7 @@ impl Engine {
                     dependencies: p.dependencies,
                 },
                 self.max_versions,
+                pinned.get(&history_name).copied(),
             );
         }
         if !supervisors_changed.is_empty() {

@@ -3,8 +3,15 @@
 //!
 //! Invariants:
 //! * The current version is never evicted, whatever `max_versions` says.
-//! * Eviction removes the oldest versions other than the current one, until
-//!   at most `max_versions` are kept (or only the current one is left).
+//! * Neither is a *pinned* version: the version an upgrade on probation (a
+//!   canary window) would roll back to, which is also the version a restart
+//!   restores (the store's `stable`). During the window a module may keep
+//!   `max_versions + 1` versions.
+//! * Eviction removes the oldest versions other than those, until at most
+//!   `max_versions` are kept (or only the protected ones are left).
+//! * [`ModuleHistory::evictions`] is the one rule: the store drops exactly
+//!   the versions it names (`upgrade::persist`), so the kept versions on
+//!   disk equal the engine's after every commit.
 //! * `next` is the highest version number ever recorded: a new version is
 //!   numbered `next + 1`, so numbers are never reused after a rollback.
 
@@ -62,21 +69,42 @@ impl ModuleHistory {
     }
 
     /// Makes `version` current: a kept one becomes current again (a
-    /// rollback), a new one is added. Then evicts past `max`.
-    pub fn commit(&mut self, version: ModuleVersion, max: usize) {
+    /// rollback), a new one is added. Then evicts past `max`, never the
+    /// `pinned` version (a canary's rollback target).
+    pub fn commit(&mut self, version: ModuleVersion, max: usize, pinned: Option<u32>) {
         if self.get(version.version).is_some() {
             self.current = version.version;
         } else {
-            self.push(version, max);
+            self.current = version.version;
+            self.next = self.next.max(version.version);
+            self.versions.push_back(version);
+            self.evict_keeping(max, pinned);
         }
     }
 
     /// Adds a version, makes it current and evicts past `max`.
+    #[cfg(test)]
     pub fn push(&mut self, v: ModuleVersion, max: usize) {
-        self.current = v.version;
-        self.next = self.next.max(v.version);
-        self.versions.push_back(v);
-        self.evict(max);
+        self.commit(v, max, None);
+    }
+
+    /// The versions that [`commit`](Self::commit)ting version `to` with
+    /// `pinned` would evict, oldest first (none when `to` is kept already:
+    /// a rollback or roll-forward adds nothing).
+    pub fn evictions(&self, to: u32, max: usize, pinned: Option<u32>) -> Vec<u32> {
+        if self.get(to).is_some() {
+            return Vec::new();
+        }
+        let mut kept = self.kept();
+        kept.push(to);
+        let mut gone = Vec::new();
+        while kept.len() > max {
+            match kept.iter().position(|v| *v != to && Some(*v) != pinned) {
+                Some(i) => gone.push(kept.remove(i)),
+                None => break,
+            }
+        }
+        gone
     }
 
     /// Replaces the whole history with imported `versions` (sorted oldest
@@ -97,8 +125,19 @@ impl ModuleHistory {
 
     /// Drops the oldest non-current versions until at most `max` are kept.
     fn evict(&mut self, max: usize) {
+        self.evict_keeping(max, None);
+    }
+
+    /// Drops the oldest versions other than the current and `pinned` ones
+    /// until at most `max` are kept.
+    fn evict_keeping(&mut self, max: usize, pinned: Option<u32>) {
         while self.versions.len() > max {
-            match self.versions.iter().position(|v| v.version != self.current) {
+            let current = self.current;
+            match self
+                .versions
+                .iter()
+                .position(|v| v.version != current && Some(v.version) != pinned)
+            {
                 Some(i) => {
                     self.versions.remove(i);
                 }
@@ -144,13 +183,13 @@ mod tests {
         }
         // Roll back to the oldest kept version: it is current again, and
         // nothing is added or evicted.
-        h.commit(version(1), 3);
+        h.commit(version(1), 3, None);
         assert_eq!((h.current, h.next), (1, 3));
         assert_eq!(h.kept(), [1, 2, 3]);
         assert_eq!(h.current().map(|v| v.version), Some(1));
         // The next upgrade is numbered past every version ever recorded,
         // so a number is never reused; the oldest version then goes.
-        h.commit(version(h.next + 1), 3);
+        h.commit(version(h.next + 1), 3, None);
         assert_eq!((h.current, h.next), (4, 4));
         assert_eq!(h.kept(), [2, 3, 4]);
     }
@@ -173,8 +212,30 @@ mod tests {
         h.push(version(1), 1);
         h.push(version(2), 1);
         assert_eq!(h.kept(), [2]);
-        h.commit(version(2), 1);
+        h.commit(version(2), 1, None);
         assert_eq!((h.current, h.kept()), (2, vec![2]));
+    }
+
+    #[test]
+    fn a_pinned_version_survives_eviction_and_evictions_names_what_commit_drops() {
+        let mut h = ModuleHistory::default();
+        for v in 1..=3 {
+            h.push(version(v), 3);
+        }
+        // Version 3 is the rollback target of an upgrade on probation.
+        assert_eq!(h.evictions(4, 2, Some(3)), [1, 2]);
+        assert_eq!(h.evictions(4, 1, Some(3)), [1, 2]);
+        assert_eq!(h.evictions(1, 1, Some(3)), Vec::<u32>::new());
+        let predicted = h.evictions(4, 1, Some(3));
+        let before = h.kept();
+        h.commit(version(4), 1, Some(3));
+        let gone: Vec<u32> = before.into_iter().filter(|v| h.get(*v).is_none()).collect();
+        assert_eq!(gone, predicted);
+        assert_eq!((h.current, h.kept()), (4, vec![3, 4]));
+        // Unpinned, the next upgrade brings it back under the cap.
+        assert_eq!(h.evictions(5, 1, None), [3, 4]);
+        h.commit(version(5), 1, None);
+        assert_eq!(h.kept(), [5]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ mod guest;
 mod history;
 mod migrate;
 mod persist;
+pub(crate) use persist::ends_window;
 mod prepare;
 
 use std::collections::{BTreeMap, HashMap};
