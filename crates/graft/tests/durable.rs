@@ -1305,3 +1305,55 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
     );
     node.shutdown();
 }
+
+#[test]
+fn an_import_replaces_the_kept_history_on_disk_too() {
+    let dir = TempDir::new("import");
+    let db = dir.0.join(graft::DATABASE_FILE);
+    // The exported history: versions 1..3 of a counter from another node.
+    let elsewhere = Node::new();
+    let src = elsewhere
+        .create_sandbox(spec("src"))
+        .expect("source sandbox");
+    block_on(src.wait_app_started()).expect("app");
+    reload(&src, counter(20), ReloadOptions::default());
+    reload(&src, counter(30), ReloadOptions::default());
+    let exported = block_on(src.export()).expect("export");
+    let mut only_counter = BTreeMap::new();
+    only_counter.insert(
+        "counter".to_string(),
+        exported.get("counter").cloned().expect("counter exported"),
+    );
+    let wanted = versions(&src);
+    // Here, version 2 exists with other content.
+    let node = open(&dir);
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    reload(&sb, counter(7), ReloadOptions::default());
+    assert_ne!(versions(&sb), wanted);
+    block_on(sb.import(only_counter, ReloadOptions::default())).expect("import");
+    assert_eq!(versions(&sb), wanted, "memory");
+    assert_eq!(call(&sb, "version"), json!(30));
+    let disk = |what: &str| {
+        let store = graft::store::Store::open_read_only(&db).expect("read the database");
+        let rows: Vec<(u32, String)> = store
+            .versions("shop", "counter")
+            .expect("versions")
+            .into_iter()
+            .map(|v| (v.version, v.checksum))
+            .collect();
+        assert_eq!(rows, wanted, "{what}");
+    };
+    disk("after the import");
+    node.shutdown();
+    drop(node);
+    let node = open(&dir);
+    let sb = node.sandbox("shop").expect("restored");
+    block_on(sb.wait_app_started()).expect("app");
+    assert_eq!(versions(&sb), wanted, "after a restart");
+    assert_eq!(call(&sb, "version"), json!(30));
+    // Rolling back to the imported version 2 runs its imported source.
+    block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
+    assert_eq!(call(&sb, "version"), json!(20));
+    disk("after a rollback");
+}

@@ -107,6 +107,61 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
+    /// Replaces modules' kept histories (the second step of an import): in
+    /// memory, then on disk in one transaction with an `import` event. A
+    /// failed write restores the histories as they were.
+    pub(super) fn replace_histories(
+        &mut self,
+        histories: BTreeMap<String, Vec<ModuleVersion>>,
+    ) -> Result<()> {
+        let max = self.engine.max_versions;
+        let before = self.engine.modules.clone();
+        let names: Vec<String> = histories.keys().cloned().collect();
+        for (name, versions) in histories {
+            self.engine
+                .modules
+                .entry(name)
+                .or_default()
+                .replace(versions, max);
+        }
+        let (log, sandbox) = {
+            let k = kernel(&self.vm.lua);
+            (k.events.clone(), k.id.to_string())
+        };
+        let mut ops = Vec::new();
+        let mut kept = serde_json::Map::new();
+        for name in &names {
+            let Some(h) = self.engine.modules.get(name) else {
+                continue;
+            };
+            kept.insert(name.clone(), serde_json::json!(h.kept()));
+            ops.push(crate::store::WriteOp::ReplaceHistory {
+                sandbox: sandbox.clone(),
+                module: name.clone(),
+                versions: h
+                    .versions
+                    .iter()
+                    .map(|v| crate::store::VersionRecord {
+                        sandbox: sandbox.clone(),
+                        module: name.clone(),
+                        version: v.version,
+                        checksum: v.checksum.clone(),
+                        source: v.source.clone(),
+                        dependencies: v.dependencies.clone(),
+                        status: crate::store::VersionStatus::Permanent,
+                        created_ms: v.loaded_at_ms,
+                    })
+                    .collect(),
+                current: h.current,
+            });
+        }
+        if let Err(e) = log.commit(&sandbox, ops, "import", Json::Object(kept)) {
+            self.engine.modules = before;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Builds the VM, loads every module (as version 1) and queues the app start.
     pub fn new(
         spec: SandboxSpec,

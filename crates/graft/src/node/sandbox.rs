@@ -563,7 +563,11 @@ impl Sandbox {
     /// another node). Every version's source is checked against its checksum
     /// and recompiled here; the newest imported version of each module goes
     /// live through an ordinary reload (so live processes are migrated), and
-    /// then the imported versions replace the module's kept history.
+    /// then the imported versions replace the module's kept history, in
+    /// memory and (on a durable node) on disk in one transaction, all of them
+    /// permanent. The two steps are two commits: a crash between them
+    /// restores the state after the reload, before the history was replaced
+    /// (the import was not acknowledged).
     ///
     /// ```
     /// use graft::{Node, SandboxSpec, ReloadOptions};
@@ -591,17 +595,8 @@ impl Sandbox {
         let rx = self.reload_start(import.newest, opts, Direction::Up, Some(import.targets))?;
         let report = rx.await.map_err(|_| self.gone())??;
         let histories = import.histories;
-        self.ask(move |rt| {
-            for (name, versions) in histories {
-                let max = rt.engine.max_versions;
-                rt.engine
-                    .modules
-                    .entry(name)
-                    .or_default()
-                    .replace(versions, max);
-            }
-        })
-        .await?;
+        self.ask(move |rt| rt.replace_histories(histories))
+            .await??;
         Ok(report)
     }
 

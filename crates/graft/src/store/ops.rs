@@ -59,6 +59,20 @@ pub enum WriteOp {
         /// The new status.
         status: VersionStatus,
     },
+    /// Replaces a module's whole kept history (an import): every stored
+    /// version of the module is deleted and `versions` stored instead, all
+    /// permanent, with `current` (which must be among them) current and
+    /// stable. The module's next number stays above every number it had.
+    ReplaceHistory {
+        /// The sandbox.
+        sandbox: String,
+        /// The module.
+        module: String,
+        /// The new history, each record for this sandbox and module.
+        versions: Vec<VersionRecord>,
+        /// The version that runs.
+        current: u32,
+    },
     /// Forgets a kept version (history pruning). The current and the stable
     /// version cannot be dropped.
     DropVersion {
@@ -137,6 +151,7 @@ impl WriteOp {
             WriteOp::SetCurrent { .. } => "set_current",
             WriteOp::SetVersionStatus { .. } => "set_version_status",
             WriteOp::DropVersion { .. } => "drop_version",
+            WriteOp::ReplaceHistory { .. } => "replace_history",
             WriteOp::AppendEvent(_) => "append_event",
             WriteOp::DeleteEvents { .. } => "delete_events",
             WriteOp::PutCheckpoints { .. } => "put_checkpoints",
@@ -330,6 +345,54 @@ pub(crate) fn apply(conn: &Connection, op: &WriteOp, ctx: ApplyCtx<'_>) -> Store
                     .map_err(sql_err)?;
             }
             Ok(Applied::Done)
+        }
+        WriteOp::ReplaceHistory {
+            sandbox,
+            module,
+            versions,
+            current,
+        } => {
+            if !versions.iter().any(|v| v.version == *current) {
+                return Err(no_version(name, sandbox, module, *current));
+            }
+            if let Some(v) = versions
+                .iter()
+                .find(|v| v.sandbox != *sandbox || v.module != *module)
+            {
+                return Err(StoreError::Constraint {
+                    op: name,
+                    detail: format!(
+                        "version {} names module `{}` in sandbox `{}`, not `{module}` in `{sandbox}`",
+                        v.version, v.module, v.sandbox
+                    ),
+                });
+            }
+            // Unpoint first: `current` and `stable` reference kept rows.
+            conn.prepare_cached(
+                "UPDATE modules SET current = NULL, stable = NULL WHERE sandbox = ?1 AND module = ?2",
+            )
+            .and_then(|mut st| st.execute(params![sandbox, module]))
+            .map_err(sql_err)?;
+            conn.prepare_cached("DELETE FROM module_versions WHERE sandbox = ?1 AND module = ?2")
+                .and_then(|mut st| st.execute(params![sandbox, module]))
+                .map_err(sql_err)?;
+            for v in versions {
+                let permanent = VersionRecord {
+                    status: VersionStatus::Permanent,
+                    ..v.clone()
+                };
+                apply(conn, &WriteOp::PutVersion(permanent), ctx)?;
+            }
+            apply(
+                conn,
+                &WriteOp::SetCurrent {
+                    sandbox: sandbox.clone(),
+                    module: module.clone(),
+                    version: *current,
+                    file: None,
+                },
+                ctx,
+            )
         }
         WriteOp::DropVersion {
             sandbox,

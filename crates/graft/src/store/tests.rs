@@ -1189,3 +1189,70 @@ fn audit_rows_are_finished_and_queried_by_filter() {
         ("ok", Some(200), 77)
     );
 }
+
+#[test]
+fn replace_history_swaps_every_row_or_nothing() {
+    let store = Store::in_memory().unwrap();
+    put_sandbox(&store, "s");
+    store
+        .write(vec![
+            WriteOp::PutVersion(version("s", "m", 1, VersionStatus::Permanent)),
+            WriteOp::PutVersion(version("s", "m", 2, VersionStatus::Canary)),
+            WriteOp::SetCurrent {
+                sandbox: "s".into(),
+                module: "m".into(),
+                version: 2,
+                file: None,
+            },
+        ])
+        .unwrap();
+    let rows = |store: &Store| -> Vec<(u32, String, VersionStatus)> {
+        store
+            .versions("s", "m")
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.source, v.status))
+            .collect()
+    };
+    let before = rows(&store);
+    let mut imported = version("s", "m", 2, VersionStatus::Canary);
+    imported.source = "return { imported = true }".into();
+    let replace = |versions: Vec<VersionRecord>, current| WriteOp::ReplaceHistory {
+        sandbox: "s".into(),
+        module: "m".into(),
+        versions,
+        current,
+    };
+    // Hostile: a current that is not among the versions, a record of
+    // another module, a duplicate number. Each fails whole.
+    for bad in [
+        replace(vec![imported.clone()], 3),
+        replace(vec![version("s", "other", 3, VersionStatus::Permanent)], 3),
+        replace(vec![imported.clone(), imported.clone()], 2),
+    ] {
+        assert!(store.write(vec![bad]).is_err());
+        assert_eq!(rows(&store), before);
+    }
+    store
+        .write(vec![replace(
+            vec![
+                version("s", "m", 1, VersionStatus::Permanent),
+                imported.clone(),
+            ],
+            2,
+        )])
+        .unwrap();
+    assert_eq!(
+        rows(&store),
+        vec![
+            (
+                1,
+                version("s", "m", 1, VersionStatus::Permanent).source,
+                VersionStatus::Permanent
+            ),
+            (2, imported.source.clone(), VersionStatus::Permanent),
+        ]
+    );
+    let m = store.module("s", "m").unwrap().expect("module");
+    assert_eq!((m.current, m.stable), (Some(2), Some(2)));
+}
