@@ -8,7 +8,11 @@
 //! * Refusals come before any body is read, except for the two routes that
 //!   name their sandboxes in the body (create, batch reload), whose body is
 //!   read (at most [`crate::MAX_BODY_BYTES`]) and handed on unchanged.
-//! * An audited request runs only after its `pending` row is committed.
+//! * An audited request runs only after its `pending` row is committed, or
+//!   with its row attached to the effect's own commit (see
+//!   [`super::routes::RowCommit`]).
+//! * A request that matched no route is authenticated too ([`routes::UNKNOWN`]):
+//!   401 before 404.
 //! * No answer quotes a presented credential; query and header text shown in
 //!   errors is cut short and escaped.
 
