@@ -1110,6 +1110,8 @@ async fn an_audit_row_that_cannot_be_written_leaves_no_effect_of_any_kind() {
     let tokens_before = store.tokens().unwrap().len();
     let audit_before = store.audit(None, 1000).unwrap().len();
     api.call("demo", "counter", json!("inc")).await;
+    let processes = |v: Value| v.as_array().map(Vec::len).unwrap();
+    let processes_before = processes(api.get("/api/v1/sandboxes/demo/processes").await.1);
 
     sql(&api, AUDIT_FAILS);
     let attempts: Vec<(Method, String, Option<Value>)> = vec![
@@ -1145,6 +1147,31 @@ async fn an_audit_row_that_cannot_be_written_leaves_no_effect_of_any_kind() {
             "/api/v1/sandboxes/demo/eval".into(),
             Some(json!({ "source": "return 1" })),
         ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/cast".into(),
+            Some(json!({ "to": "counter", "message": 5 })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/send".into(),
+            Some(json!({ "to": "counter", "message": { "set": 100 } })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/spawn".into(),
+            Some(json!({ "module": "counter" })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/restart".into(),
+            Some(json!({})),
+        ),
+        (
+            Method::GET,
+            "/api/v1/sandboxes/demo/processes/counter/state".into(),
+            None,
+        ),
     ];
     for (m, uri, body) in attempts {
         let (s, v) = api.as_token(Some(&api.admin), m.clone(), &uri, body).await;
@@ -1179,8 +1206,13 @@ async fn an_audit_row_that_cannot_be_written_leaves_no_effect_of_any_kind() {
         .state("counter")
         .await
         .unwrap();
-    // One call, before the trigger, by version 2 (which adds 2).
+    // One call, before the trigger, by version 2 (which adds 2); no cast,
+    // send or restart reached it.
     assert_eq!(state["count"], 2);
+    assert_eq!(
+        processes(api.get("/api/v1/sandboxes/demo/processes").await.1),
+        processes_before
+    );
     // And no row was added.
     assert_eq!(store.audit(None, 1000).unwrap().len(), audit_before + 1);
 }
