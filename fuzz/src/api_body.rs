@@ -159,6 +159,7 @@ impl Harness {
         let req = Request::builder()
             .method(method)
             .uri(uri)
+            .header(header::HOST, "localhost")
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::AUTHORIZATION, &self.bearer)
             .body(Body::from(body))

@@ -8,12 +8,17 @@
 //! * `GET …/processes` (viewer; not audited): authentication, browser rules
 //!   and the role check alone.
 //! * `POST …/call` (operator; audited): the above plus the audit row, which
-//!   is committed before the handler runs. Once with the audit log in a
-//!   durable database under the target directory (a real fsync per group
-//!   commit), once in an ephemeral one (no fsync), sequential and with 8
-//!   requests in flight (group commit shares the fsync).
+//!   is committed before the handler runs (a call's effect is not in the
+//!   database, so the row goes ahead), its completion queued after the
+//!   answer. Once with the audit log in a durable database under the target
+//!   directory (a real fsync per group commit), once in an ephemeral one
+//!   (no fsync).
+//! * Each with one client (latency) and 16 concurrent clients in a closed
+//!   loop (throughput; group commit shares a transaction and its fsync).
+//! * The audit row's commit alone, without HTTP: where the difference goes.
 //!
-//! `cargo bench -p graft-bench --bench trust`
+//! `cargo bench -p graft-bench --bench trust --profile dev` (the dev profile
+//! is optimized in this workspace)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Method, Request};
 use axum::Router;
-use graft::store::Store;
+use graft::store::{AuditRecord, Store, WriteOp};
 use graft::{Node, SandboxSpec};
 use graft_http::trust::{Role, Trust};
 use tower::ServiceExt;
@@ -33,10 +38,40 @@ struct Setup {
     baseline: Router,
     viewer: String,
     operator: String,
+    store: Arc<Store>,
+}
+
+/// A row as the middleware writes it before an audited call runs.
+fn row() -> WriteOp {
+    WriteOp::AppendAudit(AuditRecord {
+        id: 0,
+        at_ms: 1.7e12,
+        token_id: Some("tok_000000000000".into()),
+        role: Some("operator".into()),
+        method: "POST".into(),
+        route: "/api/v1/sandboxes/{id}/call".into(),
+        sandbox: Some("demo".into()),
+        outcome: "pending".into(),
+        status: None,
+        duration_us: 0,
+    })
+}
+
+/// Its completion.
+fn finish(id: u64) -> WriteOp {
+    WriteOp::FinishAudit {
+        id,
+        outcome: "ok".into(),
+        status: Some(200),
+        duration_us: 40,
+        token_id: None,
+        role: None,
+    }
 }
 
 fn setup(node: &Node, store: Store) -> Setup {
-    let trust = Arc::new(Trust::new(Arc::new(store), Default::default()).expect("trust"));
+    let store = Arc::new(store);
+    let trust = Arc::new(Trust::new(store.clone(), Default::default()).expect("trust"));
     let viewer = trust
         .create_token(Role::Viewer, None, None)
         .expect("token")
@@ -50,6 +85,7 @@ fn setup(node: &Node, store: Store) -> Setup {
         baseline: graft_http::router_without_auth(node.clone(), trust),
         viewer,
         operator,
+        store,
     }
 }
 
@@ -64,32 +100,33 @@ fn request(method: Method, uri: &str, token: &str, body: &str) -> Request<Body> 
         .expect("request")
 }
 
-/// Mean time of one request over `n`, `inflight` at a time.
+/// Mean time of one request over `n` requests sent by `clients` clients,
+/// each sending its next request when its last one is answered (closed
+/// loop). With one client: the latency; with more: the inverse of the
+/// throughput.
 async fn run(
     router: &Router,
     make: &(dyn Fn() -> Request<Body> + Sync),
     n: usize,
-    inflight: usize,
+    clients: usize,
 ) -> Duration {
     let started = Instant::now();
-    let mut left = n;
-    while left > 0 {
-        let batch = left.min(inflight);
-        let mut tasks = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            let r = router.clone();
-            let req = make();
-            tasks.push(tokio::spawn(async move {
-                let resp = r.oneshot(req).await.expect("infallible");
+    let per = n.div_ceil(clients);
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let reqs: Vec<Request<Body>> = (0..per).map(|_| make()).collect();
+        let r = router.clone();
+        tasks.push(tokio::spawn(async move {
+            for req in reqs {
+                let resp = r.clone().oneshot(req).await.expect("infallible");
                 assert!(resp.status().is_success(), "{}", resp.status());
-            }));
-        }
-        for t in tasks {
-            t.await.expect("task");
-        }
-        left -= batch;
+            }
+        }));
     }
-    started.elapsed() / n as u32
+    for t in tasks {
+        t.await.expect("task");
+    }
+    started.elapsed() / (per * clients) as u32
 }
 
 /// Rounds of baseline then auth; prints both means and the median ratio.
@@ -156,48 +193,71 @@ fn main() {
         let call = "/api/v1/sandboxes/demo/call";
         let body = r#"{"to":"c","request":"inc"}"#;
         let s = &ephemeral;
-        compare(
-            "GET processes (viewer, not audited)",
-            s,
-            &|| request(Method::GET, ps, "", ""),
-            &|| request(Method::GET, ps, &s.viewer, ""),
-            n,
-            1,
-            rounds,
-        )
-        .await;
-        compare(
-            "POST call (operator, audited, no fsync)",
-            s,
-            &|| request(Method::POST, call, "", body),
-            &|| request(Method::POST, call, &s.operator, body),
-            n,
-            1,
-            rounds,
-        )
-        .await;
         let d = &durable;
-        let n_durable = if full { n / 8 } else { n };
-        compare(
-            "POST call (operator, audited, fsync)",
-            d,
-            &|| request(Method::POST, call, "", body),
-            &|| request(Method::POST, call, &d.operator, body),
-            n_durable,
-            1,
-            rounds,
-        )
-        .await;
-        compare(
-            "POST call x8 in flight (audited, fsync)",
-            d,
-            &|| request(Method::POST, call, "", body),
-            &|| request(Method::POST, call, &d.operator, body),
-            n_durable,
-            8,
-            rounds,
-        )
-        .await;
+        let n_durable = if full { n / 4 } else { n };
+        for clients in [1, 16] {
+            compare(
+                &format!("GET processes (viewer, not audited) x{clients}"),
+                s,
+                &|| request(Method::GET, ps, "", ""),
+                &|| request(Method::GET, ps, &s.viewer, ""),
+                n,
+                clients,
+                rounds,
+            )
+            .await;
+            compare(
+                &format!("POST call (audited, no fsync) x{clients}"),
+                s,
+                &|| request(Method::POST, call, "", body),
+                &|| request(Method::POST, call, &s.operator, body),
+                n,
+                clients,
+                rounds,
+            )
+            .await;
+            compare(
+                &format!("POST call (audited, fsync) x{clients}"),
+                d,
+                &|| request(Method::POST, call, "", body),
+                &|| request(Method::POST, call, &d.operator, body),
+                n_durable,
+                clients,
+                rounds,
+            )
+            .await;
+        }
+        // Where an audited call's extra time goes: the write-ahead row's
+        // commit alone (a round trip to the store's writer thread and one
+        // transaction), and the same with its completion queued lazily.
+        for (name, store) in [
+            ("no fsync", &s.store),
+            ("fsync", &d.store),
+            ("no fsync, again", &s.store),
+            ("fsync, again", &d.store),
+        ] {
+            let count = if name.starts_with("fsync") {
+                n_durable
+            } else {
+                n
+            };
+            let t = Instant::now();
+            for _ in 0..count {
+                store.write_async(vec![row()]).await.expect("audit row");
+            }
+            let ahead = t.elapsed() / count as u32;
+            let t = Instant::now();
+            for _ in 0..count {
+                let r = store.write_async(vec![row()]).await.expect("audit row");
+                if let Some(graft::store::Applied::Audit { id }) = r.applied.first() {
+                    drop(store.write_lazy(vec![finish(*id)]));
+                }
+            }
+            let both = t.elapsed() / count as u32;
+            println!(
+                "audit row alone ({name}): write-ahead commit {ahead:>9.1?}; with its lazy completion {both:>9.1?}"
+            );
+        }
     });
     drop(durable);
     let _ = std::fs::remove_dir_all(&dir);

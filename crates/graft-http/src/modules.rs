@@ -4,7 +4,7 @@
 //! A rollback is a reload of the kept source (same transaction, same
 //! answers as `reload`); its body takes the reload options but no canary.
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use graft::Node;
@@ -16,6 +16,7 @@ use crate::bounds;
 use crate::errors::ApiResult;
 use crate::reload::OptionsBody;
 use crate::request::{module_param, sandbox};
+use crate::trust::audit::EffectAudit;
 
 pub(crate) async fn list(
     State(node): State<Node>,
@@ -65,18 +66,21 @@ pub(crate) struct RollbackBody {
 pub(crate) async fn rollback(
     State(node): State<Node>,
     UrlPath((id, module)): UrlPath<(String, String)>,
+    audit: Option<Extension<EffectAudit>>,
     Body(body): Body<RollbackBody>,
 ) -> ApiResult<Response> {
     let sb = sandbox(&node, &id)?;
     module_param(&module)?;
     let version = bounds::version().check(&body.version)?;
-    let opts = OptionsBody {
+    let mut opts = OptionsBody {
         extra: body.extra,
         state_handler: body.state_handler,
         dry_run: body.dry_run,
         ..Default::default()
     }
     .into_options()?;
+    // The audit row commits with the rollback (SPEC §9).
+    opts.attached = EffectAudit::of(audit.as_ref());
     // In range: the bound's maximum is u32::MAX.
     let version = u32::try_from(version).unwrap_or(u32::MAX);
     Ok(Json(sb.rollback(&module, version, opts).await?).into_response())

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,6 +24,7 @@ use crate::body::Body;
 use crate::bounds;
 use crate::errors::{invalid, ApiError, ApiResult};
 use crate::request::sandbox;
+use crate::trust::audit::EffectAudit;
 
 /// The reload options shared by every reload-like request; absent and
 /// `null` both mean the default.
@@ -50,6 +51,7 @@ impl OptionsBody {
             canary_ms,
             // In range: MAX_CANARY_CRASHES fits a u32.
             canary_crashes: u32::try_from(crashes).unwrap_or(u32::MAX),
+            attached: None,
         })
     }
 }
@@ -88,10 +90,13 @@ impl ReloadBody {
 pub(crate) async fn reload(
     State(node): State<Node>,
     UrlPath(id): UrlPath<String>,
+    audit: Option<Extension<EffectAudit>>,
     Body(body): Body<ReloadBody>,
 ) -> ApiResult<Response> {
     let sb = sandbox(&node, &id)?;
-    let (sources, opts) = body.split()?;
+    let (sources, mut opts) = body.split()?;
+    // The audit row commits with the reload (SPEC §9).
+    opts.attached = EffectAudit::of(audit.as_ref());
     Ok(Json(sb.reload(sources, opts).await?).into_response())
 }
 

@@ -1,7 +1,8 @@
 //! The route table: every route of SPEC §6 and §9, each to its resource's
 //! handler, all behind the one trust middleware. Unknown routes answer 404
 //! `not_found`, known routes with another method 405 `method_not_allowed`,
-//! and no body over [`MAX_BODY_BYTES`] is read.
+//! both behind the middleware too (401 without credentials), and no body
+//! over [`MAX_BODY_BYTES`] is read.
 //!
 //! Who may call each route is not decided here but in
 //! [`crate::trust::routes::ROUTES`]; the middleware is applied to every
@@ -101,10 +102,16 @@ fn routes() -> Router<AppState> {
         )
 }
 
-fn finish(routes: Router<AppState>, state: AppState, live: Live) -> Router {
+/// The answers of an unknown path (404) and of a known path with another
+/// method (405).
+fn with_fallbacks(routes: Router<AppState>) -> Router<AppState> {
     routes
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+}
+
+fn finish(routes: Router<AppState>, state: AppState, live: Live) -> Router {
+    routes
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             live.metrics().clone(),
@@ -142,7 +149,9 @@ pub fn router(node: Node, trust: Arc<Trust>) -> Router {
 /// separate metrics port) can share them.
 pub fn router_with(node: Node, trust: Arc<Trust>, live: Live) -> Router {
     let state = AppState { node, trust };
-    let protected = routes().route_layer(axum::middleware::from_fn_with_state(
+    // `layer`, not `route_layer`: the fallbacks go through the middleware
+    // too, so an unknown path is 401 before it is 404.
+    let protected = with_fallbacks(routes()).layer(axum::middleware::from_fn_with_state(
         state.clone(),
         trust::middleware::enforce,
     ));
@@ -158,11 +167,11 @@ pub fn metrics_router(trust: Arc<Trust>, live: Live) -> Router {
     };
     Router::new()
         .route("/metrics", get(metrics::metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             trust::middleware::enforce,
         ))
-        .fallback(not_found)
         .layer(axum::Extension(live))
         .with_state(state)
 }
@@ -187,7 +196,7 @@ pub fn router_without_auth(node: Node, trust: Arc<Trust>) -> Router {
     let live = Live::new(node.clone());
     let state = AppState { node, trust };
     finish(
-        routes().route_layer(axum::middleware::from_fn(as_admin)),
+        with_fallbacks(routes().route_layer(axum::middleware::from_fn(as_admin))),
         state,
         live,
     )

@@ -23,6 +23,7 @@ use crate::body::Body;
 use crate::bounds;
 use crate::errors::{invalid, join_error, ApiError, ApiResult};
 use crate::request::sandbox;
+use crate::trust::audit::EffectAudit;
 use crate::trust::{projects, Caller, Trust};
 
 /// How long `DELETE /sandboxes/{id}` waits for the app to stop, and create/restart for it to start.
@@ -170,12 +171,15 @@ fn spec_from_path(path: &Path, id: &str) -> ApiResult<SandboxSpec> {
 pub(crate) async fn create(
     State(node): State<Node>,
     State(trust): State<Arc<Trust>>,
+    audit: Option<Extension<EffectAudit>>,
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Response> {
     let n = node.clone();
+    let attached = EffectAudit::of(audit.as_ref()).unwrap_or_default();
     let sb = tokio::task::spawn_blocking(move || -> ApiResult<Sandbox> {
         let spec = create_spec(body, n.limits(), trust.roots())?;
-        Ok(n.create_sandbox(spec)?)
+        // The audit row commits with the creation (SPEC §9).
+        Ok(n.create_sandbox_attached(spec, Default::default(), &attached)?)
     })
     .await
     .map_err(join_error)??;
@@ -202,11 +206,13 @@ pub(crate) async fn info(
 pub(crate) async fn destroy(
     State(node): State<Node>,
     UrlPath(id): UrlPath<String>,
+    audit: Option<Extension<EffectAudit>>,
 ) -> ApiResult<StatusCode> {
     let sb = sandbox(&node, &id)?;
+    let attached = EffectAudit::of(audit.as_ref());
     // An orderly stop first, so terminate callbacks run; then drop the VM.
     let _ = tokio::time::timeout(APP_WAIT, sb.stop_app()).await;
-    tokio::task::spawn_blocking(move || node.destroy(&id))
+    tokio::task::spawn_blocking(move || node.destroy_attached(&id, attached.as_ref()))
         .await
         .map_err(join_error)??;
     Ok(StatusCode::NO_CONTENT)

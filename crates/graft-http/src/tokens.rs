@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::body::Body;
 use crate::errors::{invalid, ApiError, ApiResult};
+use crate::trust::audit::EffectAudit;
 use crate::trust::tokens::TokenError;
 use crate::trust::{Role, Trust};
 
@@ -55,8 +56,10 @@ pub(crate) struct CreateBody {
 
 pub(crate) async fn create(
     State(trust): State<Arc<Trust>>,
+    audit: Option<Extension<EffectAudit>>,
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Response> {
+    let attached = EffectAudit::of(audit.as_ref());
     let role = Role::parse(&body.role).ok_or_else(|| {
         invalid(format!(
             "role must be viewer, operator or admin, not `{}`",
@@ -72,11 +75,12 @@ pub(crate) async fn create(
             max: crate::trust::tokens::MAX_SCOPE as u64,
         }));
     }
-    let made =
-        tokio::task::spawn_blocking(move || trust.create_token(role, body.sandboxes, body.label))
-            .await
-            .map_err(crate::errors::join_error)?
-            .map_err(api_error)?;
+    let made = tokio::task::spawn_blocking(move || {
+        trust.create_token_attached(role, body.sandboxes, body.label, attached.as_ref())
+    })
+    .await
+    .map_err(crate::errors::join_error)?
+    .map_err(api_error)?;
     let mut v = shown(&made.record);
     v["token"] = json!(made.secret);
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -92,8 +96,10 @@ pub(crate) async fn list(State(trust): State<Arc<Trust>>) -> ApiResult<Json<Valu
 pub(crate) async fn revoke(
     State(trust): State<Arc<Trust>>,
     UrlPath(id): UrlPath<String>,
+    audit: Option<Extension<EffectAudit>>,
 ) -> ApiResult<StatusCode> {
-    tokio::task::spawn_blocking(move || trust.revoke_token(&id))
+    let attached = EffectAudit::of(audit.as_ref());
+    tokio::task::spawn_blocking(move || trust.revoke_token_attached(&id, attached.as_ref()))
         .await
         .map_err(crate::errors::join_error)?
         .map_err(api_error)?;

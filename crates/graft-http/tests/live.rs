@@ -42,7 +42,7 @@ fn authed(node: Node, live: Option<graft_http::Live>) -> Router {
         Some(live) => graft_http::router_with(node, trust, live),
         None => graft_http::router(node, trust),
     };
-    router.layer(axum::middleware::map_request(
+    support::with_host(router).layer(axum::middleware::map_request(
         move |mut req: Request<Body>| {
             let bearer = bearer.clone();
             async move {

@@ -981,3 +981,308 @@ async fn failed_authentication_is_rate_limited_per_peer() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn a_request_without_host_is_refused_like_a_foreign_host() {
+    let api = demo().await;
+    // The router itself, without the helper that adds `Host: localhost`.
+    let bare = graft_http::router(api.node.clone(), api.trust.clone());
+    for (m, uri, body) in [
+        (Method::GET, "/api/v1/sandboxes", ""),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/call",
+            r#"{"to":"counter","request":"inc"}"#,
+        ),
+        (Method::GET, "/api/v1/no/such/route", ""),
+    ] {
+        let req = Request::builder()
+            .method(m.clone())
+            .version(axum::http::Version::HTTP_10)
+            .uri(uri)
+            .header(header::AUTHORIZATION, api.bearer())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let resp = tower::ServiceExt::oneshot(bare.clone(), req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{m} {uri}");
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"]["kind"], "forbidden_host", "{v}");
+        assert!(!v.to_string().contains(&api.admin));
+    }
+    // The call above did nothing: the counter is still at 0.
+    let state = api
+        .node
+        .sandbox("demo")
+        .unwrap()
+        .state("counter")
+        .await
+        .unwrap();
+    assert_eq!(state["count"], 0);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_401_before_404() {
+    let api = demo().await;
+    let viewer = api.token(Role::Viewer, None);
+    for (m, uri) in [
+        (Method::GET, "/api/v1/no/such/route"),
+        (Method::GET, "/api/v1/sandboxes/demo/secrets"),
+        (Method::POST, "/admin"),
+        (Method::GET, "/assets/nope.js"),
+    ] {
+        // Without credentials, or with bad ones: 401, as for a real route.
+        let (s, v) = api.as_token(None, m.clone(), uri, None).await;
+        assert_error(&(s, v), StatusCode::UNAUTHORIZED, "unauthorized");
+        let bad = graft_http::trust::generate_token().unwrap();
+        let (s, v) = api.as_token(Some(&bad), m.clone(), uri, None).await;
+        assert_error(&(s, v), StatusCode::UNAUTHORIZED, "unauthorized");
+        // With a valid token of any role: 404.
+        let (s, v) = api.as_token(Some(&viewer), m.clone(), uri, None).await;
+        assert_error(&(s, v), StatusCode::NOT_FOUND, "not_found");
+    }
+    // A known path with another method is 401 unauthenticated, then 405.
+    let (s, v) = api
+        .as_token(None, Method::PUT, "/api/v1/sandboxes", None)
+        .await;
+    assert_error(&(s, v), StatusCode::UNAUTHORIZED, "unauthorized");
+    let (s, _) = api
+        .as_token(Some(&api.admin), Method::PUT, "/api/v1/sandboxes", None)
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// A node whose audit log is in its own (ephemeral) database, with the
+/// counter app in `demo`: the audit row of a durable effect joins the
+/// effect's transaction.
+async fn durable_demo() -> Api {
+    let node = graft::Node::builder()
+        .threads(2)
+        .ephemeral()
+        .open()
+        .expect("node");
+    let api = Api::with_node(node);
+    api.counter_app("demo").await;
+    api
+}
+
+/// Runs `sql` on the node's database from a second connection (a trigger
+/// that makes some inserts fail).
+fn sql(api: &Api, sql: &str) {
+    let conn = rusqlite::Connection::open(api.trust.store().path()).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+const AUDIT_FAILS: &str = "CREATE TRIGGER test_audit_fails BEFORE INSERT ON audit \
+     BEGIN SELECT RAISE(ABORT, 'the test refuses audit rows'); END;";
+
+async fn current_version(api: &Api, module: &str) -> u32 {
+    let mods = api.node.sandbox("demo").unwrap().modules().await.unwrap();
+    mods.iter().find(|m| m.name == module).unwrap().version
+}
+
+#[tokio::test]
+async fn an_audit_row_that_cannot_be_written_leaves_no_effect_of_any_kind() {
+    let api = durable_demo().await;
+    let store = api.trust.store().clone();
+    // A second version to roll back from, and a token to revoke.
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes/demo/reload",
+            json!({ "modules": { "counter": support::counter_v(2) } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let victim = api.token(Role::Viewer, None);
+    let victim_id = api
+        .trust
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.role == "viewer")
+        .unwrap()
+        .id;
+    let tokens_before = store.tokens().unwrap().len();
+    let audit_before = store.audit(None, 1000).unwrap().len();
+    api.call("demo", "counter", json!("inc")).await;
+    let processes = |v: Value| v.as_array().map(Vec::len).unwrap();
+    let processes_before = processes(api.get("/api/v1/sandboxes/demo/processes").await.1);
+
+    sql(&api, AUDIT_FAILS);
+    let attempts: Vec<(Method, String, Option<Value>)> = vec![
+        (
+            Method::POST,
+            "/api/v1/sandboxes".into(),
+            Some(json!({ "id": "new", "modules": { "counter": COUNTER } })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/reload".into(),
+            Some(json!({ "modules": { "counter": support::counter_v(3) } })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/modules/counter/rollback".into(),
+            Some(json!({ "version": 1 })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens".into(),
+            Some(json!({ "role": "admin" })),
+        ),
+        (Method::DELETE, format!("/api/v1/tokens/{victim_id}"), None),
+        (Method::DELETE, "/api/v1/sandboxes/demo".into(), None),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/call".into(),
+            Some(json!({ "to": "counter", "request": "inc" })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/eval".into(),
+            Some(json!({ "source": "return 1" })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/cast".into(),
+            Some(json!({ "to": "counter", "message": 5 })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/send".into(),
+            Some(json!({ "to": "counter", "message": { "set": 100 } })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/spawn".into(),
+            Some(json!({ "module": "counter" })),
+        ),
+        (
+            Method::POST,
+            "/api/v1/sandboxes/demo/restart".into(),
+            Some(json!({})),
+        ),
+        (
+            Method::GET,
+            "/api/v1/sandboxes/demo/processes/counter/state".into(),
+            None,
+        ),
+    ];
+    for (m, uri, body) in attempts {
+        let (s, v) = api.as_token(Some(&api.admin), m.clone(), &uri, body).await;
+        assert!(s.is_server_error(), "{m} {uri}: {s} {v}");
+        assert!(!v.to_string().contains(&api.admin), "{v}");
+    }
+    // Nothing happened, in memory or in the database.
+    assert_eq!(api.node.sandbox_ids(), vec!["demo".to_owned()]);
+    let stored: Vec<String> = store
+        .sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(stored, vec!["demo".to_owned()]);
+    assert_eq!(current_version(&api, "counter").await, 2);
+    assert_eq!(
+        store.module("demo", "counter").unwrap().unwrap().current,
+        Some(2)
+    );
+    assert_eq!(store.versions("demo", "counter").unwrap().len(), 2);
+    assert_eq!(store.tokens().unwrap().len(), tokens_before);
+    assert_eq!(api.trust.tokens().unwrap().len(), tokens_before);
+    let (s, _) = api
+        .as_token(Some(&victim), Method::GET, "/api/v1/sandboxes", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "the revocation did not happen");
+    let state = api
+        .node
+        .sandbox("demo")
+        .unwrap()
+        .state("counter")
+        .await
+        .unwrap();
+    // One call, before the trigger, by version 2 (which adds 2); no cast,
+    // send or restart reached it.
+    assert_eq!(state["count"], 2);
+    assert_eq!(
+        processes(api.get("/api/v1/sandboxes/demo/processes").await.1),
+        processes_before
+    );
+    // And no row was added.
+    assert_eq!(store.audit(None, 1000).unwrap().len(), audit_before + 1);
+}
+
+#[tokio::test]
+async fn a_reload_and_its_audit_row_commit_together() {
+    let api = durable_demo().await;
+    let store = api.trust.store().clone();
+    let reloads = |store: &graft::store::Store| -> Vec<(String, Option<u16>)> {
+        store
+            .audit_query(&graft::store::AuditQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.route == "/api/v1/sandboxes/{id}/reload")
+            .map(|r| (r.outcome, r.status))
+            .collect()
+    };
+    // The version row cannot be written: no `ok` row either.
+    sql(
+        &api,
+        "CREATE TRIGGER test_versions_fail BEFORE INSERT ON module_versions \
+         BEGIN SELECT RAISE(ABORT, 'the test refuses versions'); END;",
+    );
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes/demo/reload",
+            json!({ "modules": { "counter": support::counter_v(2) } }),
+        )
+        .await;
+    assert!(s.is_server_error(), "{s} {v}");
+    assert_eq!(current_version(&api, "counter").await, 1);
+    assert_eq!(store.versions("demo", "counter").unwrap().len(), 1);
+    // The failure's own row comes after the answer (lazily).
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = reloads(&store);
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_ne!(rows[0].0, "ok", "{rows:?}");
+    assert_eq!(rows[0].1, Some(s.as_u16()));
+
+    // With versions writable, the row and the version are both there as
+    // soon as the answer is: they are one transaction.
+    sql(&api, "DROP TRIGGER test_versions_fail;");
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes/demo/reload",
+            json!({ "modules": { "counter": support::counter_v(2) } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(store.versions("demo", "counter").unwrap().len(), 2);
+    let rows = reloads(&store);
+    assert_eq!(rows[0], ("ok".to_owned(), Some(200)), "{rows:?}");
+    // And a reload refused by the audit log stores no version.
+    sql(&api, AUDIT_FAILS);
+    let (s, v) = api
+        .post(
+            "/api/v1/sandboxes/demo/reload",
+            json!({ "modules": { "counter": support::counter_v(3) } }),
+        )
+        .await;
+    assert!(s.is_server_error(), "{s} {v}");
+    assert_eq!(store.versions("demo", "counter").unwrap().len(), 2);
+    assert_eq!(current_version(&api, "counter").await, 2);
+}

@@ -291,14 +291,28 @@ impl EventLog {
     pub fn commit(
         &self,
         sandbox: &str,
+        ops: Vec<WriteOp>,
+        kind: &str,
+        detail: Json,
+    ) -> Result<u64, StoreError> {
+        self.commit_with(sandbox, ops, kind, detail, None)
+    }
+
+    /// [`EventLog::commit`] that also commits the operations of `attached`
+    /// (an audit row) in the same transaction, when they are for this log's
+    /// store ([`crate::store::Attached`]).
+    pub fn commit_with(
+        &self,
+        sandbox: &str,
         mut ops: Vec<WriteOp>,
         kind: &str,
         detail: Json,
+        attached: Option<&crate::store::Attached>,
     ) -> Result<u64, StoreError> {
         let event = self.reserve(sandbox, kind, detail);
         if let Some(store) = &self.store {
             ops.push(EventLog::write_op(&event));
-            if let Err(e) = store.write(ops) {
+            if let Err(e) = store.write_attached(ops, attached) {
                 self.abandon(event.seq);
                 return Err(e);
             }

@@ -1,19 +1,27 @@
 //! The audit log: one row per audited request (SPEC §9), and `GET /audit`.
 //!
 //! Invariants:
-//! * An allowed request's row is committed (fsynced) before its handler
-//!   runs: no effect without a row. The row is then completed with the
-//!   outcome, status and duration; if the request is dropped mid-way (the
-//!   client went away) it is completed as `abandoned`, and if the process
-//!   dies first it stays `pending`, which says the effect may have happened.
-//! * A denied request writes one complete row.
+//! * No effect without its row. An allowed request whose effect is a
+//!   commit to the node's database (create, reload, rollback, tokens) has
+//!   its row, saying `ok`, in that same transaction
+//!   ([`graft::store::Attached`]): both or neither are stored. Any other
+//!   allowed request has its row committed (fsynced) as `pending` before its
+//!   handler runs ([`super::routes::RowCommit`]).
+//! * A `pending` row is completed after the answer with the outcome,
+//!   status and duration; if the request is dropped mid-way (the client went
+//!   away) it is completed as `abandoned`, and if the process dies first it
+//!   stays `pending`, which says the effect may have happened. Completions
+//!   are not awaited by the answer and ride on the next commit
+//!   ([`Store::write_lazy`]).
+//! * A denied request, and an allowed one that committed nothing, writes one
+//!   complete row.
 //! * Rows never hold a secret: the token's public id and role only.
 
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
 use axum::Json;
-use graft::store::{Applied, AuditQuery, AuditRecord, Store, StoreError, WriteOp};
+use graft::store::{Applied, Attached, AuditQuery, AuditRecord, Store, StoreError, WriteOp};
 use serde_json::{json, Value};
 
 use super::{Caller, Trust};
@@ -27,6 +35,19 @@ const MAX_LIMIT: usize = 1000;
 /// sign-in), so that the audit row names the token.
 #[derive(Clone, Debug)]
 pub(crate) struct AuthenticatedAs(pub Caller);
+
+/// Put in a request's extensions by the middleware when the route's effect
+/// is a commit to the node's database: the handler hands it to that commit
+/// so that the audit row joins it.
+#[derive(Clone, Debug)]
+pub(crate) struct EffectAudit(pub Attached);
+
+impl EffectAudit {
+    /// The attached rows of an optional extension, for a node operation.
+    pub(crate) fn of(ext: Option<&axum::Extension<EffectAudit>>) -> Option<Attached> {
+        ext.map(|e| e.0 .0.clone())
+    }
+}
 
 pub(crate) fn now_ms() -> f64 {
     std::time::SystemTime::now()
@@ -77,6 +98,87 @@ pub(crate) async fn write_denied(
         .map(|_| ())
 }
 
+/// Writes a complete row without waiting for it (an allowed request that
+/// committed nothing: no effect depends on it). A failure is logged.
+pub(crate) fn write_after(
+    store: &Store,
+    row: RowStart<'_>,
+    outcome: &str,
+    status: u16,
+    duration_us: u64,
+    learnt: Option<&Caller>,
+) {
+    let mut record = row.record(outcome, Some(status), duration_us);
+    if let Some(c) = learnt {
+        record.token_id = Some(c.token_id.clone());
+        record.role = Some(c.role.as_str().to_owned());
+    }
+    report_failure(
+        store.write_lazy(vec![WriteOp::AppendAudit(record)]),
+        "could not record a request that changed nothing",
+    );
+}
+
+/// Logs the failure of a write nobody waits on.
+fn report_failure(
+    write: impl std::future::Future<Output = Result<graft::store::Receipt, StoreError>> + Send + 'static,
+    what: &'static str,
+) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = write.await {
+                tracing::warn!(error = %e, "audit: {what}");
+            }
+        });
+    }
+}
+
+/// The row of a request whose effect is a database commit: `ok` with the
+/// route's success `status`, attached to that commit. Its duration is
+/// filled in after the answer ([`finish_attached`]).
+pub(crate) fn attach_row(store: &Arc<Store>, row: RowStart<'_>, status: u16) -> Attached {
+    Attached::new(
+        store,
+        vec![WriteOp::AppendAudit(row.record("ok", Some(status), 0))],
+    )
+}
+
+/// The audit row ids an attachment committed with its effect.
+pub(crate) fn attached_row_ids(attached: &Attached) -> Vec<u64> {
+    attached
+        .applied()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| match a {
+            Applied::Audit { id } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Completes a row committed with its effect: the real outcome, status and
+/// duration, queued (not awaited).
+pub(crate) fn finish_attached(
+    store: &Store,
+    id: u64,
+    outcome: &str,
+    status: u16,
+    duration_us: u64,
+    learnt: Option<&Caller>,
+) {
+    report_failure(
+        store.write_lazy(vec![WriteOp::FinishAudit {
+            id,
+            outcome: outcome.to_owned(),
+            status: Some(status),
+            duration_us,
+            token_id: learnt.map(|c| c.token_id.clone()),
+            role: learnt.map(|c| c.role.as_str().to_owned()),
+        }]),
+        "could not complete a row committed with its effect",
+    );
+}
+
 /// A row committed as `pending`; completing it (or dropping it) queues its
 /// outcome.
 pub(crate) struct PendingRow {
@@ -104,6 +206,11 @@ pub(crate) async fn begin(store: &Arc<Store>, row: RowStart<'_>) -> Result<Pendi
 }
 
 impl PendingRow {
+    /// The row's id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Completes the row. The write is queued now and committed with the
     /// next group; a failure is logged (the row stays `pending`).
     pub(crate) fn finish(
@@ -124,7 +231,7 @@ impl PendingRow {
         duration_us: u64,
         learnt: Option<&Caller>,
     ) {
-        let write = self.store.write_async(vec![WriteOp::FinishAudit {
+        let write = self.store.write_lazy(vec![WriteOp::FinishAudit {
             id: self.id,
             outcome,
             status,

@@ -8,7 +8,11 @@
 //! * Refusals come before any body is read, except for the two routes that
 //!   name their sandboxes in the body (create, batch reload), whose body is
 //!   read (at most [`crate::MAX_BODY_BYTES`]) and handed on unchanged.
-//! * An audited request runs only after its `pending` row is committed.
+//! * An audited request runs only after its `pending` row is committed, or
+//!   with its row attached to the effect's own commit (see
+//!   [`super::routes::RowCommit`]).
+//! * A request that matched no route is authenticated too ([`routes::UNKNOWN`]):
+//!   401 before 404.
 //! * No answer quotes a presented credential; query and header text shown in
 //!   errors is cut short and escaped.
 
@@ -24,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::audit::{self, AuthenticatedAs, RowStart};
-use super::routes::{self, Access, Route, SandboxAt};
+use super::routes::{self, Access, Route, RowCommit, SandboxAt};
 use super::session::session_cookie;
 use super::{Caller, Peer, Trust};
 use crate::errors::{ApiError, ResponseKind};
@@ -100,8 +104,16 @@ pub(crate) fn browser_rules(
         ));
     }
     let host = match host {
-        // HTTP/1.0 clients may omit Host; browsers always send it.
-        None => None,
+        // Every browser sends Host (HTTP/1.1 requires it); a request without
+        // it cannot be checked against DNS rebinding, so it is refused like
+        // a foreign one.
+        None => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                "the request has no Host header; send `Host: localhost` (or the node's name)",
+            ))
+        }
         Some(v) => {
             let h = v.to_str().map_err(|_| {
                 ApiError::new(
@@ -243,10 +255,18 @@ pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Nex
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned());
-    let row: &'static Route = matched
-        .as_deref()
-        .and_then(|p| routes::find(req.method(), p))
-        .unwrap_or(&routes::UNLISTED);
+    // No matched path: an unknown route, answered 404 after the caller is
+    // authenticated (a probe without credentials learns nothing).
+    let row: &'static Route = match matched.as_deref() {
+        Some(p) => routes::find(req.method(), p).unwrap_or(&routes::UNLISTED),
+        None => &routes::UNKNOWN,
+    };
+    // The row can join the effect's transaction only when the audit log is
+    // in the node's own database.
+    let same_store = app
+        .node
+        .store()
+        .is_some_and(|s| Arc::ptr_eq(s, app.trust.store()));
     let route_name = matched.unwrap_or_else(|| req.uri().path().chars().take(256).collect());
     let method = req.method().clone();
     let peer = req
@@ -265,15 +285,26 @@ pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Nex
     }
     let req = Request::from_parts(parts, body);
     continue_with(
-        trust, row, route_name, method, peer, sandbox, req, next, started,
+        trust, row, same_store, route_name, method, peer, sandbox, req, next, started,
     )
     .await
+}
+
+/// How an allowed audited request's row is being made durable.
+enum Audit {
+    /// Not audited.
+    No,
+    /// Committed `pending` ahead; completed after the answer.
+    Ahead(audit::PendingRow),
+    /// Attached to the effect's commit.
+    WithEffect(graft::store::Attached),
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn continue_with(
     trust: Arc<Trust>,
     row: &'static Route,
+    same_store: bool,
     route_name: String,
     method: Method,
     peer: Option<std::net::IpAddr>,
@@ -406,42 +437,97 @@ async fn continue_with(
     if let Some(c) = &caller {
         req.extensions_mut().insert(c.clone());
     }
-    let pending = if row.audit {
-        let start = RowStart {
-            caller: caller.as_ref(),
-            method: method.as_str(),
-            route: &route_name,
-            sandbox: sandbox.clone(),
-        };
-        match audit::begin(trust.store(), start).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    "the audit log cannot be written, so nothing was done; check the node's storage",
-                )
-                .into_response();
+    let unavailable = |e: graft::store::StoreError| {
+        tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written, so nothing was done; check the node's storage",
+        )
+        .into_response()
+    };
+    let start = || RowStart {
+        caller: caller.as_ref(),
+        method: method.as_str(),
+        route: &route_name,
+        sandbox: sandbox.clone(),
+    };
+    let commit = match routes::row_commit(row) {
+        // Another database than the node's (or none): the effect's commit
+        // cannot carry the row, so it goes ahead.
+        RowCommit::WithEffect(_) | RowCommit::AheadThenWithEffect(_) if !same_store => {
+            RowCommit::Ahead
+        }
+        c => c,
+    };
+    let audit = if !row.audit {
+        Audit::No
+    } else {
+        match commit {
+            RowCommit::Ahead => match audit::begin(trust.store(), start()).await {
+                Ok(p) => Audit::Ahead(p),
+                Err(e) => return unavailable(e),
+            },
+            RowCommit::WithEffect(status) => {
+                let attached = audit::attach_row(trust.store(), start(), status);
+                req.extensions_mut()
+                    .insert(audit::EffectAudit(attached.clone()));
+                Audit::WithEffect(attached)
+            }
+            RowCommit::AheadThenWithEffect(status) => {
+                let p = match audit::begin(trust.store(), start()).await {
+                    Ok(p) => p,
+                    Err(e) => return unavailable(e),
+                };
+                // The deletion's transaction marks the row `ok`.
+                let done = graft::store::WriteOp::FinishAudit {
+                    id: p.id(),
+                    outcome: "ok".into(),
+                    status: Some(status),
+                    duration_us: 0,
+                    token_id: None,
+                    role: None,
+                };
+                let attached = graft::store::Attached::new(trust.store(), vec![done]);
+                req.extensions_mut().insert(audit::EffectAudit(attached));
+                Audit::Ahead(p)
             }
         }
-    } else {
-        None
     };
     let resp = next.run(req).await;
-    if let Some(p) = pending {
-        let status = resp.status();
-        let outcome = if status.is_success() {
+    let status = resp.status();
+    let outcome = || {
+        if status.is_success() {
             "ok".to_owned()
         } else {
             resp.extensions()
                 .get::<ResponseKind>()
                 .map(|k| k.0.clone())
                 .unwrap_or_else(|| status.as_u16().to_string())
-        };
-        let learnt = resp.extensions().get::<AuthenticatedAs>().map(|a| &a.0);
-        let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
-        p.finish(&outcome, status.as_u16(), us, learnt);
+        }
+    };
+    let learnt = resp.extensions().get::<AuthenticatedAs>().map(|a| &a.0);
+    let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+    match audit {
+        Audit::No => {}
+        Audit::Ahead(p) => p.finish(&outcome(), status.as_u16(), us, learnt),
+        Audit::WithEffect(attached) => {
+            let ids = audit::attached_row_ids(&attached);
+            if ids.is_empty() {
+                // Nothing was committed, so no effect: the row comes now.
+                audit::write_after(
+                    trust.store(),
+                    start(),
+                    &outcome(),
+                    status.as_u16(),
+                    us,
+                    learnt,
+                );
+            }
+            for id in ids {
+                audit::finish_attached(trust.store(), id, &outcome(), status.as_u16(), us, learnt);
+            }
+        }
     }
     resp
 }

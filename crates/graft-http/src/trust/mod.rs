@@ -16,9 +16,14 @@
 //!   made it is answered: a revoked token is refused from the next request on.
 //! * Secrets are compared in constant time ([`subtle`]); the map lookup that
 //!   precedes the comparison is keyed by a SHA-256 the caller cannot steer.
-//! * Every request the table marks as audited writes its row durably before
-//!   its handler runs; when that write fails, the handler does not run
-//!   (503 `audit_unavailable`).
+//! * No audited effect without its row: a durable effect (create, reload,
+//!   rollback, tokens) commits its row in its own transaction; any other
+//!   audited request has its row committed before its handler runs, and
+//!   when that write fails the handler does not run (503
+//!   `audit_unavailable`). See [`routes::RowCommit`].
+//! * Every request, known route or not, goes through the middleware: an
+//!   unknown path is 401 before it is 404, and a request without `Host` is
+//!   refused (403 `forbidden_host`).
 
 pub(crate) mod audit;
 pub(crate) mod limiter;

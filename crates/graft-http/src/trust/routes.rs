@@ -189,6 +189,50 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/api/v1/sandboxes/{id}/tree", VIEWER, NO_AUDIT, Path),
 ];
 
+/// How an audited route's row is made durable relative to its effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowCommit {
+    /// The effect is not written to the database (a call, an eval, a state
+    /// read, a sign-in): the row is committed `pending` before the handler
+    /// runs, and completed after (fails closed).
+    Ahead,
+    /// The effect is one commit to the node's database (create, reload,
+    /// rollback, token create and revoke): the row, already saying `ok`
+    /// with this status, joins that transaction, so both or neither are
+    /// stored. A request that commits nothing gets its row after the answer.
+    WithEffect(u16),
+    /// Both: steps in memory come before the commit (a delete stops the app
+    /// first), so the row is committed `pending` ahead, and its `ok` with
+    /// this status joins the deletion's transaction.
+    AheadThenWithEffect(u16),
+}
+
+/// How the row of audited route `row` is committed (see [`RowCommit`]). A
+/// batch reload is one transaction per sandbox, so its one row goes ahead.
+///
+/// ```
+/// use graft_http::trust::routes::{find, row_commit, RowCommit};
+/// let create = find(&axum::http::Method::POST, "/api/v1/sandboxes").unwrap();
+/// assert_eq!(row_commit(create), RowCommit::WithEffect(201));
+/// ```
+pub fn row_commit(row: &Route) -> RowCommit {
+    match (row.method, row.path) {
+        ("POST", "/api/v1/sandboxes") | ("POST", "/api/v1/tokens") => RowCommit::WithEffect(201),
+        ("POST", "/api/v1/sandboxes/{id}/reload")
+        | ("POST", "/api/v1/sandboxes/{id}/modules/{module}/rollback") => {
+            RowCommit::WithEffect(200)
+        }
+        ("DELETE", "/api/v1/tokens/{token}") => RowCommit::WithEffect(204),
+        ("DELETE", "/api/v1/sandboxes/{id}") => RowCommit::AheadThenWithEffect(204),
+        _ => RowCommit::Ahead,
+    }
+}
+
+/// What a request that matched no route gets: any valid credentials, then
+/// 404 (a caller without them gets 401 and learns nothing of which paths
+/// exist). Not audited.
+pub const UNKNOWN: Route = r("*", "*", VIEWER, NO_AUDIT, SandboxAt::None);
+
 /// What a routed request not in the table gets (a wrong method on a known
 /// path, or a route added without a row): an unscoped admin, not audited.
 pub const UNLISTED: Route = r("*", "*", ADMIN, NO_AUDIT, NodeWide);

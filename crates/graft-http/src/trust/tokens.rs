@@ -162,6 +162,18 @@ impl Trust {
         sandboxes: Option<Vec<String>>,
         label: Option<String>,
     ) -> Result<NewToken, TokenError> {
+        self.create_token_attached(role, sandboxes, label, None)
+    }
+
+    /// [`Trust::create_token`] that commits the operations of `attached`
+    /// (its audit row) in the token's transaction: both or neither.
+    pub fn create_token_attached(
+        &self,
+        role: Role,
+        sandboxes: Option<Vec<String>>,
+        label: Option<String>,
+        attached: Option<&graft::store::Attached>,
+    ) -> Result<NewToken, TokenError> {
         if let Some(label) = &label {
             check_label(label).map_err(TokenError::Invalid)?;
         }
@@ -190,7 +202,7 @@ impl Trust {
         };
         let mut table = self.tokens.write();
         self.store
-            .write(vec![WriteOp::PutToken(record.clone())])
+            .write_attached(vec![WriteOp::PutToken(record.clone())], attached)
             .map_err(TokenError::Store)?;
         table.insert(record.hash, Arc::new(record.clone()));
         Ok(NewToken { secret, record })
@@ -206,16 +218,29 @@ impl Trust {
 
     /// Revokes token `id`: durable, then refused from the next request on.
     pub fn revoke_token(&self, id: &str) -> Result<TokenRecord, TokenError> {
+        self.revoke_token_attached(id, None)
+    }
+
+    /// [`Trust::revoke_token`] that commits the operations of `attached`
+    /// (its audit row) in the revocation's transaction: both or neither.
+    pub fn revoke_token_attached(
+        &self,
+        id: &str,
+        attached: Option<&graft::store::Attached>,
+    ) -> Result<TokenRecord, TokenError> {
         let mut table = self.tokens.write();
         let Some(hash) = table.values().find(|t| t.id == id).map(|t| t.hash) else {
             return Err(TokenError::NotFound(id.to_owned()));
         };
         let at = now_ms();
         self.store
-            .write(vec![WriteOp::RevokeToken {
-                id: id.to_owned(),
-                at_ms: at,
-            }])
+            .write_attached(
+                vec![WriteOp::RevokeToken {
+                    id: id.to_owned(),
+                    at_ms: at,
+                }],
+                attached,
+            )
             .map_err(TokenError::Store)?;
         let mut record = table
             .get(&hash)

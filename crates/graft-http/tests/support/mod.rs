@@ -119,7 +119,7 @@ impl Api {
             .expect("admin token")
             .secret;
         Api {
-            router: graft_http::router(node.clone(), trust.clone()),
+            router: with_host(graft_http::router(node.clone(), trust.clone())),
             node,
             trust,
             admin,
@@ -256,6 +256,23 @@ impl Api {
         )
         .await
     }
+}
+
+/// `router` with `Host: localhost` added to every request that has none:
+/// the node refuses requests without a Host (a real client always sends
+/// one; `oneshot` requests have none unless the test sets it).
+pub fn with_host(router: Router) -> Router {
+    router.layer(axum::middleware::map_request(
+        |mut req: axum::http::Request<axum::body::Body>| async move {
+            if !req.headers().contains_key(header::HOST) {
+                req.headers_mut().insert(
+                    header::HOST,
+                    axum::http::HeaderValue::from_static("localhost"),
+                );
+            }
+            req
+        },
+    ))
 }
 
 #[track_caller]

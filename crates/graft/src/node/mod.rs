@@ -363,6 +363,19 @@ impl Node {
         self.create_from(spec, host, None, true)
     }
 
+    /// [`Node::create_sandbox_with`] that commits the operations of
+    /// `attached` (an audit row) in the creation's transaction: both or
+    /// neither are stored. Without a store, or for another store, they are
+    /// left untaken ([`crate::store::Attached::applied`] stays `None`).
+    pub fn create_sandbox_attached(
+        &self,
+        spec: SandboxSpec,
+        host: HostFunctions,
+        attached: &crate::store::Attached,
+    ) -> Result<Sandbox> {
+        self.create_from_attached(spec, host, None, true, Some(attached))
+    }
+
     /// Creates a sandbox, fresh or from a restored `history`; `persist`
     /// writes its creation (a restored one is in the store already).
     fn create_from(
@@ -371,6 +384,17 @@ impl Node {
         host: HostFunctions,
         history: Option<BTreeMap<String, ModuleHistory>>,
         persist: bool,
+    ) -> Result<Sandbox> {
+        self.create_from_attached(spec, host, history, persist, None)
+    }
+
+    fn create_from_attached(
+        &self,
+        spec: SandboxSpec,
+        host: HostFunctions,
+        history: Option<BTreeMap<String, ModuleHistory>>,
+        persist: bool,
+        attached: Option<&crate::store::Attached>,
     ) -> Result<Sandbox> {
         spec.validate(&self.inner.limits)?;
         {
@@ -421,10 +445,10 @@ impl Node {
                 "entry": shared.spec.entry,
                 "modules": shared.spec.modules.keys().collect::<Vec<_>>(),
             });
-            if let Err(e) = self
-                .inner
-                .events
-                .commit(&shared.id, ops, "sandbox_created", detail)
+            if let Err(e) =
+                self.inner
+                    .events
+                    .commit_with(&shared.id, ops, "sandbox_created", detail, attached)
             {
                 // Not stored, so not created: the id is free again.
                 self.inner.sandboxes.write().remove(&shared.id);
@@ -463,6 +487,17 @@ impl Node {
     /// With a store, the deletion (and a `sandbox_deleted` event) is written
     /// first; if that write fails the sandbox stays as it was.
     pub fn destroy(&self, id: &str) -> Result<()> {
+        self.destroy_attached(id, None)
+    }
+
+    /// [`Node::destroy`] that commits the operations of `attached` (an
+    /// audit row) in the deletion's transaction; see
+    /// [`Node::create_sandbox_attached`].
+    pub fn destroy_attached(
+        &self,
+        id: &str,
+        attached: Option<&crate::store::Attached>,
+    ) -> Result<()> {
         if !self.inner.sandboxes.read().contains_key(id) {
             return Err(Error::NoSandbox(id.into()));
         }
@@ -481,9 +516,13 @@ impl Node {
                 .collect(),
             None => Vec::new(),
         };
-        self.inner
-            .events
-            .commit(id, ops, "sandbox_deleted", serde_json::json!({}))?;
+        self.inner.events.commit_with(
+            id,
+            ops,
+            "sandbox_deleted",
+            serde_json::json!({}),
+            attached,
+        )?;
         let shared = self
             .inner
             .sandboxes

@@ -37,6 +37,7 @@
 //! * [`Store::close`] (and drop) stops accepting writes, lets the writer
 //!   drain and commit what was queued, folds the log into the file and closes.
 
+mod attach;
 mod error;
 mod ops;
 mod read;
@@ -55,6 +56,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use rusqlite::{Connection, OpenFlags};
 
+pub use attach::Attached;
 pub use error::{StoreError, StoreResult};
 pub use ops::{Applied, WriteOp};
 pub use records::{
@@ -63,7 +65,7 @@ pub use records::{
 };
 pub use schema::SCHEMA_VERSION;
 pub(crate) use writer::writable;
-pub use writer::Receipt;
+pub use writer::{Receipt, LAZY_WAIT};
 
 use schema::Migration;
 use writer::{Reply, Submission, Writer};
@@ -370,6 +372,10 @@ impl Store {
     }
 
     fn submit(&self, ops: Vec<WriteOp>, reply: Reply) -> StoreResult<()> {
+        self.submit_as(ops, reply, false)
+    }
+
+    fn submit_as(&self, ops: Vec<WriteOp>, reply: Reply, lazy: bool) -> StoreResult<()> {
         if let Some(detail) = &self.read_only {
             return Err(StoreError::ReadOnly {
                 detail: detail.clone(),
@@ -379,7 +385,7 @@ impl Store {
         let Some(tx) = guard.as_ref() else {
             return Err(StoreError::Closed);
         };
-        tx.send(Submission { ops, reply })
+        tx.send(Submission { ops, reply, lazy })
             .map_err(|_| StoreError::WriterGone("the writer thread is not running".into()))
     }
 
@@ -409,6 +415,30 @@ impl Store {
             Ok(())
         } else {
             self.submit(ops, Reply::Async(tx))
+        };
+        async move {
+            queued?;
+            rx.await
+                .map_err(|_| StoreError::WriterGone("the writer stopped before answering".into()))?
+        }
+    }
+
+    /// [`Store::write_async`] for writes nobody waits on (an audit row's
+    /// completion): the writer holds a group made only of such writes for up
+    /// to [`LAZY_WAIT`] so that they share the next waited-on commit (and its
+    /// fsync) instead of costing one of their own. The future resolves after
+    /// the commit; dropping it does not cancel the write. Order with other
+    /// submissions is kept.
+    pub fn write_lazy(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> impl std::future::Future<Output = StoreResult<Receipt>> + Send + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = if ops.is_empty() {
+            let _ = tx.send(Ok(Receipt::default()));
+            Ok(())
+        } else {
+            self.submit_as(ops, Reply::Async(tx), true)
         };
         async move {
             queued?;

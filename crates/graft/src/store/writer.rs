@@ -28,6 +28,10 @@ use super::ops::{apply, Applied, ApplyCtx, WriteOp};
 /// submitter waits behind others and the size of one WAL commit.
 pub(crate) const MAX_GROUP: usize = 1024;
 
+/// How long a group made only of lazy submissions ([`Store::write_lazy`](super::Store::write_lazy))
+/// waits for a waited-on one to share its commit.
+pub const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The result of a committed submission: one [`Applied`] per operation, in
 /// order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,6 +73,8 @@ impl Reply {
 pub(crate) struct Submission {
     pub ops: Vec<WriteOp>,
     pub reply: Reply,
+    /// Nobody waits on it: it may wait for company (see [`LAZY_WAIT`]).
+    pub lazy: bool,
 }
 
 pub(crate) struct Writer {
@@ -128,6 +134,19 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(s) => group.push(s),
                     Err(_) => break,
+                }
+            }
+            if group.iter().all(|s| s.lazy) {
+                // Nobody waits on these: let the next waited-on write carry
+                // them (one commit, one fsync) unless none comes soon.
+                if let Ok(s) = rx.recv_timeout(LAZY_WAIT) {
+                    group.push(s);
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(s) => group.push(s),
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
             let results = match (self.moved_away(), self.unwritable()) {

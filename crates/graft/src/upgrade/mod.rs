@@ -106,6 +106,10 @@ pub struct ReloadOptions {
     pub canary_ms: u64,
     /// Crashes within the window that trigger an automatic rollback (default 1).
     pub canary_crashes: u32,
+    /// Operations (an audit row) to commit in the reload's transaction, so
+    /// that both or neither are stored ([`crate::store::Attached`]). A reload
+    /// that changes nothing (dry run, unchanged) leaves them untaken.
+    pub attached: Option<crate::store::Attached>,
 }
 
 /// `reloaded`, `unchanged` or `dry_run`.

@@ -77,7 +77,7 @@ impl Engine {
             Direction::Down => "rollback",
         };
         let detail = serde_json::to_value(report).unwrap_or_default();
-        log.commit(&sandbox, ops, kind, detail)?;
+        log.commit_with(&sandbox, ops, kind, detail, opts.attached.as_ref())?;
         Ok(())
     }
 
