@@ -394,9 +394,11 @@ return tests
 /// the JUnit XML is well-formed under a strict reading of XML 1.0. A name
 /// that is not UTF-8 runs (before the review it was shown lossily, looked
 /// up by the lossy text, and failed with "error converting Lua nil to
-/// function").
+/// function"). Huge and deeply nested test files fail to load, alone.
 #[test]
 fn hostile_names_and_error_values_keep_reports_valid_and_bounded() {
+    let deep = format!("return {}{}", "{".repeat(100_000), "}".repeat(100_000));
+    let huge = format!("{}return {{}}", "-- x\n".repeat(600_000));
     let dir = project(
         "runner",
         &[
@@ -404,6 +406,8 @@ fn hostile_names_and_error_values_keep_reports_valid_and_bounded() {
             ("test/errors_test.luau", HOSTILE_ERRORS.as_bytes()),
             ("test/five_test.luau", b"return 5"),
             ("test/empty_test.luau", b""),
+            ("test/deep_test.luau", deep.as_bytes()),
+            ("test/huge_test.luau", huge.as_bytes()),
         ],
     );
     let d = dir.to_str().unwrap();
@@ -452,7 +456,10 @@ fn hostile_names_and_error_values_keep_reports_valid_and_bounded() {
         "test test/errors_test.luau::yields_forever ... FAILED (timeout)",
         "        .x: expected 2, got 1",
         "more bytes)",
-        "test result: FAILED. 3 passed, 18 failed",
+        "test/deep_test.luau:1: <load>: syntax error: test/deep_test.luau:1: Exceeded allowed recursion depth",
+        "test/huge_test.luau: <load>: ",
+        "huge_test.luau is larger than max_source_bytes (1048576 bytes)",
+        "test result: FAILED. 3 passed, 20 failed",
     ] {
         assert!(stdout.contains(expect), "missing {expect:?} in:\n{stdout}");
     }
@@ -466,7 +473,7 @@ fn hostile_names_and_error_values_keep_reports_valid_and_bounded() {
 
     let out = run(&["test", d, "--timeout-ms", "2000", "--json"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["failed"], 18);
+    assert_eq!(report["failed"], 20);
     for t in report["tests"].as_array().unwrap() {
         assert!(
             t["message"].as_str().unwrap().len() < 17_000,

@@ -1,6 +1,12 @@
 //! What `graft test` prints and writes: cargo-test-like lines, JUnit XML
 //! and JSON. Guest text (messages, values, names) is escaped for the
 //! terminal by [`crate::render`] and for XML here.
+//!
+//! Invariants: every message and name an [`Outcome`] holds is bounded
+//! ([`MAX_MESSAGE`], [`MAX_NAME`]); a message's later lines are indented on
+//! the terminal, so guest text never prints a line of the runner's own
+//! shape; the JUnit file is written whole or not at all
+//! ([`write_atomically`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -203,12 +209,11 @@ fn covered(lines: &BTreeMap<u32, u64>) -> (usize, usize) {
     (lines.len(), lines.values().filter(|h| **h > 0).count())
 }
 
-fn percent(total: usize, run: usize) -> f64 {
-    if total == 0 {
-        100.0
-    } else {
-        run as f64 * 100.0 / total as f64
-    }
+/// The share of statement lines run; `None` when no line was measured
+/// (no test ran, or none built a sandbox): every module has at least its
+/// `return`, so zero lines means "unknown", never "all covered".
+fn percent(total: usize, run: usize) -> Option<f64> {
+    (total > 0).then(|| run as f64 * 100.0 / total as f64)
 }
 
 /// The `--coverage` table: per module, its file, statement lines run of
@@ -221,11 +226,14 @@ pub fn coverage_table(
     let width = files.values().map(|f| f.chars().count()).max().unwrap_or(0);
     for (module, file) in files {
         let (total, run) = modules.get(module).map(covered).unwrap_or((0, 0));
+        let shown = match percent(total, run) {
+            Some(p) => format!("{p:>5.1}%"),
+            None => "not measured".to_string(),
+        };
         let _ = writeln!(
             out,
-            "  {:<width$}  {run:>5}/{total:<5}  {:>5.1}%",
+            "  {:<width$}  {run:>5}/{total:<5}  {shown}",
             render::escape(file, Lines::Escape),
-            percent(total, run)
         );
     }
     out.push('\n');
@@ -431,6 +439,22 @@ mod tests {
             "{}",
             &huge.message[huge.message.len() - 40..]
         );
+    }
+
+    #[test]
+    fn coverage_never_reports_unmeasured_modules_as_covered() {
+        let files: BTreeMap<String, String> =
+            [("app".to_string(), "src/app.luau".to_string())].into();
+        // No test ran: no line of `app` was measured.
+        let table = coverage_table(&BTreeMap::new(), &files);
+        assert!(!table.contains("100.0%"), "{table}");
+        assert!(table.contains("not measured"), "{table}");
+        let doc = coverage_json(&BTreeMap::new(), &files);
+        assert_eq!(doc[0]["percent"], Value::Null);
+        let measured: BTreeMap<String, BTreeMap<u32, u64>> =
+            [("app".to_string(), [(1, 2), (2, 0)].into())].into();
+        assert!(coverage_table(&measured, &files).contains(" 50.0%"));
+        assert_eq!(coverage_json(&measured, &files)[0]["percent"], 50.0);
     }
 
     #[test]
