@@ -90,7 +90,21 @@ fn check_id(id: &str) -> String {
 /// on any error.
 pub fn run(dir: &Path, json_out: bool) -> Result<()> {
     let node = Node::with_limits(1, NodeLimits::default());
-    match load(dir, &node)? {
+    let loaded = match load(dir, &node) {
+        Ok(l) => l,
+        // `--json` promises one JSON document on stdout, also when there is
+        // no project to check.
+        Err(e) if json_out => {
+            let error = json!({ "kind": "not_a_project", "message": format!("{e:#}") });
+            println!(
+                "{}",
+                render::json(&json!({ "ok": false, "error": error }), true)
+            );
+            return Err(Reported.into());
+        }
+        Err(e) => return Err(e),
+    };
+    match loaded {
         Checked::Ok(spec) => {
             let modules: Vec<&str> = spec.modules.keys().map(String::as_str).collect();
             if json_out {

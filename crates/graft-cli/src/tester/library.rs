@@ -252,7 +252,7 @@ pub const TEST_API: &[TestItem] = &[
     item!("matches", "(s: any, pattern: string, message: string?) -> ()", "Asserts that `s` is a string matching the Luau `pattern`."),
     item!("ok", "(v: any, message: string?) -> ()", "Asserts that `v` is neither nil nor false."),
     item!("processes", "() -> { any }", "The sandbox's processes: `{ pid, name, module, version, status, ... }`."),
-    item!("raises", "(f: () -> ...any, pattern: string?) -> string", "Asserts that `f` raises (an error matching `pattern`, if given); returns the error message."),
+    item!("raises", "(f: () -> ...any, pattern: string?, message: string?) -> string", "Asserts that `f` raises (an error matching `pattern`, if given); returns the error message."),
     item!("reload", "(module: string, source: string, opts: ReloadOptions?) -> any", "Reloads `module` with a new source (one transaction, `code_change` runs); returns the reload report."),
     item!("rollback", "(module: string, version: number, opts: ReloadOptions?) -> any", "Makes a kept version of `module` current again (`code_change` gets `{ down = n }`)."),
     item!("send", "(target: string, msg: any) -> ()", "Sends `msg` to a process (`handle_info`)."),

@@ -123,6 +123,27 @@ fn git_show(dir: &Path, rev: &str, rel: &str) -> Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// Why git has no history for `dir`: not a repository (or no `git`), or
+/// a repository without a commit; `None` when `HEAD` exists.
+fn no_git_history(dir: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+    };
+    match git(&["rev-parse", "--is-inside-work-tree"]) {
+        Err(e) => Some(format!("git cannot run ({e})")),
+        Ok(false) => Some(format!("{} is not in a git repository", dir.display())),
+        Ok(true) => match git(&["rev-parse", "--verify", "--quiet", "HEAD"]) {
+            Ok(true) => None,
+            _ => Some("its git repository has no commit yet".to_string()),
+        },
+    }
+}
+
 /// The previous committed version of `rel` (see the module docs).
 fn git_previous(dir: &Path, rel: &str, current: &str) -> Result<Option<(String, String)>> {
     match git_show(dir, "HEAD", rel)? {
@@ -577,51 +598,30 @@ fn perturb(v: &mut Value, rng: &mut Rng) {
     }
 }
 
-/// States one step smaller than `v`: a field or element dropped, a number
-/// or string made smaller.
+/// Candidates one shrink round considers at most.
+const MAX_CANDIDATES: usize = 200;
+/// JSON bytes the candidates of one round may hold together: each is a
+/// whole copy of the state, so a large state gets fewer of them.
+const CANDIDATE_BYTES: usize = 64 << 20;
+
+/// States one step smaller than `v`: a half of a table or array kept, a
+/// field or element dropped, a number or string made smaller. At most
+/// [`MAX_CANDIDATES`] (fewer for a large state), halves first: without
+/// the bound a failing state of 10,000 elements made 10,000 copies of
+/// itself (10^8 values) before the first migration ran.
 fn smaller(v: &Value) -> Vec<Value> {
+    let room = (CANDIDATE_BYTES / v.to_string().len().max(1)).clamp(4, MAX_CANDIDATES);
     let mut all = Vec::new();
     paths(v, &mut Vec::new(), &mut all);
     let mut out = Vec::new();
     for path in all {
-        let mut base = v.clone();
-        let Some(node) = at_mut(&mut base, &path) else {
+        if out.len() >= room {
+            break;
+        }
+        let Some(node) = at(v, &path) else {
             continue;
         };
-        let mut edits: Vec<Value> = Vec::new();
-        match node {
-            Value::Object(m) => {
-                for k in m.keys() {
-                    let mut c = m.clone();
-                    c.remove(k);
-                    edits.push(Value::Object(c));
-                }
-            }
-            Value::Array(a) => {
-                for i in (0..a.len()).rev() {
-                    let mut c = a.clone();
-                    c.remove(i);
-                    edits.push(Value::Array(c));
-                }
-            }
-            Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    if i != 0 {
-                        edits.push(json!(0));
-                        edits.push(json!(i / 2));
-                    }
-                } else if n.as_f64().is_some_and(|f| f != f.trunc()) {
-                    edits.push(json!(n.as_f64().unwrap_or(0.0).trunc()));
-                }
-            }
-            Value::String(s) if !s.is_empty() => {
-                edits.push(Value::String(String::new()));
-                let half: String = s.chars().take(s.chars().count() / 2).collect();
-                edits.push(Value::String(half));
-            }
-            _ => {}
-        }
-        for e in edits {
+        for e in edits(node, room - out.len()) {
             let mut c = v.clone();
             if let Some(slot) = at_mut(&mut c, &path) {
                 *slot = e;
@@ -630,6 +630,82 @@ fn smaller(v: &Value) -> Vec<Value> {
         }
     }
     out
+}
+
+fn at<'a>(v: &'a Value, path: &[PathStep]) -> Option<&'a Value> {
+    let mut cur = v;
+    for step in path {
+        cur = match (step, cur) {
+            (PathStep::Key(k), Value::Object(m)) => m.get(k)?,
+            (PathStep::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// At most `room` smaller replacements for one node of a state.
+fn edits(node: &Value, room: usize) -> Vec<Value> {
+    let mut edits: Vec<Value> = Vec::new();
+    match node {
+        Value::Object(m) => {
+            if m.len() > 3 {
+                let half = m.len() / 2;
+                let part = |skip: usize, take: usize| -> Value {
+                    Value::Object(
+                        m.iter()
+                            .skip(skip)
+                            .take(take)
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    )
+                };
+                edits.push(part(0, half));
+                edits.push(part(half, m.len()));
+            }
+            for k in m.keys() {
+                if edits.len() >= room {
+                    break;
+                }
+                let mut c = m.clone();
+                c.remove(k);
+                edits.push(Value::Object(c));
+            }
+        }
+        Value::Array(a) => {
+            if a.len() > 3 {
+                let half = a.len() / 2;
+                edits.push(Value::Array(a[..half].to_vec()));
+                edits.push(Value::Array(a[half..].to_vec()));
+            }
+            for i in (0..a.len()).rev() {
+                if edits.len() >= room {
+                    break;
+                }
+                let mut c = a.clone();
+                c.remove(i);
+                edits.push(Value::Array(c));
+            }
+        }
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                if i != 0 {
+                    edits.push(json!(0));
+                    edits.push(json!(i / 2));
+                }
+            } else if n.as_f64().is_some_and(|f| f != f.trunc()) {
+                edits.push(json!(n.as_f64().unwrap_or(0.0).trunc()));
+            }
+        }
+        Value::String(s) if !s.is_empty() => {
+            edits.push(Value::String(String::new()));
+            let half: String = s.chars().take(s.chars().count() / 2).collect();
+            edits.push(Value::String(half));
+        }
+        _ => {}
+    }
+    edits.truncate(room);
+    edits
 }
 
 /// How big a state is, for shrinking: its JSON length, then the sum of its
@@ -873,6 +949,15 @@ pub fn run(dir: &Path, json_out: bool, cases: usize, seed: u64) -> Result<()> {
     };
     let mut notes = Vec::new();
     let node_data = open_node_data(dir, &spec.id, &mut notes);
+    if node_data.is_none() {
+        if let Some(why) = no_git_history(dir) {
+            // Otherwise "0 modules checked" reads as "all is well".
+            notes.push(format!(
+                "note: no previous version to compare with: no node data ({}) and {why}; nothing was checked",
+                dir.join(".graft").join(graft::DATABASE_FILE).display()
+            ));
+        }
+    }
     let mut findings = Vec::new();
     let mut unchanged = 0;
     for (module, path) in &spec.files {
@@ -1029,5 +1114,19 @@ mod tests {
         assert!(all.contains(&json!({ "n": 5, "items": ["ab", "c"] })));
         assert!(all.contains(&json!({ "n": 10, "items": ["c"] })));
         assert!(smaller(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn shrinking_a_large_state_stays_bounded() {
+        // 3,000 elements: unbounded, one round made 6,000+ full copies.
+        let big = Value::Array((0..3000).map(|i| json!({ "n": i })).collect());
+        let all = smaller(&big);
+        assert!(!all.is_empty());
+        assert!(all.len() <= MAX_CANDIDATES, "{} candidates", all.len());
+        assert!(all.iter().all(|c| size(c) < size(&big)));
+        // Halves come first, so a shrink needs log2(n) steps, not n.
+        assert!(all.contains(&Value::Array(big.as_array().unwrap()[..1500].to_vec())));
+        let wide = Value::Object((0..3000).map(|i| (format!("k{i}"), json!(i))).collect());
+        assert!(smaller(&wide).len() <= MAX_CANDIDATES);
     }
 }

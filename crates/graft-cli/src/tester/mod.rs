@@ -100,6 +100,9 @@ impl Coverage {
 struct Case {
     file: String,
     name: String,
+    /// The key's bytes as the file wrote them: a name that is not UTF-8
+    /// is shown lossily but looked up exactly.
+    key: Vec<u8>,
     /// The file compiled once, here (see [`compile`]).
     bytecode: Arc<Vec<u8>>,
 }
@@ -113,6 +116,12 @@ pub fn run(opts: &Options) -> Result<()> {
         // Before any module is compiled: every sandbox of this run counts.
         graft::vm::enable_coverage();
     }
+    // A report path that cannot be written is refused before the run, not
+    // after minutes of tests.
+    let junit = match &opts.junit {
+        Some(p) => Some(report::output_path(p, "--junit")?),
+        None => None,
+    };
     let coverage = opts.coverage.then(|| Mutex::new(Coverage::default()));
     let node = Node::with_limits(jobs, NodeLimits::default());
     let spec = match check::load(&opts.dir, &node)? {
@@ -188,8 +197,8 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!("{}", report::summary(&outcomes, elapsed));
     }
-    if let Some(path) = &opts.junit {
-        std::fs::write(path, report::junit(&outcomes, elapsed))
+    if let Some(path) = &junit {
+        report::write_atomically(path, &report::junit(&outcomes, elapsed))
             .map_err(|e| anyhow!("cannot write the JUnit report {}: {e}", path.display()))?;
     }
     if failures.is_empty() {
@@ -278,7 +287,7 @@ fn discover(
                 for (name, why) in bad {
                     problems.push(Outcome::failed(&file, &name, Kind::Load, why));
                 }
-                for name in names {
+                for (name, key) in names {
                     if cases.len() >= MAX_TESTS {
                         return Err(anyhow!(
                             "more than {MAX_TESTS} tests; split the suite or use --filter"
@@ -287,6 +296,7 @@ fn discover(
                     cases.push(Case {
                         file: file.clone(),
                         name,
+                        key,
                         bytecode: bytecode.clone(),
                     });
                 }
@@ -343,7 +353,7 @@ fn test_names(
     bytecode: &[u8],
     spec: &SandboxSpec,
     timeout: Duration,
-) -> std::result::Result<(Vec<String>, Vec<(String, String)>), Box<Outcome>> {
+) -> std::result::Result<(Vec<(String, Vec<u8>)>, Vec<(String, String)>), Box<Outcome>> {
     let flag = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + timeout;
     let lua = library::driver_vm(spec.limits.memory_bytes, deadline, flag.clone())
@@ -366,8 +376,8 @@ fn test_names(
     for pair in table.pairs::<Value, Value>() {
         let (k, v) =
             pair.map_err(|e| Box::new(Outcome::failed(file, "<load>", Kind::Load, e.to_string())))?;
-        let name = match &k {
-            Value::String(s) => s.to_string_lossy(),
+        let (name, key) = match &k {
+            Value::String(s) => (s.to_string_lossy(), s.as_bytes().to_vec()),
             other => {
                 bad.push((
                     format!("[{}]", values::show(other)),
@@ -388,7 +398,7 @@ fn test_names(
                 format!("more than {MAX_TESTS} tests in one file"),
             )));
         }
-        names.push(name);
+        names.push((name, key));
     }
     names.sort();
     bad.sort();
@@ -564,7 +574,7 @@ fn drive(
                 )))
             }
         };
-        let f: mlua::Function = table.get(case.name.as_str())?;
+        let f: mlua::Function = table.get(lua.create_string(&case.key)?)?;
         f.call::<()>(t)
     })();
     match result {
@@ -609,6 +619,11 @@ fn classify(
         Kind::OutOfMemory if !message.starts_with("out_of_memory") => {
             format!("out_of_memory: {message}")
         }
+        // Luau's answer when the message handler itself fails: the value
+        // raised has a `__tostring` that loops, raises or returns no string.
+        _ if message == "error in error handling" => format!(
+            "{message}: the value raised could not be turned into text (its `__tostring` loops, raises or returns a non-string)"
+        ),
         _ => message,
     };
     Outcome {

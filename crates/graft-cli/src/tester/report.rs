@@ -1,9 +1,17 @@
 //! What `graft test` prints and writes: cargo-test-like lines, JUnit XML
 //! and JSON. Guest text (messages, values, names) is escaped for the
 //! terminal by [`crate::render`] and for XML here.
+//!
+//! Invariants: every message and name an [`Outcome`] holds is bounded
+//! ([`MAX_MESSAGE`], [`MAX_NAME`]); a message's later lines are indented on
+//! the terminal, so guest text never prints a line of the runner's own
+//! shape; the JUnit file is written whole or not at all
+//! ([`write_atomically`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -64,14 +72,37 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
+/// Bytes of a failure message kept (a test may raise a 5 MB string; every
+/// report would repeat it).
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// Bytes of a test name kept (names can be built at run time).
+pub const MAX_NAME: usize = 512;
+
+/// `s` cut to at most `max` bytes on a character boundary, saying so.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} … ({} more bytes)", &s[..cut], s.len() - cut)
+}
+
 impl Outcome {
-    /// A failure with only a message.
+    /// A failure with only a message (message and name bounded by
+    /// [`MAX_MESSAGE`] and [`MAX_NAME`]).
     pub fn failed(file: &str, name: &str, kind: Kind, message: String) -> Outcome {
         Outcome {
             file: file.into(),
-            name: name.into(),
+            name: clip(name, MAX_NAME),
             kind,
-            message,
+            message: if message.len() > MAX_MESSAGE {
+                clip(&message, MAX_MESSAGE)
+            } else {
+                message
+            },
             location: None,
             expected: None,
             actual: None,
@@ -109,12 +140,15 @@ pub fn line(o: &Outcome) -> String {
 pub fn failure_block(o: &Outcome) -> String {
     let mut out = String::new();
     let at = o.location.clone().unwrap_or_else(|| o.file.clone());
+    // A message's later lines are indented: guest text must not be able
+    // to print a line that reads as the runner's own (`test x ... ok`,
+    // `test result: ok. …`).
+    let message = render::escape(&o.message, Lines::Keep).replace('\n', "\n    ");
     let _ = writeln!(
         out,
-        "{}: {}: {}",
+        "{}: {}: {message}",
         render::escape(&at, Lines::Escape),
         render::escape(&o.name, Lines::Escape),
-        render::escape(&o.message, Lines::Keep)
     );
     if let Some(e) = &o.expected {
         let _ = writeln!(out, "  expected: {}", render::escape(e, Lines::Escape));
@@ -175,12 +209,11 @@ fn covered(lines: &BTreeMap<u32, u64>) -> (usize, usize) {
     (lines.len(), lines.values().filter(|h| **h > 0).count())
 }
 
-fn percent(total: usize, run: usize) -> f64 {
-    if total == 0 {
-        100.0
-    } else {
-        run as f64 * 100.0 / total as f64
-    }
+/// The share of statement lines run; `None` when no line was measured
+/// (no test ran, or none built a sandbox): every module has at least its
+/// `return`, so zero lines means "unknown", never "all covered".
+fn percent(total: usize, run: usize) -> Option<f64> {
+    (total > 0).then(|| run as f64 * 100.0 / total as f64)
 }
 
 /// The `--coverage` table: per module, its file, statement lines run of
@@ -193,11 +226,14 @@ pub fn coverage_table(
     let width = files.values().map(|f| f.chars().count()).max().unwrap_or(0);
     for (module, file) in files {
         let (total, run) = modules.get(module).map(covered).unwrap_or((0, 0));
+        let shown = match percent(total, run) {
+            Some(p) => format!("{p:>5.1}%"),
+            None => "not measured".to_string(),
+        };
         let _ = writeln!(
             out,
-            "  {:<width$}  {run:>5}/{total:<5}  {:>5.1}%",
+            "  {:<width$}  {run:>5}/{total:<5}  {shown}",
             render::escape(file, Lines::Escape),
-            percent(total, run)
         );
     }
     out.push('\n');
@@ -305,6 +341,59 @@ pub fn junit(outcomes: &[Outcome], elapsed: Duration) -> String {
     out
 }
 
+/// Where a report file given on the command line (`--junit FILE`,
+/// `graft types`) will be written, checked before any work: not a
+/// directory, its folder exists; a symbolic link is followed to the file
+/// it names (as a shell's `>` would), a dangling or looping one refused.
+pub fn output_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    let shown = path.display();
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| {
+            anyhow::anyhow!(
+                "{flag} {shown}: a symbolic link that leads nowhere ({e}); give a file path"
+            )
+        })?,
+        _ => path.to_path_buf(),
+    };
+    if target.is_dir() {
+        return Err(anyhow::anyhow!(
+            "{flag} {shown}: is a directory; give a file path"
+        ));
+    }
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(anyhow::anyhow!(
+            "{flag} {shown}: the folder {} does not exist; create it first",
+            parent.display()
+        ));
+    }
+    Ok(target)
+}
+
+/// Writes `text` to `path` whole or not at all: into a temporary file
+/// beside it, then renamed over it, so a failed write (disk full, killed
+/// run) never leaves a truncated report or definitions file behind.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +405,56 @@ mod tests {
             "a&lt;b &amp; &quot;c&quot;\\u{1b}"
         );
         assert_eq!(xml_escape("line\nnext\ttab"), "line\nnext\ttab");
+    }
+
+    #[test]
+    fn guest_text_cannot_forge_runner_lines_or_grow_without_bound() {
+        let forged = "boom\ntest result: ok. 99 passed, 0 failed; finished in 0.00s\ntest x ... ok";
+        let o = Outcome::failed("test/a_test.luau", "n\nm", Kind::Error, forged.into());
+        let block = failure_block(&o);
+        for line in block.lines().skip(1) {
+            assert!(
+                line.starts_with("    "),
+                "unindented line {line:?} in {block}"
+            );
+        }
+        assert_eq!(
+            line(&o),
+            "test test/a_test.luau::n\\u{a}m ... FAILED (error)"
+        );
+        let huge = Outcome::failed(
+            "test/a_test.luau",
+            &"é".repeat(100_000),
+            Kind::Error,
+            "x".repeat(5_000_000),
+        );
+        assert!(
+            huge.message.len() < MAX_MESSAGE + 64,
+            "{}",
+            huge.message.len()
+        );
+        assert!(huge.name.len() < MAX_NAME + 64);
+        assert!(
+            huge.message.ends_with("(4983616 more bytes)"),
+            "{}",
+            &huge.message[huge.message.len() - 40..]
+        );
+    }
+
+    #[test]
+    fn coverage_never_reports_unmeasured_modules_as_covered() {
+        let files: BTreeMap<String, String> =
+            [("app".to_string(), "src/app.luau".to_string())].into();
+        // No test ran: no line of `app` was measured.
+        let table = coverage_table(&BTreeMap::new(), &files);
+        assert!(!table.contains("100.0%"), "{table}");
+        assert!(table.contains("not measured"), "{table}");
+        let doc = coverage_json(&BTreeMap::new(), &files);
+        assert_eq!(doc[0]["percent"], Value::Null);
+        let measured: BTreeMap<String, BTreeMap<u32, u64>> =
+            [("app".to_string(), [(1, 2), (2, 0)].into())].into();
+        assert!(coverage_table(&measured, &files).contains(" 50.0%"));
+        assert_eq!(coverage_json(&measured, &files)[0]["percent"], 50.0);
     }
 
     #[test]

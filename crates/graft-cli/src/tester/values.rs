@@ -19,6 +19,9 @@ pub const MAX_SHOWN: usize = 2000;
 pub const MAX_DEPTH: usize = 32;
 /// Differences listed by [`diff`].
 pub const MAX_DIFF_LINES: usize = 20;
+/// Bytes of one difference line, at most (its path can hold keys of any
+/// length, 32 levels deep).
+pub const MAX_DIFF_LINE: usize = 4 * MAX_SHOWN;
 
 /// `v` as Luau-like literal text: strings quoted and escaped, tables with
 /// their keys sorted (`{ a = 1, [2] = "x" }`), cut at [`MAX_SHOWN`].
@@ -188,6 +191,9 @@ pub fn diff(expected: &Value, actual: &Value) -> Vec<String> {
         lines.push("…".into());
     }
     lines
+        .into_iter()
+        .map(|l| super::report::clip(&l, MAX_DIFF_LINE))
+        .collect()
 }
 
 fn path_of(parent: &str, k: &Value) -> String {
@@ -319,5 +325,30 @@ mod tests {
             "local t = {}; for i = 1, 100 do t[i] = -i end; return t",
         );
         assert_eq!(diff(&wide_a, &wide_b).len(), MAX_DIFF_LINES + 1);
+    }
+
+    #[test]
+    fn diffs_of_long_keys_deep_cycles_stay_bounded() {
+        let lua = Lua::new();
+        // 31 levels of 100 KB identifier keys: each path is 3 MB unbounded.
+        let build = "local v = ...; local t = {}; local x = t; \
+            for i = 1, 31 do local k = string.rep('k', 100000) .. i; x[k] = {}; x = x[k] end; \
+            x.v = v; return t";
+        let a: Value = lua.load(build).call(1).unwrap();
+        let b: Value = lua.load(build).call(2).unwrap();
+        let lines = diff(&a, &b);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].len() <= MAX_DIFF_LINE + 64, "{}", lines[0].len());
+        // Crossed cycles of different shapes terminate with a finite diff.
+        let c1 = eval(
+            &lua,
+            "local a, b = {}, {}; a.next = b; b.next = a; return a",
+        );
+        let c2 = eval(
+            &lua,
+            "local c, d = {}, {}; c.next = d; d.next = c; d.v = 1; return c",
+        );
+        assert!(!deep_eq(&c1, &c2));
+        assert_eq!(diff(&c1, &c2), vec![".next.v: unexpected 1"]);
     }
 }
