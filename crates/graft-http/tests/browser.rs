@@ -244,6 +244,30 @@ async fn sign_in(page: &Page, token: &str, role: &str) {
     );
 }
 
+/// Chooses sandbox `id` in the sandbox panel's picker once the page lists
+/// it; waits until the panel shows it.
+async fn pick_sandbox(page: &Page, id: &str) {
+    wait_js(
+        page,
+        &format!("sandbox {id} in the picker"),
+        &format!("[...document.querySelector('#sb-pick').options].some(o => o.value === '{id}')"),
+        Duration::from_secs(5),
+    )
+    .await;
+    js(
+        page,
+        &format!("(() => {{ const s = document.querySelector('#sb-pick'); s.value = '{id}'; s.dispatchEvent(new Event('change')); }})()"),
+    )
+    .await;
+    wait_js(
+        page,
+        &format!("sandbox {id} shown"),
+        &format!("document.querySelector('#sb-name').textContent === '{id}'"),
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
 fn version_of(mods: &Value, name: &str) -> Value {
     mods.as_array()
         .unwrap()
@@ -318,7 +342,6 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
 
     // Signed in with the admin token typed into the form.
     sign_in(&page, &api.admin, "admin").await;
-    shot(&page, "signed-in").await;
     wait_js(
         &page,
         "sandbox listed with its health",
@@ -608,7 +631,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
             .await
             .unwrap_or_else(|e| panic!("spawn {i}: {e}"));
     }
-    js(&page, "(() => { const s = document.querySelector('#sb-pick'); s.value = 'big'; s.dispatchEvent(new Event('change')); })()").await;
+    pick_sandbox(&page, "big").await;
     wait_js(
         &page,
         "10,000 processes paged",
@@ -648,7 +671,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
         json!(100)
     );
     shot(&page, "processes-10k").await;
-    js(&page, "(() => { const s = document.querySelector('#sb-pick'); s.value = 'shop'; s.dispatchEvent(new Event('change')); })()").await;
+    pick_sandbox(&page, "shop").await;
 
     // Signing out and in again as a viewer: no state inspector, no editor,
     // no rollback, no audit log on the page (and the API refuses the state
@@ -660,7 +683,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
         "document.querySelector('[data-tab=sandbox]').click()",
     )
     .await;
-    js(&page, "(() => { const s = document.querySelector('#sb-pick'); s.value = 'shop'; s.dispatchEvent(new Event('change')); })()").await;
+    pick_sandbox(&page, "shop").await;
     wait_js(
         &page,
         "viewer's process table filled",
