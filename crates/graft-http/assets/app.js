@@ -27,7 +27,9 @@ function el(tag, attrs, ...kids) {
 async function api(method, path, body) {
   const headers = {};
   if (S.token) headers.Authorization = "Bearer " + S.token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  // The node refuses a mutating request that is not JSON (a form post from
+  // another site cannot be), also when it has no body: a DELETE too.
+  if (body !== undefined || method !== "GET") headers["Content-Type"] = "application/json";
   const r = await fetch(path, { method, headers, credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body) });
   let data = null;
@@ -76,25 +78,38 @@ async function signIn(ev) {
   await enter();
 }
 
+// Signing out starts the page afresh: the next sign-in (perhaps with a
+// lesser token) gets a page built for its role, not one a previous role
+// left behind.
 async function signOut() {
-  await api("DELETE", "/api/v1/session");
-  S.token = null;
+  clearInterval(sampleTimer);
+  clearTimeout(refreshTimer);
+  const r = await api("DELETE", "/api/v1/session");
+  if (!r.ok) { $("#who").textContent = "sign-out failed: " + errText(r); return; }
   if (S.stream) S.stream.abort();
-  showSignin("signed out");
+  S.token = null;
+  location.reload();
 }
 
+const RANK = { viewer: 0, operator: 1, admin: 2 };
 async function enter() {
   const s = await api("GET", "/api/v1/session");
   S.role = s.ok && s.data ? s.data.role : "admin";
   $("#who").textContent = s.ok && s.data ? "signed in as " + s.data.role : "open node (no sign-in required)";
   $("#signout").hidden = !s.ok;
-  for (const e of $$("[data-admin]")) e.hidden = S.role !== "admin";
+  // What the role may not use is removed, not just hidden: a viewer's page
+  // holds no state inspector and no controls that could only be refused.
+  const rank = RANK[S.role] ?? 0;
+  for (const e of $$("[data-admin]")) if (rank < RANK.admin) e.remove();
+  for (const e of $$("[data-operator]")) if (rank < RANK.operator) e.remove();
   $("#signin").hidden = true;
   $("#app").hidden = false;
   await refreshAll();
   follow();
-  setInterval(sample, 5000);
+  sampleTimer = setInterval(sample, 5000);
 }
+let sampleTimer = null;
+const canWrite = () => (RANK[S.role] ?? 0) >= RANK.operator;
 
 // ---- tabs ----
 function showTab(name) {
@@ -236,7 +251,7 @@ async function loadVersions(module) {
   $("#v-module").textContent = module;
   $("#v-list").replaceChildren(...S.versions.map((v) => el("li", {}, `v${v.version} ${v.current ? "(current) " : ""}`,
     new Date(v.loaded_at_ms).toLocaleTimeString() + " ",
-    v.current ? null : el("button", { type: "button", onclick: () => rollback(module, v.version) }, "Roll back to v" + v.version))));
+    v.current || !canWrite() ? null : el("button", { type: "button", onclick: () => rollback(module, v.version) }, "Roll back to v" + v.version))));
   const opts = () => S.versions.map((v) => el("option", { value: v.version }, "v" + v.version));
   $("#diff-a").replaceChildren(...opts());
   $("#diff-b").replaceChildren(...opts());
@@ -247,7 +262,9 @@ async function loadVersions(module) {
 
 async function rollback(module, version) {
   const r = await api("POST", `/api/v1/sandboxes/${encodeURIComponent(S.current)}/modules/${encodeURIComponent(module)}/rollback`, { version });
-  $("#ed-status").textContent = r.ok ? `rolled ${module} back to v${version}` : "rollback failed: " + errText(r);
+  const st = $("#v-status");
+  st.className = r.ok ? "ok" : "error";
+  st.textContent = r.ok ? `rolled ${module} back to v${version}` : "rollback failed: " + errText(r);
   await loadVersions(module);
 }
 
@@ -283,6 +300,7 @@ function renderDiff() {
 // ---- live editor ----
 let dryTimer = null, dryRun = 0;
 function fillEditorModules() {
+  if (!canWrite()) return;
   const sel = $("#ed-module");
   const names = S.modules.map((m) => m.name);
   if (sel.options.length === names.length && names.every((n, i) => sel.options[i].value === n)) return;
