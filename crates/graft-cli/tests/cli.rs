@@ -23,8 +23,18 @@ fn graft() -> Command {
 }
 
 /// A data home of its own for one node (or the clients of this process).
+/// Emptied the first time this process names it: a directory left by an
+/// earlier run whose pid was the same would hand a new node old sandboxes
+/// and a stale token.
 fn xdg_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("graft-cli-{}-xdg-{name}", std::process::id()))
+    static FRESH: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join(format!("graft-cli-{}-xdg-{name}", std::process::id()));
+    let mut fresh = FRESH.lock().unwrap_or_else(|e| e.into_inner());
+    if !fresh.iter().any(|n| n == name) {
+        let _ = std::fs::remove_dir_all(&dir);
+        fresh.push(name.to_owned());
+    }
+    dir
 }
 
 fn temp_dir(name: &str) -> PathBuf {
