@@ -1269,6 +1269,18 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
         assert!(!kinds(&sb).contains(&"sandbox_reconfigured".to_string()));
         assert!(block_on(sb.events()).expect("events").len() > events_before);
 
+        // Settings that validate but cannot start (entry args larger than
+        // the new message limit): the old settings come back, on disk too.
+        let mut unstartable = spec("shop").entry_args(json!({ "blob": "x".repeat(5_000) }));
+        unstartable.limits.max_message_bytes = 1_024;
+        let err = node
+            .reconfigure_sandbox(unstartable)
+            .err()
+            .expect("cannot start");
+        assert!(err.to_string().contains("1024"), "{err}");
+        let sb = node.sandbox("shop").expect("still there");
+        block_on(sb.wait_app_started()).expect("old app again");
+        assert_eq!(call(&sb, "get")["n"], 4, "the state came back");
         // Happy path: a capability and a new entry module that starts the
         // same named counter.
         let mut next = spec("shop").module("main", APP).entry(Some("main"));
@@ -1296,12 +1308,14 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
     );
     let kept: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
     assert_eq!(kept, [1, 2, 3]);
+    assert!(kinds(&sb).contains(&"sandbox_reconfigure_failed".to_string()));
     assert_eq!(
         kinds(&sb)
             .iter()
             .filter(|k| *k == "sandbox_reconfigured")
             .count(),
-        1
+        2,
+        "the unstartable one (undone by sandbox_reconfigure_failed) and the good one"
     );
     node.shutdown();
 }

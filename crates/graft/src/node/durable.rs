@@ -657,6 +657,8 @@ impl Node {
                 spec.id
             )));
         }
+        // What to rebuild if the new settings cannot start.
+        let old_histories = histories.clone();
         // Modules it does not have yet come in as version 1.
         let added: BTreeMap<String, String> = spec
             .modules
@@ -732,9 +734,34 @@ impl Node {
         }
         let id = new_spec.id.clone();
         let host = HostFunctions(old.shared.host_fns.clone());
+        let old_spec = old.shared.spec.clone();
         self.forget_sandbox(&id);
         drop(old);
-        let sb = self.create_from(new_spec, host, Some(histories), false)?;
+        let sb = match self.create_from(new_spec, host.clone(), Some(histories), false) {
+            Ok(sb) => sb,
+            Err(e) => {
+                // The new settings cannot start (e.g. entry args larger than
+                // the new message limit): put the old record back, on disk
+                // before memory, so no later start restores settings that
+                // fail. The modules it added stay stored, unused.
+                let back = match self.inner.store {
+                    Some(_) => vec![WriteOp::PutSandbox(sandbox_record(&old_spec))],
+                    None => Vec::new(),
+                };
+                self.inner.events.commit(
+                    &id,
+                    back,
+                    "sandbox_reconfigure_failed",
+                    json!({ "changed": changed, "error": e.to_string() }),
+                )?;
+                let sb = self.create_from(old_spec, host, Some(old_histories), false)?;
+                if let Some(store) = &self.inner.store {
+                    let rows = store.checkpoints(&id)?;
+                    self.restore_started(vec![(sb, rows)]);
+                }
+                return Err(e);
+            }
+        };
         self.inner.checkpoints.written.lock().remove(&id);
         self.inner.checkpoints.skipped.lock().remove(&id);
         if let Some(store) = &self.inner.store {
