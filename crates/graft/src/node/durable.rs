@@ -43,8 +43,7 @@ use crate::config::{Limits, NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::events::{EventLog, MAX_DELETED_KEPT};
 use crate::store::{
-    ModuleSnapshot, SandboxRecord, SandboxSnapshot, Store, StoreOptions, VersionRecord,
-    VersionStatus, WriteOp,
+    ModuleSnapshot, SandboxRecord, SandboxSnapshot, Store, StoreOptions, VersionStatus, WriteOp,
 };
 use crate::upgrade::{ModuleHistory, ModuleVersion};
 
@@ -552,16 +551,11 @@ pub(super) fn creation_ops(
     ops.push(WriteOp::PutSandbox(sandbox_record(spec)));
     for (name, h) in modules {
         for v in &h.versions {
-            ops.push(WriteOp::PutVersion(VersionRecord {
-                sandbox: spec.id.clone(),
-                module: name.clone(),
-                version: v.version,
-                checksum: v.checksum.clone(),
-                source: v.source.clone(),
-                dependencies: v.dependencies.clone(),
-                status: VersionStatus::Permanent,
-                created_ms: v.loaded_at_ms,
-            }));
+            ops.push(WriteOp::PutVersion(v.record(
+                &spec.id,
+                name,
+                VersionStatus::Permanent,
+            )));
         }
         ops.push(WriteOp::SetCurrent {
             sandbox: spec.id.clone(),
@@ -685,16 +679,11 @@ impl Node {
                 loaded_at_ms: crate::clock::unix_ms(),
                 dependencies: p.dependencies,
             };
-            ops.push(WriteOp::PutVersion(VersionRecord {
-                sandbox: spec.id.clone(),
-                module: p.name.clone(),
-                version: 1,
-                checksum: v.checksum.clone(),
-                source: v.source.clone(),
-                dependencies: v.dependencies.clone(),
-                status: VersionStatus::Permanent,
-                created_ms: v.loaded_at_ms,
-            }));
+            ops.push(WriteOp::PutVersion(v.record(
+                &spec.id,
+                &p.name,
+                VersionStatus::Permanent,
+            )));
             ops.push(WriteOp::SetCurrent {
                 sandbox: spec.id.clone(),
                 module: p.name.clone(),

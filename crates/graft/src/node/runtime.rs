@@ -141,16 +141,7 @@ impl Runtime {
                 versions: h
                     .versions
                     .iter()
-                    .map(|v| crate::store::VersionRecord {
-                        sandbox: sandbox.clone(),
-                        module: name.clone(),
-                        version: v.version,
-                        checksum: v.checksum.clone(),
-                        source: v.source.clone(),
-                        dependencies: v.dependencies.clone(),
-                        status: crate::store::VersionStatus::Permanent,
-                        created_ms: v.loaded_at_ms,
-                    })
+                    .map(|v| v.record(&sandbox, name, crate::store::VersionStatus::Permanent))
                     .collect(),
                 current: h.current,
             });

@@ -39,6 +39,27 @@ pub struct ModuleVersion {
     pub dependencies: Vec<String>,
 }
 
+impl ModuleVersion {
+    /// Its database row, for module `module` of sandbox `sandbox`.
+    pub(crate) fn record(
+        &self,
+        sandbox: &str,
+        module: &str,
+        status: crate::store::VersionStatus,
+    ) -> crate::store::VersionRecord {
+        crate::store::VersionRecord {
+            sandbox: sandbox.to_owned(),
+            module: module.to_owned(),
+            version: self.version,
+            checksum: self.checksum.clone(),
+            source: self.source.clone(),
+            dependencies: self.dependencies.clone(),
+            status,
+            created_ms: self.loaded_at_ms,
+        }
+    }
+}
+
 /// The kept versions of one module and which one is current.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ModuleHistory {
