@@ -334,6 +334,11 @@ struct Listen {
     /// scrapers, e.g. 127.0.0.1:9464 (the API's own /metrics stays)
     #[arg(long, value_name = "HOST:PORT")]
     metrics_bind: Option<String>,
+    /// Also write an audit row for every allowed call, cast and send, ahead
+    /// of it (failing closed; costs one commit per message). Refused
+    /// messages are always recorded
+    #[arg(long)]
+    audit_messages: bool,
 }
 
 impl Listen {
@@ -362,6 +367,7 @@ impl Listen {
             allow_hosts: self.allow_hosts,
             tls: self.tls_cert.zip(self.tls_key),
             projects_roots: self.projects_roots,
+            audit_messages: self.audit_messages,
         }
     }
 }

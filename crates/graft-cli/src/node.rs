@@ -33,6 +33,8 @@ pub struct Serving {
     /// `--tls-cert` and `--tls-key`.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub projects_roots: Vec<PathBuf>,
+    /// `--audit-messages`.
+    pub audit_messages: bool,
 }
 
 impl Serving {
@@ -49,6 +51,7 @@ impl Serving {
             allow_hosts,
             projects_roots: self.projects_roots.clone(),
             tls: self.tls.is_some(),
+            audit_messages: self.audit_messages,
             ..TrustConfig::default()
         }
     }

@@ -1095,10 +1095,44 @@ fn tokens_roles_and_the_audit_log_from_the_command_line() {
         audit.contains("/api/v1/sandboxes/{id}/call") && audit.contains("viewer"),
         "{audit}"
     );
+    // An allowed call is the application's traffic: no row by default.
+    node.ok(&["call", "t", "c", "1"]);
     let all = node.ok(&["audit", "--json", "--limit", "1000"]);
     let v: Value = serde_json::from_str(&all).unwrap();
-    assert!(v["rows"].as_array().unwrap().len() >= 4, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    assert!(rows.len() >= 4, "{v}");
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["route"] == "/api/v1/sandboxes/{id}/call" && r["outcome"] == "ok"),
+        "{v}"
+    );
     assert!(!all.contains(&viewer[6..]) && !all.contains(&node.token[6..]));
+    node.interrupt();
+
+    // `--audit-messages`: every allowed call has its row too.
+    let node = Node::start(&["serve", "--audit-messages"]);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    let (status, resp) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes/t/spawn",
+        "{\"module\": \"counter\", \"name\": \"c\"}",
+    );
+    assert_eq!(status, 201, "{resp}");
+    node.ok(&["call", "t", "c", "1"]);
+    let all = node.ok(&["audit", "--json", "--limit", "1000"]);
+    let v: Value = serde_json::from_str(&all).unwrap();
+    assert!(
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            // Written ahead; its completion follows lazily.
+            .any(|r| r["route"] == "/api/v1/sandboxes/{id}/call" && r["role"] == "admin"),
+        "{v}"
+    );
     node.interrupt();
 }
 

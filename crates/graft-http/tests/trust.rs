@@ -137,7 +137,11 @@ async fn every_route_of_the_openapi_document_is_protected_as_the_table_says() {
                 Access::Role(r) => r.as_str().to_owned(),
             };
             assert_eq!(op["x-graft-role"], json!(role), "{m} {full}");
-            assert_eq!(op["x-graft-audited"], json!(row.audit), "{m} {full}");
+            assert_eq!(
+                op["x-graft-audited"],
+                json!(row.audit.as_str()),
+                "{m} {full}"
+            );
             if row.method == "DELETE" && row.path.contains("{id}") {
                 continue; // probed last, below
             }
@@ -807,10 +811,22 @@ async fn audit_rows_for_allowed_and_denied_requests() {
         .find(|t| t.role == "viewer")
         .unwrap()
         .id;
+    // An allowed message writes no row (messages are not audited unless
+    // the node asks, see `messages_are_audited_when_the_node_asks`); a
+    // refused one does.
     assert_eq!(
         api.call("demo", "counter", json!("inc")).await.0,
         StatusCode::OK
     );
+    let refused = api
+        .as_token(
+            Some(&viewer),
+            Method::POST,
+            "/api/v1/sandboxes/demo/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        )
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "forbidden");
     api.as_token(
         Some(&viewer),
         Method::POST,
@@ -856,19 +872,19 @@ async fn audit_rows_for_allowed_and_denied_requests() {
                 "-"
             ),
             s("/api/v1/sandboxes/{id}/eval", "forbidden", "viewer"),
-            s("/api/v1/sandboxes/{id}/call", "ok", "admin"),
+            s("/api/v1/sandboxes/{id}/call", "forbidden", "viewer"),
             s("/api/v1/sandboxes", "ok", "admin"),
         ],
         "{rows:#?}"
     );
     let call = &rows[3];
     assert_eq!(call["method"], "POST");
-    assert_eq!(call["status"], 200);
+    assert_eq!(call["status"], 403);
     assert!(call["duration_us"].as_u64().unwrap() > 0);
     assert!(call["at_ms"].as_f64().unwrap() > 1.6e12);
     // Filters and paging.
     let by_viewer = audit_rows(&api, &format!("token={viewer_id}")).await;
-    assert_eq!(by_viewer.len(), 1);
+    assert_eq!(by_viewer.len(), 2);
     assert_eq!(audit_rows(&api, "outcome=unauthorized").await.len(), 1);
     let (_, page) = api.get("/api/v1/audit?limit=2").await;
     let before = page["next_before"].as_u64().unwrap();
@@ -902,11 +918,6 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_done() {
     for (m, uri, body) in [
         (
             Method::POST,
-            "/api/v1/sandboxes/demo/call",
-            Some(json!({ "to": "counter", "request": "inc" })),
-        ),
-        (
-            Method::POST,
             "/api/v1/sandboxes/demo/eval",
             Some(json!({ "source": "return 1" })),
         ),
@@ -932,6 +943,73 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_done() {
     let sb = api.node.sandbox("demo").unwrap();
     let state = sb.state("counter").await.unwrap();
     assert_eq!(state["count"], 1);
+    // Messages are the application's traffic, not audited by default: a
+    // failing store stops the node's administration, not the application.
+    assert_eq!(
+        api.call("demo", "counter", json!("inc")).await.1["reply"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn messages_are_audited_when_the_node_asks() {
+    let api = Api::with(
+        NodeLimits::default(),
+        TrustConfig {
+            audit_messages: true,
+            ..Api::test_trust()
+        },
+    );
+    api.counter_app("demo").await;
+    assert_eq!(
+        api.call("demo", "counter", json!("inc")).await.1["reply"],
+        1
+    );
+    let (s, _) = api
+        .post(
+            "/api/v1/sandboxes/demo/cast",
+            json!({ "to": "counter", "message": "inc" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let rows = audit_rows(&api, "sandbox=demo").await;
+    let routes: Vec<(&str, &str, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["route"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        vec![
+            ("/api/v1/sandboxes/{id}/cast", "ok", 202),
+            ("/api/v1/sandboxes/{id}/call", "ok", 200),
+            ("/api/v1/sandboxes", "ok", 201),
+        ]
+    );
+    // Audited messages fail closed like every audited request.
+    api.trust.store().close();
+    let resp = api
+        .as_token(
+            Some(&api.admin),
+            Method::POST,
+            "/api/v1/sandboxes/demo/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        )
+        .await;
+    assert_error(&resp, StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable");
+    let state = api
+        .node
+        .sandbox("demo")
+        .unwrap()
+        .state("counter")
+        .await
+        .unwrap();
+    assert_eq!(state["count"], 1, "the refused call was not delivered");
 }
 
 fn from_peer(ip: [u8; 4], token: &str) -> Request<Body> {
@@ -1060,12 +1138,16 @@ async fn unknown_routes_are_401_before_404() {
 /// counter app in `demo`: the audit row of a durable effect joins the
 /// effect's transaction.
 async fn durable_demo() -> Api {
+    durable_demo_with(Api::test_trust()).await
+}
+
+async fn durable_demo_with(config: TrustConfig) -> Api {
     let node = graft::Node::builder()
         .threads(2)
         .ephemeral()
         .open()
         .expect("node");
-    let api = Api::with_node(node);
+    let api = Api::with_node_and(node, config);
     api.counter_app("demo").await;
     api
 }
@@ -1088,7 +1170,12 @@ async fn current_version(api: &Api, module: &str) -> u32 {
 
 #[tokio::test]
 async fn an_audit_row_that_cannot_be_written_leaves_no_effect_of_any_kind() {
-    let api = durable_demo().await;
+    // Messages audited too, so that every route that can be audited is.
+    let api = durable_demo_with(TrustConfig {
+        audit_messages: true,
+        ..Api::test_trust()
+    })
+    .await;
     let store = api.trust.store().clone();
     // A second version to roll back from, and a token to revoke.
     let (s, v) = api

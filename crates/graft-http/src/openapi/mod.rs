@@ -221,7 +221,7 @@ pub fn openapi_document_for(node: &NodeLimits) -> Value {
 /// (`security`, `x-graft-role`), whether it is audited (`x-graft-audited`),
 /// and the answers of the trust middleware (401, 403, 415, 429, 503).
 fn secure(paths: &mut Map<String, Value>) {
-    use crate::trust::routes::{find, Access};
+    use crate::trust::routes::{find, Access, AuditClass};
     for (path, item) in paths.iter_mut() {
         let Some(item) = item.as_object_mut() else {
             continue;
@@ -254,8 +254,8 @@ fn secure(paths: &mut Map<String, Value>) {
                     statuses.extend([401, 429]);
                 }
             }
-            op.insert("x-graft-audited".into(), json!(row.audit));
-            if row.audit {
+            op.insert("x-graft-audited".into(), json!(row.audit.as_str()));
+            if row.audit != AuditClass::Never {
                 statuses.push(503);
             }
             let Some(resps) = op.get_mut("responses").and_then(Value::as_object_mut) else {

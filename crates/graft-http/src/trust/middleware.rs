@@ -16,6 +16,7 @@
 //! * No answer quotes a presented credential; query and header text shown in
 //!   errors is cut short and escaped.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::audit::{self, AuthenticatedAs, RowStart};
-use super::routes::{self, Access, Route, RowCommit, SandboxAt};
+use super::routes::{self, Access, AuditClass, Route, RowCommit, SandboxAt};
 use super::session::session_cookie;
 use super::{Caller, Peer, Trust};
 use crate::errors::{ApiError, ResponseKind};
@@ -65,22 +66,26 @@ fn forbidden(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
-/// The host name of a `Host` value (no port, no IPv6 brackets), lower case.
-fn host_name(host: &str) -> String {
-    let name = if let Some(rest) = host.strip_prefix('[') {
+/// The host name of a `Host` value (no port, no IPv6 brackets), as sent:
+/// compare it without case.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
             _ => host,
         }
-    };
-    name.to_ascii_lowercase()
+    }
 }
 
 fn is_loopback_name(name: &str) -> bool {
-    name == "localhost"
-        || name.ends_with(".localhost")
+    const SUFFIX: &str = ".localhost";
+    name.eq_ignore_ascii_case("localhost")
+        || (name.len() > SUFFIX.len()
+            && name
+                .get(name.len() - SUFFIX.len()..)
+                .is_some_and(|end| end.eq_ignore_ascii_case(SUFFIX)))
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
@@ -123,7 +128,7 @@ pub(crate) fn browser_rules(
                 )
             })?;
             let name = host_name(h);
-            let allowed = is_loopback_name(&name)
+            let allowed = is_loopback_name(name)
                 || trust
                     .config()
                     .allow_hosts
@@ -136,7 +141,7 @@ pub(crate) fn browser_rules(
                     format!(
                         "Host `{}` is not a loopback name or an allowed host; start the node with --allow-host {}",
                         shown(h),
-                        shown(&name)
+                        shown(&name.to_ascii_lowercase())
                     ),
                 ));
             }
@@ -251,15 +256,21 @@ fn body_sandboxes(bytes: &[u8], at: SandboxAt) -> Option<Vec<String>> {
 pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let trust = app.trust.clone();
-    let matched = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    let matched = req.extensions().get::<MatchedPath>();
     // No matched path: an unknown route, answered 404 after the caller is
     // authenticated (a probe without credentials learns nothing).
-    let row: &'static Route = match matched.as_deref() {
-        Some(p) => routes::find(req.method(), p).unwrap_or(&routes::UNLISTED),
-        None => &routes::UNKNOWN,
+    let found = matched.and_then(|p| routes::find(req.method(), p.as_str()));
+    let row: &'static Route = match (found, matched) {
+        (Some(row), _) => row,
+        (None, Some(_)) => &routes::UNLISTED,
+        (None, None) => &routes::UNKNOWN,
+    };
+    // The route as the audit row names it: the table's own path when it has
+    // a row (no copy), else the routed or raw path, cut.
+    let route_name: Cow<'static, str> = match (found, matched) {
+        (Some(row), _) => Cow::Borrowed(row.path),
+        (None, Some(p)) => Cow::Owned(p.as_str().chars().take(256).collect()),
+        (None, None) => Cow::Owned(req.uri().path().chars().take(256).collect()),
     };
     // The row can join the effect's transaction only when the audit log is
     // in the node's own database.
@@ -267,27 +278,38 @@ pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Nex
         .node
         .store()
         .is_some_and(|s| Arc::ptr_eq(s, app.trust.store()));
-    let route_name = matched.unwrap_or_else(|| req.uri().path().chars().take(256).collect());
     let method = req.method().clone();
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let mut sandbox: Option<String> = None;
-    let (mut parts, body) = req.into_parts();
-    if row.sandbox == SandboxAt::Path {
-        if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &()).await {
-            sandbox = params
-                .iter()
-                .find(|(k, _)| *k == "id")
-                .map(|(_, v)| v.chars().take(256).collect());
-        }
-    }
-    let req = Request::from_parts(parts, body);
+    // The path's sandbox, read now when an audit row may need it; else only
+    // for a scoped caller, after authentication.
+    let (req, sandbox) = if row.audit != AuditClass::Never {
+        path_sandbox(req, row).await
+    } else {
+        (req, None)
+    };
     continue_with(
         trust, row, same_store, route_name, method, peer, sandbox, req, next, started,
     )
     .await
+}
+
+/// The sandbox id in the path of a route that names one there, cut.
+async fn path_sandbox(req: Request, row: &Route) -> (Request, Option<String>) {
+    if row.sandbox != SandboxAt::Path {
+        return (req, None);
+    }
+    let (mut parts, body) = req.into_parts();
+    let sandbox = match RawPathParams::from_request_parts(&mut parts, &()).await {
+        Ok(params) => params
+            .iter()
+            .find(|(k, _)| *k == "id")
+            .map(|(_, v)| v.chars().take(256).collect()),
+        Err(_) => None,
+    };
+    (Request::from_parts(parts, body), sandbox)
 }
 
 /// How an allowed audited request's row is being made durable.
@@ -305,7 +327,7 @@ async fn continue_with(
     trust: Arc<Trust>,
     row: &'static Route,
     same_store: bool,
-    route_name: String,
+    route_name: Cow<'static, str>,
     method: Method,
     peer: Option<std::net::IpAddr>,
     mut sandbox: Option<String>,
@@ -326,7 +348,7 @@ async fn continue_with(
                 .unwrap_or("denied")
                 .to_owned();
             let retry = err.error.get("retry_after_s").and_then(Value::as_u64);
-            if row.audit && status != StatusCode::TOO_MANY_REQUESTS {
+            if row.audit.denied_writes_row() && status != StatusCode::TOO_MANY_REQUESTS {
                 let start = RowStart {
                     caller: caller.as_ref(),
                     method: method.as_str(),
@@ -379,6 +401,11 @@ async fn continue_with(
         }
     };
     let scoped = caller.as_ref().is_some_and(Caller::is_scoped);
+    if scoped && sandbox.is_none() {
+        let (r, s) = path_sandbox(req, row).await;
+        req = r;
+        sandbox = s;
+    }
     match row.sandbox {
         SandboxAt::Path => {
             if let (Some(c), Some(id)) = (&caller, &sandbox) {
@@ -460,7 +487,7 @@ async fn continue_with(
         }
         c => c,
     };
-    let audit = if !row.audit {
+    let audit = if !row.audit.allowed_writes_row(trust.config().audit_messages) {
         Audit::No
     } else {
         match commit {
@@ -540,10 +567,15 @@ mod tests {
     fn host_names() {
         assert_eq!(host_name("127.0.0.1:7878"), "127.0.0.1");
         assert_eq!(host_name("[::1]:80"), "::1");
-        assert_eq!(host_name("LocalHost"), "localhost");
+        assert_eq!(host_name("LocalHost:1"), "LocalHost");
         assert_eq!(host_name("evil.com:7878"), "evil.com");
         assert!(is_loopback_name("localhost"));
+        assert!(is_loopback_name("LocalHost"));
         assert!(is_loopback_name("app.localhost"));
+        assert!(is_loopback_name("App.LOCALHOST"));
+        assert!(!is_loopback_name(".localhost"));
+        assert!(!is_loopback_name("xlocalhost"));
+        assert!(!is_loopback_name("é.localhos"));
         assert!(is_loopback_name("127.9.9.9"));
         assert!(is_loopback_name("::1"));
         assert!(!is_loopback_name("localhost.evil.com"));

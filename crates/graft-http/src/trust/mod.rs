@@ -144,6 +144,11 @@ pub struct TrustConfig {
     pub session_ttl: Duration,
     /// Failed authentications allowed per peer.
     pub auth_failures: RateLimit,
+    /// Whether allowed messages to processes (call, cast, send) write an
+    /// audit row too, ahead of the message, failing closed like every
+    /// audited request (`--audit-messages`; off by default, see
+    /// [`routes::AuditClass`]). Refused messages are recorded either way.
+    pub audit_messages: bool,
 }
 
 impl Default for TrustConfig {
@@ -154,6 +159,7 @@ impl Default for TrustConfig {
             tls: false,
             session_ttl: Duration::from_secs(12 * 3600),
             auth_failures: RateLimit::default(),
+            audit_messages: false,
         }
     }
 }

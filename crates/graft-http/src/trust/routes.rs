@@ -47,8 +47,8 @@ pub struct Route {
     pub path: &'static str,
     /// Who may call it.
     pub access: Access,
-    /// Whether every request (allowed or denied) writes an audit row.
-    pub audit: bool,
+    /// Which requests write an audit row.
+    pub audit: AuditClass,
     /// Where its sandbox is named.
     pub sandbox: SandboxAt,
 }
@@ -57,7 +57,7 @@ const fn r(
     method: &'static str,
     path: &'static str,
     access: Access,
-    audit: bool,
+    audit: AuditClass,
     sandbox: SandboxAt,
 ) -> Route {
     Route {
@@ -75,14 +75,77 @@ use SandboxAt::{BodyId, BodyList, NodeWide, Path};
 const VIEWER: Access = R(Role::Viewer);
 const OPERATOR: Access = R(Role::Operator);
 const ADMIN: Access = R(Role::Admin);
-const AUDIT: bool = true;
-const NO_AUDIT: bool = false;
+const AUDIT: AuditClass = AuditClass::Always;
+const NO_AUDIT: AuditClass = AuditClass::Never;
+const MESSAGE: AuditClass = AuditClass::Message;
+
+/// Which requests of a route write an audit row.
+///
+/// The audit log answers "who changed this node, and who read what it
+/// keeps": code, configuration, processes' state, tokens. Messages to
+/// processes (call, cast, send) are the application's own traffic: a
+/// service answers them at its request rate, so one row each would grow the
+/// database by that rate, and one write-ahead commit each would put the
+/// node's storage on every message's path (a full disk would stop the
+/// application, not only its administration). They are counted in
+/// `graft_http_requests_total{route,status}`; their rows are written only
+/// when the node asks for it ([`TrustConfig::audit_messages`],
+/// `--audit-messages`). A *refused* message is always recorded.
+///
+/// [`TrustConfig::audit_messages`]: super::TrustConfig::audit_messages
+///
+/// ```
+/// use graft_http::trust::routes::AuditClass;
+/// assert!(AuditClass::Always.allowed_writes_row(false));
+/// assert!(!AuditClass::Message.allowed_writes_row(false));
+/// assert!(AuditClass::Message.allowed_writes_row(true));
+/// assert!(AuditClass::Message.denied_writes_row());
+/// assert!(!AuditClass::Never.denied_writes_row());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditClass {
+    /// No row (reads other than process state).
+    Never,
+    /// Every request, allowed or denied (mutations of the node, `eval`,
+    /// state reads, tokens, sessions).
+    Always,
+    /// A message to a process: a denied request always writes a row; an
+    /// allowed one only when messages are audited.
+    Message,
+}
+
+impl AuditClass {
+    /// Whether an allowed request writes a row (before it runs, failing
+    /// closed), given whether the node audits messages.
+    pub fn allowed_writes_row(self, audit_messages: bool) -> bool {
+        match self {
+            AuditClass::Never => false,
+            AuditClass::Always => true,
+            AuditClass::Message => audit_messages,
+        }
+    }
+
+    /// Whether a refused request writes a row.
+    pub fn denied_writes_row(self) -> bool {
+        self != AuditClass::Never
+    }
+
+    /// The name the OpenAPI document gives it (`x-graft-audited`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditClass::Never => "never",
+            AuditClass::Always => "always",
+            AuditClass::Message => "with_audit_messages",
+        }
+    }
+}
 
 /// Every route of the API (SPEC §6, §9). Roles follow SPEC §9: viewers read
 /// everything but process state; operators call, cast, send, spawn, reload,
 /// roll back and restart; admins also create and delete sandboxes, eval,
-/// read state, and manage tokens and the audit log. Audited: every mutating
-/// request, every eval and every state read.
+/// read state, and manage tokens and the audit log. Audited: every request
+/// that changes the node, every eval and every state read; messages to
+/// processes as [`AuditClass::Message`] says.
 pub const ROUTES: &[Route] = &[
     r("GET", "/api/v1/health", Public, NO_AUDIT, SandboxAt::None),
     r(
@@ -123,9 +186,27 @@ pub const ROUTES: &[Route] = &[
         AUDIT,
         Path,
     ),
-    r("POST", "/api/v1/sandboxes/{id}/call", OPERATOR, AUDIT, Path),
-    r("POST", "/api/v1/sandboxes/{id}/cast", OPERATOR, AUDIT, Path),
-    r("POST", "/api/v1/sandboxes/{id}/send", OPERATOR, AUDIT, Path),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/call",
+        OPERATOR,
+        MESSAGE,
+        Path,
+    ),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/cast",
+        OPERATOR,
+        MESSAGE,
+        Path,
+    ),
+    r(
+        "POST",
+        "/api/v1/sandboxes/{id}/send",
+        OPERATOR,
+        MESSAGE,
+        Path,
+    ),
     r(
         "POST",
         "/api/v1/sandboxes/{id}/spawn",
@@ -244,7 +325,7 @@ pub const UNLISTED: Route = r("*", "*", ADMIN, NO_AUDIT, NodeWide);
 /// use graft_http::trust::Role;
 /// let row = find(&axum::http::Method::POST, "/api/v1/sandboxes/{id}/eval").unwrap();
 /// assert_eq!(row.access, Access::Role(Role::Admin));
-/// assert!(row.audit);
+/// assert_eq!(row.audit, graft_http::trust::routes::AuditClass::Always);
 /// ```
 pub fn find(method: &Method, path: &str) -> Option<&'static Route> {
     ROUTES
@@ -269,9 +350,10 @@ mod tests {
             );
             if a.method != "GET" {
                 assert!(
-                    a.audit,
+                    a.audit.denied_writes_row() && a.audit.allowed_writes_row(true),
                     "{} {} mutates but is not audited",
-                    a.method, a.path
+                    a.method,
+                    a.path
                 );
             }
             if a.path.contains("{id}") {
@@ -282,6 +364,17 @@ mod tests {
             &Method::GET,
             "/api/v1/sandboxes/{id}/processes/{target}/state",
         );
-        assert!(state.is_some_and(|r| r.audit && r.access == ADMIN));
+        assert!(state.is_some_and(|r| r.audit == AuditClass::Always && r.access == ADMIN));
+        // Only messages to processes are left to the node's choice.
+        for r in ROUTES.iter().filter(|r| r.audit == AuditClass::Message) {
+            assert_eq!(r.method, "POST");
+            assert!(
+                ["call", "cast", "send"]
+                    .iter()
+                    .any(|m| r.path == format!("/api/v1/sandboxes/{{id}}/{m}")),
+                "{} is not a message",
+                r.path
+            );
+        }
     }
 }

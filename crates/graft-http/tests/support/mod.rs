@@ -87,7 +87,7 @@ impl Api {
     /// The default test trust settings: tests send many refused requests
     /// from one (unnamed) peer, so only the rate-limit test keeps the
     /// default limit.
-    fn test_trust() -> TrustConfig {
+    pub fn test_trust() -> TrustConfig {
         TrustConfig {
             auth_failures: graft_http::trust::RateLimit {
                 burst: 1_000_000,
@@ -108,7 +108,7 @@ impl Api {
         Api::with_node_and(Node::with_limits(2, limits), config)
     }
 
-    fn with_node_and(node: Node, config: TrustConfig) -> Api {
+    pub fn with_node_and(node: Node, config: TrustConfig) -> Api {
         let store = match node.store() {
             Some(s) => s.clone(),
             None => Arc::new(graft::store::Store::in_memory().expect("ephemeral store")),
