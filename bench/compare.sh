@@ -7,6 +7,7 @@
 #   3. target/release/edit_to_live [--smoke]            (graft run + editor saves, JSON line)
 #   4. target/release/http_spin [--smoke]               (HTTP calls to a bystander while 4
 #                                                        sandboxes spin; Graft only, JSON lines)
+#      target/release/http_auth [--smoke]               (what authentication costs a call)
 #      target/release/durable [--smoke]                 (cost of durability: reload with and
 #                                                        without a store, checkpoint, restore;
 #                                                        printed, see docs/persistence.md)
@@ -67,6 +68,11 @@ log "durable ${SMOKE}"
 "$BIN/durable" $SMOKE >"$WORK/durable.jsonl"
 cat "$WORK/durable.jsonl" >&2
 stamp durable
+
+log "http_auth ${SMOKE}"
+"$BIN/http_auth" $SMOKE >"$WORK/auth.jsonl"
+cat "$WORK/auth.jsonl" >&2
+stamp http_auth
 
 log "bench/otp/run.sh ${SMOKE}"
 OTP_STATUS=ok
