@@ -346,6 +346,7 @@ pub async fn run(
         .collect();
     let restored = node.sandbox(&id).ok();
     let n = node.clone();
+    let mut settings_refused = false;
     let created = match restored {
         // The project's sandbox came back from the data directory; then
         // what src/ holds goes live, as the watcher would have done: a
@@ -353,7 +354,10 @@ pub async fn run(
         // version, re-uses a kept version's number when they match it, and
         // is a new version when they were edited while the node was down.
         Some(sb) => match node.take_settings_outcome() {
-            Some(graft::SettingsOutcome::Refused(e)) => Err(e),
+            Some(graft::SettingsOutcome::Refused(e)) => {
+                settings_refused = true;
+                Err(e)
+            }
             Some(graft::SettingsOutcome::Applied(changed)) => {
                 println!(
                     "✓ sandbox `{id}` restored with the settings of graft.toml, which changed since the last run: {}",
@@ -373,6 +377,12 @@ pub async fn run(
                 "{}",
                 render::error(&err.body()["error"], &|m| files.get(m).cloned())
             );
+            if settings_refused {
+                eprintln!(
+                    "  --> {}\n  = note: graft.toml's settings were not applied; the stored sandbox is intact, with its previous settings",
+                    watch::shown(&dir.join("graft.toml"))
+                );
+            }
             eprintln!("error: sandbox `{id}` could not start; fix the error and run again");
             return Err(Reported.into());
         }

@@ -971,3 +971,34 @@ fn a_closed_pipe_ends_client_commands_quietly() {
     }
     node.terminate();
 }
+
+/// graft.toml settings refused at a restart (a limit out of range) stop
+/// `graft run` with the limit named; the stored sandbox stays intact on its
+/// previous settings, and the next start with a fixed file has it all.
+#[test]
+fn refused_settings_at_restart_stop_graft_run_and_lose_nothing() {
+    let dir = project("refused-settings");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.terminate();
+    let toml = dir.join("graft.toml");
+    let original = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        original.replace("handler_ms = 1000", "handler_ms = 0"),
+    )
+    .unwrap();
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("handler_ms")
+            && err.contains("graft.toml")
+            && err.contains("settings were not applied"),
+        "{err}"
+    );
+    std::fs::write(&toml, &original).unwrap();
+    let node = Running::start(&dir, &[]);
+    assert_eq!(node.count(), 1);
+    node.terminate();
+}

@@ -22,6 +22,12 @@
 //!   for an edited graft.toml) only through one transaction holding the new
 //!   record, the modules it adds and a `sandbox_reconfigured` event, written
 //!   before the sandbox is rebuilt; never while a canary window is open.
+//! * A stored sandbox that fails to restore keeps its rows untouched
+//!   (`Node::unrestored`): no creation writes over them; only an explicit
+//!   `destroy` deletes them.
+//! * `NodeBuilder::apply_settings` restores one sandbox with new settings
+//!   through the same one transaction as `reconfigure_sandbox`, before its
+//!   app first starts: the app never runs under the settings it replaces.
 //! * The events of deleted sandboxes beyond the 16 kept are deleted from
 //!   the store too, by the deletion that pushes them out (same transaction).
 //! * A node refuses to start on a data directory it cannot write. The data
