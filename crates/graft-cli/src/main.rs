@@ -2,7 +2,9 @@
 //! to a running node from the shell (SPEC §5).
 //!
 //! Exit codes: 0 success, 1 a user error (a clear message on stderr), 2 bad
-//! usage (clap's, and node caps out of range).
+//! usage (clap's, and node caps out of range). A command other than `run`
+//! and `serve` whose output goes to a reader that stopped (`graft events |
+//! head`) ends by SIGPIPE, quietly (141 in a shell), like any Unix filter.
 
 mod check;
 mod client;
@@ -58,6 +60,11 @@ enum Command {
         /// edit-to-live benchmark (docs/benchmarks.md).
         #[arg(long, default_value_t = watch::DEFAULT_DEBOUNCE_MS)]
         debounce_ms: u64,
+        /// Delete the stored sandbox ID before starting (one that failed to
+        /// restore, or the project's old id): its kept versions and states
+        /// are lost (`graft backup` keeps a copy)
+        #[arg(long, value_name = "ID")]
+        discard: Vec<String>,
     },
     /// Compile and analyse every module without starting the app; exit 1
     /// on any error (a pre-commit hook)
@@ -539,6 +546,19 @@ impl std::error::Error for Reported {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The client verbs print to stdout; piped into a reader that stopped
+    // (`graft events | head`), they end quietly, killed by SIGPIPE like any
+    // Unix filter (exit 141 in a shell), instead of panicking on EPIPE.
+    // The node commands keep the runtime's "ignore": their sockets must
+    // not kill them.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Run { .. } | Command::Serve { .. }) {
+        // SAFETY: called first thing, before any thread is spawned; restores
+        // the default disposition of one signal.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // `test` and `check` crash processes on purpose and print their own
     // report: the library's warnings would only interleave with it.
     let quiet = matches!(cli.command, Command::Test { .. } | Command::Check { .. });
@@ -632,6 +652,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             storage,
             no_watch,
             debounce_ms,
+            discard,
         } => {
             let data = node::DataChoice::from_flags(
                 storage.data,
@@ -645,6 +666,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 caps.checked("run"),
                 data,
                 (!no_watch).then_some(debounce_ms),
+                &discard,
             )
             .await
         }

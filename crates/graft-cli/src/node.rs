@@ -147,11 +147,21 @@ impl DataChoice {
 
 /// Opens the node (restoring what its data directory holds) off the async
 /// threads; a database it cannot use stops the command with a clear error.
-async fn open_node(caps: NodeLimits, data: &DataChoice) -> Result<Node> {
+/// `settings`: the project's sandbox is restored with these (`graft run`).
+async fn open_node(
+    caps: NodeLimits,
+    data: &DataChoice,
+    settings: Option<SandboxSpec>,
+) -> Result<Node> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let builder = Node::builder().threads(threads).limits(caps);
+    let mut builder = Node::builder().threads(threads).limits(caps);
+    if let Some(spec) = settings {
+        // `graft run` refuses to start when its sandbox fails to restore,
+        // and a refused start leaves the database as it was.
+        builder = builder.apply_settings(spec).record_restore_failures(false);
+    }
     let (builder, dir) = match data {
         DataChoice::Dir { dir, checkpoint_ms } => (
             builder.data_dir(dir).checkpoint_ms(*checkpoint_ms),
@@ -276,8 +286,16 @@ fn tls_config(serving: &Serving) -> Result<Option<Arc<rustls::ServerConfig>>> {
 
 pub async fn serve(serving: Serving, caps: NodeLimits, data: DataChoice) -> Result<()> {
     let tls = tls_config(&serving)?;
-    let node = open_node(caps, &data).await?;
+    let node = open_node(caps, &data, None).await?;
     let (trust, file) = open_trust(&node, data.token_dir(), serving.trust_config())?;
+    // A node serving others keeps running; the sandboxes it could not
+    // restore stay stored, untouched, and cannot be created over.
+    for (id, why) in node.unrestored() {
+        eprintln!(
+            "warning: sandbox `{id}` could not be restored: {}\n  = note: its kept versions and states stay in the database, untouched; creating a sandbox `{id}` is refused\n  = help: fix the cause and restart, or delete it (`DELETE /api/v1/sandboxes/{id}`; its data is then lost)",
+            render::escape(&why, render::Lines::Keep)
+        );
+    }
     let listener = listen(&serving.bind, serving.port).await?;
     let addr = listener.local_addr()?;
     let scheme = serving.scheme();
@@ -301,6 +319,7 @@ pub async fn run(
     caps: NodeLimits,
     data: DataChoice,
     debounce_ms: Option<u64>,
+    discard: &[String],
 ) -> Result<()> {
     if !dir.join("graft.toml").is_file() {
         return Err(anyhow!(
@@ -313,9 +332,15 @@ pub async fn run(
     // `graft run DIR` may create sandboxes from DIR through the API.
     serving.projects_roots.push(dir.to_owned());
     let tls = tls_config(&serving)?;
-    let node = open_node(caps, &data).await?;
-    let (trust, file) = open_trust(&node, data.token_dir(), serving.trust_config())?;
+    // The project's sandbox is restored with graft.toml's settings: an app
+    // whose entry changed while the node was down never runs the old one.
+    let node = open_node(caps, &data, Some(spec.clone())).await?;
     let id = spec.id.clone();
+    // The settings the sandbox runs with (the graft.toml watcher compares).
+    let spec_now = spec.clone();
+    discard_sandboxes(&node, discard).await?;
+    check_restored(&node, dir, &id, &data)?;
+    let (trust, file) = open_trust(&node, data.token_dir(), serving.trust_config())?;
     let sources = spec.modules.clone();
     let files: std::collections::BTreeMap<String, String> = spec
         .files
@@ -324,15 +349,26 @@ pub async fn run(
         .collect();
     let restored = node.sandbox(&id).ok();
     let n = node.clone();
+    let mut settings_refused = false;
     let created = match restored {
         // The project's sandbox came back from the data directory; then
         // what src/ holds goes live, as the watcher would have done: a
         // reload that is `unchanged` when the files match the running
         // version, re-uses a kept version's number when they match it, and
         // is a new version when they were edited while the node was down.
-        Some(sb) => match apply_settings(&node, spec).await {
-            Ok(rebuilt) => restore_sources(rebuilt.unwrap_or(sb), sources.clone()).await,
-            Err(e) => Err(e),
+        Some(sb) => match node.take_settings_outcome() {
+            Some(graft::SettingsOutcome::Refused(e)) => {
+                settings_refused = true;
+                Err(e)
+            }
+            Some(graft::SettingsOutcome::Applied(changed)) => {
+                println!(
+                    "✓ sandbox `{id}` restored with the settings of graft.toml, which changed since the last run: {}",
+                    changed.join(", ")
+                );
+                restore_sources(sb, sources.clone()).await
+            }
+            _ => restore_sources(sb, sources.clone()).await,
         },
         None => tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?,
     };
@@ -344,6 +380,12 @@ pub async fn run(
                 "{}",
                 render::error(&err.body()["error"], &|m| files.get(m).cloned())
             );
+            if settings_refused {
+                eprintln!(
+                    "  --> {}\n  = note: graft.toml's settings were not applied; the stored sandbox is intact, with its previous settings",
+                    watch::shown(&dir.join("graft.toml"))
+                );
+            }
             eprintln!("error: sandbox `{id}` could not start; fix the error and run again");
             return Err(Reported.into());
         }
@@ -368,17 +410,14 @@ pub async fn run(
         data.describe()
     );
     let watcher = if let Some(ms) = debounce_ms {
-        let w = watch::start(
-            dir,
-            sandbox.clone(),
-            &sources,
-            std::time::Duration::from_millis(ms),
-        )?;
+        let debounce = std::time::Duration::from_millis(ms);
+        let w = watch::start(dir, sandbox.clone(), &sources, debounce)?;
+        let settings = watch::watch_settings(node.clone(), dir.to_owned(), spec_now, w, debounce);
         println!(
-            "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {})",
+            "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {} and graft.toml)",
             dir.join("src").display()
         );
-        Some(w)
+        Some(settings)
     } else {
         println!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1)");
         None
@@ -390,23 +429,140 @@ pub async fn run(
     result
 }
 
-/// Applies the project's current `graft.toml` (entry, entry args, limits,
-/// capabilities) to the sandbox the node restored, durably: the stored
-/// settings are the last run's, and an edit made while the node was down
-/// must not be ignored. `None` when nothing changed.
-async fn apply_settings(
-    node: &graft::Node,
-    spec: graft::SandboxSpec,
-) -> graft::Result<Option<graft::Sandbox>> {
-    let id = spec.id.clone();
-    let n = node.clone();
-    let rebuilt = tokio::task::spawn_blocking(move || n.reconfigure_sandbox(spec))
-        .await
-        .map_err(|e| graft::Error::InvalidInput(format!("applying graft.toml: {e}")))??;
-    if rebuilt.is_some() {
-        println!("✓ sandbox `{id}` restored with the settings of graft.toml, which changed since the last run (its app restarted)");
+/// `--discard ID`: deletes stored sandboxes the user gave up on (restored
+/// or not), before anything else happens.
+async fn discard_sandboxes(node: &Node, ids: &[String]) -> Result<()> {
+    for id in ids {
+        let n = node.clone();
+        let target = id.clone();
+        let done = tokio::task::spawn_blocking(move || n.destroy(&target)).await?;
+        match done {
+            Ok(()) => println!(
+                "✓ sandbox `{id}` deleted (--discard): its kept versions and states are gone"
+            ),
+            Err(graft::Error::NoSandbox(_)) => {
+                return Err(anyhow!(
+                "--discard {id}: the data directory holds no sandbox `{id}`; nothing was deleted"
+            ))
+            }
+            Err(e) => return Err(anyhow!("--discard {id}: {e}; nothing was deleted")),
+        }
     }
-    Ok(rebuilt)
+    Ok(())
+}
+
+/// Refuses to start over data `graft run` would otherwise bury: the
+/// project's sandbox stored but not restorable (creating it anew would
+/// overwrite its versions and states), or stored under an id graft.toml no
+/// longer names (it would keep running, unseen, next to the new one).
+fn check_restored(node: &Node, dir: &Path, id: &str, data: &DataChoice) -> Result<()> {
+    let data_dir = match data {
+        DataChoice::Dir { dir, .. } => dir.clone(),
+        DataChoice::Ephemeral { .. } => return Ok(()),
+    };
+    let unrestored = node.unrestored();
+    let toml = dir.join("graft.toml");
+    for (other, why) in &unrestored {
+        if other == id {
+            continue;
+        }
+        eprintln!(
+            "warning: sandbox `{other}` in {} could not be restored: {}\n  = note: its data stays in the database, untouched; `--discard {other}` deletes it",
+            data_dir.display(),
+            render::escape(why, render::Lines::Keep)
+        );
+    }
+    if let Some((_, why)) = unrestored.iter().find(|(u, _)| u == id) {
+        eprintln!(
+            "error[restore_failed]: sandbox `{id}` is stored in {} but could not be restored\n  --> {}\n  = note: {}\n  = note: its kept versions and checkpointed states are still in the database; `graft run` does not start a new sandbox over them\n  = help: fix what the note names (graft.toml's [limits] or entry_args, a module), then run again\n  = help: or keep a copy (`graft backup {id}.db --data {}`) and start afresh with `graft run {} --discard {id}`, which deletes the stored sandbox",
+            data_dir.display(),
+            watch::shown(&toml),
+            render::escape(why, render::Lines::Keep),
+            data_dir.display(),
+            dir.display(),
+        );
+        return Err(Reported.into());
+    }
+    if node.sandbox(id).is_ok() {
+        return Ok(());
+    }
+    // The project's sandbox is new: one stored from this project's src/
+    // under another id is the same project renamed.
+    let Some(store) = node.store() else {
+        return Ok(());
+    };
+    if node.sandbox_ids().is_empty() {
+        return Ok(());
+    }
+    let snapshot = store
+        .load_all()
+        .map_err(|e| anyhow!("reading {}: {e}", data_dir.display()))?;
+    let src = dir.join("src");
+    let old: Vec<String> = snapshot
+        .sandboxes
+        .iter()
+        .filter(|s| s.sandbox.id != id && record_is_under(&s.sandbox.spec_json, &src))
+        .map(|s| s.sandbox.id.clone())
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = old.iter().map(|o| format!("`{o}`")).collect();
+    let first = &old[0];
+    eprintln!(
+        "error: graft.toml names sandbox `{id}`, but {} holds this project's sandbox as {}\n  --> {}\n  = note: `graft run` does not rename a sandbox: the old one would keep running next to a new, empty `{id}`\n  = help: to keep its versions and states, set `id = \"{first}\"` in graft.toml again\n  = help: to start `{id}` afresh, delete the old one: `graft run {} --discard {first}` (keep a copy first with `graft backup {first}.db --data {}`)",
+        data_dir.display(),
+        names.join(", "),
+        watch::shown(&toml),
+        dir.display(),
+        data_dir.display(),
+    );
+    Err(Reported.into())
+}
+
+/// Whether a stored sandbox record's module files lie under `src` (paths
+/// are stored as `graft run` was given them: relative ones are taken from
+/// the current directory).
+fn record_is_under(spec_json: &str, src: &Path) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(spec_json) else {
+        return false;
+    };
+    let Some(files) = v.get("files").and_then(|f| f.as_object()) else {
+        return false;
+    };
+    let roots: Vec<PathBuf> = [Some(absolute(src)), std::fs::canonicalize(src).ok()]
+        .into_iter()
+        .flatten()
+        .collect();
+    files.values().filter_map(|p| p.as_str()).any(|p| {
+        let path = absolute(Path::new(p));
+        let real = path
+            .parent()
+            .and_then(|d| std::fs::canonicalize(d).ok())
+            .and_then(|d| path.file_name().map(|f| d.join(f)));
+        [Some(path), real]
+            .into_iter()
+            .flatten()
+            .any(|p| roots.iter().any(|r| p.starts_with(r)))
+    })
+}
+
+/// `p` made absolute against the current directory, `.` and `..` folded.
+fn absolute(p: &Path) -> PathBuf {
+    let joined = std::env::current_dir()
+        .map(|cwd| cwd.join(p))
+        .unwrap_or_else(|_| p.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Brings a restored sandbox up to the sources on disk.

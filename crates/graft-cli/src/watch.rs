@@ -1,14 +1,27 @@
 //! The hot-reload loop of `graft run`: [`graft::watch`] watches `src/` and
 //! reloads what changed; this module only says what happened, on the
 //! terminal (reload lines on stdout, diagnostics and notes on stderr).
+//!
+//! It also watches `graft.toml` ([`watch_settings`]): a saved change of the
+//! sandbox's settings is applied live through `Node::reconfigure_sandbox`
+//! (the app restarts; registered states come back by name), with a ✓/✗
+//! line. A file that does not parse or validate, or that renames the
+//! sandbox, changes nothing and says why. Invariant: the `src/` watcher
+//! always drives the sandbox currently registered under the project's id
+//! (a reconfiguration rebuilds the sandbox, so the watcher is restarted on
+//! the new one).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::Result;
 use graft::watch::{Watch, WatchEvent, WatchOptions};
-use graft::Sandbox;
+use graft::{Node, Sandbox, SandboxSpec};
 
 use crate::render;
 
@@ -102,4 +115,172 @@ fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[Str
         );
     }
     eprintln!("  = help: remove the `require`s and stop its processes first, or restore the file");
+}
+
+/// How often `graft.toml` is looked at (a small file: reading it is cheaper
+/// than a second file-system watcher, and it is edited by hand).
+const SETTINGS_POLL: Duration = Duration::from_millis(200);
+
+/// Watches `src/` (through `watcher`) and `graft.toml` until dropped.
+pub struct Watching {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts watching `dir/graft.toml` for the sandbox `spec.id` (running
+/// with `spec`'s settings); `watcher` (on `src/`) is restarted whenever the
+/// sandbox is rebuilt.
+pub fn watch_settings(
+    node: Node,
+    dir: PathBuf,
+    spec: SandboxSpec,
+    watcher: Watch,
+    debounce: Duration,
+) -> Watching {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("graft-settings".into())
+        .spawn(move || {
+            let toml = dir.join("graft.toml");
+            let mut seen = std::fs::read(&toml).ok();
+            let mut watcher = Some(watcher);
+            let mut running = spec;
+            while !flag.load(Ordering::Acquire) {
+                std::thread::sleep(SETTINGS_POLL);
+                let now = std::fs::read(&toml).ok();
+                if now == seen || now.is_none() {
+                    // A missing file is an editor's save in progress (or a
+                    // deletion, which changes no setting).
+                    continue;
+                }
+                // Let an editor finish writing before reading it whole.
+                std::thread::sleep(debounce.min(Duration::from_millis(500)));
+                let now = std::fs::read(&toml).ok();
+                if now == seen || now.is_none() {
+                    continue;
+                }
+                seen = now;
+                if let Some(rebuilt) = apply_settings(&node, &dir, &mut running) {
+                    // The old handle drives a sandbox that is gone.
+                    drop(watcher.take());
+                    match SandboxSpec::from_dir(&dir) {
+                        Ok(spec) => match start(&dir, rebuilt, &spec.modules, debounce) {
+                            Ok(w) => watcher = Some(w),
+                            Err(e) => eprintln!("warning: src/ is no longer watched: {e}"),
+                        },
+                        Err(e) => eprintln!("warning: src/ is no longer watched: {e}"),
+                    }
+                }
+            }
+        });
+    Watching {
+        stop,
+        thread: spawned_or_warn(thread),
+    }
+}
+
+fn spawned_or_warn(
+    t: std::io::Result<std::thread::JoinHandle<()>>,
+) -> Option<std::thread::JoinHandle<()>> {
+    match t {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("warning: graft.toml is not watched: {e}");
+            None
+        }
+    }
+}
+
+/// Applies a saved `graft.toml` and says what happened. Returns the
+/// sandbox now registered under `id` when it was rebuilt (applied, or
+/// rebuilt on its old settings after the new ones failed to start).
+fn apply_settings(node: &Node, dir: &Path, running: &mut SandboxSpec) -> Option<Sandbox> {
+    let id = running.id.clone();
+    let toml = shown(&dir.join("graft.toml"));
+    let spec = match SandboxSpec::from_dir(dir) {
+        Ok(spec) => spec,
+        Err(e) => {
+            settings_error(&e, &toml);
+            return None;
+        }
+    };
+    if spec.id != id {
+        eprintln!(
+            "error: graft.toml renames the sandbox from `{id}` to `{}` while `graft run` runs\n  --> {toml}\n  = note: nothing changed: a running node does not rename a sandbox; `{id}` keeps running\n  = help: set `id = \"{id}\"` back, or restart `graft run` (it says how to move `{id}`'s data)",
+            render::escape(&spec.id, render::Lines::Escape)
+        );
+        return None;
+    }
+    let sources = spec.modules.clone();
+    let changed = changed_settings(running, &spec);
+    let new = spec.clone();
+    match node.reconfigure_sandbox(spec) {
+        Ok(None) => {
+            println!("✓ graft.toml saved: no setting changed");
+            None
+        }
+        Ok(Some(sb)) => {
+            *running = new;
+            println!("✓ graft.toml applied{changed}: the app restarted, registered states restored by name");
+            // Modules graft.toml's new entry needs were added from src/;
+            // the others run their current version: bring them to src/.
+            match graft::block_on(sb.reload(sources, graft::ReloadOptions::default())) {
+                Ok(report) => {
+                    let report = serde_json::to_value(&report).unwrap_or_default();
+                    if let Some(line) = render::report_line(&report) {
+                        println!("{line}");
+                    }
+                }
+                Err(e) => settings_error(&e, &toml),
+            }
+            Some(sb)
+        }
+        Err(e) => {
+            settings_error(&e, &toml);
+            eprintln!("✗ graft.toml not applied");
+            // A failed start rebuilt the sandbox on its old settings; a
+            // refusal left it as it was (restarting the watcher is harmless).
+            node.sandbox(&id).ok()
+        }
+    }
+}
+
+/// ` (entry, limits changed)`: the settings `new` changes.
+fn changed_settings(old: &SandboxSpec, new: &SandboxSpec) -> String {
+    let mut names = Vec::new();
+    if old.entry != new.entry {
+        names.push("entry");
+    }
+    if old.entry_args != new.entry_args {
+        names.push("entry_args");
+    }
+    if old.limits != new.limits {
+        names.push("limits");
+    }
+    if old.grants != new.grants {
+        names.push("capabilities");
+    }
+    if names.is_empty() {
+        return String::new();
+    }
+    format!(" ({} changed)", names.join(", "))
+}
+
+/// A settings error, rustc style, pointing at graft.toml.
+fn settings_error(e: &graft::Error, toml: &str) {
+    let why = e.to_string();
+    eprintln!(
+        "error: {}\n  --> {toml}\n  = note: nothing changed; the sandbox keeps its running settings",
+        render::escape(&why, render::Lines::Keep)
+    );
 }

@@ -799,6 +799,51 @@ fn serve_takes_sandboxes_through_the_api() {
     node.interrupt();
 }
 
+/// `graft serve` on a data directory holding a sandbox it cannot restore
+/// (its stored `memory_bytes` is over the new `--max-sandbox-memory`) keeps
+/// serving, warns, and never creates over the stored sandbox: creating its
+/// id is refused until an explicit DELETE removes its rows.
+#[test]
+fn serve_keeps_an_unrestorable_sandbox_until_it_is_deleted() {
+    let data = temp_dir("serve-unrestorable");
+    let data_arg = data.to_str().unwrap().to_owned();
+    let app = "return { init = function() return 0 end, handle_call = function(r, f, s) return r * 2, s end }";
+    let body = json!({ "id": "kept", "modules": { "doubler": app } }).to_string();
+    let node = Node::start(&["serve", "--data", &data_arg]);
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{resp}");
+    node.interrupt();
+
+    let mut node = Node::start(&[
+        "serve",
+        "--data",
+        &data_arg,
+        "--max-sandbox-memory",
+        "32MiB",
+    ]);
+    node.wait_until("the warning", |_, err| {
+        err.contains("warning: sandbox `kept` could not be restored")
+            && err.contains("memory_bytes")
+    });
+    let (status, _) = http(&node, "GET", "/api/v1/health", "");
+    assert_eq!(status, 200, "the node serves");
+    let small = json!({
+        "id": "kept",
+        "modules": { "doubler": app },
+        "limits": { "memory_bytes": 16777216 },
+    })
+    .to_string();
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &small);
+    assert_eq!(status, 422, "{resp}");
+    assert!(resp.contains("could not be restored"), "{resp}");
+    let (status, resp) = http(&node, "DELETE", "/api/v1/sandboxes/kept", "");
+    assert_eq!(status, 204, "an explicit delete removes it: {resp}");
+    let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &small);
+    assert_eq!(status, 201, "{resp}");
+    node.interrupt();
+    cleanup("serve-unrestorable");
+}
+
 /// A minimal HTTP/1.1 exchange with the node's admin token (the test
 /// needs no client library).
 fn http(node: &Node, method: &str, path: &str, body: &str) -> (u16, String) {

@@ -50,6 +50,8 @@ struct Running {
     child: Child,
     port: u16,
     token: String,
+    /// Everything it printed on stdout so far.
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Running {
@@ -64,14 +66,39 @@ impl Running {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(uid).env("HOME", data);
         }
-        let mut child = cmd
-            .arg("run")
+        cmd.arg("run")
             .arg(dir)
             .args(["--port", "0", "--no-watch"])
             .args(extra)
+            .stderr(Stdio::piped());
+        Running::launch(cmd, data)
+    }
+
+    /// `graft run DIR` watching src/ and graft.toml, its stderr in `log`.
+    fn watching(dir: &Path, log: &Path) -> Running {
+        let mut cmd = graft();
+        cmd.arg("run")
+            .arg(dir)
+            .args(["--port", "0", "--debounce-ms", "50"])
+            .stderr(std::fs::File::create(log).unwrap());
+        Running::launch(cmd, &dir.join(".graft"))
+    }
+
+    /// `graft run DIR` with `extra` flags, its stderr in `log`.
+    fn logged(dir: &Path, extra: &[&str], log: &Path) -> Running {
+        let mut cmd = graft();
+        cmd.arg("run")
+            .arg(dir)
+            .args(["--port", "0", "--no-watch"])
+            .args(extra)
+            .stderr(std::fs::File::create(log).unwrap());
+        Running::launch(cmd, &dir.join(".graft"))
+    }
+
+    fn launch(mut cmd: Command, data: &Path) -> Running {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut stdout = child.stdout.take().unwrap();
@@ -97,16 +124,45 @@ impl Running {
             assert!(Instant::now() < deadline, "no listening line: {seen}");
         };
         // Keep draining stdout so the node never blocks on a full pipe.
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(seen));
+        let sink = printed.clone();
         std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = stdout.read_to_end(&mut sink);
+            let mut buf = [0u8; 1024];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink.lock().unwrap().push_str(&text(&buf[..n])),
+                }
+            }
         });
         // The node wrote its admin token file before listening (SPEC §9).
         let token = std::fs::read_to_string(data.join("admin.token"))
             .expect("the admin token file")
             .trim()
             .to_string();
-        Running { child, port, token }
+        Running {
+            child,
+            port,
+            token,
+            stdout: printed,
+        }
+    }
+
+    /// Waits until its stdout holds `what` (at least `n` times).
+    #[track_caller]
+    fn await_stdout(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let out = self.stdout.lock().unwrap().clone();
+            if out.matches(what).count() >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} (x{n}) on stdout:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn client(&self, args: &[&str]) -> Output {
@@ -579,4 +635,370 @@ fn a_read_only_data_directory_fails_the_request_not_the_node() {
     assert_eq!(std::fs::read(&db).unwrap(), bytes, "left untouched");
     set_mode(&data, 0o755);
     set_mode(&db, 0o644);
+}
+
+/// `graft run DIR` that is expected to stop by itself (a refused start):
+/// its output, or a panic if it starts serving instead.
+fn run_refused(dir: &Path, extra: &[&str]) -> Output {
+    let mut child = graft()
+        .arg("run")
+        .arg(dir)
+        .args(["--port", "0", "--no-watch"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "graft run {extra:?} did not stop by itself:\n{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The database file's bytes (read after a graceful stop, which folds the
+/// log into it).
+fn database(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(".graft").join("graft.db")).unwrap()
+}
+
+/// A stored sandbox that no longer restores (here: its stored
+/// `memory_bytes` is over the node's new `--max-sandbox-memory`) stops
+/// `graft run` with a rustc-style error naming the sandbox, why, and what
+/// to do; the database is left byte for byte as it was. Fixing graft.toml
+/// brings everything back: kept versions and the named state (before the
+/// fix, `graft run` created a new empty sandbox over it).
+#[test]
+fn a_sandbox_that_fails_to_restore_stops_graft_run_and_keeps_its_data() {
+    let dir = project("unrestorable");
+    let node = Running::start(&dir, &[]);
+    for _ in 0..3 {
+        node.ok(&["call", "myapp", "counter", "inc"]);
+    }
+    let f = revision(&dir, 1);
+    node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    assert_eq!(node.versions().len(), 2);
+    node.terminate();
+    let before = database(&dir);
+
+    let out = run_refused(&dir, &["--max-sandbox-memory", "32MiB"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a refused start fails: {err}");
+    assert!(
+        err.contains("error[restore_failed]: sandbox `myapp`")
+            && err.contains("could not be restored")
+            && err.contains("memory_bytes")
+            && err.contains("graft.toml")
+            && err.contains("--discard myapp")
+            && err.contains("graft backup"),
+        "which sandbox, why, what to do: {err}"
+    );
+    assert!(!text(&out.stdout).contains('✓'), "{}", text(&out.stdout));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        database(&dir) == before,
+        "the refused start wrote nothing to the database"
+    );
+
+    // The fix the error points at: graft.toml's memory_bytes under the cap.
+    let toml = dir.join("graft.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("memory_bytes = 67108864", "memory_bytes = 16777216");
+    std::fs::write(&toml, edited).unwrap();
+    let node = Running::start(&dir, &["--max-sandbox-memory", "32MiB"]);
+    assert_eq!(node.count(), 3, "the checkpointed state came back");
+    assert_eq!(node.versions().len(), 2, "the kept versions came back");
+    node.terminate();
+}
+
+/// Changing `id` in graft.toml does not leave the old sandbox running
+/// unseen next to a new empty one: `graft run` refuses, naming the old id
+/// and both ways on. Renaming back keeps everything; `--discard OLD`
+/// deletes the old sandbox and starts the new one.
+#[test]
+fn changing_the_id_in_graft_toml_names_the_old_sandbox_and_how_to_go_on() {
+    let dir = project("rename");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.terminate();
+
+    let toml = dir.join("graft.toml");
+    let original = std::fs::read_to_string(&toml).unwrap();
+    let renamed = original.replace("id = \"myapp\"", "id = \"renamed\"");
+    assert_ne!(renamed, original);
+    std::fs::write(&toml, &renamed).unwrap();
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("`renamed`")
+            && err.contains("`myapp`")
+            && err.contains("id = \"myapp\"")
+            && err.contains("--discard myapp"),
+        "names the old id and the ways on: {err}"
+    );
+
+    // Renamed back: nothing was lost.
+    std::fs::write(&toml, &original).unwrap();
+    let node = Running::start(&dir, &[]);
+    assert_eq!(node.count(), 2);
+    node.terminate();
+
+    // Or the old one is deleted explicitly, and the new id starts afresh.
+    std::fs::write(&toml, &renamed).unwrap();
+    let node = Running::start(&dir, &["--discard", "myapp"]);
+    assert_eq!(node.ok(&["call", "renamed", "counter", "get"]).trim(), "0");
+    let gone = node.client(&["call", "myapp", "counter", "get"]);
+    assert!(!gone.status.success(), "the old sandbox is gone");
+    node.terminate();
+    let node = Running::start(&dir, &[]);
+    assert_eq!(node.ok(&["call", "renamed", "counter", "get"]).trim(), "0");
+    node.terminate();
+
+    // A --discard of an id the data directory does not hold changes nothing.
+    let out = run_refused(&dir, &["--discard", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no sandbox `nosuch`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A new `entry` in graft.toml starts the new app directly at restore: the
+/// old app never runs (its counter's `terminate` would log while starting),
+/// and the events say what happened (a `sandbox_reconfigured` at restore,
+/// no `checkpoint_not_restored`).
+#[test]
+fn a_new_entry_starts_directly_without_running_the_old_app() {
+    let dir = project("entry");
+    let node = Running::start(&dir, &[]);
+    for _ in 0..2 {
+        node.ok(&["call", "myapp", "counter", "inc"]);
+    }
+    node.terminate();
+    let toml = dir.join("graft.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("entry = \"app\"", "entry = \"main\"");
+    std::fs::write(&toml, edited).unwrap();
+    std::fs::copy(dir.join("src/app.luau"), dir.join("src/main.luau")).unwrap();
+
+    let log = dir.join("run.log");
+    let node = Running::logged(&dir, &[], &log);
+    assert_eq!(node.count(), 2, "the named state came back under `main`");
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !err.contains("counter stopping"),
+        "the old app ran (and was stopped) at start: {err}"
+    );
+    node.await_stdout("restored with the settings of graft.toml", 1);
+    let events = node.ok(&["events", "--sandbox", "myapp", "--json"]);
+    assert!(
+        !events.contains("checkpoint_not_restored"),
+        "no misleading event: {events}"
+    );
+    let reconfigured: Vec<Value> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .flat_map(|v| match v {
+            Value::Array(a) => a,
+            other => vec![other],
+        })
+        .filter(|e| e["kind"] == "sandbox_reconfigured")
+        .collect();
+    assert_eq!(reconfigured.len(), 1, "{events}");
+    let detail = reconfigured[0].to_string();
+    assert!(
+        detail.contains("restore") && detail.contains("main") && detail.contains("app"),
+        "{detail}"
+    );
+    node.terminate();
+}
+
+/// Waits until the file holds `what` (at least `n` times).
+#[track_caller]
+fn await_file(path: &Path, what: &str, n: usize) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.matches(what).count() >= n {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "no {what:?} (x{n}) in:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// graft.toml saved while `graft run` runs is applied live: the app
+/// restarts with the new settings, registered states come back, and the
+/// src/ watcher follows the rebuilt sandbox. A file that does not parse or
+/// validate, or renames the sandbox, changes nothing and says why.
+#[test]
+fn graft_toml_edits_apply_live_or_say_why_not() {
+    let dir = project("live-toml");
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    for _ in 0..2 {
+        node.ok(&["call", "myapp", "counter", "inc"]);
+    }
+    let denied = node.client(&["eval", "myapp", "return math.random(1, 1)"]);
+    assert!(!denied.status.success(), "random is not granted yet");
+
+    let toml = dir.join("graft.toml");
+    let original = std::fs::read_to_string(&toml).unwrap();
+    let granted = original.replace(
+        "# [capabilities]\n# grant = [\"clock\", \"random\"]",
+        "[capabilities]\ngrant = [\"random\"]",
+    );
+    assert_ne!(granted, original);
+    std::fs::write(&toml, &granted).unwrap();
+    node.await_stdout("✓ graft.toml applied (capabilities changed)", 1);
+    assert_eq!(
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
+        "1",
+        "the new capability applies"
+    );
+    assert_eq!(node.count(), 2, "the named state came back");
+
+    // The src/ watcher drives the rebuilt sandbox.
+    let src = dir.join("src/counter.luau");
+    let stepped = std::fs::read_to_string(&src)
+        .unwrap()
+        .replace("local STEP = 1\n", "local STEP = 10\n");
+    std::fs::write(&src, stepped).unwrap();
+    node.await_stdout("counter v1 → v2", 1);
+    assert_eq!(
+        node.ok(&["call", "myapp", "counter", "inc"]).trim(),
+        "12",
+        "the reload reached the rebuilt sandbox"
+    );
+
+    // Does not parse: an error pointing at graft.toml, nothing changed.
+    std::fs::write(&toml, granted.replace("[limits]", "[limits")).unwrap();
+    let err = await_file(&log, "nothing changed", 1);
+    assert!(err.contains("graft.toml") && err.contains("line"), "{err}");
+    // Out of range: the limit named, nothing changed.
+    std::fs::write(
+        &toml,
+        granted.replace("handler_ms = 1000", "handler_ms = 0"),
+    )
+    .unwrap();
+    let err = await_file(&log, "nothing changed", 2);
+    assert!(err.contains("handler_ms"), "{err}");
+    // A new id: refused live, the old sandbox keeps running.
+    std::fs::write(&toml, granted.replace("id = \"myapp\"", "id = \"other\"")).unwrap();
+    let err = await_file(&log, "nothing changed", 3);
+    assert!(err.contains("`other`") && err.contains("restart"), "{err}");
+    assert_eq!(node.count(), 12, "still the same sandbox and state");
+    assert_eq!(
+        node.ok(&["eval", "myapp", "return math.random(1, 1)"])
+            .trim(),
+        "1"
+    );
+    node.terminate();
+}
+
+/// Entry arguments over `max_message_bytes` are refused with an error that
+/// names `entry_args`, the limit and the actual size.
+#[test]
+fn oversize_entry_args_name_the_setting_and_the_sizes() {
+    let dir = project("entry-args");
+    let toml = dir.join("graft.toml");
+    let blob = "x".repeat(2000);
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace(
+            "entry = \"app\"",
+            &format!("entry = \"app\"\nentry_args = {{ blob = \"{blob}\" }}"),
+        )
+        .replace("[limits]", "[limits]\nmax_message_bytes = 1024");
+    std::fs::write(&toml, edited).unwrap();
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("`entry_args` is 2011 bytes") && err.contains("`max_message_bytes` of 1024"),
+        "{err}"
+    );
+}
+
+/// Output piped into a reader that already went away (`graft events |
+/// head`) ends the command quietly, as SIGPIPE ends any Unix filter: no
+/// panic, no message.
+#[test]
+fn a_closed_pipe_ends_client_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = project("pipe");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    let url = format!("http://127.0.0.1:{}", node.port);
+    let runs: [&[&str]; 2] = [
+        &["events", "--url", &url],
+        &["types", dir.to_str().unwrap(), "--stdout"],
+    ];
+    for args in runs {
+        let mut child = graft()
+            .args(args)
+            .env("GRAFT_TOKEN", &node.token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the first write.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert!(
+            out.status.success() || out.status.signal() == Some(13),
+            "graft {args:?}: {:?}\n{err}",
+            out.status
+        );
+        assert!(!err.contains("panicked"), "graft {args:?}: {err}");
+    }
+    node.terminate();
+}
+
+/// graft.toml settings refused at a restart (a limit out of range) stop
+/// `graft run` with the limit named; the stored sandbox stays intact on its
+/// previous settings, and the next start with a fixed file has it all.
+#[test]
+fn refused_settings_at_restart_stop_graft_run_and_lose_nothing() {
+    let dir = project("refused-settings");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.terminate();
+    let toml = dir.join("graft.toml");
+    let original = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        original.replace("handler_ms = 1000", "handler_ms = 0"),
+    )
+    .unwrap();
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("handler_ms")
+            && err.contains("graft.toml")
+            && err.contains("settings were not applied"),
+        "{err}"
+    );
+    std::fs::write(&toml, &original).unwrap();
+    let node = Running::start(&dir, &[]);
+    assert_eq!(node.count(), 1);
+    node.terminate();
 }

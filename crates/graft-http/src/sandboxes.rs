@@ -208,10 +208,15 @@ pub(crate) async fn destroy(
     UrlPath(id): UrlPath<String>,
     audit: Option<Extension<EffectAudit>>,
 ) -> ApiResult<StatusCode> {
-    let sb = sandbox(&node, &id)?;
+    // A stored sandbox that failed to restore has no VM: deleting it
+    // deletes its rows (the only way to free its id).
+    let stored_only = node.unrestored().iter().any(|(u, _)| *u == id);
     let attached = EffectAudit::of(audit.as_ref());
-    // An orderly stop first, so terminate callbacks run; then drop the VM.
-    let _ = tokio::time::timeout(APP_WAIT, sb.stop_app()).await;
+    if !stored_only {
+        let sb = sandbox(&node, &id)?;
+        // An orderly stop first, so terminate callbacks run; then drop the VM.
+        let _ = tokio::time::timeout(APP_WAIT, sb.stop_app()).await;
+    }
     tokio::task::spawn_blocking(move || node.destroy_attached(&id, attached.as_ref()))
         .await
         .map_err(join_error)??;

@@ -334,8 +334,22 @@ impl SandboxSpec {
                 )));
             }
         }
-        Ok(())
+        check_entry_args(&self.entry_args, self.limits.max_message_bytes)
     }
+}
+
+/// `entry_args` travel to the app's `init` as a message, so they must fit
+/// in `max_message_bytes`: an error naming both settings, with the sizes.
+pub(crate) fn check_entry_args(args: &serde_json::Value, max: usize) -> Result<()> {
+    let size = crate::value::json_len(args);
+    if size > max {
+        return Err(Error::InvalidInput(format!(
+            "`entry_args` is {size} bytes as JSON, over this sandbox's `max_message_bytes` of {max} \
+             (they are the app's first message): make `entry_args` smaller, or raise \
+             `max_message_bytes` under [limits]"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

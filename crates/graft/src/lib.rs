@@ -61,8 +61,8 @@ pub use events::{EventFilter, EventGap, EventPage, NodeEvent};
 pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, BatchOptions, CheckpointStats, HostFunctions, ModuleCoverage, Node,
-    NodeBuilder, ProcessInfo, Sandbox, SandboxInfo, DATABASE_FILE, DEFAULT_CHECKPOINT_MS,
-    MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
+    NodeBuilder, ProcessInfo, Sandbox, SandboxInfo, SettingsOutcome, DATABASE_FILE,
+    DEFAULT_CHECKPOINT_MS, MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
 };
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,

@@ -535,10 +535,12 @@ fn a_restart_keeps_deleted_sandboxes_events_bounded_in_memory() {
 
 /// A sandbox whose stored rows cannot be restored (here: a version's source
 /// altered by hand, so its checksum does not match) is left in the database
-/// with a `restore_failed` event; creating a sandbox with its id replaces it
-/// (docs/persistence.md) instead of colliding with the old rows forever.
+/// with a `restore_failed` event and listed by `Node::unrestored`. Creating
+/// a sandbox with its id is refused (it would overwrite the kept versions
+/// and states), whoever asks; only an explicit `destroy` deletes its rows,
+/// after which the id is free (docs/persistence.md).
 #[test]
-fn a_sandbox_that_failed_to_restore_can_be_created_again() {
+fn a_sandbox_that_failed_to_restore_is_never_created_over() {
     let dir = TempDir::new("unrestorable");
     {
         let node = open(&dir);
@@ -546,22 +548,39 @@ fn a_sandbox_that_failed_to_restore_can_be_created_again() {
         reload(&sb, counter(2), ReloadOptions::default());
         node.shutdown();
     }
+    let tamper = |db: &rusqlite::Connection| {
+        db.execute(
+            "UPDATE module_versions SET source = source || '-- edited' WHERE sandbox = 'shop' AND module = 'counter' AND version = 1",
+            [],
+        )
+        .expect("tamper")
+    };
+    let rows = |dir: &TempDir| -> Vec<(String, u32, String)> {
+        let db = rusqlite::Connection::open(dir.0.join(graft::DATABASE_FILE)).expect("sqlite");
+        let mut st = db
+            .prepare("SELECT module, version, source FROM module_versions WHERE sandbox = 'shop' ORDER BY module, version")
+            .expect("query");
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
     {
         let db = rusqlite::Connection::open(dir.0.join(graft::DATABASE_FILE)).expect("sqlite");
-        let n = db
-            .execute(
-                "UPDATE module_versions SET source = source || '-- edited' WHERE sandbox = 'shop' AND module = 'counter' AND version = 1",
-                [],
-            )
-            .expect("tamper");
-        assert_eq!(n, 1);
+        assert_eq!(tamper(&db), 1);
     }
+    let stored = rows(&dir);
+    assert_eq!(stored.len(), 3, "app v1, counter v1 and v2: {stored:?}");
     {
         let node = open(&dir);
         assert!(
             node.sandbox("shop").is_err(),
             "an altered version is refused"
         );
+        let unrestored = node.unrestored();
+        assert_eq!(unrestored.len(), 1);
+        assert_eq!(unrestored[0].0, "shop");
+        assert!(unrestored[0].1.contains("checksum"), "{unrestored:?}");
         // Written by the event pump: readable once it is on disk.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !node
@@ -573,9 +592,25 @@ fn a_sandbox_that_failed_to_restore_can_be_created_again() {
             assert!(Instant::now() < deadline, "a restore_failed event");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let sb = node
-            .create_sandbox(spec("shop"))
-            .expect("creating the id again replaces the unrestorable rows");
+        let Err(refused) = node.create_sandbox(spec("shop")) else {
+            panic!("creating the id again would bury the stored rows");
+        };
+        let msg = refused.to_string();
+        assert!(
+            msg.contains("`shop`")
+                && msg.contains("could not be restored")
+                && msg.contains("delete"),
+            "{msg}"
+        );
+        node.shutdown();
+    }
+    assert_eq!(rows(&dir), stored, "the refused creation changed no row");
+    {
+        let node = open(&dir);
+        node.destroy("shop")
+            .expect("an explicit delete removes the rows");
+        assert!(node.unrestored().is_empty());
+        let sb = node.create_sandbox(spec("shop")).expect("the id is free");
         block_on(sb.wait_app_started()).expect("app");
         assert_eq!(call(&sb, "version"), 1);
         node.shutdown();
@@ -1269,15 +1304,31 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
         assert!(!kinds(&sb).contains(&"sandbox_reconfigured".to_string()));
         assert!(block_on(sb.events()).expect("events").len() > events_before);
 
-        // Settings that validate but cannot start (entry args larger than
-        // the new message limit): the old settings come back, on disk too.
-        let mut unstartable = spec("shop").entry_args(json!({ "blob": "x".repeat(5_000) }));
-        unstartable.limits.max_message_bytes = 1_024;
+        // Entry args larger than the new message limit: refused whole,
+        // naming the setting and both sizes.
+        let mut oversize = spec("shop").entry_args(json!({ "blob": "x".repeat(5_000) }));
+        oversize.limits.max_message_bytes = 1_024;
+        let err = node
+            .reconfigure_sandbox(oversize)
+            .err()
+            .expect("entry args over the limit");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`entry_args` is 5011 bytes")
+                && msg.contains("`max_message_bytes` of 1024"),
+            "{msg}"
+        );
+        assert!(!kinds(&sb).contains(&"sandbox_reconfigured".to_string()));
+        // Settings that validate but cannot start (an entry module with no
+        // `init`): the old settings come back, on disk too.
+        let unstartable = spec("shop")
+            .module("plain", "return {}")
+            .entry(Some("plain"));
         let err = node
             .reconfigure_sandbox(unstartable)
             .err()
             .expect("cannot start");
-        assert!(err.to_string().contains("1024"), "{err}");
+        assert!(err.to_string().contains("no `init`"), "{err}");
         let sb = node.sandbox("shop").expect("still there");
         block_on(sb.wait_app_started()).expect("old app again");
         assert_eq!(call(&sb, "get")["n"], 4, "the state came back");

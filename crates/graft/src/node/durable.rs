@@ -22,6 +22,12 @@
 //!   for an edited graft.toml) only through one transaction holding the new
 //!   record, the modules it adds and a `sandbox_reconfigured` event, written
 //!   before the sandbox is rebuilt; never while a canary window is open.
+//! * A stored sandbox that fails to restore keeps its rows untouched
+//!   (`Node::unrestored`): no creation writes over them; only an explicit
+//!   `destroy` deletes them.
+//! * `NodeBuilder::apply_settings` restores one sandbox with new settings
+//!   through the same one transaction as `reconfigure_sandbox`, before its
+//!   app first starts: the app never runs under the settings it replaces.
 //! * The events of deleted sandboxes beyond the 16 kept are deleted from
 //!   the store too, by the deletion that pushes them out (same transaction).
 //! * A node refuses to start on a data directory it cannot write. The data
@@ -88,6 +94,10 @@ pub struct NodeBuilder {
     checkpoint_ms: u64,
     host: HostFunctions,
     max_database_bytes: Option<u64>,
+    /// Settings to restore one sandbox with (`apply_settings`).
+    settings: Option<SandboxSpec>,
+    /// Whether a failed restore writes a `restore_failed` event.
+    record_restore_failures: bool,
 }
 
 impl Node {
@@ -100,6 +110,8 @@ impl Node {
             checkpoint_ms: DEFAULT_CHECKPOINT_MS,
             host: HostFunctions::default(),
             max_database_bytes: None,
+            settings: None,
+            record_restore_failures: true,
         }
     }
 }
@@ -143,6 +155,58 @@ impl NodeBuilder {
     /// fails, changing nothing). Default: no cap.
     pub fn max_database_bytes(mut self, bytes: u64) -> NodeBuilder {
         self.max_database_bytes = Some(bytes);
+        self
+    }
+
+    /// Restores the stored sandbox `spec.id` (if the store holds it) with
+    /// `spec`'s settings — entry, entry args, limits, capabilities, file
+    /// names — instead of the stored ones, as
+    /// [`Node::reconfigure_sandbox`] would, but without ever starting the
+    /// app under the old settings (`graft run DIR` passes its `graft.toml`
+    /// this way). Modules of `spec` the sandbox lacks come in as version 1;
+    /// the sources of the others are not compared (a reload makes them
+    /// live). The new record and a `sandbox_reconfigured` event are written
+    /// before the app starts. If the settings are refused or cannot start,
+    /// the stored ones are restored (written back, with a
+    /// `sandbox_reconfigure_failed` event, if they had been written).
+    /// [`Node::take_settings_outcome`] says which happened.
+    ///
+    /// ```
+    /// let dir = std::env::temp_dir().join(format!("graft-doc-settings-{}", std::process::id()));
+    /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
+    /// let node = graft::Node::builder().data_dir(&dir).open().unwrap();
+    /// node.create_sandbox(spec.clone()).unwrap();
+    /// node.shutdown();
+    /// drop(node);
+    /// let mut bigger = spec;
+    /// bigger.limits.max_versions = 3;
+    /// let node = graft::Node::builder().data_dir(&dir).apply_settings(bigger).open().unwrap();
+    /// assert!(matches!(
+    ///     node.take_settings_outcome(),
+    ///     Some(graft::SettingsOutcome::Applied(changed)) if changed == ["limits"]
+    /// ));
+    /// node.shutdown();
+    /// # drop(node);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn apply_settings(mut self, spec: SandboxSpec) -> NodeBuilder {
+        self.settings = Some(spec);
+        self
+    }
+
+    /// Whether a sandbox that fails to restore gets a `restore_failed`
+    /// event (default: yes). A caller that refuses to go on when a restore
+    /// fails (`graft run`, for its project's sandbox) turns it off, so its
+    /// refused start writes nothing; [`Node::unrestored`] says what failed
+    /// either way.
+    ///
+    /// ```
+    /// let node = graft::Node::builder().ephemeral().record_restore_failures(false).open().unwrap();
+    /// assert!(node.unrestored().is_empty());
+    /// node.shutdown();
+    /// ```
+    pub fn record_restore_failures(mut self, record: bool) -> NodeBuilder {
+        self.record_restore_failures = record;
         self
     }
 
@@ -195,7 +259,12 @@ impl NodeBuilder {
                 .iter()
                 .map(|s| s.sandbox.id.clone())
                 .collect();
-            node.restore(snapshot.sandboxes, &self.host);
+            node.restore(
+                snapshot.sandboxes,
+                &self.host,
+                self.settings,
+                self.record_restore_failures,
+            );
             let live: HashSet<String> = node.sandbox_ids().into_iter().collect();
             let dropped = node.inner.events.absent_are_deleted(&live);
             prune_deleted_events(&store, dropped, &stored);
@@ -294,11 +363,27 @@ pub(super) struct Checkpoints {
     /// checkpointed (not plain data) and whose old checkpoint was deleted:
     /// the event says so once, not at every round.
     skipped: Mutex<HashMap<String, HashSet<String>>>,
-    /// Sandboxes a restore left in the store untouched (`restore_failed`):
-    /// creating one of these ids deletes the old rows in the same
-    /// transaction, so the new sandbox replaces them instead of colliding
-    /// with its old versions.
-    pub unrestored: Mutex<HashSet<String>>,
+    /// Sandboxes a restore left in the store untouched (`restore_failed`),
+    /// with why: creating one of these ids is refused (its rows would be
+    /// lost); only an explicit [`Node::destroy`] deletes them.
+    pub unrestored: Mutex<BTreeMap<String, String>>,
+    /// What `NodeBuilder::apply_settings` did at the restore.
+    pub settings_outcome: Mutex<Option<SettingsOutcome>>,
+}
+
+/// What [`NodeBuilder::apply_settings`] did when the node restored the
+/// sandbox (see [`Node::take_settings_outcome`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SettingsOutcome {
+    /// The stored settings were the same: restored as stored.
+    Unchanged,
+    /// Restored with the new settings; which of them changed (`entry`,
+    /// `entry_args`, `limits`, `capabilities`).
+    Applied(Vec<&'static str>),
+    /// The new settings were refused or could not start: the sandbox was
+    /// restored with its stored settings, which stay stored.
+    Refused(Error),
 }
 
 impl Checkpoints {
@@ -379,17 +464,65 @@ impl Node {
         drop(self.inner.data_lock.lock().take());
     }
 
+    /// The sandboxes the store holds that could not be restored at open, and
+    /// why (a `restore_failed` event says it too), sorted by id. Their rows
+    /// stay untouched: creating a sandbox with one of these ids is refused,
+    /// and [`Node::destroy`] deletes them (their kept versions and
+    /// checkpointed states are then lost).
+    ///
+    /// ```
+    /// let node = graft::Node::builder().ephemeral().open().unwrap();
+    /// assert!(node.unrestored().is_empty());
+    /// node.shutdown();
+    /// ```
+    pub fn unrestored(&self) -> Vec<(String, String)> {
+        self.inner
+            .checkpoints
+            .unrestored
+            .lock()
+            .iter()
+            .map(|(id, why)| (id.clone(), why.clone()))
+            .collect()
+    }
+
+    /// What [`NodeBuilder::apply_settings`] did, once (`None` when it was
+    /// not used, the store did not hold that sandbox, or its restore
+    /// failed). See the builder's example.
+    pub fn take_settings_outcome(&self) -> Option<SettingsOutcome> {
+        self.inner.checkpoints.settings_outcome.lock().take()
+    }
+
     /// Restores stored sandboxes (see the module docs). A sandbox that
     /// cannot be restored is logged and left in the store, untouched.
-    fn restore(&self, sandboxes: Vec<SandboxSnapshot>, host: &HostFunctions) {
+    fn restore(
+        &self,
+        sandboxes: Vec<SandboxSnapshot>,
+        host: &HostFunctions,
+        mut settings: Option<SandboxSpec>,
+        record_failures: bool,
+    ) {
         let mut started = Vec::new();
         for snap in sandboxes {
             let id = snap.sandbox.id.clone();
-            match self.restore_sandbox(&snap, host) {
+            let mine = settings
+                .as_ref()
+                .is_some_and(|s| s.id == id)
+                .then(|| settings.take())
+                .flatten();
+            match self.restore_sandbox(&snap, host, mine) {
                 Ok(sb) => started.push((sb, snap.checkpoints)),
                 Err(e) => {
-                    tracing::error!(sandbox = %id, error = %e, "the sandbox could not be restored");
-                    self.inner.checkpoints.unrestored.lock().insert(id.clone());
+                    if record_failures {
+                        tracing::error!(sandbox = %id, error = %e, "the sandbox could not be restored");
+                    }
+                    self.inner
+                        .checkpoints
+                        .unrestored
+                        .lock()
+                        .insert(id.clone(), e.to_string());
+                    if !record_failures {
+                        continue;
+                    }
                     self.inner.events.append(
                         &id,
                         "restore_failed",
@@ -439,7 +572,12 @@ impl Node {
         }
     }
 
-    fn restore_sandbox(&self, snap: &SandboxSnapshot, host: &HostFunctions) -> Result<Sandbox> {
+    fn restore_sandbox(
+        &self,
+        snap: &SandboxSnapshot,
+        host: &HostFunctions,
+        settings: Option<SandboxSpec>,
+    ) -> Result<Sandbox> {
         let rec = &snap.sandbox;
         let limits: Limits = serde_json::from_str(&rec.limits_json)
             .map_err(|e| Error::InvalidInput(format!("stored limits: {e}")))?;
@@ -491,8 +629,126 @@ impl Node {
                 }),
             )?;
         }
+        if let Some(new) = settings {
+            let outcome = match self.restore_with_settings(&spec, new, &history, host) {
+                Ok(Some((sb, changed))) => {
+                    *self.inner.checkpoints.settings_outcome.lock() =
+                        Some(SettingsOutcome::Applied(changed));
+                    return Ok(sb);
+                }
+                Ok(None) => SettingsOutcome::Unchanged,
+                Err(e) => SettingsOutcome::Refused(e),
+            };
+            let sb = self.create_from(spec, host.clone(), Some(history), false)?;
+            *self.inner.checkpoints.settings_outcome.lock() = Some(outcome);
+            return Ok(sb);
+        }
         self.create_from(spec, host.clone(), Some(history), false)
     }
+
+    /// Restores a sandbox with new settings (`NodeBuilder::apply_settings`):
+    /// `None` when they equal the stored ones. On an error the stored record
+    /// is what the store holds (written back if the new one was written).
+    fn restore_with_settings(
+        &self,
+        stored: &SandboxSpec,
+        new: SandboxSpec,
+        history: &BTreeMap<String, ModuleHistory>,
+        host: &HostFunctions,
+    ) -> Result<Option<(Sandbox, Vec<&'static str>)>> {
+        let changed = settings_changed(stored, &new);
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        new.validate(&self.inner.limits)?;
+        let (ops, histories, new_spec) = settings_plan(new, history.clone(), &host.0)?;
+        self.inner.events.commit(
+            &stored.id,
+            ops,
+            "sandbox_reconfigured",
+            json!({
+                "changed": changed,
+                "entry": new_spec.entry,
+                "previous_entry": stored.entry,
+                "when": "restore",
+            }),
+        )?;
+        match self.create_from(new_spec, host.clone(), Some(histories), false) {
+            Ok(sb) => Ok(Some((sb, changed))),
+            Err(e) => {
+                self.inner.events.commit(
+                    &stored.id,
+                    vec![WriteOp::PutSandbox(sandbox_record(stored))],
+                    "sandbox_reconfigure_failed",
+                    json!({ "changed": changed, "error": e.to_string() }),
+                )?;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What giving a sandbox `spec`'s settings writes and loads: the new record,
+/// the modules of `spec` it does not have yet (version 1, permanent), the
+/// histories with those added, and the spec to build (its modules: each
+/// history's current source).
+fn settings_plan(
+    spec: SandboxSpec,
+    mut histories: BTreeMap<String, ModuleHistory>,
+    host_fns: &crate::vm::HostTable,
+) -> Result<(Vec<WriteOp>, BTreeMap<String, ModuleHistory>, SandboxSpec)> {
+    let added: BTreeMap<String, String> = spec
+        .modules
+        .iter()
+        .filter(|(name, _)| !histories.contains_key(*name))
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .collect();
+    let globals = crate::vm::globals_for(&spec.grants, host_fns);
+    let prepared = crate::upgrade::prepare(
+        &added,
+        &crate::upgrade::PrepareContext {
+            known_globals: &globals,
+            max_source_bytes: spec.limits.max_source_bytes,
+            files: &spec.files,
+        },
+    )?;
+    let mut ops = vec![WriteOp::PutSandbox(sandbox_record(&spec))];
+    for p in prepared {
+        let v = ModuleVersion {
+            version: 1,
+            checksum: p.checksum,
+            source: p.source,
+            bytecode: p.bytecode,
+            loaded_at_ms: crate::clock::unix_ms(),
+            dependencies: p.dependencies,
+        };
+        ops.push(WriteOp::PutVersion(v.record(
+            &spec.id,
+            &p.name,
+            VersionStatus::Permanent,
+        )));
+        ops.push(WriteOp::SetCurrent {
+            sandbox: spec.id.clone(),
+            module: p.name.clone(),
+            version: 1,
+            file: Some(p.file.clone()),
+        });
+        histories.insert(
+            p.name,
+            ModuleHistory {
+                versions: VecDeque::from([v]),
+                current: 1,
+                next: 1,
+                file: p.file,
+            },
+        );
+    }
+    let mut new_spec = spec;
+    new_spec.modules = histories
+        .iter()
+        .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
+        .collect();
+    Ok((ops, histories, new_spec))
 }
 
 /// A module's kept versions, recompiled here (stored bytecode is never
@@ -535,20 +791,12 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
 }
 
 /// The rows of a new sandbox: its record, its first versions (permanent)
-/// and their current pointers; first, the deletion of the rows a failed
-/// restore left under the same id.
+/// and their current pointers.
 pub(super) fn creation_ops(
-    node: &NodeInner,
     spec: &SandboxSpec,
     modules: &BTreeMap<String, ModuleHistory>,
 ) -> Vec<WriteOp> {
-    let mut ops = Vec::new();
-    if node.checkpoints.unrestored.lock().contains(&spec.id) {
-        ops.push(WriteOp::DeleteSandbox {
-            id: spec.id.clone(),
-        });
-    }
-    ops.push(WriteOp::PutSandbox(sandbox_record(spec)));
+    let mut ops = vec![WriteOp::PutSandbox(sandbox_record(spec))];
     for (name, h) in modules {
         for v in &h.versions {
             ops.push(WriteOp::PutVersion(v.record(
@@ -641,7 +889,7 @@ impl Node {
             return Ok(None);
         }
         spec.validate(&self.inner.limits)?;
-        let (mut histories, window_open) = super::block_on(old.ask(|rt| {
+        let (histories, window_open) = super::block_on(old.ask(|rt| {
             let open = crate::kernel::kernel(&rt.vm.lua).canary.is_some();
             (rt.engine.modules.clone(), open)
         }))?;
@@ -653,58 +901,7 @@ impl Node {
         }
         // What to rebuild if the new settings cannot start.
         let old_histories = histories.clone();
-        // Modules it does not have yet come in as version 1.
-        let added: BTreeMap<String, String> = spec
-            .modules
-            .iter()
-            .filter(|(name, _)| !histories.contains_key(*name))
-            .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
-        let globals = crate::vm::globals_for(&spec.grants, &old.shared.host_fns);
-        let prepared = crate::upgrade::prepare(
-            &added,
-            &crate::upgrade::PrepareContext {
-                known_globals: &globals,
-                max_source_bytes: spec.limits.max_source_bytes,
-                files: &spec.files,
-            },
-        )?;
-        let mut ops = vec![WriteOp::PutSandbox(sandbox_record(&spec))];
-        for p in prepared {
-            let v = ModuleVersion {
-                version: 1,
-                checksum: p.checksum,
-                source: p.source,
-                bytecode: p.bytecode,
-                loaded_at_ms: crate::clock::unix_ms(),
-                dependencies: p.dependencies,
-            };
-            ops.push(WriteOp::PutVersion(v.record(
-                &spec.id,
-                &p.name,
-                VersionStatus::Permanent,
-            )));
-            ops.push(WriteOp::SetCurrent {
-                sandbox: spec.id.clone(),
-                module: p.name.clone(),
-                version: 1,
-                file: Some(p.file.clone()),
-            });
-            histories.insert(
-                p.name,
-                ModuleHistory {
-                    versions: VecDeque::from([v]),
-                    current: 1,
-                    next: 1,
-                    file: p.file,
-                },
-            );
-        }
-        let mut new_spec = spec;
-        new_spec.modules = histories
-            .iter()
-            .filter_map(|(n, h)| h.current().map(|v| (n.clone(), v.source.clone())))
-            .collect();
+        let (mut ops, histories, new_spec) = settings_plan(spec, histories, &old.shared.host_fns)?;
         // The states as of now, so the new app gets them back.
         checkpoint_sandbox(&self.inner, &new_spec.id)?;
         if self.inner.store.is_none() {

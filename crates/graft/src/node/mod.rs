@@ -35,7 +35,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use batch::BatchOptions;
 pub use blocking::{block_on, with_timeout};
-pub use durable::{CheckpointStats, NodeBuilder, DATABASE_FILE, DEFAULT_CHECKPOINT_MS};
+pub use durable::{
+    CheckpointStats, NodeBuilder, SettingsOutcome, DATABASE_FILE, DEFAULT_CHECKPOINT_MS,
+};
 pub use host_functions::HostFunctions;
 pub use runtime::{ProcessInfo, SandboxInfo, QUIESCE_TIMEOUT_MS};
 pub use sandbox::{ModuleCoverage, Sandbox, MAX_CLOCK_STEPS};
@@ -397,6 +399,18 @@ impl Node {
         attached: Option<&crate::store::Attached>,
     ) -> Result<Sandbox> {
         spec.validate(&self.inner.limits)?;
+        if persist {
+            if let Some(why) = self.inner.checkpoints.unrestored.lock().get(&spec.id) {
+                // Creating it would overwrite the rows of the one the store
+                // holds: its kept versions and checkpointed states.
+                return Err(Error::InvalidInput(format!(
+                    "sandbox `{}` is stored on this node but could not be restored ({why}); \
+                     its kept versions and states are still in the database: fix the cause and \
+                     restart the node, or delete the sandbox first (its data is then lost)",
+                    spec.id
+                )));
+            }
+        }
         {
             let map = self.inner.sandboxes.read();
             if map.contains_key(&spec.id) {
@@ -410,8 +424,7 @@ impl Node {
             }
         }
         let runtime = new_runtime(&spec, &host.0, history.as_ref(), &self.inner)?;
-        let ops =
-            persist.then(|| durable::creation_ops(&self.inner, &spec, &runtime.engine.modules));
+        let ops = persist.then(|| durable::creation_ops(&spec, &runtime.engine.modules));
         let shared = Arc::new(Shared {
             id: spec.id.clone(),
             inbox: Mutex::new(VecDeque::new()),
@@ -457,8 +470,6 @@ impl Node {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(rt)));
                 return Err(e.into());
             }
-            // Its old rows are gone now (see `creation_ops`).
-            self.inner.checkpoints.unrestored.lock().remove(&shared.id);
         }
         schedule(&self.inner, &shared, false);
         Ok(Sandbox { shared })
@@ -499,6 +510,9 @@ impl Node {
         attached: Option<&crate::store::Attached>,
     ) -> Result<()> {
         if !self.inner.sandboxes.read().contains_key(id) {
+            if self.inner.checkpoints.unrestored.lock().contains_key(id) {
+                return self.discard_unrestored(id, attached);
+            }
             return Err(Error::NoSandbox(id.into()));
         }
         let ops = match &self.inner.store {
@@ -540,6 +554,25 @@ impl Node {
             }
         }
         shared.drop_inbox();
+        Ok(())
+    }
+
+    /// Deletes the rows of a stored sandbox that failed to restore (asked
+    /// for explicitly through `destroy`), with a `sandbox_deleted` event.
+    fn discard_unrestored(
+        &self,
+        id: &str,
+        attached: Option<&crate::store::Attached>,
+    ) -> Result<()> {
+        let ops = vec![crate::store::WriteOp::DeleteSandbox { id: id.to_owned() }];
+        self.inner.events.commit_with(
+            id,
+            ops,
+            "sandbox_deleted",
+            serde_json::json!({ "unrestored": true }),
+            attached,
+        )?;
+        self.inner.checkpoints.unrestored.lock().remove(id);
         Ok(())
     }
 

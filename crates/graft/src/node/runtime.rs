@@ -223,7 +223,7 @@ impl Runtime {
     }
 
     fn start_app(&mut self, entry: &str) -> Result<()> {
-        self.check_size(&self.spec.entry_args)?;
+        crate::config::check_entry_args(&self.spec.entry_args, self.spec.limits.max_message_bytes)?;
         let lua = &self.vm.lua;
         let args = host_value(lua, &self.spec.entry_args)?;
         let mut k = kernel(lua);
