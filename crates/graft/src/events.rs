@@ -892,4 +892,25 @@ mod tests {
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn events_given_up_unwritten_are_a_gap_once_later_ones_show() {
+        let log = EventLog::in_memory(10);
+        let lost = log.reserve("a", "lost", Json::Null);
+        let kept = log.reserve("b", "kept", Json::Null);
+        log.write_failed([lost.seq, kept.seq].into_iter());
+        let all = EventFilter::default();
+        // Waiting: nothing shown, no gap yet (its number is not shown).
+        assert_eq!(log.read(0, &all, 10), EventPage::default());
+        crate::block_on(log.settle());
+        log.write_abandoned(std::slice::from_ref(&lost));
+        log.publish(vec![kept]);
+        let page = log.read(0, &all, 10);
+        assert_eq!(kinds(&page), vec![(2, "kept")]);
+        assert_eq!(page.gap, Some(EventGap { after: 0, up_to: 1 }));
+        // Also for a reader of `a` only, and none for one past it.
+        let a = log.read(0, &EventFilter::default().sandbox("a"), 10);
+        assert_eq!(a.gap, Some(EventGap { after: 0, up_to: 1 }));
+        assert_eq!(log.read(1, &all, 10).gap, None);
+    }
 }
