@@ -71,6 +71,15 @@ pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// The first wait after a failed event write (doubled up to [`RETRY_MAX`]).
 const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// What the pump thread is sent.
+enum PumpMsg {
+    /// An event to write.
+    Event(NodeEvent),
+    /// A commit just succeeded: the store takes writes again, so events
+    /// waiting for it are tried now rather than after the backoff.
+    Retry,
+}
+
 /// One event of the node.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NodeEvent {
@@ -181,7 +190,7 @@ pub(crate) struct EventLog {
     /// it up).
     settled_tx: tokio::sync::watch::Sender<u64>,
     store: Option<Arc<Store>>,
-    pump: Mutex<Option<mpsc::Sender<NodeEvent>>>,
+    pump: Mutex<Option<mpsc::Sender<PumpMsg>>>,
     pump_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     max_per_sandbox: usize,
 }
@@ -290,7 +299,7 @@ impl EventLog {
     pub fn append(&self, sandbox: &str, kind: &str, detail: Json) {
         let event = self.reserve(sandbox, kind, detail);
         let queued = match self.pump.lock().as_ref() {
-            Some(tx) => tx.send(event.clone()).is_ok(),
+            Some(tx) => tx.send(PumpMsg::Event(event.clone())).is_ok(),
             None => false,
         };
         if !queued {
@@ -358,6 +367,13 @@ impl EventLog {
             if let Err(e) = store.write_attached(ops, attached) {
                 self.abandon(event.seq);
                 return Err(e);
+            }
+            // This event is shown only after the waiting ones: have them
+            // tried now.
+            if !self.state.lock().failed.is_empty() {
+                if let Some(tx) = self.pump.lock().as_ref() {
+                    let _ = tx.send(PumpMsg::Retry);
+                }
             }
         }
         let seq = event.seq;
@@ -643,7 +659,7 @@ impl LogState {
 /// The pump: writes queued events in batches, then publishes them. A batch
 /// the store refuses is kept and tried again (with a backoff, together with
 /// what came meanwhile) until it is written; see the module invariants.
-fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
+fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
     let mut waiting: Vec<NodeEvent> = Vec::new();
     let mut delay = RETRY_MIN;
     let mut open = true;
@@ -651,7 +667,8 @@ fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<E
         let mut batch = std::mem::take(&mut waiting);
         if batch.is_empty() {
             match rx.recv() {
-                Ok(e) => batch.push(e),
+                Ok(PumpMsg::Event(e)) => batch.push(e),
+                Ok(PumpMsg::Retry) => continue,
                 Err(_) => return,
             }
         } else if open {
@@ -660,7 +677,8 @@ fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<E
             loop {
                 let left = until.saturating_duration_since(std::time::Instant::now());
                 match rx.recv_timeout(left) {
-                    Ok(e) => batch.push(e),
+                    Ok(PumpMsg::Event(e)) => batch.push(e),
+                    Ok(PumpMsg::Retry) => break,
                     Err(mpsc::RecvTimeoutError::Timeout) => break,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         open = false;
@@ -669,10 +687,11 @@ fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<E
                 }
             }
         }
-        let limit = batch.len().max(PUMP_BATCH);
+        let limit = batch.len() + PUMP_BATCH;
         while batch.len() < limit {
             match rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(PumpMsg::Event(e)) => batch.push(e),
+                Ok(PumpMsg::Retry) => {}
                 Err(_) => break,
             }
         }
