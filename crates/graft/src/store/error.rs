@@ -163,7 +163,12 @@ impl StoreError {
             StoreError::WriterGone(_) => "the node's database writer stopped",
             _ => "the node's storage refused the write",
         };
-        format!("{what} ({})", shorten_paths(&self.to_string()))
+        let why = match self {
+            // Their own text would repeat `what` and "nothing was written".
+            StoreError::ReadOnly { detail } | StoreError::Full { detail } => detail.clone(),
+            other => other.to_string(),
+        };
+        format!("{what} ({})", shorten_paths(&why))
     }
 
     /// Classifies a SQLite error met while doing `op` (the operation's name,
@@ -246,8 +251,8 @@ mod tests {
         let m = ro.client_message();
         assert_eq!(
             m,
-            "the node's storage is read-only (storage is read-only: the data directory …/.graft \
-             is not writable (Permission denied (os error 13)); nothing was written)"
+            "the node's storage is read-only (the data directory …/.graft \
+             is not writable (Permission denied (os error 13)))"
         );
         let io = StoreError::Io {
             what: "writing",
