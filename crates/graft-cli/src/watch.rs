@@ -65,11 +65,22 @@ fn print(event: WatchEvent) {
             }
         }
         WatchEvent::ReloadFailed { error, files } => {
+            let again = graft::watch::retried(&error);
             let err = graft_http::ApiError::from(error);
             let file_of = |m: &str| files.get(m).map(|p| shown(p));
             eprint!("{}", render::error(&err.body()["error"], &file_of));
             eprintln!("  = note: nothing changed; the old code is still running");
+            if again {
+                eprintln!("  = note: the reload is tried again until the storage takes it");
+            }
         }
+        WatchEvent::Retried {
+            failed_tries,
+            waited,
+        } => println!(
+            "✓ the storage takes writes again: the reload that waited applies now (after {failed_tries} refused tries, {:.1}s)",
+            waited.as_secs_f64()
+        ),
         WatchEvent::Deleted {
             module,
             path,

@@ -52,6 +52,9 @@ struct Running {
     token: String,
     /// Everything it printed on stdout so far.
     stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    /// What the node printed after its listening line (stdout, then stderr
+    /// as it comes), for tests that read it.
+    said: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Running {
@@ -61,6 +64,17 @@ impl Running {
 
     /// `graft run DIR` as user `uid` (when given), with its data in `data`.
     fn spawn(dir: &Path, extra: &[&str], uid: Option<u32>, data: &Path) -> Running {
+        Running::spawn_with(dir, extra, uid, data, false)
+    }
+
+    /// [`Running::spawn`], watching `src/` when `watch`.
+    fn spawn_with(
+        dir: &Path,
+        extra: &[&str],
+        uid: Option<u32>,
+        data: &Path,
+        watch: bool,
+    ) -> Running {
         let mut cmd = graft();
         if let Some(uid) = uid {
             use std::os::unix::process::CommandExt;
@@ -68,7 +82,8 @@ impl Running {
         }
         cmd.arg("run")
             .arg(dir)
-            .args(["--port", "0", "--no-watch"])
+            .args(["--port", "0"])
+            .args(if watch { &[][..] } else { &["--no-watch"][..] })
             .args(extra)
             .stderr(Stdio::piped());
         Running::launch(cmd, data)
@@ -123,18 +138,32 @@ impl Running {
             }
             assert!(Instant::now() < deadline, "no listening line: {seen}");
         };
-        // Keep draining stdout so the node never blocks on a full pipe.
+        // Keep draining stdout and stderr so the node never blocks on a
+        // full pipe; keep what they say (`stdout`: all of stdout; `said`:
+        // stdout after the listening line, and stderr, as they come).
         let printed = std::sync::Arc::new(std::sync::Mutex::new(seen));
-        let sink = printed.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1024];
-            loop {
-                match stdout.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => sink.lock().unwrap().push_str(&text(&buf[..n])),
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let drain = |mut from: Box<dyn Read + Send>,
+                     also: Option<std::sync::Arc<std::sync::Mutex<String>>>| {
+            let said = said.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let t = text(&buf[..n]);
+                    if let Some(also) = &also {
+                        also.lock().unwrap().push_str(&t);
+                    }
+                    said.lock().unwrap().push_str(&t);
                 }
-            }
-        });
+            });
+        };
+        drain(Box::new(stdout), Some(printed.clone()));
+        if let Some(stderr) = child.stderr.take() {
+            drain(Box::new(stderr), None);
+        }
         // The node wrote its admin token file before listening (SPEC §9).
         let token = std::fs::read_to_string(data.join("admin.token"))
             .expect("the admin token file")
@@ -145,6 +174,7 @@ impl Running {
             port,
             token,
             stdout: printed,
+            said,
         }
     }
 
@@ -184,6 +214,20 @@ impl Running {
             text(&out.stderr)
         );
         text(&out.stdout)
+    }
+
+    /// Waits until the node has printed `what` (after its listening line).
+    #[track_caller]
+    fn wait_for_output(&self, what: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let said = self.said.lock().unwrap().clone();
+            if said.contains(what) {
+                return said;
+            }
+            assert!(Instant::now() < deadline, "`{what}` never printed:\n{said}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn count(&self) -> i64 {
@@ -1000,5 +1044,125 @@ fn refused_settings_at_restart_stop_graft_run_and_lose_nothing() {
     std::fs::write(&toml, &original).unwrap();
     let node = Running::start(&dir, &[]);
     assert_eq!(node.count(), 1);
+    node.terminate();
+}
+/// The user storage tests run the node as, and the data directory it owns:
+/// root ignores file modes, so as root the node runs as `nobody`.
+fn owned_data_dir(dir: &Path) -> (Option<u32>, PathBuf) {
+    const NOBODY: u32 = 65534;
+    let data = dir.parent().unwrap().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let uid = (euid() == 0).then_some(NOBODY);
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(&data, Some(uid), Some(uid)).unwrap();
+    }
+    (uid, data)
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A database *file* turned read-only (its directory writable): a request
+/// fails whole and the client is told why — the node's storage is
+/// read-only — without the host's paths; writable again, writes resume.
+/// Started on a read-only database file, the node refuses with a clear
+/// message and leaves the file alone.
+#[test]
+fn a_read_only_database_file_fails_requests_clearly_and_is_refused_at_start() {
+    let dir = project("readonly-file");
+    let (uid, data) = owned_data_dir(&dir);
+    let data_arg = data.to_str().unwrap().to_string();
+    let node = Running::spawn(&dir, &["--data", &data_arg], uid, &data);
+    let first = revision(&dir, 1);
+    node.ok(&["reload", "myapp", first.to_str().unwrap()]);
+    let before = node.versions();
+
+    let db = data.join(graft::DATABASE_FILE);
+    set_mode(&db, 0o444);
+    let second = revision(&dir, 2);
+    let out = node.client(&["reload", "myapp", second.to_str().unwrap()]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "the reload must fail: {said}");
+    assert!(
+        said.contains("the node's storage is read-only (")
+            && said.contains("…/graft.db is not writable")
+            && said.contains("nothing was applied"),
+        "the client is told why: {said}"
+    );
+    assert!(!said.contains(&data_arg), "no host path: {said}");
+    assert!(!said.contains(&node.token), "no token: {said}");
+    // The JSON body names the store's kind for programs.
+    let out = node.client(&["state", "myapp", "counter", "--json"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !out.status.success(),
+        "an audited read fails closed: {said}"
+    );
+    assert!(said.contains("storage is read-only"), "{said}");
+    assert_eq!(node.versions(), before, "nothing applied");
+
+    set_mode(&db, 0o644);
+    let out = node.client(&["reload", "myapp", second.to_str().unwrap(), "--json"]);
+    assert_eq!(acknowledged(&out), Some(3), "writable again, writes resume");
+    node.terminate();
+
+    set_mode(&db, 0o444);
+    let bytes = std::fs::read(&db).unwrap();
+    let mut cmd = graft();
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid).env("HOME", &data);
+    }
+    let out = cmd
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", "0", "--no-watch", "--data", &data_arg])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("read-only") && err.contains("database file"),
+        "a clear message: {err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "left untouched");
+    set_mode(&db, 0o644);
+}
+
+/// A save `graft run` could not apply because the storage refused it is
+/// not forgotten: the watcher tries it again, and once the storage takes
+/// writes the running code matches the file, with a line saying so.
+#[test]
+fn graft_run_applies_a_save_the_storage_refused_once_it_is_writable() {
+    let dir = project("retry-reload");
+    let (uid, data) = owned_data_dir(&dir);
+    let data_arg = data.to_str().unwrap().to_string();
+    let node = Running::spawn_with(&dir, &["--data", &data_arg], uid, &data, true);
+    let before = node.versions();
+    assert_eq!(before.len(), 1);
+
+    let db = data.join(graft::DATABASE_FILE);
+    set_mode(&db, 0o444);
+    revision(&dir, 1);
+    node.wait_for_output("the reload is tried again until the storage takes it");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(node.versions(), before, "refused: nothing applied yet");
+
+    set_mode(&db, 0o644);
+    let said = node.wait_for_output("the reload that waited applies now");
+    assert!(said.contains("storage is read-only"), "{said}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = node.versions();
+        if now.len() == 2 {
+            assert!(now[1].2, "the saved file is the running version: {now:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     node.terminate();
 }

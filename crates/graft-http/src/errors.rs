@@ -97,7 +97,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(500, "storage_not_found", "a stored row the write needs is missing; nothing was applied"),
     k(503, "sandbox_stopped", "the sandbox was destroyed while the request waited (`sandbox`)"),
     k(503, "sandbox_failed", "the sandbox was stopped by an internal error; restart or delete it (`sandbox`)"),
-    k(503, "audit_unavailable", "the audit row could not be written; nothing was done"),
+    k(503, "audit_unavailable", "the audit row could not be written; nothing was done (`storage`: the store's kind, e.g. `storage_read_only`; the message says why)"),
     k(503, "out_of_memory", "the sandbox's heap is full (`memory_bytes`)"),
     k(503, "storage_read_only", "the data directory cannot be written; nothing was applied"),
     k(503, "storage_io", "the data directory failed (an I/O error); nothing was applied"),
@@ -206,7 +206,12 @@ pub fn status_for(e: &Error) -> StatusCode {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
-        let base = ApiError::new(status_for(&e), e.kind(), e.to_string());
+        let message = match &e {
+            // No absolute path of the host in a body (the log has them).
+            Error::Storage(s) => format!("{}: nothing was applied", s.client_message()),
+            _ => e.to_string(),
+        };
+        let base = ApiError::new(status_for(&e), e.kind(), message);
         match e {
             Error::NoSandbox(id) | Error::SandboxExists(id) | Error::SandboxStopped(id) => {
                 base.with("sandbox", id)

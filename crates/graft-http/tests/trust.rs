@@ -935,6 +935,16 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_done() {
     ] {
         let resp = api.as_token(Some(&api.admin), m.clone(), uri, body).await;
         assert_error(&resp, StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable");
+        // The store's own reason, for the caller to act on.
+        let err = &resp.1["error"];
+        assert_eq!(err["storage"], "storage_closed", "{err}");
+        let msg = err["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("the node is shutting down (the store is closed")
+                && msg.ends_with("the audit row cannot be written, so nothing was applied"),
+            "{msg}"
+        );
+        assert!(!msg.contains(&api.admin), "{msg}");
     }
     // Unaudited reads still answer, and show that nothing changed.
     let (s, list) = api.get("/api/v1/sandboxes").await;

@@ -7,11 +7,24 @@
 //! transaction instead ([`EventLog::reserve`] / [`EventLog::publish`]).
 //!
 //! # Invariants
+//! * **A number shown is never given to another event, also across
+//!   restarts.** Shown means an event's `seq`, the visible watermark
+//!   ([`EventLog::subscribe`], `last_seq` of the API) or a gap's `up_to`.
+//!   With a store, nothing is shown above the highest number on disk, and a
+//!   restarted node numbers on from the highest number the database ever
+//!   held (SQLite's `AUTOINCREMENT` counter, kept through pruning). So a
+//!   number given while the store was failing (an event not written, a
+//!   commit that failed) is shown to no one, and a restart may give it again.
 //! * Readers see an event only once it is durable (with a store) and only
 //!   once every event with a lower number is visible too: the *visible*
-//!   watermark never passes a number still being written. So a reader that
-//!   resumes after `seq` never misses an event that is later shown with a
-//!   lower number, and a `kill -9` never takes back an event a reader saw.
+//!   watermark never passes a number still being written, or one whose
+//!   write failed and is being retried. So a reader that resumes after `seq`
+//!   never misses an event that is later shown with a lower number, and a
+//!   `kill -9` never takes back an event a reader saw.
+//! * A resuming reader that may have missed events is told by a gap: events
+//!   pruned from memory, numbers the database no longer holds after a
+//!   restart, and events given up after failing to be written
+//!   ([`MAX_UNWRITTEN`]) all count as dropped.
 //! * Memory is bounded: each sandbox keeps its newest `max_events` events;
 //!   a deleted sandbox's events stay readable until [`MAX_DELETED_KEPT`]
 //!   newer deletions push them out. What was dropped is remembered as a
@@ -24,8 +37,12 @@
 //!   event pruned, or a number whose write never landed), so a reader
 //!   resuming from before it is told of the gap rather than skipping it.
 //! * Appending never blocks on the disk and never fails: a write that fails
-//!   (disk full, read-only) is logged and the events stay readable in
-//!   memory; the commit points that must be durable write synchronously.
+//!   (disk full, read-only) is logged and retried with a backoff
+//!   ([`RETRY_MAX`]) until the store takes it; meanwhile those events and
+//!   every later one wait, unseen, and appear in order once written. At most
+//!   [`MAX_UNWRITTEN`] wait (the oldest beyond are dropped, as a gap); what
+//!   still waits when the node stops is lost, never shown. The commit
+//!   points that must be durable write synchronously.
 //! * Nothing here runs guest code or holds a sandbox's VM.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -43,6 +60,25 @@ pub const MAX_DELETED_KEPT: usize = 16;
 
 /// Events a pump transaction writes at most.
 const PUMP_BATCH: usize = 1024;
+
+/// Events kept waiting for a failing store at most; the oldest beyond are
+/// dropped (readers learn of them as a gap).
+pub const MAX_UNWRITTEN: usize = 16_384;
+
+/// The longest wait between two tries of a failed event write.
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The first wait after a failed event write (doubled up to [`RETRY_MAX`]).
+const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What the pump thread is sent.
+enum PumpMsg {
+    /// An event to write.
+    Event(NodeEvent),
+    /// A commit just succeeded: the store takes writes again, so events
+    /// waiting for it are tried now rather than after the backoff.
+    Retry,
+}
 
 /// One event of the node.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -125,8 +161,15 @@ struct Bucket {
 
 struct LogState {
     next_seq: u64,
-    /// Numbered, not yet durable.
+    /// Numbered, not yet durable (nor tried).
     pending: BTreeSet<u64>,
+    /// Numbered, written without success, being retried by the pump.
+    failed: BTreeSet<u64>,
+    /// The highest number known to be on disk (with a store): nothing above
+    /// it is shown, so a restart never gives a shown number again.
+    durable: u64,
+    /// Whether a store bounds what is shown (`durable`).
+    stored: bool,
     /// Durable, waiting for a lower pending number to become durable.
     staged: BTreeMap<u64, NodeEvent>,
     visible: u64,
@@ -142,8 +185,12 @@ struct LogState {
 pub(crate) struct EventLog {
     state: Mutex<LogState>,
     visible_tx: tokio::sync::watch::Sender<u64>,
+    /// Every number at or below it is visible or was tried and failed:
+    /// what [`EventLog::settle`] waits for (a failing store does not hold
+    /// it up).
+    settled_tx: tokio::sync::watch::Sender<u64>,
     store: Option<Arc<Store>>,
-    pump: Mutex<Option<mpsc::Sender<NodeEvent>>>,
+    pump: Mutex<Option<mpsc::Sender<PumpMsg>>>,
     pump_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     max_per_sandbox: usize,
 }
@@ -199,6 +246,9 @@ impl EventLog {
         let mut state = LogState {
             next_seq: last_seq + 1,
             pending: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            durable: last_seq,
+            stored: store.is_some(),
             staged: BTreeMap::new(),
             visible: last_seq,
             by_seq: BTreeMap::new(),
@@ -232,9 +282,11 @@ impl EventLog {
         }
         state.pruned_through = state.pruned_through.max(missing_through);
         let (visible_tx, _) = tokio::sync::watch::channel(last_seq);
+        let (settled_tx, _) = tokio::sync::watch::channel(last_seq);
         EventLog {
             state: Mutex::new(state),
             visible_tx,
+            settled_tx,
             store,
             pump: Mutex::new(None),
             pump_thread: Mutex::new(None),
@@ -247,7 +299,7 @@ impl EventLog {
     pub fn append(&self, sandbox: &str, kind: &str, detail: Json) {
         let event = self.reserve(sandbox, kind, detail);
         let queued = match self.pump.lock().as_ref() {
-            Some(tx) => tx.send(event.clone()).is_ok(),
+            Some(tx) => tx.send(PumpMsg::Event(event.clone())).is_ok(),
             None => false,
         };
         if !queued {
@@ -316,6 +368,13 @@ impl EventLog {
                 self.abandon(event.seq);
                 return Err(e);
             }
+            // This event is shown only after the waiting ones: have them
+            // tried now.
+            if !self.state.lock().failed.is_empty() {
+                if let Some(tx) = self.pump.lock().as_ref() {
+                    let _ = tx.send(PumpMsg::Retry);
+                }
+            }
         }
         let seq = event.seq;
         self.publish(vec![event]);
@@ -329,26 +388,60 @@ impl EventLog {
 
     /// Makes durable events readable (in number order).
     pub fn publish(&self, events: Vec<NodeEvent>) {
-        let visible = {
-            let mut st = self.state.lock();
+        self.update(|st| {
             for e in events {
                 st.pending.remove(&e.seq);
+                st.failed.remove(&e.seq);
+                st.durable = st.durable.max(e.seq);
                 st.staged.insert(e.seq, e);
             }
-            st.advance(self.max_per_sandbox)
-        };
-        self.visible_tx.send_replace(visible);
+        });
     }
 
-    /// Gives up a reserved number whose transaction failed (the number is
-    /// never shown).
+    /// Gives up a reserved number whose transaction failed. The number is
+    /// never shown: the watermark passes it only once a later number is on
+    /// disk (a restart numbers on from there).
     pub fn abandon(&self, seq: u64) {
-        let visible = {
-            let mut st = self.state.lock();
+        self.update(|st| {
             st.pending.remove(&seq);
-            st.advance(self.max_per_sandbox)
+        });
+    }
+
+    /// The pump could not write these events: they stay unseen (and hold
+    /// back later ones) while it retries.
+    fn write_failed(&self, seqs: impl Iterator<Item = u64>) {
+        self.update(|st| {
+            for seq in seqs {
+                if st.pending.remove(&seq) {
+                    st.failed.insert(seq);
+                }
+            }
+        });
+    }
+
+    /// The pump gave up these events (never written, never shown): readers
+    /// that may have wanted them are told by a gap once later events show.
+    fn write_abandoned(&self, events: &[NodeEvent]) {
+        self.update(|st| {
+            for e in events {
+                st.pending.remove(&e.seq);
+                st.failed.remove(&e.seq);
+                let bucket = st.buckets.entry(e.sandbox.clone()).or_default();
+                bucket.pruned_through = bucket.pruned_through.max(e.seq);
+                st.pruned_through = st.pruned_through.max(e.seq);
+            }
+        });
+    }
+
+    fn update(&self, change: impl FnOnce(&mut LogState)) {
+        let (visible, settled) = {
+            let mut st = self.state.lock();
+            change(&mut st);
+            let visible = st.advance(self.max_per_sandbox);
+            (visible, st.settled())
         };
         self.visible_tx.send_replace(visible);
+        self.settled_tx.send_replace(settled);
     }
 
     /// The highest number readers may see.
@@ -367,10 +460,11 @@ impl EventLog {
         self.visible_tx.subscribe()
     }
 
-    /// Waits (async) until every event numbered before this call is visible.
+    /// Waits (async) until every event numbered before this call is visible,
+    /// or was tried and waits for a failing store (it stays unseen then).
     pub async fn settle(&self) {
         let target = self.last_assigned();
-        let mut rx = self.subscribe();
+        let mut rx = self.settled_tx.subscribe();
         // The sender lives as long as `self`, so `wait_for` ends.
         let _ = rx.wait_for(|v| *v >= target).await;
     }
@@ -379,6 +473,8 @@ impl EventLog {
     /// most `limit`, and the gap the reader fell into, if any.
     pub fn read(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {
         let st = self.state.lock();
+        // A dropped number above the watermark is not shown yet (an event
+        // given up unwritten): the gap reaches it once later ones show.
         let pruned = match &filter.sandbox {
             // A sandbox without a bucket may have had one that was dropped:
             // assume the worst.
@@ -387,7 +483,8 @@ impl EventLog {
                 .get(id)
                 .map_or(st.pruned_through, |b| b.pruned_through),
             None => st.pruned_through,
-        };
+        }
+        .min(st.visible);
         let gap = (pruned > after).then_some(EventGap {
             after,
             up_to: pruned,
@@ -504,10 +601,16 @@ impl Drop for EventLog {
 impl LogState {
     /// Moves staged events up to the new watermark into the buckets.
     fn advance(&mut self, max: usize) -> u64 {
-        let visible = match self.pending.first() {
-            Some(first) => first - 1,
-            None => self.next_seq - 1,
+        let open = match (self.pending.first(), self.failed.first()) {
+            (Some(a), Some(b)) => Some(*a.min(b)),
+            (a, b) => a.or(b).copied(),
         };
+        let mut visible = open.map_or(self.next_seq - 1, |first| first - 1);
+        if self.stored {
+            visible = visible.min(self.durable);
+        }
+        // Never backwards: what was shown stays shown.
+        let visible = visible.max(self.visible);
         while let Some(entry) = self.staged.first_entry() {
             if *entry.key() > visible {
                 break;
@@ -517,6 +620,13 @@ impl LogState {
         }
         self.visible = visible;
         visible
+    }
+
+    /// Every number at or below this is visible, or was tried and failed.
+    fn settled(&self) -> u64 {
+        self.pending
+            .first()
+            .map_or(self.next_seq - 1, |first| first - 1)
     }
 
     fn insert(&mut self, e: NodeEvent, max: usize) {
@@ -546,23 +656,78 @@ impl LogState {
     }
 }
 
-/// The pump: writes queued events in batches, then publishes them.
-fn pump(rx: mpsc::Receiver<NodeEvent>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < PUMP_BATCH {
+/// The pump: writes queued events in batches, then publishes them. A batch
+/// the store refuses is kept and tried again (with a backoff, together with
+/// what came meanwhile) until it is written; see the module invariants.
+fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
+    let mut waiting: Vec<NodeEvent> = Vec::new();
+    let mut delay = RETRY_MIN;
+    let mut open = true;
+    loop {
+        let mut batch = std::mem::take(&mut waiting);
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(PumpMsg::Event(e)) => batch.push(e),
+                Ok(PumpMsg::Retry) => continue,
+                Err(_) => return,
+            }
+        } else if open {
+            // Retrying: wait out the backoff, taking new events meanwhile.
+            let until = std::time::Instant::now() + delay;
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(PumpMsg::Event(e)) => batch.push(e),
+                    Ok(PumpMsg::Retry) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let limit = batch.len() + PUMP_BATCH;
+        while batch.len() < limit {
             match rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(PumpMsg::Event(e)) => batch.push(e),
+                Ok(PumpMsg::Retry) => {}
                 Err(_) => break,
             }
         }
         let ops = batch.iter().map(EventLog::write_op).collect();
-        if let Err(e) = store.write(ops) {
-            tracing::error!(error = %e, events = batch.len(), "events could not be written; they are kept in memory only");
-        }
-        match log.upgrade() {
-            Some(log) => log.publish(batch),
-            None => return,
+        let result = store.write(ops);
+        let Some(log) = log.upgrade() else { return };
+        match result {
+            Ok(_) => {
+                if delay > RETRY_MIN {
+                    tracing::info!(
+                        events = batch.len(),
+                        "storage: events written again; the waiting ones are now readable"
+                    );
+                }
+                delay = RETRY_MIN;
+                log.publish(batch);
+            }
+            Err(e) if !open => {
+                tracing::error!(error = %e, events = batch.len(), "storage: events could not be written before the node stopped; they are lost (never shown)");
+                log.write_abandoned(&batch);
+                return;
+            }
+            Err(e) => {
+                if delay == RETRY_MIN {
+                    tracing::error!(error = %e, events = batch.len(), "storage: events could not be written; they wait unseen and are retried until the store takes them");
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+                log.write_failed(batch.iter().map(|e| e.seq));
+                if batch.len() > MAX_UNWRITTEN {
+                    let dropped: Vec<NodeEvent> =
+                        batch.drain(..batch.len() - MAX_UNWRITTEN).collect();
+                    tracing::error!(events = dropped.len(), "storage: too many events wait for the store; the oldest are dropped (readers see a gap)");
+                    log.write_abandoned(&dropped);
+                }
+                waiting = batch;
+            }
         }
     }
 }
@@ -698,5 +863,73 @@ mod tests {
         log.close();
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The bug this guards against: an event the store refused was shown
+    /// from memory with a number the next start gave to another event, and
+    /// a reader resuming from it missed that one without a gap.
+    #[test]
+    fn a_number_the_store_did_not_take_is_never_shown() {
+        let dir = std::env::temp_dir().join(format!("graft-events-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("node.db");
+        let all = EventFilter::default();
+        {
+            let store = Arc::new(Store::open(&path).expect("open"));
+            let log = EventLog::durable(10, store.clone()).expect("log");
+            log.append("a", "one", Json::Null);
+            crate::block_on(log.settle());
+            log.close();
+            store.close();
+        }
+        {
+            // Every write fails, as on a read-only or full disk.
+            let store = Arc::new(Store::open_read_only(&path).expect("open read-only"));
+            let log = EventLog::durable(10, store.clone()).expect("log");
+            log.append("a", "unwritten", Json::Null);
+            // Settles (the write was tried) without showing the event.
+            crate::block_on(log.settle());
+            assert_eq!(kinds(&log.read(0, &all, 10)), vec![(1, "one")]);
+            assert_eq!(*log.subscribe().borrow(), 1);
+            // A commit point that fails is not shown either, nor passed by
+            // the watermark.
+            let e = log.commit("a", Vec::new(), "commit", Json::Null);
+            assert_eq!(e.map_err(|e| e.kind()), Err("storage_read_only"));
+            assert_eq!(*log.subscribe().borrow(), 1);
+            assert_eq!(log.read(1, &all, 10), EventPage::default());
+            log.close();
+            store.close();
+        }
+        let store = Arc::new(Store::open(&path).expect("reopen"));
+        let log = EventLog::durable(10, store.clone()).expect("log");
+        log.append("a", "two", Json::Null);
+        crate::block_on(log.settle());
+        // Number 2 was never shown, so it may go to this event; the reader
+        // that saw 1 gets it.
+        assert_eq!(kinds(&log.read(1, &all, 10)), vec![(2, "two")]);
+        log.close();
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn events_given_up_unwritten_are_a_gap_once_later_ones_show() {
+        let log = EventLog::in_memory(10);
+        let lost = log.reserve("a", "lost", Json::Null);
+        let kept = log.reserve("b", "kept", Json::Null);
+        log.write_failed([lost.seq, kept.seq].into_iter());
+        let all = EventFilter::default();
+        // Waiting: nothing shown, no gap yet (its number is not shown).
+        assert_eq!(log.read(0, &all, 10), EventPage::default());
+        crate::block_on(log.settle());
+        log.write_abandoned(std::slice::from_ref(&lost));
+        log.publish(vec![kept]);
+        let page = log.read(0, &all, 10);
+        assert_eq!(kinds(&page), vec![(2, "kept")]);
+        assert_eq!(page.gap, Some(EventGap { after: 0, up_to: 1 }));
+        // Also for a reader of `a` only, and none for one past it.
+        let a = log.read(0, &EventFilter::default().sandbox("a"), 10);
+        assert_eq!(a.gap, Some(EventGap { after: 0, up_to: 1 }));
+        assert_eq!(log.read(1, &all, 10).gap, None);
     }
 }

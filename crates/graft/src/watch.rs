@@ -39,7 +39,12 @@
 //!   on disk). Nothing is tried again until some file differs from what was
 //!   attempted, so a broken save is reported once ([`WatchEvent::ReloadFailed`],
 //!   the old code keeps running) and the fix, which differs, triggers the
-//!   next reload.
+//!   next reload. The exception is a reload refused because the node's
+//!   storage failed (read-only, full, an I/O error: [`retried`]): the files
+//!   are fine, so it is tried again with a backoff (up to [`RETRY_MAX`])
+//!   until it applies ([`WatchEvent::Retried`], then `Reloaded`) or fails
+//!   for another reason; the file on disk and the running code never
+//!   disagree silently. It is reported once, not at each try.
 //! * **Deleting never unloads.** A running sandbox cannot drop a module. When
 //!   a module's file disappears the watcher first waits
 //!   [`WatchOptions::recreate_grace`] (default [`DEFAULT_RECREATE_GRACE`]) for
@@ -83,6 +88,34 @@ use crate::{block_on, Error, ReloadOptions, ReloadReport, Sandbox};
 /// edit-to-live well under 20 ms while still folding an editor's
 /// write/rename/chmod burst into one reload (checksums drop repeats).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// The longest wait between two tries of a reload the storage refused.
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The first wait after a reload the storage refused (doubled up to
+/// [`RETRY_MAX`]).
+const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// Whether a reload that failed with `error` is tried again by a [`Watch`]:
+/// the node's storage could not take it for a reason that may pass
+/// (read-only, full, an I/O error); nothing was applied.
+///
+/// ```
+/// use graft::store::StoreError;
+/// let ro = graft::Error::Storage(StoreError::ReadOnly { detail: "chmod".into() });
+/// assert!(graft::watch::retried(&ro));
+/// assert!(!graft::watch::retried(&graft::Error::InvalidInput("bad".into())));
+/// ```
+pub fn retried(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Storage(
+            crate::store::StoreError::ReadOnly { .. }
+                | crate::store::StoreError::Full { .. }
+                | crate::store::StoreError::Io { .. }
+        )
+    )
+}
 
 /// Default time a deleted file may take to come back (delete-and-create saves).
 pub const DEFAULT_RECREATE_GRACE: Duration = Duration::from_millis(300);
@@ -164,7 +197,8 @@ pub enum WatchEvent {
         changed: BTreeMap<String, PathBuf>,
     },
     /// A reload failed; nothing changed and the old code keeps running. The
-    /// same content is not tried again.
+    /// same content is not tried again, unless the storage refused it
+    /// ([`retried`]): then it is tried again until it applies.
     ReloadFailed {
         /// Why (a compile error carries diagnostics with module names).
         error: Error,
@@ -187,6 +221,14 @@ pub enum WatchEvent {
     Ignored {
         /// The file.
         path: PathBuf,
+    },
+    /// A reload the storage refused ([`retried`]) was tried again and
+    /// applied: its `Reloaded` follows.
+    Retried {
+        /// Tries that failed before this one.
+        failed_tries: u32,
+        /// Time since the first refusal.
+        waited: Duration,
     },
 }
 
@@ -319,6 +361,7 @@ impl Watch {
             bad_names: BTreeSet::new(),
             stopped: stopped.clone(),
             on_event: Box::new(on_event),
+            retry: None,
         };
         let thread = std::thread::Builder::new()
             .name("graft-watch".into())
@@ -388,14 +431,39 @@ struct Syncer {
     bad_names: BTreeSet<PathBuf>,
     stopped: Arc<AtomicBool>,
     on_event: Box<dyn FnMut(WatchEvent) + Send>,
+    /// A reload the storage refused, to try again.
+    retry: Option<Retry>,
+}
+
+/// A pending retry of a reload the storage refused.
+struct Retry {
+    delay: Duration,
+    failed_tries: u32,
+    since: std::time::Instant,
 }
 
 impl Syncer {
     fn run(mut self, rx: Receiver<()>) {
         // Catch saves made between reading the sources and watching them.
-        self.sync();
-        while rx.recv().is_ok() && !self.stopped() {
-            self.sync();
+        self.sync(false);
+        loop {
+            let retry_due = match &self.retry {
+                Some(r) => match rx.recv_timeout(r.delay) {
+                    Ok(()) => false,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => {
+                    if rx.recv().is_err() {
+                        return;
+                    }
+                    false
+                }
+            };
+            if self.stopped() {
+                return;
+            }
+            self.sync(retry_due);
         }
     }
 
@@ -480,7 +548,9 @@ impl Syncer {
         Some(out)
     }
 
-    fn sync(&mut self) {
+    /// Scans and reloads what changed; `retry_due`: also when nothing
+    /// changed since the last try (a reload the storage refused).
+    fn sync(&mut self, retry_due: bool) {
         let Some(mut current) = self.scan() else {
             return;
         };
@@ -501,9 +571,10 @@ impl Syncer {
         }
         self.explained.retain(|m| !current.contains_key(m));
 
-        let triggered = current
-            .iter()
-            .any(|(m, f)| self.attempted.get(m) != Some(&f.checksum));
+        let triggered = retry_due
+            || current
+                .iter()
+                .any(|(m, f)| self.attempted.get(m) != Some(&f.checksum));
         for (m, f) in &current {
             self.attempted.insert(m.clone(), f.checksum.clone());
         }
@@ -514,6 +585,9 @@ impl Syncer {
             .collect();
         if triggered && !changed.is_empty() {
             self.reload(changed, &current);
+        } else if changed.is_empty() {
+            // The files went back to what runs: nothing waits any more.
+            self.retry = None;
         }
 
         let deleted: Vec<String> = self
@@ -545,10 +619,34 @@ impl Syncer {
                     self.loaded
                         .insert(m.clone(), crate::upgrade::checksum(source));
                 }
+                if let Some(r) = self.retry.take() {
+                    self.emit(WatchEvent::Retried {
+                        failed_tries: r.failed_tries,
+                        waited: r.since.elapsed(),
+                    });
+                }
                 let changed = files(Some(&changed));
                 self.emit(WatchEvent::Reloaded { report, changed });
             }
+            Err(error) if retried(&error) => match &mut self.retry {
+                // Said once; the next tries are quiet until one applies.
+                Some(r) => {
+                    r.failed_tries += 1;
+                    r.delay = (r.delay * 2).min(RETRY_MAX);
+                    tracing::debug!(error = %error, tries = r.failed_tries, "watch: the storage still refuses the reload");
+                }
+                None => {
+                    self.retry = Some(Retry {
+                        delay: RETRY_MIN,
+                        failed_tries: 1,
+                        since: std::time::Instant::now(),
+                    });
+                    let files = files(None);
+                    self.emit(WatchEvent::ReloadFailed { error, files });
+                }
+            },
             Err(error) => {
+                self.retry = None;
                 let files = files(None);
                 self.emit(WatchEvent::ReloadFailed { error, files });
             }

@@ -1179,29 +1179,28 @@ fn euid() -> u32 {
 
 const RO_CHILD: &str = "GRAFT_TEST_READ_ONLY_DIR";
 
-/// A data directory that turns read-only under a running node fails the
-/// reload with `storage_read_only`, applies nothing, and the node carries
-/// on; writable again, reloads work. A node opened on a read-only directory
-/// is refused with a clear message. Root ignores file modes, so as root
-/// this test runs itself again as `nobody` on a directory `nobody` owns.
-#[test]
-fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
-    use std::os::unix::fs::PermissionsExt;
+/// Where a file-mode test runs.
+enum ModeTest {
+    /// Root ran the test again as `nobody`, and it passed.
+    Delegated,
+    /// Run it here, in this directory (removed when dropped).
+    Here(TempDir),
+}
+
+/// Root ignores file modes, so as root the test binary runs test `name`
+/// again as `nobody` on a directory `nobody` owns (and asserts it passed);
+/// otherwise the test runs here.
+fn mode_test_dir(name: &str) -> ModeTest {
     const NOBODY: u32 = 65534;
-    let owned;
-    let dir = match std::env::var_os(RO_CHILD) {
-        Some(d) => PathBuf::from(d),
+    match std::env::var_os(RO_CHILD) {
+        Some(d) => ModeTest::Here(TempDir(PathBuf::from(d))),
         None if euid() == 0 => {
             use std::os::unix::process::CommandExt;
-            owned = TempDir::new("ro-root");
+            let owned = TempDir::new(&format!("ro-root-{}", name.len()));
             std::fs::create_dir_all(&owned.0).unwrap();
             std::os::unix::fs::chown(&owned.0, Some(NOBODY), Some(NOBODY)).unwrap();
             let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "a_data_directory_turning_read_only_fails_the_reload_not_the_node",
-                    "--test-threads=1",
-                ])
+                .args(["--exact", name, "--test-threads=1"])
                 .env(RO_CHILD, &owned.0)
                 .uid(NOBODY)
                 .gid(NOBODY)
@@ -1214,13 +1213,29 @@ fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
             );
             assert!(out.status.success(), "as nobody: {said}");
             assert!(said.contains("1 passed"), "the test ran as nobody: {said}");
-            return;
+            ModeTest::Delegated
         }
-        None => {
-            owned = TempDir::new("ro");
-            owned.0.clone()
-        }
-    };
+        None => ModeTest::Here(TempDir::new(&format!("ro-{}", name.len()))),
+    }
+}
+
+/// A data directory that turns read-only under a running node fails the
+/// reload with `storage_read_only`, applies nothing, and the node carries
+/// on; writable again, reloads work. A node opened on a read-only directory
+/// is refused with a clear message. Root ignores file modes, so as root
+/// this test runs itself again as `nobody` on a directory `nobody` owns.
+#[test]
+fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
+    use std::os::unix::fs::PermissionsExt;
+    let owned;
+    let dir =
+        match mode_test_dir("a_data_directory_turning_read_only_fails_the_reload_not_the_node") {
+            ModeTest::Delegated => return,
+            ModeTest::Here(d) => {
+                owned = d;
+                owned.0.clone()
+            }
+        };
     let set_mode = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
@@ -1421,4 +1436,174 @@ fn an_import_replaces_the_kept_history_on_disk_too() {
     block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
     assert_eq!(call(&sb, "version"), json!(20));
     disk("after a rollback");
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A reload that does not compile: an `abort` event, and no write besides.
+fn broken_reload(sb: &graft::Sandbox) {
+    let mut m = BTreeMap::new();
+    m.insert("counter".to_string(), "return {".to_string());
+    let err = block_on(sb.reload(m, ReloadOptions::default())).expect_err("does not compile");
+    assert_eq!(err.kind(), "compile_error", "{err}");
+}
+
+/// The node-wide events after `after`, as (seq, kind).
+fn seen(node: &Node, after: u64) -> Vec<(u64, String)> {
+    node.events_after(after, &EventFilter::default(), 1000)
+        .events
+        .into_iter()
+        .map(|e| (e.seq, e.kind))
+        .collect()
+}
+
+/// An event the store cannot take (its database file turned read-only) is
+/// shown to no one — not by number, not by the watermark — until it is on
+/// disk; it appears, in order, once the file is writable again. One still
+/// unwritten when the node stops is lost unseen, so a restart may give its
+/// number to another event without any reader having seen it twice.
+#[test]
+fn an_event_the_store_cannot_take_is_shown_only_once_on_disk() {
+    let owned = match mode_test_dir("an_event_the_store_cannot_take_is_shown_only_once_on_disk") {
+        ModeTest::Delegated => return,
+        ModeTest::Here(d) => d,
+    };
+    let db = owned.0.join(graft::DATABASE_FILE);
+    let node = Node::builder()
+        .threads(2)
+        .checkpoint_ms(0)
+        .data_dir(&owned.0)
+        .open()
+        .expect("open");
+    let sb = node.create_sandbox(spec("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    let head = *node.subscribe_events().borrow();
+    assert!(head > 0);
+
+    set_mode(&db, 0o444);
+    broken_reload(&sb);
+    // `events()` waits for the write to be tried, then shows nothing new.
+    let shown: Vec<u64> = block_on(sb.events())
+        .expect("events")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        shown.iter().all(|s| *s <= head),
+        "an event not on disk is shown: {shown:?} (head {head})"
+    );
+    assert_eq!(seen(&node, head), vec![], "nor node-wide");
+    assert_eq!(
+        *node.subscribe_events().borrow(),
+        head,
+        "nor by the watermark"
+    );
+
+    // Writable again: the waiting event is written and shown, in order.
+    set_mode(&db, 0o644);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = loop {
+        let after = seen(&node, head);
+        if !after.is_empty() {
+            break after;
+        }
+        assert!(Instant::now() < deadline, "the waiting event never showed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(written, vec![(head + 1, "abort".to_string())]);
+    let shown_max = head + 1;
+
+    // Unwritable at the stop: the event is lost, never shown.
+    set_mode(&db, 0o444);
+    broken_reload(&sb);
+    assert_eq!(seen(&node, shown_max), vec![]);
+    drop(sb);
+    node.shutdown();
+    drop(node);
+    set_mode(&db, 0o644);
+
+    // Every number shown before the restart keeps its event; a reader that
+    // resumes from the last one shown gets the new events, none missed.
+    let node = Node::builder()
+        .threads(2)
+        .checkpoint_ms(0)
+        .data_dir(&owned.0)
+        .open()
+        .expect("reopen");
+    let sb = node.sandbox("shop").expect("restored");
+    broken_reload(&sb);
+    // Waits for the `abort` event to be written.
+    block_on(sb.events()).expect("events");
+    let page = node.events_after(shown_max, &EventFilter::default(), 1000);
+    assert!(page.gap.is_none(), "{:?}", page.gap);
+    let kinds: Vec<&str> = page.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds.last(), Some(&"abort"), "{kinds:?}");
+    assert!(page.events.iter().all(|e| e.seq > shown_max));
+    let all = seen(&node, 0);
+    assert!(all.contains(&(head + 1, "abort".to_string())), "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "{all:?}");
+    drop(sb);
+    node.shutdown();
+}
+
+/// A database *file* that is read-only (its directory writable) is refused
+/// at start with a clear message, like a read-only directory: SQLite would
+/// open it read-only without a word and no write would ever work again.
+/// Turning read-only under a running node (the file, or its write-ahead
+/// log), it fails the write whole, and writes resume once it is writable.
+#[test]
+fn a_read_only_database_file_is_refused_at_start_and_fails_writes_until_writable() {
+    let owned = match mode_test_dir(
+        "a_read_only_database_file_is_refused_at_start_and_fails_writes_until_writable",
+    ) {
+        ModeTest::Delegated => return,
+        ModeTest::Here(d) => d,
+    };
+    let dir = owned.0.clone();
+    let db = dir.join(graft::DATABASE_FILE);
+    let builder = || Node::builder().threads(2).checkpoint_ms(0).data_dir(&dir);
+    {
+        let node = builder().open().expect("open");
+        let sb = node.create_sandbox(spec("shop")).expect("create");
+        block_on(sb.wait_app_started()).expect("app");
+        reload(&sb, counter(2), ReloadOptions::default());
+        drop(sb);
+        node.shutdown();
+    }
+    set_mode(&db, 0o444);
+    let bytes = std::fs::read(&db).unwrap();
+    let err = builder()
+        .open()
+        .err()
+        .expect("a read-only database file is refused");
+    assert_eq!(err.kind(), "storage_read_only", "{err}");
+    let said = err.to_string();
+    assert!(
+        said.contains("is read-only") && said.contains("database file"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "left untouched");
+    set_mode(&db, 0o644);
+
+    let node = builder().open().expect("writable again, it starts");
+    let sb = node.sandbox("shop").expect("restored");
+    let wal = dir.join(format!("{}-wal", graft::DATABASE_FILE));
+    for file in [&db, &wal] {
+        let v = current(&sb);
+        set_mode(file, 0o444);
+        let mut m = BTreeMap::new();
+        m.insert("counter".to_string(), counter(v + 1));
+        let err =
+            block_on(sb.reload(m.clone(), ReloadOptions::default())).expect_err("read-only file");
+        assert_eq!(err.kind(), "storage_read_only", "{}: {err}", file.display());
+        assert_eq!(current(&sb), v, "nothing applied");
+        set_mode(file, 0o644);
+        block_on(sb.reload(m, ReloadOptions::default())).expect("writable again");
+        assert_eq!(current(&sb), v + 1);
+    }
+    drop(sb);
+    node.shutdown();
 }

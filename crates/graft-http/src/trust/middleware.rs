@@ -466,11 +466,18 @@ async fn continue_with(
     }
     let unavailable = |e: graft::store::StoreError| {
         tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
+        // The store's reason (read-only, full, corrupt …) is the caller's
+        // to act on; absolute paths are cut to file names (see
+        // `StoreError::client_message`), the full text is in the log.
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",
-            "the audit log cannot be written, so nothing was done; check the node's storage",
+            format!(
+                "{}: the audit row cannot be written, so nothing was applied",
+                e.client_message()
+            ),
         )
+        .with("storage", e.kind())
         .into_response()
     };
     let start = || RowStart {

@@ -304,7 +304,7 @@ fn prune_deleted_events(store: &Store, dropped: Vec<String>, stored: &HashSet<St
 fn read_only_dir(dir: &std::path::Path, why: &str) -> Error {
     Error::Storage(crate::store::StoreError::ReadOnly {
         detail: format!(
-            "the data directory {} is read-only ({why}); a node writes its database there, so it does not start: make the directory and its files writable, or pass another --data DIR",
+            "the data directory {} or its database is read-only ({why}); a node writes its database there, so it does not start: make the directory and its files writable, or pass another --data DIR",
             dir.display()
         ),
     })

@@ -137,6 +137,40 @@ impl StoreError {
         }
     }
 
+    /// What a remote client is told about this error: what failed, in
+    /// words, and why, with every absolute path shortened to its last
+    /// component (`…/graft.db`): the node's log has the full paths, an API
+    /// body does not show the host's directory layout to a remote caller.
+    /// Store errors never hold a token or a request's payload.
+    ///
+    /// ```
+    /// use graft::store::StoreError;
+    /// let e = StoreError::ReadOnly {
+    ///     detail: "the database file /srv/app/.graft/graft.db is not writable (Permission denied)".into(),
+    /// };
+    /// let m = e.client_message();
+    /// assert!(m.starts_with("the node's storage is read-only ("), "{m}");
+    /// assert!(m.contains("…/graft.db") && !m.contains("/srv"), "{m}");
+    /// ```
+    pub fn client_message(&self) -> String {
+        let what = match self {
+            StoreError::ReadOnly { .. } => "the node's storage is read-only",
+            StoreError::Full { .. } => "the node's storage is full",
+            StoreError::Corrupt { .. } => "the node's database is corrupt",
+            StoreError::NewerSchema { .. } => "the node's database is from a newer Graft",
+            StoreError::Open { .. } | StoreError::Io { .. } => "the node's storage failed",
+            StoreError::Closed => "the node is shutting down",
+            StoreError::WriterGone(_) => "the node's database writer stopped",
+            _ => "the node's storage refused the write",
+        };
+        let why = match self {
+            // Their own text would repeat `what` and "nothing was written".
+            StoreError::ReadOnly { detail } | StoreError::Full { detail } => detail.clone(),
+            other => other.to_string(),
+        };
+        format!("{what} ({})", shorten_paths(&why))
+    }
+
     /// Classifies a SQLite error met while doing `op` (the operation's name,
     /// also used as the context of unclassified errors).
     pub(crate) fn from_sqlite(
@@ -168,5 +202,74 @@ impl StoreError {
                 source: e,
             },
         }
+    }
+}
+
+/// `text` with each absolute path (a word starting with `/`, after an
+/// opening bracket or quote) cut to `…/` and its last component.
+fn shorten_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('/') {
+        let starts_word = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "([{'\"`".contains(c));
+        out.push_str(&rest[..i]);
+        if !starts_word {
+            out.push('/');
+            rest = &rest[i + 1..];
+            continue;
+        }
+        let path = &rest[i..];
+        let end = path
+            .find(|c: char| c.is_whitespace() || ")]}'\"`,;".contains(c))
+            .unwrap_or(path.len());
+        // A trailing `:` or `.` ends the sentence, not the path.
+        let end = path[..end].trim_end_matches([':', '.']).len();
+        let last = path[..end]
+            .rsplit('/')
+            .find(|c| !c.is_empty())
+            .unwrap_or("");
+        out.push_str("…/");
+        out.push_str(last);
+        rest = &path[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_name_the_reason_but_no_absolute_path() {
+        let ro = StoreError::ReadOnly {
+            detail: "the data directory /home/ann/app/.graft is not writable (Permission denied (os error 13))".into(),
+        };
+        let m = ro.client_message();
+        assert_eq!(
+            m,
+            "the node's storage is read-only (the data directory …/.graft \
+             is not writable (Permission denied (os error 13)))"
+        );
+        let io = StoreError::Io {
+            what: "writing",
+            path: "/var/lib/graft/graft.db".into(),
+            source: std::io::Error::other("gone"),
+        };
+        assert_eq!(
+            io.client_message(),
+            "the node's storage failed (writing …/graft.db: gone)"
+        );
+        let full = StoreError::Full {
+            detail: "database or disk is full".into(),
+        };
+        assert!(full
+            .client_message()
+            .starts_with("the node's storage is full ("));
+        // Relative paths and a `/` inside a word are left alone.
+        assert_eq!(shorten_paths("a/b and 1/2 (/x/y)."), "a/b and 1/2 (…/y).");
     }
 }

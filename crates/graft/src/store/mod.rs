@@ -289,6 +289,17 @@ impl Store {
             })?;
         }
         let created = header.empty;
+        // An existing database this process cannot write (a read-only file,
+        // -wal or -shm in a writable directory): SQLite would open it
+        // read-only without a word and every later write would fail, even
+        // once the file is writable again. It opens for reading instead, and
+        // says why (a node refuses to start on it).
+        if !created && header_version_is(path, supported) {
+            if let Some(detail) = writer::unwritable_reason(path) {
+                tracing::warn!(path = %path.display(), %detail, "storage: database is read-only; writes will fail");
+                return Ok(Store::reading_only(path, opts, ephemeral_dir, detail));
+            }
+        }
         let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -308,16 +319,7 @@ impl Store {
             {
                 drop(conn);
                 tracing::warn!(path = %path.display(), %detail, "storage: database is read-only; writes will fail");
-                return Ok(Store {
-                    path: path.to_path_buf(),
-                    opts,
-                    sender: RwLock::new(None),
-                    writer: Mutex::new(None),
-                    readers: Mutex::new(Vec::new()),
-                    ephemeral_dir,
-                    read_only: Some(detail),
-                    ephemeral_lock: None,
-                });
+                return Ok(Store::reading_only(path, opts, ephemeral_dir, detail));
             }
             Err(e) => return Err(e),
         }
@@ -353,6 +355,25 @@ impl Store {
             read_only: None,
             ephemeral_lock: None,
         })
+    }
+
+    /// A store that only reads (every write fails with `ReadOnly { detail }`).
+    fn reading_only(
+        path: &Path,
+        opts: StoreOptions,
+        ephemeral_dir: Option<PathBuf>,
+        detail: String,
+    ) -> Store {
+        Store {
+            path: path.to_path_buf(),
+            opts,
+            sender: RwLock::new(None),
+            writer: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            ephemeral_dir,
+            read_only: Some(detail),
+            ephemeral_lock: None,
+        }
     }
 
     /// The database file.

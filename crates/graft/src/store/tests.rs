@@ -980,6 +980,11 @@ fn a_read_only_database_reads_but_refuses_writes_cleanly() {
     // A read-only file in a writable directory: reads work, writes fail whole.
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let store = Store::open(dir.db()).unwrap();
+    // Said at open (so a node can refuse it), not found out at the first write.
+    let why = store
+        .read_only_reason()
+        .expect("a read-only file is said at open");
+    assert!(why.contains("database file"), "{why}");
     assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
     let e = store
         .write(vec![

@@ -111,6 +111,40 @@ pub(crate) fn writable(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// Why the database at `path` cannot be written by this process, if so: its
+/// directory, the file itself, or its `-wal` / `-shm` companions (when they
+/// exist) are not writable. SQLite would silently open a read-only file
+/// read-only, or go on writing through handles opened earlier, so this is
+/// asked before a store opens for writing and before each commit.
+pub(crate) fn unwritable_reason(path: &std::path::Path) -> Option<String> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let companion = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let (wal, shm) = (companion("-wal"), companion("-shm"));
+    let checks: [(&str, &std::path::Path); 4] = [
+        ("data directory", dir),
+        ("database file", path),
+        ("database's write-ahead log", &wal),
+        ("database's shared-memory file", &shm),
+    ];
+    for (what, p) in checks {
+        match writable(p) {
+            Ok(()) => {}
+            // A companion file that does not exist yet is created by SQLite
+            // in the (writable) directory.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && p != dir => {}
+            Err(e) => return Some(format!("the {what} {} is not writable ({e})", p.display())),
+        }
+    }
+    None
+}
+
 /// The (device, inode) of `path`, where the platform has them.
 pub(crate) fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     #[cfg(unix)]
@@ -202,20 +236,8 @@ impl Writer {
     /// (and the request behind it) with nothing applied, and writes resume
     /// once it is writable again.
     fn unwritable(&self) -> Option<String> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        for (what, path) in [("data directory", dir), ("database file", &self.path)] {
-            if let Err(e) = writable(path) {
-                return Some(format!(
-                    "the {what} {} is not writable ({e}); the node keeps running, make it writable again to write",
-                    path.display()
-                ));
-            }
-        }
-        None
+        unwritable_reason(&self.path)
+            .map(|why| format!("{why}; the node keeps running, make it writable again to write"))
     }
 
     fn ctx(&self) -> ApplyCtx<'_> {
