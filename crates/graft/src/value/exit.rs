@@ -65,15 +65,16 @@ impl ExitReason {
         }
     }
 
-    /// Reads a reason given by guest code (`graft.exit(reason)`).
+    /// Reads a reason given by guest code (`graft.exit(reason)`, an exit
+    /// signal). The OTP atoms `normal`, `shutdown` and `killed` are theirs to
+    /// give; the limits (`out_of_memory`, `timeout`, `stack_overflow`) are
+    /// only ever the kernel's word, so a guest naming one gives an `Other`
+    /// reason with that value: no guest can pass its exit off as a limit.
     pub(crate) fn from_json(v: Json) -> ExitReason {
         match v.as_str() {
             Some("normal") => ExitReason::Normal,
             Some("shutdown") => ExitReason::Shutdown,
             Some("killed") => ExitReason::Killed,
-            Some("out_of_memory") => ExitReason::OutOfMemory,
-            Some("timeout") => ExitReason::Timeout,
-            Some("stack_overflow") => ExitReason::StackOverflow,
             _ => ExitReason::Other { value: v },
         }
     }

@@ -12,7 +12,8 @@
 //!   process, the prelude and the supervisor share them.
 //!
 //! Layout: `compile` (source → bytecode), `env` (the guest environment,
-//! host functions), `parse` (bounded full_moon parsing, shared with the
+//! host functions), `fault` (the limits Luau enforced on a dead thread, read
+//! from its status and depth, never from an error's text), `parse` (bounded full_moon parsing, shared with the
 //! static analysis of [`crate::upgrade`]). This layer imports only
 //! `error`, `diagnostic` and `value`: the kernel and the upgrade engine build
 //! on it, never the reverse.
@@ -20,6 +21,7 @@
 mod api;
 mod compile;
 mod env;
+mod fault;
 pub(crate) mod parse;
 
 use std::collections::BTreeMap;
@@ -37,6 +39,7 @@ pub(crate) use env::{
 };
 pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{panic_text, PidText};
+pub(crate) use fault::{fault_of, Fault};
 
 const PRELUDE: &str = include_str!("prelude.luau");
 const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
@@ -87,6 +90,7 @@ impl Vm {
         natives.raw_set("DONE", marker(MARK_DONE))?;
         natives.raw_set("AWAIT", marker(MARK_AWAIT))?;
         natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
+        natives.raw_set("fault", lua.create_function(fault::fault_native)?)?;
         install_natives(&lua, &natives)?;
 
         let prelude: Table =
