@@ -1,7 +1,7 @@
 //! The Luau VM of one sandbox: creation, the guest environment, compilation.
 //!
 //! Invariants:
-//! * Only bytecode produced by [`compile`] in this process is ever loaded
+//! * Only bytecode produced by `compile` in this process is ever loaded
 //!   (Luau does not verify bytecode).
 //! * Guest chunks run with one shared, read-only environment (`GLOBALS`) that
 //!   holds exactly the safe builtins, `graft`, `require` and the capabilities
@@ -19,8 +19,8 @@
 //! on it, never the reverse.
 
 mod api;
-mod compile;
-mod env;
+pub(crate) mod compile;
+pub(crate) mod env;
 mod fault;
 pub(crate) mod parse;
 
@@ -32,13 +32,14 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
 pub use api::{definitions, ApiItem, GRAFT_API};
-pub use compile::{compile, coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
+pub(crate) use compile::compile;
+pub use compile::{coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
 pub(crate) use env::{
     call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
     OUTSIDE_PROCESS,
 };
-pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{panic_text, PidText};
+pub use env::{ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use fault::{fault_of, Fault};
 
 const PRELUDE: &str = include_str!("prelude.luau");
