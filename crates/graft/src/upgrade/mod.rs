@@ -27,7 +27,7 @@
 //! text), `analysis` (the static checks). The canary watch itself lives in the kernel
 //! (`kernel::watch`), which sees every exit.
 
-pub mod analysis;
+pub(crate) mod analysis;
 mod apply;
 mod graph;
 mod guest;
