@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use graft::upgrade::{prepare, PrepareContext};
+use graft::internals::{prepare, PrepareContext};
 use graft::{block_on, with_timeout, Error, Limits, Node, ReloadOptions, Sandbox, SandboxSpec};
 use serde_json::{json, Value};
 
@@ -75,7 +75,7 @@ impl Harness {
             target,
             bystander,
             next_count: 1,
-            known_globals: graft::vm::known_globals(&[], &BTreeMap::new()),
+            known_globals: graft::internals::known_globals(&[], &BTreeMap::new()),
         }
     }
 
@@ -125,7 +125,7 @@ impl Harness {
 
     fn compile_and_prepare(&self, source: &str) {
         let max = limits().max_source_bytes;
-        if let Err(e) = graft::vm::compile(MODULE, "counter.luau", source, max) {
+        if let Err(e) = graft::internals::compile(MODULE, "counter.luau", source, max) {
             assert_error_small("compile", &e);
         }
         let files = BTreeMap::new();

@@ -113,9 +113,11 @@ fn module_source(bytes: usize, errors: bool) -> String {
 /// against the same size of clean source: diagnostics must cost about as
 /// much as the analysis itself (SPEC §7: linear, bounded).
 fn diagnostics(c: &mut Criterion) {
-    let known: Vec<String> = graft::vm::safe_globals().map(str::to_owned).collect();
+    let known: Vec<String> = graft::internals::safe_globals()
+        .map(str::to_owned)
+        .collect();
     let files = std::collections::BTreeMap::new();
-    let cx = graft::upgrade::PrepareContext {
+    let cx = graft::internals::PrepareContext {
         known_globals: &known,
         max_source_bytes: 1 << 20,
         files: &files,
@@ -134,13 +136,13 @@ fn diagnostics(c: &mut Criterion) {
         m
     };
     let (clean, errors) = (one(&clean), one(&errors));
-    assert!(graft::upgrade::prepare(&clean, &cx).is_ok());
-    assert!(graft::upgrade::prepare(&errors, &cx).is_err());
+    assert!(graft::internals::prepare(&clean, &cx).is_ok());
+    assert!(graft::internals::prepare(&errors, &cx).is_err());
     c.bench_function("baseline: analyse 160 KB clean source", |b| {
-        b.iter(|| graft::upgrade::prepare(&clean, &cx).unwrap())
+        b.iter(|| graft::internals::prepare(&clean, &cx).unwrap())
     });
     c.bench_function("analyse 160 KB of errors", |b| {
-        b.iter(|| graft::upgrade::prepare(&errors, &cx).unwrap_err())
+        b.iter(|| graft::internals::prepare(&errors, &cx).unwrap_err())
     });
 }
 
@@ -160,7 +162,7 @@ return out
 fn codec_benches(c: &mut Criterion) {
     let lua = mlua::Lua::new();
     let reply: mlua::Value = lua.load(RECORDS).eval().unwrap();
-    let convert = || graft::value::lua_to_json(&reply, "reply", 8 << 20, &|_| String::new());
+    let convert = || graft::internals::lua_to_json(&reply, "reply", 8 << 20, &|_| String::new());
     let json = convert().unwrap();
     let bytes = serde_json::to_vec(&json).unwrap().len();
     assert!((900_000..1_300_000).contains(&bytes), "{bytes} bytes");

@@ -19,6 +19,11 @@
 //!   [`Sandbox`] handle an embedding app uses;
 //! * [`store`]: the node's durable storage (one SQLite database).
 //!
+//! Everything else is internal (`pub(crate)`). Graft's own benchmarks and
+//! fuzz targets reach a few internals (the compiler, `prepare`, the value
+//! conversion) through the hidden `internals` module, compiled only with the
+//! `internals` feature; an embedder needs neither.
+//!
 //! ```
 //! use graft::{Node, SandboxSpec, HostFunctions};
 //! let node = Node::new();
@@ -46,6 +51,9 @@ pub mod config;
 pub mod diagnostic;
 pub mod error;
 mod events;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals;
 mod kernel;
 mod node;
 pub mod store;

@@ -331,6 +331,8 @@ pub(crate) fn nest_done(
             Outcome::Suspended(token, t)
         }
         (NestEnd::Preempted, Some(t)) => Outcome::Preempted(t),
+        // The reason from typed signals only: the watch's flag and the
+        // fault `failure_of` read off the dead worker (see `classify_failure`).
         _ => Outcome::Failed(classify_failure(lua, &info, timed_out)),
     };
     if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {

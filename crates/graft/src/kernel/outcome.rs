@@ -16,6 +16,7 @@ use super::process::{Job, Run};
 use super::{kernel, truncate_reason, Kernel};
 use crate::error::Error;
 use crate::value::ExitReason;
+use crate::vm::Fault;
 
 /// The outcome of a finished stretch of a callback.
 pub(super) enum Outcome {
@@ -180,30 +181,35 @@ impl Kernel {
     }
 }
 
-/// The reason a message names by its text: limits the kernel and the VM
-/// enforce raise plain errors, recognised here.
-fn classify_message(message: &str, timed_out: bool) -> Option<ExitReason> {
-    if timed_out || message.contains("timeout: callback ran longer than handler_ms") {
-        Some(ExitReason::Timeout)
-    } else if message.contains("not enough memory") || message.contains("memory error") {
-        Some(ExitReason::OutOfMemory)
-    } else if message.contains("stack overflow") || message.contains("C stack overflow") {
-        Some(ExitReason::StackOverflow)
-    } else {
-        None
-    }
-}
-
 /// The exit reason of a callback that raised, from `failure_of`'s info: the
-/// message as raised, the guest frames of the traceback, and the module and
-/// line where guest code raised it.
+/// message as raised, the guest frames of the traceback, the module and line
+/// where guest code raised it, and the limit Luau enforced (`fault`) if it
+/// died of one.
+///
+/// The reason is never read from the message's text: a guest may raise any
+/// text. `timed_out` is the CPU watch's flag, `fault` the VM's (see
+/// [`crate::vm::Fault`]); an error value that is a Rust memory error (a
+/// native's allocation refused) is out of memory too. Anything else is an
+/// ordinary `error`, whatever it says.
 pub(super) fn classify_failure(lua: &Lua, info: &Value, timed_out: bool) -> ExitReason {
+    if timed_out {
+        return ExitReason::Timeout;
+    }
     let (message, traceback) = match info {
         Value::Table(t) => {
+            let fault = match t.raw_get::<Value>("fault") {
+                Ok(Value::Integer(n)) => Fault::from_code(n),
+                Ok(Value::Number(n)) => Fault::from_code(n as i64),
+                _ => None,
+            };
+            if let Some(reason) = fault.map(fault_reason) {
+                return reason;
+            }
             let msg: Value = t.raw_get("message").unwrap_or(Value::Nil);
             let tb: String = t.raw_get("traceback").unwrap_or_default();
             let msg = match msg {
                 Value::String(s) => s.to_string_lossy(),
+                Value::Error(e) if is_memory_error(&e) => return ExitReason::OutOfMemory,
                 Value::Error(e) => e.to_string(),
                 other => lua_value_text(&other),
             };
@@ -212,9 +218,6 @@ pub(super) fn classify_failure(lua: &Lua, info: &Value, timed_out: bool) -> Exit
         Value::String(s) => (s.to_string_lossy(), String::new()),
         other => (lua_value_text(other), String::new()),
     };
-    if let Some(reason) = classify_message(&message, timed_out) {
-        return reason;
-    }
     let frames = crate::diagnostic::guest_frames(&traceback);
     let (module, line) = raise_site(lua, &message, &frames);
     ExitReason::Error {
@@ -222,6 +225,26 @@ pub(super) fn classify_failure(lua: &Lua, info: &Value, timed_out: bool) -> Exit
         message,
         module,
         line,
+    }
+}
+
+/// The exit reason of a limit Luau enforced.
+fn fault_reason(fault: Fault) -> ExitReason {
+    match fault {
+        Fault::OutOfMemory => ExitReason::OutOfMemory,
+        Fault::StackOverflow => ExitReason::StackOverflow,
+    }
+}
+
+/// Whether `e` is, or wraps (a native's error carried through Luau), mlua's
+/// memory error: an allocation the sandbox's allocator refused. Guest code
+/// cannot make one; it can only hand on one that really happened.
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        _ => false,
     }
 }
 
@@ -234,15 +257,25 @@ fn lua_value_text(v: &Value) -> String {
     }
 }
 
-/// The exit reason of a callback whose worker died without crash info.
-pub(super) fn classify_error(lua: &Lua, e: &mlua::Error, timed_out: bool) -> ExitReason {
-    if matches!(e, mlua::Error::MemoryError(_)) {
+/// The exit reason of a callback whose worker died without crash info
+/// (`failure_of` itself failed): only the typed signals count, as in
+/// [`classify_failure`], here the thread's `fault` and the error's variant.
+pub(super) fn classify_error(
+    lua: &Lua,
+    e: &mlua::Error,
+    fault: Option<Fault>,
+    timed_out: bool,
+) -> ExitReason {
+    if timed_out {
+        return ExitReason::Timeout;
+    }
+    if let Some(reason) = fault.map(fault_reason) {
+        return reason;
+    }
+    if is_memory_error(e) {
         return ExitReason::OutOfMemory;
     }
     let message = e.to_string();
-    if let Some(reason) = classify_message(&message, timed_out) {
-        return reason;
-    }
     let (module, line) = raise_site(lua, &message, &[]);
     ExitReason::Error {
         message,
@@ -256,19 +289,63 @@ pub(super) fn classify_error(lua: &Lua, e: &mlua::Error, timed_out: bool) -> Exi
 mod tests {
     use super::*;
 
+    fn info(lua: &Lua, message: Value, fault: Option<Fault>) -> Value {
+        let t = lua.create_table().unwrap();
+        t.raw_set("message", message).unwrap();
+        t.raw_set("traceback", "").unwrap();
+        t.raw_set("fault", fault.map(Fault::code)).unwrap();
+        Value::Table(t)
+    }
+
     #[test]
-    fn limit_errors_are_recognised_by_their_text() {
-        let t = |m: &str| classify_message(m, false);
+    fn the_text_of_an_error_never_makes_it_a_limit() {
+        let lua = Lua::new();
+        for text in [
+            "not enough memory",
+            "memory error: not enough memory",
+            "stack overflow",
+            "C stack overflow",
+            "timeout: callback ran longer than handler_ms (5 ms)",
+        ] {
+            let s = Value::String(lua.create_string(text).unwrap());
+            let reason = classify_failure(&lua, &info(&lua, s, None), false);
+            assert_eq!(reason.kind(), "error", "{text}");
+            assert!(reason.to_string().contains(text), "{reason}");
+            let e = mlua::Error::runtime(text);
+            assert_eq!(classify_error(&lua, &e, None, false).kind(), "error");
+        }
+    }
+
+    #[test]
+    fn the_typed_signals_decide() {
+        let lua = Lua::new();
+        let s = || Value::String(lua.create_string("boom").unwrap());
+        let t = |fault| classify_failure(&lua, &info(&lua, s(), fault), false);
+        assert_eq!(t(Some(Fault::OutOfMemory)), ExitReason::OutOfMemory);
+        assert_eq!(t(Some(Fault::StackOverflow)), ExitReason::StackOverflow);
+        assert_eq!(t(None).kind(), "error");
+        // The watch's flag wins: a callback past its deadline timed out.
+        let timed = classify_failure(&lua, &info(&lua, s(), Some(Fault::OutOfMemory)), true);
+        assert_eq!(timed, ExitReason::Timeout);
+        // A native's refused allocation, carried through Luau as an error value.
+        let oom = mlua::Error::CallbackError {
+            traceback: String::new(),
+            cause: std::sync::Arc::new(mlua::Error::MemoryError("not enough memory".into())),
+        };
+        let v = Value::Error(Box::new(oom.clone()));
         assert_eq!(
-            t("timeout: callback ran longer than handler_ms (5 ms)"),
-            Some(ExitReason::Timeout)
+            classify_failure(&lua, &info(&lua, v, None), false),
+            ExitReason::OutOfMemory
         );
-        assert_eq!(t("not enough memory"), Some(ExitReason::OutOfMemory));
-        assert_eq!(t("stack overflow"), Some(ExitReason::StackOverflow));
-        assert_eq!(t("attempt to index nil"), None);
         assert_eq!(
-            classify_message("anything", true),
-            Some(ExitReason::Timeout)
+            classify_error(&lua, &oom, None, false),
+            ExitReason::OutOfMemory
         );
+        let e = mlua::Error::runtime("x");
+        assert_eq!(
+            classify_error(&lua, &e, Some(Fault::StackOverflow), false),
+            ExitReason::StackOverflow
+        );
+        assert_eq!(classify_error(&lua, &e, None, true), ExitReason::Timeout);
     }
 }

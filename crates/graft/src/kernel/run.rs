@@ -311,8 +311,13 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
 
 /// The exit reason of a callback that raised and ended its worker. Runs Luau
 /// code (the prelude's `failure_of`, maybe a guest `__tostring`), so the
-/// kernel is not borrowed.
+/// kernel is not borrowed. The reason comes from typed signals only (see
+/// [`classify_failure`]): the watch's `timed_out`, the dead worker's fault,
+/// the error's variant; never from the message's text.
 fn raised(lua: &Lua, thread: &Thread, e: &mlua::Error, timed_out: bool) -> ExitReason {
+    // Read before `failure_of` closes the worker, which resets its status;
+    // also the answer if `failure_of` cannot run (no memory for its table).
+    let fault = vm::fault_of(thread);
     let failure_of = kernel(lua).failure_of.clone();
     let message = match e {
         mlua::Error::RuntimeError(m) => m
@@ -326,9 +331,7 @@ fn raised(lua: &Lua, thread: &Thread, e: &mlua::Error, timed_out: bool) -> ExitR
         .call::<Value>((thread.clone(), message))
         .unwrap_or(Value::Nil);
     match info {
-        Value::Table(_) if !matches!(e, mlua::Error::MemoryError(_)) => {
-            classify_failure(lua, &info, timed_out)
-        }
-        _ => classify_error(lua, e, timed_out),
+        Value::Table(_) if fault.is_none() => classify_failure(lua, &info, timed_out),
+        _ => classify_error(lua, e, fault, timed_out),
     }
 }

@@ -35,7 +35,7 @@ pub(super) fn affected_by(
 }
 
 /// A cycle in the require graph as a path `a -> b -> a`, if any.
-pub fn find_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+pub(crate) fn find_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,

@@ -1,7 +1,7 @@
 //! The upgrade engine: module versions and the reload transaction (SPEC §3).
 //!
 //! A reload runs in two halves:
-//! * [`prepare`] compiles and checks the sources (`prepare.rs`: the one
+//! * `prepare` compiles and checks the sources (`prepare.rs`: the one
 //!   compile path). It is pure (no VM), so it
 //!   runs on the caller's thread and a huge source never stalls the sandbox.
 //! * [`Engine::apply`] runs on the sandbox's scheduler thread, between
@@ -27,7 +27,7 @@
 //! text), `analysis` (the static checks). The canary watch itself lives in the kernel
 //! (`kernel::watch`), which sees every exit.
 
-pub mod analysis;
+pub(crate) mod analysis;
 mod apply;
 mod graph;
 mod guest;
@@ -35,7 +35,7 @@ mod history;
 mod migrate;
 mod persist;
 pub(crate) use persist::ends_window;
-mod prepare;
+pub(crate) mod prepare;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -44,11 +44,11 @@ use mlua::{Lua, Table, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-pub use graph::find_cycle;
 pub(crate) use history::ModuleHistory;
 pub use history::ModuleVersion;
+pub use prepare::checksum;
 pub(crate) use prepare::prepare_import;
-pub use prepare::{checksum, prepare, PrepareContext, PreparedModule};
+pub(crate) use prepare::{prepare, PrepareContext, PreparedModule};
 
 use crate::kernel::kernel;
 use crate::vm::Vm;

@@ -9,6 +9,20 @@ use super::json_to_lua;
 
 /// Why a process exited. Atoms travel into Luau as strings; errors as
 /// `{ error = message, traceback = text }`.
+///
+/// `OutOfMemory`, `Timeout` and `StackOverflow` are only ever the runtime's
+/// word, read from typed signals (the CPU watch, the status and depth of the
+/// thread Luau ended): an error whose text says `not enough memory` is an
+/// `Error`, and `graft.exit("timeout")` is `Other`. `Other` is the open arm
+/// for any reason a guest gives.
+///
+/// ```
+/// use graft::ExitReason;
+/// assert_eq!(ExitReason::StackOverflow.kind(), "stack_overflow");
+/// assert!(ExitReason::Normal.is_normal());
+/// let given = ExitReason::Other { value: serde_json::json!("timeout") };
+/// assert_eq!(given.kind(), "other");
+/// ```
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 #[non_exhaustive]
@@ -65,15 +79,16 @@ impl ExitReason {
         }
     }
 
-    /// Reads a reason given by guest code (`graft.exit(reason)`).
+    /// Reads a reason given by guest code (`graft.exit(reason)`, an exit
+    /// signal). The OTP atoms `normal`, `shutdown` and `killed` are theirs to
+    /// give; the limits (`out_of_memory`, `timeout`, `stack_overflow`) are
+    /// only ever the kernel's word, so a guest naming one gives an `Other`
+    /// reason with that value: no guest can pass its exit off as a limit.
     pub(crate) fn from_json(v: Json) -> ExitReason {
         match v.as_str() {
             Some("normal") => ExitReason::Normal,
             Some("shutdown") => ExitReason::Shutdown,
             Some("killed") => ExitReason::Killed,
-            Some("out_of_memory") => ExitReason::OutOfMemory,
-            Some("timeout") => ExitReason::Timeout,
-            Some("stack_overflow") => ExitReason::StackOverflow,
             _ => ExitReason::Other { value: v },
         }
     }

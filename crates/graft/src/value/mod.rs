@@ -32,7 +32,7 @@ mod estimate;
 mod exit;
 mod from_json;
 mod pid;
-mod to_json;
+pub(crate) mod to_json;
 
 #[cfg(test)]
 mod props;
@@ -46,7 +46,8 @@ pub use exit::ExitReason;
 pub use from_json::check_json_depth;
 pub(crate) use from_json::json_to_lua;
 pub use pid::Pid;
-pub use to_json::{lua_to_json, ValueError};
+pub(crate) use to_json::lua_to_json;
+pub use to_json::ValueError;
 
 /// Maximum nesting accepted at the JSON boundary (and inside the VM for
 /// messages). Deeper values are rejected rather than risking the native stack.

@@ -293,6 +293,16 @@ fn exit_reasons_read_from_guest_values() {
         ExitReason::from_json(serde_json::json!("shutdown")),
         ExitReason::Shutdown
     );
+    // The limits are the kernel's to report: a guest naming one gives `other`.
+    for limit in ["out_of_memory", "timeout", "stack_overflow"] {
+        let given = ExitReason::from_json(serde_json::json!(limit));
+        assert_eq!(
+            given,
+            ExitReason::Other {
+                value: serde_json::json!(limit)
+            }
+        );
+    }
     let other = ExitReason::from_json(serde_json::json!({"why": "bored"}));
     assert_eq!(other.kind(), "other");
     assert!(!other.is_normal());

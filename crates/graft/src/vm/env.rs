@@ -412,13 +412,9 @@ pub(crate) fn call_guarded(
     }
 }
 
-/// Names a module may use as globals in a sandbox with these grants and host functions.
-pub fn known_globals(grants: &[String], host_fns: &BTreeMap<String, HostFn>) -> Vec<String> {
-    globals_for(grants, host_fns)
-}
-
-/// [`known_globals`] for any map of host functions (the node keeps every
-/// kind in one [`HostTable`]).
+/// Names a module may use as globals in a sandbox with these grants and host
+/// functions, for any map of host functions (the node keeps every kind in
+/// one [`HostTable`]).
 pub(crate) fn globals_for<V>(grants: &[String], host_fns: &BTreeMap<String, V>) -> Vec<String> {
     let mut names: Vec<String> = safe_globals().map(str::to_owned).collect();
     if grants.iter().any(|g| g == "clock") {

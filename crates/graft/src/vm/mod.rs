@@ -1,7 +1,7 @@
 //! The Luau VM of one sandbox: creation, the guest environment, compilation.
 //!
 //! Invariants:
-//! * Only bytecode produced by [`compile`] in this process is ever loaded
+//! * Only bytecode produced by `compile` in this process is ever loaded
 //!   (Luau does not verify bytecode).
 //! * Guest chunks run with one shared, read-only environment (`GLOBALS`) that
 //!   holds exactly the safe builtins, `graft`, `require` and the capabilities
@@ -12,14 +12,16 @@
 //!   process, the prelude and the supervisor share them.
 //!
 //! Layout: `compile` (source → bytecode), `env` (the guest environment,
-//! host functions), `parse` (bounded full_moon parsing, shared with the
+//! host functions), `fault` (the limits Luau enforced on a dead thread, read
+//! from its status and depth, never from an error's text), `parse` (bounded full_moon parsing, shared with the
 //! static analysis of [`crate::upgrade`]). This layer imports only
 //! `error`, `diagnostic` and `value`: the kernel and the upgrade engine build
 //! on it, never the reverse.
 
 mod api;
-mod compile;
-mod env;
+pub(crate) mod compile;
+pub(crate) mod env;
+mod fault;
 pub(crate) mod parse;
 
 use std::collections::BTreeMap;
@@ -30,13 +32,15 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
 pub use api::{definitions, ApiItem, GRAFT_API};
-pub use compile::{compile, coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
+pub(crate) use compile::compile;
+pub use compile::{coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
 pub(crate) use env::{
     call_guarded, globals_for, BlockingStart, CallerOf, HostEntry, HostTable, StartBlocking,
     OUTSIDE_PROCESS,
 };
-pub use env::{known_globals, safe_globals, ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
 pub(crate) use env::{panic_text, PidText};
+pub use env::{ContextHostFn, HostCall, HostFn, LUAU_SAFE_GLOBALS};
+pub(crate) use fault::{fault_of, Fault};
 
 const PRELUDE: &str = include_str!("prelude.luau");
 const SUPERVISOR: &str = include_str!("../supervision/supervisor.luau");
@@ -87,6 +91,7 @@ impl Vm {
         natives.raw_set("DONE", marker(MARK_DONE))?;
         natives.raw_set("AWAIT", marker(MARK_AWAIT))?;
         natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
+        natives.raw_set("fault", lua.create_function(fault::fault_native)?)?;
         install_natives(&lua, &natives)?;
 
         let prelude: Table =

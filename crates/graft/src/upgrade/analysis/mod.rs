@@ -46,15 +46,15 @@
 //! * Time is linear in the source: one parse, one walk, and scope lookups in
 //!   a hash map (not a scan of every local in scope).
 //! * full_moon parses recursively and has no depth limit of its own, so it
-//!   runs on a thread with a stack of [`PARSER_STACK_BYTES`]. Sources reach
+//!   runs on a thread with a stack of [`PARSER_STACK_BYTES`](crate::vm::parse::PARSER_STACK_BYTES). Sources reach
 //!   [`analyze`] only after Luau compiled them, and Luau refuses nesting past
 //!   its own recursion limit, which bounds the depth full_moon sees; that
 //!   stack holds ten times what the deepest such source needs. Small,
-//!   shallow sources (up to 16 KiB and 12 levels by [`nesting_exceeds`]) are
+//!   shallow sources (up to 16 KiB and 12 levels by [`nesting_exceeds`](crate::vm::parse::nesting_exceeds)) are
 //!   parsed on the caller's thread instead: for them, starting a thread
 //!   costs more than the parse. A source Luau refused is parsed again only
-//!   by [`syntax_error_column`], and only up to its error line and when
-//!   [`nesting_exceeds`] finds it shallow.
+//!   by [`syntax_error_column`](crate::vm::parse::syntax_error_column), and only up to its error line and when
+//!   [`nesting_exceeds`](crate::vm::parse::nesting_exceeds) finds it shallow.
 
 //!
 //! Layout: this file holds the result types and [`analyze`]; `walk` holds
@@ -75,8 +75,6 @@ use full_moon::LuaVersion;
 pub use crate::diagnostic::MAX_PER_MODULE;
 use crate::error::Result;
 use crate::vm::parse::{is_shallow, on_parser_stack};
-pub use crate::vm::parse::{nesting_exceeds, syntax_error_column, PARSER_STACK_BYTES};
-pub use crate::vm::LUAU_SAFE_GLOBALS;
 use walk::{Scope, Walker};
 
 /// Global names a module may never use, whatever the sandbox grants: each
@@ -164,12 +162,12 @@ pub enum FindingKind {
 }
 
 /// Analyzes one Luau module source, on a thread with a stack of
-/// [`PARSER_STACK_BYTES`] unless it is small and shallow. The source should
+/// [`PARSER_STACK_BYTES`](crate::vm::parse::PARSER_STACK_BYTES) unless it is small and shallow. The source should
 /// be one Luau compiled (see the module documentation: that bounds its
 /// nesting).
 ///
 /// `is_known_global(name)` says whether the sandbox provides the global
-/// `name` (a Luau builtin such as those of [`LUAU_SAFE_GLOBALS`], or a
+/// `name` (a Luau builtin such as those of [`LUAU_SAFE_GLOBALS`](crate::vm::LUAU_SAFE_GLOBALS), or a
 /// granted capability). `graft` and `require` are always known; the
 /// forbidden names (`getfenv`, `_G`, `debug`, `load`, …; see the module
 /// documentation) are refused even when the predicate accepts them.

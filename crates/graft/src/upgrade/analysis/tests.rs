@@ -1,6 +1,7 @@
 //! Unit tests of the static analysis.
 
 use super::*;
+use crate::vm::LUAU_SAFE_GLOBALS;
 
 /// The sandbox of most tests: Luau builtins plus a granted `kv`.
 fn known(name: &str) -> bool {
