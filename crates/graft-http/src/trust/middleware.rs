@@ -133,7 +133,7 @@ pub(crate) fn browser_rules(
                     .config()
                     .allow_hosts
                     .iter()
-                    .any(|a| a.eq_ignore_ascii_case(&name) || a.eq_ignore_ascii_case(h));
+                    .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(h));
             if !allowed {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
