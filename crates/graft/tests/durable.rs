@@ -1607,3 +1607,78 @@ fn a_read_only_database_file_is_refused_at_start_and_fails_writes_until_writable
     drop(sb);
     node.shutdown();
 }
+
+/// Reloads racing live reconfigurations: every acknowledged reload is in the
+/// rebuilt sandbox (before, a reload committed between the reconfigure's
+/// snapshot and the rebuild was dropped from memory while on disk, and every
+/// later reload failed with "version N is stored already"). A reload that
+/// meets the rebuild is refused (`busy`), never lost.
+#[test]
+fn reloads_racing_a_reconfigure_are_kept_or_refused_never_lost() {
+    let dir = TempDir::new("reconfigure-race");
+    let node = open(&dir);
+    let sb = node.create_sandbox(spec("race")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reloader = {
+        let node = node.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            let mut v = 2;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && v < 400 {
+                let Ok(sb) = node.sandbox("race") else {
+                    continue;
+                };
+                let mut m = BTreeMap::new();
+                m.insert("counter".to_string(), counter(v));
+                match block_on(sb.reload(m, ReloadOptions::default())) {
+                    Ok(r) if r.status == graft::ReloadStatus::Reloaded => {
+                        ok += 1;
+                        v += 1;
+                    }
+                    Ok(r) => panic!("unexpected {:?}", r.status),
+                    Err(e) => {
+                        assert!(
+                            matches!(e.kind(), "busy" | "no_sandbox" | "sandbox_stopped"),
+                            "{e}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            (ok, refused)
+        })
+    };
+    for i in 0..12 {
+        let mut s = spec("race");
+        s.limits.max_mailbox = 1_000 + i;
+        match node.reconfigure_sandbox(s) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), "busy", "{e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(15));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, _refused) = reloader.join().expect("reloader");
+    let sb = node.sandbox("race").expect("sandbox");
+    let current = |sb: &graft::Sandbox| {
+        block_on(sb.modules())
+            .expect("modules")
+            .into_iter()
+            .find(|m| m.name == "counter")
+            .expect("counter")
+            .version
+    };
+    // Every acknowledged reload minted one version, and all are running.
+    assert_eq!(current(&sb), 1 + ok);
+    // And the next one is not refused as "stored already".
+    let r = reload(&sb, counter(1_000), ReloadOptions::default());
+    assert_eq!(r.status, graft::ReloadStatus::Reloaded);
+    assert_eq!(current(&sb), 2 + ok);
+    node.shutdown();
+    let node = open(&dir);
+    let sb = node.sandbox("race").expect("restored");
+    assert_eq!(current(&sb), 2 + ok, "memory and disk agree");
+    node.shutdown();
+}

@@ -889,9 +889,13 @@ impl Node {
             return Ok(None);
         }
         spec.validate(&self.inner.limits)?;
-        let (histories, window_open) = super::block_on(old.ask(|rt| {
+        // The histories the new sandbox is built from, taken in the same
+        // job that stops this runtime taking reloads: a reload acknowledged
+        // before it is in them, one sent after it is refused (`busy`).
+        let (histories, window_open, retired) = super::block_on(old.ask(|rt| {
             let open = crate::kernel::kernel(&rt.vm.lua).canary.is_some();
-            (rt.engine.modules.clone(), open)
+            let retired = !open && rt.begin_retire();
+            (rt.engine.modules.clone(), open, retired)
         }))?;
         if window_open {
             return Err(Error::InvalidInput(format!(
@@ -899,20 +903,38 @@ impl Node {
                 spec.id
             )));
         }
+        if !retired {
+            return Err(Error::Busy(format!(
+                "sandbox `{}` has a reload in progress; change its settings again once it is done",
+                spec.id
+            )));
+        }
         // What to rebuild if the new settings cannot start.
         let old_histories = histories.clone();
-        let (mut ops, histories, new_spec) = settings_plan(spec, histories, &old.shared.host_fns)?;
-        // The states as of now, so the new app gets them back.
-        checkpoint_sandbox(&self.inner, &new_spec.id)?;
-        if self.inner.store.is_none() {
-            ops.clear();
-        }
-        self.inner.events.commit(
-            &new_spec.id,
-            ops,
-            "sandbox_reconfigured",
-            json!({ "changed": changed, "entry": new_spec.entry }),
-        )?;
+        let planned = (|| {
+            let (mut ops, histories, new_spec) =
+                settings_plan(spec, histories, &old.shared.host_fns)?;
+            // The states as of now, so the new app gets them back.
+            checkpoint_sandbox(&self.inner, &new_spec.id)?;
+            if self.inner.store.is_none() {
+                ops.clear();
+            }
+            self.inner.events.commit(
+                &new_spec.id,
+                ops,
+                "sandbox_reconfigured",
+                json!({ "changed": changed, "entry": new_spec.entry }),
+            )?;
+            Ok::<_, Error>((histories, new_spec))
+        })();
+        let (histories, new_spec) = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing changed: the old runtime takes reloads again.
+                let _ = super::block_on(old.ask(|rt| rt.end_retire()));
+                return Err(e);
+            }
+        };
         // Stop the old app in order, then let the old VM go (memory only:
         // its rows are the sandbox's).
         if old.shared.spec.entry.is_some() {

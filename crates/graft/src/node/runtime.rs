@@ -104,9 +104,36 @@ pub(crate) struct Runtime {
     pending: VecDeque<PendingReload>,
     app_waiters: Vec<Arc<HostSlot>>,
     app_start: Option<tokio::sync::oneshot::Receiver<Result<Json>>>,
+    /// Set while `Node::reconfigure_sandbox` rebuilds this sandbox from a
+    /// snapshot of its histories: a reload or import after the snapshot
+    /// would commit to a VM about to be dropped, so it is refused instead.
+    retiring: bool,
 }
 
 impl Runtime {
+    /// Takes this runtime out of service for a rebuild: from now on reloads
+    /// and imports are refused (`busy`). Refused itself (false) while a
+    /// reload waits in the queue, since it may still commit.
+    pub(super) fn begin_retire(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        self.retiring = true;
+        true
+    }
+
+    /// Puts a runtime whose rebuild did not happen back in service.
+    pub(super) fn end_retire(&mut self) {
+        self.retiring = false;
+    }
+
+    fn retiring_error(&self) -> Error {
+        Error::Busy(format!(
+            "sandbox `{}` is being rebuilt with new settings (graft.toml changed); send the reload again",
+            self.spec.id
+        ))
+    }
+
     /// Replaces modules' kept histories (the second step of an import): in
     /// memory, then on disk in one transaction with an `import` event. A
     /// failed write restores the histories as they were.
@@ -114,6 +141,9 @@ impl Runtime {
         &mut self,
         histories: BTreeMap<String, Vec<ModuleVersion>>,
     ) -> Result<()> {
+        if self.retiring {
+            return Err(self.retiring_error());
+        }
         let max = self.engine.max_versions;
         let before = self.engine.modules.clone();
         let names: Vec<String> = histories.keys().cloned().collect();
@@ -184,6 +214,7 @@ impl Runtime {
             pending: VecDeque::new(),
             app_waiters: Vec::new(),
             app_start: None,
+            retiring: false,
         };
         let globals = crate::vm::globals_for(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {
@@ -596,6 +627,10 @@ impl Runtime {
         targets: Option<HashMap<String, u32>>,
         reply: tokio::sync::oneshot::Sender<Result<ReloadReport>>,
     ) {
+        if self.retiring {
+            let _ = reply.send(Err(self.retiring_error()));
+            return;
+        }
         self.pending.push_back(PendingReload {
             prepared,
             opts,
