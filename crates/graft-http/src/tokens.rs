@@ -42,7 +42,10 @@ fn api_error(e: TokenError) -> ApiError {
             ),
         )
         .with("token", id),
-        TokenError::Random(_) | TokenError::Store(_) => ApiError::internal(e.to_string()),
+        // Failing storage answers like every other write (503/507 with
+        // the reason, no host path), not as the server's fault.
+        TokenError::Store(s) => ApiError::from(graft::Error::Storage(s)),
+        TokenError::Random(_) => ApiError::internal(e.to_string()),
     }
 }
 
@@ -89,7 +92,7 @@ pub(crate) async fn create(
 pub(crate) async fn list(State(trust): State<Arc<Trust>>) -> ApiResult<Json<Value>> {
     let tokens = trust
         .tokens()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| ApiError::from(graft::Error::Storage(e)))?;
     Ok(Json(Value::Array(tokens.iter().map(shown).collect())))
 }
 

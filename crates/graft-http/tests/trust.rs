@@ -953,6 +953,20 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_done() {
     let sb = api.node.sandbox("demo").unwrap();
     let state = sb.state("counter").await.unwrap();
     assert_eq!(state["count"], 1);
+    // A token cannot be minted either: the storage's answer (503, the
+    // reason), not the server's fault, and no host path in the body.
+    let (s, v) = api
+        .as_token(
+            Some(&api.admin),
+            Method::POST,
+            "/api/v1/tokens",
+            Some(json!({ "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_ne!(v["error"]["kind"], "internal", "{v}");
+    let path = api.trust.store().path().to_string_lossy().into_owned();
+    assert!(path.is_empty() || !v.to_string().contains(&path), "{v}");
     // Messages are the application's traffic, not audited by default: a
     // failing store stops the node's administration, not the application.
     assert_eq!(
