@@ -1261,6 +1261,22 @@ fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
     set_mode(&db, 0o644);
     block_on(sb.reload(m, ReloadOptions::default())).expect("writable again");
     assert_eq!(current(&sb), 3);
+    // The refused reload's `abort` event (viewers read events) says why
+    // without the host's path.
+    // Written once the storage takes writes again (events the store
+    // refused wait, and are retried).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let abort = loop {
+        let events = block_on(sb.events()).expect("events");
+        if let Some(e) = events.into_iter().rev().find(|e| e.kind == "abort") {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no abort event");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let said = abort.detail.to_string();
+    assert!(said.contains("read-only"), "{said}");
+    assert!(!said.contains(&*dir.to_string_lossy()), "{said}");
     drop(sb);
     node.shutdown();
     drop(node);

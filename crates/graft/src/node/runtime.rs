@@ -765,6 +765,12 @@ impl Runtime {
                 "modules": modules, "step": step, "module": module, "process": process, "error": message,
                 "line": line, "column": column
             }),
+            // Events are read by viewers: the storage's reason without the
+            // host's paths (the node's log has them).
+            Error::Storage(s) => serde_json::json!({
+                "modules": modules,
+                "error": format!("{}: nothing was applied", s.client_message()),
+            }),
             other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
         };
         kernel(self.lua()).event("abort", detail);
