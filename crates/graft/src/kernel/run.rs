@@ -36,6 +36,10 @@ pub(crate) fn run_slice(lua: &Lua) -> bool {
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
+    kernel(lua)
+        .watch
+        .cannot_yield
+        .store(false, Ordering::Relaxed);
     fire_timers(lua);
     drain_exits(lua);
     let mut budget = 10_000u32;

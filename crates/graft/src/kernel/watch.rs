@@ -43,6 +43,13 @@ pub(crate) struct Watch {
     /// thread only runs prelude code until it closes the nested frame, so the
     /// interrupt leaves it alone (a callee's timeout is the callee's).
     pub(super) exempt: AtomicUsize,
+    /// Set when the interrupt found the slice over but the running code in
+    /// a context Luau cannot yield from (a `table.sort` comparator, a
+    /// `gsub` callback, a `coroutine.wrap` body): the slice will not end
+    /// before that code returns, so the scheduler need not wait to see it
+    /// overrun before it serves others with another thread. Cleared when a
+    /// slice starts.
+    pub(super) cannot_yield: AtomicBool,
     pub(super) handler_ms: u64,
 }
 
@@ -66,6 +73,7 @@ impl Watch {
             thread: AtomicUsize::new(0),
             preemptible: AtomicBool::new(false),
             exempt: AtomicUsize::new(0),
+            cannot_yield: AtomicBool::new(false),
             handler_ms,
         }
     }
@@ -132,6 +140,12 @@ impl Watch {
         self.slice_end.fetch_min(at, Ordering::Relaxed);
         self.check_at.fetch_min(at, Ordering::Relaxed);
     }
+    /// Whether the running slice is past its end in code that cannot yield
+    /// (see [`Watch::cannot_yield`]): it holds its thread until that code
+    /// returns or reaches `handler_ms`.
+    pub(crate) fn cannot_yield(&self) -> bool {
+        self.cannot_yield.load(Ordering::Relaxed)
+    }
     /// Ends a stretch armed by [`Watch::arm_for_host_code`] or
     /// [`Watch::arm_for_module_body`]; returns whether it ran out of time.
     pub fn disarm_host_code(&self) -> bool {
@@ -194,15 +208,20 @@ fn decide(watch: &Watch, state: usize, now: u64) -> Act {
         watch.timed_out.store(true, Ordering::Relaxed);
         return Act::Timeout(watch.handler_ms);
     }
-    watch.check_at.store(deadline, Ordering::Relaxed);
-    if watch.preemptible.load(Ordering::Relaxed)
-        && now >= watch.slice_end.load(Ordering::Relaxed)
-        && state == watch.thread.load(Ordering::Relaxed)
-    {
-        Act::Yield
-    } else {
-        Act::Continue
+    if watch.preemptible.load(Ordering::Relaxed) && now >= watch.slice_end.load(Ordering::Relaxed) {
+        // `check_at` stays due: code that cannot yield here (see below and
+        // the interrupt) yields at the first safepoint where it can, not
+        // only at its deadline.
+        if state == watch.thread.load(Ordering::Relaxed) {
+            return Act::Yield;
+        }
+        // A coroutine inside the callback: only the callback's own thread
+        // may yield to the scheduler.
+        watch.cannot_yield.store(true, Ordering::Relaxed);
+        return Act::Continue;
     }
+    watch.check_at.store(deadline, Ordering::Relaxed);
+    Act::Continue
 }
 
 /// The VM interrupt (every Luau call, return and loop back-edge).
@@ -244,6 +263,8 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
             unsafe {
                 if mlua::ffi::lua_isyieldable(state) != 0 {
                     mlua::ffi::lua_yield(state, 0);
+                } else {
+                    watch.cannot_yield.store(true, Ordering::Relaxed);
                 }
             }
         }

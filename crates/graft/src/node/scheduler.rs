@@ -10,7 +10,9 @@
 //!   that overran. A callback in a context Luau cannot yield from (a
 //!   `table.sort` comparator, a `gsub` callback, `coroutine.wrap`) keeps its
 //!   slice running until it returns or hits `handler_ms`. The watchdog marks
-//!   such a thread stuck and starts a replacement; the stuck thread retires
+//!   such a thread stuck (at its first look after the interrupt found the
+//!   slice over and the code unable to yield, or after `STUCK_AFTER_MS`)
+//!   and starts a replacement; the stuck thread retires
 //!   when its slice ends if enough threads serve by then. A stuck sandbox so
 //!   holds one OS thread, for at most its `handler_ms`, never the queue.
 //! * Threads beyond `threads` are capped ([`MAX_EXTRA_THREADS`]): past the
@@ -536,10 +538,16 @@ fn watchdog_loop(node: Weak<NodeInner>) {
         let mut newly_stuck = 0;
         for w in &pool.workers {
             let started = w.slice_started.load(Ordering::Relaxed);
-            if started != 0
-                && now + 1 >= started + STUCK_AFTER_MS
-                && !w.stuck.swap(true, Ordering::Relaxed)
-            {
+            // A slice the interrupt found past its end in code that cannot
+            // yield is stuck now: waiting for `STUCK_AFTER_MS` would only
+            // keep fresh work queued behind it.
+            let overran = started != 0
+                && (now + 1 >= started + STUCK_AFTER_MS
+                    || w.running
+                        .lock()
+                        .as_ref()
+                        .is_some_and(|watch| watch.cannot_yield()));
+            if overran && !w.stuck.swap(true, Ordering::Relaxed) {
                 newly_stuck += 1;
             }
             if started != 0 && w.stuck.load(Ordering::Relaxed) {

@@ -167,3 +167,63 @@ fn a_panicking_host_function_is_an_error_for_its_caller() {
     node.destroy("plugin").expect("destroy after a host panic");
     assert_node_healthy(&node, &bystander);
 }
+
+/// A handler that spends a while in a sort comparator (which cannot yield),
+/// then loops in its own code, which can.
+const SORT_THEN_LOOP: &str = r#"
+local m = {}
+function m.init() return { n = 0 } end
+function m.handle_cast(_, state)
+  local t = { 3, 1, 2 }
+  local first = true
+  table.sort(t, function(a, b)
+    if first then
+      first = false
+      for _ = 1, 30000000 do end -- far longer than a time slice
+    end
+    return a < b
+  end)
+  while true do end
+end
+function m.handle_call(_, _, state)
+  state.n += 1
+  return state.n, state
+end
+return m
+"#;
+
+#[test]
+fn code_that_could_not_yield_yields_once_it_can() {
+    // One scheduler thread, one sandbox: the slice ends in the comparator,
+    // which cannot yield. Once the comparator returns, the handler's own
+    // loop must yield at its next safepoint, so that a sibling process of
+    // the same sandbox answers long before the handler's `handler_ms`; it
+    // used to run on until that deadline.
+    let node = Node::with_threads(1);
+    let sb = node
+        .create_sandbox(
+            SandboxSpec::new("mixed")
+                .entry(None)
+                .module("m", SORT_THEN_LOOP)
+                .limits(Limits {
+                    handler_ms: 20_000,
+                    ..Limits::default()
+                }),
+        )
+        .expect("sandbox");
+    answer(sb.spawn("m", json!(null), Some("spinner"))).expect("spawn spinner");
+    answer(sb.spawn("m", json!(null), Some("sibling"))).expect("spawn sibling");
+    answer(sb.cast("spinner", json!("go"))).expect("cast");
+    std::thread::sleep(Duration::from_millis(100));
+    // 5 s: generous for a loaded machine, far below the 20 s deadline.
+    let reply = graft::block_on(sb.call("sibling", json!("inc"), Some(5_000)));
+    assert_eq!(
+        reply.expect("the sibling answers before the spinner's handler_ms"),
+        json!(1)
+    );
+    let events = answer(sb.events()).expect("events");
+    assert!(
+        !events.iter().any(|e| e.kind == "crash"),
+        "the spinner has not reached handler_ms yet: {events:?}"
+    );
+}
