@@ -11,11 +11,11 @@
 //! the node, so the figure is an upper bound on what they cost a node whose
 //! clients are elsewhere.
 //!
-//! The run alternates blocks of `--reloads` reloads (each a new revision of
+//! The run alternates blocks of `--reloads` (40) reloads (each a new revision of
 //! the module, timed from the reload call to its answer, through the
 //! library API): `without` (no client connected) and `with` (`--clients`
 //! (100) streams connected, each from the last event before the block, so
-//! that none can miss one by connecting late), `--rounds` (3) times, so that
+//! that none can miss one by connecting late), `--rounds` (8) times, so that
 //! a drift of the machine's load hits both sides alike. After each `with`
 //! block every client must have received, in order and once each, every
 //! event the node logged during the block (read back from the node's log),
@@ -74,8 +74,8 @@ fn opts() -> Opts {
     let mut o = Opts {
         clients: 100,
         procs: 10_000,
-        reloads: 20,
-        rounds: 3,
+        reloads: 40,
+        rounds: 8,
         threads: 2,
         serve_threads: 2,
         smoke: false,

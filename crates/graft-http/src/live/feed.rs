@@ -121,6 +121,68 @@ impl Feed {
     }
 }
 
+/// A source whose readers are woken by one task of the API's runtime rather
+/// than by whoever logged the event: the node logs events on the thread of
+/// the sandbox that made them (a reload, a crash), and waking a hundred
+/// event streams from there is work taken from that sandbox. The relay
+/// task takes one wake-up from the node and passes it on to every reader
+/// from a worker thread of the API's own runtime.
+///
+/// Invariant: the value readers see never runs ahead of the inner source's
+/// (the relay copies it), so every event up to it is readable.
+pub struct Relay {
+    inner: std::sync::Arc<dyn EventSource>,
+    tx: watch::Sender<u64>,
+}
+
+impl Relay {
+    /// Relays `inner`; the relay task starts with [`Relay::run`].
+    pub fn new(inner: std::sync::Arc<dyn EventSource>) -> Relay {
+        let head = *inner.subscribe().borrow();
+        Relay {
+            inner,
+            tx: watch::channel(head).0,
+        }
+    }
+
+    /// The inner source's highest readable `seq` now (the relayed value
+    /// may lag it by a wake-up).
+    pub fn head(&self) -> u64 {
+        *self.inner.subscribe().borrow()
+    }
+
+    /// The relay task: passes every change of the inner source on until the
+    /// inner source closes or the relay is dropped (`relay` is weak, so the
+    /// task does not keep it alive).
+    pub async fn run(relay: std::sync::Weak<Relay>) {
+        let Some(mut rx) = relay.upgrade().map(|r| r.inner.subscribe()) else {
+            return;
+        };
+        loop {
+            let head = *rx.borrow_and_update();
+            match relay.upgrade() {
+                Some(r) => {
+                    r.tx.send_replace(head);
+                }
+                None => return,
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl EventSource for Relay {
+    fn events_after(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {
+        self.inner.events_after(after, filter, limit)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+}
+
 /// The node's own event log.
 impl EventSource for Node {
     fn events_after(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {

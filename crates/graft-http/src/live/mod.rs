@@ -6,7 +6,11 @@
 //!
 //! Invariants: nothing here runs inside a sandbox's thread or holds a
 //! sandbox's lock: events are read from the node's event log (see
-//! [`feed`]), and one counting task per API reads it for the metrics.
+//! [`feed`]), and one counting task per API reads it for the metrics. The
+//! node wakes one relay task per API when it logs an event, never the
+//! streams themselves (see [`feed::Relay`]), and streams batch what arrives
+//! within [`stream::BATCH_WINDOW`]: the cost of open dashboards falls on the
+//! API's threads, not on the sandbox that logged the event.
 
 pub mod dashboard;
 pub mod feed;
@@ -47,10 +51,14 @@ pub struct Live {
 
 struct Inner {
     node: Node,
+    /// The relay, as every reader sees it.
     source: Arc<dyn EventSource>,
+    relay: Arc<feed::Relay>,
     metrics: Arc<Metrics>,
     counting: OnceLock<()>,
     keep_alive: Duration,
+    frames: Arc<stream::FrameCache>,
+    batch_window: Duration,
 }
 
 impl Live {
@@ -70,13 +78,17 @@ impl Live {
     /// The live parts reading events from `source` instead of the node's log
     /// (a fake node in tests).
     pub fn with_source(node: Node, source: Arc<dyn EventSource>, keep_alive: Duration) -> Live {
+        let relay = Arc::new(feed::Relay::new(source));
         let live = Live {
             inner: Arc::new(Inner {
                 node,
-                source,
+                source: relay.clone(),
+                relay,
                 metrics: Arc::new(Metrics::default()),
                 counting: OnceLock::new(),
                 keep_alive,
+                frames: Arc::default(),
+                batch_window: stream::BATCH_WINDOW,
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -85,11 +97,13 @@ impl Live {
         live
     }
 
-    /// Starts the metrics' counting task once (needs a tokio runtime). It
-    /// reads every event from the first one kept and ends when the API's
-    /// live parts are dropped or the log closes.
+    /// Starts the event relay (see [`feed::Relay`]) and the metrics'
+    /// counting task once (needs a tokio runtime). The counting task reads
+    /// every event from the first one kept and ends when the API's live
+    /// parts are dropped or the log closes.
     pub(crate) fn ensure_counting(&self) {
         self.inner.counting.get_or_init(|| {
+            tokio::spawn(feed::Relay::run(Arc::downgrade(&self.inner.relay)));
             let source = self.inner.source.clone();
             let metrics = Arc::downgrade(&self.inner.metrics);
             let mut rx = source.subscribe();
@@ -131,6 +145,17 @@ impl Live {
         &self.inner.metrics
     }
 
+    /// The highest event seq readable now (not the relayed value, which
+    /// may lag it by a wake-up).
+    pub(crate) fn head(&self) -> u64 {
+        self.inner.relay.head()
+    }
+    pub(crate) fn frame_cache(&self) -> Arc<stream::FrameCache> {
+        self.inner.frames.clone()
+    }
+    pub(crate) fn batch_window(&self) -> Duration {
+        self.inner.batch_window
+    }
     pub(crate) fn keep_alive(&self) -> Duration {
         self.inner.keep_alive
     }

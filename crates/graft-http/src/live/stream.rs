@@ -14,9 +14,10 @@
 //! only the feed, never a sandbox, and holds no lock while it waits for the
 //! client to take a frame (a slow client falls behind and is told by a gap).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::RawQuery;
 use axum::http::HeaderMap;
@@ -164,34 +165,71 @@ fn percent_decode(v: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::bad_request("bad_request", "the query is not UTF-8"))
 }
 
+/// How long a stream that was waiting lets new events gather before it
+/// reads them: a burst (a reload's events, a batch, a crash loop) then goes
+/// out as one read of the log and one write per client instead of one per
+/// event, which is what keeps a hundred open dashboards from slowing the
+/// reloads they watch. Far below what a person notices.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
+
+/// Events whose JSON the cache keeps.
+const CACHED_FRAMES: usize = 4_096;
+
+/// The JSON of recent events, serialized once for every stream that sends
+/// them (a hundred clients of one event cost one serialization, not a
+/// hundred). Bounded: the oldest entries go first.
+#[derive(Default)]
+pub struct FrameCache {
+    json: Mutex<BTreeMap<u64, Arc<str>>>,
+}
+
+impl FrameCache {
+    /// The JSON text of `e`, from the cache or serialized now.
+    fn json(&self, e: &NodeEvent) -> Arc<str> {
+        let mut json = self.json.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(text) = json.get(&e.seq) {
+            return text.clone();
+        }
+        let text: Arc<str> = serde_json::to_string(e)
+            .unwrap_or_else(|_| "{}".into())
+            .into();
+        json.insert(e.seq, text.clone());
+        while json.len() > CACHED_FRAMES {
+            json.pop_first();
+        }
+        text
+    }
+}
+
 /// The stream's cursor between frames.
 struct Cursor {
     source: Arc<dyn EventSource>,
+    cache: Arc<FrameCache>,
     rx: watch::Receiver<u64>,
     pos: u64,
     filter: EventFilter,
     ready: VecDeque<SseEvent>,
+    batch: Duration,
 }
 
-/// One SSE frame of an event.
-pub(crate) fn frame(e: &NodeEvent) -> SseEvent {
-    let data = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
-    SseEvent::default().id(e.seq.to_string()).data(data)
-}
-
-/// The frames of `source` after `pos` matching `filter`, forever.
+/// The frames of `source` after `pos` matching `filter`, forever. A stream
+/// that caught up waits for new events, then `batch` more, before reading.
 pub(crate) fn frames(
     source: Arc<dyn EventSource>,
+    cache: Arc<FrameCache>,
     pos: u64,
     filter: EventFilter,
+    batch: Duration,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let rx = source.subscribe();
     let cursor = Cursor {
         source,
+        cache,
         rx,
         pos,
         filter,
         ready: VecDeque::new(),
+        batch,
     };
     stream::unfold(cursor, |mut c| async move {
         loop {
@@ -213,15 +251,22 @@ pub(crate) fn frames(
             }
             let full = page.events.len() >= PAGE;
             for e in &page.events {
-                c.ready.push_back(frame(e));
+                let json = c.cache.json(e);
+                c.ready
+                    .push_back(SseEvent::default().id(e.seq.to_string()).data(&*json));
                 c.pos = c.pos.max(e.seq);
             }
             if !full {
                 // No more matching events up to `head`.
                 c.pos = c.pos.max(head);
             }
-            if c.ready.is_empty() && c.rx.changed().await.is_err() {
-                return None;
+            if c.ready.is_empty() {
+                if c.rx.changed().await.is_err() {
+                    return None;
+                }
+                if !c.batch.is_zero() {
+                    tokio::time::sleep(c.batch).await;
+                }
             }
         }
     })
@@ -240,7 +285,7 @@ pub(crate) async fn page(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let start = parse(query.as_deref().unwrap_or(""), &headers)?;
     let source = live.source();
-    let head = *source.subscribe().borrow();
+    let head = live.head();
     let (pos, limit) = match (start.after, start.tail) {
         (Some(after), tail) => (after, tail.map_or(MAX_PAGE, |t| t as usize)),
         (None, tail) => {
@@ -267,7 +312,7 @@ pub(crate) async fn stream(
 ) -> Result<Response, ApiError> {
     let start = parse(query.as_deref().unwrap_or(""), &headers)?;
     let source = live.source();
-    let head = *source.subscribe().borrow();
+    let head = live.head();
     let pos = match (start.after, start.tail) {
         (Some(after), _) => after,
         (None, Some(tail)) => head.saturating_sub(tail),
@@ -276,7 +321,14 @@ pub(crate) async fn stream(
     let mut filter = EventFilter::default();
     filter.sandbox = start.filter_sandbox;
     filter.kinds = start.kinds;
-    let sse = Sse::new(frames(source, pos, filter)).keep_alive(
+    let sse = Sse::new(frames(
+        source,
+        live.frame_cache(),
+        pos,
+        filter,
+        live.batch_window(),
+    ))
+    .keep_alive(
         KeepAlive::new()
             .interval(live.keep_alive())
             .text("keep-alive"),
@@ -287,7 +339,7 @@ pub(crate) async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::live::feed::Feed;
+    use crate::live::feed::{EventPage, Feed};
     use futures_util::StreamExt;
     use std::time::Duration;
 
@@ -322,11 +374,27 @@ mod tests {
         for i in 0..5 {
             feed.push("a", 0.0, "reload", json!({ "i": i }));
         }
-        let text = take(frames(feed.clone(), 2, EventFilter::default()), 3).await;
+        let text = take(
+            frames(
+                feed.clone(),
+                Default::default(),
+                2,
+                EventFilter::default(),
+                Duration::ZERO,
+            ),
+            3,
+        )
+        .await;
         assert_eq!(ids(&text), vec![3, 4, 5]);
         assert!(text.contains("\"kind\":\"reload\""));
         // Live events arrive after the stored ones, once each.
-        let s = frames(feed.clone(), 4, EventFilter::default());
+        let s = frames(
+            feed.clone(),
+            Default::default(),
+            4,
+            EventFilter::default(),
+            Duration::ZERO,
+        );
         let f2 = feed.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -345,7 +413,11 @@ mod tests {
         feed.push("a", 0.0, "crash", json!({}));
         feed.push("a", 0.0, "reload", json!({}));
         let f = EventFilter::default().sandbox("a").kind("reload");
-        let text = take(frames(feed.clone(), 0, f), 2).await;
+        let text = take(
+            frames(feed.clone(), Default::default(), 0, f, Duration::ZERO),
+            2,
+        )
+        .await;
         assert_eq!(ids(&text), vec![1, 4]);
         assert!(!text.contains("\"sandbox\":\"b\""));
     }
@@ -356,7 +428,17 @@ mod tests {
         for _ in 0..(KEEP_EVENTS + 10) {
             feed.push("a", 0.0, "reload", json!({}));
         }
-        let text = take(frames(feed.clone(), 3, EventFilter::default()), 3).await;
+        let text = take(
+            frames(
+                feed.clone(),
+                Default::default(),
+                3,
+                EventFilter::default(),
+                Duration::ZERO,
+            ),
+            3,
+        )
+        .await;
         let gap = text.split("\n\n").next().unwrap();
         assert!(gap.contains("event: gap"), "{text}");
         assert!(
@@ -364,6 +446,61 @@ mod tests {
             "{gap}"
         );
         assert_eq!(ids(&text), vec![10, 11, 12]);
+    }
+
+    /// A source that counts the reads made of it.
+    struct Counting {
+        feed: Arc<Feed>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl EventSource for Counting {
+        fn events_after(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.feed.events_after(after, filter, limit)
+        }
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.feed.subscribe()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_events_is_read_and_serialized_once_for_all_streams() {
+        let feed = Arc::new(Feed::default());
+        let source = Arc::new(Counting {
+            feed: feed.clone(),
+            reads: Default::default(),
+        });
+        let cache = Arc::new(FrameCache::default());
+        let streams: Vec<_> = (0..3)
+            .map(|_| {
+                frames(
+                    source.clone(),
+                    cache.clone(),
+                    0,
+                    EventFilter::default(),
+                    Duration::from_millis(300),
+                )
+            })
+            .collect();
+        let f2 = feed.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for i in 0..20 {
+                f2.push("a", 0.0, "reload", json!({ "i": i }));
+            }
+        });
+        for s in streams {
+            let text = take(s, 20).await;
+            assert_eq!(ids(&text), (1..=20).collect::<Vec<_>>());
+        }
+        // Each stream: one read before it waited, then the whole burst in
+        // one read after the window (not one read per event).
+        let reads = source.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(reads <= 3 * 2, "{reads} reads for 3 streams and one burst");
+        // Serialized once: the cache holds each event's JSON once.
+        assert_eq!(cache.json.lock().unwrap().len(), 20);
     }
 
     #[test]
