@@ -198,7 +198,7 @@ function renderTree(tree) {
     const crashed = !c.running;
     return el("li", { class: crashed ? "crashed" : "" },
       (crashed ? "✖ " : "● ") + c.id + " ", el("span", { class: "count" },
-        `${c.module} ${c.pid || "(not running)"} · crashes ${c.crashes}`), sub ? node(sub) : null);
+        `${c.module} ${c.pid || "(not running)"} · restarts ${c.restarts ?? 0} · crashes ${c.crashes}`), sub ? node(sub) : null);
   }));
   const roots = tree.roots.map((pid) => byPid.get(pid)).filter(Boolean);
   box.replaceChildren(...roots.map((r) => el("ul", {}, el("li", {}, "▣ " + (r.name || r.module) + " ",

@@ -561,6 +561,20 @@ async fn the_tree_shows_supervisors_children_and_crashes() {
     let child = &sup["children"][0];
     assert_eq!(child["id"], "counter");
     assert_eq!(child["running"], true);
+    assert_eq!(child["restarts"], 1, "{tree}");
+    // A second crash: the supervisor's own per-child count follows.
+    let (s, _) = api.call("t", "counter", json!("crash")).await;
+    assert!(!s.is_success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, tree) = api.get("/api/v1/sandboxes/t/tree").await;
+        let child = &tree["supervisors"][0]["children"][0];
+        if child["restarts"] == 2 && child["running"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tree}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(tree["truncated"], false);
 }
 

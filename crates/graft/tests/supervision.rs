@@ -401,7 +401,27 @@ fn strategy_case(
         ["a", "b", "c"],
         "{strategy}: order kept"
     );
+    // The supervisor counts restarts per child: the restarted ones once.
+    for (id, restarts) in restart_counts(&sb, &root) {
+        let expected = u64::from(restarted.contains(&id.as_str()));
+        assert_eq!(restarts, expected, "{strategy}: restarts of {id}");
+    }
     (before, after, rec.since(mark))
+}
+
+/// `(id, restarts)` of each child of `sup`, from `which_children`.
+fn restart_counts(sb: &Sandbox, sup: &str) -> Vec<(String, u64)> {
+    let reply =
+        run(sb.call(sup, json!({"$sup": "which_children"}), Some(2000))).expect("which_children");
+    reply
+        .as_array()
+        .expect("children")
+        .iter()
+        .map(|r| {
+            let id = r["id"].as_str().expect("id").to_owned();
+            (id, r["restarts"].as_u64().expect("restarts count"))
+        })
+        .collect()
 }
 
 #[test]

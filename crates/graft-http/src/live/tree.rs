@@ -4,7 +4,9 @@
 //! their module's kind), each supervisor's state names its children in
 //! start order. Roots are supervisors no other supervisor lists. A child is
 //! `running` exactly when its pid is set (the supervisor's invariant). Each
-//! child's `crashes` counts the `crash` events of its module in this sandbox
+//! child's `restarts` is the supervisor's own count of the times it started
+//! that child again (after its exit, or a sibling's under `one_for_all` /
+//! `rest_for_one`); its `crashes` counts the `crash` events of its module in this sandbox
 //! among the events the feed keeps; each supervisor's `recent_restarts` is
 //! the restarts within its intensity period.
 //!
@@ -69,6 +71,7 @@ pub(crate) async fn tree(
                             "pid": pid,
                             "running": pid.is_some(),
                             "restart": c["restart"],
+                            "restarts": c["restarts"].as_f64().map_or(0, |n| n.max(0.0) as u64),
                             "supervisor": kinds.get(module).is_some_and(|k| k == "supervisor"),
                             "crashes": crashes.get(module).copied().unwrap_or(0),
                         })

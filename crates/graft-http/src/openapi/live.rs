@@ -63,6 +63,7 @@ pub(super) fn paths() -> Map<String, Value> {
                         "children": { "type": "array", "items": { "type": "object", "properties": {
                             "id": {}, "module": { "type": "string" }, "pid": { "type": ["string", "null"] },
                             "running": { "type": "boolean" }, "restart": { "type": "string" }, "supervisor": { "type": "boolean" },
+                            "restarts": { "type": "integer", "minimum": 0, "description": "times the supervisor started this child again (after its exit, or a sibling's under one_for_all / rest_for_one)" },
                             "crashes": { "type": "integer", "description": "crash events of this child's module in this sandbox among the kept events" } } } } } } } } }))), &errors(&[]))
             }
         }
