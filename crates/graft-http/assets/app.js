@@ -166,6 +166,8 @@ function renderOverview() {
 }
 
 async function selectSandbox(id, show) {
+  const insp = $("#inspector"); // absent below admin
+  if (S.current !== id && insp) { S.inspecting = null; insp.hidden = true; }
   S.current = id;
   $("#sb-pick").value = id;
   S.page = 0;
@@ -227,12 +229,36 @@ function renderProcs() {
     admin ? el("td", {}, el("button", { type: "button", onclick: () => inspect(p.pid) }, "Inspect")) : null)));
 }
 
-async function inspect(pid) {
-  const r = await api("GET", `/api/v1/sandboxes/${encodeURIComponent(S.current)}/processes/${encodeURIComponent(pid)}/state`);
+// The inspector shows one process's state as of its last read, says when
+// that was, and reads it again on Refresh, on every event of its sandbox
+// (a reload, crash or restart changes states), and every 2 s with Follow.
+// Reads are state reads, which the node audits: hence no silent polling.
+async function inspect(pid, quiet) {
+  const sandbox = quiet ? S.inspecting.sandbox : S.current;
+  S.inspecting = { sandbox, pid };
+  const r = await api("GET", `/api/v1/sandboxes/${encodeURIComponent(sandbox)}/processes/${encodeURIComponent(pid)}/state`);
+  if (!S.inspecting || S.inspecting.pid !== pid || S.inspecting.sandbox !== sandbox) return;
   $("#inspector").hidden = false;
   $("#insp-pid").textContent = pid;
-  $("#insp-state").textContent = JSON.stringify(r.data, null, 2);
-  $("#insp-state").focus();
+  const at = new Date().toLocaleTimeString();
+  if (r.ok) {
+    $("#insp-state").textContent = JSON.stringify(r.data, null, 2);
+    $("#insp-at").textContent = "read at " + at;
+  } else {
+    $("#insp-at").textContent = `${at}: ${r.status === 404 ? "the process is gone" : "read failed"} (${(r.data && r.data.error && r.data.error.message) || r.status}); the state above is older`;
+  }
+  if (!quiet) $("#insp-state").focus();
+}
+
+function reinspect() {
+  const insp = $("#inspector"); // absent below admin
+  if (S.inspecting && insp && !insp.hidden) inspect(S.inspecting.pid, true);
+}
+
+let inspectTimer = null;
+function followInspector(on) {
+  clearInterval(inspectTimer);
+  inspectTimer = on ? setInterval(() => { if (!document.hidden) reinspect(); }, 2000) : null;
 }
 
 // ---- modules, versions, diff, rollback ----
@@ -429,6 +455,7 @@ function onEvent(e) {
   }
   renderEvents();
   if (e.kind !== "log_dropped") refreshSoon();
+  if (S.inspecting && e.sandbox === S.inspecting.sandbox && e.kind !== "log_dropped") reinspect();
 }
 
 // Reads the SSE stream with fetch (so a bearer token works too), resuming
@@ -539,6 +566,8 @@ document.addEventListener("DOMContentLoaded", () => {
     S.sort = [b.dataset.sort, S.sort[0] === b.dataset.sort ? -S.sort[1] : 1];
     renderProcs();
   });
+  $("#insp-refresh").addEventListener("click", reinspect);
+  $("#insp-follow").addEventListener("change", (e) => followInspector(e.target.checked));
   $("#diff-a").addEventListener("change", renderDiff);
   $("#diff-b").addEventListener("change", renderDiff);
   $("#ed-module").addEventListener("change", loadSource);

@@ -398,6 +398,19 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
         Duration::from_secs(5),
     )
     .await;
+    // The state changes (a call makes no event): Refresh reads it again and
+    // says when. This call adds 1 to every count the test expects below.
+    let (s, reply) = api.call("shop", "counter", json!("inc")).await;
+    assert!(s.is_success(), "{reply}");
+    js(&page, "document.querySelector('#insp-refresh').click()").await;
+    wait_js(
+        &page,
+        "state re-read",
+        "JSON.parse(document.querySelector('#insp-state').textContent).count === 1 \
+           && document.querySelector('#insp-at').textContent.startsWith('read at')",
+        Duration::from_secs(5),
+    )
+    .await;
     shot(&page, "sandbox").await;
 
     // A reload made through the API appears on the page within 1 s, without
@@ -494,7 +507,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
         "a failed dry run applies nothing"
     );
     let (_, reply) = api.call("shop", "counter", json!("inc")).await;
-    assert_eq!(reply["reply"], 3, "the running code is v2's: {reply}");
+    assert_eq!(reply["reply"], 4, "the running code is v2's: {reply}");
 
     // A valid edit: the dry run says what would migrate (and applies
     // nothing); Apply commits it.
@@ -531,7 +544,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
     );
     let (_, reply) = api.call("shop", "counter", json!("inc")).await;
     assert_eq!(
-        reply["reply"], 113,
+        reply["reply"], 114,
         "v3 runs, on the migrated state: {reply}"
     );
 
@@ -584,7 +597,7 @@ async fn the_dashboard_signs_in_follows_events_dry_runs_applies_and_rolls_back()
         "the API confirms v2's source is current: {current}"
     );
     let (_, reply) = api.call("shop", "counter", json!("inc")).await;
-    assert_eq!(reply["reply"], 116, "v2's code runs again: {reply}");
+    assert_eq!(reply["reply"], 117, "v2's code runs again: {reply}");
     wait_js(
         &page,
         "rollback event shown",
