@@ -24,6 +24,15 @@ use super::{kernel, Kernel, MODULE_BODY_MS};
 use crate::clock;
 use crate::value::ExitReason;
 
+/// How often (coarse ms) a callback that keeps running offers its core to
+/// the OS's other runnable threads (`sched_yield`). A scheduler thread that
+/// runs Luau for a whole slice otherwise holds its core for as long as the
+/// OS's own time slice (milliseconds), while the thread that would parse
+/// the next HTTP request, or write an answer, waits for it: a sandbox
+/// that loops must not add the OS's slice to everyone else's latency.
+/// Costs one syscall per millisecond of guest CPU time.
+const OS_YIELD_MS: u64 = 1;
+
 /// Shared with the VM interrupt: everything it needs, as atomics.
 pub(crate) struct Watch {
     /// Coarse ms after which the interrupt looks closer (min of the two below).
@@ -50,6 +59,9 @@ pub(crate) struct Watch {
     /// overrun before it serves others with another thread. Cleared when a
     /// slice starts.
     pub(super) cannot_yield: AtomicBool,
+    /// Coarse ms at which the running code next offers its core to the OS
+    /// (see [`OS_YIELD_MS`]).
+    pub(super) os_yield_at: AtomicU64,
     pub(super) handler_ms: u64,
 }
 
@@ -74,6 +86,7 @@ impl Watch {
             preemptible: AtomicBool::new(false),
             exempt: AtomicUsize::new(0),
             cannot_yield: AtomicBool::new(false),
+            os_yield_at: AtomicU64::new(u64::MAX),
             handler_ms,
         }
     }
@@ -87,7 +100,10 @@ impl Watch {
         } else {
             u64::MAX
         };
-        self.check_at.store(deadline.min(slice), Ordering::Relaxed);
+        let os_yield = clock::coarse_ms().saturating_add(OS_YIELD_MS);
+        self.os_yield_at.store(os_yield, Ordering::Relaxed);
+        self.check_at
+            .store(deadline.min(slice).min(os_yield), Ordering::Relaxed);
     }
     /// What the enclosing callback had armed, to restore after a nested one.
     pub(super) fn save(&self) -> WatchSave {
@@ -192,8 +208,12 @@ impl Drop for WatchScope {
 /// What the interrupt does at a safepoint.
 enum Act {
     Continue,
+    /// Offer the core to the OS's other runnable threads, then continue.
+    OsYield,
     Timeout(u64),
-    Yield,
+    /// Yield to the scheduler (the slice is over) where Luau can; where it
+    /// cannot, offer the core to the OS if the flag says so.
+    Yield(bool),
 }
 
 /// Decides what the interrupt does on thread `state` at `now`. Plain atomics:
@@ -208,20 +228,34 @@ fn decide(watch: &Watch, state: usize, now: u64) -> Act {
         watch.timed_out.store(true, Ordering::Relaxed);
         return Act::Timeout(watch.handler_ms);
     }
+    let os_yield = now >= watch.os_yield_at.load(Ordering::Relaxed);
+    if os_yield {
+        watch
+            .os_yield_at
+            .store(now.saturating_add(OS_YIELD_MS), Ordering::Relaxed);
+    }
     if watch.preemptible.load(Ordering::Relaxed) && now >= watch.slice_end.load(Ordering::Relaxed) {
         // `check_at` stays due: code that cannot yield here (see below and
         // the interrupt) yields at the first safepoint where it can, not
         // only at its deadline.
         if state == watch.thread.load(Ordering::Relaxed) {
-            return Act::Yield;
+            return Act::Yield(os_yield);
         }
         // A coroutine inside the callback: only the callback's own thread
         // may yield to the scheduler.
         watch.cannot_yield.store(true, Ordering::Relaxed);
-        return Act::Continue;
+    } else {
+        let mut next = deadline.min(watch.os_yield_at.load(Ordering::Relaxed));
+        if watch.preemptible.load(Ordering::Relaxed) {
+            next = next.min(watch.slice_end.load(Ordering::Relaxed));
+        }
+        watch.check_at.store(next, Ordering::Relaxed);
     }
-    watch.check_at.store(deadline, Ordering::Relaxed);
-    Act::Continue
+    if os_yield {
+        Act::OsYield
+    } else {
+        Act::Continue
+    }
 }
 
 /// The VM interrupt (every Luau call, return and loop back-edge).
@@ -244,6 +278,9 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
     let watch = unsafe { &*watch };
     match decide(watch, state as usize, clock::coarse_ms()) {
         Act::Continue => {}
+        // `sched_yield`: returns at once when nothing else waits for the
+        // core; cannot fail or unwind.
+        Act::OsYield => std::thread::yield_now(),
         // Raised again at every safepoint once past the deadline, so a
         // guest `pcall` cannot swallow it.
         Act::Timeout(ms) => {
@@ -257,7 +294,7 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
                 mlua::ffi::lua_error(state);
             }
         }
-        Act::Yield => {
+        Act::Yield(os_yield) => {
             // SAFETY: `state` is live; yielding from an interrupt is allowed
             // where Luau reports the thread yieldable.
             unsafe {
@@ -265,6 +302,9 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
                     mlua::ffi::lua_yield(state, 0);
                 } else {
                     watch.cannot_yield.store(true, Ordering::Relaxed);
+                    if os_yield {
+                        std::thread::yield_now();
+                    }
                 }
             }
         }
