@@ -169,7 +169,7 @@ fn sandbox(node: &Node, id: &str) -> Sandbox {
         .entry(None)
         .module("probe", PROBE)
         .module("faulty", FAULTY);
-    node.create_sandbox(spec).expect("sandbox")
+    graft::block_on(node.create_sandbox(spec)).expect("sandbox")
 }
 
 fn setup() -> (Node, Sandbox) {
@@ -178,7 +178,7 @@ fn setup() -> (Node, Sandbox) {
     (node, sb)
 }
 
-fn spawn(sb: &Sandbox, name: &str, args: Json) -> String {
+fn spawn(sb: &Sandbox, name: &str, args: Json) -> graft::Pid {
     let mut args = args;
     if args.is_null() {
         args = json!({});
@@ -187,8 +187,9 @@ fn spawn(sb: &Sandbox, name: &str, args: Json) -> String {
     run(sb.spawn("probe", args, Some(name))).unwrap_or_else(|e| panic!("spawn {name}: {e}"))
 }
 
-fn call(sb: &Sandbox, target: &str, req: Json) -> Json {
-    run(sb.call(target, req.clone(), Some(3000)))
+fn call(sb: &Sandbox, target: impl Into<graft::Target>, req: Json) -> Json {
+    let target = target.into();
+    run(sb.call(&target, req.clone(), Some(3000)))
         .unwrap_or_else(|e| panic!("call {target} {req}: {e}"))
 }
 
@@ -225,9 +226,9 @@ fn wait_gone(sb: &Sandbox, name: &str) {
     });
 }
 
-fn down_for<'a>(msgs: &'a [Json], pid: &str) -> &'a Json {
+fn down_for<'a>(msgs: &'a [Json], pid: &graft::Pid) -> &'a Json {
     msgs.iter()
-        .find(|m| m["tag"] == "DOWN" && m["pid"] == pid)
+        .find(|m| m["tag"] == "DOWN" && m["pid"] == pid.as_str())
         .unwrap_or_else(|| panic!("no DOWN for {pid} in {msgs:?}"))
 }
 
@@ -738,7 +739,7 @@ fn a_call_to_a_crashing_handler_returns_the_crash_reason() {
     }
     assert_eq!(err.kind(), "crashed");
     assert!(
-        err.to_string().contains(&p),
+        err.to_string().contains(p.as_str()),
         "the error names the process: {err}"
     );
     wait_gone(&sb, "p");
@@ -1173,7 +1174,7 @@ fn looper_sandbox(node: &Node) -> Sandbox {
         .entry(None)
         .module("looper", LOOPER)
         .module("echo", ECHO);
-    let sb = node.create_sandbox(spec).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     run(sb.spawn("looper", json!(null), Some("looper"))).unwrap();
     run(sb.spawn("echo", json!(null), Some("echo"))).unwrap();
     sb
@@ -1222,7 +1223,7 @@ return {
     let spec = SandboxSpec::new("ticks")
         .entry(None)
         .module("ticker", ticker);
-    let sb = node.create_sandbox_with(spec, host).unwrap();
+    let sb = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
     run(sb.spawn("ticker", json!(null), Some("t"))).unwrap();
     for round in 0..5 {
         got.store(0, Ordering::SeqCst);
