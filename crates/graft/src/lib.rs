@@ -18,6 +18,8 @@
 //! * `node`: sandboxes scheduled in parallel on a thread pool, and the
 //!   [`Sandbox`] handle an embedding app uses;
 //! * [`store`]: the node's durable storage (one SQLite database).
+//! * [`pid`]: [`Pid`] and [`Target`], how the API names processes (checked
+//!   pids; text targets read as the runtime always read them).
 //!
 //! Everything else is internal (`pub(crate)`). Graft's own benchmarks and
 //! fuzz targets reach a few internals (the compiler, `prepare`, the value

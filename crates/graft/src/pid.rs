@@ -45,13 +45,26 @@ use crate::value::SERIAL_MASK;
 
 /// The largest serial a pid can carry (2^40 − 1): serials are packed in 40
 /// bits inside the VM.
+///
+/// ```
+/// use graft::{pid::MAX_SERIAL, Pid};
+/// assert!(format!("<m.{MAX_SERIAL}>").parse::<Pid>().is_ok());
+/// assert!(format!("<m.{}>", MAX_SERIAL + 1).parse::<Pid>().is_err());
+/// ```
 pub const MAX_SERIAL: u64 = SERIAL_MASK;
 
 /// The longest module name, in bytes (as [`crate::config::validate_module_name`]).
 const MAX_MODULE_BYTES: usize = 128;
 
 /// The longest pid text, in bytes: `<`, a 128-byte module name, `.`, the 13
-/// digits of [`MAX_SERIAL`], `>`.
+/// digits of [`MAX_SERIAL`], `>`. Longer text is refused before it is read.
+///
+/// ```
+/// use graft::{pid::MAX_PID_BYTES, ParsePidError, Pid};
+/// let huge = format!("<{}.1>", "m".repeat(1 << 20));
+/// assert_eq!(huge.parse::<Pid>(), Err(ParsePidError::TooLong(huge.len())));
+/// assert_eq!(MAX_PID_BYTES, 144);
+/// ```
 pub const MAX_PID_BYTES: usize = 1 + MAX_MODULE_BYTES + 1 + 13 + 1;
 
 /// The pseudo-module of eval processes (`kernel::EVAL_MODULE`).

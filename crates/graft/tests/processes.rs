@@ -1242,3 +1242,98 @@ return {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// host-side targets: `graft::Target` reads text as the runtime always did
+
+const ECHO: &str = r#"
+return {
+  init = function() return 0 end,
+  handle_call = function(req, from, n)
+    if req == "n" then return n, n end
+    return req, n
+  end,
+  handle_cast = function(msg, n) return n + 1 end,
+  handle_info = function(msg, n) return n + 10 end,
+}
+"#;
+
+#[test]
+fn every_target_form_the_api_read_still_reaches_the_process() {
+    let node = Node::with_threads(1);
+    let spec = SandboxSpec::new("targets").entry(None).module("echo", ECHO);
+    let sb = run(node.create_sandbox(spec)).expect("sandbox");
+    let pid = run(sb.spawn("echo", json!(null), Some("e"))).expect("spawn");
+    assert_eq!(pid.module(), "echo");
+    let text = pid.to_string();
+    let serial = pid.serial().to_string();
+    // Forms that are not a pid's text but that the runtime has always
+    // resolved: a bare serial, a zero-padded serial, another module part.
+    let padded = format!("<echo.0{}>", pid.serial());
+    let other_module = format!("<other.{}>", pid.serial());
+    let targets = [
+        graft::Target::from(&pid),
+        graft::Target::from(pid.clone()),
+        graft::Target::from(text.as_str()),
+        graft::Target::from("e"),
+        graft::Target::from(serial.as_str()),
+        graft::Target::from(padded.as_str()),
+        graft::Target::from(other_module.as_str()),
+    ];
+    for (i, t) in targets.iter().enumerate() {
+        assert_eq!(run(sb.call(t, json!("hi"), None)).unwrap(), "hi", "{t:?}");
+        run(sb.cast(t, json!(1))).expect("cast");
+        run(sb.send(t, json!(1))).expect("send");
+        // A call after them is handled after them (one mailbox, in order).
+        let n = json!(11 * (i + 1));
+        assert_eq!(run(sb.call(t, json!("n"), None)).unwrap(), n, "{t:?}");
+        assert_eq!(run(sb.state(t)).unwrap(), n, "{t:?}");
+    }
+    // The listing carries the same pid, and its JSON is the text it was.
+    let listed = run(sb.processes()).expect("processes");
+    assert_eq!(listed[0].pid, pid);
+    assert_eq!(
+        serde_json::to_value(&listed[0]).unwrap()["pid"],
+        json!(text)
+    );
+}
+
+#[test]
+fn targets_that_address_nothing_are_refused_at_the_call_with_no_process() {
+    let node = Node::with_threads(1);
+    let spec = SandboxSpec::new("nobody").entry(None).module("echo", ECHO);
+    let sb = run(node.create_sandbox(spec)).expect("sandbox");
+    let pid = run(sb.spawn("echo", json!(null), None)).expect("spawn");
+    let absent = format!("<echo.{}>", pid.serial() + 1);
+    let huge = "x".repeat(1 << 20);
+    for bad in [
+        "",
+        "nobody",
+        "<echo.0>",
+        absent.as_str(),
+        "99",
+        "+99",
+        "<",
+        "\u{1b}[2J",
+        "nl\n",
+        huge.as_str(),
+    ] {
+        let shown: String = bad.chars().take(20).collect();
+        for err in [
+            run(sb.call(bad, json!(1), Some(500))).unwrap_err(),
+            run(sb.cast(bad, json!(1))).unwrap_err(),
+            run(sb.send(bad, json!(1))).unwrap_err(),
+            run(sb.state(bad)).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, Error::NoProcess(t) if t == bad),
+                "{shown:?}: {err:.80}"
+            );
+        }
+    }
+    // A pid outlives its sandbox as a value; calls through it are refused.
+    run(sb.call(&pid, json!(1), None)).expect("alive");
+    node.destroy("nobody").expect("destroy");
+    let err = run(sb.call(&pid, json!(1), None)).unwrap_err();
+    assert_eq!(err.kind(), "no_sandbox", "{err}");
+}
