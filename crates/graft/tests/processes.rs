@@ -1246,7 +1246,7 @@ return {
 // ---------------------------------------------------------------------------
 // host-side targets: `graft::Target` reads text as the runtime always did
 
-const ECHO: &str = r#"
+const COUNTING_ECHO: &str = r#"
 return {
   init = function() return 0 end,
   handle_call = function(req, from, n)
@@ -1261,7 +1261,7 @@ return {
 #[test]
 fn every_target_form_the_api_read_still_reaches_the_process() {
     let node = Node::with_threads(1);
-    let spec = SandboxSpec::new("targets").entry(None).module("echo", ECHO);
+    let spec = SandboxSpec::new("targets").entry(None).module("echo", COUNTING_ECHO);
     let sb = run(node.create_sandbox(spec)).expect("sandbox");
     let pid = run(sb.spawn("echo", json!(null), Some("e"))).expect("spawn");
     assert_eq!(pid.module(), "echo");
@@ -1301,7 +1301,7 @@ fn every_target_form_the_api_read_still_reaches_the_process() {
 #[test]
 fn targets_that_address_nothing_are_refused_at_the_call_with_no_process() {
     let node = Node::with_threads(1);
-    let spec = SandboxSpec::new("nobody").entry(None).module("echo", ECHO);
+    let spec = SandboxSpec::new("nobody").entry(None).module("echo", COUNTING_ECHO);
     let sb = run(node.create_sandbox(spec)).expect("sandbox");
     let pid = run(sb.spawn("echo", json!(null), None)).expect("spawn");
     let absent = format!("<echo.{}>", pid.serial() + 1);
