@@ -1261,7 +1261,9 @@ return {
 #[test]
 fn every_target_form_the_api_read_still_reaches_the_process() {
     let node = Node::with_threads(1);
-    let spec = SandboxSpec::new("targets").entry(None).module("echo", COUNTING_ECHO);
+    let spec = SandboxSpec::new("targets")
+        .entry(None)
+        .module("echo", COUNTING_ECHO);
     let sb = run(node.create_sandbox(spec)).expect("sandbox");
     let pid = run(sb.spawn("echo", json!(null), Some("e"))).expect("spawn");
     assert_eq!(pid.module(), "echo");
@@ -1301,7 +1303,9 @@ fn every_target_form_the_api_read_still_reaches_the_process() {
 #[test]
 fn targets_that_address_nothing_are_refused_at_the_call_with_no_process() {
     let node = Node::with_threads(1);
-    let spec = SandboxSpec::new("nobody").entry(None).module("echo", COUNTING_ECHO);
+    let spec = SandboxSpec::new("nobody")
+        .entry(None)
+        .module("echo", COUNTING_ECHO);
     let sb = run(node.create_sandbox(spec)).expect("sandbox");
     let pid = run(sb.spawn("echo", json!(null), None)).expect("spawn");
     let absent = format!("<echo.{}>", pid.serial() + 1);

@@ -185,7 +185,7 @@ struct NodeInner {
 /// "#);
 /// let sandbox = graft::block_on(node.create_sandbox(spec)).unwrap();
 /// let pid = graft::block_on(sandbox.spawn("counter", serde_json::json!({"start": 41}), Some("c"))).unwrap();
-/// assert!(pid.starts_with("<counter."));
+/// assert_eq!(pid.module(), "counter");
 /// let reply = graft::block_on(sandbox.call("c", serde_json::json!("inc"), None)).unwrap();
 /// assert_eq!(reply, serde_json::json!(42));
 /// ```

@@ -30,6 +30,15 @@ pub struct Sandbox {
     pub(super) shared: Arc<Shared>,
 }
 
+/// Shows the sandbox id (so `Result<Sandbox>` can be unwrapped in tests).
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
 pub(super) fn stopped(id: &str) -> Error {
     Error::SandboxStopped(id.to_owned())
 }
