@@ -1310,10 +1310,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
 
         // Hostile: no such sandbox; limits out of range; a new entry module
         // that does not compile; an open canary window.
-        let missing = node
-            .reconfigure_sandbox(spec("nope"))
-            .err()
-            .expect("missing");
+        let missing = node.reconfigure_sandbox(spec("nope")).expect_err("missing");
         assert_eq!(missing.kind(), "no_sandbox", "{missing}");
         let mut huge = spec("shop");
         huge.limits.max_versions = 1_000_000;
@@ -1323,13 +1320,12 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
             .entry(Some("main"));
         let err = node
             .reconfigure_sandbox(broken)
-            .err()
-            .expect("does not compile");
+            .expect_err("does not compile");
         assert_eq!(err.kind(), "compile_error", "{err}");
         reload(&sb, counter(3), canary());
         let mut bigger = spec("shop");
         bigger.limits.max_versions = 4;
-        let err = node.reconfigure_sandbox(bigger).err().expect("window open");
+        let err = node.reconfigure_sandbox(bigger).expect_err("window open");
         assert!(err.to_string().contains("canary window"), "{err}");
         block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
         // Nothing of the refused ones happened.
@@ -1343,8 +1339,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
         oversize.limits.max_message_bytes = 1_024;
         let err = node
             .reconfigure_sandbox(oversize)
-            .err()
-            .expect("entry args over the limit");
+            .expect_err("entry args over the limit");
         let msg = err.to_string();
         assert!(
             msg.contains("`entry_args` is 5011 bytes")
@@ -1359,8 +1354,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
             .entry(Some("plain"));
         let err = node
             .reconfigure_sandbox(unstartable)
-            .err()
-            .expect("cannot start");
+            .expect_err("cannot start");
         assert!(err.to_string().contains("no `init`"), "{err}");
         let sb = node.sandbox("shop").expect("still there");
         block_on(sb.wait_app_started()).expect("old app again");

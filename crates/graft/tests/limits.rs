@@ -1192,9 +1192,8 @@ fn a_module_that_does_not_return_a_table_is_refused() {
         ("local x = 1", "nil"),
         ("return 'module'", "string"),
     ] {
-        let err = graft::block_on(node.create_sandbox(spec("nontable").module("m", src)))
-            .err()
-            .expect(src);
+        let err =
+            graft::block_on(node.create_sandbox(spec("nontable").module("m", src))).expect_err(src);
         match &err {
             Error::ReloadAborted {
                 step,
@@ -1842,8 +1841,7 @@ fn entry_args_reach_init_and_oversize_args_are_refused() {
                 .entry_args(big),
         ),
     )
-    .err()
-    .expect("oversize entry args are refused");
+    .expect_err("oversize entry args are refused");
     assert_eq!(err.kind(), "invalid_input", "{err}");
     assert!(err.to_string().contains("max_message_bytes"), "{err}");
     assert!(node.sandbox("bigargs").is_err());

@@ -133,8 +133,7 @@ fn the_node_refuses_more_sandboxes_than_its_cap() {
             .expect("under the cap");
     }
     let err = graft::block_on(node.create_sandbox(SandboxSpec::new("one-too-many").entry(None)))
-        .err()
-        .expect("over the cap");
+        .expect_err("over the cap");
     assert_eq!(err.kind(), "node_limit", "{err}");
     node.destroy("s0").expect("destroy");
     graft::block_on(node.create_sandbox(SandboxSpec::new("again").entry(None)))
