@@ -182,8 +182,7 @@ fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
         .entry(None)
         .limits(limits())
         .module(MODULE, COUNTER);
-    let sb = node
-        .create_sandbox(spec)
+    let sb = graft::block_on(node.create_sandbox(spec))
         .unwrap_or_else(|e| panic!("create sandbox {id}: {e}"));
     bounded(
         "spawn counter",

@@ -49,16 +49,17 @@ return {
 
 fn benches(c: &mut Criterion) {
     let node = Node::new();
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("micro")
                 .entry(None)
                 .module("counter", COUNTER)
                 .module("caller", CALLER)
                 .module("echo", ECHO)
                 .module("record_caller", RECORD_CALLER),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     block_on(sb.spawn("caller", json!(null), Some("caller"))).unwrap();
     block_on(sb.spawn("echo", json!(null), Some("echo"))).unwrap();

@@ -207,7 +207,7 @@ fn main() {
     let node = Node::with_threads(1);
     let mut spec = SandboxSpec::new("demo").module("counter", COUNTER);
     spec.entry = None;
-    let sb = node.create_sandbox(spec).expect("sandbox");
+    let sb = graft::block_on(node.create_sandbox(spec)).expect("sandbox");
     graft::block_on(sb.spawn("counter", serde_json::Value::Null, Some("c"))).expect("spawn");
 
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))

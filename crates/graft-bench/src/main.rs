@@ -113,7 +113,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn spawn_idle(node: &Node, n: usize) {
     let id = format!("spawn{n}");
-    let sb = node.create_sandbox(spec(&id, n + 10)).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec(&id, n + 10))).unwrap();
     let lua_before = block_on(sb.info()).unwrap().memory_bytes as isize;
     let rust_before = allocated();
     let per_spawn_ns = spawn_many(&sb, n);
@@ -130,7 +130,7 @@ fn spawn_idle(node: &Node, n: usize) {
 }
 
 fn call_host(node: &Node, m: usize) {
-    let sb = node.create_sandbox(spec("callhost", 100)).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec("callhost", 100))).unwrap();
     block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     for _ in 0..1000 {
         block_on(sb.call("counter", json!("inc"), None)).unwrap();
@@ -156,7 +156,7 @@ fn call_host(node: &Node, m: usize) {
 }
 
 fn call_proc(node: &Node, m: usize) {
-    let sb = node.create_sandbox(spec("callproc", 100)).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec("callproc", 100))).unwrap();
     block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     block_on(sb.spawn("caller", json!(null), Some("caller"))).unwrap();
     let mut runs = Vec::new();
@@ -172,7 +172,7 @@ fn call_proc(node: &Node, m: usize) {
 
 fn reload(node: &Node, n: usize) {
     let id = format!("reload{n}");
-    let sb = node.create_sandbox(spec(&id, n + 10)).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec(&id, n + 10))).unwrap();
     spawn_many(&sb, n);
     let mut runs = Vec::new();
     let mut swaps = Vec::new();
@@ -200,13 +200,14 @@ fn reload(node: &Node, n: usize) {
 }
 
 fn reload_empty(node: &Node, iters: usize) {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("reloadempty")
                 .entry(None)
                 .module("lib", "return { v = 0 }"),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     let mut total = Vec::new();
     let mut compile = Vec::new();
     let mut swap = Vec::new();
@@ -229,13 +230,14 @@ fn reload_empty(node: &Node, iters: usize) {
 /// Like `reload_empty`, but the module is a whole counter server (about the size
 /// of OTP's `bench_hot`, a small gen_server), still with no process running it.
 fn reload_empty_server(node: &Node, iters: usize) {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("reloademptyserver")
                 .entry(None)
                 .module("counter", COUNTER_V2),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     let mut total = Vec::new();
     let mut compile = Vec::new();
     let mut swap = Vec::new();
@@ -269,10 +271,12 @@ fn resident_bytes() -> Option<usize> {
 
 fn sandbox_create(node: &Node, n: usize) {
     let create = |id: &str| {
-        node.create_sandbox(
-            SandboxSpec::new(id)
-                .entry(None)
-                .module("counter", COUNTER_V1),
+        graft::block_on(
+            node.create_sandbox(
+                SandboxSpec::new(id)
+                    .entry(None)
+                    .module("counter", COUNTER_V1),
+            ),
         )
         .unwrap()
     };
@@ -319,13 +323,14 @@ fn sandbox_create(node: &Node, n: usize) {
 fn batch_reload(node: &Node, n: usize) {
     let ids: Vec<String> = (0..n).map(|i| format!("batch{i}")).collect();
     for id in &ids {
-        let sb = node
-            .create_sandbox(
+        let sb = graft::block_on(
+            node.create_sandbox(
                 SandboxSpec::new(id)
                     .entry(None)
                     .module("counter", COUNTER_V1),
-            )
-            .unwrap();
+            ),
+        )
+        .unwrap();
         block_on(sb.spawn("counter", json!(null), None)).unwrap();
     }
     let mut sources = BTreeMap::new();

@@ -70,7 +70,7 @@ pub fn load(dir: &Path, node: &Node) -> Result<Checked> {
     }
     let mut probe = spec.clone().entry(None);
     probe.id = check_id(&spec.id);
-    match node.create_sandbox(probe) {
+    match graft::block_on(node.create_sandbox(probe)) {
         Ok(sb) => {
             let _ = node.destroy(sb.id());
             Ok(Checked::Ok(spec))

@@ -370,7 +370,7 @@ pub async fn run(
             }
             _ => restore_sources(sb, sources.clone()).await,
         },
-        None => tokio::task::spawn_blocking(move || n.create_sandbox(spec)).await?,
+        None => n.create_sandbox(spec).await,
     };
     let sandbox = match created {
         Ok(sb) => sb,

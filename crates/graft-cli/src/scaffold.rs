@@ -304,7 +304,7 @@ mod tests {
         let spec = graft::SandboxSpec::new("scaffold")
             .module("app", APP)
             .module("counter", COUNTER);
-        let sb = node.create_sandbox(spec).unwrap();
+        let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
         graft::block_on(sb.wait_app_started()).unwrap();
         assert_eq!(
             graft::block_on(sb.call("counter", serde_json::json!("inc"), None)).unwrap(),

@@ -244,8 +244,7 @@ mod tests {
         };
         // The guest's `graft`, read from a live sandbox.
         let node = graft::Node::with_threads(1);
-        let sb = node
-            .create_sandbox(graft::SandboxSpec::new("types").entry(None))
+        let sb = graft::block_on(node.create_sandbox(graft::SandboxSpec::new("types").entry(None)))
             .unwrap();
         let keys = graft::block_on(sb.eval(
             "local ks = {} for k in graft do table.insert(ks, k) end table.sort(ks) return ks",

@@ -98,7 +98,7 @@ fn print(event: WatchEvent) {
 
 /// A deleted file's module stays loaded (a running sandbox cannot drop a
 /// module); say why, and refuse outright when it is still in use.
-fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[String]) {
+fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[graft::Pid]) {
     if dependents.is_empty() && pids.is_empty() {
         eprintln!(
             "note: {path} was deleted; module `{module}` is no longer used but stays loaded \
@@ -113,7 +113,7 @@ fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[Str
     }
     if !pids.is_empty() {
         let n = pids.len();
-        let some: Vec<&str> = pids.iter().take(5).map(String::as_str).collect();
+        let some: Vec<&str> = pids.iter().take(5).map(graft::Pid::as_str).collect();
         let more = if n > 5 {
             format!(" and {} more", n - 5)
         } else {

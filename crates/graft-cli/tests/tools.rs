@@ -684,14 +684,15 @@ fn migration_checks_use_the_running_nodes_kept_versions_and_checkpoints() {
         .data_dir(dir.join(".graft"))
         .open()
         .unwrap();
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             graft::SandboxSpec::new("checked")
                 .entry(Some("app"))
                 .module("app", COUNTER_APP)
                 .module("counter", counter(1)),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     graft::block_on(sb.wait_app_started()).unwrap();
     let v2 = std::iter::once(("counter".to_string(), counter(2))).collect();
     graft::block_on(sb.reload(v2, graft::ReloadOptions::default())).unwrap();

@@ -15,7 +15,7 @@ use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use graft::{Node, Sandbox, SandboxSpec};
+use graft::{Node, SandboxSpec};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -174,15 +174,17 @@ pub(crate) async fn create(
     audit: Option<Extension<EffectAudit>>,
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Response> {
-    let n = node.clone();
+    let limits = node.limits().clone();
     let attached = EffectAudit::of(audit.as_ref()).unwrap_or_default();
-    let sb = tokio::task::spawn_blocking(move || -> ApiResult<Sandbox> {
-        let spec = create_spec(body, n.limits(), trust.roots())?;
-        // The audit row commits with the creation (SPEC §9).
-        Ok(n.create_sandbox_attached(spec, Default::default(), &attached)?)
-    })
-    .await
-    .map_err(join_error)??;
+    // Reading a project's files blocks: off the async workers. The creation
+    // itself runs off them inside `create_sandbox_attached`.
+    let spec = tokio::task::spawn_blocking(move || create_spec(body, &limits, trust.roots()))
+        .await
+        .map_err(join_error)??;
+    // The audit row commits with the creation (SPEC §9).
+    let sb = node
+        .create_sandbox_attached(spec, Default::default(), &attached)
+        .await?;
     // Answer once the app's init ran (a failed start shows in `app`).
     let _ = tokio::time::timeout(APP_WAIT, sb.wait_app_started()).await;
     let info = sb.info().await?;

@@ -58,7 +58,7 @@ fn main() -> graft::Result<()> {
     let spec = SandboxSpec::new("game")
         .entry(None)
         .module("scorer", SCORER_V1);
-    let sandbox = node.create_sandbox_with(spec, host)?;
+    let sandbox = block_on(node.create_sandbox_with(spec, host))?;
     block_on(sandbox.spawn("scorer", json!(null), Some("scorer")))?;
     println!(
         "score: {}",

@@ -258,7 +258,7 @@ impl SandboxSpec {
     ///     }"#)
     ///     .entry_args(serde_json::json!({ "port": 8080 }));
     /// let node = Node::new();
-    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// graft::block_on(sb.wait_app_started()).unwrap();
     /// ```
     pub fn entry_args(mut self, args: serde_json::Value) -> Self {
@@ -279,7 +279,7 @@ impl SandboxSpec {
     /// use graft::{Node, SandboxSpec};
     /// let spec = SandboxSpec::new("clocked").entry(None).test_clock(true);
     /// let node = Node::new();
-    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// graft::block_on(sb.advance_clock(60_000)).unwrap();
     /// ```
     pub fn test_clock(mut self, on: bool) -> Self {
@@ -477,14 +477,8 @@ pub fn validate_sandbox_id(id: &str) -> Result<()> {
 
 /// Checks a module name: dot-separated identifiers (`chat.room`).
 pub fn validate_module_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name.split('.').all(|part| {
-            let mut bytes = part.bytes();
-            matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        });
-    if ok {
+    // The same rule a pid's module part obeys (one definition, in `pid`).
+    if crate::pid::is_module_name(name) {
         Ok(())
     } else {
         Err(Error::InvalidInput(format!(

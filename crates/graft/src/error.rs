@@ -250,6 +250,20 @@ fn kept_text(kept: &[u32]) -> String {
         .join(", ")
 }
 
+/// A text that is not a pid, where one was required: `invalid_input`.
+///
+/// ```
+/// fn parse(text: &str) -> graft::Result<graft::Pid> {
+///     Ok(text.parse::<graft::Pid>()?)
+/// }
+/// assert_eq!(parse("<m.0>").unwrap_err().kind(), "invalid_input");
+/// ```
+impl From<crate::pid::ParsePidError> for Error {
+    fn from(e: crate::pid::ParsePidError) -> Self {
+        Error::InvalidInput(format!("invalid pid: {e}"))
+    }
+}
+
 impl From<ValueError> for Error {
     fn from(e: ValueError) -> Self {
         match e {

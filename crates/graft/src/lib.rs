@@ -18,6 +18,8 @@
 //! * `node`: sandboxes scheduled in parallel on a thread pool, and the
 //!   [`Sandbox`] handle an embedding app uses;
 //! * [`store`]: the node's durable storage (one SQLite database).
+//! * [`pid`]: [`Pid`] and [`Target`], how the API names processes (checked
+//!   pids; text targets read as the runtime always read them).
 //!
 //! Everything else is internal (`pub(crate)`). Graft's own benchmarks and
 //! fuzz targets reach a few internals (the compiler, `prepare`, the value
@@ -36,7 +38,7 @@
 //!         handle_call = function(name, from, state) return host.greet(name), state end,
 //!     }
 //! "#);
-//! let sb = node.create_sandbox_with(spec, host).unwrap();
+//! let sb = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
 //! graft::block_on(sb.spawn("greeter", serde_json::json!(null), Some("greeter"))).unwrap();
 //! let reply = graft::block_on(sb.call("greeter", serde_json::json!("ada"), None)).unwrap();
 //! assert_eq!(reply, "hello, ada");
@@ -56,6 +58,7 @@ mod events;
 pub mod internals;
 mod kernel;
 mod node;
+pub mod pid;
 pub mod store;
 pub mod upgrade;
 pub mod value;
@@ -72,8 +75,9 @@ pub use node::{
     NodeBuilder, ProcessInfo, Sandbox, SandboxInfo, SettingsOutcome, DATABASE_FILE,
     DEFAULT_CHECKPOINT_MS, MAX_CLOCK_STEPS, QUIESCE_TIMEOUT_MS,
 };
+pub use pid::{ParsePidError, Pid, Target};
 pub use upgrade::{
     ModuleChange, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport, ReloadStatus,
     StateHandler, Timings,
 };
-pub use value::{ExitReason, Pid};
+pub use value::ExitReason;

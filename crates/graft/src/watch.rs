@@ -10,7 +10,7 @@
 //! let node = Node::new();
 //! let spec = SandboxSpec::from_dir("myapp".as_ref())?;
 //! let initial: BTreeMap<String, String> = spec.modules.clone();
-//! let sandbox = node.create_sandbox(spec)?;
+//! let sandbox = graft::block_on(node.create_sandbox(spec))?;
 //! let watch = Watch::start("myapp/src", sandbox, &initial, WatchOptions::default(), |event| {
 //!     match event {
 //!         WatchEvent::Reloaded { report, .. } => println!("reloaded: {:?}", report.status),
@@ -215,7 +215,7 @@ pub enum WatchEvent {
         /// Loaded modules that `require` it.
         dependents: Vec<String>,
         /// Live processes running it.
-        pids: Vec<String>,
+        pids: Vec<crate::Pid>,
     },
     /// A `.luau` file without a valid module name; reported once per path.
     Ignored {
@@ -236,7 +236,7 @@ pub enum WatchEvent {
 ///
 /// ```no_run
 /// # let node = graft::Node::new();
-/// # let sandbox = node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}")).unwrap();
+/// # let sandbox = graft::block_on(node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}"))).unwrap();
 /// let err = graft::watch::Watch::start("no/such/dir", sandbox, &Default::default(),
 ///     Default::default(), |_| {}).unwrap_err();
 /// assert!(err.to_string().starts_with("cannot watch no/such/dir"));
@@ -266,7 +266,7 @@ impl WatchError {
 ///
 /// ```no_run
 /// # let node = graft::Node::new();
-/// # let sandbox = node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}")).unwrap();
+/// # let sandbox = graft::block_on(node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}"))).unwrap();
 /// let watch = graft::watch::Watch::start("src", sandbox, &Default::default(),
 ///     Default::default(), |event| println!("{event:?}"))?;
 /// watch.stop();
@@ -299,7 +299,7 @@ impl Watch {
     /// # let node = graft::Node::new();
     /// # let spec = graft::SandboxSpec::from_dir("app".as_ref()).unwrap();
     /// # let initial = spec.modules.clone();
-    /// # let sandbox = node.create_sandbox(spec).unwrap();
+    /// # let sandbox = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// let watch = graft::watch::Watch::start("app/src", sandbox, &initial,
     ///     Default::default(), |event| eprintln!("{event:?}"))?;
     /// # Ok::<(), graft::watch::WatchError>(())

@@ -43,15 +43,16 @@ return m
 "#;
 
 fn sandbox(node: &Node, id: &str, handler_ms: u64) -> Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new(id)
                 .entry(None)
                 .module("counter", COUNTER)
                 .module("worker", WORKER)
                 .limits(limits(|l| l.handler_ms = handler_ms)),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     run(sb.spawn("counter", json!(null), Some("c"))).expect("spawn counter");
     sb
 }

@@ -47,7 +47,7 @@ fn busy_node() -> Node {
         }
     "#,
     );
-    let sb = node.create_sandbox(spec).expect("sandbox");
+    let sb = graft::block_on(node.create_sandbox(spec)).expect("sandbox");
     block_on(sb.spawn("spin", json!(null), Some("spin"))).expect("spawn");
     assert_eq!(block_on(sb.call("spin", json!(30), None)).unwrap(), 1);
     node

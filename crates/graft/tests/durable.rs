@@ -109,7 +109,7 @@ fn a_graceful_restart_brings_back_versions_events_and_named_state() {
     let dir = TempDir::new("graceful");
     let (before_versions, before_events) = {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload(&sb, counter(2), ReloadOptions::default());
         reload(&sb, counter(3), ReloadOptions::default());
@@ -147,7 +147,7 @@ fn a_crash_restores_the_last_checkpoint_migrated_to_the_current_version() {
     let dir = TempDir::new("migrate");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         call(&sb, "inc");
         call(&sb, "inc");
@@ -176,7 +176,7 @@ fn a_canary_open_at_a_crash_comes_back_rolled_back_with_an_event() {
     let dir = TempDir::new("canary");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         let opts = ReloadOptions {
             canary_ms: 60_000,
@@ -222,7 +222,7 @@ fn a_passed_canary_is_permanent_after_a_restart() {
     let dir = TempDir::new("passed");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         let opts = ReloadOptions {
             canary_ms: 50,
@@ -248,7 +248,7 @@ fn a_passed_canary_is_permanent_after_a_restart() {
 #[test]
 fn a_manual_rollback_ends_the_canary_window() {
     let node = Node::builder().ephemeral().open().expect("node");
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     let opts = ReloadOptions {
         canary_ms: 100,
@@ -270,7 +270,7 @@ fn a_manual_rollback_ends_the_canary_window() {
 #[test]
 fn the_same_source_again_rolls_forward_to_its_kept_number() {
     let node = Node::builder().ephemeral().open().expect("node");
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     reload(&sb, counter(2), ReloadOptions::default());
     let back = reload(&sb, counter(1), ReloadOptions::default());
     assert_eq!(back.modules[0].to, 1, "not a new identical version 3");
@@ -287,15 +287,14 @@ fn deleted_sandboxes_stay_deleted_and_ids_can_be_reused() {
     let dir = TempDir::new("delete");
     {
         let node = open(&dir);
-        node.create_sandbox(spec("a")).expect("a");
-        node.create_sandbox(spec("b")).expect("b");
+        graft::block_on(node.create_sandbox(spec("a"))).expect("a");
+        graft::block_on(node.create_sandbox(spec("b"))).expect("b");
         node.destroy("a").expect("destroy");
         node.shutdown();
     }
     let node = open(&dir);
     assert_eq!(node.sandbox_ids(), vec!["b".to_string()]);
-    node.create_sandbox(spec("a"))
-        .expect("the id is free again");
+    graft::block_on(node.create_sandbox(spec("a"))).expect("the id is free again");
     node.shutdown();
 }
 
@@ -304,7 +303,7 @@ fn node_wide_events_resume_after_a_restart_without_duplicates() {
     let dir = TempDir::new("events");
     let last = {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("a")).expect("a");
+        let sb = graft::block_on(node.create_sandbox(spec("a"))).expect("a");
         reload(&sb, counter(2), ReloadOptions::default());
         let page = node.events_after(0, &EventFilter::default(), 1000);
         node.shutdown();
@@ -333,7 +332,7 @@ fn a_full_database_fails_the_reload_and_changes_nothing() {
         .data_dir(&dir.0)
         .open()
         .expect("node");
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     // A module big enough not to fit.
     let huge = format!("{}\n-- {}", counter(2), "x".repeat(400 * 1024));
@@ -354,7 +353,7 @@ fn a_database_from_a_newer_graft_is_refused_untouched() {
     let dir = TempDir::new("newer");
     {
         let node = open(&dir);
-        node.create_sandbox(spec("a")).expect("a");
+        graft::block_on(node.create_sandbox(spec("a"))).expect("a");
         node.shutdown();
     }
     let db = dir.0.join(graft::DATABASE_FILE);
@@ -398,7 +397,7 @@ fn a_roll_forward_onto_a_former_canary_version_survives_a_restart() {
     let dir = TempDir::new("refwd");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         let canary = ReloadOptions {
             canary_ms: 60_000,
@@ -435,7 +434,7 @@ fn a_roll_forward_after_a_canary_rollback_on_restart_survives_the_next_restart()
     let dir = TempDir::new("refwd-crash");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         let canary = ReloadOptions {
             canary_ms: 60_000,
@@ -467,7 +466,7 @@ fn a_checkpoint_from_a_rolled_back_canary_is_migrated_down() {
     let dir = TempDir::new("down");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         let canary = ReloadOptions {
             canary_ms: 60_000,
@@ -509,11 +508,13 @@ fn a_restart_keeps_deleted_sandboxes_events_bounded_in_memory() {
     };
     {
         let node = open(&dir);
-        node.create_sandbox(spec("kept")).expect("kept");
+        graft::block_on(node.create_sandbox(spec("kept"))).expect("kept");
         for i in 0..40 {
             let id = format!("tmp-{i}");
-            node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}"))
-                .expect("create");
+            graft::block_on(
+                node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}")),
+            )
+            .expect("create");
             node.destroy(&id).expect("destroy");
         }
         assert!(deleted_in_memory(&node) <= DELETED_KEPT);
@@ -544,7 +545,7 @@ fn a_sandbox_that_failed_to_restore_is_never_created_over() {
     let dir = TempDir::new("unrestorable");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         reload(&sb, counter(2), ReloadOptions::default());
         node.shutdown();
     }
@@ -592,7 +593,7 @@ fn a_sandbox_that_failed_to_restore_is_never_created_over() {
             assert!(Instant::now() < deadline, "a restore_failed event");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let Err(refused) = node.create_sandbox(spec("shop")) else {
+        let Err(refused) = graft::block_on(node.create_sandbox(spec("shop"))) else {
             panic!("creating the id again would bury the stored rows");
         };
         let msg = refused.to_string();
@@ -610,7 +611,7 @@ fn a_sandbox_that_failed_to_restore_is_never_created_over() {
         node.destroy("shop")
             .expect("an explicit delete removes the rows");
         assert!(node.unrestored().is_empty());
-        let sb = node.create_sandbox(spec("shop")).expect("the id is free");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("the id is free");
         block_on(sb.wait_app_started()).expect("app");
         assert_eq!(call(&sb, "version"), 1);
         node.shutdown();
@@ -631,7 +632,7 @@ fn a_backup_leaves_other_files_alone_and_names_a_missing_destination() {
     let dir = TempDir::new("backup");
     {
         let node = open(&dir);
-        node.create_sandbox(spec("shop")).expect("create");
+        graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         node.shutdown();
     }
     let db = dir.0.join(graft::DATABASE_FILE);
@@ -700,7 +701,7 @@ return w
     let dir = TempDir::new("namedsup");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec()).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec())).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         assert_eq!(call(&sb, "inc"), 1);
         node.checkpoint().expect("checkpoint");
@@ -732,7 +733,7 @@ return w
 fn a_read_only_store_reads_a_running_nodes_database_and_never_writes() {
     let dir = TempDir::new("readonly");
     let node = open(&dir);
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     reload(&sb, counter(2), ReloadOptions::default());
     call(&sb, "inc");
@@ -787,7 +788,7 @@ fn a_read_only_store_reads_a_running_nodes_database_and_never_writes() {
 fn a_data_directory_deleted_while_the_node_runs_fails_writes_instead_of_losing_them() {
     let dir = TempDir::new("deleted");
     let node = open(&dir);
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     reload(&sb, counter(2), ReloadOptions::default());
     // `git clean -fdx` on a project, or an `rm -r` of the data directory.
@@ -853,7 +854,7 @@ fn a_window_over_two_modules_ended_by_reloading_one_keeps_the_other_after_a_cras
     let dir = TempDir::new("window-reload");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec2("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload_both(&sb, 2, canary());
         reload(&sb, counter(3), ReloadOptions::default());
@@ -882,7 +883,7 @@ fn a_window_over_two_modules_ended_by_a_rollback_keeps_the_other_after_a_restart
     let dir = TempDir::new("window-rollback");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec2("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload_both(&sb, 2, canary());
         block_on(sb.rollback("counter", 1, ReloadOptions::default())).expect("rollback");
@@ -916,7 +917,7 @@ fn a_new_window_ends_the_open_one_and_only_the_new_one_rolls_back_at_a_crash() {
     let dir = TempDir::new("window-replaced");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec2("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec2("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload(&sb, counter(2), canary());
         let mut m = BTreeMap::new();
@@ -943,7 +944,7 @@ fn kept_versions_on_disk_equal_the_engines_with_a_small_history() {
     let node = open(&dir);
     let mut s = spec("shop");
     s.limits.max_versions = 1;
-    let sb = node.create_sandbox(s).expect("create");
+    let sb = graft::block_on(node.create_sandbox(s)).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     let check = |what: &str| {
         let memory: Vec<u32> = versions(&sb).into_iter().map(|v| v.0).collect();
@@ -1014,11 +1015,13 @@ fn deleted_sandboxes_events_are_pruned_on_disk_and_readers_see_the_gap() {
     let first_seq;
     {
         let node = open(&dir);
-        node.create_sandbox(spec("kept")).expect("kept");
+        graft::block_on(node.create_sandbox(spec("kept"))).expect("kept");
         for i in 0..40 {
             let id = format!("tmp-{i:02}");
-            node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}"))
-                .expect("create");
+            graft::block_on(
+                node.create_sandbox(SandboxSpec::new(&id).entry(None).module("m", "return {}")),
+            )
+            .expect("create");
             node.destroy(&id).expect("destroy");
         }
         let on_disk = deleted_on_disk();
@@ -1075,8 +1078,7 @@ fn a_state_that_stops_being_plain_data_drops_its_stale_checkpoint() {
     let db = dir.0.join(graft::DATABASE_FILE);
     {
         let node = open(&dir);
-        let sb = node
-            .create_sandbox(spec("shop").module("counter", POISONABLE))
+        let sb = graft::block_on(node.create_sandbox(spec("shop").module("counter", POISONABLE)))
             .expect("create");
         block_on(sb.wait_app_started()).expect("app");
         for _ in 0..3 {
@@ -1246,7 +1248,7 @@ fn a_data_directory_turning_read_only_fails_the_reload_not_the_node() {
         .data_dir(&dir)
         .open()
         .expect("open");
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     reload(&sb, counter(2), ReloadOptions::default());
     set_mode(&db, 0o444);
@@ -1299,7 +1301,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
     let dir = TempDir::new("reconfigure");
     {
         let node = open(&dir);
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload(&sb, counter(2), ReloadOptions::default());
         call(&sb, "inc");
@@ -1308,10 +1310,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
 
         // Hostile: no such sandbox; limits out of range; a new entry module
         // that does not compile; an open canary window.
-        let missing = node
-            .reconfigure_sandbox(spec("nope"))
-            .err()
-            .expect("missing");
+        let missing = node.reconfigure_sandbox(spec("nope")).expect_err("missing");
         assert_eq!(missing.kind(), "no_sandbox", "{missing}");
         let mut huge = spec("shop");
         huge.limits.max_versions = 1_000_000;
@@ -1321,13 +1320,12 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
             .entry(Some("main"));
         let err = node
             .reconfigure_sandbox(broken)
-            .err()
-            .expect("does not compile");
+            .expect_err("does not compile");
         assert_eq!(err.kind(), "compile_error", "{err}");
         reload(&sb, counter(3), canary());
         let mut bigger = spec("shop");
         bigger.limits.max_versions = 4;
-        let err = node.reconfigure_sandbox(bigger).err().expect("window open");
+        let err = node.reconfigure_sandbox(bigger).expect_err("window open");
         assert!(err.to_string().contains("canary window"), "{err}");
         block_on(sb.rollback("counter", 2, ReloadOptions::default())).expect("rollback");
         // Nothing of the refused ones happened.
@@ -1341,8 +1339,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
         oversize.limits.max_message_bytes = 1_024;
         let err = node
             .reconfigure_sandbox(oversize)
-            .err()
-            .expect("entry args over the limit");
+            .expect_err("entry args over the limit");
         let msg = err.to_string();
         assert!(
             msg.contains("`entry_args` is 5011 bytes")
@@ -1357,8 +1354,7 @@ fn reconfigure_applies_new_settings_durably_and_refuses_bad_ones_whole() {
             .entry(Some("plain"));
         let err = node
             .reconfigure_sandbox(unstartable)
-            .err()
-            .expect("cannot start");
+            .expect_err("cannot start");
         assert!(err.to_string().contains("no `init`"), "{err}");
         let sb = node.sandbox("shop").expect("still there");
         block_on(sb.wait_app_started()).expect("old app again");
@@ -1408,9 +1404,7 @@ fn an_import_replaces_the_kept_history_on_disk_too() {
     let db = dir.0.join(graft::DATABASE_FILE);
     // The exported history: versions 1..3 of a counter from another node.
     let elsewhere = Node::new();
-    let src = elsewhere
-        .create_sandbox(spec("src"))
-        .expect("source sandbox");
+    let src = graft::block_on(elsewhere.create_sandbox(spec("src"))).expect("source sandbox");
     block_on(src.wait_app_started()).expect("app");
     reload(&src, counter(20), ReloadOptions::default());
     reload(&src, counter(30), ReloadOptions::default());
@@ -1423,7 +1417,7 @@ fn an_import_replaces_the_kept_history_on_disk_too() {
     let wanted = versions(&src);
     // Here, version 2 exists with other content.
     let node = open(&dir);
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     reload(&sb, counter(7), ReloadOptions::default());
     assert_ne!(versions(&sb), wanted);
@@ -1494,7 +1488,7 @@ fn an_event_the_store_cannot_take_is_shown_only_once_on_disk() {
         .data_dir(&owned.0)
         .open()
         .expect("open");
-    let sb = node.create_sandbox(spec("shop")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     let head = *node.subscribe_events().borrow();
     assert!(head > 0);
@@ -1583,7 +1577,7 @@ fn a_read_only_database_file_is_refused_at_start_and_fails_writes_until_writable
     let builder = || Node::builder().threads(2).checkpoint_ms(0).data_dir(&dir);
     {
         let node = builder().open().expect("open");
-        let sb = node.create_sandbox(spec("shop")).expect("create");
+        let sb = graft::block_on(node.create_sandbox(spec("shop"))).expect("create");
         block_on(sb.wait_app_started()).expect("app");
         reload(&sb, counter(2), ReloadOptions::default());
         drop(sb);
@@ -1633,7 +1627,7 @@ fn a_read_only_database_file_is_refused_at_start_and_fails_writes_until_writable
 fn reloads_racing_a_reconfigure_are_kept_or_refused_never_lost() {
     let dir = TempDir::new("reconfigure-race");
     let node = open(&dir);
-    let sb = node.create_sandbox(spec("race")).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec("race"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reloader = {

@@ -15,7 +15,7 @@ fn example(name: &str) -> SandboxSpec {
 #[test]
 fn counter_example_counts_and_its_test_passes() {
     let node = Node::with_threads(1);
-    let sb = node.create_sandbox(example("counter")).unwrap();
+    let sb = graft::block_on(node.create_sandbox(example("counter"))).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     assert_eq!(
         block_on(sb.call("counter", json!("inc"), None)).unwrap(),
@@ -68,7 +68,7 @@ fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> T {
 #[test]
 fn chat_example_delivers_messages_between_processes() {
     let node = Node::with_threads(2);
-    let sb = node.create_sandbox(example("chat")).unwrap();
+    let sb = graft::block_on(node.create_sandbox(example("chat"))).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let call = |target: &str, req: serde_json::Value| block_on(sb.call(target, req, None)).unwrap();
 
@@ -161,7 +161,7 @@ fn chat_example_delivers_messages_between_processes() {
 #[test]
 fn chat_example_restarts_a_crashed_room_and_the_registry_follows() {
     let node = Node::with_threads(2);
-    let sb = node.create_sandbox(example("chat")).unwrap();
+    let sb = graft::block_on(node.create_sandbox(example("chat"))).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let call = |target: &str, req: serde_json::Value| block_on(sb.call(target, req, None)).unwrap();
 
@@ -236,7 +236,7 @@ fn chat_example_restarts_a_crashed_room_and_the_registry_follows() {
 #[test]
 fn ratelimit_example_limits_and_upgrades_live_to_v2_and_back() {
     let node = Node::with_threads(1);
-    let sb = node.create_sandbox(example("ratelimit")).unwrap();
+    let sb = graft::block_on(node.create_sandbox(example("ratelimit"))).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let call = |req: serde_json::Value| block_on(sb.call("limiter", req, None)).unwrap();
 

@@ -103,7 +103,7 @@ fn sandbox(node: &Node, id: &str) -> Sandbox {
             l.memory_bytes = 16 * 1024 * 1024;
             l.handler_ms = 1000;
         }));
-    node.create_sandbox(spec).expect("sandbox")
+    graft::block_on(node.create_sandbox(spec)).expect("sandbox")
 }
 
 fn last_crash(sb: &Sandbox) -> Json {

@@ -209,7 +209,7 @@ fn sandbox_with(node: &Node, id: &str, l: Limits) -> Sandbox {
         .module("bad_init", BAD_INIT)
         .module("parent", PARENT)
         .limits(l);
-    node.create_sandbox(spec).expect("sandbox")
+    graft::block_on(node.create_sandbox(spec)).expect("sandbox")
 }
 
 fn setup(id: &str) -> (Node, Sandbox) {
@@ -218,14 +218,15 @@ fn setup(id: &str) -> (Node, Sandbox) {
     (node, sb)
 }
 
-fn spawn(sb: &Sandbox, name: &str, args: Json) -> String {
+fn spawn(sb: &Sandbox, name: &str, args: Json) -> graft::Pid {
     let mut args = if args.is_null() { json!({}) } else { args };
     args["label"] = json!(name);
     run(sb.spawn("actor", args, Some(name))).unwrap_or_else(|e| panic!("spawn {name}: {e}"))
 }
 
-fn call(sb: &Sandbox, target: &str, req: Json) -> Json {
-    run(sb.call(target, req.clone(), Some(4000)))
+fn call(sb: &Sandbox, target: impl Into<graft::Target>, req: Json) -> Json {
+    let target = target.into();
+    run(sb.call(&target, req.clone(), Some(4000)))
         .unwrap_or_else(|e| panic!("call {target} {req}: {e}"))
 }
 
@@ -518,7 +519,10 @@ fn callee_timeout_spares_the_caller(id: &str, op: &str) {
             err.contains("exited before replying") && err.contains("timeout"),
             "{op}: {err}"
         );
-        assert!(err.contains(&b), "{op}: the error names the callee: {err}");
+        assert!(
+            err.contains(b.as_str()),
+            "{op}: the error names the callee: {err}"
+        );
         assert_eq!(r["after"], json!(1000), "{op}: the caller ran on: {r}");
         assert_eq!(r["me"], json!(a), "{op}");
         assert!(
@@ -574,7 +578,7 @@ fn a_nested_callee_error_reaches_the_caller_and_the_callee_is_gone() {
     let err = err_text(&r);
     assert!(err.contains("boom"), "{err}");
     assert!(
-        err.contains("exited before replying") && err.contains(&b),
+        err.contains("exited before replying") && err.contains(b.as_str()),
         "{err}"
     );
     assert_eq!(r["after"], json!(1000));
@@ -667,7 +671,7 @@ fn a_nested_spawn_whose_init_fails_raises_in_the_caller_and_leaves_nothing() {
     );
     assert_eq!(r["ok"], json!(true), "{r}");
     assert_eq!(call(&sb, "kid", json!("x")), json!("ok"));
-    assert_eq!(info_of(&sb, "kid").unwrap().pid, r["reply"]);
+    assert_eq!(json!(info_of(&sb, "kid").unwrap().pid), r["reply"]);
     // Spawn errors that are not init failures raise too.
     let r = call(
         &sb,
@@ -843,7 +847,9 @@ fn a_nested_callee_that_exits_answers_its_caller_and_is_gone() {
     );
     let err = err_text(&r);
     assert!(
-        err.contains("exited before replying") && err.contains("normal") && err.contains(&b),
+        err.contains("exited before replying")
+            && err.contains("normal")
+            && err.contains(b.as_str()),
         "{err}"
     );
     assert_eq!(r["after"], json!(1000));
@@ -857,7 +863,7 @@ fn a_nested_callee_that_exits_answers_its_caller_and_is_gone() {
         json!({"op": "call", "target": "b2", "req": {"op": "exit", "reason": "bored"}}),
     );
     let err = err_text(&r);
-    assert!(err.contains("bored") && err.contains(&b2), "{err}");
+    assert!(err.contains("bored") && err.contains(b2.as_str()), "{err}");
     wait_gone(&sb, "b2");
 
     // Catching the exit does not cancel it, but the callback's reply is
@@ -917,7 +923,7 @@ fn out_of_memory_in_a_nested_callee_crashes_only_the_callee() {
             err.contains("exited before replying") && err.contains("out_of_memory"),
             "round {round}: {err}"
         );
-        assert!(err.contains(&hog), "round {round}: {err}");
+        assert!(err.contains(hog.as_str()), "round {round}: {err}");
         assert_eq!(r["after"], json!(1000), "round {round}: {r}");
         assert_eq!(r["me"], json!(a));
         wait_gone(&sb, &name);

@@ -169,7 +169,7 @@ fn sandbox(node: &Node, id: &str) -> Sandbox {
         .entry(None)
         .module("probe", PROBE)
         .module("faulty", FAULTY);
-    node.create_sandbox(spec).expect("sandbox")
+    graft::block_on(node.create_sandbox(spec)).expect("sandbox")
 }
 
 fn setup() -> (Node, Sandbox) {
@@ -178,7 +178,7 @@ fn setup() -> (Node, Sandbox) {
     (node, sb)
 }
 
-fn spawn(sb: &Sandbox, name: &str, args: Json) -> String {
+fn spawn(sb: &Sandbox, name: &str, args: Json) -> graft::Pid {
     let mut args = args;
     if args.is_null() {
         args = json!({});
@@ -187,8 +187,9 @@ fn spawn(sb: &Sandbox, name: &str, args: Json) -> String {
     run(sb.spawn("probe", args, Some(name))).unwrap_or_else(|e| panic!("spawn {name}: {e}"))
 }
 
-fn call(sb: &Sandbox, target: &str, req: Json) -> Json {
-    run(sb.call(target, req.clone(), Some(3000)))
+fn call(sb: &Sandbox, target: impl Into<graft::Target>, req: Json) -> Json {
+    let target = target.into();
+    run(sb.call(&target, req.clone(), Some(3000)))
         .unwrap_or_else(|e| panic!("call {target} {req}: {e}"))
 }
 
@@ -225,9 +226,9 @@ fn wait_gone(sb: &Sandbox, name: &str) {
     });
 }
 
-fn down_for<'a>(msgs: &'a [Json], pid: &str) -> &'a Json {
+fn down_for<'a>(msgs: &'a [Json], pid: &graft::Pid) -> &'a Json {
     msgs.iter()
-        .find(|m| m["tag"] == "DOWN" && m["pid"] == pid)
+        .find(|m| m["tag"] == "DOWN" && m["pid"] == pid.as_str())
         .unwrap_or_else(|| panic!("no DOWN for {pid} in {msgs:?}"))
 }
 
@@ -738,7 +739,7 @@ fn a_call_to_a_crashing_handler_returns_the_crash_reason() {
     }
     assert_eq!(err.kind(), "crashed");
     assert!(
-        err.to_string().contains(&p),
+        err.to_string().contains(p.as_str()),
         "the error names the process: {err}"
     );
     wait_gone(&sb, "p");
@@ -1173,7 +1174,7 @@ fn looper_sandbox(node: &Node) -> Sandbox {
         .entry(None)
         .module("looper", LOOPER)
         .module("echo", ECHO);
-    let sb = node.create_sandbox(spec).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     run(sb.spawn("looper", json!(null), Some("looper"))).unwrap();
     run(sb.spawn("echo", json!(null), Some("echo"))).unwrap();
     sb
@@ -1222,7 +1223,7 @@ return {
     let spec = SandboxSpec::new("ticks")
         .entry(None)
         .module("ticker", ticker);
-    let sb = node.create_sandbox_with(spec, host).unwrap();
+    let sb = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
     run(sb.spawn("ticker", json!(null), Some("t"))).unwrap();
     for round in 0..5 {
         got.store(0, Ordering::SeqCst);
@@ -1240,4 +1241,103 @@ return {
             t.elapsed()
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// host-side targets: `graft::Target` reads text as the runtime always did
+
+const COUNTING_ECHO: &str = r#"
+return {
+  init = function() return 0 end,
+  handle_call = function(req, from, n)
+    if req == "n" then return n, n end
+    return req, n
+  end,
+  handle_cast = function(msg, n) return n + 1 end,
+  handle_info = function(msg, n) return n + 10 end,
+}
+"#;
+
+#[test]
+fn every_target_form_the_api_read_still_reaches_the_process() {
+    let node = Node::with_threads(1);
+    let spec = SandboxSpec::new("targets")
+        .entry(None)
+        .module("echo", COUNTING_ECHO);
+    let sb = run(node.create_sandbox(spec)).expect("sandbox");
+    let pid = run(sb.spawn("echo", json!(null), Some("e"))).expect("spawn");
+    assert_eq!(pid.module(), "echo");
+    let text = pid.to_string();
+    let serial = pid.serial().to_string();
+    // Forms that are not a pid's text but that the runtime has always
+    // resolved: a bare serial, a zero-padded serial, another module part.
+    let padded = format!("<echo.0{}>", pid.serial());
+    let other_module = format!("<other.{}>", pid.serial());
+    let targets = [
+        graft::Target::from(&pid),
+        graft::Target::from(pid.clone()),
+        graft::Target::from(text.as_str()),
+        graft::Target::from("e"),
+        graft::Target::from(serial.as_str()),
+        graft::Target::from(padded.as_str()),
+        graft::Target::from(other_module.as_str()),
+    ];
+    for (i, t) in targets.iter().enumerate() {
+        assert_eq!(run(sb.call(t, json!("hi"), None)).unwrap(), "hi", "{t:?}");
+        run(sb.cast(t, json!(1))).expect("cast");
+        run(sb.send(t, json!(1))).expect("send");
+        // A call after them is handled after them (one mailbox, in order).
+        let n = json!(11 * (i + 1));
+        assert_eq!(run(sb.call(t, json!("n"), None)).unwrap(), n, "{t:?}");
+        assert_eq!(run(sb.state(t)).unwrap(), n, "{t:?}");
+    }
+    // The listing carries the same pid, and its JSON is the text it was.
+    let listed = run(sb.processes()).expect("processes");
+    assert_eq!(listed[0].pid, pid);
+    assert_eq!(
+        serde_json::to_value(&listed[0]).unwrap()["pid"],
+        json!(text)
+    );
+}
+
+#[test]
+fn targets_that_address_nothing_are_refused_at_the_call_with_no_process() {
+    let node = Node::with_threads(1);
+    let spec = SandboxSpec::new("nobody")
+        .entry(None)
+        .module("echo", COUNTING_ECHO);
+    let sb = run(node.create_sandbox(spec)).expect("sandbox");
+    let pid = run(sb.spawn("echo", json!(null), None)).expect("spawn");
+    let absent = format!("<echo.{}>", pid.serial() + 1);
+    let huge = "x".repeat(1 << 20);
+    for bad in [
+        "",
+        "nobody",
+        "<echo.0>",
+        absent.as_str(),
+        "99",
+        "+99",
+        "<",
+        "\u{1b}[2J",
+        "nl\n",
+        huge.as_str(),
+    ] {
+        let shown: String = bad.chars().take(20).collect();
+        for err in [
+            run(sb.call(bad, json!(1), Some(500))).unwrap_err(),
+            run(sb.cast(bad, json!(1))).unwrap_err(),
+            run(sb.send(bad, json!(1))).unwrap_err(),
+            run(sb.state(bad)).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, Error::NoProcess(t) if t == bad),
+                "{shown:?}: {err:.80}"
+            );
+        }
+    }
+    // A pid outlives its sandbox as a value; calls through it are refused.
+    run(sb.call(&pid, json!(1), None)).expect("alive");
+    node.destroy("nobody").expect("destroy");
+    let err = run(sb.call(&pid, json!(1), None)).unwrap_err();
+    assert_eq!(err.kind(), "no_sandbox", "{err}");
 }

@@ -15,13 +15,14 @@ return counter
 #[test]
 fn spawn_and_call() {
     let node = Node::with_threads(2);
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("s1")
                 .entry(None)
                 .module("counter", COUNTER),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     let pid = block_on(sb.spawn("counter", json!({"start": 41}), Some("c"))).unwrap();
     assert_eq!(pid, "<counter.1>");
     assert_eq!(
@@ -69,7 +70,7 @@ fn supervisor_app_and_process_to_process_call() {
         .module("app", APP)
         .module("counter", COUNTER)
         .module("proxy", PROXY);
-    let sb = node.create_sandbox(spec).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let r = block_on(sb.call("proxy", json!("inc"), None)).unwrap();
     assert_eq!(r["reply"], json!(1));

@@ -66,7 +66,7 @@ fn sandbox(node: &Node, id: &str, clock: bool) -> graft::Sandbox {
         .test_clock(clock)
         .module("log", LOG)
         .module("silent", SILENT);
-    let sb = node.create_sandbox(spec).unwrap();
+    let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     wait(sb.spawn("log", Json::Null, Some("log"))).unwrap();
     sb
 }

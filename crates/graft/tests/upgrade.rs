@@ -53,10 +53,10 @@ fn sandbox(node: &Node, id: &str, modules: &[(&str, &str)]) -> Sandbox {
     for (n, s) in modules {
         spec = spec.module(*n, *s);
     }
-    node.create_sandbox(spec).unwrap()
+    graft::block_on(node.create_sandbox(spec)).unwrap()
 }
 
-fn call(sb: &Sandbox, target: &str, req: Value) -> Value {
+fn call(sb: &Sandbox, target: impl Into<graft::Target>, req: Value) -> Value {
     block_on(sb.call(target, req, Some(2000))).unwrap()
 }
 
@@ -372,8 +372,8 @@ fn failing_migration_in_the_5000th_of_10000_processes_leaves_all_untouched() {
 #[test]
 fn migration_that_returns_bad_state_or_loops_aborts_exactly() {
     let node = Node::with_threads(1);
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("badmig")
                 .entry(None)
                 .module("counter", COUNTER_V1)
@@ -381,8 +381,9 @@ fn migration_that_returns_bad_state_or_loops_aborts_exactly() {
                     handler_ms: 100,
                     ..Default::default()
                 }),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     block_on(sb.spawn("counter", json!({"start": 7}), Some("c"))).unwrap();
     for (what, body) in [
         ("function", "state.f = function() end return state"),
@@ -678,13 +679,14 @@ fn supervisor_upgrade_adds_removes_and_restarts_changed_children() {
         "{ id = \"a\", module = \"counter\", args = { start = 1 }, name = \"a\" },",
         "",
     );
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("supup")
                 .module("app", app_v1)
                 .module("counter", COUNTER_V1),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     block_on(sb.wait_app_started()).unwrap();
     call(&sb, "a", json!("inc"));
     reload(&sb, &[("app", app_v2)], ReloadOptions::default()).unwrap();
@@ -765,13 +767,14 @@ fn a_bad_supervisor_spec_aborts_the_reload_and_the_app_keeps_running() {
       return { behaviour = "supervisor", init = function()
         return { strategy = "one_for_one", children = { { id = "c", module = "counter", args = {}, name = "c" } } }
       end }"#;
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("badsup")
                 .module("app", app)
                 .module("counter", COUNTER_V1),
-        )
-        .unwrap();
+        ),
+    )
+    .unwrap();
     block_on(sb.wait_app_started()).unwrap();
     let bad = app.replace("one_for_one", "bogus");
     let err = reload(&sb, &[("app", &bad)], ReloadOptions::default()).unwrap_err();

@@ -109,9 +109,10 @@ fn source(rev: usize) -> String {
 
 /// p50 and p99 (ms) of `reloads` reloads of a sandbox with `procs` processes.
 fn reload_latency(node: &Node, id: &str, procs: usize, reloads: usize) -> (f64, f64) {
-    let sb = node
-        .create_sandbox(SandboxSpec::new(id).entry(None).module("s", source(0)))
-        .expect("create");
+    let sb = graft::block_on(
+        node.create_sandbox(SandboxSpec::new(id).entry(None).module("s", source(0))),
+    )
+    .expect("create");
     for _ in 0..procs {
         block_on(sb.spawn("s", json!(null), None)).expect("spawn");
     }
@@ -193,7 +194,7 @@ fn named_sandbox(node: &Node, id: &str, n: usize) -> graft::Sandbox {
         .module("app", APP)
         .module("s", source(0));
     spec.entry_args = json!({ "n": n });
-    let sb = node.create_sandbox(spec).expect("create");
+    let sb = graft::block_on(node.create_sandbox(spec)).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     sb
 }

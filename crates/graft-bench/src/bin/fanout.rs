@@ -287,9 +287,10 @@ fn main() {
     let o = opts();
     let node = Node::with_threads(o.threads);
     let (addr, bearer, server) = serve(&node, o.serve_threads);
-    let sb = node
-        .create_sandbox(SandboxSpec::new("fan").entry(None).module("s", source(0)))
-        .unwrap_or_else(|e| fail(&format!("create: {e}")));
+    let sb = graft::block_on(
+        node.create_sandbox(SandboxSpec::new("fan").entry(None).module("s", source(0))),
+    )
+    .unwrap_or_else(|e| fail(&format!("create: {e}")));
     for i in 0..o.procs {
         block_on(sb.spawn("s", json!(null), None))
             .unwrap_or_else(|e| fail(&format!("spawn {i}: {e}")));

@@ -237,13 +237,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let o = parse_opts();
     let node = Node::with_threads(o.threads);
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("bench")
                 .entry(None)
                 .module("counter", COUNTER),
-        )
-        .unwrap_or_else(|e| fail(&format!("sandbox: {e}")));
+        ),
+    )
+    .unwrap_or_else(|e| fail(&format!("sandbox: {e}")));
     block_on(sb.spawn("counter", Value::Null, Some("c")))
         .unwrap_or_else(|e| fail(&format!("counter: {e}")));
     let (targets, _server) = serve(&node, o.serve_threads);

@@ -347,7 +347,7 @@ fn spinner_sandbox(node: &Node, i: usize, handler_ms: u64, count: &Arc<SpinCount
             handler_ms,
             ..Limits::default()
         });
-    node.create_sandbox_with(spec, host)
+    graft::block_on(node.create_sandbox_with(spec, host))
         .unwrap_or_else(|e| fail(&format!("spinner sandbox {i}: {e}")))
 }
 
@@ -394,13 +394,14 @@ fn fail(msg: &str) -> ! {
 }
 
 fn counter_sandbox(node: &Node) -> Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("bystander")
                 .entry(None)
                 .module("counter", COUNTER),
-        )
-        .unwrap_or_else(|e| fail(&format!("bystander sandbox: {e}")));
+        ),
+    )
+    .unwrap_or_else(|e| fail(&format!("bystander sandbox: {e}")));
     block_on(sb.spawn("counter", Value::Null, Some("c")))
         .unwrap_or_else(|e| fail(&format!("bystander counter: {e}")));
     sb

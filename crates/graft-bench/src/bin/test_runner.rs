@@ -91,7 +91,7 @@ fn sandbox_create(dir: &Path, n: usize) -> Duration {
         let mut s = spec.clone();
         s.id = format!("b{i}");
         let started = Instant::now();
-        let sb = node.create_sandbox(s).expect("create");
+        let sb = graft::block_on(node.create_sandbox(s)).expect("create");
         graft::block_on(sb.wait_app_started()).expect("app");
         node.destroy(sb.id()).expect("destroy");
         times.push(started.elapsed());

@@ -294,6 +294,7 @@ pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
                     &format!("t.start(\"{module}\")"),
                     c.sandbox.spawn(&module, args, name.as_deref()),
                 )
+                .map(|pid| pid.to_string())
             },
         )?,
     )?;

@@ -359,8 +359,7 @@ impl Lab<'_> {
             s.entry = None;
         }
         s.modules.insert(self.module.to_string(), old.to_string());
-        self.node
-            .create_sandbox(s)
+        graft::block_on(self.node.create_sandbox(s))
             .map_err(|e| anyhow!("the previous version does not load: {e}"))
     }
 
@@ -374,7 +373,7 @@ impl Lab<'_> {
             let mut out = Vec::new();
             for p in wait("the process list", sb.processes())? {
                 if p.module == self.module {
-                    out.push((p.pid.clone(), wait("a state", sb.state(&p.pid))?));
+                    out.push((p.pid.to_string(), wait("a state", sb.state(&p.pid))?));
                 }
             }
             Ok(out)

@@ -502,7 +502,7 @@ fn run_one(run: &Run<'_>, case: &Case, i: usize) -> Outcome {
     let deadline = started + run.timeout;
     let mut sandbox_spec = spec.clone().test_clock(true);
     sandbox_spec.id = sandbox_id(i, &spec.id);
-    let mut outcome = match node.create_sandbox(sandbox_spec) {
+    let mut outcome = match graft::block_on(node.create_sandbox(sandbox_spec)) {
         Ok(sb) => {
             let o = drive(spec, root, case, &sb, deadline);
             if let Some(c) = run.coverage {

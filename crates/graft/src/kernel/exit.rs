@@ -19,7 +19,7 @@ use serde_json::Value as Json;
 use super::process::{Job, Run};
 use super::{kernel, AppStatus, Kernel};
 use crate::error::Error;
-use crate::value::{ExitReason, Pid};
+use crate::value::{ExitReason, VmPid};
 
 /// Processes queued exits until none is left.
 pub(crate) fn drain_exits(lua: &Lua) {
@@ -194,7 +194,7 @@ impl Kernel {
         &mut self,
         lua: &Lua,
         to: u64,
-        from: Pid,
+        from: VmPid,
         reason: &ExitReason,
         reason_lua: &Value,
         from_serial: u64,
@@ -213,7 +213,7 @@ impl Kernel {
     }
 
     /// `graft.exit(pid, reason)`: an exit signal from `from` (OTP `exit/2`).
-    pub(crate) fn send_exit_signal(&mut self, lua: &Lua, to: u64, from: Pid, reason: Json) {
+    pub(crate) fn send_exit_signal(&mut self, lua: &Lua, to: u64, from: VmPid, reason: Json) {
         let is_kill = reason.as_str() == Some("kill");
         let reason = if is_kill {
             ExitReason::Killed
@@ -250,7 +250,7 @@ pub(super) fn eval_error(reason: &ExitReason) -> Error {
     }
 }
 
-fn down_message(lua: &Lua, mref: u64, pid: Pid, reason: &Value) -> mlua::Result<RegistryKey> {
+fn down_message(lua: &Lua, mref: u64, pid: VmPid, reason: &Value) -> mlua::Result<RegistryKey> {
     let t = lua.create_table()?;
     t.raw_set("tag", "DOWN")?;
     t.raw_set("ref", mref as f64)?;
@@ -259,7 +259,7 @@ fn down_message(lua: &Lua, mref: u64, pid: Pid, reason: &Value) -> mlua::Result<
     lua.create_registry_value(t)
 }
 
-fn exit_message(lua: &Lua, from: Pid, reason: &Value) -> mlua::Result<RegistryKey> {
+fn exit_message(lua: &Lua, from: VmPid, reason: &Value) -> mlua::Result<RegistryKey> {
     let t = lua.create_table()?;
     t.raw_set("tag", "EXIT")?;
     t.raw_set("from", from.to_lua())?;

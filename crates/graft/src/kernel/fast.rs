@@ -26,7 +26,7 @@ use mlua::ffi;
 use mlua::Lua;
 
 use super::{Kernel, DEFAULT_CALL_TIMEOUT_MS};
-use crate::value::Pid;
+use crate::value::VmPid;
 
 /// Runs `f` on the kernel behind a panic barrier: these functions are called
 /// from Luau's C stack, which a panic must never unwind through. A panic is
@@ -102,7 +102,7 @@ unsafe fn target_at(state: *mut ffi::lua_State, idx: c_int, k: &Kernel) -> Optio
             ffi::LUA_TSTRING => k.names.get(str_at(state, idx)?).copied(),
             ffi::LUA_TLIGHTUSERDATA => {
                 let raw = ffi::lua_touserdata(state, idx) as usize as u64;
-                let pid = Pid::from_raw(raw)?;
+                let pid = VmPid::from_raw(raw)?;
                 k.procs.contains_key(&pid.serial()).then_some(pid.serial())
             }
             _ => None,
@@ -116,7 +116,7 @@ unsafe fn target_at(state: *mut ffi::lua_State, idx: c_int, k: &Kernel) -> Optio
 ///
 /// `state` must be live with room for three values (a C function has
 /// `LUA_MINSTACK`).
-unsafe fn push_begun(state: *mut ffi::lua_State, serial: u64, module: u32, pid: Pid) -> c_int {
+unsafe fn push_begun(state: *mut ffi::lua_State, serial: u64, module: u32, pid: VmPid) -> c_int {
     // SAFETY: `state` is live with room (the contract); these pushes
     // allocate nothing, so they cannot raise.
     unsafe {

@@ -59,7 +59,7 @@ use serde_json::Value as Json;
 use crate::clock;
 use crate::config::{Limits, NodeLimits};
 use crate::error::Error;
-use crate::value::{ExitReason, Pid};
+use crate::value::{ExitReason, VmPid};
 use crate::vm::{self, Vm};
 
 pub(crate) use exit::{remember_chunk, truncate_reason};
@@ -291,13 +291,24 @@ impl Kernel {
     }
 
     /// A pid as the API shows it: `<module.N>`.
-    pub fn pid_string(&self, pid: Pid) -> String {
+    pub fn pid_string(&self, pid: VmPid) -> String {
         let module = self
             .module_names
             .get(pid.module_index() as usize)
             .map(|s| &**s)
             .unwrap_or("?");
         format!("<{module}.{}>", pid.serial())
+    }
+
+    /// A pid as the API hands it out ([`crate::Pid`]): the same text as
+    /// [`Kernel::pid_string`].
+    pub fn api_pid(&self, pid: VmPid) -> crate::Pid {
+        let module = self
+            .module_names
+            .get(pid.module_index() as usize)
+            .map(|s| &**s)
+            .unwrap_or("?");
+        crate::Pid::from_parts(module, pid.serial())
     }
 
     /// A fresh token (also a fresh timer id and monitor ref).
@@ -327,7 +338,7 @@ impl Kernel {
         if let Some(&s) = self.names.get(target) {
             return Some(s);
         }
-        let serial = Pid::parse_serial(target).or_else(|| target.parse().ok())?;
+        let serial = VmPid::parse_serial(target).or_else(|| target.parse().ok())?;
         self.procs.contains_key(&serial).then_some(serial)
     }
 
@@ -335,7 +346,7 @@ impl Kernel {
     pub fn resolve_value(&self, v: &Value) -> Option<u64> {
         match v {
             Value::String(s) => self.names.get(&*s.to_str().ok()?).copied(),
-            other => Pid::from_lua(other)
+            other => VmPid::from_lua(other)
                 .map(|p| p.serial())
                 .filter(|s| self.procs.contains_key(s)),
         }
@@ -345,7 +356,7 @@ impl Kernel {
     pub fn describe_value(&self, v: &Value) -> String {
         match v {
             Value::String(s) => s.to_string_lossy(),
-            other => match Pid::from_lua(other) {
+            other => match VmPid::from_lua(other) {
                 Some(p) => self.pid_string(p),
                 None => format!("a {}", other.type_name()),
             },
@@ -426,7 +437,7 @@ impl Kernel {
     /// Adds the record of a process admitted by [`Kernel::admit_process`].
     fn insert_process(&mut self, module: u32, parent: Option<u64>, name: Option<&str>) -> u64 {
         let serial = self.new_serial();
-        let pid = Pid::new(module, serial);
+        let pid = VmPid::new(module, serial);
         let mut p = Process::new(pid, parent, self.module_versions[module as usize]);
         if let Some(n) = name {
             p.name = Some(n.into());

@@ -26,7 +26,7 @@ use super::timers::Timer;
 use super::watch::WatchSave;
 use super::{kernel, Kernel, MAX_NESTING};
 use crate::clock;
-use crate::value::{ExitReason, Pid};
+use crate::value::{ExitReason, VmPid};
 
 /// A job the prelude runs nested on a worker it resumes itself.
 pub(crate) struct NestFrame {
@@ -112,7 +112,7 @@ impl Kernel {
         token: u64,
         co: usize,
         timeout_ms: u64,
-    ) -> Option<Pid> {
+    ) -> Option<VmPid> {
         let from = self.procs.get(&caller)?.pid;
         let job = Job::Call {
             request: None,

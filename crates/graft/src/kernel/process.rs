@@ -15,7 +15,7 @@ use mlua::RegistryKey;
 use serde_json::Value as Json;
 
 use crate::error::Error;
-use crate::value::{ExitReason, Pid};
+use crate::value::{ExitReason, VmPid};
 
 /// The sending half of a host request's answer.
 pub(crate) type HostReply = tokio::sync::oneshot::Sender<Result<Json, Error>>;
@@ -80,7 +80,7 @@ pub(crate) enum Job {
     },
     Call {
         request: Option<RegistryKey>,
-        from: Option<Pid>,
+        from: Option<VmPid>,
         waiter: Waiter,
     },
     Cast(RegistryKey),
@@ -121,7 +121,7 @@ pub(crate) enum Run {
 }
 
 pub(crate) struct Process {
-    pub pid: Pid,
+    pub pid: VmPid,
     pub name: Option<Box<str>>,
     pub mailbox: VecDeque<Job>,
     /// Init or terminate: runs before anything in the mailbox.
@@ -157,7 +157,7 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    pub fn new(pid: Pid, parent: Option<u64>, version: u32) -> Process {
+    pub fn new(pid: VmPid, parent: Option<u64>, version: u32) -> Process {
         Process {
             pid,
             name: None,

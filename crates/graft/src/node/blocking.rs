@@ -52,6 +52,49 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     }
 }
 
+/// Runs blocking work (`f`) on a thread of its own and waits for it without
+/// blocking the caller's thread: what the async API does for work that
+/// holds a thread for milliseconds (compiling and starting a sandbox,
+/// writing its creation to disk).
+///
+/// A plain thread, not a pool: it works under any executor (or none, under
+/// [`block_on`]), it is not held up by blocking host functions hogging the
+/// node's host pool, and its cost (tens of µs) is small against the work.
+/// The thread ends with `f`; dropping the future does not stop `f` (its
+/// result is then dropped). A panic in `f` is returned as `Err(message)`.
+/// If no thread can be started, `f` runs on the caller's thread instead.
+pub(crate) async fn unblock<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = move || {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .map_err(|payload| crate::vm::panic_text(&*payload));
+        let _ = tx.send(out);
+    };
+    // The job moves into the thread only if it starts: keep it reachable to
+    // run it here otherwise.
+    let job = Arc::new(Mutex::new(Some(job)));
+    let theirs = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            if let Some(job) = theirs.lock().take() {
+                job();
+            }
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot start a `{name}` thread; running the work on the caller's");
+        if let Some(job) = job.lock().take() {
+            job();
+        }
+    }
+    drop(job);
+    rx.await
+        .unwrap_or_else(|_| Err("the worker thread ended without an answer".into()))
+}
+
 /// Waits for a future at most `timeout`; `None` if it did not finish in time.
 /// Works under any executor (the deadline is kept by one shared timer thread).
 ///

@@ -75,7 +75,7 @@ enum Storage {
 /// ```
 /// let dir = std::env::temp_dir().join(format!("graft-doc-builder-{}", std::process::id()));
 /// let node = graft::Node::builder().threads(2).data_dir(&dir).open().unwrap();
-/// node.create_sandbox(graft::SandboxSpec::new("kept").entry(None).module("m", "return {}")).unwrap();
+/// graft::block_on(node.create_sandbox(graft::SandboxSpec::new("kept").entry(None).module("m", "return {}"))).unwrap();
 /// node.shutdown();
 /// drop(node);
 /// // The sandbox comes back when the node is opened on the same directory.
@@ -175,7 +175,7 @@ impl NodeBuilder {
     /// let dir = std::env::temp_dir().join(format!("graft-doc-settings-{}", std::process::id()));
     /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
     /// let node = graft::Node::builder().data_dir(&dir).open().unwrap();
-    /// node.create_sandbox(spec.clone()).unwrap();
+    /// graft::block_on(node.create_sandbox(spec.clone())).unwrap();
     /// node.shutdown();
     /// drop(node);
     /// let mut bigger = spec;
@@ -874,7 +874,7 @@ impl Node {
     /// ```
     /// let node = graft::Node::builder().ephemeral().open().unwrap();
     /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
-    /// node.create_sandbox(spec.clone()).unwrap();
+    /// graft::block_on(node.create_sandbox(spec.clone())).unwrap();
     /// assert!(node.reconfigure_sandbox(spec.clone()).unwrap().is_none());
     /// let mut bigger = spec;
     /// bigger.limits.max_versions = 3;

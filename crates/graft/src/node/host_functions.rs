@@ -63,7 +63,7 @@ impl HostFunctions {
     ///     return m
     /// "#);
     /// let node = Node::new();
-    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
+    /// let sandbox = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
     /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
     /// let reply = graft::block_on(sandbox.call(&pid, json!(null), None)).unwrap();
     /// assert_eq!(reply, json!(format!("{pid} in ctx")));
@@ -113,7 +113,7 @@ impl HostFunctions {
     ///     return m
     /// "#);
     /// let node = Node::new();
-    /// let sandbox = node.create_sandbox_with(spec, host).unwrap();
+    /// let sandbox = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
     /// let pid = graft::block_on(sandbox.spawn("m", json!(null), None)).unwrap();
     /// let reply = graft::block_on(sandbox.call(&pid, json!("k1"), None)).unwrap();
     /// assert_eq!(reply, json!("k1"));

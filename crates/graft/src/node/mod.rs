@@ -183,9 +183,9 @@ struct NodeInner {
 ///     end
 ///     return counter
 /// "#);
-/// let sandbox = node.create_sandbox(spec).unwrap();
+/// let sandbox = graft::block_on(node.create_sandbox(spec)).unwrap();
 /// let pid = graft::block_on(sandbox.spawn("counter", serde_json::json!({"start": 41}), Some("c"))).unwrap();
-/// assert!(pid.starts_with("<counter."));
+/// assert_eq!(pid.module(), "counter");
 /// let reply = graft::block_on(sandbox.call("c", serde_json::json!("inc"), None)).unwrap();
 /// assert_eq!(reply, serde_json::json!(42));
 /// ```
@@ -329,7 +329,7 @@ impl Node {
     /// ```
     /// use graft::{EventFilter, Node, SandboxSpec};
     /// let node = Node::new();
-    /// node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}")).unwrap();
+    /// graft::block_on(node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))).unwrap();
     /// let page = node.events_after(0, &EventFilter::default().sandbox("ev"), 100);
     /// assert!(page.gap.is_none());
     /// assert!(page.events.iter().all(|e| e.sandbox == "ev"));
@@ -352,30 +352,86 @@ impl Node {
 
     /// Creates a sandbox from a spec (compiles and loads every module, then
     /// starts the app if the spec has an entry module).
-    pub fn create_sandbox(&self, spec: SandboxSpec) -> Result<Sandbox> {
+    ///
+    /// The work (compiling, building the VM, with a store the write to
+    /// disk) runs on a thread of its own, never on the caller's: the future
+    /// waits without blocking an async runtime's worker thread, and
+    /// [`block_on`] drives it from plain threads. Dropping the future does
+    /// not cancel the creation.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// # graft::block_on(async {
+    /// let node = Node::new();
+    /// let spec = SandboxSpec::new("demo").entry(None).module("m", "return {}");
+    /// let sandbox = node.create_sandbox(spec).await.unwrap();
+    /// assert_eq!(sandbox.id(), "demo");
+    /// let again = SandboxSpec::new("demo").entry(None).module("m", "return {}");
+    /// assert_eq!(node.create_sandbox(again).await.unwrap_err().kind(), "sandbox_exists");
+    /// # });
+    /// ```
+    pub async fn create_sandbox(&self, spec: SandboxSpec) -> Result<Sandbox> {
         self.create_sandbox_with(spec, HostFunctions::default())
+            .await
     }
 
-    /// Creates a sandbox with host functions (capabilities) for its guests.
+    /// Creates a sandbox with host functions (capabilities) for its guests;
+    /// off the caller's thread, as [`Node::create_sandbox`].
     ///
     /// With a store, the sandbox (its record, first versions and a
     /// `sandbox_created` event) is written before this returns; if that
     /// write fails, no sandbox is created.
-    pub fn create_sandbox_with(&self, spec: SandboxSpec, host: HostFunctions) -> Result<Sandbox> {
-        self.create_from(spec, host, None, true)
+    ///
+    /// ```
+    /// use graft::{HostFunctions, Node, SandboxSpec};
+    /// let node = Node::new();
+    /// let host = HostFunctions::default().function("host.two", |_| Ok(serde_json::json!(2)));
+    /// let spec = SandboxSpec::new("h").entry(None).module("m", "return {}");
+    /// let sb = graft::block_on(node.create_sandbox_with(spec, host)).unwrap();
+    /// let info = graft::block_on(sb.info()).unwrap();
+    /// assert!(info.capabilities.iter().any(|c| c == "host.two"));
+    /// ```
+    pub async fn create_sandbox_with(
+        &self,
+        spec: SandboxSpec,
+        host: HostFunctions,
+    ) -> Result<Sandbox> {
+        let node = self.clone();
+        self.create_off_thread(move || node.create_from(spec, host, None, true))
+            .await
     }
 
     /// [`Node::create_sandbox_with`] that commits the operations of
     /// `attached` (an audit row) in the creation's transaction: both or
     /// neither are stored. Without a store, or for another store, they are
     /// left untaken ([`crate::store::Attached::applied`] stays `None`).
-    pub fn create_sandbox_attached(
+    pub async fn create_sandbox_attached(
         &self,
         spec: SandboxSpec,
         host: HostFunctions,
         attached: &crate::store::Attached,
     ) -> Result<Sandbox> {
-        self.create_from_attached(spec, host, None, true, Some(attached))
+        let node = self.clone();
+        let attached = attached.clone();
+        self.create_off_thread(move || {
+            node.create_from_attached(spec, host, None, true, Some(&attached))
+        })
+        .await
+    }
+
+    /// Runs a creation on a thread of its own ([`blocking::unblock`]); a
+    /// panic there (outside the runtime's own barrier) is an internal error.
+    async fn create_off_thread(
+        &self,
+        create: impl FnOnce() -> Result<Sandbox> + Send + 'static,
+    ) -> Result<Sandbox> {
+        blocking::unblock("graft-create", create)
+            .await
+            .unwrap_or_else(|message| {
+                Err(Error::Luau(format!(
+                    "internal error while creating a sandbox: {message}"
+                )))
+            })
     }
 
     /// Creates a sandbox, fresh or from a restored `history`; `persist`
@@ -602,7 +658,7 @@ impl Node {
     /// use graft::{BatchOptions, Node, SandboxSpec};
     /// let node = Node::new();
     /// for id in ["a", "b"] {
-    ///     node.create_sandbox(SandboxSpec::new(id).entry(None).module("m", "return { v = 1 }")).unwrap();
+    ///     graft::block_on(node.create_sandbox(SandboxSpec::new(id).entry(None).module("m", "return { v = 1 }"))).unwrap();
     /// }
     /// let ids = vec!["a".to_string(), "b".to_string()];
     /// let sources = [("m".to_string(), "return { v = 2 }".to_string())].into();
@@ -702,9 +758,10 @@ mod tests {
     "#;
 
     fn counter(node: &Node, id: &str) -> Sandbox {
-        let sb = node
-            .create_sandbox(SandboxSpec::new(id).entry(None).module("c", COUNTER))
-            .expect("sandbox");
+        let sb = crate::block_on(
+            node.create_sandbox(SandboxSpec::new(id).entry(None).module("c", COUNTER)),
+        )
+        .expect("sandbox");
         block_on(sb.spawn("c", Json::Null, Some("c"))).expect("spawn");
         sb
     }
@@ -820,8 +877,8 @@ mod tests {
               handle_call = function(req, from, n) return "v1", n end,
             }
         "#;
-        let sb = node
-            .create_sandbox(
+        let sb = crate::block_on(
+            node.create_sandbox(
                 SandboxSpec::new("r")
                     .entry(None)
                     .module("w", spinner)
@@ -829,8 +886,9 @@ mod tests {
                         handler_ms: 1000,
                         ..crate::Limits::default()
                     }),
-            )
-            .expect("sandbox");
+            ),
+        )
+        .expect("sandbox");
         block_on(sb.spawn("w", Json::Null, Some("w"))).expect("spawn");
         block_on(sb.cast("w", Json::Null)).expect("cast");
         // `w` is inside a callback: the reload waits for it (quiesce) ...

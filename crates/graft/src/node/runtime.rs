@@ -16,11 +16,12 @@ use crate::events::EventLog;
 use crate::kernel::{
     self, kernel, AppStatus, CanaryWatch, HostSlot, Job, Timer, Waiter, EVAL_MODULE,
 };
+use crate::pid::{Pid, Target};
 use crate::upgrade::{
     Applied, Direction, Engine, ModuleInfo, ModuleVersion, PreparedModule, ReloadOptions,
     ReloadReport, ReloadStatus,
 };
-use crate::value::{estimate_size, json_to_lua, lua_to_json, Pid};
+use crate::value::{estimate_size, json_to_lua, lua_to_json, VmPid};
 use crate::vm::{HostTable, Vm};
 
 /// How long a reload waits for busy processes to finish their callbacks.
@@ -35,8 +36,8 @@ const ESTIMATE_LISTING_ENTRIES: usize = 4_000_000;
 /// One row of the process list (SPEC §6).
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessInfo {
-    /// `"<module.serial>"`.
-    pub pid: String,
+    /// Its pid; serialized as `"<module.serial>"`.
+    pub pid: Pid,
     /// Registered name, if any.
     pub name: Option<String>,
     /// The behaviour module.
@@ -53,7 +54,7 @@ pub struct ProcessInfo {
     /// 4,000,000 per listing; past either the figure is a lower bound.
     pub memory_bytes: usize,
     /// Linked pids.
-    pub links: Vec<String>,
+    pub links: Vec<Pid>,
     /// Whether it traps exits.
     pub trap_exit: bool,
     /// Callbacks run so far.
@@ -333,10 +334,17 @@ impl Runtime {
         slot.answer(r);
     }
 
-    fn resolve(&self, target: &str) -> Result<u64> {
-        kernel(self.lua())
-            .resolve_str(target)
-            .ok_or_else(|| Error::NoProcess(target.to_owned()))
+    /// The serial a host-side target addresses. A pid addresses its serial
+    /// (its module part is informative); text resolves as it always has
+    /// (`Kernel::resolve_str`). For a pid's text both agree: names never
+    /// start with `<`, so the name lookup could not have found it.
+    fn resolve(&self, target: &Target) -> Result<u64> {
+        let k = kernel(self.lua());
+        let serial = match target.as_pid() {
+            Some(pid) => Some(pid.serial()).filter(|s| k.procs.contains_key(s)),
+            None => k.resolve_str(target.as_str()),
+        };
+        serial.ok_or_else(|| Error::NoProcess(target.as_str().to_owned()))
     }
 
     /// Host messages obey `max_message_bytes` like guest messages (measured as JSON).
@@ -353,7 +361,7 @@ impl Runtime {
 
     pub fn host_call(
         &mut self,
-        target: String,
+        target: Target,
         request: Json,
         timeout_ms: u64,
         slot: Arc<HostSlot>,
@@ -375,7 +383,7 @@ impl Runtime {
                 at,
                 Timer::HostCallTimeout {
                     slot: slot.clone(),
-                    target,
+                    target: target.as_str().to_owned(),
                     ms: timeout_ms,
                 },
             );
@@ -387,7 +395,7 @@ impl Runtime {
         }
     }
 
-    pub fn host_send(&mut self, target: &str, message: &Json, cast: bool) -> Result<()> {
+    pub fn host_send(&mut self, target: &Target, message: &Json, cast: bool) -> Result<()> {
         self.check_size(message)?;
         let serial = self.resolve(target)?;
         let lua = self.lua();
@@ -446,7 +454,7 @@ impl Runtime {
             }
             let serial = k.new_serial();
             let mid = k.module_id(EVAL_MODULE).expect("interned at start");
-            let mut p = crate::kernel::Process::new(Pid::new(mid, serial), None, 0);
+            let mut p = crate::kernel::Process::new(VmPid::new(mid, serial), None, 0);
             p.system = Some(Box::new(Job::Eval {
                 chunk,
                 waiter: Waiter::Host(slot.clone()),
@@ -474,7 +482,7 @@ impl Runtime {
                 let (state_bytes, read) = estimate_size(&state, budget.min(ESTIMATE_ENTRIES));
                 budget = budget.saturating_sub(read);
                 ProcessInfo {
-                    pid: k.pid_string(p.pid),
+                    pid: k.api_pid(p.pid),
                     name: p.name.as_ref().map(|n| n.to_string()),
                     module: k.module_names[p.pid.module_index() as usize].to_string(),
                     version: p.version,
@@ -485,18 +493,18 @@ impl Runtime {
                         .links
                         .iter()
                         .filter_map(|s| k.procs.get(s))
-                        .map(|l| k.pid_string(l.pid))
+                        .map(|l| k.api_pid(l.pid))
                         .collect(),
                     trap_exit: p.trap_exit,
                     messages_handled: p.messages_handled as u64,
                 }
             })
             .collect();
-        out.sort_by_key(|p| Pid::parse_serial(&p.pid));
+        out.sort_by_key(|p| p.pid.serial());
         out
     }
 
-    pub fn state(&self, target: &str) -> Result<Json> {
+    pub fn state(&self, target: &Target) -> Result<Json> {
         let serial = self.resolve(target)?;
         let lua = self.lua();
         let k = kernel(lua);

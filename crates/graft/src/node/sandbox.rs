@@ -17,6 +17,7 @@ use super::{ProcessInfo, SandboxInfo};
 use crate::config::SandboxSpec;
 use crate::error::{Error, Result};
 use crate::kernel::{AppStatus, Event, HostSlot};
+use crate::pid::{Pid, Target};
 use crate::upgrade::{
     self, Direction, ModuleHistory, ModuleInfo, ModuleVersion, ReloadOptions, ReloadReport,
 };
@@ -27,6 +28,15 @@ use crate::vm::HostTable;
 #[derive(Clone)]
 pub struct Sandbox {
     pub(super) shared: Arc<Shared>,
+}
+
+/// Shows the sandbox id (so `Result<Sandbox>` can be unwrapped in tests).
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("id", &self.shared.id)
+            .finish()
+    }
 }
 
 pub(super) fn stopped(id: &str) -> Error {
@@ -135,9 +145,31 @@ impl Sandbox {
     }
 
     /// Calls a process (`handle_call`) and waits for its reply. `target` is a
-    /// registered name or a pid string `"<module.N>"`. Default timeout 5 s.
-    pub async fn call(&self, target: &str, request: Json, timeout_ms: Option<u64>) -> Result<Json> {
-        let target = target.to_owned();
+    /// [`Pid`](crate::Pid) or a registered name (any [`Target`]); one that
+    /// addresses no process fails with [`Error::NoProcess`]. Default timeout 5 s.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let node = Node::new();
+    /// let spec = SandboxSpec::new("demo").entry(None).module("echo", r#"
+    ///     return { init = function() return {} end,
+    ///              handle_call = function(req, from, s) return req, s end }
+    /// "#);
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
+    /// let pid = graft::block_on(sb.spawn("echo", serde_json::json!(null), Some("e"))).unwrap();
+    /// // By pid or by name.
+    /// assert_eq!(graft::block_on(sb.call(&pid, "a".into(), None)).unwrap(), "a");
+    /// assert_eq!(graft::block_on(sb.call("e", "b".into(), None)).unwrap(), "b");
+    /// let err = graft::block_on(sb.call("nobody", "c".into(), None)).unwrap_err();
+    /// assert_eq!(err.kind(), "no_process");
+    /// ```
+    pub async fn call(
+        &self,
+        target: impl Into<Target>,
+        request: Json,
+        timeout_ms: Option<u64>,
+    ) -> Result<Json> {
+        let target = target.into();
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
             .await
@@ -162,18 +194,18 @@ impl Sandbox {
     ///     function echo.handle_call(req, from, state) return req, state end
     ///     return echo
     /// "#);
-    /// let sandbox = node.create_sandbox(spec).unwrap();
+    /// let sandbox = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// graft::block_on(sandbox.spawn("echo", serde_json::json!({}), Some("e"))).unwrap();
     /// let reply = sandbox.call_blocking("e", serde_json::json!("hi"), None).unwrap();
     /// assert_eq!(reply, serde_json::json!("hi"));
     /// ```
     pub fn call_blocking(
         &self,
-        target: &str,
+        target: impl Into<Target>,
         request: Json,
         timeout_ms: Option<u64>,
     ) -> Result<Json> {
-        let target = target.to_owned();
+        let target = target.into();
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
@@ -194,27 +226,47 @@ impl Sandbox {
     }
 
     /// Casts a message (`handle_cast`). Fails with `MailboxFull` rather than dropping it.
-    pub async fn cast(&self, target: &str, message: Json) -> Result<()> {
-        let target = target.to_owned();
+    pub async fn cast(&self, target: impl Into<Target>, message: Json) -> Result<()> {
+        let target = target.into();
         self.ask(move |rt| rt.host_send(&target, &message, true))
             .await?
     }
 
     /// Sends a plain message (`handle_info`).
-    pub async fn send(&self, target: &str, message: Json) -> Result<()> {
-        let target = target.to_owned();
+    pub async fn send(&self, target: impl Into<Target>, message: Json) -> Result<()> {
+        let target = target.into();
         self.ask(move |rt| rt.host_send(&target, &message, false))
             .await?
     }
 
-    /// Spawns a process of `module` with `args`; returns its pid string once `init` succeeded.
-    pub async fn spawn(&self, module: &str, args: Json, name: Option<&str>) -> Result<String> {
+    /// Spawns a process of `module` with `args`; returns its pid once `init` succeeded.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let node = Node::new();
+    /// let spec = SandboxSpec::new("demo").entry(None)
+    ///     .module("w", "return { init = function(args) return args end }");
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
+    /// let pid = graft::block_on(sb.spawn("w", serde_json::json!({}), None)).unwrap();
+    /// assert_eq!(pid.module(), "w");
+    /// assert_eq!(pid.to_string(), format!("<w.{}>", pid.serial()));
+    /// ```
+    pub async fn spawn(&self, module: &str, args: Json, name: Option<&str>) -> Result<Pid> {
         let module = module.to_owned();
         let name = name.map(str::to_owned);
         let pid = self
             .ask_slot(move |rt, slot| rt.host_spawn(&module, &args, name.as_deref(), slot))
             .await?;
-        Ok(pid.as_str().unwrap_or_default().to_owned())
+        // The kernel answers with the pid's text; module names are checked
+        // when modules load, so it always parses (an error, never a panic,
+        // if that ever broke).
+        let text = pid.as_str().unwrap_or_default();
+        text.parse::<Pid>().map_err(|e| {
+            Error::Luau(format!(
+                "internal error: spawn answered `{}`, not a pid: {e}",
+                text.escape_debug()
+            ))
+        })
     }
 
     /// Runs a Luau chunk as a short-lived process under the sandbox's limits.
@@ -237,9 +289,9 @@ impl Sandbox {
         self.ask(|rt| rt.processes()).await
     }
 
-    /// A process's state as JSON.
-    pub async fn state(&self, target: &str) -> Result<Json> {
-        let target = target.to_owned();
+    /// A process's state as JSON. `target` as for [`Sandbox::call`].
+    pub async fn state(&self, target: impl Into<Target>) -> Result<Json> {
+        let target = target.into();
         self.ask(move |rt| rt.state(&target)).await?
     }
 
@@ -333,7 +385,7 @@ impl Sandbox {
     ///         handle_call = function(_, _, n) return n, n end,
     ///     }"#);
     /// let node = Node::new();
-    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// graft::block_on(sb.spawn("t", serde_json::Value::Null, Some("t"))).unwrap();
     /// graft::block_on(sb.advance_clock(60_000)).unwrap();
     /// assert_eq!(graft::block_on(sb.call("t", "n".into(), None)).unwrap(), 1);
@@ -363,7 +415,7 @@ impl Sandbox {
     /// let node = graft::Node::new();
     /// let spec = graft::SandboxSpec::new("cov").entry(None)
     ///     .module("m", "local m = {}\nfunction m.f()\n  return 1\nend\nreturn m");
-    /// let sb = node.create_sandbox(spec).unwrap();
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// let cov = graft::block_on(sb.coverage()).unwrap();
     /// assert_eq!(cov[0].module, "m");
     /// assert_eq!(cov[0].lines.get(&1), Some(&1), "the body ran line 1 once");
@@ -398,9 +450,8 @@ impl Sandbox {
     /// ```
     /// use graft::{Node, SandboxSpec};
     /// let node = Node::new();
-    /// let sb = node
-    ///     .create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))
-    ///     .unwrap();
+    /// let spec = SandboxSpec::new("ev").entry(None).module("m", "return {}");
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// let all = graft::block_on(sb.events()).unwrap();
     /// let seen = all.last().map_or(0, |e| e.seq);
     /// let src = [("m".to_string(), "return { v = 2 }".to_string())].into();
@@ -483,7 +534,7 @@ impl Sandbox {
     /// let node = Node::new();
     /// let v1 = "return { init = function() return 1 end, handle_call = function(r, f, s) return s, s end }";
     /// let v2 = "return { init = function() return 1 end, handle_call = function(r, f, s) return s * 10, s end }";
-    /// let sb = node.create_sandbox(SandboxSpec::new("up").entry(None).module("m", v1)).unwrap();
+    /// let sb = graft::block_on(node.create_sandbox(SandboxSpec::new("up").entry(None).module("m", v1))).unwrap();
     /// graft::block_on(sb.spawn("m", serde_json::json!(null), Some("m"))).unwrap();
     /// let mut sources = std::collections::BTreeMap::new();
     /// sources.insert("m".to_string(), v2.to_string());
@@ -572,12 +623,12 @@ impl Sandbox {
     /// ```
     /// use graft::{Node, SandboxSpec, ReloadOptions};
     /// let node = Node::new();
-    /// let a = node.create_sandbox(SandboxSpec::new("a").entry(None).module("m", "return { v = 1 }")).unwrap();
+    /// let a = graft::block_on(node.create_sandbox(SandboxSpec::new("a").entry(None).module("m", "return { v = 1 }"))).unwrap();
     /// let mut v2 = std::collections::BTreeMap::new();
     /// v2.insert("m".to_string(), "return { v = 2 }".to_string());
     /// graft::block_on(a.reload(v2, ReloadOptions::default())).unwrap();
     /// let exported = graft::block_on(a.export()).unwrap();
-    /// let b = node.create_sandbox(SandboxSpec::new("b").entry(None).module("m", "return { v = 0 }")).unwrap();
+    /// let b = graft::block_on(node.create_sandbox(SandboxSpec::new("b").entry(None).module("m", "return { v = 0 }"))).unwrap();
     /// graft::block_on(b.import(exported, ReloadOptions::default())).unwrap();
     /// let kept: Vec<u32> = graft::block_on(b.versions("m")).unwrap().iter().map(|v| v.version).collect();
     /// assert_eq!(kept, vec![1, 2]);

@@ -638,7 +638,7 @@ mod tests {
     fn fresh_work_goes_first_until_a_busy_sandbox_waited_too_long() {
         let node = crate::Node::with_threads(1);
         let mk = |id: &str| {
-            node.create_sandbox(crate::SandboxSpec::new(id).entry(None))
+            crate::block_on(node.create_sandbox(crate::SandboxSpec::new(id).entry(None)))
                 .expect("sandbox")
                 .shared
         };
@@ -666,7 +666,7 @@ mod tests {
 
     /// A sandbox with nothing queued and nothing running.
     fn idle(node: &crate::Node, id: &str) -> crate::Sandbox {
-        node.create_sandbox(crate::SandboxSpec::new(id).entry(None))
+        crate::block_on(node.create_sandbox(crate::SandboxSpec::new(id).entry(None)))
             .expect("sandbox")
     }
 
@@ -785,8 +785,8 @@ mod tests {
             function m.handle_call(req, _, state) return req, state end
             return m
         "#;
-        let sb = node
-            .create_sandbox(
+        let sb = crate::block_on(
+            node.create_sandbox(
                 crate::SandboxSpec::new("sorter")
                     .entry(None)
                     .module("m", src)
@@ -796,8 +796,9 @@ mod tests {
                         handler_ms: 2_000,
                         ..crate::Limits::default()
                     }),
-            )
-            .expect("sandbox");
+            ),
+        )
+        .expect("sandbox");
         crate::block_on(sb.spawn("m", serde_json::Value::Null, Some("s"))).expect("spawn");
         crate::block_on(sb.cast("s", serde_json::json!("go"))).expect("cast");
         let lowered = wait_pool(&node, Duration::from_secs(3), |pool| {
@@ -838,14 +839,15 @@ mod tests {
             function m.handle_call(req, _, state) nap() return req, state end
             return m
         "#;
-        let sb = node
-            .create_sandbox_with(
+        let sb = crate::block_on(
+            node.create_sandbox_with(
                 crate::SandboxSpec::new("napper")
                     .entry(None)
                     .module("m", src),
                 host,
-            )
-            .expect("sandbox");
+            ),
+        )
+        .expect("sandbox");
         crate::block_on(sb.spawn("m", serde_json::Value::Null, Some("n"))).expect("spawn");
         let probed = std::sync::Arc::new(AtomicBool::new(false));
         let watcher = {

@@ -39,7 +39,7 @@ use super::{Applied, Store, WriteOp};
 /// };
 /// let attached = Attached::new(&store, vec![WriteOp::AppendAudit(row)]);
 /// let spec = graft::SandboxSpec::new("s").entry(None).module("m", "return {}");
-/// node.create_sandbox_attached(spec, Default::default(), &attached)?;
+/// graft::block_on(node.create_sandbox_attached(spec, Default::default(), &attached))?;
 /// // The row committed in the creation's transaction.
 /// assert!(matches!(attached.applied().as_deref(), Some([graft::store::Applied::Audit { .. }])));
 /// # node.shutdown();

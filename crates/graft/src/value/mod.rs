@@ -23,7 +23,8 @@
 //! no unwrap), and every step of [`lua_to_json`] charges output bytes.
 
 //!
-//! Layout: [`pid`](Pid) (process identifiers), [`exit`](ExitReason) (exit
+//! Layout: `pid` (process identifiers as the VM holds them; the API's
+//! [`Pid`](crate::Pid) is their text form), [`exit`](ExitReason) (exit
 //! reasons), `to_json` ([`lua_to_json`]), `from_json` (JSON → Luau),
 //! `estimate` (memory estimates). This module imports no other module of
 //! the crate: `error`, `vm` and the kernel build on it, never the reverse.
@@ -45,7 +46,7 @@ pub(crate) use estimate::{estimate_size, json_len};
 pub use exit::ExitReason;
 pub use from_json::check_json_depth;
 pub(crate) use from_json::json_to_lua;
-pub use pid::Pid;
+pub(crate) use pid::{VmPid, SERIAL_MASK};
 pub(crate) use to_json::lua_to_json;
 pub use to_json::ValueError;
 

@@ -19,7 +19,7 @@ enum K {
     Str(&'static str),
     Float(f64),
     Bool(bool),
-    Pid(u64),
+    VmPid(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -28,7 +28,7 @@ enum V {
     Num(f64),
     Str(String),
     Bool(bool),
-    Pid(u64),
+    VmPid(u64),
     Func,
 }
 
@@ -50,7 +50,7 @@ fn key() -> impl Strategy<Value = K> {
         1 => prop::sample::select(vec![0.5, -0.0, 1e300, f64::INFINITY, -3.0])
             .prop_map(K::Float),
         1 => any::<bool>().prop_map(K::Bool),
-        1 => (1u64..4).prop_map(K::Pid),
+        1 => (1u64..4).prop_map(K::VmPid),
     ]
 }
 
@@ -62,7 +62,7 @@ fn value(tables: usize) -> impl Strategy<Value = V> {
             .prop_map(V::Num),
         2 => prop::collection::vec(chars, 0..6).prop_map(|c| V::Str(c.into_iter().collect())),
         1 => any::<bool>().prop_map(V::Bool),
-        1 => (1u64..4).prop_map(V::Pid),
+        1 => (1u64..4).prop_map(V::VmPid),
         1 => Just(V::Func),
     ]
 }
@@ -96,7 +96,7 @@ fn build(lua: &Lua, g: &Graph) -> Value {
                 K::Str(s) => Value::String(lua.create_string(s).unwrap()),
                 K::Float(f) => Value::Number(*f),
                 K::Bool(b) => Value::Boolean(*b),
-                K::Pid(n) => Pid::new(1, *n).to_lua(),
+                K::VmPid(n) => VmPid::new(1, *n).to_lua(),
             };
             let val = match v {
                 V::Table(j) if g.acyclic && *j <= i => Value::Boolean(true),
@@ -104,7 +104,7 @@ fn build(lua: &Lua, g: &Graph) -> Value {
                 V::Num(n) => Value::Number(*n),
                 V::Str(s) => Value::String(lua.create_string(s).unwrap()),
                 V::Bool(b) => Value::Boolean(*b),
-                V::Pid(n) => Pid::new(1, *n).to_lua(),
+                V::VmPid(n) => VmPid::new(1, *n).to_lua(),
                 V::Func => Value::Function(lua.create_function(|_, ()| Ok(())).unwrap()),
             };
             tables[i].raw_set(key, val).unwrap();
@@ -148,7 +148,7 @@ fn model_key(k: &Value) -> Result<(Option<i64>, String), Kind> {
             Number::from_f64(*n).ok_or(Kind::NotPlain)?.to_string(),
         ),
         Value::Boolean(b) => (None, b.to_string()),
-        Value::LightUserData(_) => (None, names(Pid::from_lua(k).ok_or(Kind::NotPlain)?)),
+        Value::LightUserData(_) => (None, names(VmPid::from_lua(k).ok_or(Kind::NotPlain)?)),
         _ => return Err(Kind::NotPlain),
     })
 }
@@ -163,7 +163,7 @@ fn model(v: &Value, path: &mut Vec<*const std::ffi::c_void>) -> Result<Json, Kin
         Value::Number(n) => return model_number(*n),
         Value::String(s) => return Ok(Json::String(s.to_string_lossy())),
         Value::LightUserData(_) => {
-            return Pid::from_lua(v)
+            return VmPid::from_lua(v)
                 .map(|p| Json::String(names(p)))
                 .ok_or(Kind::NotPlain)
         }

@@ -6,19 +6,19 @@ use serde_json::Value as Json;
 use super::to_json::{int_len, Writer, ROOT};
 use super::*;
 
-pub(super) fn names(p: Pid) -> String {
+pub(super) fn names(p: VmPid) -> String {
     format!("<m.{}>", p.serial())
 }
 
 #[test]
 fn pid_round_trips_through_lua_value_and_string() {
-    let pid = Pid::new(5, 1234);
-    assert_eq!(Pid::from_lua(&pid.to_lua()), Some(pid));
-    assert_eq!(Pid::parse_serial("<counter.1234>"), Some(1234));
-    assert_eq!(Pid::parse_serial("<chat.room.9>"), Some(9));
-    assert_eq!(Pid::parse_serial("counter.9"), None);
-    assert_eq!(Pid::parse_serial("<counter.0>"), None);
-    assert_eq!(Pid::parse_serial("<counter.x>"), None);
+    let pid = VmPid::new(5, 1234);
+    assert_eq!(VmPid::from_lua(&pid.to_lua()), Some(pid));
+    assert_eq!(VmPid::parse_serial("<counter.1234>"), Some(1234));
+    assert_eq!(VmPid::parse_serial("<chat.room.9>"), Some(9));
+    assert_eq!(VmPid::parse_serial("counter.9"), None);
+    assert_eq!(VmPid::parse_serial("<counter.0>"), None);
+    assert_eq!(VmPid::parse_serial("<counter.x>"), None);
 }
 
 const CAP: usize = 1 << 20;
@@ -152,7 +152,7 @@ fn odd_keys_are_written_as_strings() {
         convert(&v).unwrap(),
         serde_json::json!({"true": 1, "2.5": 2, "1e+300": 3, "-7": 4})
     );
-    let pid = Pid::new(1, 7);
+    let pid = VmPid::new(1, 7);
     let t = lua.create_table().unwrap();
     t.raw_set(pid.to_lua(), "x").unwrap();
     assert_eq!(

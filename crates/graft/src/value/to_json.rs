@@ -6,7 +6,7 @@ use std::fmt;
 use mlua::{Table, Value};
 use serde_json::{Map, Number, Value as Json};
 
-use super::{Pid, MAX_DEPTH};
+use super::{VmPid, MAX_DEPTH};
 
 /// Why a Luau value could not become JSON.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,7 +61,7 @@ pub fn lua_to_json(
     v: &Value,
     what: &str,
     limit: usize,
-    pid_name: &dyn Fn(Pid) -> String,
+    pid_name: &dyn Fn(VmPid) -> String,
 ) -> Result<Json, ValueError> {
     Writer::new(what, limit, pid_name).value(v, ROOT)
 }
@@ -93,7 +93,7 @@ pub(super) struct Writer<'a> {
     /// Values visited: each charges at least one byte, so this stays
     /// within `limit + 1` (the work bound the tests check).
     pub(super) steps: usize,
-    pid_name: &'a dyn Fn(Pid) -> String,
+    pid_name: &'a dyn Fn(VmPid) -> String,
 }
 
 /// A key as it is written: integers stay numbers until the table's form
@@ -104,7 +104,7 @@ enum Key {
 }
 
 impl<'a> Writer<'a> {
-    pub(super) fn new(what: &'a str, limit: usize, pid_name: &'a dyn Fn(Pid) -> String) -> Self {
+    pub(super) fn new(what: &'a str, limit: usize, pid_name: &'a dyn Fn(VmPid) -> String) -> Self {
         Writer {
             what,
             limit,
@@ -138,7 +138,7 @@ impl<'a> Writer<'a> {
             },
             Value::String(s) => Json::String(self.lua_string(s, 0, at)?),
             Value::Table(t) => self.table(t, at)?,
-            Value::LightUserData(_) => match Pid::from_lua(v) {
+            Value::LightUserData(_) => match VmPid::from_lua(v) {
                 Some(pid) => Json::String(self.text((self.pid_name)(pid), 0, at)?),
                 None => return Err(self.not_plain(at, "an internal marker is not plain data")),
             },
@@ -267,7 +267,7 @@ impl<'a> Writer<'a> {
                 None => return Err(self.not_plain(at, format!("the key {n} has no JSON form"))),
             },
             Value::Boolean(b) => Key::Text(self.text(b.to_string(), 1, at)?),
-            Value::LightUserData(_) => match Pid::from_lua(k) {
+            Value::LightUserData(_) => match VmPid::from_lua(k) {
                 Some(pid) => Key::Text(self.text((self.pid_name)(pid), 1, at)?),
                 None => return Err(self.not_plain(at, "an internal marker is not plain data")),
             },
@@ -379,7 +379,7 @@ impl<'a> Writer<'a> {
             Value::Integer(i) => format!("[{i}]"),
             Value::Number(n) => format!("[{n}]"),
             Value::Boolean(b) => format!("[{b}]"),
-            Value::LightUserData(_) => match Pid::from_lua(k) {
+            Value::LightUserData(_) => match VmPid::from_lua(k) {
                 Some(pid) => format!("[{}]", (self.pid_name)(pid)),
                 None => "[?]".into(),
             },

@@ -120,7 +120,7 @@ mod tests {
     fn the_guests_graft_has_exactly_the_declared_keys() {
         let node = crate::Node::with_threads(1);
         let spec = crate::SandboxSpec::new("api").entry(None);
-        let sb = node.create_sandbox(spec).unwrap();
+        let sb = crate::block_on(node.create_sandbox(spec)).unwrap();
         let keys = crate::block_on(sb.eval(
             "local ks = {} for k in graft do table.insert(ks, k) end table.sort(ks) return ks",
         ))

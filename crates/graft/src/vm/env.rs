@@ -135,7 +135,7 @@ pub(crate) type StartBlocking = fn(&Lua, BlockingStart) -> std::result::Result<u
 
 /// How a pid reads in JSON handed to the host (`"<module.N>"`); the sandbox
 /// layer supplies it, since module names live in its kernel.
-pub(crate) type PidText = fn(&Lua, crate::value::Pid) -> String;
+pub(crate) type PidText = fn(&Lua, crate::value::VmPid) -> String;
 
 /// Builds the guest globals from the trusted copy of the real globals
 /// (`real`), the prelude's exports and the sandbox's grants, with `require`

@@ -35,13 +35,14 @@ return values
 "#;
 
 fn attacked(node: &Node) -> Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("victim")
                 .entry(None)
                 .module("values", VALUES),
-        )
-        .expect("victim sandbox");
+        ),
+    )
+    .expect("victim sandbox");
     answer(sb.spawn("values", json!(null), Some("x"))).expect("spawn values");
     sb
 }
@@ -184,14 +185,15 @@ return sender
 fn cyclic_message_raises_cyclic_value_in_the_sender() {
     let node = small_cap_node();
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("victim")
                 .entry(None)
                 .module("counter", COUNTER)
                 .module("sender", SENDER),
-        )
-        .expect("victim");
+        ),
+    )
+    .expect("victim");
     answer(sb.spawn("counter", json!(null), Some("c"))).expect("counter");
     answer(sb.spawn("sender", json!(null), Some("s"))).expect("sender");
     let r = answer(sb.call("s", json!(null), None)).expect("sender replies");
@@ -224,14 +226,15 @@ return caller
 fn cyclic_reply_to_a_process_caller_raises_cyclic_value() {
     let node = small_cap_node();
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("victim")
                 .entry(None)
                 .module("values", VALUES)
                 .module("caller", CALLER),
-        )
-        .expect("victim");
+        ),
+    )
+    .expect("victim");
     answer(sb.spawn("caller", json!(null), Some("caller"))).expect("caller");
     answer(sb.spawn("values", json!(null), Some("x"))).expect("values");
     let r = answer(sb.call("caller", json!("cycle"), None)).expect("caller replies");
@@ -265,14 +268,15 @@ fn shared_dag_host_function_argument_is_value_too_large() {
             .map_err(|e| e.to_string())?
             .len()))
     });
-    let sb = node
-        .create_sandbox_with(
+    let sb = graft::block_on(
+        node.create_sandbox_with(
             SandboxSpec::new("victim")
                 .entry(None)
                 .module("hosted", HOSTED),
             host,
-        )
-        .expect("victim");
+        ),
+    )
+    .expect("victim");
     answer(sb.spawn("hosted", json!(null), Some("h"))).expect("hosted");
     let r = answer(sb.call("h", json!("dag"), None)).expect("the guest gets nil, err");
     let err = r["err"].as_str().expect("error text");

@@ -18,8 +18,7 @@ const RESPONSE_CAP: usize = 64 * 1024;
 fn setup() -> (Node, Sandbox, Sandbox) {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let target = node
-        .create_sandbox(SandboxSpec::new("target").entry(None))
+    let target = graft::block_on(node.create_sandbox(SandboxSpec::new("target").entry(None)))
         .expect("target sandbox");
     (node, bystander, target)
 }

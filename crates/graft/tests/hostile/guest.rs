@@ -93,14 +93,15 @@ const ATTACKS: &[&str] = &[
 ];
 
 fn builtin_sandbox(node: &Node, id: &str) -> graft::Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new(id)
                 .entry(None)
                 .module("attacker", ATTACKER)
                 .module("probe", PROBE),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("attacker", json!(null), Some("attacker"))).expect("attacker");
     answer(sb.spawn("probe", json!(null), Some("probe"))).expect("probe");
     sb
@@ -189,15 +190,16 @@ return { behaviour = "supervisor", init = function()
   } }
 end }
 "#;
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("supervised")
                 .entry(Some("app"))
                 .module("app", sup)
                 .module("attacker", ATTACKER)
                 .module("probe", PROBE),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.wait_app_started()).expect("app started");
     let err = answer(sb.call("attacker", json!("alias_string"), None)).expect("attacker");
     assert!(
@@ -259,14 +261,15 @@ fn assert_truncated(text: &str, what: &str) {
 fn a_crash_message_of_megabytes_is_truncated_everywhere() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("crashes")
                 .entry(None)
                 .module("crasher", CRASHER)
                 .module("watcher", WATCHER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("crasher", json!(null), Some("crasher"))).expect("crasher");
     answer(sb.spawn("watcher", json!(null), Some("watcher"))).expect("watcher");
     answer(sb.call(
@@ -334,13 +337,14 @@ fn events_are_capped_at_max_events_per_sandbox() {
         },
     );
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("crashes")
                 .entry(None)
                 .module("crasher", CRASHER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     for _ in 0..12 {
         answer(sb.spawn("crasher", json!(null), Some("crasher"))).expect("crasher");
         let err = answer(sb.call("crasher", json!(1), None)).expect_err("crash");
@@ -377,14 +381,15 @@ fn dropped_lines(sb: &graft::Sandbox) -> u64 {
 fn a_print_flood_is_capped_and_the_drops_are_counted() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("printer")
                 .entry(None)
                 .module("printer", PRINTER)
                 .limits(limits(|l| l.handler_ms = 10_000)),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("printer", json!(null), Some("printer"))).expect("printer");
     let lines = 20_000u64;
     let started = Instant::now();
@@ -444,14 +449,15 @@ return {
 fn send_after_and_call_refuse_absurd_delays_with_badarg() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("timers")
                 .entry(None)
                 .module("timers", TIMERS)
                 .module("counter", crate::support::COUNTER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("timers", json!(null), Some("timers"))).expect("timers");
     answer(sb.spawn("counter", json!(null), Some("peer"))).expect("peer");
     for ms in [
@@ -492,14 +498,15 @@ return { behaviour = "supervisor", init = function()
   return { children = { { id = "c", module = "counter", name = "c", shutdown = 2 ^ 70 } } }
 end }
 "#;
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("sup")
                 .entry(Some("app"))
                 .module("app", sup)
                 .module("counter", crate::support::COUNTER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.wait_app_started()).expect("app");
     answer(sb.call("c", json!("inc"), None)).expect("child");
     answer(sb.stop_app()).expect("stopped");
@@ -538,14 +545,15 @@ fn bad_names() -> Vec<String> {
 fn names_that_read_as_pids_are_refused_with_badarg() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("names")
                 .entry(None)
                 .module("namer", NAMER)
                 .module("counter", crate::support::COUNTER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     let victim = answer(sb.spawn("counter", json!(null), None)).expect("victim");
     answer(sb.spawn("namer", json!(null), Some("namer"))).expect("namer");
     for name in bad_names() {
@@ -563,10 +571,7 @@ fn names_that_read_as_pids_are_refused_with_badarg() {
         answer(sb.spawn("counter", json!(null), Some(&name))).expect("good name");
     }
     // The victim's pid and serial still reach the victim.
-    let serial = victim
-        .trim_start_matches("<counter.")
-        .trim_end_matches('>')
-        .to_owned();
+    let serial = victim.serial().to_string();
     answer(sb.call(&victim, json!("inc"), None)).expect("by pid");
     assert_eq!(
         answer(sb.call(&serial, json!("get"), None)).expect("by serial"),
@@ -588,14 +593,15 @@ return { behaviour = "supervisor", init = function()
   return { children = { { id = "c", module = "counter", name = "<counter.1>" } } }
 end }
 "#;
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("sup")
                 .entry(None)
                 .module("app", sup)
                 .module("counter", crate::support::COUNTER),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     let err = answer(sb.spawn("app", json!(null), None)).expect_err("bad spec");
     assert_eq!(err.kind(), "spawn_failed", "{err}");
     let text = err.to_string();
@@ -636,14 +642,15 @@ return {
 fn host_messages_to_a_full_mailbox_fail_with_mailbox_full() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("full")
                 .entry(None)
                 .module("blocker", BLOCKER)
                 .limits(limits(|l| l.max_mailbox = 3)),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("blocker", json!(null), Some("p"))).expect("p");
     answer(sb.spawn("blocker", json!(null), Some("q"))).expect("q");
     answer(sb.cast("p", json!("block"))).expect("block");
@@ -687,8 +694,8 @@ fn host_messages_to_a_full_mailbox_fail_with_mailbox_full() {
 fn send_after_cannot_park_unbounded_names_or_timers_outside_the_heap() {
     let node = graft::Node::with_threads(2);
     let bystander = crate::support::counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(graft::SandboxSpec::new("timers").entry(None).module(
+    let sb = graft::block_on(node.create_sandbox(
+        graft::SandboxSpec::new("timers").entry(None).module(
             "t",
             r#"
             return {
@@ -708,8 +715,9 @@ fn send_after_cannot_park_unbounded_names_or_timers_outside_the_heap() {
               end,
             }
             "#,
-        ))
-        .expect("sandbox");
+        ),
+    ))
+    .expect("sandbox");
     crate::support::answer(sb.spawn("t", serde_json::json!(null), Some("t"))).expect("spawn");
     let r = crate::support::answer(sb.call("t", serde_json::json!("long"), None)).expect("call");
     assert_eq!(r["ok"], serde_json::json!(false), "{r}");

@@ -35,14 +35,16 @@ return hog
 "#;
 
 fn hog_sandbox(node: &Node, id: &str, memory_bytes: usize) -> graft::Sandbox {
-    node.create_sandbox(
-        SandboxSpec::new(id)
-            .entry(None)
-            .module("hog", HOG)
-            .limits(Limits {
-                memory_bytes,
-                ..Limits::default()
-            }),
+    graft::block_on(
+        node.create_sandbox(
+            SandboxSpec::new(id)
+                .entry(None)
+                .module("hog", HOG)
+                .limits(Limits {
+                    memory_bytes,
+                    ..Limits::default()
+                }),
+        ),
     )
     .expect("hog sandbox")
 }
@@ -117,8 +119,8 @@ fn an_over_allocating_dry_run_leaves_the_sandbox_usable() {
 fn a_looping_module_body_is_cut_short_not_given_handler_ms() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("slow")
                 .entry(None)
                 .module("hog", HOG)
@@ -126,8 +128,9 @@ fn a_looping_module_body_is_cut_short_not_given_handler_ms() {
                     handler_ms: 10_000,
                     ..Limits::default()
                 }),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("hog", json!(null), Some("h"))).expect("spawn");
     let mut sources = BTreeMap::new();
     sources.insert("other".to_owned(), "while true do end return {}".to_owned());
@@ -155,8 +158,8 @@ fn a_looping_module_body_is_cut_short_not_given_handler_ms() {
 fn host_values_that_do_not_fit_are_out_of_memory() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("full")
                 .entry(None)
                 .module(
@@ -177,8 +180,9 @@ fn host_values_that_do_not_fit_are_out_of_memory() {
                     max_message_bytes: MB,
                     ..Limits::default()
                 }),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("sink", json!(null), Some("s"))).expect("spawn");
     answer(sb.cast("s", json!("hold"))).expect("hold");
     // Messages pile up in the mailbox of the busy process until the heap

@@ -14,7 +14,7 @@ fn refused_field(node: &Node, limits: Limits) -> (String, u64, u64) {
         .entry(None)
         .module("counter", COUNTER)
         .limits(limits);
-    match node.create_sandbox(spec) {
+    match graft::block_on(node.create_sandbox(spec)) {
         Err(Error::LimitOutOfRange {
             field, min, max, ..
         }) => (field, min, max),
@@ -103,8 +103,8 @@ fn limits_out_of_range_name_the_field_and_the_range() {
 fn the_smallest_memory_limit_still_runs_a_process() {
     let node = Node::with_threads(2);
     let bystander = counter_sandbox(&node, "bystander");
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new("tiny")
                 .entry(None)
                 .module("counter", COUNTER)
@@ -112,8 +112,9 @@ fn the_smallest_memory_limit_still_runs_a_process() {
                     memory_bytes: graft::config::MIN_SANDBOX_MEMORY,
                     ..Limits::default()
                 }),
-        )
-        .expect("a 2 MiB sandbox");
+        ),
+    )
+    .expect("a 2 MiB sandbox");
     answer(sb.spawn("counter", json!(null), Some("c"))).expect("spawn in 2 MiB");
     assert_eq!(answer(sb.call("c", json!("inc"), None)).unwrap(), json!(1));
     assert_node_healthy(&node, &bystander);
@@ -128,16 +129,14 @@ fn the_node_refuses_more_sandboxes_than_its_cap() {
     let node = Node::with_limits(2, caps);
     let bystander = counter_sandbox(&node, "bystander");
     for i in 0..2 {
-        node.create_sandbox(SandboxSpec::new(format!("s{i}")).entry(None))
+        graft::block_on(node.create_sandbox(SandboxSpec::new(format!("s{i}")).entry(None)))
             .expect("under the cap");
     }
-    let err = node
-        .create_sandbox(SandboxSpec::new("one-too-many").entry(None))
-        .err()
-        .expect("over the cap");
+    let err = graft::block_on(node.create_sandbox(SandboxSpec::new("one-too-many").entry(None)))
+        .expect_err("over the cap");
     assert_eq!(err.kind(), "node_limit", "{err}");
     node.destroy("s0").expect("destroy");
-    node.create_sandbox(SandboxSpec::new("again").entry(None))
+    graft::block_on(node.create_sandbox(SandboxSpec::new("again").entry(None)))
         .expect("room again after a delete");
     assert_node_healthy(&node, &bystander);
 }

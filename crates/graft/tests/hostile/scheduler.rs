@@ -31,8 +31,8 @@ return spin
 "#;
 
 fn spinner(node: &Node, id: &str, handler_ms: u64) -> graft::Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new(id)
                 .entry(None)
                 .module("spin", SPINNERS)
@@ -40,8 +40,9 @@ fn spinner(node: &Node, id: &str, handler_ms: u64) -> graft::Sandbox {
                     handler_ms,
                     ..Limits::default()
                 }),
-        )
-        .expect("spinner sandbox");
+        ),
+    )
+    .expect("spinner sandbox");
     answer(sb.spawn("spin", json!(null), Some("s"))).expect("spawn spinner");
     sb
 }
@@ -128,8 +129,8 @@ fn a_panicking_host_function_is_an_error_for_its_caller() {
         }
         Ok(json!("sent"))
     });
-    let sb = node
-        .create_sandbox_with(
+    let sb = graft::block_on(
+        node.create_sandbox_with(
             SandboxSpec::new("plugin")
                 .entry(None)
                 .module(
@@ -151,8 +152,9 @@ fn a_panicking_host_function_is_an_error_for_its_caller() {
                     ..Limits::default()
                 }),
             host,
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("p", json!(null), Some("p"))).expect("spawn");
     let reply = answer(sb.call("p", json!("boom"), None)).expect("call survives the panic");
     assert_eq!(

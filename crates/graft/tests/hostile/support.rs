@@ -25,8 +25,8 @@ return counter
 
 /// A sandbox `id` with one registered counter process `c`.
 pub fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
-    let sb = node
-        .create_sandbox(
+    let sb = graft::block_on(
+        node.create_sandbox(
             SandboxSpec::new(id)
                 .entry(None)
                 .module("counter", COUNTER)
@@ -34,8 +34,9 @@ pub fn counter_sandbox(node: &Node, id: &str) -> Sandbox {
                     memory_bytes: 8 << 20,
                     ..graft::Limits::default()
                 }),
-        )
-        .expect("bystander sandbox");
+        ),
+    )
+    .expect("bystander sandbox");
     answer(sb.spawn("counter", json!(null), Some("c"))).expect("spawn bystander counter");
     sb
 }

@@ -6,7 +6,7 @@ use mlua::{Lua, Table, Value};
 
 use super::{fail, ok, outside, set, to_json, R};
 use crate::kernel::{kernel, truncate_reason, Job, Timer};
-use crate::value::{ExitReason, Pid};
+use crate::value::{ExitReason, VmPid};
 
 pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     set(lua, n, "link", link)?;
@@ -27,7 +27,7 @@ fn link(lua: &Lua, target: Value) -> R {
     };
     let Some(to) = k.resolve_value(&target).filter(|s| *s != me) else {
         let trap = k.procs.get(&me).is_some_and(|p| p.trap_exit);
-        if let (true, Some(pid)) = (trap, Pid::from_lua(&target)) {
+        if let (true, Some(pid)) = (trap, VmPid::from_lua(&target)) {
             // OTP: linking to a dead process while trapping exits delivers EXIT noproc
             let t = lua.create_table()?;
             t.raw_set("tag", "EXIT")?;

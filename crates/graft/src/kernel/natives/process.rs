@@ -8,12 +8,12 @@ use crate::error::Error;
 use crate::kernel::{
     kernel, nest_done, Job, NestEnd, NestResult, Timer, Waiter, DEFAULT_CALL_TIMEOUT_MS,
 };
-use crate::value::Pid;
+use crate::value::VmPid;
 
 pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     set(lua, n, "self", self_pid)?;
     set(lua, n, "is_pid", |_, v: Value| {
-        Ok(Pid::from_lua(&v).is_some())
+        Ok(VmPid::from_lua(&v).is_some())
     })?;
     set(lua, n, "parent", parent)?;
     set(lua, n, "now", |lua, ()| Ok(kernel(lua).unix_now()))?;

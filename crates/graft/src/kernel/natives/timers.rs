@@ -5,7 +5,7 @@ use mlua::{Lua, Table, Value};
 use super::MAX_PENDING_TIMERS;
 use super::{badarg, delay_ms, fail, name_arg, ok, outside, set, MAX_DELAY_MS, R};
 use crate::kernel::{kernel, Target, Timer};
-use crate::value::Pid;
+use crate::value::VmPid;
 
 pub(super) fn install(lua: &Lua, n: &Table) -> mlua::Result<()> {
     set(lua, n, "send_after", send_after)?;
@@ -45,7 +45,7 @@ fn send_after(lua: &Lua, (ms, target, msg): (Value, Value, Value)) -> R {
             Ok(name) => Target::Name(name),
             Err(why) => return badarg(lua, "send_after", why),
         },
-        other => match Pid::from_lua(other) {
+        other => match VmPid::from_lua(other) {
             Some(p) => Target::Serial(p.serial()),
             None => {
                 return fail(
