@@ -412,7 +412,14 @@ pub async fn run(
     let watcher = if let Some(ms) = debounce_ms {
         let debounce = std::time::Duration::from_millis(ms);
         let w = watch::start(dir, sandbox.clone(), &sources, debounce)?;
-        let settings = watch::watch_settings(node.clone(), dir.to_owned(), spec_now, w, debounce);
+        let settings = watch::watch_settings(
+            node.clone(),
+            dir.to_owned(),
+            spec_now,
+            sandbox.clone(),
+            w,
+            debounce,
+        );
         println!(
             "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {} and graft.toml)",
             dir.join("src").display()

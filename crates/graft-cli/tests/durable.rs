@@ -1166,3 +1166,149 @@ fn graft_run_applies_a_save_the_storage_refused_once_it_is_writable() {
     }
     node.terminate();
 }
+
+/// Sets graft.toml's `max_versions` (a live, restart-free edit of the limits).
+fn set_max_versions(dir: &Path, n: u32) {
+    let toml = dir.join("graft.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let start = text.find("max_versions = ").unwrap();
+    let end = start + text[start..].find(' ').unwrap() + 3;
+    let end = end + text[end..].find(' ').unwrap();
+    let edited = format!("{}max_versions = {n}{}", &text[..start], &text[end..]);
+    assert_ne!(edited, text);
+    std::fs::write(&toml, edited).unwrap();
+}
+
+/// A graft.toml save the storage refused does not cancel a src/ save that
+/// waits for the storage, and is itself tried again: once the storage
+/// takes writes, both apply — the settings and the saved source — and each
+/// refusal was said once, not at every try. (Before, the refused graft.toml
+/// restarted the src/ watcher as if the saved file were live: the edit was
+/// dropped, and graft.toml was never applied.)
+#[test]
+fn graft_run_retries_a_refused_graft_toml_and_keeps_the_waiting_src_save() {
+    let dir = project("retry-toml");
+    let (uid, data) = owned_data_dir(&dir);
+    let data_arg = data.to_str().unwrap().to_string();
+    let node = Running::spawn_with(&dir, &["--data", &data_arg], uid, &data, true);
+    assert_eq!(node.versions().len(), 1);
+
+    let db = data.join(graft::DATABASE_FILE);
+    set_mode(&db, 0o444);
+    revision(&dir, 1);
+    node.wait_for_output("the reload is tried again until the storage takes it");
+    set_max_versions(&dir, 11);
+    node.wait_for_output("graft.toml is applied again until the storage takes it");
+    // Several tries go by, quietly.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(node.versions().len(), 1, "refused: nothing applied yet");
+
+    set_mode(&db, 0o644);
+    node.await_stdout("the graft.toml save that waited applies now", 1);
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = node.versions();
+        if now.len() == 2 && now[1].2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting src/ save was dropped: {now:?}\n{}",
+            node.said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = node.said.lock().unwrap().clone();
+    assert_eq!(
+        said.matches("graft.toml is applied again until the storage takes it")
+            .count(),
+        1,
+        "said once, not per try: {said}"
+    );
+    assert_eq!(
+        said.matches("the reload is tried again until the storage takes it")
+            .count(),
+        1,
+        "said once, not per try: {said}"
+    );
+    node.terminate();
+}
+
+/// A save of src/ while graft.toml's rebuild runs (here: the old app's
+/// `terminate` takes a second) is refused `busy` by the sandbox being
+/// replaced; `graft run` sends it again to the rebuilt sandbox, so the
+/// user's edit goes live. (Before, it was reported and dropped: the file
+/// said STEP = 10, the sandbox ran STEP = 1.)
+#[test]
+fn a_src_save_during_a_graft_toml_rebuild_is_sent_again_not_dropped() {
+    let dir = project("busy-reload");
+    let src = dir.join("src/counter.luau");
+    let slow = std::fs::read_to_string(&src).unwrap().replace(
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n",
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n  while true do end -- interrupted at handler_ms\n",
+    );
+    std::fs::write(&src, &slow).unwrap();
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+
+    set_max_versions(&dir, 12);
+    await_file(&log, "counter stopping at 1", 1);
+    // The rebuild is under way: the old app's terminate spins.
+    std::fs::write(&src, slow.replace("local STEP = 1\n", "local STEP = 10\n")).unwrap();
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let n: i64 = node
+            .ok(&["call", "myapp", "counter", "get"])
+            .trim()
+            .parse()
+            .unwrap();
+        let after = node
+            .ok(&["call", "myapp", "counter", "inc"])
+            .trim()
+            .parse::<i64>()
+            .unwrap();
+        if after == n + 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the save made during the rebuild never went live:\n{}\n{}",
+            node.said.lock().unwrap(),
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.terminate();
+}
+
+/// A graft.toml edit whose new entry's `init` fails prints the failure,
+/// not a ✓ line: the settings are applied but the app is not running.
+#[test]
+fn a_new_entry_whose_init_fails_is_reported_not_ticked() {
+    let dir = project("bad-entry");
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    std::fs::write(
+        dir.join("src/broken.luau"),
+        "return { behaviour = \"supervisor\", init = function(args) error(\"boom at init\") end }\n",
+    )
+    .unwrap();
+    node.await_stdout("broken", 1);
+    let toml = dir.join("graft.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("entry = \"app\"", "entry = \"broken\"");
+    std::fs::write(&toml, edited).unwrap();
+    node.await_stdout(
+        "✗ graft.toml applied (entry changed): the app did not start",
+        1,
+    );
+    let err = await_file(&log, "the app did not start", 1);
+    assert!(err.contains("boom at init"), "says why: {err}");
+    let out = node.stdout.lock().unwrap().clone();
+    assert!(!out.contains("✓ graft.toml applied"), "no ✓ line: {out}");
+    node.terminate();
+}

@@ -55,6 +55,21 @@ impl Sandbox {
         &self.shared.id
     }
 
+    /// Whether this sandbox was destroyed (deleted, or replaced by a
+    /// rebuild with new settings, `Node::reconfigure_sandbox`): this handle
+    /// answers nothing any more; `Node::sandbox` gives the current one.
+    ///
+    /// ```
+    /// let node = graft::Node::new();
+    /// let sb = node.create_sandbox(graft::SandboxSpec::new("d").entry(None).module("m", "return {}")).unwrap();
+    /// assert!(!sb.is_destroyed());
+    /// node.destroy("d").unwrap();
+    /// assert!(sb.is_destroyed());
+    /// ```
+    pub fn is_destroyed(&self) -> bool {
+        self.shared.destroyed.load(Ordering::Acquire)
+    }
+
     /// Queues a command in the inbox; returns the node, which the caller
     /// must wake (`schedule`) or serve itself (`run_inline`).
     pub(super) fn enqueue(&self, cmd: Command) -> Result<Arc<NodeInner>> {
