@@ -1312,3 +1312,76 @@ fn a_new_entry_whose_init_fails_is_reported_not_ticked() {
     assert!(!out.contains("✓ graft.toml applied"), "no ✓ line: {out}");
     node.terminate();
 }
+
+/// A minimal HTTP/1.1 exchange with a node (the test needs no client
+/// library): the status and the body.
+fn http(node: &Running, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        node.token,
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// While a graft.toml edit rebuilds the sandbox (here the old app's
+/// `terminate` takes a second), requests to it get a retryable 503
+/// `sandbox_rebuilding` with a clear message — not a 404, nor a call into
+/// the app being stopped — and creating its id is a 409 conflict, not a
+/// 500. Afterwards it answers as before, its state kept.
+#[test]
+fn requests_during_a_graft_toml_rebuild_are_told_to_retry() {
+    let dir = project("rebuild-window");
+    let src = dir.join("src/counter.luau");
+    let slow = std::fs::read_to_string(&src).unwrap().replace(
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n",
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n  while true do end -- interrupted at handler_ms\n",
+    );
+    std::fs::write(&src, &slow).unwrap();
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+
+    set_max_versions(&dir, 13);
+    await_file(&log, "counter stopping at 1", 1);
+    let (status, body) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes/myapp/call",
+        r#"{"to":"counter","request":"get"}"#,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("sandbox_rebuilding") && body.contains("try again"),
+        "{body}"
+    );
+    let (status, body) = http(&node, "GET", "/api/v1/sandboxes/myapp", "");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes",
+        r#"{"id":"myapp","modules":{"m":"return {}"}}"#,
+    );
+    assert_eq!(status, 409, "{body}");
+    let out = node.client(&["call", "myapp", "counter", "get"]);
+    let err = text(&out.stderr);
+    if !out.status.success() {
+        assert!(err.contains("being rebuilt"), "{err}");
+    }
+
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    assert_eq!(node.count(), 1, "the state came back");
+    node.terminate();
+}

@@ -48,11 +48,12 @@
 //!   reason; the file on disk and the running code never disagree
 //!   silently. Each failure is reported once, not at each try (a new
 //!   report only when the cause changes).
-//! * **A replaced sandbox ends the retry quietly.** A `busy` retry whose
-//!   sandbox is then destroyed (rebuilt under new settings by
-//!   `Node::reconfigure_sandbox`) stops without a report: whoever replaced
-//!   it drives the new sandbox, e.g. with [`Watch::resume`], which reloads
-//!   every file that differs from what the new sandbox runs.
+//! * **A replaced sandbox ends the retry quietly.** A retry whose sandbox
+//!   is then destroyed, or a reload refused because the sandbox was just
+//!   replaced (`Rebuilding`: rebuilt under new settings by
+//!   `Node::reconfigure_sandbox`), stops without a report: whoever
+//!   replaced it drives the new sandbox, e.g. with [`Watch::resume`], which
+//!   reloads every file that differs from what the new sandbox runs.
 //! * **Deleting never unloads.** A running sandbox cannot drop a module. When
 //!   a module's file disappears the watcher first waits
 //!   [`WatchOptions::recreate_grace`] (default [`DEFAULT_RECREATE_GRACE`]) for
@@ -124,7 +125,7 @@ pub fn retried(error: &Error) -> Option<RetryCause> {
             | crate::store::StoreError::Full { .. }
             | crate::store::StoreError::Io { .. },
         ) => Some(RetryCause::Storage),
-        Error::Busy(_) => Some(RetryCause::Busy),
+        Error::Busy(_) | Error::Rebuilding(_) => Some(RetryCause::Busy),
         _ => None,
     }
 }
@@ -695,6 +696,17 @@ impl Syncer {
                 let changed = files(Some(&changed));
                 self.emit(WatchEvent::Reloaded { report, changed });
             }
+            // The sandbox was replaced (rebuilt with new settings) while a
+            // retry waited, or under this reload: its new driver reloads
+            // what differs (module docs), so this watcher has nothing to
+            // send, nor to report.
+            Err(error)
+                if self.sandbox.is_destroyed()
+                    && (self.retry.is_some() || matches!(error, Error::Rebuilding(_))) =>
+            {
+                tracing::debug!(error = %error, "watch: the sandbox was replaced; nothing more is sent to it");
+                self.retry = None;
+            }
             Err(error) if retried(&error).is_some() => {
                 let cause = retried(&error).unwrap_or(RetryCause::Storage);
                 match &mut self.retry {
@@ -723,12 +735,6 @@ impl Syncer {
                         self.emit(WatchEvent::ReloadFailed { error, files });
                     }
                 }
-            }
-            // The sandbox a retry waited for was replaced (rebuilt with new
-            // settings): its new driver reloads what differs (module docs).
-            Err(error) if self.retry.is_some() && self.sandbox.is_destroyed() => {
-                tracing::debug!(error = %error, "watch: the sandbox was replaced; the retry ends");
-                self.retry = None;
             }
             Err(error) => {
                 self.retry = None;

@@ -772,7 +772,12 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
                 v.version
             )));
         }
-        let bytecode = crate::vm::compile(name, &file, &v.source, max_source_bytes)?;
+        // Named by module and version, not by the file it was saved from:
+        // the reason is shown to API clients (`restore_failed`, a create
+        // refused `sandbox_unrestored`), who have no business with the
+        // host's paths, and the file may hold another version by now.
+        let bytecode = crate::vm::compile(name, &file, &v.source, max_source_bytes)
+            .map_err(|e| restore_compile_error(name, v.version, e))?;
         versions.push_back(ModuleVersion {
             version: v.version,
             checksum: v.checksum.clone(),
@@ -788,6 +793,23 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
         next: m.module.next_version.saturating_sub(1),
         file,
     })
+}
+
+/// Why a kept version does not compile at a restore (a source a newer
+/// Graft accepted, a limit lowered since …), naming the module and the
+/// version, with the line and column but without the stored file path.
+fn restore_compile_error(module: &str, version: u32, e: Error) -> Error {
+    let why = match &e {
+        Error::Compile { diagnostics } => match diagnostics.first() {
+            Some(d) if d.line > 0 => format!("line {}:{}: {}", d.line, d.column, d.message),
+            Some(d) => d.message.clone(),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    };
+    Error::InvalidInput(format!(
+        "version {version} of module `{module}` does not compile: {why}"
+    ))
 }
 
 /// The rows of a new sandbox: its record, its first versions (permanent)
@@ -935,6 +957,11 @@ impl Node {
                 return Err(e);
             }
         };
+        // From here until the rebuilt sandbox has its states back (or this
+        // returns), requests get `Rebuilding` (503, retryable) instead of
+        // the old app stopping or a missing sandbox, and a create gets
+        // `SandboxExists`.
+        let _rebuilding = self.mark_rebuilding(&new_spec.id);
         // Stop the old app in order, then let the old VM go (memory only:
         // its rows are the sandbox's).
         if old.shared.spec.entry.is_some() {

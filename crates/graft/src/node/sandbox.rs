@@ -82,7 +82,7 @@ impl Sandbox {
             return Err(stopped(&self.shared.id));
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
+            return Err(self.destroyed_error());
         }
         if let Some(e) = self.shared.failure_error() {
             return Err(e);
@@ -134,9 +134,20 @@ impl Sandbox {
             return e;
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Error::NoSandbox(self.shared.id.clone());
+            return self.destroyed_error();
         }
         stopped(&self.shared.id)
+    }
+
+    /// What a request to a destroyed sandbox gets: `Rebuilding` (try again;
+    /// `Node::sandbox` gives the rebuilt one) when it was replaced by a
+    /// rebuild with new settings, else `NoSandbox`.
+    fn destroyed_error(&self) -> Error {
+        if self.shared.replaced.load(Ordering::Acquire) {
+            Error::Rebuilding(self.shared.id.clone())
+        } else {
+            Error::NoSandbox(self.shared.id.clone())
+        }
     }
 
     async fn ask_slot(
@@ -265,7 +276,7 @@ impl Sandbox {
             return Ok(info);
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
+            return Err(self.destroyed_error());
         }
         // Read between slices, without queueing: a listing must answer even
         // while this sandbox is stuck in a long callback.
