@@ -1385,3 +1385,81 @@ fn requests_during_a_graft_toml_rebuild_are_told_to_retry() {
     assert_eq!(node.count(), 1, "the state came back");
     node.terminate();
 }
+
+/// Every entry of a directory: name, size and mode.
+fn listing(dir: &Path) -> Vec<(String, u64, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out: Vec<(String, u64, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                m.permissions().mode(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `graft run` as `uid` (when given) on `--data data`, expected to be
+/// refused at start: its stderr.
+fn refused_as(dir: &Path, uid: Option<u32>, data: &Path) -> String {
+    let mut cmd = graft();
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid).env("HOME", data);
+    }
+    let out = cmd
+        .arg("run")
+        .arg(dir)
+        .args(["--port", "0", "--no-watch", "--data"])
+        .arg(data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the start must be refused: {err}");
+    err
+}
+
+/// A refused start — a read-only database file, a database from a newer
+/// Graft — leaves the data directory exactly as it found it: no empty
+/// `-wal`/`-shm` beside the database, no lock file it did not find.
+#[test]
+fn a_refused_start_leaves_the_data_directory_as_found() {
+    let dir = project("as-found");
+    let (uid, data) = owned_data_dir(&dir);
+    let node = Running::spawn(&dir, &["--data", data.to_str().unwrap()], uid, &data);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.terminate();
+    // A database as a copy or a restored backup leaves it: the file alone.
+    for extra in ["graft.db-wal", "graft.db-shm", "graft.lock"] {
+        let _ = std::fs::remove_file(data.join(extra));
+    }
+    let db = data.join(graft::DATABASE_FILE);
+
+    set_mode(&db, 0o444);
+    let before = listing(&data);
+    let err = refused_as(&dir, uid, &data);
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(listing(&data), before, "read-only file: left as found");
+    set_mode(&db, 0o644);
+
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+    }
+    for extra in ["graft.db-wal", "graft.db-shm"] {
+        let _ = std::fs::remove_file(data.join(extra));
+    }
+    let before = listing(&data);
+    let bytes = std::fs::read(&db).unwrap();
+    let err = refused_as(&dir, uid, &data);
+    assert!(err.contains("newer Graft"), "{err}");
+    assert_eq!(listing(&data), before, "newer schema: left as found");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes);
+}
