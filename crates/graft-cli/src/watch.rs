@@ -68,21 +68,21 @@ fn print(event: WatchEvent) {
         WatchEvent::Reloaded { report, .. } => {
             let report = serde_json::to_value(&report).unwrap_or_default();
             if let Some(line) = render::report_line(&report) {
-                println!("{line}");
+                say!("{line}");
             }
         }
         WatchEvent::ReloadFailed { error, files } => {
             let again = graft::watch::retried(&error);
             let err = graft_http::ApiError::from(error);
             let file_of = |m: &str| files.get(m).map(|p| shown(p));
-            eprint!("{}", render::error(&err.body()["error"], &file_of));
-            eprintln!("  = note: nothing changed; the old code is still running");
+            warn_text!("{}", render::error(&err.body()["error"], &file_of));
+            warn_line!("  = note: nothing changed; the old code is still running");
             match again {
-                Some(RetryCause::Busy) => eprintln!(
+                Some(RetryCause::Busy) => warn_line!(
                     "  = note: the reload is sent again once the sandbox is free (after its rebuild)"
                 ),
                 Some(_) => {
-                    eprintln!("  = note: the reload is tried again until the storage takes it")
+                    warn_line!("  = note: the reload is tried again until the storage takes it")
                 }
                 None => {}
             }
@@ -91,7 +91,7 @@ fn print(event: WatchEvent) {
             failed_tries,
             waited,
             cause,
-        } => println!(
+        } => say!(
             "✓ {}: the reload that waited applies now (after {failed_tries} refused tries, {:.1}s)",
             match cause {
                 RetryCause::Busy => "the sandbox is free again",
@@ -105,7 +105,7 @@ fn print(event: WatchEvent) {
             dependents,
             pids,
         } => explain_deletion(&module, &shown(&path), &dependents, &pids),
-        WatchEvent::Ignored { path } => eprintln!(
+        WatchEvent::Ignored { path } => warn_line!(
             "warning: ignoring {}: not a module name (use dot-free identifiers for files and folders, like src/chat/room.luau)",
             shown(&path)
         ),
@@ -118,16 +118,16 @@ fn print(event: WatchEvent) {
 /// module); say why, and refuse outright when it is still in use.
 fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[String]) {
     if dependents.is_empty() && pids.is_empty() {
-        eprintln!(
+        warn_line!(
             "note: {path} was deleted; module `{module}` is no longer used but stays loaded \
              (a running sandbox cannot unload a module; it goes away when `graft run` restarts)"
         );
         return;
     }
-    eprintln!("warning: {path} was deleted, but module `{module}` is in use, so it stays loaded");
+    warn_line!("warning: {path} was deleted, but module `{module}` is in use, so it stays loaded");
     if !dependents.is_empty() {
         let names: Vec<String> = dependents.iter().map(|m| format!("`{m}`")).collect();
-        eprintln!("  = note: required by {}", names.join(", "));
+        warn_line!("  = note: required by {}", names.join(", "));
     }
     if !pids.is_empty() {
         let n = pids.len();
@@ -138,12 +138,12 @@ fn explain_deletion(module: &str, path: &str, dependents: &[String], pids: &[Str
             String::new()
         };
         let s = if n == 1 { " runs" } else { "es run" };
-        eprintln!(
+        warn_line!(
             "  = note: {n} live process{s} it: {}{more}",
             some.join(", ")
         );
     }
-    eprintln!("  = help: remove the `require`s and stop its processes first, or restore the file");
+    warn_line!("  = help: remove the `require`s and stop its processes first, or restore the file");
 }
 
 /// How often `graft.toml` is looked at (a small file: reading it is cheaper
@@ -231,7 +231,7 @@ pub fn watch_settings(
                 }
                 drop(src.take());
                 let Ok(sb) = node.sandbox(&running.id) else {
-                    eprintln!(
+                    warn_line!(
                         "warning: src/ is no longer watched: sandbox `{}` is gone",
                         running.id
                     );
@@ -241,7 +241,7 @@ pub fn watch_settings(
                 // still retried while it was rebuilt goes live now.
                 match resume(&dir, sb.clone(), debounce) {
                     Ok(w) => src = Some((sb, w)),
-                    Err(e) => eprintln!("warning: src/ is no longer watched: {e}"),
+                    Err(e) => warn_line!("warning: src/ is no longer watched: {e}"),
                 }
             }
         });
@@ -286,7 +286,7 @@ fn spawned_or_warn(
     match t {
         Ok(t) => Some(t),
         Err(e) => {
-            eprintln!("warning: graft.toml is not watched: {e}");
+            warn_line!("warning: graft.toml is not watched: {e}");
             None
         }
     }
@@ -319,7 +319,7 @@ fn apply_settings(
         }
     };
     if spec.id != id {
-        eprintln!(
+        warn_line!(
             "error: graft.toml renames the sandbox from `{id}` to `{}` while `graft run` runs\n  --> {toml}\n  = note: nothing changed: a running node does not rename a sandbox; `{id}` keeps running\n  = help: set `id = \"{id}\"` back, or restart `graft run` (it says how to move `{id}`'s data)",
             render::escape(&spec.id, render::Lines::Escape)
         );
@@ -332,7 +332,7 @@ fn apply_settings(
             if let Some(r) = retry {
                 retried_line(r);
             }
-            println!("✓ graft.toml saved: no setting changed");
+            say!("✓ graft.toml saved: no setting changed");
             Applied::Done
         }
         Ok(Some(sb)) => {
@@ -350,13 +350,13 @@ fn apply_settings(
             match started {
                 Some(Err(e)) => {
                     let why = e.to_string();
-                    eprintln!(
+                    warn_line!(
                         "error: graft.toml applied{changed}, but the app did not start: {}\n  --> {toml}\n  = note: the new settings are stored; the API still serves the sandbox, without its app\n  = help: fix the entry module (or graft.toml) and save",
                         render::escape(&why, render::Lines::Keep)
                     );
-                    println!("✗ graft.toml applied{changed}: the app did not start");
+                    say!("✗ graft.toml applied{changed}: the app did not start");
                 }
-                _ => println!(
+                _ => say!(
                     "✓ graft.toml applied{changed}: the app restarted, registered states restored by name"
                 ),
             }
@@ -372,17 +372,17 @@ fn apply_settings(
                         RetryCause::Busy => "once the sandbox is free",
                         _ => "until the storage takes it",
                     };
-                    eprintln!(
+                    warn_line!(
                         "error: {}\n  --> {toml}\n  = note: nothing changed yet; the sandbox keeps its running settings\n  = note: graft.toml is applied again {then}",
                         render::escape(&why, render::Lines::Keep)
                     );
-                    eprintln!("✗ graft.toml not applied yet");
+                    warn_line!("✗ graft.toml not applied yet");
                 }
                 Applied::Retry(cause)
             }
             None => {
                 settings_error(&e, &toml);
-                eprintln!("✗ graft.toml not applied");
+                warn_line!("✗ graft.toml not applied");
                 Applied::Done
             }
         },
@@ -395,7 +395,7 @@ fn retried_line(r: &SettingsRetry) {
         RetryCause::Busy => "the sandbox is free again",
         _ => "the storage takes writes again",
     };
-    println!(
+    say!(
         "✓ {what}: the graft.toml save that waited applies now (after {} refused tries, {:.1}s)",
         r.tries,
         r.since.elapsed().as_secs_f64()
@@ -426,7 +426,7 @@ fn changed_settings(old: &SandboxSpec, new: &SandboxSpec) -> String {
 /// A settings error, rustc style, pointing at graft.toml.
 fn settings_error(e: &graft::Error, toml: &str) {
     let why = e.to_string();
-    eprintln!(
+    warn_line!(
         "error: {}\n  --> {toml}\n  = note: nothing changed; the sandbox keeps its running settings",
         render::escape(&why, render::Lines::Keep)
     );

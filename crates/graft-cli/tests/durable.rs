@@ -1463,3 +1463,129 @@ fn a_refused_start_leaves_the_data_directory_as_found() {
     assert_eq!(listing(&data), before, "newer schema: left as found");
     assert_eq!(std::fs::read(&db).unwrap(), bytes);
 }
+
+/// A free TCP port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on `port`, or panics with
+/// the child's stderr if it exits first.
+fn await_listening(child: &mut Child, port: u16, log: &Path) {
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the node exited ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `graft run DIR | head -0` and `graft serve | head -0`: a stdout whose
+/// reader went away does not panic the node. It keeps serving and hot
+/// reloading with its lines dropped (a long-running node's API matters
+/// more than its log), until stopped as usual.
+#[test]
+fn a_closed_stdout_does_not_stop_a_node() {
+    let dir = project("closed-stdout");
+    let log = dir.join("run.log");
+    let port = free_port();
+    let mut child = graft()
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", &port.to_string(), "--debounce-ms", "50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The reader is gone before the node's first line.
+    drop(child.stdout.take());
+    await_listening(&mut child, port, &log);
+    let token = std::fs::read_to_string(dir.join(".graft/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let client = |args: &[&str]| {
+        graft()
+            .args(args)
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .env("GRAFT_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    // Two saves: each prints a ✓ line into the closed pipe.
+    for n in 1..=2u64 {
+        revision(&dir, n as u32);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let out = client(&["versions", "myapp", "counter", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if v.as_array().is_some_and(|a| a.len() as u64 == n + 1) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "save {n} never went live:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = client(&["call", "myapp", "counter", "inc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // `graft serve` likewise.
+    let data = dir.parent().unwrap().join("serve-data");
+    let port = free_port();
+    let log = dir.join("serve.log");
+    let mut child = graft()
+        .args(["serve", "--port", &port.to_string(), "--data"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    await_listening(&mut child, port, &log);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = graft()
+        .args(["events", "--url", &format!("http://127.0.0.1:{port}")])
+        .env("GRAFT_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
