@@ -1589,3 +1589,81 @@ fn a_closed_stdout_does_not_stop_a_node() {
     assert!(status.success(), "{status}: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A kept version that no longer compiles at a restart (here: its stored
+/// source edited, checksum updated) stops `graft run` with the sandbox
+/// reported unrestored — named by module and version, not by a host path —
+/// and its data kept byte for byte.
+#[test]
+fn a_version_that_fails_to_compile_at_restore_stops_graft_run_and_keeps_its_data() {
+    let dir = project("no-compile");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    let f = revision(&dir, 1);
+    node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    node.terminate();
+    {
+        let conn =
+            rusqlite::Connection::open(dir.join(".graft").join(graft::DATABASE_FILE)).unwrap();
+        let broken = "return {{{";
+        let n = conn
+            .execute(
+                "UPDATE module_versions SET source = ?1, checksum = ?2 WHERE sandbox = 'myapp' AND module = 'counter' AND version = 1",
+                rusqlite::params![broken, graft::upgrade::checksum(broken)],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let before = database(&dir);
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("error[restore_failed]: sandbox `myapp`")
+            && err.contains("version 1 of module `counter` does not compile")
+            && err.contains("--discard myapp"),
+        "{err}"
+    );
+    let src = dir.join("src").display().to_string();
+    assert!(
+        !err.contains(&format!("{src}/counter.luau:")),
+        "named by version, not by path: {err}"
+    );
+    assert!(!text(&out.stdout).contains('✓'), "{}", text(&out.stdout));
+    assert!(database(&dir) == before, "its data is kept, untouched");
+}
+
+/// A graft.toml edit while a canary window is open is refused, not
+/// deferred: `✗ graft.toml not applied`, saying why (change settings after
+/// the verdict); nothing changes, and a save after the verdict applies.
+#[test]
+fn a_graft_toml_edit_during_a_canary_window_is_refused_with_why() {
+    let dir = project("canary-toml");
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    revision(&dir, 1);
+    node.await_stdout("counter v1 → v2", 1);
+    revision(&dir, 2);
+    node.await_stdout("counter v2 → v3", 1);
+    let out = node.client(&["rollback", "myapp", "counter", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = node.client(&[
+        "reload",
+        "myapp",
+        dir.join("src/counter.luau").to_str().unwrap(),
+        "--canary-ms",
+        "1500",
+    ]);
+    set_max_versions(&dir, 14);
+    let err = await_file(&log, "✗ graft.toml not applied", 1);
+    assert!(
+        err.contains("canary window") && err.contains("after the verdict"),
+        "{err}"
+    );
+    assert!(!node.stdout.lock().unwrap().contains("graft.toml applied"));
+    // After the verdict, the next save applies.
+    std::thread::sleep(Duration::from_millis(2000));
+    set_max_versions(&dir, 15);
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    node.terminate();
+}
