@@ -275,7 +275,7 @@ impl NodeBuilder {
                     s.close();
                 }
                 drop(store);
-                return Err(refused(e.into(), data_lock));
+                return Err(refused(e, data_lock));
             }
         };
         let node = Node::assemble(threads, limits, events, store.clone(), data_lock);
