@@ -5,6 +5,35 @@
 //! usage (clap's, and node caps out of range). A command other than `run`
 //! and `serve` whose output goes to a reader that stopped (`graft events |
 //! head`) ends by SIGPIPE, quietly (141 in a shell), like any Unix filter.
+//! `run` and `serve` keep serving instead, their lines dropped (`say!`).
+
+/// `println!` for the long-running node commands (`run`, `serve`): a
+/// stdout that went away (`graft run | head`, a closed terminal) drops the
+/// line instead of panicking, and the node keeps serving (its API and the
+/// hot reload matter more than its log). Defined before the modules that
+/// use it.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see [`say!`]).
+macro_rules! warn_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see [`say!`]).
+macro_rules! warn_text {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 mod check;
 mod client;

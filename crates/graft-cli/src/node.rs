@@ -191,7 +191,7 @@ pub fn backup(data: Option<PathBuf>, dest: &Path) -> Result<()> {
     let db = dir.join(graft::DATABASE_FILE);
     graft::store::Store::backup_file(&db, dest)
         .map_err(|e| anyhow!("cannot back up {}: {e}", db.display()))?;
-    println!("✓ backed up {} to {}", db.display(), dest.display());
+    say!("✓ backed up {} to {}", db.display(), dest.display());
     Ok(())
 }
 
@@ -212,7 +212,7 @@ async fn serve_until_signal(
             let l = TcpListener::bind(addr).await.map_err(|e| {
                 anyhow!("cannot listen on {addr} for --metrics-bind: {e}; pick another HOST:PORT")
             })?;
-            println!("metrics on http://{}/metrics", l.local_addr()?);
+            say!("metrics on http://{}/metrics", l.local_addr()?);
             let router = graft_http::metrics_router(trust, live);
             Some(tokio::spawn(async move {
                 axum::serve(
@@ -241,7 +241,7 @@ async fn serve_until_signal(
         }
     });
     shutdown_signal().await;
-    eprintln!("graft: stopping: no new requests, final checkpoint, then terminate callbacks …");
+    warn_line!("graft: stopping: no new requests, final checkpoint, then terminate callbacks …");
     let _ = stop_tx.send(());
     // In-flight requests get a moment; idle connections close at once.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -251,7 +251,7 @@ async fn serve_until_signal(
     let n = node.clone();
     let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
     node.stop_all(STOP_TIMEOUT).await;
-    eprintln!("graft: stopped");
+    warn_line!("graft: stopped");
     Ok(())
 }
 
@@ -291,7 +291,7 @@ pub async fn serve(serving: Serving, caps: NodeLimits, data: DataChoice) -> Resu
     // A node serving others keeps running; the sandboxes it could not
     // restore stay stored, untouched, and cannot be created over.
     for (id, why) in node.unrestored() {
-        eprintln!(
+        warn_line!(
             "warning: sandbox `{id}` could not be restored: {}\n  = note: its kept versions and states stay in the database, untouched; creating a sandbox `{id}` is refused\n  = help: fix the cause and restart, or delete it (`DELETE /api/v1/sandboxes/{id}`; its data is then lost)",
             render::escape(&why, render::Lines::Keep)
         );
@@ -305,11 +305,11 @@ pub async fn serve(serving: Serving, caps: NodeLimits, data: DataChoice) -> Resu
     } else {
         format!("restored: {}", ids.join(", "))
     };
-    println!(
+    say!(
         "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, {sandboxes}; {})",
         data.describe()
     );
-    println!("{}", token_banner(&file));
+    say!("{}", token_banner(&file));
     serve_until_signal(node, trust, listener, tls, serving.metrics_bind.as_deref()).await
 }
 
@@ -362,7 +362,7 @@ pub async fn run(
                 Err(e)
             }
             Some(graft::SettingsOutcome::Applied(changed)) => {
-                println!(
+                say!(
                     "✓ sandbox `{id}` restored with the settings of graft.toml, which changed since the last run: {}",
                     changed.join(", ")
                 );
@@ -376,17 +376,17 @@ pub async fn run(
         Ok(sb) => sb,
         Err(e) => {
             let err = graft_http::ApiError::from(e);
-            eprint!(
+            warn_text!(
                 "{}",
                 render::error(&err.body()["error"], &|m| files.get(m).cloned())
             );
             if settings_refused {
-                eprintln!(
+                warn_line!(
                     "  --> {}\n  = note: graft.toml's settings were not applied; the stored sandbox is intact, with its previous settings",
                     watch::shown(&dir.join("graft.toml"))
                 );
             }
-            eprintln!("error: sandbox `{id}` could not start; fix the error and run again");
+            warn_line!("error: sandbox `{id}` could not start; fix the error and run again");
             return Err(Reported.into());
         }
     };
@@ -394,7 +394,7 @@ pub async fn run(
         Ok(Ok(_)) | Err(_) => {}
         Ok(Err(e)) => {
             let why = e.to_string();
-            eprintln!(
+            warn_line!(
                 "warning: the app did not start: {}\n  = note: the API still serves; fix and save to reload",
                 render::escape(&why, render::Lines::Keep)
             );
@@ -404,7 +404,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let scheme = serving.scheme();
     let modules: Vec<&str> = sources.keys().map(String::as_str).collect();
-    println!(
+    say!(
         "✓ sandbox `{id}` started: {}  ({})",
         modules.join(", "),
         data.describe()
@@ -412,17 +412,24 @@ pub async fn run(
     let watcher = if let Some(ms) = debounce_ms {
         let debounce = std::time::Duration::from_millis(ms);
         let w = watch::start(dir, sandbox.clone(), &sources, debounce)?;
-        let settings = watch::watch_settings(node.clone(), dir.to_owned(), spec_now, w, debounce);
-        println!(
+        let settings = watch::watch_settings(
+            node.clone(),
+            dir.to_owned(),
+            spec_now,
+            sandbox.clone(),
+            w,
+            debounce,
+        );
+        say!(
             "listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1, watching {} and graft.toml)",
             dir.join("src").display()
         );
         Some(settings)
     } else {
-        println!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1)");
+        say!("listening on {scheme}://{addr}  (API: {scheme}://{addr}/api/v1)");
         None
     };
-    println!("{}", token_banner(&file));
+    say!("{}", token_banner(&file));
     let result =
         serve_until_signal(node, trust, listener, tls, serving.metrics_bind.as_deref()).await;
     drop(watcher);
@@ -437,9 +444,9 @@ async fn discard_sandboxes(node: &Node, ids: &[String]) -> Result<()> {
         let target = id.clone();
         let done = tokio::task::spawn_blocking(move || n.destroy(&target)).await?;
         match done {
-            Ok(()) => println!(
-                "✓ sandbox `{id}` deleted (--discard): its kept versions and states are gone"
-            ),
+            Ok(()) => {
+                say!("✓ sandbox `{id}` deleted (--discard): its kept versions and states are gone")
+            }
             Err(graft::Error::NoSandbox(_)) => {
                 return Err(anyhow!(
                 "--discard {id}: the data directory holds no sandbox `{id}`; nothing was deleted"
@@ -466,14 +473,14 @@ fn check_restored(node: &Node, dir: &Path, id: &str, data: &DataChoice) -> Resul
         if other == id {
             continue;
         }
-        eprintln!(
+        warn_line!(
             "warning: sandbox `{other}` in {} could not be restored: {}\n  = note: its data stays in the database, untouched; `--discard {other}` deletes it",
             data_dir.display(),
             render::escape(why, render::Lines::Keep)
         );
     }
     if let Some((_, why)) = unrestored.iter().find(|(u, _)| u == id) {
-        eprintln!(
+        warn_line!(
             "error[restore_failed]: sandbox `{id}` is stored in {} but could not be restored\n  --> {}\n  = note: {}\n  = note: its kept versions and checkpointed states are still in the database; `graft run` does not start a new sandbox over them\n  = help: fix what the note names (graft.toml's [limits] or entry_args, a module), then run again\n  = help: or keep a copy (`graft backup {id}.db --data {}`) and start afresh with `graft run {} --discard {id}`, which deletes the stored sandbox",
             data_dir.display(),
             watch::shown(&toml),
@@ -509,7 +516,7 @@ fn check_restored(node: &Node, dir: &Path, id: &str, data: &DataChoice) -> Resul
     }
     let names: Vec<String> = old.iter().map(|o| format!("`{o}`")).collect();
     let first = &old[0];
-    eprintln!(
+    warn_line!(
         "error: graft.toml names sandbox `{id}`, but {} holds this project's sandbox as {}\n  --> {}\n  = note: `graft run` does not rename a sandbox: the old one would keep running next to a new, empty `{id}`\n  = help: to keep its versions and states, set `id = \"{first}\"` in graft.toml again\n  = help: to start `{id}` afresh, delete the old one: `graft run {} --discard {first}` (keep a copy first with `graft backup {first}.db --data {}`)",
         data_dir.display(),
         names.join(", "),
@@ -574,7 +581,7 @@ async fn restore_sources(
         Ok(r) => r,
         Err(e) => {
             let why = e.to_string();
-            eprintln!(
+            warn_line!(
                 "warning: the files in src/ do not load: {}\n  = note: the restored version keeps running; fix and save to reload",
                 crate::render::escape(&why, crate::render::Lines::Keep)
             );
@@ -587,9 +594,9 @@ async fn restore_sources(
         .map(|m| format!("{} v{} → v{}", m.name, m.from, m.to))
         .collect();
     if changed.is_empty() {
-        println!("✓ sandbox `{}` restored; its files did not change", sb.id());
+        say!("✓ sandbox `{}` restored; its files did not change", sb.id());
     } else {
-        println!(
+        say!(
             "✓ sandbox `{}` restored and reloaded from its files: {}",
             sb.id(),
             changed.join(", ")

@@ -834,8 +834,15 @@ fn serve_keeps_an_unrestorable_sandbox_until_it_is_deleted() {
     })
     .to_string();
     let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &small);
-    assert_eq!(status, 422, "{resp}");
-    assert!(resp.contains("could not be restored"), "{resp}");
+    // A conflict with what is stored (not bad input), naming the way out.
+    assert_eq!(status, 409, "{resp}");
+    assert!(
+        resp.contains("sandbox_unrestored")
+            && resp.contains("could not be restored")
+            && resp.contains("--discard kept")
+            && resp.contains("DELETE /api/v1/sandboxes/kept"),
+        "{resp}"
+    );
     let (status, resp) = http(&node, "DELETE", "/api/v1/sandboxes/kept", "");
     assert_eq!(status, 204, "an explicit delete removes it: {resp}");
     let (status, resp) = http(&node, "POST", "/api/v1/sandboxes", &small);

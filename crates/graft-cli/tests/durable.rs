@@ -1166,3 +1166,504 @@ fn graft_run_applies_a_save_the_storage_refused_once_it_is_writable() {
     }
     node.terminate();
 }
+
+/// Sets graft.toml's `max_versions` (a live, restart-free edit of the limits).
+fn set_max_versions(dir: &Path, n: u32) {
+    let toml = dir.join("graft.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let start = text.find("max_versions = ").unwrap();
+    let end = start + text[start..].find(' ').unwrap() + 3;
+    let end = end + text[end..].find(' ').unwrap();
+    let edited = format!("{}max_versions = {n}{}", &text[..start], &text[end..]);
+    assert_ne!(edited, text);
+    std::fs::write(&toml, edited).unwrap();
+}
+
+/// A graft.toml save the storage refused does not cancel a src/ save that
+/// waits for the storage, and is itself tried again: once the storage
+/// takes writes, both apply — the settings and the saved source — and each
+/// refusal was said once, not at every try. (Before, the refused graft.toml
+/// restarted the src/ watcher as if the saved file were live: the edit was
+/// dropped, and graft.toml was never applied.)
+#[test]
+fn graft_run_retries_a_refused_graft_toml_and_keeps_the_waiting_src_save() {
+    let dir = project("retry-toml");
+    let (uid, data) = owned_data_dir(&dir);
+    let data_arg = data.to_str().unwrap().to_string();
+    let node = Running::spawn_with(&dir, &["--data", &data_arg], uid, &data, true);
+    assert_eq!(node.versions().len(), 1);
+
+    let db = data.join(graft::DATABASE_FILE);
+    set_mode(&db, 0o444);
+    revision(&dir, 1);
+    node.wait_for_output("the reload is tried again until the storage takes it");
+    set_max_versions(&dir, 11);
+    node.wait_for_output("graft.toml is applied again until the storage takes it");
+    // Several tries go by, quietly.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(node.versions().len(), 1, "refused: nothing applied yet");
+
+    set_mode(&db, 0o644);
+    node.await_stdout("the graft.toml save that waited applies now", 1);
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = node.versions();
+        if now.len() == 2 && now[1].2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting src/ save was dropped: {now:?}\n{}",
+            node.said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = node.said.lock().unwrap().clone();
+    assert_eq!(
+        said.matches("graft.toml is applied again until the storage takes it")
+            .count(),
+        1,
+        "said once, not per try: {said}"
+    );
+    assert_eq!(
+        said.matches("the reload is tried again until the storage takes it")
+            .count(),
+        1,
+        "said once, not per try: {said}"
+    );
+    node.terminate();
+}
+
+/// A save of src/ while graft.toml's rebuild runs (here: the old app's
+/// `terminate` takes a second) is refused `busy` by the sandbox being
+/// replaced; `graft run` sends it again to the rebuilt sandbox, so the
+/// user's edit goes live. (Before, it was reported and dropped: the file
+/// said STEP = 10, the sandbox ran STEP = 1.)
+#[test]
+fn a_src_save_during_a_graft_toml_rebuild_is_sent_again_not_dropped() {
+    let dir = project("busy-reload");
+    let src = dir.join("src/counter.luau");
+    let slow = std::fs::read_to_string(&src).unwrap().replace(
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n",
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n  while true do end -- interrupted at handler_ms\n",
+    );
+    std::fs::write(&src, &slow).unwrap();
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+
+    set_max_versions(&dir, 12);
+    await_file(&log, "counter stopping at 1", 1);
+    // The rebuild is under way: the old app's terminate spins.
+    std::fs::write(&src, slow.replace("local STEP = 1\n", "local STEP = 10\n")).unwrap();
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let n: i64 = node
+            .ok(&["call", "myapp", "counter", "get"])
+            .trim()
+            .parse()
+            .unwrap();
+        let after = node
+            .ok(&["call", "myapp", "counter", "inc"])
+            .trim()
+            .parse::<i64>()
+            .unwrap();
+        if after == n + 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the save made during the rebuild never went live:\n{}\n{}",
+            node.said.lock().unwrap(),
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.terminate();
+}
+
+/// A graft.toml edit whose new entry's `init` fails prints the failure,
+/// not a ✓ line: the settings are applied but the app is not running.
+#[test]
+fn a_new_entry_whose_init_fails_is_reported_not_ticked() {
+    let dir = project("bad-entry");
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    std::fs::write(
+        dir.join("src/broken.luau"),
+        "return { behaviour = \"supervisor\", init = function(args) error(\"boom at init\") end }\n",
+    )
+    .unwrap();
+    node.await_stdout("broken", 1);
+    let toml = dir.join("graft.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("entry = \"app\"", "entry = \"broken\"");
+    std::fs::write(&toml, edited).unwrap();
+    node.await_stdout(
+        "✗ graft.toml applied (entry changed): the app did not start",
+        1,
+    );
+    let err = await_file(&log, "the app did not start", 1);
+    assert!(err.contains("boom at init"), "says why: {err}");
+    let out = node.stdout.lock().unwrap().clone();
+    assert!(!out.contains("✓ graft.toml applied"), "no ✓ line: {out}");
+    node.terminate();
+}
+
+/// A minimal HTTP/1.1 exchange with a node (the test needs no client
+/// library): the status and the body.
+fn http(node: &Running, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        node.token,
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// While a graft.toml edit rebuilds the sandbox (here the old app's
+/// `terminate` takes a second), requests to it get a retryable 503
+/// `sandbox_rebuilding` with a clear message — not a 404, nor a call into
+/// the app being stopped — and creating its id is a 409 conflict, not a
+/// 500. Afterwards it answers as before, its state kept.
+#[test]
+fn requests_during_a_graft_toml_rebuild_are_told_to_retry() {
+    let dir = project("rebuild-window");
+    let src = dir.join("src/counter.luau");
+    let slow = std::fs::read_to_string(&src).unwrap().replace(
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n",
+        "  graft.log.info(\"counter stopping at \" .. tostring(state.count))\n  while true do end -- interrupted at handler_ms\n",
+    );
+    std::fs::write(&src, &slow).unwrap();
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+
+    set_max_versions(&dir, 13);
+    await_file(&log, "counter stopping at 1", 1);
+    let (status, body) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes/myapp/call",
+        r#"{"to":"counter","request":"get"}"#,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("sandbox_rebuilding") && body.contains("try again"),
+        "{body}"
+    );
+    let (status, body) = http(&node, "GET", "/api/v1/sandboxes/myapp", "");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http(
+        &node,
+        "POST",
+        "/api/v1/sandboxes",
+        r#"{"id":"myapp","modules":{"m":"return {}"}}"#,
+    );
+    assert_eq!(status, 409, "{body}");
+    let out = node.client(&["call", "myapp", "counter", "get"]);
+    let err = text(&out.stderr);
+    if !out.status.success() {
+        assert!(err.contains("being rebuilt"), "{err}");
+    }
+
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    assert_eq!(node.count(), 1, "the state came back");
+    node.terminate();
+}
+
+/// Every entry of a directory: name, size and mode.
+fn listing(dir: &Path) -> Vec<(String, u64, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out: Vec<(String, u64, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                m.permissions().mode(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `graft run` as `uid` (when given) on `--data data`, expected to be
+/// refused at start: its stderr.
+fn refused_as(dir: &Path, uid: Option<u32>, data: &Path) -> String {
+    let mut cmd = graft();
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid).env("HOME", data);
+    }
+    let out = cmd
+        .arg("run")
+        .arg(dir)
+        .args(["--port", "0", "--no-watch", "--data"])
+        .arg(data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the start must be refused: {err}");
+    err
+}
+
+/// A refused start — a read-only database file, a database from a newer
+/// Graft — leaves the data directory exactly as it found it: no empty
+/// `-wal`/`-shm` beside the database, no lock file it did not find.
+#[test]
+fn a_refused_start_leaves_the_data_directory_as_found() {
+    let dir = project("as-found");
+    let (uid, data) = owned_data_dir(&dir);
+    let node = Running::spawn(&dir, &["--data", data.to_str().unwrap()], uid, &data);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    node.terminate();
+    // A database as a copy or a restored backup leaves it: the file alone.
+    for extra in ["graft.db-wal", "graft.db-shm", "graft.lock"] {
+        let _ = std::fs::remove_file(data.join(extra));
+    }
+    let db = data.join(graft::DATABASE_FILE);
+
+    set_mode(&db, 0o444);
+    let before = listing(&data);
+    let err = refused_as(&dir, uid, &data);
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(listing(&data), before, "read-only file: left as found");
+    set_mode(&db, 0o644);
+
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+    }
+    for extra in ["graft.db-wal", "graft.db-shm"] {
+        let _ = std::fs::remove_file(data.join(extra));
+    }
+    let before = listing(&data);
+    let bytes = std::fs::read(&db).unwrap();
+    let err = refused_as(&dir, uid, &data);
+    assert!(err.contains("newer Graft"), "{err}");
+    assert_eq!(listing(&data), before, "newer schema: left as found");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes);
+}
+
+/// A free TCP port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on `port`, or panics with
+/// the child's stderr if it exits first.
+fn await_listening(child: &mut Child, port: u16, log: &Path) {
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the node exited ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `graft run DIR | head -0` and `graft serve | head -0`: a stdout whose
+/// reader went away does not panic the node. It keeps serving and hot
+/// reloading with its lines dropped (a long-running node's API matters
+/// more than its log), until stopped as usual.
+#[test]
+fn a_closed_stdout_does_not_stop_a_node() {
+    let dir = project("closed-stdout");
+    let log = dir.join("run.log");
+    let port = free_port();
+    let mut child = graft()
+        .arg("run")
+        .arg(&dir)
+        .args(["--port", &port.to_string(), "--debounce-ms", "50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The reader is gone before the node's first line.
+    drop(child.stdout.take());
+    await_listening(&mut child, port, &log);
+    let token = std::fs::read_to_string(dir.join(".graft/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let client = |args: &[&str]| {
+        graft()
+            .args(args)
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .env("GRAFT_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    // Two saves: each prints a ✓ line into the closed pipe.
+    for n in 1..=2u64 {
+        revision(&dir, n as u32);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let out = client(&["versions", "myapp", "counter", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if v.as_array().is_some_and(|a| a.len() as u64 == n + 1) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "save {n} never went live:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = client(&["call", "myapp", "counter", "inc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // `graft serve` likewise.
+    let data = dir.parent().unwrap().join("serve-data");
+    let port = free_port();
+    let log = dir.join("serve.log");
+    let mut child = graft()
+        .args(["serve", "--port", &port.to_string(), "--data"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    await_listening(&mut child, port, &log);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = graft()
+        .args(["events", "--url", &format!("http://127.0.0.1:{port}")])
+        .env("GRAFT_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A kept version that no longer compiles at a restart (here: its stored
+/// source edited, checksum updated) stops `graft run` with the sandbox
+/// reported unrestored — named by module and version, not by a host path —
+/// and its data kept byte for byte.
+#[test]
+fn a_version_that_fails_to_compile_at_restore_stops_graft_run_and_keeps_its_data() {
+    let dir = project("no-compile");
+    let node = Running::start(&dir, &[]);
+    node.ok(&["call", "myapp", "counter", "inc"]);
+    let f = revision(&dir, 1);
+    node.ok(&["reload", "myapp", f.to_str().unwrap()]);
+    node.terminate();
+    {
+        let conn =
+            rusqlite::Connection::open(dir.join(".graft").join(graft::DATABASE_FILE)).unwrap();
+        let broken = "return {{{";
+        let n = conn
+            .execute(
+                "UPDATE module_versions SET source = ?1, checksum = ?2 WHERE sandbox = 'myapp' AND module = 'counter' AND version = 1",
+                rusqlite::params![broken, graft::upgrade::checksum(broken)],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let before = database(&dir);
+    let out = run_refused(&dir, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("error[restore_failed]: sandbox `myapp`")
+            && err.contains("version 1 of module `counter` does not compile")
+            && err.contains("--discard myapp"),
+        "{err}"
+    );
+    let src = dir.join("src").display().to_string();
+    assert!(
+        !err.contains(&format!("{src}/counter.luau:")),
+        "named by version, not by path: {err}"
+    );
+    assert!(!text(&out.stdout).contains('✓'), "{}", text(&out.stdout));
+    assert!(database(&dir) == before, "its data is kept, untouched");
+}
+
+/// A graft.toml edit while a canary window is open is refused, not
+/// deferred: `✗ graft.toml not applied`, saying why (change settings after
+/// the verdict); nothing changes, and a save after the verdict applies.
+#[test]
+fn a_graft_toml_edit_during_a_canary_window_is_refused_with_why() {
+    let dir = project("canary-toml");
+    let log = dir.join("run.log");
+    let node = Running::watching(&dir, &log);
+    revision(&dir, 1);
+    node.await_stdout("counter v1 → v2", 1);
+    revision(&dir, 2);
+    node.await_stdout("counter v2 → v3", 1);
+    let out = node.client(&["rollback", "myapp", "counter", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = node.client(&[
+        "reload",
+        "myapp",
+        dir.join("src/counter.luau").to_str().unwrap(),
+        "--canary-ms",
+        "1500",
+    ]);
+    set_max_versions(&dir, 14);
+    let err = await_file(&log, "✗ graft.toml not applied", 1);
+    assert!(
+        err.contains("canary window") && err.contains("after the verdict"),
+        "{err}"
+    );
+    assert!(!node.stdout.lock().unwrap().contains("graft.toml applied"));
+    // After the verdict, the next save applies.
+    std::thread::sleep(Duration::from_millis(2000));
+    set_max_versions(&dir, 15);
+    node.await_stdout("✓ graft.toml applied (limits changed)", 1);
+    node.terminate();
+}

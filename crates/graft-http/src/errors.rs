@@ -70,6 +70,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(409, "sandbox_exists", "create with an id in use (`sandbox`)"),
     k(409, "reload_aborted", "a reload failed after compile/check; nothing changed (`step`, `module`, `process`, `line`, `column`)"),
     k(409, "busy", "the sandbox cannot take the request now (it is restarting)"),
+    k(409, "sandbox_unrestored", "create with the id of a stored sandbox that failed to restore; delete it first (`DELETE`, or `graft run --discard ID`), which loses its data (`sandbox`)"),
     k(413, "body_too_large", "the body is over 1 MiB (`limit_bytes`)"),
     k(415, "unsupported_media_type", "a mutating request whose `Content-Type` is not `application/json`"),
     k(422, "invalid_input", "invalid id, module name, capability or entry; an empty `modules`; a message over `max_message_bytes`; a name already registered"),
@@ -96,6 +97,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(500, "storage_newer_schema", "the database is from a newer Graft; nothing was applied"),
     k(500, "storage_not_found", "a stored row the write needs is missing; nothing was applied"),
     k(503, "sandbox_stopped", "the sandbox was destroyed while the request waited (`sandbox`)"),
+    k(503, "sandbox_rebuilding", "the sandbox is being rebuilt with new settings (a graft.toml edit) for a moment; try again (`sandbox`)"),
     k(503, "sandbox_failed", "the sandbox was stopped by an internal error; restart or delete it (`sandbox`)"),
     k(503, "audit_unavailable", "the audit row could not be written; nothing was done (`storage`: the store's kind, e.g. `storage_read_only`; the message says why)"),
     k(503, "out_of_memory", "the sandbox's heap is full (`memory_bytes`)"),
@@ -153,11 +155,11 @@ impl ApiError {
 /// | kind | status |
 /// | --- | --- |
 /// | `no_sandbox`, `no_process`, `no_module`, `no_version` | 404 |
-/// | `sandbox_exists`, `busy`, `reload_aborted` (but step `check`: 422) | 409 |
+/// | `sandbox_exists`, `sandbox_unrestored`, `busy`, `reload_aborted` (but step `check`: 422) | 409 |
 /// | `invalid_input`, `compile_error`, `spawn_failed`, `not_plain_data`, `luau_error`, `cyclic_value`, `value_too_large`, `limit_out_of_range`, `badarg` | 422 |
 /// | `mailbox_full`, `max_processes`, `node_limit` | 429 |
 /// | `crashed` | 500 (the handler crashed; `reason` says why) |
-/// | `sandbox_stopped`, `sandbox_failed`, `out_of_memory` | 503 |
+/// | `sandbox_stopped`, `sandbox_rebuilding`, `sandbox_failed`, `out_of_memory` | 503 |
 /// | `timeout` | 504 |
 pub fn status_for(e: &Error) -> StatusCode {
     match e {
@@ -186,7 +188,9 @@ pub fn status_for(e: &Error) -> StatusCode {
         | Error::LimitOutOfRange { .. }
         | Error::BadArg(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::NodeLimit(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::Busy(_) => StatusCode::CONFLICT,
+        Error::Busy(_) | Error::Unrestored { .. } => StatusCode::CONFLICT,
+        // Retryable: the sandbox is back in a moment.
+        Error::Rebuilding(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::SandboxFailed { .. } | Error::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
         // Nothing was applied; whether retrying can help decides the class.
         Error::Storage(s) => match s {
@@ -213,9 +217,11 @@ impl From<Error> for ApiError {
         };
         let base = ApiError::new(status_for(&e), e.kind(), message);
         match e {
-            Error::NoSandbox(id) | Error::SandboxExists(id) | Error::SandboxStopped(id) => {
-                base.with("sandbox", id)
-            }
+            Error::NoSandbox(id)
+            | Error::SandboxExists(id)
+            | Error::SandboxStopped(id)
+            | Error::Rebuilding(id)
+            | Error::Unrestored { id, .. } => base.with("sandbox", id),
             Error::NoProcess(p) => base.with("process", p),
             Error::NoModule(m) => base.with("module", m),
             Error::NoVersion {
@@ -403,6 +409,11 @@ mod tests {
             },
             Error::NodeLimit(s()),
             Error::Busy(s()),
+            Error::Rebuilding(s()),
+            Error::Unrestored {
+                id: s(),
+                reason: s(),
+            },
             Error::SandboxFailed {
                 id: s(),
                 message: s(),
@@ -446,6 +457,32 @@ mod tests {
         assert_eq!(err.error["value"], "0");
         assert_eq!(err.error["min"], 1);
         assert_eq!(err.error["max"], 60_000);
+    }
+
+    /// A sandbox being rebuilt answers a retryable 503 naming it; creating
+    /// the id of a sandbox that failed to restore is a 409 conflict whose
+    /// message names the ways out.
+    #[test]
+    fn a_rebuild_is_retryable_and_an_unrestored_id_is_a_conflict() {
+        let err = ApiError::from(Error::Rebuilding("shop".into()));
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.error["kind"], "sandbox_rebuilding");
+        assert_eq!(err.error["sandbox"], "shop");
+        assert!(err.error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("try again")));
+        let err = ApiError::from(Error::Unrestored {
+            id: "shop".into(),
+            reason: "version 1 of module `counter` does not compile: line 1:10: …".into(),
+        });
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.error["kind"], "sandbox_unrestored");
+        assert_eq!(err.error["sandbox"], "shop");
+        let msg = err.error["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("--discard shop") && msg.contains("DELETE /api/v1/sandboxes/shop"),
+            "{msg}"
+        );
     }
 
     #[test]

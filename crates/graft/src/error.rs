@@ -136,6 +136,21 @@ pub enum Error {
     /// The sandbox cannot take this request now (e.g. it is restarting).
     #[error("sandbox is busy: {0}")]
     Busy(String),
+    /// The sandbox is being rebuilt with new settings
+    /// (`Node::reconfigure_sandbox`, a `graft.toml` edit under `graft run`):
+    /// for that moment it takes no request; try again shortly.
+    #[error("sandbox `{0}` is being rebuilt with new settings (graft.toml changed); try again in a moment")]
+    Rebuilding(String),
+    /// The store holds a sandbox with this id that could not be restored
+    /// (`Node::unrestored`): creating it would overwrite its kept versions
+    /// and states.
+    #[error("sandbox `{id}` is stored on this node but could not be restored ({reason}); its kept versions and states are still in the database: fix the cause and restart the node, or delete it first (`DELETE /api/v1/sandboxes/{id}`, or `graft run DIR --discard {id}`), which loses its data")]
+    Unrestored {
+        /// The sandbox id.
+        id: String,
+        /// Why it could not be restored.
+        reason: String,
+    },
     /// The sandbox was stopped by an internal error; restart or delete it.
     #[error("sandbox `{id}` failed: {message}; restart or delete it")]
     SandboxFailed {
@@ -182,6 +197,8 @@ impl Error {
             Error::LimitOutOfRange { .. } => "limit_out_of_range",
             Error::NodeLimit(_) => "node_limit",
             Error::Busy(_) => "busy",
+            Error::Rebuilding(_) => "sandbox_rebuilding",
+            Error::Unrestored { .. } => "sandbox_unrestored",
             Error::SandboxFailed { .. } => "sandbox_failed",
             Error::OutOfMemory(_) => "out_of_memory",
             Error::BadArg(_) => "badarg",

@@ -39,12 +39,21 @@
 //!   on disk). Nothing is tried again until some file differs from what was
 //!   attempted, so a broken save is reported once ([`WatchEvent::ReloadFailed`],
 //!   the old code keeps running) and the fix, which differs, triggers the
-//!   next reload. The exception is a reload refused because the node's
-//!   storage failed (read-only, full, an I/O error: [`retried`]): the files
-//!   are fine, so it is tried again with a backoff (up to [`RETRY_MAX`])
-//!   until it applies ([`WatchEvent::Retried`], then `Reloaded`) or fails
-//!   for another reason; the file on disk and the running code never
-//!   disagree silently. It is reported once, not at each try.
+//!   next reload. The exceptions are reloads refused for a reason that
+//!   passes ([`retried`]): the node's storage failed (read-only, full, an
+//!   I/O error), or the sandbox was `busy` (restarting, or being rebuilt
+//!   with new settings). The files are fine, so the reload is tried again
+//!   with a backoff (up to [`RETRY_MAX`]) until it applies
+//!   ([`WatchEvent::Retried`], then `Reloaded`) or fails for another
+//!   reason; the file on disk and the running code never disagree
+//!   silently. Each failure is reported once, not at each try (a new
+//!   report only when the cause changes).
+//! * **A replaced sandbox ends the retry quietly.** A retry whose sandbox
+//!   is then destroyed, or a reload refused because the sandbox was just
+//!   replaced (`Rebuilding`: rebuilt under new settings by
+//!   `Node::reconfigure_sandbox`), stops without a report: whoever
+//!   replaced it drives the new sandbox, e.g. with [`Watch::resume`], which
+//!   reloads every file that differs from what the new sandbox runs.
 //! * **Deleting never unloads.** A running sandbox cannot drop a module. When
 //!   a module's file disappears the watcher first waits
 //!   [`WatchOptions::recreate_grace`] (default [`DEFAULT_RECREATE_GRACE`]) for
@@ -96,25 +105,40 @@ pub const RETRY_MAX: Duration = Duration::from_secs(1);
 /// [`RETRY_MAX`]).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 
-/// Whether a reload that failed with `error` is tried again by a [`Watch`]:
-/// the node's storage could not take it for a reason that may pass
-/// (read-only, full, an I/O error); nothing was applied.
+/// Whether a reload that failed with `error` is tried again by a [`Watch`],
+/// and why: the node's storage could not take it for a reason that may
+/// pass (read-only, full, an I/O error), or the sandbox was `busy`
+/// (restarting, or being rebuilt with new settings); nothing was applied.
 ///
 /// ```
 /// use graft::store::StoreError;
+/// use graft::watch::{retried, RetryCause};
 /// let ro = graft::Error::Storage(StoreError::ReadOnly { detail: "chmod".into() });
-/// assert!(graft::watch::retried(&ro));
-/// assert!(!graft::watch::retried(&graft::Error::InvalidInput("bad".into())));
+/// assert_eq!(retried(&ro), Some(RetryCause::Storage));
+/// assert_eq!(retried(&graft::Error::Busy("rebuilt".into())), Some(RetryCause::Busy));
+/// assert_eq!(retried(&graft::Error::InvalidInput("bad".into())), None);
 /// ```
-pub fn retried(error: &Error) -> bool {
-    matches!(
-        error,
+pub fn retried(error: &Error) -> Option<RetryCause> {
+    match error {
         Error::Storage(
             crate::store::StoreError::ReadOnly { .. }
-                | crate::store::StoreError::Full { .. }
-                | crate::store::StoreError::Io { .. }
-        )
-    )
+            | crate::store::StoreError::Full { .. }
+            | crate::store::StoreError::Io { .. },
+        ) => Some(RetryCause::Storage),
+        Error::Busy(_) | Error::Rebuilding(_) => Some(RetryCause::Busy),
+        _ => None,
+    }
+}
+
+/// Why a [`Watch`] tries a reload again ([`retried`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryCause {
+    /// The node's storage refused the write (read-only, full, I/O error).
+    Storage,
+    /// The sandbox could not take a reload then (`busy`: restarting, or
+    /// being rebuilt with new settings).
+    Busy,
 }
 
 /// Default time a deleted file may take to come back (delete-and-create saves).
@@ -222,13 +246,15 @@ pub enum WatchEvent {
         /// The file.
         path: PathBuf,
     },
-    /// A reload the storage refused ([`retried`]) was tried again and
-    /// applied: its `Reloaded` follows.
+    /// A reload refused for a reason that passes ([`retried`]) was tried
+    /// again and applied: its `Reloaded` follows.
     Retried {
         /// Tries that failed before this one.
         failed_tries: u32,
         /// Time since the first refusal.
         waited: Duration,
+        /// Why the last refused try was refused.
+        cause: RetryCause,
     },
 }
 
@@ -311,7 +337,50 @@ impl Watch {
         options: WatchOptions,
         on_event: impl FnMut(WatchEvent) + Send + 'static,
     ) -> Result<Watch, WatchError> {
-        let src = src.as_ref().to_owned();
+        let sums: BTreeMap<String, String> = initial
+            .iter()
+            .map(|(m, s)| (m.clone(), crate::upgrade::checksum(s)))
+            .collect();
+        Watch::start_from(src.as_ref(), sandbox, sums, options, Box::new(on_event))
+    }
+
+    /// Starts watching `src` for `sandbox` from what the sandbox **runs**
+    /// (each module's current checksum), not from what the files held
+    /// when it was built: the first scan reloads every file that differs.
+    /// For a sandbox that was rebuilt (`Node::reconfigure_sandbox`) while
+    /// saves may have been refused or were still being retried on the old
+    /// one: none of them is lost.
+    ///
+    /// ```no_run
+    /// # let node = graft::Node::new();
+    /// # let sandbox = node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}")).unwrap();
+    /// let watch = graft::watch::Watch::resume("app/src", sandbox,
+    ///     Default::default(), |event| eprintln!("{event:?}"))?;
+    /// # Ok::<(), graft::watch::WatchError>(())
+    /// ```
+    pub fn resume(
+        src: impl AsRef<Path>,
+        sandbox: Sandbox,
+        options: WatchOptions,
+        on_event: impl FnMut(WatchEvent) + Send + 'static,
+    ) -> Result<Watch, WatchError> {
+        // A sandbox that cannot answer (stopped meanwhile) runs nothing we
+        // know of: every file counts as changed, and the reload says why.
+        let sums: BTreeMap<String, String> = block_on(sandbox.modules())
+            .map(|ms| ms.into_iter().map(|m| (m.name, m.checksum)).collect())
+            .unwrap_or_default();
+        Watch::start_from(src.as_ref(), sandbox, sums, options, Box::new(on_event))
+    }
+
+    /// Starts watching with `sums` (module → checksum) as what is loaded.
+    fn start_from(
+        src: &Path,
+        sandbox: Sandbox,
+        sums: BTreeMap<String, String>,
+        options: WatchOptions,
+        on_event: Box<dyn FnMut(WatchEvent) + Send>,
+    ) -> Result<Watch, WatchError> {
+        let src = src.to_owned();
         // Capacity 1: a pending "look again" covers every later event.
         let (tx, rx) = sync_channel::<()>(1);
         let mut debouncer =
@@ -346,10 +415,6 @@ impl Watch {
                 source,
             })?;
         let stopped = Arc::new(AtomicBool::new(false));
-        let sums: BTreeMap<String, String> = initial
-            .iter()
-            .map(|(m, s)| (m.clone(), crate::upgrade::checksum(s)))
-            .collect();
         let syncer = Syncer {
             src,
             sandbox,
@@ -360,7 +425,7 @@ impl Watch {
             explained: BTreeSet::new(),
             bad_names: BTreeSet::new(),
             stopped: stopped.clone(),
-            on_event: Box::new(on_event),
+            on_event,
             retry: None,
         };
         let thread = std::thread::Builder::new()
@@ -435,11 +500,13 @@ struct Syncer {
     retry: Option<Retry>,
 }
 
-/// A pending retry of a reload the storage refused.
+/// A pending retry of a reload refused for a reason that passes.
 struct Retry {
     delay: Duration,
     failed_tries: u32,
     since: std::time::Instant,
+    /// Why the last try was refused (a new cause is reported once more).
+    cause: RetryCause,
 }
 
 impl Syncer {
@@ -623,28 +690,52 @@ impl Syncer {
                     self.emit(WatchEvent::Retried {
                         failed_tries: r.failed_tries,
                         waited: r.since.elapsed(),
+                        cause: r.cause,
                     });
                 }
                 let changed = files(Some(&changed));
                 self.emit(WatchEvent::Reloaded { report, changed });
             }
-            Err(error) if retried(&error) => match &mut self.retry {
-                // Said once; the next tries are quiet until one applies.
-                Some(r) => {
-                    r.failed_tries += 1;
-                    r.delay = (r.delay * 2).min(RETRY_MAX);
-                    tracing::debug!(error = %error, tries = r.failed_tries, "watch: the storage still refuses the reload");
+            // The sandbox was replaced (rebuilt with new settings) while a
+            // retry waited, or under this reload: its new driver reloads
+            // what differs (module docs), so this watcher has nothing to
+            // send, nor to report.
+            Err(error)
+                if self.sandbox.is_destroyed()
+                    && (self.retry.is_some() || matches!(error, Error::Rebuilding(_))) =>
+            {
+                tracing::debug!(error = %error, "watch: the sandbox was replaced; nothing more is sent to it");
+                self.retry = None;
+            }
+            Err(error) if retried(&error).is_some() => {
+                let cause = retried(&error).unwrap_or(RetryCause::Storage);
+                match &mut self.retry {
+                    // Said once; the next tries are quiet until one applies.
+                    Some(r) if r.cause == cause => {
+                        r.failed_tries += 1;
+                        r.delay = (r.delay * 2).min(RETRY_MAX);
+                        tracing::debug!(error = %error, tries = r.failed_tries, "watch: the reload is still refused");
+                    }
+                    // A new reason is a new failure: said once too.
+                    Some(r) => {
+                        r.failed_tries += 1;
+                        r.delay = (r.delay * 2).min(RETRY_MAX);
+                        r.cause = cause;
+                        let files = files(None);
+                        self.emit(WatchEvent::ReloadFailed { error, files });
+                    }
+                    None => {
+                        self.retry = Some(Retry {
+                            delay: RETRY_MIN,
+                            failed_tries: 1,
+                            since: std::time::Instant::now(),
+                            cause,
+                        });
+                        let files = files(None);
+                        self.emit(WatchEvent::ReloadFailed { error, files });
+                    }
                 }
-                None => {
-                    self.retry = Some(Retry {
-                        delay: RETRY_MIN,
-                        failed_tries: 1,
-                        since: std::time::Instant::now(),
-                    });
-                    let files = files(None);
-                    self.emit(WatchEvent::ReloadFailed { error, files });
-                }
-            },
+            }
             Err(error) => {
                 self.retry = None;
                 let files = files(None);

@@ -1649,8 +1649,10 @@ fn reloads_racing_a_reconfigure_are_kept_or_refused_never_lost() {
                     }
                     Ok(r) => panic!("unexpected {:?}", r.status),
                     Err(e) => {
+                        // Never `no_sandbox`: during a rebuild the sandbox
+                        // (or a handle of the one replaced) says so.
                         assert!(
-                            matches!(e.kind(), "busy" | "no_sandbox" | "sandbox_stopped"),
+                            matches!(e.kind(), "busy" | "sandbox_rebuilding" | "sandbox_stopped"),
                             "{e}"
                         );
                         refused += 1;
@@ -1690,5 +1692,129 @@ fn reloads_racing_a_reconfigure_are_kept_or_refused_never_lost() {
     let node = open(&dir);
     let sb = node.sandbox("race").expect("restored");
     assert_eq!(current(&sb), 2 + ok, "memory and disk agree");
+    node.shutdown();
+}
+
+/// A counter whose `terminate` spins until `handler_ms` stops it: a rebuild
+/// with new settings (which stops the old app first) takes that long.
+fn slow_to_stop(id: &str) -> SandboxSpec {
+    let mut s = SandboxSpec::new(id)
+        .entry(Some("app"))
+        .module("app", APP)
+        .module(
+            "counter",
+            counter(1).replace(
+                "return c\n",
+                "function c.terminate(reason, state) while true do end end\nreturn c\n",
+            ),
+        );
+    s.limits.handler_ms = 400;
+    s
+}
+
+/// While a sandbox is rebuilt with new settings, it is neither unknown nor
+/// free: `Node::sandbox` (what every API request goes through) answers
+/// `Rebuilding` (HTTP 503, retryable), never `NoSandbox` (404), and creating
+/// the id is `SandboxExists` (409), never a storage error (its rows are
+/// stored). Once rebuilt, it answers as before.
+#[test]
+fn a_sandbox_being_rebuilt_answers_rebuilding_and_its_id_is_taken() {
+    let dir = TempDir::new("rebuild-window");
+    let node = open(&dir);
+    let sb = node.create_sandbox(slow_to_stop("shop")).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    call(&sb, "inc");
+    let mut bigger = slow_to_stop("shop");
+    bigger.limits.max_versions = 7;
+    let rebuilder = {
+        let node = node.clone();
+        std::thread::spawn(move || node.reconfigure_sandbox(bigger))
+    };
+    let (mut rebuilding, mut creates) = (0, 0);
+    while !rebuilder.is_finished() {
+        match node.sandbox("shop") {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), "sandbox_rebuilding", "{e}");
+                assert!(e.to_string().contains("try again"), "{e}");
+                rebuilding += 1;
+                let Err(created) = node.create_sandbox(spec("shop")) else {
+                    panic!("created over a sandbox being rebuilt");
+                };
+                assert_eq!(created.kind(), "sandbox_exists", "{created}");
+                creates += 1;
+                // A request on a handle of the old sandbox is told the same.
+                if let Err(e) = block_on(sb.call("c", json!("get"), None)) {
+                    assert!(
+                        ["sandbox_rebuilding", "busy", "no_process", "crashed"].contains(&e.kind()),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rebuilt = rebuilder
+        .join()
+        .expect("no panic")
+        .expect("reconfigured")
+        .expect("rebuilt");
+    assert!(rebuilding > 0 && creates > 0, "the window was seen");
+    assert_eq!(call(&rebuilt, "get")["n"], 1, "the state came back");
+    assert!(node.sandbox("shop").is_ok());
+    let err = block_on(sb.call("c", json!("get"), None)).expect_err("the old handle is gone");
+    assert_eq!(err.kind(), "sandbox_rebuilding", "{err}");
+    node.shutdown();
+}
+
+/// A kept version that no longer compiles at a restore leaves the sandbox
+/// unrestored, with a reason naming the module and the version (not the
+/// file path it was saved from, which API clients must not see); creating
+/// its id is a conflict (`sandbox_unrestored`, HTTP 409) that names the way
+/// out, not invalid input.
+#[test]
+fn a_version_that_no_longer_compiles_is_named_by_module_and_version() {
+    let dir = TempDir::new("no-longer-compiles");
+    {
+        let node = open(&dir);
+        let mut spec = spec("shop");
+        spec.files.insert(
+            "counter".into(),
+            PathBuf::from("/home/secret/project/src/counter.luau"),
+        );
+        let sb = node.create_sandbox(spec).expect("create");
+        reload(&sb, counter(2), ReloadOptions::default());
+        node.shutdown();
+    }
+    {
+        let db = rusqlite::Connection::open(dir.0.join(graft::DATABASE_FILE)).expect("sqlite");
+        let broken = "return {{{";
+        let n = db
+            .execute(
+                "UPDATE module_versions SET source = ?1, checksum = ?2 WHERE sandbox = 'shop' AND module = 'counter' AND version = 1",
+                rusqlite::params![broken, graft::upgrade::checksum(broken)],
+            )
+            .expect("tamper");
+        assert_eq!(n, 1);
+    }
+    let node = open(&dir);
+    let unrestored = node.unrestored();
+    assert_eq!(unrestored.len(), 1, "{unrestored:?}");
+    let why = &unrestored[0].1;
+    assert!(
+        why.contains("version 1 of module `counter` does not compile") && why.contains("line 1"),
+        "{why}"
+    );
+    assert!(!why.contains("/home/secret"), "no host path: {why}");
+    let Err(err) = node.create_sandbox(spec("shop")) else {
+        panic!("created over an unrestored sandbox");
+    };
+    assert_eq!(err.kind(), "sandbox_unrestored", "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--discard shop") && msg.contains("DELETE"),
+        "{msg}"
+    );
+    assert!(!msg.contains("/home/secret"), "{msg}");
     node.shutdown();
 }

@@ -232,28 +232,64 @@ impl NodeBuilder {
             max_size_bytes: self.max_database_bytes,
             ..StoreOptions::default()
         };
-        let data_lock = match &self.storage {
-            Storage::Dir(dir) => Some(lock_data_dir(dir)?),
+        // A refused start leaves the data directory as it found it: what
+        // the attempt created (the directory, the lock file, SQLite's
+        // -wal/-shm beside a database it only read) is removed again.
+        let found = match &self.storage {
+            Storage::Dir(dir) => Some(Found::look(dir)),
             _ => None,
         };
-        let store = match &self.storage {
-            Storage::None => None,
-            Storage::Dir(dir) => {
-                let store = Store::open_with(dir.join(DATABASE_FILE), opts)?;
-                if let Some(why) = store.read_only_reason() {
-                    return Err(read_only_dir(dir, why));
-                }
-                Some(Arc::new(store))
+        let refused = |e: Error, lock: Option<std::fs::File>| {
+            if let (Some(found), Storage::Dir(dir)) = (&found, &self.storage) {
+                found.restore(dir, lock);
             }
-            Storage::Ephemeral => Some(Arc::new(Store::in_memory_with(opts)?)),
+            e
         };
+        let data_lock = match &self.storage {
+            Storage::Dir(dir) => Some(lock_data_dir(dir).map_err(|e| refused(e, None))?),
+            _ => None,
+        };
+        let opened = match &self.storage {
+            Storage::None => Ok(None),
+            Storage::Dir(dir) => Store::open_with(dir.join(DATABASE_FILE), opts)
+                .map_err(Error::from)
+                .and_then(|store| match store.read_only_reason() {
+                    // Dropped (its connections closed) before the cleanup.
+                    Some(why) => Err(read_only_dir(dir, why)),
+                    None => Ok(Some(Arc::new(store))),
+                }),
+            Storage::Ephemeral => Store::in_memory_with(opts)
+                .map(|s| Some(Arc::new(s)))
+                .map_err(Error::from),
+        };
+        let store =
+            opened.map_err(|e| refused(e, data_lock.as_ref().and_then(|l| l.try_clone().ok())))?;
         let events = match &store {
-            Some(s) => EventLog::durable(limits.max_events, s.clone())?,
-            None => EventLog::in_memory(limits.max_events),
+            Some(s) => EventLog::durable(limits.max_events, s.clone()),
+            None => Ok(EventLog::in_memory(limits.max_events)),
+        };
+        let events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                if let Some(s) = &store {
+                    s.close();
+                }
+                drop(store);
+                return Err(refused(e, data_lock));
+            }
         };
         let node = Node::assemble(threads, limits, events, store.clone(), data_lock);
         if let Some(store) = store {
-            let snapshot = store.load_all()?;
+            let snapshot = match store.load_all() {
+                Ok(s) => s,
+                Err(e) => {
+                    // Closes the database and lets the lock go first.
+                    node.shutdown();
+                    drop(store);
+                    drop(node);
+                    return Err(refused(e.into(), None));
+                }
+            };
             let stored: HashSet<String> = snapshot
                 .sandboxes
                 .iter()
@@ -313,6 +349,59 @@ fn read_only_dir(dir: &std::path::Path, why: &str) -> Error {
 /// The name of the lock file in a data directory.
 pub const LOCK_FILE: &str = "graft.lock";
 
+/// What a data directory held before a node tried to open it.
+struct Found {
+    dir: bool,
+    lock: bool,
+    wal: bool,
+    shm: bool,
+}
+
+impl Found {
+    fn look(dir: &std::path::Path) -> Found {
+        let db = dir.join(DATABASE_FILE);
+        Found {
+            dir: dir.exists(),
+            lock: dir.join(LOCK_FILE).exists(),
+            wal: sidecar(&db, "-wal").exists(),
+            shm: sidecar(&db, "-shm").exists(),
+        }
+    }
+
+    /// Removes what a refused start created (every connection to the
+    /// database is closed by now). `lock`: the lock, still held, so that no
+    /// other node starts on the directory while its lock file goes.
+    fn restore(&self, dir: &std::path::Path, lock: Option<std::fs::File>) {
+        let db = dir.join(DATABASE_FILE);
+        // SQLite's files beside a database this start only read (a
+        // read-only file, a newer schema): they were not there before, so
+        // nothing of anyone's is in them.
+        for (existed, suffix) in [(self.wal, "-wal"), (self.shm, "-shm")] {
+            if !existed {
+                let _ = std::fs::remove_file(sidecar(&db, suffix));
+            }
+        }
+        if !self.lock {
+            // Unlinked while still locked: a node that opened it meanwhile
+            // finds the file gone once it gets the lock and starts over
+            // (`lock_data_dir`), so two nodes never hold two lock files.
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+        }
+        drop(lock);
+        if !self.dir {
+            // Only if empty: `remove_dir` never deletes a file.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `graft.db-wal` from `graft.db` and `-wal`.
+fn sidecar(db: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
 /// Takes the data directory's lock (created with the directory if missing),
 /// or says which directory is in use.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
@@ -330,22 +419,52 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     if let Err(e) = crate::store::writable(dir) {
         return Err(read_only_dir(dir, &e.to_string()));
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(|e| io("opening the lock file in", e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(io(
-            "locking",
-            std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                "another graft node uses this data directory; stop it or pass another --data",
-            ),
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(io("locking", e)),
+    let path = dir.join(LOCK_FILE);
+    // A refused start removes the lock file it created (`Found::restore`):
+    // a lock taken on a file no longer at `path` locks nothing, so it is
+    // taken again on the file there now.
+    for _ in 0..8 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("opening the lock file in", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(io(
+                "locking",
+                std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "another graft node uses this data directory; stop it or pass another --data",
+                ),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", e)),
+        }
+        if same_file(&file, &path) {
+            return Ok(file);
+        }
+    }
+    Err(io(
+        "locking",
+        std::io::Error::other("the lock file keeps being removed; is another graft node starting?"),
+    ))
+}
+
+/// Whether `file` is the file at `path` now.
+fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
     }
 }
 
@@ -772,7 +891,12 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
                 v.version
             )));
         }
-        let bytecode = crate::vm::compile(name, &file, &v.source, max_source_bytes)?;
+        // Named by module and version, not by the file it was saved from:
+        // the reason is shown to API clients (`restore_failed`, a create
+        // refused `sandbox_unrestored`), who have no business with the
+        // host's paths, and the file may hold another version by now.
+        let bytecode = crate::vm::compile(name, &file, &v.source, max_source_bytes)
+            .map_err(|e| restore_compile_error(name, v.version, e))?;
         versions.push_back(ModuleVersion {
             version: v.version,
             checksum: v.checksum.clone(),
@@ -788,6 +912,23 @@ fn module_history(m: &ModuleSnapshot, max_source_bytes: usize) -> Result<ModuleH
         next: m.module.next_version.saturating_sub(1),
         file,
     })
+}
+
+/// Why a kept version does not compile at a restore (a source a newer
+/// Graft accepted, a limit lowered since …), naming the module and the
+/// version, with the line and column but without the stored file path.
+fn restore_compile_error(module: &str, version: u32, e: Error) -> Error {
+    let why = match &e {
+        Error::Compile { diagnostics } => match diagnostics.first() {
+            Some(d) if d.line > 0 => format!("line {}:{}: {}", d.line, d.column, d.message),
+            Some(d) => d.message.clone(),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    };
+    Error::InvalidInput(format!(
+        "version {version} of module `{module}` does not compile: {why}"
+    ))
 }
 
 /// The rows of a new sandbox: its record, its first versions (permanent)
@@ -935,6 +1076,11 @@ impl Node {
                 return Err(e);
             }
         };
+        // From here until the rebuilt sandbox has its states back (or this
+        // returns), requests get `Rebuilding` (503, retryable) instead of
+        // the old app stopping or a missing sandbox, and a create gets
+        // `SandboxExists`.
+        let _rebuilding = self.mark_rebuilding(&new_spec.id);
         // Stop the old app in order, then let the old VM go (memory only:
         // its rows are the sandbox's).
         if old.shared.spec.entry.is_some() {

@@ -67,6 +67,11 @@ struct Shared {
     failed: Mutex<Option<Failure>>,
     /// Set by `Node::destroy`: a slice running then drops the VM when it ends.
     destroyed: AtomicBool,
+    /// Set (before `destroyed`) when the sandbox is destroyed to be rebuilt
+    /// with new settings (`Node::reconfigure_sandbox`): a request that
+    /// reached this handle is told so (`Rebuilding`, retryable), not that
+    /// the sandbox does not exist.
+    replaced: AtomicBool,
     /// What `info` last saw, answered while a long callback holds the VM.
     last_info: Mutex<Option<SandboxInfo>>,
     /// The earliest wake-up registered with the timer thread (`u64::MAX`: none).
@@ -159,6 +164,14 @@ struct NodeInner {
     events: Arc<crate::events::EventLog>,
     /// The database of a durable node.
     store: Option<Arc<crate::store::Store>>,
+    /// Ids of sandboxes being rebuilt with new settings, from the committed
+    /// new record until the rebuilt sandbox has its states back: requests
+    /// get `Rebuilding` (retryable), not the old app stopping nor a 404
+    /// while the id is absent from `sandboxes`, and a create gets
+    /// `SandboxExists`. Inserted before the old sandbox leaves `sandboxes`,
+    /// removed after the new one is in it, so an id is always in one or
+    /// the other.
+    rebuilding: Mutex<std::collections::HashSet<String>>,
     /// What the checkpointer last wrote, per sandbox.
     checkpoints: durable::Checkpoints,
     /// An exclusive lock on the data directory, held until the node shuts
@@ -167,6 +180,19 @@ struct NodeInner {
     data_lock: Mutex<Option<std::fs::File>>,
     /// Keeps the coarse clock ticking until the node's last thread lets go.
     _clock: crate::clock::ClockGuard,
+}
+
+/// While alive, requests to the sandbox `id` get `Rebuilding` and creating
+/// it gets `SandboxExists` ([`Node::mark_rebuilding`]).
+struct RebuildGuard {
+    node: Arc<NodeInner>,
+    id: String,
+}
+
+impl Drop for RebuildGuard {
+    fn drop(&mut self) {
+        self.node.rebuilding.lock().remove(&self.id);
+    }
 }
 
 /// A Graft node: many sandboxes, scheduled in parallel.
@@ -291,6 +317,7 @@ impl Node {
             host_pool: Arc::new(host_pool::HostPool::new(limits.max_blocking_host_calls)),
             events,
             store,
+            rebuilding: Mutex::new(std::collections::HashSet::new()),
             checkpoints: durable::Checkpoints::default(),
             data_lock: Mutex::new(data_lock),
             limits,
@@ -458,18 +485,19 @@ impl Node {
         if persist {
             if let Some(why) = self.inner.checkpoints.unrestored.lock().get(&spec.id) {
                 // Creating it would overwrite the rows of the one the store
-                // holds: its kept versions and checkpointed states.
-                return Err(Error::InvalidInput(format!(
-                    "sandbox `{}` is stored on this node but could not be restored ({why}); \
-                     its kept versions and states are still in the database: fix the cause and \
-                     restart the node, or delete the sandbox first (its data is then lost)",
-                    spec.id
-                )));
+                // holds: its kept versions and checkpointed states. A
+                // conflict with what is stored, not bad input.
+                return Err(Error::Unrestored {
+                    id: spec.id.clone(),
+                    reason: why.clone(),
+                });
             }
         }
         {
             let map = self.inner.sandboxes.read();
-            if map.contains_key(&spec.id) {
+            // Being rebuilt: it exists (its rows are stored), just not in
+            // the map for a moment; creating it would clash with its rows.
+            if map.contains_key(&spec.id) || (persist && self.rebuilding(&spec.id)) {
                 return Err(Error::SandboxExists(spec.id.clone()));
             }
             if map.len() >= self.inner.limits.max_sandboxes {
@@ -488,6 +516,7 @@ impl Node {
             runtime: Mutex::new(Some(runtime)),
             failed: Mutex::new(None),
             destroyed: AtomicBool::new(false),
+            replaced: AtomicBool::new(false),
             last_info: Mutex::new(None),
             wakeup_at: AtomicU64::new(u64::MAX),
             node: Arc::downgrade(&self.inner),
@@ -497,7 +526,8 @@ impl Node {
         });
         {
             let mut map = self.inner.sandboxes.write();
-            if map.contains_key(&shared.id) {
+            // A rebuild puts its sandbox back with `persist` false.
+            if map.contains_key(&shared.id) || (persist && self.rebuilding(&shared.id)) {
                 return Err(Error::SandboxExists(shared.id.clone()));
             }
             if map.len() >= self.inner.limits.max_sandboxes {
@@ -531,14 +561,36 @@ impl Node {
         Ok(Sandbox { shared })
     }
 
-    /// The sandbox with this id.
+    /// The sandbox with this id. While it is being rebuilt with new
+    /// settings ([`Node::reconfigure_sandbox`]) there is none for a moment:
+    /// [`Error::Rebuilding`] (retryable), not [`Error::NoSandbox`].
     pub fn sandbox(&self, id: &str) -> Result<Sandbox> {
+        // First: while the old app stops and the new one starts and gets
+        // its states back, neither answers for the sandbox.
+        if self.rebuilding(id) {
+            return Err(Error::Rebuilding(id.to_owned()));
+        }
         self.inner
             .sandboxes
             .read()
             .get(id)
             .map(|s| Sandbox { shared: s.clone() })
             .ok_or_else(|| Error::NoSandbox(id.to_owned()))
+    }
+
+    /// Whether the sandbox `id` is being rebuilt with new settings.
+    fn rebuilding(&self, id: &str) -> bool {
+        self.inner.rebuilding.lock().contains(id)
+    }
+
+    /// Marks `id` as being rebuilt until the guard drops (every way out of
+    /// `reconfigure_sandbox`, once the sandbox is back in the map or lost).
+    fn mark_rebuilding(&self, id: &str) -> RebuildGuard {
+        self.inner.rebuilding.lock().insert(id.to_owned());
+        RebuildGuard {
+            node: self.inner.clone(),
+            id: id.to_owned(),
+        }
     }
 
     /// Ids of all sandboxes, sorted.
@@ -565,6 +617,9 @@ impl Node {
         id: &str,
         attached: Option<&crate::store::Attached>,
     ) -> Result<()> {
+        if self.rebuilding(id) {
+            return Err(Error::Rebuilding(id.into()));
+        }
         if !self.inner.sandboxes.read().contains_key(id) {
             if self.inner.checkpoints.unrestored.lock().contains_key(id) {
                 return self.discard_unrestored(id, attached);
@@ -638,6 +693,7 @@ impl Node {
         let Some(shared) = self.inner.sandboxes.write().remove(id) else {
             return;
         };
+        shared.replaced.store(true, Ordering::Release);
         shared.destroyed.store(true, Ordering::Release);
         if let Some(mut guard) = shared.runtime.try_lock() {
             let rt = guard.take();

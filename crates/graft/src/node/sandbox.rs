@@ -65,6 +65,21 @@ impl Sandbox {
         &self.shared.id
     }
 
+    /// Whether this sandbox was destroyed (deleted, or replaced by a
+    /// rebuild with new settings, `Node::reconfigure_sandbox`): this handle
+    /// answers nothing any more; `Node::sandbox` gives the current one.
+    ///
+    /// ```
+    /// let node = graft::Node::new();
+    /// let sb = node.create_sandbox(graft::SandboxSpec::new("d").entry(None).module("m", "return {}")).unwrap();
+    /// assert!(!sb.is_destroyed());
+    /// node.destroy("d").unwrap();
+    /// assert!(sb.is_destroyed());
+    /// ```
+    pub fn is_destroyed(&self) -> bool {
+        self.shared.destroyed.load(Ordering::Acquire)
+    }
+
     /// Queues a command in the inbox; returns the node, which the caller
     /// must wake (`schedule`) or serve itself (`run_inline`).
     pub(super) fn enqueue(&self, cmd: Command) -> Result<Arc<NodeInner>> {
@@ -77,7 +92,7 @@ impl Sandbox {
             return Err(stopped(&self.shared.id));
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
+            return Err(self.destroyed_error());
         }
         if let Some(e) = self.shared.failure_error() {
             return Err(e);
@@ -129,9 +144,20 @@ impl Sandbox {
             return e;
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Error::NoSandbox(self.shared.id.clone());
+            return self.destroyed_error();
         }
         stopped(&self.shared.id)
+    }
+
+    /// What a request to a destroyed sandbox gets: `Rebuilding` (try again;
+    /// `Node::sandbox` gives the rebuilt one) when it was replaced by a
+    /// rebuild with new settings, else `NoSandbox`.
+    fn destroyed_error(&self) -> Error {
+        if self.shared.replaced.load(Ordering::Acquire) {
+            Error::Rebuilding(self.shared.id.clone())
+        } else {
+            Error::NoSandbox(self.shared.id.clone())
+        }
     }
 
     async fn ask_slot(
@@ -302,7 +328,7 @@ impl Sandbox {
             return Ok(info);
         }
         if self.shared.destroyed.load(Ordering::Acquire) {
-            return Err(Error::NoSandbox(self.shared.id.clone()));
+            return Err(self.destroyed_error());
         }
         // Read between slices, without queueing: a listing must answer even
         // while this sandbox is stuck in a long callback.
