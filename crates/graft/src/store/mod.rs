@@ -37,6 +37,7 @@
 //! * [`Store::close`] (and drop) stops accepting writes, lets the writer
 //!   drain and commit what was queued, folds the log into the file and closes.
 
+mod apply;
 mod attach;
 mod error;
 mod ops;
