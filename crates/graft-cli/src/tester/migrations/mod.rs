@@ -238,6 +238,100 @@ struct Sources<'a> {
     node: Option<&'a NodeData>,
 }
 
+/// The node's checkpoints of the module's registered processes, each with
+/// the kept version its state belongs to (added to `olds` when new).
+/// Checkpoints already of the working version, or of a version no longer
+/// kept, are counted in a note instead.
+fn recorded_cases(
+    nd: &NodeData,
+    src: &Sources<'_>,
+    module: &str,
+    current: &str,
+    olds: &mut Vec<(String, String)>,
+    cases: &mut Vec<Case>,
+    lines: &mut Vec<String>,
+) -> Result<()> {
+    let cps = nd
+        .store
+        .checkpoints(&nd.sandbox)
+        .map_err(|e| anyhow!("reading the node's checkpoints: {e}"))?;
+    let mut skipped = 0;
+    for cp in cps.into_iter().filter(|c| c.module == module) {
+        let Some(old) = src.kept.get(&cp.module_version) else {
+            skipped += 1;
+            continue;
+        };
+        if old == current {
+            skipped += 1;
+            continue;
+        }
+        let idx = match olds.iter().position(|(_, s)| s == old) {
+            Some(i) => i,
+            None => {
+                olds.push((format!("node v{}", cp.module_version), old.clone()));
+                olds.len() - 1
+            }
+        };
+        let state: Value = serde_json::from_str(&cp.state_json)
+            .map_err(|e| anyhow!("checkpoint `{}` is not JSON: {e}", cp.name))?;
+        cases.push(Case {
+            origin: Origin::Recorded,
+            old: idx,
+            label: format!("checkpoint `{}` (node v{})", cp.name, cp.module_version),
+            state,
+        });
+    }
+    if skipped > 0 {
+        lines.push(format!(
+            "{skipped} checkpoint{} already of the working version (or of a version no longer kept): not migrated",
+            if skipped == 1 { " is" } else { "s are" }
+        ));
+    }
+
+    Ok(())
+}
+
+/// The report of a module whose states fail: how many, and the first
+/// failure shrunk to the smallest state found.
+fn describe_failures(
+    lab: &Lab<'_>,
+    cases: &[Case],
+    olds: &[(String, String)],
+    mut failures: Vec<(usize, Failure)>,
+    rejected: usize,
+    mix: &str,
+) -> Result<String> {
+    let n = failures.len();
+    let (i, first) = failures.swap_remove(0);
+    let case = &cases[i];
+    let old = &olds[case.old];
+    let (f, runs) = shrink(lab, &old.1, first)?;
+    let what = match f.kind {
+        Kind::Up => format!(
+            "migrating up ({} → working tree) failed: {}",
+            old.0, f.detail
+        ),
+        Kind::Down => format!("migrating back down failed: {}", f.detail),
+        Kind::Load => format!("the state cannot be given to a process: {}", f.detail),
+        Kind::RoundTrip | Kind::TypeChanged => f.detail.clone(),
+    };
+    let mut shown = format!(
+        "{n} of {} states fail ({} → working tree → {}; {mix}); first: {}; smallest found ({runs} shrink runs):\n    {what}\n      before: {}",
+        cases.len() - rejected,
+        old.0,
+        old.0,
+        case.label,
+        f.before
+    );
+    if !f.up.is_null() {
+        shown.push_str(&format!("\n      up:     {}", f.up));
+    }
+    if !f.down.is_null() {
+        shown.push_str(&format!("\n      down:   {}", f.down));
+    }
+    Ok(shown)
+}
+
 fn check_module(
     lab: &Lab<'_>,
     src: &Sources<'_>,
@@ -256,42 +350,15 @@ fn check_module(
     let mut cases: Vec<Case> = Vec::new();
 
     if let Some(nd) = src.node {
-        let cps = nd
-            .store
-            .checkpoints(&nd.sandbox)
-            .map_err(|e| anyhow!("reading the node's checkpoints: {e}"))?;
-        let mut skipped = 0;
-        for cp in cps.into_iter().filter(|c| c.module == module) {
-            let Some(old) = src.kept.get(&cp.module_version) else {
-                skipped += 1;
-                continue;
-            };
-            if *old == current {
-                skipped += 1;
-                continue;
-            }
-            let idx = match olds.iter().position(|(_, s)| s == old) {
-                Some(i) => i,
-                None => {
-                    olds.push((format!("node v{}", cp.module_version), old.clone()));
-                    olds.len() - 1
-                }
-            };
-            let state: Value = serde_json::from_str(&cp.state_json)
-                .map_err(|e| anyhow!("checkpoint `{}` is not JSON: {e}", cp.name))?;
-            cases.push(Case {
-                origin: Origin::Recorded,
-                old: idx,
-                label: format!("checkpoint `{}` (node v{})", cp.name, cp.module_version),
-                state,
-            });
-        }
-        if skipped > 0 {
-            finding.lines.push(format!(
-                "{skipped} checkpoint{} already of the working version (or of a version no longer kept): not migrated",
-                if skipped == 1 { " is" } else { "s are" }
-            ));
-        }
+        recorded_cases(
+            nd,
+            src,
+            module,
+            &current,
+            &mut olds,
+            &mut cases,
+            &mut finding.lines,
+        )?;
     }
     let previous = &olds[0].1;
     for (pid, state) in lab
@@ -369,34 +436,7 @@ fn check_module(
         ));
     } else {
         finding.ok = false;
-        let n = failures.len();
-        let (i, first) = failures.swap_remove(0);
-        let case = &cases[i];
-        let old = &olds[case.old];
-        let (f, runs) = shrink(lab, &old.1, first)?;
-        let what = match f.kind {
-            Kind::Up => format!(
-                "migrating up ({} → working tree) failed: {}",
-                old.0, f.detail
-            ),
-            Kind::Down => format!("migrating back down failed: {}", f.detail),
-            Kind::Load => format!("the state cannot be given to a process: {}", f.detail),
-            Kind::RoundTrip | Kind::TypeChanged => f.detail.clone(),
-        };
-        let mut shown = format!(
-            "{n} of {} states fail ({} → working tree → {}; {mix}); first: {}; smallest found ({runs} shrink runs):\n    {what}\n      before: {}",
-            cases.len() - rejected,
-            old.0,
-            old.0,
-            case.label,
-            f.before
-        );
-        if !f.up.is_null() {
-            shown.push_str(&format!("\n      up:     {}", f.up));
-        }
-        if !f.down.is_null() {
-            shown.push_str(&format!("\n      down:   {}", f.down));
-        }
+        let shown = describe_failures(lab, &cases, &olds, failures, rejected, &mix)?;
         finding.lines.push(shown);
     }
     if rejected > 0 {
