@@ -357,6 +357,49 @@ fn wait_for(
     }
 }
 
+/// Prints the run's figures as one JSON line: save-to-served latencies
+/// (`lat_us`), the reload times graft reported (`reload_us`), and how the
+/// harness ran.
+fn report(
+    o: &Opts,
+    lat_us: &[f64],
+    reload_us: &[f64],
+    measured_polls: u64,
+    debounce_flag: Option<String>,
+) {
+    let mut sorted = lat_us.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut rsorted = reload_us.to_vec();
+    rsorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mean = lat_us.iter().sum::<f64>() / lat_us.len() as f64;
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    println!(
+        "{}",
+        json!({
+            "workload": "edit_to_live",
+            "saves": o.saves,
+            "p50_us": round(percentile(&sorted, 0.50)),
+            "p99_us": round(percentile(&sorted, 0.99)),
+            "max_us": round(*sorted.last().unwrap()),
+            "min_us": round(sorted[0]),
+            "mean_us": round(mean),
+            "smoke": o.smoke,
+            "poll_us": o.poll_us,
+            "polls": measured_polls,
+            "poll": "keep-alive HTTP/1.1 POST /call {\"request\":\"get\"}",
+            "debounce_flag": debounce_flag,
+            "debounce_ms": Value::Null,
+            "debounce_note": if debounce_flag.is_some() { "the CLI has a debounce option; this harness uses its default" } else { "not exposed by the graft CLI (no flag in `graft run --help`)" },
+            "reloads_seen": reload_us.len(),
+            "reload_line_us_p50": if rsorted.is_empty() { Value::Null } else { json!(percentile(&rsorted, 0.5)) },
+            "reload_line_us_max": rsorted.last().copied(),
+            "reload_line": "compile+swap from graft run's `✓ …` line (0.1 ms resolution)",
+            "gap_ms": "random 20-50 after the previous save is live",
+            "seed": o.seed,
+        })
+    );
+}
+
 fn main() {
     let o = parse_opts();
     if !o.graft.is_file() {
@@ -449,35 +492,5 @@ fn main() {
     }
 
     let reload_us: Vec<f64> = reloads.lock().unwrap()[startup_reloads..].to_vec();
-    let mut sorted = lat_us.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mut rsorted = reload_us.clone();
-    rsorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mean = lat_us.iter().sum::<f64>() / lat_us.len() as f64;
-    let round = |x: f64| (x * 10.0).round() / 10.0;
-    println!(
-        "{}",
-        json!({
-            "workload": "edit_to_live",
-            "saves": o.saves,
-            "p50_us": round(percentile(&sorted, 0.50)),
-            "p99_us": round(percentile(&sorted, 0.99)),
-            "max_us": round(*sorted.last().unwrap()),
-            "min_us": round(sorted[0]),
-            "mean_us": round(mean),
-            "smoke": o.smoke,
-            "poll_us": o.poll_us,
-            "polls": measured_polls,
-            "poll": "keep-alive HTTP/1.1 POST /call {\"request\":\"get\"}",
-            "debounce_flag": debounce_flag,
-            "debounce_ms": Value::Null,
-            "debounce_note": if debounce_flag.is_some() { "the CLI has a debounce option; this harness uses its default" } else { "not exposed by the graft CLI (no flag in `graft run --help`)" },
-            "reloads_seen": reload_us.len(),
-            "reload_line_us_p50": if rsorted.is_empty() { Value::Null } else { json!(percentile(&rsorted, 0.5)) },
-            "reload_line_us_max": rsorted.last().copied(),
-            "reload_line": "compile+swap from graft run's `✓ …` line (0.1 ms resolution)",
-            "gap_ms": "random 20-50 after the previous save is live",
-            "seed": o.seed,
-        })
-    );
+    report(&o, &lat_us, &reload_us, measured_polls, debounce_flag);
 }

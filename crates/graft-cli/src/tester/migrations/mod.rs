@@ -455,6 +455,19 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
+/// The note when there is nothing to compare with (no node data and no git
+/// history): otherwise "0 modules checked" reads as "all is well".
+fn no_history_note(dir: &Path, node_data: Option<&NodeData>) -> Option<String> {
+    if node_data.is_some() {
+        return None;
+    }
+    let why = no_git_history(dir)?;
+    Some(format!(
+        "note: no previous version to compare with: no node data ({}) and {why}; nothing was checked",
+        dir.join(".graft").join(graft::DATABASE_FILE).display()
+    ))
+}
+
 /// `graft test --migrations`.
 pub fn run(dir: &Path, json_out: bool, cases: usize, seed: u64) -> Result<()> {
     let started = Instant::now();
@@ -469,15 +482,7 @@ pub fn run(dir: &Path, json_out: bool, cases: usize, seed: u64) -> Result<()> {
     };
     let mut notes = Vec::new();
     let node_data = open_node_data(dir, &spec.id, &mut notes);
-    if node_data.is_none() {
-        if let Some(why) = no_git_history(dir) {
-            // Otherwise "0 modules checked" reads as "all is well".
-            notes.push(format!(
-                "note: no previous version to compare with: no node data ({}) and {why}; nothing was checked",
-                dir.join(".graft").join(graft::DATABASE_FILE).display()
-            ));
-        }
-    }
+    notes.extend(no_history_note(dir, node_data.as_ref()));
     let mut findings = Vec::new();
     let mut unchanged = 0;
     for (module, path) in &spec.files {
