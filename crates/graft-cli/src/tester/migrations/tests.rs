@@ -1,7 +1,6 @@
 //! Unit tests of the migration checker's pure parts: token comparison,
 //! perturbation and shrinking.
 
-use super::lab::*;
 use super::states::*;
 use super::*;
 
