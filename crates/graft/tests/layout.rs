@@ -622,9 +622,8 @@ fn import_graphs(files: &[(PathBuf, String, String)]) -> Result<(Graph, Graph), 
     }
     // Unit tests are not part of the library's layering: a test beside the
     // kernel may build a whole node to drive it (see the module docs).
-    parsed.retain(|(module, _, _)| {
-        !(1..=module.len()).any(|n| test_modules.contains(&module[..n].to_vec()))
-    });
+    parsed
+        .retain(|(module, _, _)| !(1..=module.len()).any(|n| test_modules.contains(&module[..n])));
     // The root's re-exports: `pub use error::{Error, Result}` makes
     // `crate::Result` a name of `error`.
     let mut reexports: BTreeMap<String, ModPath> = BTreeMap::new();
@@ -659,7 +658,7 @@ fn import_graphs(files: &[(PathBuf, String, String)]) -> Result<(Graph, Graph), 
         refs.visit_file(ast);
         for r in refs.out {
             let mut target = r.path;
-            if !target.is_empty() && !modules.contains(&target[..1].to_vec()) {
+            if !target.is_empty() && !modules.contains(&target[..1]) {
                 match reexports.get(&target[0]) {
                     Some(path) => {
                         let rest = target.split_off(1);
