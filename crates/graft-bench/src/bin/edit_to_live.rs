@@ -277,6 +277,129 @@ fn reload_line_us(line: &str) -> Option<f64> {
     (rest == "ms").then_some(v * 1000.0)
 }
 
+/// Starts `graft run DIR --port 0`; returns it (killed on drop), the address
+/// it printed, and the reload times its `✓ …` lines report, collected by a
+/// thread (other lines are echoed to our stderr).
+fn start_graft(o: &Opts, dir: &Path) -> (Guard, String, Arc<Mutex<Vec<f64>>>) {
+    let child = Command::new(&o.graft)
+        .arg("run")
+        .arg(dir)
+        .args(["--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", o.graft.display()));
+    let mut child = Guard(child);
+
+    // stdout: the port, then one line per reload; stderr: echoed to ours.
+    let (port_tx, port_rx) = mpsc::channel::<String>();
+    let reloads: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let stdout = child.0.stdout.take().unwrap();
+    let r = reloads.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = port_tx.send(addr);
+            } else if let Some(us) = reload_line_us(&line) {
+                r.lock().unwrap().push(us);
+            } else {
+                eprintln!("[graft] {line}");
+            }
+        }
+    });
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[graft] {line}");
+        }
+    });
+    let addr = port_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("graft run did not print `listening on http://…` within 30 s");
+    (child, addr, reloads)
+}
+
+/// Polls `POST path` until the reply is `want`; the time it was first served.
+/// Panics after [`SAVE_TIMEOUT`] with the last answer.
+fn wait_for(
+    http: &mut Http,
+    path: &str,
+    body: &str,
+    want: i64,
+    polls: &mut u64,
+    poll_us: u64,
+) -> Instant {
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    let mut last: Value;
+    loop {
+        *polls += 1;
+        match http.post(path, body) {
+            Ok((200, b)) => {
+                let now = Instant::now();
+                let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                if v["reply"].as_i64() == Some(want) {
+                    return now;
+                }
+                last = v;
+            }
+            // The app may still be starting (404 before the name is registered).
+            Ok((_, b)) => last = Value::String(String::from_utf8_lossy(&b).into_owned()),
+            Err(e) => last = Value::String(e.to_string()),
+        }
+        if Instant::now() > deadline {
+            panic!("edit_to_live: reply {want} not served within {SAVE_TIMEOUT:?}; last: {last}");
+        }
+        if poll_us > 0 {
+            std::thread::sleep(Duration::from_micros(poll_us));
+        }
+    }
+}
+
+/// Prints the run's figures as one JSON line: save-to-served latencies
+/// (`lat_us`), the reload times graft reported (`reload_us`), and how the
+/// harness ran.
+fn report(
+    o: &Opts,
+    lat_us: &[f64],
+    reload_us: &[f64],
+    measured_polls: u64,
+    debounce_flag: Option<String>,
+) {
+    let mut sorted = lat_us.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut rsorted = reload_us.to_vec();
+    rsorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mean = lat_us.iter().sum::<f64>() / lat_us.len() as f64;
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    println!(
+        "{}",
+        json!({
+            "workload": "edit_to_live",
+            "saves": o.saves,
+            "p50_us": round(percentile(&sorted, 0.50)),
+            "p99_us": round(percentile(&sorted, 0.99)),
+            "max_us": round(*sorted.last().unwrap()),
+            "min_us": round(sorted[0]),
+            "mean_us": round(mean),
+            "smoke": o.smoke,
+            "poll_us": o.poll_us,
+            "polls": measured_polls,
+            "poll": "keep-alive HTTP/1.1 POST /call {\"request\":\"get\"}",
+            "debounce_flag": debounce_flag,
+            "debounce_ms": Value::Null,
+            "debounce_note": if debounce_flag.is_some() { "the CLI has a debounce option; this harness uses its default" } else { "not exposed by the graft CLI (no flag in `graft run --help`)" },
+            "reloads_seen": reload_us.len(),
+            "reload_line_us_p50": if rsorted.is_empty() { Value::Null } else { json!(percentile(&rsorted, 0.5)) },
+            "reload_line_us_max": rsorted.last().copied(),
+            "reload_line": "compile+swap from graft run's `✓ …` line (0.1 ms resolution)",
+            "gap_ms": "random 20-50 after the previous save is live",
+            "seed": o.seed,
+        })
+    );
+}
+
 fn main() {
     let o = parse_opts();
     if !o.graft.is_file() {
@@ -315,44 +438,8 @@ fn main() {
     // Version 0 is in place before the node starts.
     std::fs::write(&file, counter_source(&original, 0)).unwrap();
 
-    let child = Command::new(&o.graft)
-        .arg("run")
-        .arg(&dir)
-        .args(["--port", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", o.graft.display()));
-    let mut child = Guard(child);
+    let (child, addr, reloads) = start_graft(&o, &dir);
     let graft_pid = child.0.id();
-
-    // stdout: the port, then one line per reload; stderr: echoed to ours.
-    let (port_tx, port_rx) = mpsc::channel::<String>();
-    let reloads: Arc<Mutex<Vec<f64>>> = Arc::default();
-    let stdout = child.0.stdout.take().unwrap();
-    let r = reloads.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                let _ = port_tx.send(addr);
-            } else if let Some(us) = reload_line_us(&line) {
-                r.lock().unwrap().push(us);
-            } else {
-                eprintln!("[graft] {line}");
-            }
-        }
-    });
-    let stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[graft] {line}");
-        }
-    });
-    let addr = port_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("graft run did not print `listening on http://…` within 30 s");
     eprintln!(
         "[edit_to_live] graft pid {graft_pid} on {addr}, project {}, {} saves, seed {}",
         dir.display(),
@@ -373,35 +460,7 @@ fn main() {
     let path = format!("/api/v1/sandboxes/{id}/call");
     let body = json!({ "to": "counter", "request": "get" }).to_string();
     let mut polls: u64 = 0;
-    let wait_for = |want: i64, http: &mut Http, polls: &mut u64| -> Instant {
-        let deadline = Instant::now() + SAVE_TIMEOUT;
-        let mut last: Value;
-        loop {
-            *polls += 1;
-            match http.post(&path, &body) {
-                Ok((200, b)) => {
-                    let now = Instant::now();
-                    let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
-                    if v["reply"].as_i64() == Some(want) {
-                        return now;
-                    }
-                    last = v;
-                }
-                // The app may still be starting (404 before the name is registered).
-                Ok((_, b)) => last = Value::String(String::from_utf8_lossy(&b).into_owned()),
-                Err(e) => last = Value::String(e.to_string()),
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "edit_to_live: reply {want} not served within {SAVE_TIMEOUT:?}; last: {last}"
-                );
-            }
-            if o.poll_us > 0 {
-                std::thread::sleep(Duration::from_micros(o.poll_us));
-            }
-        }
-    };
-    wait_for(0, &mut http, &mut polls);
+    wait_for(&mut http, &path, &body, 0, &mut polls, o.poll_us);
     // Let the watcher settle (its start-up scan) before the first measured save.
     std::thread::sleep(Duration::from_millis(300));
     let startup_reloads = reloads.lock().unwrap().len();
@@ -414,7 +473,14 @@ fn main() {
         let src = counter_source(&original, i);
         let t0 = Instant::now();
         save(&file, &src);
-        let served = wait_for((i * 1000) as i64, &mut http, &mut polls);
+        let served = wait_for(
+            &mut http,
+            &path,
+            &body,
+            (i * 1000) as i64,
+            &mut polls,
+            o.poll_us,
+        );
         lat_us.push((served - t0).as_nanos() as f64 / 1000.0);
     }
     let measured_polls = polls - polls_before;
@@ -426,35 +492,5 @@ fn main() {
     }
 
     let reload_us: Vec<f64> = reloads.lock().unwrap()[startup_reloads..].to_vec();
-    let mut sorted = lat_us.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mut rsorted = reload_us.clone();
-    rsorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mean = lat_us.iter().sum::<f64>() / lat_us.len() as f64;
-    let round = |x: f64| (x * 10.0).round() / 10.0;
-    println!(
-        "{}",
-        json!({
-            "workload": "edit_to_live",
-            "saves": o.saves,
-            "p50_us": round(percentile(&sorted, 0.50)),
-            "p99_us": round(percentile(&sorted, 0.99)),
-            "max_us": round(*sorted.last().unwrap()),
-            "min_us": round(sorted[0]),
-            "mean_us": round(mean),
-            "smoke": o.smoke,
-            "poll_us": o.poll_us,
-            "polls": measured_polls,
-            "poll": "keep-alive HTTP/1.1 POST /call {\"request\":\"get\"}",
-            "debounce_flag": debounce_flag,
-            "debounce_ms": Value::Null,
-            "debounce_note": if debounce_flag.is_some() { "the CLI has a debounce option; this harness uses its default" } else { "not exposed by the graft CLI (no flag in `graft run --help`)" },
-            "reloads_seen": reload_us.len(),
-            "reload_line_us_p50": if rsorted.is_empty() { Value::Null } else { json!(percentile(&rsorted, 0.5)) },
-            "reload_line_us_max": rsorted.last().copied(),
-            "reload_line": "compile+swap from graft run's `✓ …` line (0.1 ms resolution)",
-            "gap_ms": "random 20-50 after the previous save is live",
-            "seed": o.seed,
-        })
-    );
+    report(&o, &lat_us, &reload_us, measured_polls, debounce_flag);
 }

@@ -283,7 +283,28 @@ pub fn definitions() -> String {
 /// Builds the `t` table for one test.
 pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    install_process_calls(lua, &t, &cx)?;
+    install_upgrades(lua, &t, &cx)?;
+    install_assertions(lua, &t)?;
+    // `graft types` declares TEST_API: `t` must hold exactly that.
+    let mut keys: Vec<String> = t
+        .pairs::<String, Value>()
+        .filter_map(|p| p.ok().map(|(k, _)| k))
+        .collect();
+    keys.sort();
+    let declared: Vec<&str> = TEST_API.iter().map(|i| i.name).collect();
+    if keys != declared {
+        return Err(mlua::Error::runtime(format!(
+            "the test library's keys {keys:?} differ from TEST_API {declared:?}"
+        )));
+    }
+    t.set_readonly(true);
+    Ok(t)
+}
 
+/// `t.start`, `t.call`, `t.cast`, `t.send`, `t.state`, `t.eval`,
+/// `t.processes`: the test's sandbox as an embedder drives it.
+fn install_process_calls(lua: &Lua, t: &Table, cx: &Context) -> mlua::Result<()> {
     let c = cx.clone();
     t.set(
         "start",
@@ -359,6 +380,12 @@ pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
             to_lua(lua, &json)
         })?,
     )?;
+    Ok(())
+}
+
+/// `t.reload`, `t.rollback`, `t.versions`, `t.advance` (the test clock) and
+/// `t.source` (a file under the project root).
+fn install_upgrades(lua: &Lua, t: &Table, cx: &Context) -> mlua::Result<()> {
     let c = cx.clone();
     t.set(
         "reload",
@@ -424,22 +451,7 @@ pub fn install(lua: &Lua, cx: Context) -> mlua::Result<Table> {
             read_under(&root, &path).map_err(mlua::Error::runtime)
         })?,
     )?;
-
-    install_assertions(lua, &t)?;
-    // `graft types` declares TEST_API: `t` must hold exactly that.
-    let mut keys: Vec<String> = t
-        .pairs::<String, Value>()
-        .filter_map(|p| p.ok().map(|(k, _)| k))
-        .collect();
-    keys.sort();
-    let declared: Vec<&str> = TEST_API.iter().map(|i| i.name).collect();
-    if keys != declared {
-        return Err(mlua::Error::runtime(format!(
-            "the test library's keys {keys:?} differ from TEST_API {declared:?}"
-        )));
-    }
-    t.set_readonly(true);
-    Ok(t)
+    Ok(())
 }
 
 fn install_assertions(lua: &Lua, t: &Table) -> mlua::Result<()> {
@@ -498,6 +510,12 @@ fn install_assertions(lua: &Lua, t: &Table) -> mlua::Result<()> {
             ))
         })?,
     )?;
+    install_pattern_assertions(lua, t)
+}
+
+/// `t.matches` (a Luau pattern), `t.raises` (an error, optionally matching a
+/// pattern) and `t.fail`.
+fn install_pattern_assertions(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "matches",
         lua.create_function(|lua, (s, pattern, note): (Value, String, Option<String>)| {

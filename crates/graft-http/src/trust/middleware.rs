@@ -322,6 +322,78 @@ enum Audit {
     WithEffect(graft::store::Attached),
 }
 
+/// What the steps of one request share: the route's row and how the
+/// request is named in the audit log.
+struct Ctx {
+    trust: Arc<Trust>,
+    row: &'static Route,
+    route_name: Cow<'static, str>,
+    method: Method,
+    started: Instant,
+}
+
+impl Ctx {
+    /// The request's duration so far, µs.
+    fn elapsed_us(&self) -> u64 {
+        self.started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64
+    }
+
+    /// The start of the request's audit row.
+    fn row_start<'a>(
+        &'a self,
+        caller: Option<&'a Caller>,
+        sandbox: &Option<String>,
+    ) -> RowStart<'a> {
+        RowStart {
+            caller,
+            method: self.method.as_str(),
+            route: &self.route_name,
+            sandbox: sandbox.clone(),
+        }
+    }
+
+    /// Refuses the request: writes the denied row when the route's class
+    /// asks for one (never for 429s, which would let a flood fill the log),
+    /// and answers with the error and its `WWW-Authenticate`/`Retry-After`.
+    async fn deny(
+        &self,
+        caller: Option<Caller>,
+        sandbox: Option<String>,
+        err: ApiError,
+    ) -> Response {
+        let status = err.status;
+        let kind = err
+            .error
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("denied")
+            .to_owned();
+        let retry = err.error.get("retry_after_s").and_then(Value::as_u64);
+        if self.row.audit.denied_writes_row() && status != StatusCode::TOO_MANY_REQUESTS {
+            let start = self.row_start(caller.as_ref(), &sandbox);
+            let us = self.elapsed_us();
+            if let Err(e) =
+                audit::write_denied(self.trust.store(), start, &kind, status.as_u16(), us).await
+            {
+                tracing::warn!(error = %e, "audit: could not record a denied request");
+            }
+        }
+        let mut resp = err.into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"graft\""),
+            );
+        }
+        if let Some(s) = retry {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn continue_with(
     trust: Arc<Trust>,
@@ -330,63 +402,54 @@ async fn continue_with(
     route_name: Cow<'static, str>,
     method: Method,
     peer: Option<std::net::IpAddr>,
-    mut sandbox: Option<String>,
-    mut req: Request,
+    sandbox: Option<String>,
+    req: Request,
     next: Next,
     started: Instant,
 ) -> Response {
-    let deny = |caller: Option<Caller>, sandbox: Option<String>, err: ApiError| {
-        let trust = trust.clone();
-        let route_name = route_name.clone();
-        let method = method.clone();
-        async move {
-            let status = err.status;
-            let kind = err
-                .error
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or("denied")
-                .to_owned();
-            let retry = err.error.get("retry_after_s").and_then(Value::as_u64);
-            if row.audit.denied_writes_row() && status != StatusCode::TOO_MANY_REQUESTS {
-                let start = RowStart {
-                    caller: caller.as_ref(),
-                    method: method.as_str(),
-                    route: &route_name,
-                    sandbox,
-                };
-                let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
-                if let Err(e) =
-                    audit::write_denied(trust.store(), start, &kind, status.as_u16(), us).await
-                {
-                    tracing::warn!(error = %e, "audit: could not record a denied request");
-                }
-            }
-            let mut resp = err.into_response();
-            if status == StatusCode::UNAUTHORIZED {
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"graft\""),
-                );
-            }
-            if let Some(s) = retry {
-                if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                    resp.headers_mut().insert(header::RETRY_AFTER, v);
-                }
-            }
-            resp
-        }
+    let ctx = Ctx {
+        trust,
+        row,
+        route_name,
+        method,
+        started,
     };
-
-    if let Err(e) = browser_rules(&trust, &method, req.headers()) {
-        return deny(None, sandbox, e).await;
+    let (caller, sandbox, mut req) = match authorize(&ctx, peer, sandbox, req).await {
+        Ok(allowed) => allowed,
+        Err(denied) => return denied,
+    };
+    req.extensions_mut().insert(Peer(peer));
+    if let Some(c) = &caller {
+        req.extensions_mut().insert(c.clone());
     }
-    let caller = match row.access {
+    let audit = match begin_audit(&ctx, same_store, caller.as_ref(), &sandbox, &mut req).await {
+        Ok(audit) => audit,
+        Err(unavailable) => return unavailable,
+    };
+    let resp = next.run(req).await;
+    finish_audit(&ctx, audit, caller.as_ref(), &sandbox, &resp);
+    resp
+}
+
+/// Step 1: browser rules, authentication, the role, and the sandboxes the
+/// request touches against the token's scope. Gives the caller, the
+/// sandbox(es) for the audit row and the request (its body read and put
+/// back for the routes that name sandboxes in it), or the refusal.
+async fn authorize(
+    ctx: &Ctx,
+    peer: Option<std::net::IpAddr>,
+    mut sandbox: Option<String>,
+    mut req: Request,
+) -> Result<(Option<Caller>, Option<String>, Request), Response> {
+    if let Err(e) = browser_rules(&ctx.trust, &ctx.method, req.headers()) {
+        return Err(ctx.deny(None, sandbox, e).await);
+    }
+    let caller = match ctx.row.access {
         Access::Public => None,
         Access::Role(needed) => {
-            let caller = match authenticate(&trust, req.headers(), peer) {
+            let caller = match authenticate(&ctx.trust, req.headers(), peer) {
                 Ok(c) => c,
-                Err(e) => return deny(None, sandbox, e).await,
+                Err(e) => return Err(ctx.deny(None, sandbox, e).await),
             };
             if caller.role < needed {
                 let e = forbidden(format!(
@@ -395,18 +458,18 @@ async fn continue_with(
                     caller.token_id,
                     caller.role.as_str()
                 ));
-                return deny(Some(caller), sandbox, e).await;
+                return Err(ctx.deny(Some(caller), sandbox, e).await);
             }
             Some(caller)
         }
     };
     let scoped = caller.as_ref().is_some_and(Caller::is_scoped);
     if scoped && sandbox.is_none() {
-        let (r, s) = path_sandbox(req, row).await;
+        let (r, s) = path_sandbox(req, ctx.row).await;
         req = r;
         sandbox = s;
     }
-    match row.sandbox {
+    match ctx.row.sandbox {
         SandboxAt::Path => {
             if let (Some(c), Some(id)) = (&caller, &sandbox) {
                 if !c.may_see(id) {
@@ -414,7 +477,7 @@ async fn continue_with(
                         "the token `{}` is not allowed on this sandbox",
                         c.token_id
                     ));
-                    return deny(caller, sandbox, e).await;
+                    return Err(ctx.deny(caller, sandbox, e).await);
                 }
             }
         }
@@ -422,71 +485,95 @@ async fn continue_with(
             let e = forbidden(
                 "a token limited to some sandboxes cannot use this node-wide route".into(),
             );
-            return deny(caller, sandbox, e).await;
+            return Err(ctx.deny(caller, sandbox, e).await);
         }
         SandboxAt::BodyId | SandboxAt::BodyList => {
-            let (parts, body) = req.into_parts();
-            let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-                Ok(b) => b,
-                Err(_) => {
-                    let e = ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("the request body is larger than {MAX_BODY_BYTES} bytes (or could not be read)"),
-                    )
-                    .with("limit_bytes", MAX_BODY_BYTES);
-                    return deny(caller, sandbox, e).await;
-                }
-            };
-            let named = body_sandboxes(&bytes, row.sandbox);
-            if let Some(c) = &caller {
-                if c.is_scoped()
-                    && !named
-                        .as_ref()
-                        .is_some_and(|ids| ids.iter().all(|id| c.may_see(id)))
-                {
-                    let e = forbidden(format!(
-                        "the token `{}` is not allowed on every sandbox this names",
-                        c.token_id
-                    ));
-                    return deny(caller, named.map(|n| n.join(",")), e).await;
-                }
-            }
-            sandbox = named
-                .map(|n| n.join(","))
-                .map(|s| s.chars().take(1024).collect());
-            req = Request::from_parts(parts, Body::from(bytes));
+            let (named, r) = body_scope(ctx, caller.as_ref(), sandbox, req).await?;
+            sandbox = named;
+            req = r;
         }
         _ => {}
     }
+    Ok((caller, sandbox, req))
+}
 
-    req.extensions_mut().insert(Peer(peer));
-    if let Some(c) = &caller {
-        req.extensions_mut().insert(c.clone());
+/// The routes that name their sandboxes in the body (create, batch reload):
+/// reads the body (at most [`MAX_BODY_BYTES`]), checks every sandbox it
+/// names against a scoped token, and puts the body back unchanged.
+async fn body_scope(
+    ctx: &Ctx,
+    caller: Option<&Caller>,
+    sandbox: Option<String>,
+    req: Request,
+) -> Result<(Option<String>, Request), Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            let e = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than {MAX_BODY_BYTES} bytes (or could not be read)"
+                ),
+            )
+            .with("limit_bytes", MAX_BODY_BYTES);
+            return Err(ctx.deny(caller.cloned(), sandbox, e).await);
+        }
+    };
+    let named = body_sandboxes(&bytes, ctx.row.sandbox);
+    if let Some(c) = caller {
+        if c.is_scoped()
+            && !named
+                .as_ref()
+                .is_some_and(|ids| ids.iter().all(|id| c.may_see(id)))
+        {
+            let e = forbidden(format!(
+                "the token `{}` is not allowed on every sandbox this names",
+                c.token_id
+            ));
+            return Err(ctx
+                .deny(caller.cloned(), named.map(|n| n.join(",")), e)
+                .await);
+        }
     }
-    let unavailable = |e: graft::store::StoreError| {
-        tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
-        // The store's reason (read-only, full, corrupt …) is the caller's
-        // to act on; absolute paths are cut to file names (see
-        // `StoreError::client_message`), the full text is in the log.
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
-            format!(
-                "{}: the audit row cannot be written, so nothing was applied",
-                e.client_message()
-            ),
-        )
-        .with("storage", e.kind())
-        .into_response()
-    };
-    let start = || RowStart {
-        caller: caller.as_ref(),
-        method: method.as_str(),
-        route: &route_name,
-        sandbox: sandbox.clone(),
-    };
-    let commit = match routes::row_commit(row) {
+    let sandbox = named
+        .map(|n| n.join(","))
+        .map(|s| s.chars().take(1024).collect());
+    Ok((sandbox, Request::from_parts(parts, Body::from(bytes))))
+}
+
+/// The answer when the audit row cannot be written: nothing runs.
+fn audit_unavailable(e: graft::store::StoreError) -> Response {
+    tracing::error!(error = %e, "audit: cannot write the audit row; the request is refused");
+    // The store's reason (read-only, full, corrupt …) is the caller's
+    // to act on; absolute paths are cut to file names (see
+    // `StoreError::client_message`), the full text is in the log.
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        format!(
+            "{}: the audit row cannot be written, so nothing was applied",
+            e.client_message()
+        ),
+    )
+    .with("storage", e.kind())
+    .into_response()
+}
+
+/// Step 2: makes an allowed audited request's row durable before it runs:
+/// committed `pending` ahead, or attached to the effect's own commit (see
+/// [`RowCommit`]). Refuses the request when the row cannot be written.
+async fn begin_audit(
+    ctx: &Ctx,
+    same_store: bool,
+    caller: Option<&Caller>,
+    sandbox: &Option<String>,
+    req: &mut Request,
+) -> Result<Audit, Response> {
+    let trust = &ctx.trust;
+    let start = || ctx.row_start(caller, sandbox);
+    let commit = match routes::row_commit(ctx.row) {
         // Another database than the node's (or none): the effect's commit
         // cannot carry the row, so it goes ahead.
         RowCommit::WithEffect(_) | RowCommit::AheadThenWithEffect(_) if !same_store => {
@@ -494,41 +581,55 @@ async fn continue_with(
         }
         c => c,
     };
-    let audit = if !row.audit.allowed_writes_row(trust.config().audit_messages) {
-        Audit::No
-    } else {
-        match commit {
-            RowCommit::Ahead => match audit::begin(trust.store(), start()).await {
-                Ok(p) => Audit::Ahead(p),
-                Err(e) => return unavailable(e),
-            },
-            RowCommit::WithEffect(status) => {
-                let attached = audit::attach_row(trust.store(), start(), status);
-                req.extensions_mut()
-                    .insert(audit::EffectAudit(attached.clone()));
-                Audit::WithEffect(attached)
-            }
-            RowCommit::AheadThenWithEffect(status) => {
-                let p = match audit::begin(trust.store(), start()).await {
-                    Ok(p) => p,
-                    Err(e) => return unavailable(e),
-                };
-                // The deletion's transaction marks the row `ok`.
-                let done = graft::store::WriteOp::FinishAudit {
-                    id: p.id(),
-                    outcome: "ok".into(),
-                    status: Some(status),
-                    duration_us: 0,
-                    token_id: None,
-                    role: None,
-                };
-                let attached = graft::store::Attached::new(trust.store(), vec![done]);
-                req.extensions_mut().insert(audit::EffectAudit(attached));
-                Audit::Ahead(p)
-            }
+    if !ctx
+        .row
+        .audit
+        .allowed_writes_row(trust.config().audit_messages)
+    {
+        return Ok(Audit::No);
+    }
+    Ok(match commit {
+        RowCommit::Ahead => match audit::begin(trust.store(), start()).await {
+            Ok(p) => Audit::Ahead(p),
+            Err(e) => return Err(audit_unavailable(e)),
+        },
+        RowCommit::WithEffect(status) => {
+            let attached = audit::attach_row(trust.store(), start(), status);
+            req.extensions_mut()
+                .insert(audit::EffectAudit(attached.clone()));
+            Audit::WithEffect(attached)
         }
-    };
-    let resp = next.run(req).await;
+        RowCommit::AheadThenWithEffect(status) => {
+            let p = match audit::begin(trust.store(), start()).await {
+                Ok(p) => p,
+                Err(e) => return Err(audit_unavailable(e)),
+            };
+            // The deletion's transaction marks the row `ok`.
+            let done = graft::store::WriteOp::FinishAudit {
+                id: p.id(),
+                outcome: "ok".into(),
+                status: Some(status),
+                duration_us: 0,
+                token_id: None,
+                role: None,
+            };
+            let attached = graft::store::Attached::new(trust.store(), vec![done]);
+            req.extensions_mut().insert(audit::EffectAudit(attached));
+            Audit::Ahead(p)
+        }
+    })
+}
+
+/// Step 3: completes the audit row with the answer's outcome, status,
+/// duration and the token a sign-in learnt.
+fn finish_audit(
+    ctx: &Ctx,
+    audit: Audit,
+    caller: Option<&Caller>,
+    sandbox: &Option<String>,
+    resp: &Response,
+) {
+    let trust = &ctx.trust;
     let status = resp.status();
     let outcome = || {
         if status.is_success() {
@@ -541,7 +642,7 @@ async fn continue_with(
         }
     };
     let learnt = resp.extensions().get::<AuthenticatedAs>().map(|a| &a.0);
-    let us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+    let us = ctx.elapsed_us();
     match audit {
         Audit::No => {}
         Audit::Ahead(p) => p.finish(&outcome(), status.as_u16(), us, learnt),
@@ -551,7 +652,7 @@ async fn continue_with(
                 // Nothing was committed, so no effect: the row comes now.
                 audit::write_after(
                     trust.store(),
-                    start(),
+                    ctx.row_start(caller, sandbox),
                     &outcome(),
                     status.as_u16(),
                     us,
@@ -563,7 +664,6 @@ async fn continue_with(
             }
         }
     }
-    resp
 }
 
 #[cfg(test)]

@@ -37,7 +37,10 @@
 //! * [`Store::close`] (and drop) stops accepting writes, lets the writer
 //!   drain and commit what was queued, folds the log into the file and closes.
 
+mod apply;
 mod attach;
+mod backup;
+mod ephemeral;
 mod error;
 mod ops;
 mod read;
@@ -67,6 +70,8 @@ pub use schema::SCHEMA_VERSION;
 pub(crate) use writer::writable;
 pub use writer::{Receipt, LAZY_WAIT};
 
+use backup::vacuum_into;
+use ephemeral::{sweep_dead_ephemeral_dirs, EPHEMERAL_LOCK, EPHEMERAL_PREFIX};
 use schema::Migration;
 use writer::{Reply, Submission, Writer};
 
@@ -687,149 +692,5 @@ fn sync_dir(dir: &Path) -> StoreResult<()> {
     {
         let _ = dir;
         Ok(())
-    }
-}
-
-/// The name prefix of ephemeral stores' directories.
-const EPHEMERAL_PREFIX: &str = "graft-ephemeral-";
-
-/// The lock file a live ephemeral store holds in its directory.
-const EPHEMERAL_LOCK: &str = "graft.lock";
-
-/// A directory without a lock file (made by an older Graft) is removed only
-/// when its pid is gone and it is at least this old.
-const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
-
-/// Removes `graft-ephemeral-…` directories left by ephemeral stores that are
-/// gone (a killed node). A directory is in use while its `graft.lock` is
-/// locked: the lock, not the pid in its name, decides, since a pid means
-/// nothing across pid namespaces (containers sharing `/tmp`) and pids are
-/// reused. The lock is taken before the directory is removed, so two
-/// sweeps never race a starting store.
-fn sweep_dead_ephemeral_dirs(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(EPHEMERAL_PREFIX)) else {
-            continue;
-        };
-        let dir = entry.path();
-        match std::fs::File::open(dir.join(EPHEMERAL_LOCK)) {
-            Ok(lock) => {
-                // Held by a live store (in any process or pid namespace):
-                // leave it. Free: its store is gone.
-                if lock.try_lock().is_ok() {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if unlocked_and_dead(&dir, rest) {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// For a directory without a lock file (an older Graft's): its pid is gone
-/// from `/proc` (Linux only) and it is older than [`UNLOCKED_GRACE`].
-fn unlocked_and_dead(dir: &Path, rest: &str) -> bool {
-    if !Path::new("/proc/self").exists() {
-        return false;
-    }
-    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-        return false;
-    };
-    let old = std::fs::metadata(dir)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age >= UNLOCKED_GRACE);
-    old && !Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// `VACUUM INTO` a temporary file beside `dest`, fsynced and renamed into
-/// place, so `dest` is either absent or a complete database.
-fn vacuum_into(p: &Path, c: &Connection, dest: &Path) -> StoreResult<()> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { what, path, source }
-    };
-    if dest.exists() {
-        return Err(io("backing up to", dest)(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "the file exists; choose a new name",
-        )));
-    }
-    let parent = dest
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(io("backing up to", dest)(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "its directory does not exist; create it first",
-        )));
-    }
-    // A name of our own: a file the user happens to have at `DEST.partial`
-    // is not ours to delete, and two backups to one name do not clobber
-    // each other's copy.
-    let mut tmp_name = dest
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    tmp_name.push(format!(
-        ".{}-{}.partial",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    let tmp = dest.with_file_name(tmp_name);
-    let tmp_str = tmp.to_str().ok_or_else(|| StoreError::Invalid {
-        op: "backup",
-        detail: format!("the path {} is not valid UTF-8", tmp.display()),
-    })?;
-    let result = c
-        .execute("VACUUM INTO ?1", [tmp_str])
-        .map(|_| ())
-        .map_err(|e| match &e {
-            // The copy could not be created: the destination is the problem.
-            rusqlite::Error::SqliteFailure(f, _)
-                if matches!(
-                    f.code,
-                    rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::PermissionDenied
-                ) =>
-            {
-                StoreError::from_sqlite("backing up", dest, e)
-            }
-            _ => StoreError::from_sqlite("backing up", p, e),
-        })
-        .and_then(|()| {
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io("syncing", &tmp))
-        })
-        .and_then(|()| publish_no_clobber(&tmp, dest).map_err(io("renaming the backup to", dest)))
-        .and_then(|()| sync_dir(parent));
-    let _ = std::fs::remove_file(&tmp);
-    result
-}
-
-/// Gives `tmp` the name `dest` unless `dest` appeared meanwhile: a hard
-/// link fails atomically on an existing name, where a rename would replace
-/// it. File systems without hard links fall back to a checked rename.
-fn publish_no_clobber(tmp: &Path, dest: &Path) -> std::io::Result<()> {
-    match std::fs::hard_link(tmp, dest) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "the file exists; choose a new name",
-        )),
-        Err(_) if !dest.exists() => std::fs::rename(tmp, dest),
-        Err(e) => Err(e),
     }
 }

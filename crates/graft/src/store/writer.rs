@@ -21,8 +21,9 @@ use std::sync::mpsc;
 
 use rusqlite::Connection;
 
+use super::apply::apply;
 use super::error::{StoreError, StoreResult};
-use super::ops::{apply, Applied, ApplyCtx, WriteOp};
+use super::ops::{Applied, ApplyCtx, WriteOp};
 
 /// At most this many submissions share one transaction: bounds the time a
 /// submitter waits behind others and the size of one WAL commit.

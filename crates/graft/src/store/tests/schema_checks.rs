@@ -1,0 +1,199 @@
+//! The schema: its application id, migrations forward, and databases refused
+//! (newer, corrupt, truncated, another application's).
+
+use super::*;
+
+#[test]
+fn application_id_spells_grft() {
+    assert_eq!(&schema::APPLICATION_ID.to_be_bytes(), b"GRFT");
+    assert!(MIGRATIONS[0]
+        .sql
+        .contains(&format!("application_id = {}", schema::APPLICATION_ID)));
+}
+
+fn fake_v2() -> Vec<Migration> {
+    let mut m = MIGRATIONS.to_vec();
+    m.push(Migration {
+        version: SCHEMA_VERSION + 1,
+        name: "test: a table and a column",
+        sql: "CREATE TABLE test_extra (k TEXT PRIMARY KEY, v TEXT) STRICT;
+              ALTER TABLE sandboxes ADD COLUMN note TEXT NOT NULL DEFAULT 'none';",
+    });
+    m
+}
+
+#[test]
+fn an_older_database_is_migrated_forward_without_a_rewrite() {
+    let dir = TempDir::new("migrate");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        put_sandbox(&store, "s");
+        store
+            .write(vec![WriteOp::AppendEvent(event(Some("s"), "x", 1))])
+            .unwrap();
+    }
+    let before = std::fs::metadata(dir.db()).unwrap().len();
+    let v2 = fake_v2();
+    let store = Store::open_inner(&dir.db(), StoreOptions::default(), &v2, true, None).unwrap();
+    // v1 data is intact and readable through the v1 reads.
+    assert_eq!(store.sandboxes().unwrap(), vec![sandbox("s")]);
+    assert_eq!(store.events_since(0, None, 10).unwrap().len(), 1);
+    put_sandbox(&store, "t");
+    drop(store);
+    let conn = Connection::open(dir.db()).unwrap();
+    let uv: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(uv, i64::from(SCHEMA_VERSION + 1));
+    let notes: Vec<String> = conn
+        .prepare("SELECT note FROM sandboxes ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(notes, vec!["none", "none"]);
+    conn.execute("INSERT INTO test_extra VALUES ('a', 'b')", [])
+        .unwrap();
+    drop(conn);
+    // Adding a table and a column rewrote nothing: the file grew by the new
+    // table's pages at most.
+    let after = std::fs::metadata(dir.db()).unwrap().len();
+    assert!(after <= before + 4 * 4096, "{before} -> {after}");
+    // This build (v1) refuses the v2 file, untouched.
+    let hash = file_hash(&dir.db());
+    let e = Store::open(dir.db()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::NewerSchema { found, supported, .. } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+        "{e}"
+    );
+    assert_eq!(file_hash(&dir.db()), hash);
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_left_untouched() {
+    let dir = TempDir::new("newer");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        put_sandbox(&store, "s");
+    }
+    {
+        let conn = Connection::open(dir.db()).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    assert!(!wal(&dir.db()).exists(), "a clean close leaves no log");
+    let hash = file_hash(&dir.db());
+    let mtime = std::fs::metadata(dir.db()).unwrap().modified().unwrap();
+    let e = Store::open(dir.db()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("schema version 99")
+            && msg.contains(&format!("versions up to {SCHEMA_VERSION}")),
+        "{msg}"
+    );
+    assert!(msg.contains("left untouched"), "{msg}");
+    assert_eq!(file_hash(&dir.db()), hash);
+    assert_eq!(
+        std::fs::metadata(dir.db()).unwrap().modified().unwrap(),
+        mtime
+    );
+    assert!(!wal(&dir.db()).exists(), "opening created a log");
+}
+
+#[test]
+fn a_newer_schema_still_in_the_log_is_refused() {
+    let dir = TempDir::new("newer-wal");
+    drop(Store::open(dir.db()).unwrap());
+    // A newer Graft migrated and was killed before folding its log into the
+    // file: the header still says v1, the log says 42.
+    let conn = Connection::open(dir.db()).unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    conn.pragma_update(None, "user_version", 42).unwrap();
+    let hash = file_hash(&dir.db());
+    let e = Store::open(dir.db()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::NewerSchema { found: 42, .. }),
+        "{e}"
+    );
+    assert_eq!(file_hash(&dir.db()), hash);
+    std::mem::forget(conn); // as if killed: no checkpoint on close
+}
+
+#[test]
+fn random_bytes_are_refused_as_corrupt() {
+    let dir = TempDir::new("random");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.db(), &bytes).unwrap();
+    let e = Store::open(dir.db()).unwrap_err();
+    assert_eq!(e.kind(), "storage_corrupt", "{e}");
+    assert!(
+        e.to_string()
+            .contains("does not start with a SQLite header"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(dir.db()).unwrap(), bytes);
+    // A few bytes only.
+    std::fs::write(dir.db(), b"hello").unwrap();
+    assert_eq!(Store::open(dir.db()).unwrap_err().kind(), "storage_corrupt");
+}
+
+#[test]
+fn a_truncated_database_is_refused_as_corrupt() {
+    let dir = TempDir::new("truncated");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        put_sandbox(&store, "s");
+        store
+            .write(vec![WriteOp::PutCheckpoints {
+                sandbox: "s".into(),
+                rows: (0..2000)
+                    .map(|i| CheckpointRecord {
+                        name: format!("p{i}"),
+                        module: "m".into(),
+                        module_version: 1,
+                        state_json: format!("{{\"i\":{i}}}"),
+                        at_ms: 1.0,
+                    })
+                    .collect(),
+                removed: vec![],
+            }])
+            .unwrap();
+    }
+    let len = std::fs::metadata(dir.db()).unwrap().len();
+    assert!(len > 16 * 4096);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.db())
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let e = Store::open(dir.db()).unwrap_err();
+    assert_eq!(e.kind(), "storage_corrupt", "{e}");
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[test]
+fn another_applications_database_is_refused() {
+    let dir = TempDir::new("foreign");
+    {
+        let conn = Connection::open(dir.db()).unwrap();
+        conn.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+            .unwrap();
+    }
+    let e = Store::open(dir.db()).unwrap_err();
+    assert!(e.to_string().contains("no Graft schema version"), "{e}");
+    {
+        let conn = Connection::open(dir.db()).unwrap();
+        conn.pragma_update(None, "application_id", 7).unwrap();
+    }
+    let e = Store::open(dir.db()).unwrap_err();
+    assert!(e.to_string().contains("not Graft's"), "{e}");
+}
