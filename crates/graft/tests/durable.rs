@@ -1721,7 +1721,7 @@ fn slow_to_stop(id: &str) -> SandboxSpec {
 fn a_sandbox_being_rebuilt_answers_rebuilding_and_its_id_is_taken() {
     let dir = TempDir::new("rebuild-window");
     let node = open(&dir);
-    let sb = node.create_sandbox(slow_to_stop("shop")).expect("create");
+    let sb = block_on(node.create_sandbox(slow_to_stop("shop"))).expect("create");
     block_on(sb.wait_app_started()).expect("app");
     call(&sb, "inc");
     let mut bigger = slow_to_stop("shop");
@@ -1738,7 +1738,7 @@ fn a_sandbox_being_rebuilt_answers_rebuilding_and_its_id_is_taken() {
                 assert_eq!(e.kind(), "sandbox_rebuilding", "{e}");
                 assert!(e.to_string().contains("try again"), "{e}");
                 rebuilding += 1;
-                let Err(created) = node.create_sandbox(spec("shop")) else {
+                let Err(created) = block_on(node.create_sandbox(spec("shop"))) else {
                     panic!("created over a sandbox being rebuilt");
                 };
                 assert_eq!(created.kind(), "sandbox_exists", "{created}");
@@ -1782,7 +1782,7 @@ fn a_version_that_no_longer_compiles_is_named_by_module_and_version() {
             "counter".into(),
             PathBuf::from("/home/secret/project/src/counter.luau"),
         );
-        let sb = node.create_sandbox(spec).expect("create");
+        let sb = block_on(node.create_sandbox(spec)).expect("create");
         reload(&sb, counter(2), ReloadOptions::default());
         node.shutdown();
     }
@@ -1806,7 +1806,7 @@ fn a_version_that_no_longer_compiles_is_named_by_module_and_version() {
         "{why}"
     );
     assert!(!why.contains("/home/secret"), "no host path: {why}");
-    let Err(err) = node.create_sandbox(spec("shop")) else {
+    let Err(err) = block_on(node.create_sandbox(spec("shop"))) else {
         panic!("created over an unrestored sandbox");
     };
     assert_eq!(err.kind(), "sandbox_unrestored", "{err}");

@@ -202,8 +202,8 @@ fn code_that_could_not_yield_yields_once_it_can() {
     // the same sandbox answers long before the handler's `handler_ms`; it
     // used to run on until that deadline.
     let node = Node::with_threads(1);
-    let sb = node
-        .create_sandbox(
+    let sb = answer(
+        node.create_sandbox(
             SandboxSpec::new("mixed")
                 .entry(None)
                 .module("m", SORT_THEN_LOOP)
@@ -211,8 +211,9 @@ fn code_that_could_not_yield_yields_once_it_can() {
                     handler_ms: 20_000,
                     ..Limits::default()
                 }),
-        )
-        .expect("sandbox");
+        ),
+    )
+    .expect("sandbox");
     answer(sb.spawn("m", json!(null), Some("spinner"))).expect("spawn spinner");
     answer(sb.spawn("m", json!(null), Some("sibling"))).expect("spawn sibling");
     answer(sb.cast("spinner", json!("go"))).expect("cast");
