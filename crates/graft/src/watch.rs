@@ -353,7 +353,7 @@ impl Watch {
     ///
     /// ```no_run
     /// # let node = graft::Node::new();
-    /// # let sandbox = node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}")).unwrap();
+    /// # let sandbox = graft::block_on(node.create_sandbox(graft::SandboxSpec::new("x").module("app", "return {}"))).unwrap();
     /// let watch = graft::watch::Watch::resume("app/src", sandbox,
     ///     Default::default(), |event| eprintln!("{event:?}"))?;
     /// # Ok::<(), graft::watch::WatchError>(())

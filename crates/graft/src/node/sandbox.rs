@@ -71,7 +71,8 @@ impl Sandbox {
     ///
     /// ```
     /// let node = graft::Node::new();
-    /// let sb = node.create_sandbox(graft::SandboxSpec::new("d").entry(None).module("m", "return {}")).unwrap();
+    /// let spec = graft::SandboxSpec::new("d").entry(None).module("m", "return {}");
+    /// let sb = graft::block_on(node.create_sandbox(spec)).unwrap();
     /// assert!(!sb.is_destroyed());
     /// node.destroy("d").unwrap();
     /// assert!(sb.is_destroyed());
