@@ -181,7 +181,7 @@ function m.handle_cast(_, state)
   table.sort(t, function(a, b)
     if first then
       first = false
-      for _ = 1, 30000000 do end -- far longer than a time slice
+      for _ = 1, 3000000 do end -- longer than a time slice
     end
     return a < b
   end)
