@@ -167,7 +167,12 @@ function renderOverview() {
 
 async function selectSandbox(id, show) {
   const insp = $("#inspector"); // absent below admin
-  if (S.current !== id && insp) { S.inspecting = null; insp.hidden = true; }
+  if (S.current !== id && insp) {
+    S.inspecting = null;
+    insp.hidden = true;
+    $("#insp-follow").checked = false;
+    followInspector(false);
+  }
   S.current = id;
   $("#sb-pick").value = id;
   S.page = 0;
@@ -233,11 +238,19 @@ function renderProcs() {
 // that was, and reads it again on Refresh, on every event of its sandbox
 // (a reload, crash or restart changes states), and every 2 s with Follow.
 // Reads are state reads, which the node audits: hence no silent polling.
+let inspectGen = 0;
 async function inspect(pid, quiet) {
   const sandbox = quiet ? S.inspecting.sandbox : S.current;
   S.inspecting = { sandbox, pid };
-  const r = await api("GET", `/api/v1/sandboxes/${encodeURIComponent(sandbox)}/processes/${encodeURIComponent(pid)}/state`);
-  if (!S.inspecting || S.inspecting.pid !== pid || S.inspecting.sandbox !== sandbox) return;
+  const gen = ++inspectGen;
+  let r;
+  try {
+    r = await api("GET", `/api/v1/sandboxes/${encodeURIComponent(sandbox)}/processes/${encodeURIComponent(pid)}/state`);
+  } catch (err) {
+    r = { ok: false, status: 0, data: { error: { message: "the node did not answer" } } };
+  }
+  // Only the newest read may paint: an older answer arriving late is dropped.
+  if (gen !== inspectGen || !S.inspecting || S.inspecting.pid !== pid || S.inspecting.sandbox !== sandbox) return;
   $("#inspector").hidden = false;
   $("#insp-pid").textContent = pid;
   const at = new Date().toLocaleTimeString();
@@ -250,9 +263,22 @@ async function inspect(pid, quiet) {
   if (!quiet) $("#insp-state").focus();
 }
 
-function reinspect() {
+// Re-reads are coalesced: at most one in flight and one queued behind it,
+// at least 1 s apart, so a flood of events (a crash loop, a batch reload, a
+// replay after reconnecting) costs a few audited reads, not one per event.
+let reinspecting = false, reinspectQueued = false;
+async function reinspect() {
   const insp = $("#inspector"); // absent below admin
-  if (S.inspecting && insp && !insp.hidden) inspect(S.inspecting.pid, true);
+  if (!S.inspecting || !insp || insp.hidden) return;
+  if (reinspecting) { reinspectQueued = true; return; }
+  reinspecting = true;
+  try {
+    await inspect(S.inspecting.pid, true);
+    await new Promise((ok) => setTimeout(ok, 1000));
+  } finally {
+    reinspecting = false;
+  }
+  if (reinspectQueued) { reinspectQueued = false; reinspect(); }
 }
 
 let inspectTimer = null;

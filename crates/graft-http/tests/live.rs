@@ -665,6 +665,15 @@ async fn the_events_page_lists_node_events_with_filters() {
         .filter_map(|e| e["kind"].as_str())
         .collect();
     assert!(kinds.contains(&"sandbox_created"), "{kinds:?}");
+    // A page cut short by its limit resumes after its last event, not at
+    // the head (the events after it were not sent).
+    let (_, one) = api.get("/api/v1/events?after=0&tail=1").await;
+    assert_eq!(one["events"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["last_seq"], one["events"][0]["seq"], "{one}");
+    let (_, next) = api
+        .get(&format!("/api/v1/events?after={}", one["last_seq"]))
+        .await;
+    assert_eq!(next["events"][0]["seq"], seqs[1], "{next}");
     // The largest position is valid: nothing after it.
     let (s, none) = api.get("/api/v1/events?after=18446744073709551615").await;
     assert_eq!(s, StatusCode::OK);

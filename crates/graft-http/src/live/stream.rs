@@ -289,18 +289,29 @@ pub(crate) async fn page(
     let (pos, limit) = match (start.after, start.tail) {
         (Some(after), tail) => (after, tail.map_or(MAX_PAGE, |t| t as usize)),
         (None, tail) => {
-            let tail = tail.unwrap_or(100);
+            // The newest events the page can hold, not the oldest of the tail.
+            let tail = tail.unwrap_or(100).min(MAX_PAGE as u64);
             (head.saturating_sub(tail), tail as usize)
         }
     };
     let mut filter = EventFilter::default();
     filter.sandbox = start.filter_sandbox;
     filter.kinds = start.kinds;
-    let page = source.events_after(pos, &filter, limit.min(MAX_PAGE));
+    let limit = limit.min(MAX_PAGE);
+    let page = source.events_after(pos, &filter, limit);
+    // Where to resume: a full page may have stopped short of `head`, so it
+    // is the last event sent; otherwise every match up to `head` was read
+    // (events logged since the page was read count as after it).
+    let last_sent = page.events.last().map(|e| e.seq);
+    let last_seq = match last_sent {
+        Some(last) if page.events.len() >= limit => last,
+        Some(last) => last.max(head),
+        None => head.max(pos),
+    };
     Ok(axum::Json(json!({
         "events": page.events,
         "gap": page.gap,
-        "last_seq": head,
+        "last_seq": last_seq,
     })))
 }
 

@@ -57,6 +57,9 @@ pub(crate) fn run_slice(lua: &Lua) -> bool {
     lua.expire_registry_values();
     let k = kernel(lua);
     k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+    // The slice is over: the watchdog must not judge what runs next in this
+    // sandbox (reloads, the canary check) by this slice's flag.
+    k.watch.cannot_yield.store(false, Ordering::Relaxed);
     k.has_work()
 }
 

@@ -299,6 +299,9 @@ unsafe extern "C-unwind" fn interrupt(state: *mut mlua::ffi::lua_State, gc: std:
             // where Luau reports the thread yieldable.
             unsafe {
                 if mlua::ffi::lua_isyieldable(state) != 0 {
+                    // It could yield after all: not stuck (any earlier
+                    // coroutine or comparator has returned).
+                    watch.cannot_yield.store(false, Ordering::Relaxed);
                     mlua::ffi::lua_yield(state, 0);
                 } else {
                     watch.cannot_yield.store(true, Ordering::Relaxed);
