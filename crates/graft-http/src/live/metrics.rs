@@ -267,7 +267,7 @@ pub(crate) async fn metrics(
     State(node): State<Node>,
     axum::Extension(live): axum::Extension<super::Live>,
 ) -> Response {
-    live.ensure_counting();
+    live.ensure_tasks();
     let body = live.metrics().render(&node).await;
     ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
 }

@@ -55,7 +55,7 @@ struct Inner {
     source: Arc<dyn EventSource>,
     relay: Arc<feed::Relay>,
     metrics: Arc<Metrics>,
-    counting: OnceLock<()>,
+    tasks: OnceLock<()>,
     keep_alive: Duration,
     frames: Arc<stream::FrameCache>,
     batch_window: Duration,
@@ -85,14 +85,14 @@ impl Live {
                 source: relay.clone(),
                 relay,
                 metrics: Arc::new(Metrics::default()),
-                counting: OnceLock::new(),
+                tasks: OnceLock::new(),
                 keep_alive,
                 frames: Arc::default(),
                 batch_window: stream::BATCH_WINDOW,
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
-            live.ensure_counting();
+            live.ensure_tasks();
         }
         live
     }
@@ -101,8 +101,8 @@ impl Live {
     /// counting task once (needs a tokio runtime). The counting task reads
     /// every event from the first one kept and ends when the API's live
     /// parts are dropped or the log closes.
-    pub(crate) fn ensure_counting(&self) {
-        self.inner.counting.get_or_init(|| {
+    pub(crate) fn ensure_tasks(&self) {
+        self.inner.tasks.get_or_init(|| {
             tokio::spawn(feed::Relay::run(Arc::downgrade(&self.inner.relay)));
             let source = self.inner.source.clone();
             let metrics = Arc::downgrade(&self.inner.metrics);
@@ -132,7 +132,7 @@ impl Live {
 
     /// Where events are read from.
     pub fn source(&self) -> Arc<dyn EventSource> {
-        self.ensure_counting();
+        self.ensure_tasks();
         self.inner.source.clone()
     }
 

@@ -354,6 +354,21 @@ mod tests {
     use futures_util::StreamExt;
     use std::time::Duration;
 
+    /// The frames of `feed` after `pos`, each sent as soon as it is read.
+    fn unbatched(
+        feed: &Arc<Feed>,
+        pos: u64,
+        filter: EventFilter,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+        frames(
+            feed.clone(),
+            Default::default(),
+            pos,
+            filter,
+            Duration::ZERO,
+        )
+    }
+
     /// The text of a frame as it goes on the wire.
     async fn wire(frames: Vec<SseEvent>) -> String {
         let s = Sse::new(stream::iter(frames.into_iter().map(Ok::<_, Infallible>)));
@@ -385,27 +400,11 @@ mod tests {
         for i in 0..5 {
             feed.push("a", 0.0, "reload", json!({ "i": i }));
         }
-        let text = take(
-            frames(
-                feed.clone(),
-                Default::default(),
-                2,
-                EventFilter::default(),
-                Duration::ZERO,
-            ),
-            3,
-        )
-        .await;
+        let text = take(unbatched(&feed, 2, EventFilter::default()), 3).await;
         assert_eq!(ids(&text), vec![3, 4, 5]);
         assert!(text.contains("\"kind\":\"reload\""));
         // Live events arrive after the stored ones, once each.
-        let s = frames(
-            feed.clone(),
-            Default::default(),
-            4,
-            EventFilter::default(),
-            Duration::ZERO,
-        );
+        let s = unbatched(&feed, 4, EventFilter::default());
         let f2 = feed.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -424,11 +423,7 @@ mod tests {
         feed.push("a", 0.0, "crash", json!({}));
         feed.push("a", 0.0, "reload", json!({}));
         let f = EventFilter::default().sandbox("a").kind("reload");
-        let text = take(
-            frames(feed.clone(), Default::default(), 0, f, Duration::ZERO),
-            2,
-        )
-        .await;
+        let text = take(unbatched(&feed, 0, f), 2).await;
         assert_eq!(ids(&text), vec![1, 4]);
         assert!(!text.contains("\"sandbox\":\"b\""));
     }
@@ -439,17 +434,7 @@ mod tests {
         for _ in 0..(KEEP_EVENTS + 10) {
             feed.push("a", 0.0, "reload", json!({}));
         }
-        let text = take(
-            frames(
-                feed.clone(),
-                Default::default(),
-                3,
-                EventFilter::default(),
-                Duration::ZERO,
-            ),
-            3,
-        )
-        .await;
+        let text = take(unbatched(&feed, 3, EventFilter::default()), 3).await;
         let gap = text.split("\n\n").next().unwrap();
         assert!(gap.contains("event: gap"), "{text}");
         assert!(
