@@ -87,6 +87,7 @@ pub const KINDS: &[ErrorKind] = &[
     k(429, "mailbox_full", "the target's mailbox holds `max_mailbox` messages (`target`)"),
     k(429, "max_processes", "the sandbox has `max_processes` processes (`max_processes`)"),
     k(429, "node_limit", "the node holds `--max-sandboxes` sandboxes"),
+    k(429, "too_many_streams", "the node, or this token, has the most event streams open that are allowed (`limit`; default 512 in all, 128 per token)"),
     k(429, "auth_rate_limited", "too many failed authentications from this address (`retry_after_s`)"),
     k(500, "crashed", "the called process exited before replying (`target`, `reason`)"),
     k(500, "internal", "a fault of the server"),

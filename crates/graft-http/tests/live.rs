@@ -764,3 +764,142 @@ async fn post(router: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// A router over `node` with `live`, and two viewer tokens' secrets.
+fn with_two_viewers(node: Node, live: graft_http::Live) -> (Router, String, String) {
+    use graft_http::trust::{Role, Trust};
+    let store = std::sync::Arc::new(graft::store::Store::in_memory().expect("store"));
+    let trust = std::sync::Arc::new(Trust::new(store, Api::test_trust()).expect("trust"));
+    let viewer = |t: &Trust| {
+        t.create_token(Role::Viewer, None, None)
+            .expect("viewer")
+            .secret
+    };
+    let (a, b) = (viewer(&trust), viewer(&trust));
+    let router = support::with_host(graft_http::router_with(node, trust, live));
+    (router, a, b)
+}
+
+/// Opens `/events/stream` as `token`: the answer (holding it keeps the
+/// stream, and its slot, open).
+async fn open_stream(router: &Router, token: &str) -> axum::response::Response {
+    let req = Request::get("/api/v1/events/stream")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    router.clone().oneshot(req).await.unwrap()
+}
+
+async fn refused(resp: axum::response::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).expect("a JSON error"),
+    )
+}
+
+#[tokio::test]
+async fn event_streams_are_bounded_in_all_and_per_token() {
+    let node = Node::with_threads(1);
+    let live = graft_http::Live::new(node.clone());
+    let limits = graft_http::live::StreamLimits {
+        total: 3,
+        per_token: 2,
+    };
+    live.set_stream_limits(limits);
+    assert_eq!(live.stream_limits(), limits);
+    let (router, a, b) = with_two_viewers(node, live);
+    let a1 = open_stream(&router, &a).await;
+    let a2 = open_stream(&router, &a).await;
+    assert_eq!((a1.status(), a2.status()), (StatusCode::OK, StatusCode::OK));
+    // A third of a's: over the per-token bound, though the node has room.
+    let resp = refused(open_stream(&router, &a).await).await;
+    assert_error(&resp, StatusCode::TOO_MANY_REQUESTS, "too_many_streams");
+    assert_eq!(resp.1["error"]["limit"], 2);
+    let b1 = open_stream(&router, &b).await;
+    assert_eq!(b1.status(), StatusCode::OK);
+    // The node is full: b is refused though b has one of its two.
+    let resp = refused(open_stream(&router, &b).await).await;
+    assert_error(&resp, StatusCode::TOO_MANY_REQUESTS, "too_many_streams");
+    assert_eq!(resp.1["error"]["limit"], 3);
+    // A stream whose client leaves gives its slot back.
+    drop(a1);
+    let b2 = open_stream(&router, &b).await;
+    assert_eq!(
+        b2.status(),
+        StatusCode::OK,
+        "a closed stream's slot is free"
+    );
+    // A refused request is answered, not held: other routes still work.
+    let req = Request::get("/api/v1/events?tail=1")
+        .header(header::AUTHORIZATION, format!("Bearer {a}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop((a2, b1, b2));
+}
+
+/// An embedder may build the live parts in one runtime and serve them from
+/// another after the first is gone: the relay and the counting task end
+/// with their runtime and start again in the next (the stream sees new
+/// events, the metrics count them once).
+#[test]
+fn the_live_tasks_start_again_in_a_second_runtime() {
+    let node = Node::with_threads(1);
+    let live = graft_http::Live::new(node.clone());
+    let api = Api::with_node(node.clone());
+    let router = authed(node.clone(), Some(live.clone()));
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let reloads = |samples: &[Sample]| {
+        value(
+            samples,
+            "graft_reloads_total",
+            &[("sandbox", "rt"), ("result", "reload")],
+        )
+    };
+    let first = runtime();
+    first.block_on(async {
+        api.counter_app("rt").await;
+        let mut f = Frames::open(&router, "/api/v1/events/stream?after=0&kind=reload", None).await;
+        let (s, v) = api
+            .post(
+                "/api/v1/sandboxes/rt/reload",
+                json!({ "modules": { "counter": counter_v(2) } }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        f.next_event(WAIT).await.expect("the first reload");
+        scrape_until(&router, "the first reload counted", |s| {
+            reloads(s) == Some(1.0)
+        })
+        .await;
+    });
+    drop(first);
+    let second = runtime();
+    second.block_on(async {
+        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload", None).await;
+        let (s, v) = api
+            .post(
+                "/api/v1/sandboxes/rt/reload",
+                json!({ "modules": { "counter": counter_v(3) } }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (_, _, e) = f.next_event(WAIT).await.expect("the relay runs again");
+        assert_eq!(e["detail"]["modules"][0]["to"], 3);
+        let samples = scrape_until(&router, "the second reload counted", |s| {
+            reloads(s) == Some(2.0)
+        })
+        .await;
+        assert_eq!(reloads(&samples), Some(2.0), "each reload counted once");
+    });
+    drop((router, live, api, second));
+}

@@ -72,15 +72,30 @@ impl Ring {
         // `seq`s are dense in the ring, so the start is an index.
         let start =
             usize::try_from(after.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
-        let events = self
-            .events
-            .iter()
-            .skip(start)
-            .filter(|e| matches(filter, e))
-            .take(limit)
-            .cloned()
-            .collect();
-        EventPage { events, gap }
+        let mut events = Vec::new();
+        let mut through = if limit == 0 {
+            after
+        } else {
+            self.last.max(after)
+        };
+        let mut rejected = 0;
+        let scan = if limit == 0 { 0 } else { usize::MAX };
+        for e in self.events.iter().skip(start).take(scan) {
+            if matches(filter, e) {
+                events.push(e.clone());
+            } else {
+                rejected += 1;
+            }
+            if events.len() >= limit || rejected >= graft::MAX_SCAN {
+                through = e.seq;
+                break;
+            }
+        }
+        EventPage {
+            events,
+            gap,
+            through,
+        }
     }
 }
 
@@ -152,9 +167,10 @@ impl Relay {
     }
 
     /// The relay task: passes every change of the inner source on until the
-    /// inner source closes or the relay is dropped (`relay` is weak, so the
-    /// task does not keep it alive).
-    pub async fn run(relay: std::sync::Weak<Relay>) {
+    /// inner source closes, the relay is dropped (`relay` is weak, so the
+    /// task does not keep it alive) or `closed` fires (the API's live parts
+    /// were dropped: the task must not wait for the next event to end).
+    pub async fn run(relay: std::sync::Weak<Relay>, mut closed: watch::Receiver<()>) {
         let Some(mut rx) = relay.upgrade().map(|r| r.inner.subscribe()) else {
             return;
         };
@@ -162,12 +178,13 @@ impl Relay {
             let head = *rx.borrow_and_update();
             match relay.upgrade() {
                 Some(r) => {
-                    r.tx.send_replace(head);
+                    r.tx.send_if_modified(|v| (head > *v).then(|| *v = head).is_some());
                 }
                 None => return,
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = closed.changed() => return,
             }
         }
     }

@@ -83,6 +83,9 @@ pub struct Metrics {
     reload_seconds: Family<SandboxLabel, Histogram, fn() -> Histogram>,
     crashes: Family<SandboxLabel, Counter>,
     http: Family<HttpLabels, Counter>,
+    /// Every event up to this seq has been observed (where a restarted
+    /// counting task resumes, so no event is counted twice).
+    counted_through: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -93,12 +96,25 @@ impl Default for Metrics {
             reload_seconds: Family::new_with_constructor(reload_histogram),
             crashes: Family::default(),
             http: Family::default(),
+            counted_through: Default::default(),
         }
     }
 }
 
 impl Metrics {
     /// Counts one node event.
+    /// Every event up to this seq has been observed.
+    pub fn counted_through(&self) -> u64 {
+        self.counted_through
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records that every event up to `seq` has been observed.
+    pub fn set_counted_through(&self, seq: u64) {
+        self.counted_through
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn observe(&self, e: &NodeEvent) {
         let sandbox = SandboxLabel {
             sandbox: e.sandbox.clone(),

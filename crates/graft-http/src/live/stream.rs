@@ -28,7 +28,8 @@ use futures_util::stream::{self, Stream};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::feed::{EventFilter, EventSource, NodeEvent, KEEP_EVENTS};
+use super::feed::{EventFilter, EventGap, EventSource, NodeEvent, KEEP_EVENTS};
+use super::slots::StreamSlot;
 use super::Live;
 use crate::errors::ApiError;
 
@@ -201,15 +202,41 @@ impl FrameCache {
     }
 }
 
+/// A frame read from the log and not yet taken by the client. The event's
+/// JSON is the cache's shared text, so a stalled client holds pointers, not
+/// copies: up to [`PAGE`] of them.
+enum Ready {
+    Event(u64, Arc<str>),
+    Gap(EventGap),
+}
+
+impl Ready {
+    fn frame(self) -> SseEvent {
+        match self {
+            Ready::Event(seq, json) => SseEvent::default().id(seq.to_string()).data(&*json),
+            Ready::Gap(gap) => {
+                let data = json!({ "after": gap.after, "up_to": gap.up_to }).to_string();
+                SseEvent::default()
+                    .event("gap")
+                    .id(gap.up_to.to_string())
+                    .data(data)
+            }
+        }
+    }
+}
+
 /// The stream's cursor between frames.
 struct Cursor {
     source: Arc<dyn EventSource>,
     cache: Arc<FrameCache>,
     rx: watch::Receiver<u64>,
+    /// Every matching event up to here was read (or reported in a gap).
     pos: u64,
     filter: EventFilter,
-    ready: VecDeque<SseEvent>,
+    ready: VecDeque<Ready>,
     batch: Duration,
+    /// The stream's place among the open ones, given back when it ends.
+    _slot: Option<StreamSlot>,
 }
 
 /// The frames of `source` after `pos` matching `filter`, forever. A stream
@@ -220,6 +247,7 @@ pub(crate) fn frames(
     pos: u64,
     filter: EventFilter,
     batch: Duration,
+    slot: Option<StreamSlot>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let rx = source.subscribe();
     let cursor = Cursor {
@@ -230,43 +258,39 @@ pub(crate) fn frames(
         filter,
         ready: VecDeque::new(),
         batch,
+        _slot: slot,
     };
     stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(f) = c.ready.pop_front() {
-                return Some((Ok(f), c));
+                return Some((Ok(f.frame()), c));
             }
             // Everything up to `head` is readable now.
             let head = *c.rx.borrow_and_update();
             let page = c.source.events_after(c.pos, &c.filter, PAGE);
             if let Some(gap) = page.gap {
-                let data = json!({ "after": gap.after, "up_to": gap.up_to }).to_string();
-                c.ready.push_back(
-                    SseEvent::default()
-                        .event("gap")
-                        .id(gap.up_to.to_string())
-                        .data(data),
-                );
+                c.ready.push_back(Ready::Gap(gap));
                 c.pos = c.pos.max(gap.up_to);
             }
-            let full = page.events.len() >= PAGE;
             for e in &page.events {
-                let json = c.cache.json(e);
-                c.ready
-                    .push_back(SseEvent::default().id(e.seq.to_string()).data(&*json));
-                c.pos = c.pos.max(e.seq);
+                c.ready.push_back(Ready::Event(e.seq, c.cache.json(e)));
             }
-            if !full {
-                // No more matching events up to `head`.
-                c.pos = c.pos.max(head);
+            c.pos = c.pos.max(page.through);
+            if !c.ready.is_empty() {
+                continue;
             }
-            if c.ready.is_empty() {
-                if c.rx.changed().await.is_err() {
-                    return None;
-                }
-                if !c.batch.is_zero() {
-                    tokio::time::sleep(c.batch).await;
-                }
+            if c.pos < head {
+                // The read stopped at its scan bound with nothing matching
+                // (a rare kind over a long log): go on from `through`, but
+                // let the other tasks of this thread run first.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if c.rx.changed().await.is_err() {
+                return None;
+            }
+            if !c.batch.is_zero() {
+                tokio::time::sleep(c.batch).await;
             }
         }
     })
@@ -299,15 +323,9 @@ pub(crate) async fn page(
     filter.kinds = start.kinds;
     let limit = limit.min(MAX_PAGE);
     let page = source.events_after(pos, &filter, limit);
-    // Where to resume: a full page may have stopped short of `head`, so it
-    // is the last event sent; otherwise every match up to `head` was read
-    // (events logged since the page was read count as after it).
-    let last_sent = page.events.last().map(|e| e.seq);
-    let last_seq = match last_sent {
-        Some(last) if page.events.len() >= limit => last,
-        Some(last) => last.max(head),
-        None => head.max(pos),
-    };
+    // Where to resume: every match up to `through` is in this page (a full
+    // page, or one that met the scan bound, stops short of the head).
+    let last_seq = page.through;
     Ok(axum::Json(json!({
         "events": page.events,
         "gap": page.gap,
@@ -318,10 +336,13 @@ pub(crate) async fn page(
 /// `GET /api/v1/events/stream`.
 pub(crate) async fn stream(
     Extension(live): Extension<Live>,
+    caller: Option<Extension<crate::trust::Caller>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = parse(query.as_deref().unwrap_or(""), &headers)?;
+    let token = caller.as_ref().map_or("", |c| c.token_id.as_str());
+    let slot = live.stream_slots().take(token)?;
     let source = live.source();
     let head = live.head();
     let pos = match (start.after, start.tail) {
@@ -338,6 +359,7 @@ pub(crate) async fn stream(
         pos,
         filter,
         live.batch_window(),
+        Some(slot),
     ))
     .keep_alive(
         KeepAlive::new()
@@ -366,6 +388,7 @@ mod tests {
             pos,
             filter,
             Duration::ZERO,
+            None,
         )
     }
 
@@ -444,6 +467,26 @@ mod tests {
         assert_eq!(ids(&text), vec![10, 11, 12]);
     }
 
+    #[tokio::test]
+    async fn a_rare_kind_past_the_scan_bound_still_arrives() {
+        let feed = Arc::new(Feed::default());
+        let misses = graft::MAX_SCAN * 2 + 7;
+        for _ in 0..misses {
+            feed.push("a", 0.0, "reload", json!({}));
+        }
+        feed.push("a", 0.0, "crash", json!({}));
+        let only_crashes = EventFilter::default().kind("crash");
+        let page = feed.events_after(0, &only_crashes, PAGE);
+        assert!(page.events.is_empty() && page.through < misses as u64);
+        let text = tokio::time::timeout(
+            Duration::from_secs(10),
+            take(unbatched(&feed, 0, only_crashes), 1),
+        )
+        .await
+        .expect("the crash arrives");
+        assert_eq!(ids(&text), vec![misses as u64 + 1]);
+    }
+
     /// A source that counts the reads made of it.
     struct Counting {
         feed: Arc<Feed>,
@@ -477,6 +520,7 @@ mod tests {
                     0,
                     EventFilter::default(),
                     Duration::from_millis(300),
+                    None,
                 )
             })
             .collect();

@@ -45,8 +45,8 @@ pub(super) fn paths() -> Map<String, Value> {
             ],
             "get": {
                 "summary": "Every node event as Server-Sent Events", "operationId": "eventStream",
-                "description": "Each frame: `id:` the event's seq, `data:` the event as JSON (no `event:` field). A reader whose position was pruned first gets `event: gap` with data {\"after\": A, \"up_to\": U} (events A < seq <= U matching its filters may be lost; its id is U). Idle streams get `:keep-alive` comments every 15 s.",
-                "responses": responses(("200", json!({ "description": "an endless event stream", "content": { "text/event-stream": { "schema": { "type": "string" }, "x-event-data": event } } })), &[400, 500])
+                "description": "Each frame: `id:` the event's seq, `data:` the event as JSON (no `event:` field). A reader whose position was pruned first gets `event: gap` with data {\"after\": A, \"up_to\": U} (events A < seq <= U matching its filters may be lost; its id is U). Idle streams get `:keep-alive` comments every 15 s. At most 512 streams are open at once on a node and 128 per token (`Live::set_stream_limits`); one more gets 429 too_many_streams with `limit`.",
+                "responses": responses(("200", json!({ "description": "an endless event stream", "content": { "text/event-stream": { "schema": { "type": "string" }, "x-event-data": event } } })), &[400, 429, 500])
             }
         },
         "/sandboxes/{id}/tree": {

@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::buckets::LogState;
 use super::pump::{pump, PumpMsg};
-use super::{EventFilter, EventGap, EventPage, NodeEvent, MAX_DELETED_KEPT};
+use super::{EventFilter, EventGap, EventPage, NodeEvent, MAX_DELETED_KEPT, MAX_SCAN};
 use crate::store::{NewEvent, Store, StoreError, WriteOp};
 
 /// The node's event log (see the module docs).
@@ -278,8 +278,11 @@ impl EventLog {
             let visible = st.advance(self.max_per_sandbox);
             (visible, st.settled())
         };
-        self.visible_tx.send_replace(visible);
-        self.settled_tx.send_replace(settled);
+        // Two threads may publish in either order after the lock: the
+        // watermarks only ever move up.
+        let raise = |to: u64| move |v: &mut u64| (to > *v).then(|| *v = to).is_some();
+        self.visible_tx.send_if_modified(raise(visible));
+        self.settled_tx.send_if_modified(raise(settled));
     }
 
     /// The highest number readers may see.
@@ -328,34 +331,56 @@ impl EventLog {
             up_to: pruned,
         });
         let mut events = Vec::new();
+        // Stops at `limit` matches or MAX_SCAN rejections, whichever first;
+        // `through` is then the last number looked at.
+        let mut through = if limit == 0 {
+            after
+        } else {
+            st.visible.max(after)
+        };
+        let mut rejected = 0;
+        let mut take = |e: &NodeEvent, events: &mut Vec<NodeEvent>| -> bool {
+            if filter.matches(e) {
+                events.push(e.clone());
+            } else {
+                rejected += 1;
+            }
+            events.len() >= limit || rejected >= MAX_SCAN
+        };
         if after < st.visible && limit > 0 {
             match filter.sandbox.as_ref().and_then(|id| st.buckets.get(id)) {
                 // One sandbox: walk its own numbers, not every event.
                 Some(bucket) => {
                     let start = bucket.seqs.partition_point(|s| *s <= after);
                     for seq in bucket.seqs.range(start..) {
-                        if *seq > st.visible || events.len() >= limit {
+                        if *seq > st.visible {
                             break;
                         }
-                        if let Some(e) = st.by_seq.get(seq).filter(|e| filter.matches(e)) {
-                            events.push(e.clone());
+                        let Some(e) = st.by_seq.get(seq) else {
+                            continue;
+                        };
+                        if take(e, &mut events) {
+                            through = *seq;
+                            break;
                         }
                     }
                 }
                 None if filter.sandbox.is_some() => {}
                 None => {
-                    for e in st.by_seq.range(after + 1..=st.visible).map(|(_, e)| e) {
-                        if events.len() >= limit {
+                    for (seq, e) in st.by_seq.range(after + 1..=st.visible) {
+                        if take(e, &mut events) {
+                            through = *seq;
                             break;
-                        }
-                        if filter.matches(e) {
-                            events.push(e.clone());
                         }
                     }
                 }
             }
         }
-        EventPage { events, gap }
+        EventPage {
+            events,
+            gap,
+            through,
+        }
     }
 
     /// The deleted sandboxes whose events deleting `sandbox` pushes out of

@@ -129,6 +129,12 @@ impl EventFilter {
     }
 }
 
+/// Events a read examines and rejects at most (a `kind` filter over a long
+/// log) before it answers with what it found: the log's lock is held while
+/// reading, so a filter that matches nothing must not walk every kept event
+/// at once. A reader resumes after [`EventPage::through`].
+pub const MAX_SCAN: usize = 4_096;
+
 /// Events after a point, and whether some were dropped before they were read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EventPage {
@@ -137,6 +143,11 @@ pub struct EventPage {
     /// Set when events with `after < seq <= up_to` were dropped (each
     /// sandbox keeps its newest `max_events`): some of them may have matched.
     pub gap: Option<EventGap>,
+    /// Where to resume: every matching event with `seq <= through` is in
+    /// `events` or inside `gap`. It is below the visible watermark when the
+    /// page stopped early (its `limit`, or [`MAX_SCAN`] rejected events);
+    /// read again from here. Never below the `after` asked for.
+    pub through: u64,
 }
 
 /// A range of sequence numbers a reader can no longer read.

@@ -168,7 +168,11 @@ fn a_number_the_store_did_not_take_is_never_shown() {
         let e = log.commit("a", Vec::new(), "commit", Json::Null);
         assert_eq!(e.map_err(|e| e.kind()), Err("storage_read_only"));
         assert_eq!(*log.subscribe().borrow(), 1);
-        assert_eq!(log.read(1, &all, 10), EventPage::default());
+        let nothing_new = EventPage {
+            through: 1,
+            ..EventPage::default()
+        };
+        assert_eq!(log.read(1, &all, 10), nothing_new);
         log.close();
         store.close();
     }
@@ -203,4 +207,81 @@ fn events_given_up_unwritten_are_a_gap_once_later_ones_show() {
     let a = log.read(0, &EventFilter::default().sandbox("a"), 10);
     assert_eq!(a.gap, Some(EventGap { after: 0, up_to: 1 }));
     assert_eq!(log.read(1, &all, 10).gap, None);
+}
+
+#[test]
+fn a_kind_filter_over_a_long_log_reads_in_bounded_steps_and_misses_nothing() {
+    let log = EventLog::in_memory(100_000);
+    let total = super::MAX_SCAN * 3 + 10;
+    for i in 0..total {
+        let kind = if i % 1000 == 999 { "crash" } else { "reload" };
+        log.append("a", kind, Json::Null);
+    }
+    let crashes = EventFilter::default().kind("crash");
+    // One read looks at no more than MAX_SCAN rejected events: it stops
+    // before the end of the log and says how far it got.
+    let first = log.read(0, &crashes, 1000);
+    assert!(first.through < total as u64, "through {}", first.through);
+    assert!(first.through >= super::MAX_SCAN as u64);
+    // Resuming from `through` until the head finds every crash once, in order.
+    let mut found = Vec::new();
+    let mut pos = 0;
+    let mut reads = 0;
+    while pos < total as u64 {
+        let page = log.read(pos, &crashes, 1000);
+        assert!(page.through > pos, "no progress from {pos}");
+        found.extend(page.events.iter().map(|e| e.seq));
+        pos = page.through;
+        reads += 1;
+    }
+    let expected: Vec<u64> = (1..=total as u64).filter(|s| s % 1000 == 0).collect();
+    assert_eq!(found, expected);
+    // Each read passes over at most MAX_SCAN rejected events.
+    let rejected = total - expected.len();
+    assert!(reads >= rejected.div_ceil(super::MAX_SCAN), "{reads} reads");
+    // The same through one sandbox's own numbers.
+    let in_a = EventFilter::default().sandbox("a").kind("crash");
+    let page = log.read(0, &in_a, 1000);
+    assert!(page.through < total as u64);
+    // A full page resumes after its last event, an empty limit nowhere.
+    let two = log.read(0, &crashes, 2);
+    assert_eq!(two.through, 2000);
+    assert_eq!(log.read(5, &crashes, 0).through, 5);
+}
+
+#[test]
+fn the_visible_watermark_never_goes_back_when_threads_log_at_once() {
+    let log = EventLog::in_memory(1_000_000);
+    let mut rx = log.subscribe();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            let mut steps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let v = *rx.borrow_and_update();
+                assert!(v >= seen, "watermark went from {seen} back to {v}");
+                seen = v;
+                steps += 1;
+            }
+            steps
+        })
+    };
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5_000 {
+                    log.append(&format!("s{t}"), "reload", Json::Null);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(watcher.join().expect("no step back") > 0);
+    assert_eq!(*log.subscribe().borrow(), 20_000);
 }
