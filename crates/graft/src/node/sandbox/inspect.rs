@@ -106,6 +106,7 @@ impl Sandbox {
         })
     }
 
+    /// Statement coverage of every module version evaluated in this
     /// sandbox: line → hits, for lines where a statement starts. Empty
     /// unless [`crate::vm::enable_coverage`] was called before the
     /// sandbox's modules were compiled (`graft test --coverage`).
