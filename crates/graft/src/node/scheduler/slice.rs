@@ -1,0 +1,167 @@
+//! One slice of a sandbox: the commands of its inbox, then the kernel's
+//! run, on a scheduler thread or inline on a blocking caller's thread.
+//!
+//! Invariants:
+//! * Every entry into a sandbox's runtime runs behind a panic barrier: a
+//!   panic fails that sandbox (`Shared::fail`), never the thread's loop.
+//! * `scheduled` is cleared only at the end of a slice, and the inbox is
+//!   looked at after that: a command that arrived meanwhile (its `submit`
+//!   saw the flag set and did not queue the sandbox) is never stranded.
+//! * No slice runs on top of another on one thread (`IN_SLICE`): a host
+//!   function called from a slice would otherwise re-enter Luau's C stack.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::run_queue::schedule;
+use super::timers::add_wakeup;
+use super::worker::Worker;
+use crate::kernel;
+use crate::node::{panic_message, Command, NodeInner, Shared};
+
+thread_local! {
+    /// Set while this thread runs a sandbox's slice (scheduler thread or an
+    /// inline caller), so that a host function called from that slice never
+    /// runs another slice on top of Luau's C stack.
+    static IN_SLICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`IN_SLICE`] when the slice ends, unwinding included.
+struct InSlice;
+
+impl InSlice {
+    fn enter() -> InSlice {
+        IN_SLICE.with(|f| f.set(true));
+        InSlice
+    }
+}
+
+impl Drop for InSlice {
+    fn drop(&mut self) {
+        IN_SLICE.with(|f| f.set(false));
+    }
+}
+
+/// Runs a slice of an idle sandbox on the calling thread (for
+/// `Sandbox::call_blocking`): the caller's command, already in the inbox,
+/// runs without waking a scheduler thread. Returns false, having done
+/// nothing, when the sandbox is queued or running already (its owner then
+/// runs the command; a `submit` that saw the flag set relies on that) or
+/// when this thread is already inside a slice.
+///
+/// The slice is the one a scheduler thread would run: same panic barrier,
+/// same epilogue (wake-ups registered, re-queued if work remains). Only the
+/// watchdog and fresh-work preemption do not see it: it holds the caller's
+/// own thread, which waits for the answer anyway, and the interrupt still
+/// ends it at `SLICE_MS` or `handler_ms`.
+pub(crate) fn run_inline(node: &NodeInner, shared: &Arc<Shared>) -> bool {
+    if IN_SLICE.with(|f| f.get()) || shared.scheduled.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    run_sandbox(node, shared, None);
+    true
+}
+
+/// Runs one slice of a sandbox behind the panic barrier. `me`: the scheduler
+/// thread running it, `None` for an inline caller.
+pub(super) fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
+    let _in_slice = InSlice::enter();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_sandbox_slice(node, shared, me)
+    }));
+    if let Err(payload) = ran {
+        // A bug in Graft or in a host function, not in guest code: fail this
+        // sandbox, keep the node.
+        shared.fail(panic_message(&*payload));
+        release(node, shared);
+    }
+}
+
+/// Ends a sandbox's turn: clears `scheduled`, then queues it again if
+/// commands arrived meanwhile (a `submit` that saw the flag set did not
+/// queue it, so this is the only place that can).
+pub(super) fn release(node: &NodeInner, shared: &Arc<Shared>) {
+    shared.scheduled.store(false, Ordering::Release);
+    if !shared.inbox.lock().is_empty() {
+        schedule(node, shared, false);
+    }
+}
+
+fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
+    let (more, next_timer) = {
+        let mut guard = shared.runtime.lock();
+        if shared.destroyed.load(Ordering::Acquire) {
+            // `Node::destroy` found this slice running: the VM goes now.
+            let rt = guard.take();
+            drop(guard);
+            drop(rt);
+            shared.drop_inbox();
+            release(node, shared);
+            return;
+        }
+        let Some(rt) = guard.as_mut() else {
+            // Failed or destroyed: whoever still waits learns it now.
+            drop(guard);
+            shared.drop_inbox();
+            release(node, shared);
+            return;
+        };
+        let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
+        kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
+        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
+        let mut commands = commands.into_iter();
+        for cmd in commands.by_ref() {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
+            if let Err(payload) = ran {
+                // Mark the sandbox failed before the commands behind this one
+                // are dropped, so their waiters learn why.
+                drop(_scope);
+                drop(guard);
+                shared.fail(panic_message(&*payload));
+                drop(commands);
+                release(node, shared);
+                return;
+            }
+        }
+        // A restart command may have replaced the VM: enforce the current one's limits.
+        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
+        if let Some(me) = me {
+            *me.running.lock() = Some(kernel::kernel(&rt.vm.lua).watch.clone());
+        }
+        rt.run_pending_reloads();
+        let more = kernel::run_slice(&rt.vm.lua);
+        rt.poll_app_start();
+        rt.check_canary();
+        rt.run_pending_reloads();
+        let mut k = kernel::kernel(&rt.vm.lua);
+        if let Some(message) = k.internal_error.take() {
+            // Caught on Luau's C stack: raised here, where the barrier in
+            // `run_sandbox` fails the sandbox.
+            drop(k);
+            std::panic::resume_unwind(Box::new(message));
+        }
+        // A test clock's timers fire only when it is advanced
+        // (`Sandbox::advance_clock` schedules the sandbox itself).
+        let next_timer = match k.test_clock {
+            None => k.next_timer_at(),
+            Some(_) => None,
+        };
+        let blocking = std::mem::take(&mut k.blocking_out);
+        if !blocking.is_empty() {
+            node.host_pool
+                .submit(shared, blocking, node.limits.max_value_bytes);
+        }
+        (more, next_timer)
+    };
+    shared.scheduled.store(false, Ordering::Release);
+    // After clearing `scheduled`: a wake-up firing in between must not be
+    // swallowed by a flag that is about to be cleared.
+    if let Some(at) = next_timer {
+        add_wakeup(node, shared, at);
+    }
+    if !shared.inbox.lock().is_empty() {
+        schedule(node, shared, false);
+    } else if more {
+        schedule(node, shared, true);
+    }
+}
