@@ -1,0 +1,180 @@
+//! Commands from the host (the embedding API, HTTP): calls, sends, spawns
+//! and evals, each turned into a job for the kernel.
+//!
+//! # Invariants
+//! * Host messages obey `max_message_bytes` like guest messages (measured
+//!   as JSON), and a value the heap cannot hold is `out_of_memory`, after
+//!   one collection, not the input's fault.
+//! * An error answers the host's slot: no host command is left waiting.
+//! * A pid addresses its serial; text resolves as it always has, and both
+//!   agree on a pid's text.
+
+use std::sync::Arc;
+
+use mlua::Lua;
+use serde_json::Value as Json;
+
+use super::Runtime;
+use crate::error::{Error, Result};
+use crate::kernel::{kernel, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::pid::Target;
+use crate::value::{json_to_lua, VmPid};
+
+impl Runtime {
+    /// The serial a host-side target addresses. A pid addresses its serial
+    /// (its module part is informative); text resolves as it always has
+    /// (`Kernel::resolve_str`). For a pid's text both agree: names never
+    /// start with `<`, so the name lookup could not have found it.
+    pub(super) fn resolve(&self, target: &Target) -> Result<u64> {
+        let k = kernel(self.lua());
+        let serial = match target.as_pid() {
+            Some(pid) => Some(pid.serial()).filter(|s| k.procs.contains_key(s)),
+            None => k.resolve_str(target.as_str()),
+        };
+        serial.ok_or_else(|| Error::NoProcess(target.as_str().to_owned()))
+    }
+
+    /// Host messages obey `max_message_bytes` like guest messages (measured as JSON).
+    fn check_size(&self, v: &Json) -> Result<()> {
+        let max = self.spec.limits.max_message_bytes;
+        let size = crate::value::json_len(v);
+        if size > max {
+            return Err(Error::InvalidInput(format!(
+                "message is {size} bytes as JSON; this sandbox's max_message_bytes is {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn host_call(
+        &mut self,
+        target: Target,
+        request: Json,
+        timeout_ms: u64,
+        slot: Arc<HostSlot>,
+    ) {
+        let r = (|| -> Result<()> {
+            self.check_size(&request)?;
+            let serial = self.resolve(&target)?;
+            let lua = self.lua();
+            let key = host_value(lua, &request)?;
+            let mut k = kernel(lua);
+            let job = Job::Call {
+                request: Some(key),
+                from: None,
+                waiter: Waiter::Host(slot.clone()),
+            };
+            k.deliver(serial, job).map_err(|(e, _)| e)?;
+            let at = k.timer_now().saturating_add(timeout_ms);
+            let timer = k.add_timer(
+                at,
+                Timer::HostCallTimeout {
+                    slot: slot.clone(),
+                    target: target.as_str().to_owned(),
+                    ms: timeout_ms,
+                },
+            );
+            slot.set_timer(timer);
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+
+    pub fn host_send(&mut self, target: &Target, message: &Json, cast: bool) -> Result<()> {
+        self.check_size(message)?;
+        let serial = self.resolve(target)?;
+        let lua = self.lua();
+        let key = host_value(lua, message)?;
+        let job = if cast { Job::Cast(key) } else { Job::Info(key) };
+        kernel(lua).deliver(serial, job).map_err(|(e, _)| e)
+    }
+
+    pub fn host_spawn(
+        &mut self,
+        module: &str,
+        args: &Json,
+        name: Option<&str>,
+        slot: Arc<HostSlot>,
+    ) {
+        let r = (|| -> Result<()> {
+            if let Some(n) = name {
+                crate::config::validate_process_name(n)?;
+            }
+            let lua = self.lua();
+            let k = kernel(lua);
+            let mid = k
+                .module_id(module)
+                .filter(|m| k.module_tables[*m as usize].is_some() && *m != 0)
+                .ok_or_else(|| Error::NoModule(module.to_owned()))?;
+            if !k.is_server_module(mid) {
+                return Err(Error::InvalidInput(format!(
+                    "module `{module}` has no `init` function, so it cannot run as a process"
+                )));
+            }
+            drop(k);
+            let key = host_value(lua, args)?;
+            kernel(lua)
+                .create_process(mid, None, name, Some(key), Waiter::Host(slot.clone()))
+                .map_err(|(e, _)| e)?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+
+    pub fn host_eval(&mut self, bytecode: &[u8], slot: Arc<HostSlot>) {
+        let r = (|| -> Result<()> {
+            let f = self
+                .vm
+                .load_guest("eval", bytecode)
+                .map_err(|e| Error::Luau(e.to_string()))?;
+            let lua = self.lua();
+            let chunk = lua
+                .create_registry_value(f)
+                .map_err(|e| Error::Luau(e.to_string()))?;
+            let mut k = kernel(lua);
+            if k.procs.len() >= k.limits.max_processes {
+                return Err(Error::TooManyProcesses(k.limits.max_processes));
+            }
+            let serial = k.new_serial();
+            let mid = k.module_id(EVAL_MODULE).expect("interned at start");
+            let mut p = crate::kernel::Process::new(VmPid::new(mid, serial), None, 0);
+            p.system = Some(Box::new(Job::Eval {
+                chunk,
+                waiter: Waiter::Host(slot.clone()),
+            }));
+            k.procs.insert(serial, Box::new(p));
+            // eval processes have no init, so their state slot is a placeholder
+            let _ = k.states.raw_set(serial, false);
+            k.wake(serial);
+            Ok(())
+        })();
+        if let Err(e) = r {
+            slot.answer(Err(e));
+        }
+    }
+}
+
+/// A host's JSON value as a Luau value held in the registry. A full heap is
+/// collected once before the conversion is refused, and a refusal for memory
+/// is `out_of_memory`, not the input's fault.
+pub(super) fn host_value(lua: &Lua, v: &Json) -> Result<mlua::RegistryKey> {
+    let convert = || json_to_lua(lua, v).and_then(|v| lua.create_registry_value(v));
+    let first = match convert() {
+        Err(mlua::Error::MemoryError(_)) => {
+            let _ = lua.gc_collect();
+            convert()
+        }
+        other => other,
+    };
+    first.map_err(|e| match e {
+        mlua::Error::MemoryError(_) => Error::OutOfMemory(format!(
+            "the sandbox's heap ({} bytes used) cannot hold this value",
+            lua.used_memory()
+        )),
+        other => Error::InvalidInput(other.to_string()),
+    })
+}
