@@ -283,8 +283,22 @@ fn logged(node: &Node, after: u64, up_to: u64) -> Vec<u64> {
     out
 }
 
-fn main() {
-    let o = opts();
+/// What the rounds run against: the node, its API served on loopback, and
+/// the sandbox of `--procs` processes whose module is reloaded. Fields drop
+/// in this order (the sandbox before the node).
+struct Bench {
+    sb: Sandbox,
+    addr: SocketAddr,
+    bearer: String,
+    server: tokio::runtime::Runtime,
+    node: Node,
+    /// The module's revision reloaded last.
+    rev: usize,
+}
+
+/// Starts the node, its API and the sandbox, warms the reload up, and
+/// prints the `meta` line.
+fn setup(o: &Opts) -> Bench {
     let node = Node::with_threads(o.threads);
     let (addr, bearer, server) = serve(&node, o.serve_threads);
     let sb = graft::block_on(
@@ -304,107 +318,150 @@ fn main() {
                 "reloads_per_block": o.reloads, "rounds": o.rounds, "threads": o.threads,
                 "serve_threads": o.serve_threads, "smoke": o.smoke })
     );
+    Bench {
+        sb,
+        addr,
+        bearer,
+        server,
+        node,
+        rev,
+    }
+}
 
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    let mut delivered_events = 0usize;
-    for round in 0..o.rounds {
-        let ms = reloads(&sb, &mut rev, o.reloads);
-        let (p50, p90, mean) = stats(&ms);
-        println!(
-            "{}",
-            json!({ "workload": "fanout", "kind": "block", "round": round, "clients": 0,
-                    "p50_ms": p50, "p90_ms": p90, "mean_ms": mean })
-        );
-        without.extend(ms);
+/// What one round measured.
+struct Round {
+    /// Reload times without clients, then with them (ms).
+    without: Vec<f64>,
+    with: Vec<f64>,
+    /// Events delivered, summed over the clients.
+    delivered: usize,
+}
 
-        // The clients, each from the last event before the block.
-        let start = *node.subscribe_events().borrow();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sse-clients")
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| fail(&format!("client runtime: {e}")));
-        let seen: Vec<Arc<Seen>> = (0..o.clients).map(|_| Arc::default()).collect();
-        for s in &seen {
-            rt.spawn(client(addr, bearer.clone(), start, s.clone()));
+/// One round: a block of reloads without clients, then one with them, each
+/// printed as a `block` line; fails the run if a client missed an event.
+fn run_round(o: &Opts, b: &mut Bench, round: usize) -> Round {
+    let without = reloads(&b.sb, &mut b.rev, o.reloads);
+    let (p50, p90, mean) = stats(&without);
+    println!(
+        "{}",
+        json!({ "workload": "fanout", "kind": "block", "round": round, "clients": 0,
+                "p50_ms": p50, "p90_ms": p90, "mean_ms": mean })
+    );
+
+    // The clients, each from the last event before the block.
+    let start = *b.node.subscribe_events().borrow();
+    let (rt, seen) = connect_clients(o, b, start);
+    eprintln!("round {round}: {} clients connected", o.clients);
+
+    let with = reloads(&b.sb, &mut b.rev, o.reloads);
+    let (p50, p90, mean) = stats(&with);
+    let end = *b.node.subscribe_events().borrow();
+    let expected = logged(&b.node, start, end);
+    let reload_events = b
+        .node
+        .events_after(start, &EventFilter::default().kind("reload"), 1000)
+        .events
+        .len();
+    if reload_events < o.reloads {
+        fail(&format!(
+            "{reload_events} reload events logged for {} reloads",
+            o.reloads
+        ));
+    }
+    await_delivery(o, &seen, end);
+    check_delivery(&seen, end, &expected);
+    println!(
+        "{}",
+        json!({ "workload": "fanout", "kind": "block", "round": round, "clients": o.clients,
+                "p50_ms": p50, "p90_ms": p90, "mean_ms": mean,
+                "events": expected.len(), "every_client_got_every_event": true })
+    );
+    // Ending the clients closes their connections; the server's
+    // streams end on their next write.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    Round {
+        without,
+        with,
+        delivered: expected.len() * o.clients,
+    }
+}
+
+/// Starts `--clients` stream readers from event `start` on their own
+/// runtime, and returns once every one is connected (so none misses an
+/// event of the block by connecting late).
+fn connect_clients(o: &Opts, b: &Bench, start: u64) -> (tokio::runtime::Runtime, Vec<Arc<Seen>>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sse-clients")
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("client runtime: {e}")));
+    let seen: Vec<Arc<Seen>> = (0..o.clients).map(|_| Arc::default()).collect();
+    for s in &seen {
+        rt.spawn(client(b.addr, b.bearer.clone(), start, s.clone()));
+    }
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    while seen.iter().any(|s| s.connected.load(Ordering::SeqCst) == 0) {
+        if let Some(e) = seen
+            .iter()
+            .find_map(|s| s.error.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        {
+            fail(&format!("a client failed to connect: {e}"));
         }
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while seen.iter().any(|s| s.connected.load(Ordering::SeqCst) == 0) {
-            if let Some(e) = seen
+        if Instant::now() > deadline {
+            fail("the clients did not all connect in time");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (rt, seen)
+}
+
+/// Waits until every client has received event `end`.
+fn await_delivery(o: &Opts, seen: &[Arc<Seen>], end: u64) {
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    while seen.iter().any(|s| s.high.load(Ordering::SeqCst) < end) {
+        if Instant::now() > deadline {
+            let behind = seen
                 .iter()
-                .find_map(|s| s.error.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            {
-                fail(&format!("a client failed to connect: {e}"));
-            }
-            if Instant::now() > deadline {
-                fail("the clients did not all connect in time");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        eprintln!("round {round}: {} clients connected", o.clients);
-
-        let ms = reloads(&sb, &mut rev, o.reloads);
-        let (p50, p90, mean) = stats(&ms);
-        with.extend(ms);
-        let end = *node.subscribe_events().borrow();
-        let expected = logged(&node, start, end);
-        let reload_events = node
-            .events_after(start, &EventFilter::default().kind("reload"), 1000)
-            .events
-            .len();
-        if reload_events < o.reloads {
+                .filter(|s| s.high.load(Ordering::SeqCst) < end)
+                .count();
             fail(&format!(
-                "{reload_events} reload events logged for {} reloads",
-                o.reloads
+                "{behind} of {} clients had not received event {end} after {DELIVERY_TIMEOUT:?}",
+                o.clients
             ));
         }
-        let deadline = Instant::now() + DELIVERY_TIMEOUT;
-        while seen.iter().any(|s| s.high.load(Ordering::SeqCst) < end) {
-            if Instant::now() > deadline {
-                let behind = seen
-                    .iter()
-                    .filter(|s| s.high.load(Ordering::SeqCst) < end)
-                    .count();
-                fail(&format!(
-                    "{behind} of {} clients had not received event {end} after {DELIVERY_TIMEOUT:?}",
-                    o.clients
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for (n, s) in seen.iter().enumerate() {
-            let got: Vec<u64> = s
-                .ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .filter(|&id| id <= end)
-                .collect();
-            if got != expected || s.gaps.load(Ordering::SeqCst) > 0 {
-                fail(&format!(
-                    "client {n} received {} events ({} gap frames), expected {} ({:?}…)",
-                    got.len(),
-                    s.gaps.load(Ordering::SeqCst),
-                    expected.len(),
-                    &expected[..expected.len().min(5)]
-                ));
-            }
-        }
-        delivered_events += expected.len() * o.clients;
-        println!(
-            "{}",
-            json!({ "workload": "fanout", "kind": "block", "round": round, "clients": o.clients,
-                    "p50_ms": p50, "p90_ms": p90, "mean_ms": mean,
-                    "events": expected.len(), "every_client_got_every_event": true })
-        );
-        // Ending the clients closes their connections; the server's
-        // streams end on their next write.
-        rt.shutdown_timeout(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    let (b50, b90, bmean) = stats(&without);
-    let (c50, c90, cmean) = stats(&with);
+}
+
+/// Every client got exactly the `expected` events up to `end`, in order,
+/// and no `gap` frame.
+fn check_delivery(seen: &[Arc<Seen>], end: u64, expected: &[u64]) {
+    for (n, s) in seen.iter().enumerate() {
+        let got: Vec<u64> = s
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .filter(|&id| id <= end)
+            .collect();
+        if got != expected || s.gaps.load(Ordering::SeqCst) > 0 {
+            fail(&format!(
+                "client {n} received {} events ({} gap frames), expected {} ({:?}…)",
+                got.len(),
+                s.gaps.load(Ordering::SeqCst),
+                expected.len(),
+                &expected[..expected.len().min(5)]
+            ));
+        }
+    }
+}
+
+/// Prints the `summary` line: both sides' figures, their ratio and the goal.
+fn report(o: &Opts, without: &[f64], with: &[f64], delivered_events: usize) {
+    let (b50, b90, bmean) = stats(without);
+    let (c50, c90, cmean) = stats(with);
     let ratio = if b50 > 0.0 { c50 / b50 } else { 0.0 };
     println!(
         "{}",
@@ -416,5 +473,19 @@ fn main() {
                 "goal_ratio": GOAL_RATIO, "met": ratio <= GOAL_RATIO,
                 "events_delivered": delivered_events, "every_client_got_every_event": true })
     );
-    drop(server);
+}
+
+fn main() {
+    let o = opts();
+    let mut bench = setup(&o);
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut delivered_events = 0usize;
+    for round in 0..o.rounds {
+        let r = run_round(&o, &mut bench, round);
+        without.extend(r.without);
+        with.extend(r.with);
+        delivered_events += r.delivered;
+    }
+    report(&o, &without, &with, delivered_events);
+    drop(bench.server);
 }
