@@ -4,7 +4,8 @@
 //!
 //! Usage: `graft-bench [--smoke] [WORKLOAD…]`. Workloads: spawn_idle,
 //! call_host (emits `call_host` for `Sandbox::call` and `call_host_blocking`
-//! for `Sandbox::call_blocking`), call_proc, reload, reload_empty, reload_empty_server,
+//! for `Sandbox::call_blocking`; `call_host_blocking` alone runs only the
+//! latter), call_proc, reload, reload_empty, reload_empty_server,
 //! sandbox_create, batch_reload, idle_1m, baseline. Memory figures count the
 //! Luau heap *and* every Rust allocation (a counting global allocator), so
 //! nothing is hidden.
@@ -141,8 +142,14 @@ fn call_host(node: &Node, m: usize) {
     }
     let ns = t.elapsed().as_nanos() as f64 / m as f64;
     emit(json!({ "workload": "call_host", "m": m, "per_op_ns": ns }));
-    // The same calls through the synchronous API, which runs the handler on
-    // this thread while the sandbox is idle.
+    node.destroy("callhost").unwrap();
+}
+
+/// The calls of [`call_host`] through the synchronous API, which runs the
+/// handler on this thread while the sandbox is idle.
+fn call_host_blocking(node: &Node, m: usize) {
+    let sb = graft::block_on(node.create_sandbox(spec("callhost", 100))).unwrap();
+    block_on(sb.spawn("counter", json!(null), Some("counter"))).unwrap();
     for _ in 0..1000 {
         sb.call_blocking("counter", json!("inc"), None).unwrap();
     }
@@ -398,6 +405,9 @@ fn main() {
     }
     if run("call_host") {
         call_host(&node, big(100_000, 100));
+    }
+    if run("call_host") || run("call_host_blocking") {
+        call_host_blocking(&node, big(100_000, 100));
     }
     if run("call_proc") {
         call_proc(&node, big(100_000, 100));
