@@ -465,7 +465,7 @@ function summary(e) {
   const d = e.detail || {};
   if (d.modules && Array.isArray(d.modules)) return d.modules.map((m) => m.name ? `${m.name} v${m.from}→v${m.to}` : m).join(", ") + (d.error ? " — " + d.error : "");
   if (d.process) return `${d.process} (${d.module || ""}) ${typeof d.reason === "string" ? d.reason : JSON.stringify(d.reason)}`;
-  if (e.kind === "gap") return `missed events ${d.after + 1}–${d.up_to}`;
+  if (e.kind === "gap") return d.reset ? `event log restarted (no event ${d.after} here)` : `missed events ${d.after + 1}–${d.up_to}`;
   return JSON.stringify(d).slice(0, 200);
 }
 

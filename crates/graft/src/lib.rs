@@ -68,7 +68,7 @@ pub mod watch;
 pub use config::{Limits, NodeLimits, SandboxSpec};
 pub use diagnostic::Diagnostic;
 pub use error::{Error, ReloadStep, Result};
-pub use events::{EventFilter, EventGap, EventPage, NodeEvent, MAX_SCAN};
+pub use events::{EventCount, EventFilter, EventGap, EventPage, NodeEvent, MAX_SCAN};
 pub use kernel::{AppStatus, Event};
 pub use node::{
     block_on, with_timeout, BatchOptions, CheckpointStats, HostFunctions, ModuleCoverage, Node,

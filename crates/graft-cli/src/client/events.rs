@@ -156,6 +156,13 @@ impl Client {
             println!("{}", render::json(&json!({ "gap": gap }), false));
             return;
         }
+        if gap["reset"] == json!(true) {
+            eprintln!(
+                "warning: the node has no event {} (its log restarted: a node without a data dir was restarted); showing its events from the start",
+                gap["after"].as_u64().unwrap_or(0)
+            );
+            return;
+        }
         eprintln!(
             "warning: events {}..={} were dropped before they could be shown",
             gap["after"].as_u64().unwrap_or(0) + 1,

@@ -6,10 +6,13 @@
 //!   node's limits), a result or an HTTP route *template* and status; never
 //!   a pid, a raw path or a message;
 //! * counters of things that happen inside a sandbox (reloads, crashes) are
-//!   counted from the node's events as they enter the feed, so no sandbox's
-//!   hot path carries a metrics hook; figures that are a current value
-//!   (processes, memory, module versions, refused messages) are read at
-//!   scrape time through the node's public API;
+//!   the event log's own counts ([`Node::event_counts`]), read at scrape
+//!   time: no sandbox's hot path carries a metrics hook, and a burst that
+//!   outruns the log's retention is still counted in full. Reload durations
+//!   (a histogram) are observed from the events as the counting task reads
+//!   them; figures that are a current value (processes, memory, module
+//!   versions, refused messages) are read at scrape time through the
+//!   node's public API;
 //! * a deleted sandbox's series disappear, and `graft_module_info` holds
 //!   exactly the current version of each module (built anew per scrape).
 
@@ -79,9 +82,11 @@ fn reload_histogram() -> Histogram {
 /// The node's metrics: counters fed by events and HTTP requests.
 pub struct Metrics {
     started: Instant,
-    reloads: Family<ResultLabels, Counter>,
     reload_seconds: Family<SandboxLabel, Histogram, fn() -> Histogram>,
-    crashes: Family<SandboxLabel, Counter>,
+    /// The sandboxes with a `reload_seconds` series, so that a scrape can
+    /// drop those of sandboxes gone (even if their deletion's event was
+    /// pruned before the counting task read it).
+    timed: std::sync::Mutex<std::collections::HashSet<String>>,
     http: Family<HttpLabels, Counter>,
     /// Every event up to this seq has been observed (where a restarted
     /// counting task resumes, so no event is counted twice).
@@ -92,9 +97,8 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             started: Instant::now(),
-            reloads: Family::default(),
             reload_seconds: Family::new_with_constructor(reload_histogram),
-            crashes: Family::default(),
+            timed: Default::default(),
             http: Family::default(),
             counted_through: Default::default(),
         }
@@ -102,7 +106,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one node event.
     /// Every event up to this seq has been observed.
     pub fn counted_through(&self) -> u64 {
         self.counted_through
@@ -121,12 +124,6 @@ impl Metrics {
         };
         match e.kind.as_str() {
             kind if RELOAD_RESULTS.contains(&kind) => {
-                self.reloads
-                    .get_or_create(&ResultLabels {
-                        sandbox: e.sandbox.clone(),
-                        result: kind.to_owned(),
-                    })
-                    .inc();
                 // A canary rollback nests its reload report.
                 let report = if kind == "canary_rollback" {
                     &e.detail["report"]
@@ -135,22 +132,14 @@ impl Metrics {
                 };
                 if matches!(kind, "reload" | "rollback" | "canary_rollback") {
                     if let Some(s) = reload_seconds(report) {
+                        self.timed_lock().insert(e.sandbox.clone());
                         self.reload_seconds.get_or_create(&sandbox).observe(s);
                     }
                 }
             }
-            "crash" => {
-                self.crashes.get_or_create(&sandbox).inc();
-            }
             "sandbox_deleted" => {
-                for r in RELOAD_RESULTS {
-                    self.reloads.remove(&ResultLabels {
-                        sandbox: e.sandbox.clone(),
-                        result: (*r).to_owned(),
-                    });
-                }
+                self.timed_lock().remove(&e.sandbox);
                 self.reload_seconds.remove(&sandbox);
-                self.crashes.remove(&sandbox);
             }
             _ => {}
         }
@@ -166,24 +155,40 @@ impl Metrics {
             .inc();
     }
 
+    fn timed_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.timed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The whole exposition, with the node's current figures read now.
     pub async fn render(&self, node: &Node) -> String {
         let mut reg = Registry::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let crashes = Family::<SandboxLabel, Counter>::default();
+        for c in node.event_counts() {
+            if RELOAD_RESULTS.contains(&c.kind.as_str()) {
+                reloads
+                    .get_or_create(&ResultLabels {
+                        sandbox: c.sandbox,
+                        result: c.kind,
+                    })
+                    .inc_by(c.count);
+            } else if c.kind == "crash" {
+                crashes
+                    .get_or_create(&SandboxLabel { sandbox: c.sandbox })
+                    .inc_by(c.count);
+            }
+        }
         reg.register(
             "graft_reloads",
             "Reloads by outcome (reload, unchanged, dry_run, abort, rollback, canary_rollback …)",
-            self.reloads.clone(),
+            reloads,
         );
         reg.register(
             "graft_reload_duration_seconds",
             "Time of a committed reload: compile and checks plus the swap",
             self.reload_seconds.clone(),
         );
-        reg.register(
-            "graft_process_crashes",
-            "Processes that crashed",
-            self.crashes.clone(),
-        );
+        reg.register("graft_process_crashes", "Processes that crashed", crashes);
         reg.register(
             "graft_http_requests",
             "HTTP requests by route template and status",
@@ -203,6 +208,15 @@ impl Metrics {
         let mailbox_full = Family::<SandboxLabel, Counter>::default();
         let modules = Family::<ModuleLabels, Gauge>::default();
         let ids = node.sandbox_ids();
+        self.timed_lock().retain(|id| {
+            let live = ids.contains(id);
+            if !live {
+                self.reload_seconds.remove(&SandboxLabel {
+                    sandbox: id.clone(),
+                });
+            }
+            live
+        });
         sandboxes.set(i64::try_from(ids.len()).unwrap_or(i64::MAX));
         for id in ids {
             let Ok(sb) = node.sandbox(&id) else { continue };

@@ -24,7 +24,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -208,6 +208,10 @@ impl FrameCache {
 enum Ready {
     Event(u64, Arc<str>),
     Gap(EventGap),
+    /// The reader's position (here) is past the newest event of this log:
+    /// the log restarted (a node without a data dir was restarted) or the
+    /// position came from elsewhere. What follows is the log from its start.
+    Reset(u64),
 }
 
 impl Ready {
@@ -221,8 +225,40 @@ impl Ready {
                     .id(gap.up_to.to_string())
                     .data(data)
             }
+            Ready::Reset(after) => SseEvent::default()
+                .event("gap")
+                .id("0")
+                .data(reset_json(after).to_string()),
         }
     }
+}
+
+/// The gap of a reader whose position `after` is past the newest event:
+/// `up_to` 0 and `reset`, so a client that reads `up_to` as where to go on
+/// starts from the beginning of this log.
+fn reset_json(after: u64) -> serde_json::Value {
+    json!({ "after": after, "up_to": 0, "reset": true })
+}
+
+/// Checks that the stream's caller may still read (its token was not
+/// revoked, its session did not end); see [`RECHECK`].
+pub(crate) type StillAllowed = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// How often an idle stream checks its caller again (a stream checks before
+/// every read of the log too): a revoked token or an ended session gets no
+/// event logged after the revocation, and its connection ends within this
+/// time even on an idle node.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// What a stream is opened with besides its source and position.
+pub(crate) struct Opened {
+    /// The stream's place among the open ones, given back when it ends
+    /// (held, never read: its `Drop` is what counts).
+    #[allow(dead_code)]
+    pub slot: Option<StreamSlot>,
+    pub still_allowed: Option<StillAllowed>,
+    /// `Some(position)` when the reader's position was past the head.
+    pub reset: Option<u64>,
 }
 
 /// The stream's cursor between frames.
@@ -235,8 +271,18 @@ struct Cursor {
     filter: EventFilter,
     ready: VecDeque<Ready>,
     batch: Duration,
-    /// The stream's place among the open ones, given back when it ends.
-    _slot: Option<StreamSlot>,
+    opened: Opened,
+}
+
+impl Cursor {
+    /// Whether the caller may still read (a hash and a map lookup: cheap
+    /// next to the read of the log it guards).
+    fn allowed(&self) -> bool {
+        self.opened
+            .still_allowed
+            .as_ref()
+            .is_none_or(|check| check())
+    }
 }
 
 /// The frames of `source` after `pos` matching `filter`, forever. A stream
@@ -247,32 +293,51 @@ pub(crate) fn frames(
     pos: u64,
     filter: EventFilter,
     batch: Duration,
-    slot: Option<StreamSlot>,
+    opened: Opened,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let rx = source.subscribe();
+    let mut ready = VecDeque::new();
+    if let Some(after) = opened.reset {
+        ready.push_back(Ready::Reset(after));
+    }
     let cursor = Cursor {
         source,
         cache,
         rx,
         pos,
         filter,
-        ready: VecDeque::new(),
+        ready,
         batch,
-        _slot: slot,
+        opened,
     };
+    // Fused: a body polled again after it ended gets `None`, not a panic.
     stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(f) = c.ready.pop_front() {
                 return Some((Ok(f.frame()), c));
             }
+            if !c.allowed() {
+                // The caller's token was revoked or its session ended: the
+                // stream ends before it reads more, and the client's
+                // reconnect gets a 401.
+                return None;
+            }
             // Everything up to `head` is readable now.
             let head = *c.rx.borrow_and_update();
             let page = c.source.events_after(c.pos, &c.filter, PAGE);
+            // Frames go out in seq order: events still kept at or below the
+            // gap's end (another sandbox's, pruned less) come before it.
+            let up_to = page.gap.map_or(0, |g| g.up_to);
+            let (before, after): (Vec<_>, Vec<_>) =
+                page.events.iter().partition(|e| e.seq <= up_to);
+            for e in before {
+                c.ready.push_back(Ready::Event(e.seq, c.cache.json(e)));
+            }
             if let Some(gap) = page.gap {
                 c.ready.push_back(Ready::Gap(gap));
                 c.pos = c.pos.max(gap.up_to);
             }
-            for e in &page.events {
+            for e in after {
                 c.ready.push_back(Ready::Event(e.seq, c.cache.json(e)));
             }
             c.pos = c.pos.max(page.through);
@@ -286,7 +351,17 @@ pub(crate) fn frames(
                 tokio::task::yield_now().await;
                 continue;
             }
-            if c.rx.changed().await.is_err() {
+            let changed = if c.opened.still_allowed.is_some() {
+                // Wake at least every RECHECK to check the caller again.
+                match tokio::time::timeout(RECHECK, c.rx.changed()).await {
+                    Ok(changed) => changed,
+                    Err(_) if c.allowed() => continue,
+                    Err(_) => return None,
+                }
+            } else {
+                c.rx.changed().await
+            };
+            if changed.is_err() {
                 return None;
             }
             if !c.batch.is_zero() {
@@ -294,6 +369,7 @@ pub(crate) fn frames(
             }
         }
     })
+    .fuse()
 }
 
 /// Events `GET /api/v1/events` answers at most.
@@ -322,13 +398,20 @@ pub(crate) async fn page(
     filter.sandbox = start.filter_sandbox;
     filter.kinds = start.kinds;
     let limit = limit.min(MAX_PAGE);
-    let page = source.events_after(pos, &filter, limit);
+    // A position past the newest event is from another log (see
+    // `Ready::Reset`): say so and read this log from its start.
+    let reset = (pos > head).then_some(pos);
+    let page = source.events_after(if reset.is_some() { 0 } else { pos }, &filter, limit);
+    let gap = match reset {
+        Some(after) => reset_json(after),
+        None => json!(page.gap),
+    };
     // Where to resume: every match up to `through` is in this page (a full
     // page, or one that met the scan bound, stops short of the head).
     let last_seq = page.through;
     Ok(axum::Json(json!({
         "events": page.events,
-        "gap": page.gap,
+        "gap": gap,
         "last_seq": last_seq,
     })))
 }
@@ -336,6 +419,7 @@ pub(crate) async fn page(
 /// `GET /api/v1/events/stream`.
 pub(crate) async fn stream(
     Extension(live): Extension<Live>,
+    axum::extract::State(trust): axum::extract::State<Arc<crate::trust::Trust>>,
     caller: Option<Extension<crate::trust::Caller>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -353,13 +437,27 @@ pub(crate) async fn stream(
     let mut filter = EventFilter::default();
     filter.sandbox = start.filter_sandbox;
     filter.kinds = start.kinds;
+    let reset = (pos > head).then_some(pos);
+    // The credentials that opened the stream are checked again while it
+    // runs (a request without any passed no authentication to check).
+    let has_credentials = headers.contains_key(axum::http::header::AUTHORIZATION)
+        || crate::trust::session::session_cookie(&headers).is_some();
+    let still_allowed: Option<StillAllowed> = has_credentials.then(|| {
+        Box::new(move || crate::trust::middleware::credentials(&trust, &headers).is_ok())
+            as StillAllowed
+    });
+    let opened = Opened {
+        slot: Some(slot),
+        still_allowed,
+        reset,
+    };
     let sse = Sse::new(frames(
         source,
         live.frame_cache(),
-        pos,
+        if reset.is_some() { 0 } else { pos },
         filter,
         live.batch_window(),
-        Some(slot),
+        opened,
     ))
     .keep_alive(
         KeepAlive::new()
@@ -388,7 +486,11 @@ mod tests {
             pos,
             filter,
             Duration::ZERO,
-            None,
+            Opened {
+                slot: None,
+                still_allowed: None,
+                reset: None,
+            },
         )
     }
 
@@ -520,7 +622,11 @@ mod tests {
                     0,
                     EventFilter::default(),
                     Duration::from_millis(300),
-                    None,
+                    Opened {
+                        slot: None,
+                        still_allowed: None,
+                        reset: None,
+                    },
                 )
             })
             .collect();

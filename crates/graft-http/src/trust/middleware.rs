@@ -200,7 +200,10 @@ pub(crate) fn authenticate(
     result
 }
 
-fn credentials(trust: &Trust, headers: &HeaderMap) -> Result<Caller, ApiError> {
+/// Who the credentials of `headers` stand for now, without touching the
+/// rate limit: for a long-lived answer (an event stream) that checks again
+/// that its token was not revoked and its session did not end.
+pub(crate) fn credentials(trust: &Trust, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let mut auths = headers.get_all(header::AUTHORIZATION).iter();
     let first = auths.next();
     if auths.next().is_some() {

@@ -19,6 +19,10 @@ pub(super) struct Bucket {
     pub(super) seqs: VecDeque<u64>,
     /// The newest sequence number dropped from this bucket (0: none).
     pub(super) pruned_through: u64,
+    /// Events of each kind made readable in this bucket since the log was
+    /// opened (restored ones included), pruned or not: what counters read,
+    /// so a burst that outruns a reader is still counted.
+    pub(super) counts: HashMap<String, u64>,
 }
 
 pub(super) struct LogState {
@@ -77,6 +81,12 @@ impl LogState {
     pub(super) fn insert(&mut self, e: NodeEvent, max: usize) {
         let bucket = self.buckets.entry(e.sandbox.clone()).or_default();
         bucket.seqs.push_back(e.seq);
+        match bucket.counts.get_mut(&e.kind) {
+            Some(n) => *n += 1,
+            None => {
+                bucket.counts.insert(e.kind.clone(), 1);
+            }
+        }
         let mut dropped = Vec::new();
         while bucket.seqs.len() > max {
             if let Some(old) = bucket.seqs.pop_front() {

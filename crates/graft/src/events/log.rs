@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::buckets::LogState;
 use super::pump::{pump, PumpMsg};
-use super::{EventFilter, EventGap, EventPage, NodeEvent, MAX_DELETED_KEPT, MAX_SCAN};
+use super::{EventCount, EventFilter, EventGap, EventPage, NodeEvent, MAX_DELETED_KEPT, MAX_SCAN};
 use crate::store::{NewEvent, Store, StoreError, WriteOp};
 
 /// The node's event log (see the module docs).
@@ -436,6 +436,27 @@ impl EventLog {
             }
         }
         dropped
+    }
+
+    /// Events of each kind per sandbox made readable since the log was
+    /// opened (see [`EventCount`]); deleted sandboxes and node-wide events
+    /// (no sandbox) are left out.
+    pub fn counts(&self) -> Vec<EventCount> {
+        let st = self.state.lock();
+        let mut out = Vec::new();
+        for (sandbox, bucket) in &st.buckets {
+            if sandbox.is_empty() || st.deleted.contains(sandbox) {
+                continue;
+            }
+            for (kind, &count) in &bucket.counts {
+                out.push(EventCount {
+                    sandbox: sandbox.clone(),
+                    kind: kind.clone(),
+                    count,
+                });
+            }
+        }
+        out
     }
 
     /// Marks `sandbox` live again (a sandbox re-created with the same id

@@ -135,6 +135,23 @@ impl EventFilter {
 /// at once. A reader resumes after [`EventPage::through`].
 pub const MAX_SCAN: usize = 4_096;
 
+/// How many events of one kind a sandbox has logged since the node opened
+/// its log (the kept events it restored from its data dir included), also
+/// those pruned since: what a counter (Prometheus' `graft_reloads_total`,
+/// `graft_process_crashes_total`) reads, so that a burst of events that
+/// outruns the log's retention is still counted. See
+/// [`Node::event_counts`](crate::Node::event_counts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct EventCount {
+    /// The sandbox.
+    pub sandbox: String,
+    /// The event kind (`reload`, `crash`, …).
+    pub kind: String,
+    /// Events of that kind.
+    pub count: u64,
+}
+
 /// Events after a point, and whether some were dropped before they were read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EventPage {

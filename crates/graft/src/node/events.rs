@@ -32,6 +32,24 @@ impl Node {
         self.inner.events.read(after, filter, limit)
     }
 
+    /// How many events of each kind each live sandbox has logged since the
+    /// node opened its event log, pruned ones included (see
+    /// [`EventCount`](crate::EventCount)): for counters that must not miss
+    /// a burst that outran the log's retention.
+    ///
+    /// ```
+    /// use graft::{Node, SandboxSpec};
+    /// let node = Node::new();
+    /// graft::block_on(node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))).unwrap();
+    /// let created = node.event_counts().into_iter()
+    ///     .find(|c| c.sandbox == "ev" && c.kind == "sandbox_created")
+    ///     .map(|c| c.count);
+    /// assert_eq!(created, Some(1));
+    /// ```
+    pub fn event_counts(&self) -> Vec<crate::EventCount> {
+        self.inner.events.counts()
+    }
+
     /// The highest event number readers can see, updated whenever it moves:
     /// wait on it, then read with [`events_after`](Self::events_after).
     /// Every event at or below it is readable (and durable, with a store).
