@@ -1361,16 +1361,61 @@ fn events_lists_and_follows_and_metrics_bind_serves_metrics() {
     let _ = follower.kill();
     let _ = follower.wait();
     // The scrape-only listener serves the metrics and nothing else.
-    let (status, text) = http_port(&node, metrics_port, "GET", "/metrics", "");
+    let (status, scraped) = http_port(&node, metrics_port, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(
-        text.contains("graft_reloads_total{sandbox=\"ev\",result=\"reload\"} 1"),
-        "{text}"
+        scraped.contains("graft_reloads_total{sandbox=\"ev\",result=\"reload\"} 1"),
+        "{scraped}"
     );
     let (status, _) = http_port(&node, metrics_port, "GET", "/api/v1/sandboxes", "");
     assert_eq!(status, 404);
     // Hostile: a bad kind is refused with the API's message, exit 1.
     let err = node.fails(&["events", "--kind", "NOT A KIND"]);
     assert!(err.contains("kind"), "{err}");
+    // A follower whose token is revoked stops (its stream ends, the
+    // reconnect is refused) with exit 1, instead of retrying forever.
+    let out = node.client(&["token", "create", "--role", "viewer", "--label", "follower"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let viewer = text(&out.stdout).trim().to_owned();
+    let mut follower = graft()
+        .args([
+            "events",
+            "--follow",
+            "--url",
+            &node.url(),
+            "--token",
+            &viewer,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let said = Arc::new(Mutex::new(String::new()));
+    collect(follower.stderr.take().unwrap(), said.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let list = node.ok(&["token", "list"]);
+    let id = list
+        .lines()
+        .find(|l| l.contains("follower"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert!(node.ok(&["token", "revoke", &id]).contains("revoked"));
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked follower still runs: {}",
+            said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(100));
+    let said = said.lock().unwrap().clone();
+    assert!(said.contains("401"), "{said}");
     node.interrupt();
 }

@@ -17,6 +17,18 @@ use serde_json::{json, Value};
 use super::{deepest_cause, seg, Client, DEFAULT_WAIT};
 use crate::render;
 
+/// A refusal of the stream that asking again cannot change (401, 403, 400).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 impl Client {
     /// `graft events`: the node's recent events (`GET /events`), then with
     /// `follow` every new one as it happens (`GET /events/stream`, resuming
@@ -56,6 +68,9 @@ impl Client {
         loop {
             match self.follow_once(&query, &mut last).await {
                 Ok(()) => {}
+                // Asking again cannot help (a revoked token, a malformed
+                // query): say why and stop.
+                Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
                 Err(e) => eprintln!("graft: event stream interrupted ({e}); reconnecting …"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -85,17 +100,23 @@ impl Client {
                 deepest_cause(&e)
             )
         })?;
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if !status.is_success() {
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            bail!(
-                "the node refused the stream: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-            );
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+            // Too many streams (429) or a node busy restarting (5xx) may
+            // pass; a refusal of this caller or this query will not.
+            if status.is_client_error() && status.as_u16() != 429 && status.as_u16() != 408 {
+                return Err(
+                    Refused(format!("the node refused the stream ({status}): {text}")).into(),
+                );
+            }
+            bail!("the node refused the stream: {text}");
         }
         let mut body = resp.into_body();
         let mut buf = String::new();

@@ -278,7 +278,9 @@ fn shared_dag_host_function_argument_is_value_too_large() {
     )
     .expect("victim");
     answer(sb.spawn("hosted", json!(null), Some("h"))).expect("hosted");
-    let r = answer(sb.call("h", json!("dag"), None)).expect("the guest gets nil, err");
+    // A long call timeout: the DAG is big, and the suite runs in parallel on
+    // two cores (the default 5 s was passed under that load).
+    let r = answer(sb.call("h", json!("dag"), Some(60_000))).expect("the guest gets nil, err");
     let err = r["err"].as_str().expect("error text");
     assert!(
         err.starts_with(&format!(
