@@ -520,6 +520,9 @@ async fn the_stream_refuses_hostile_queries() {
         "/api/v1/events/stream?pid=1",
         "/api/v1/events/stream?tail=100000000",
         "/api/v1/events/stream?kind=%ZZ",
+        "/api/v1/events/stream?after=1&after=2",
+        "/api/v1/events/stream?sandbox=a&sandbox=b",
+        "/api/v1/events/stream?tail=1&tail=2",
     ] {
         let resp = api.get(uri).await;
         assert_eq!(resp.0.as_u16(), 400, "{uri}: {}", resp.1);
@@ -531,6 +534,13 @@ async fn the_stream_refuses_hostile_queries() {
         .unwrap();
     let resp = api.as_admin().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let req = Request::get("/api/v1/events/stream")
+        .header("last-event-id", "1")
+        .header("last-event-id", "2")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.as_admin().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "two Last-Event-IDs");
     let (s, _) = api
         .raw(Method::POST, "/api/v1/events/stream", Vec::new())
         .await;

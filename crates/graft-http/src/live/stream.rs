@@ -68,9 +68,21 @@ pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError>
             )
         })
     };
+    // `kind` may repeat (its values add up); a second `after`, `tail` or
+    // `sandbox` is refused, not silently resolved one way or the other.
+    let mut seen: Vec<&str> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v)?;
+        if matches!(k, "after" | "tail" | "sandbox") {
+            if seen.contains(&k) {
+                return Err(ApiError::bad_request(
+                    "bad_request",
+                    format!("`{k}` is given twice; give it once"),
+                ));
+            }
+            seen.push(k);
+        }
         match k {
             "after" => start.after = Some(number("after", &v)?),
             "tail" => {
@@ -120,7 +132,14 @@ pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError>
             }
         }
     }
-    if let Some(h) = headers.get("last-event-id") {
+    let mut ids = headers.get_all("last-event-id").iter();
+    if let Some(h) = ids.next() {
+        if ids.next().is_some() {
+            return Err(ApiError::bad_request(
+                "bad_request",
+                "Last-Event-ID is given twice; send one",
+            ));
+        }
         let v = h.to_str().unwrap_or("");
         start.after = Some(number("Last-Event-ID", v.trim())?);
     }
