@@ -36,6 +36,11 @@ pub trait EventSource: Send + Sync + 'static {
     fn events_after(&self, after: u64, filter: &EventFilter, limit: usize) -> EventPage;
     /// The highest readable `seq`, updated as events arrive.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// The highest readable `seq` now, never below one a read returned
+    /// (a source whose watch value may lag its reads overrides this).
+    fn newest(&self) -> u64 {
+        *self.subscribe().borrow()
+    }
 }
 
 /// The feed's ring and the per-sandbox read positions.
@@ -161,9 +166,9 @@ impl Relay {
     }
 
     /// The inner source's highest readable `seq` now (the relayed value
-    /// may lag it by a wake-up).
+    /// may lag it by a wake-up, the inner watch by a lock release).
     pub fn head(&self) -> u64 {
-        *self.inner.subscribe().borrow()
+        self.inner.newest()
     }
 
     /// The relay task: passes every change of the inner source on until the
@@ -198,6 +203,10 @@ impl EventSource for Relay {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.tx.subscribe()
     }
+
+    fn newest(&self) -> u64 {
+        self.head()
+    }
 }
 
 /// The node's own event log.
@@ -208,6 +217,10 @@ impl EventSource for Node {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.subscribe_events()
+    }
+
+    fn newest(&self) -> u64 {
+        self.newest_event_seq()
     }
 }
 

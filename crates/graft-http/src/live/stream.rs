@@ -346,13 +346,17 @@ pub(crate) fn frames(
             let page = c.source.events_after(c.pos, &c.filter, PAGE);
             // Frames go out in seq order: events still kept at or below the
             // gap's end (another sandbox's, pruned less) come before it.
-            let up_to = page.gap.map_or(0, |g| g.up_to);
+            // When the page ends before the gap does (more kept events
+            // there than a page holds), the gap waits: the next read, from
+            // the page's end, reports it again with the rest.
+            let gap = page.gap.filter(|g| page.through >= g.up_to);
+            let up_to = gap.map_or(0, |g| g.up_to);
             let (before, after): (Vec<_>, Vec<_>) =
                 page.events.iter().partition(|e| e.seq <= up_to);
             for e in before {
                 c.ready.push_back(Ready::Event(e.seq, c.cache.json(e)));
             }
-            if let Some(gap) = page.gap {
+            if let Some(gap) = gap {
                 c.ready.push_back(Ready::Gap(gap));
                 c.pos = c.pos.max(gap.up_to);
             }

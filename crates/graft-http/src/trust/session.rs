@@ -33,7 +33,10 @@ pub const COOKIE: &str = "graft_session";
 
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
-    token_id: String,
+    /// Its token's hash: the session is looked up on every request and by
+    /// every open event stream's re-check, so by a key, not by a scan of
+    /// the token table.
+    token_hash: [u8; 32],
     expires_ms: f64,
 }
 
@@ -84,11 +87,11 @@ impl Trust {
             }
             s
         };
-        let token = self.token_by_id(&session.token_id)?;
+        let token = self.token_for_hash(&session.token_hash)?;
         caller_of(&token, Some(session.expires_ms))
     }
 
-    fn open_session(&self, token_id: &str) -> Result<(String, f64), getrandom::Error> {
+    fn open_session(&self, token_hash: [u8; 32]) -> Result<(String, f64), getrandom::Error> {
         let secret = random_hex(SECRET_HEX / 2)?;
         let expires_ms = now_ms() + self.config.session_ttl.as_secs_f64() * 1000.0;
         let mut sessions = self.sessions.lock();
@@ -109,7 +112,7 @@ impl Trust {
         sessions.by_hash.insert(
             hash_secret(&secret),
             Session {
-                token_id: token_id.to_owned(),
+                token_hash,
                 expires_ms,
             },
         );
@@ -152,7 +155,7 @@ pub(crate) async fn create(
         ));
     };
     let (secret, _) = trust
-        .open_session(&caller.token_id)
+        .open_session(hash_secret(&body.token))
         .map_err(|e| ApiError::internal(format!("the OS gave no randomness: {e}")))?;
     let cookie = trust
         .cookie(&secret, trust.config.session_ttl.as_secs())

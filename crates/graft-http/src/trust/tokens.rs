@@ -263,15 +263,6 @@ impl Trust {
         Some(found.clone())
     }
 
-    /// The live token with this id (for sessions, which remember the id).
-    pub(crate) fn token_by_id(&self, id: &str) -> Option<Arc<TokenRecord>> {
-        self.tokens
-            .read()
-            .values()
-            .find(|t| t.id == id && t.revoked_ms.is_none())
-            .cloned()
-    }
-
     /// The caller a well-formed token secret stands for, if it is live.
     pub(crate) fn caller_for_token(&self, secret: &str) -> Option<Caller> {
         if !well_formed_token(secret) {

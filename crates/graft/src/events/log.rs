@@ -285,8 +285,9 @@ impl EventLog {
         self.settled_tx.send_if_modified(raise(settled));
     }
 
-    /// The highest number readers may see.
-    #[cfg(test)]
+    /// The highest number readers may see, read under the lock: never below
+    /// a number a read has returned (the watch channel is raised after the
+    /// lock is released, so its value may lag this).
     pub fn visible(&self) -> u64 {
         self.state.lock().visible
     }
@@ -401,6 +402,11 @@ impl EventLog {
     /// [`MAX_DELETED_KEPT`] later deletions.
     pub fn sandbox_deleted(&self, sandbox: &str) {
         let mut st = self.state.lock();
+        // A sandbox created again with this id counts from zero (its kept
+        // events stay readable in the bucket it continues).
+        if let Some(bucket) = st.buckets.get_mut(sandbox) {
+            bucket.counts.clear();
+        }
         st.deleted.retain(|s| s != sandbox);
         st.deleted.push_back(sandbox.to_owned());
         while st.deleted.len() > MAX_DELETED_KEPT {

@@ -50,6 +50,24 @@ impl Node {
         self.inner.events.counts()
     }
 
+    /// The highest event number readable now. Never below a `seq` or a
+    /// page's `through` that a read has already returned, which
+    /// [`subscribe_events`](Self::subscribe_events)' value may briefly be
+    /// (it is raised just after the log's lock is let go): compare a
+    /// reader's position with this to tell whether it is past the newest
+    /// event.
+    ///
+    /// ```
+    /// use graft::{EventFilter, Node, SandboxSpec};
+    /// let node = Node::new();
+    /// graft::block_on(node.create_sandbox(SandboxSpec::new("ev").entry(None).module("m", "return {}"))).unwrap();
+    /// let page = node.events_after(0, &EventFilter::default(), 100);
+    /// assert!(node.newest_event_seq() >= page.through);
+    /// ```
+    pub fn newest_event_seq(&self) -> u64 {
+        self.inner.events.visible()
+    }
+
     /// The highest event number readers can see, updated whenever it moves:
     /// wait on it, then read with [`events_after`](Self::events_after).
     /// Every event at or below it is readable (and durable, with a store).
