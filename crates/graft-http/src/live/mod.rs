@@ -15,6 +15,7 @@
 pub mod dashboard;
 pub mod feed;
 pub mod metrics;
+mod query;
 pub mod slots;
 pub mod stream;
 pub mod tree;
