@@ -285,3 +285,76 @@ fn the_visible_watermark_never_goes_back_when_threads_log_at_once() {
     assert!(watcher.join().expect("no step back") > 0);
     assert_eq!(*log.subscribe().borrow(), 20_000);
 }
+
+/// A real store that refuses every write (another connection holds the
+/// database's write lock, as a backup or the `sqlite3` shell can): events
+/// wait unseen, at most [`MAX_UNWRITTEN`] of them; the oldest beyond are
+/// dropped, and once the store takes writes again readers see the rest
+/// and a gap for the dropped ones, in memory and on disk alike.
+#[test]
+fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
+    let dir = std::env::temp_dir().join(format!("graft-events-unwritten-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("node.db");
+    let mut opts = crate::store::StoreOptions::default();
+    opts.busy_timeout = std::time::Duration::from_millis(20);
+    opts.max_events_per_sandbox = 100_000;
+    let store = Arc::new(Store::open_with(&path, opts).expect("open"));
+    let log = EventLog::durable(100_000, store.clone()).expect("log");
+    let blocker = rusqlite::Connection::open(&path).expect("second connection");
+    blocker
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+    let total = (MAX_UNWRITTEN + 3_000) as u64;
+    for i in 0..total {
+        log.append("a", "tick", Json::from(i));
+    }
+    // Nothing is shown while the store refuses.
+    assert!(log.read(0, &EventFilter::default(), 10).events.is_empty());
+    // Let the pump fail with the whole backlog at least once (its backoff
+    // is at most RETRY_MAX), then give the store back.
+    std::thread::sleep(RETRY_MAX * 2 + std::time::Duration::from_millis(500));
+    blocker.execute_batch("COMMIT").expect("release the lock");
+    drop(blocker);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let dropped = total - MAX_UNWRITTEN as u64;
+    loop {
+        let page = log.read(0, &EventFilter::default(), 1);
+        if page.events.first().is_some_and(|e| e.seq > 0)
+            && log.read(total - 1, &EventFilter::default(), 1).events.len() == 1
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting events were never shown"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let page = log.read(0, &EventFilter::default(), MAX_UNWRITTEN + 10);
+    assert_eq!(
+        page.gap,
+        Some(EventGap {
+            after: 0,
+            up_to: dropped
+        })
+    );
+    assert_eq!(page.events.len(), MAX_UNWRITTEN);
+    assert_eq!(page.events.first().map(|e| e.seq), Some(dropped + 1));
+    assert_eq!(page.events.last().map(|e| e.seq), Some(total));
+    // On disk: the same events, none of the dropped ones.
+    let stored = store.events_since(0, None, usize::MAX).expect("read back");
+    assert_eq!(stored.len(), MAX_UNWRITTEN);
+    assert_eq!(stored.first().map(|r| r.seq), Some(dropped + 1));
+    // And the log goes on: a new event is written and shown.
+    log.append("a", "after", Json::Null);
+    crate::block_on(log.settle());
+    assert_eq!(
+        kinds(&log.read(total, &EventFilter::default(), 10)),
+        vec![(total + 1, "after")]
+    );
+    log.close();
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
