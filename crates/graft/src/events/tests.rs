@@ -297,9 +297,11 @@ fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("node.db");
-    let mut opts = crate::store::StoreOptions::default();
-    opts.busy_timeout = std::time::Duration::from_millis(20);
-    opts.max_events_per_sandbox = 100_000;
+    let opts = crate::store::StoreOptions {
+        busy_timeout: std::time::Duration::from_millis(20),
+        max_events_per_sandbox: 100_000,
+        ..Default::default()
+    };
     let store = Arc::new(Store::open_with(&path, opts).expect("open"));
     let log = EventLog::durable(100_000, store.clone()).expect("log");
     let blocker = rusqlite::Connection::open(&path).expect("second connection");
