@@ -523,6 +523,8 @@ async fn the_stream_refuses_hostile_queries() {
         "/api/v1/events/stream?after=1&after=2",
         "/api/v1/events/stream?sandbox=a&sandbox=b",
         "/api/v1/events/stream?tail=1&tail=2",
+        "/api/v1/events/stream?kind=",
+        "/api/v1/events/stream?kind=,,",
     ] {
         let resp = api.get(uri).await;
         assert_eq!(resp.0.as_u16(), 400, "{uri}: {}", resp.1);

@@ -76,6 +76,14 @@ pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError>
                 start.filter_sandbox = Some(v);
             }
             "kind" => {
+                if v.split(',').all(str::is_empty) {
+                    // `kind=` would otherwise mean every kind: the opposite
+                    // of a filter, and most likely a client's bug.
+                    return Err(ApiError::bad_request(
+                        "bad_request",
+                        "`kind=` names no kind; leave it out for every kind",
+                    ));
+                }
                 for kind in v.split(',').filter(|k| !k.is_empty()) {
                     let ok = kind.len() <= MAX_KIND_BYTES
                         && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
