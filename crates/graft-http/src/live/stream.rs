@@ -112,6 +112,17 @@ fn reset_json(after: u64) -> serde_json::Value {
     json!({ "after": after, "up_to": 0, "reset": true })
 }
 
+/// Where a reader at `pos` reads from, and `Some(pos)` when that position
+/// is past `head` (the log's newest event, read under its lock): it is
+/// from another log, and this one is read from its start.
+fn resume_at(pos: u64, head: u64) -> (u64, Option<u64>) {
+    if pos > head {
+        (0, Some(pos))
+    } else {
+        (pos, None)
+    }
+}
+
 /// Checks that the stream's caller may still read (its token was not
 /// revoked, its session did not end); see [`RECHECK`].
 pub(crate) type StillAllowed = Box<dyn Fn() -> bool + Send + Sync>;
@@ -276,8 +287,8 @@ pub(crate) async fn page(
     let limit = limit.min(MAX_PAGE);
     // A position past the newest event is from another log (see
     // `Ready::Reset`): say so and read this log from its start.
-    let reset = (pos > head).then_some(pos);
-    let page = source.events_after(if reset.is_some() { 0 } else { pos }, &filter, limit);
+    let (from, reset) = resume_at(pos, head);
+    let page = source.events_after(from, &filter, limit);
     let gap = match reset {
         Some(after) => reset_json(after),
         None => json!(page.gap),
@@ -313,7 +324,7 @@ pub(crate) async fn stream(
     let mut filter = EventFilter::default();
     filter.sandbox = start.filter_sandbox;
     filter.kinds = start.kinds;
-    let reset = (pos > head).then_some(pos);
+    let (from, reset) = resume_at(pos, head);
     // The credentials that opened the stream are checked again while it
     // runs (a request without any passed no authentication to check).
     let has_credentials = headers.contains_key(axum::http::header::AUTHORIZATION)
@@ -330,7 +341,7 @@ pub(crate) async fn stream(
     let sse = Sse::new(frames(
         source,
         live.frame_cache(),
-        if reset.is_some() { 0 } else { pos },
+        from,
         filter,
         live.batch_window(),
         opened,
