@@ -17,14 +17,14 @@ use mlua::{Lua, RegistryKey, Table, Value};
 use serde_json::Value as Json;
 
 use super::process::{Job, Run};
-use super::{kernel, AppStatus, Kernel};
+use super::{AppStatus, Kernel, KernelHandle};
 use crate::error::Error;
 use crate::value::{ExitReason, VmPid};
 
 /// Processes queued exits until none is left.
-pub(crate) fn drain_exits(lua: &Lua) {
+pub(crate) fn drain_exits(lua: &Lua, kh: &KernelHandle) {
     let collect = {
-        let mut k = kernel(lua);
+        let mut k = kh.borrow();
         while let Some((serial, reason, run_terminate)) = k.exits.pop_front() {
             k.begin_exit(lua, serial, reason, run_terminate);
         }

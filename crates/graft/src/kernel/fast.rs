@@ -25,7 +25,7 @@ use std::ffi::c_int;
 use mlua::ffi;
 use mlua::Lua;
 
-use super::{Kernel, DEFAULT_CALL_TIMEOUT_MS};
+use super::{Kernel, KernelHandle, DEFAULT_CALL_TIMEOUT_MS};
 use crate::value::VmPid;
 
 /// Runs `f` on the kernel behind a panic barrier: these functions are called
@@ -46,7 +46,8 @@ unsafe fn with_kernel<R>(
         // SAFETY: per this function's contract, `state` belongs to a live
         // mlua VM, which is what `get_or_init_from_ptr` requires.
         let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-        let mut k = lua.try_app_data_mut::<Kernel>().ok()??;
+        let handle = lua.app_data_ref::<KernelHandle>()?.clone();
+        let mut k = handle.try_borrow()?;
         Some(f(&mut k))
     }));
     match ran {
@@ -55,8 +56,10 @@ unsafe fn with_kernel<R>(
             let parked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: as above.
                 let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-                if let Ok(Some(mut k)) = lua.try_app_data_mut::<Kernel>() {
-                    k.internal_error = Some(crate::vm::panic_text(&*payload));
+                if let Some(handle) = lua.app_data_ref::<KernelHandle>().map(|h| h.clone()) {
+                    if let Some(mut k) = handle.try_borrow() {
+                        k.internal_error = Some(crate::vm::panic_text(&*payload));
+                    }
                 }
             }));
             // Nowhere left to report it: never unwind into C.

@@ -20,9 +20,10 @@
 //! keeping them apart is what lets every sibling import in one direction.
 //!
 //! Invariants:
-//! * The kernel lives in the VM's app data; Rust borrows it ([`kernel`]) only
-//!   for stretches that never run Luau code (creating values is fine), so
-//!   natives can borrow it too. Functions that run Luau code (resuming a
+//! * The kernel lives in the VM's app data behind a [`KernelHandle`]; Rust
+//!   borrows it ([`kernel`], or a handle taken once per slice on the hot
+//!   path) only for stretches that never run Luau code (creating values is
+//!   fine), so natives can borrow it too. Functions that run Luau code (resuming a
 //!   worker, the prelude's `failure_of`, a collection) take the `Lua` and
 //!   borrow the kernel in scoped steps around it.
 //! * At most one callback per process is on the VM stack or suspended: a
@@ -52,7 +53,7 @@ mod watch;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use mlua::{AppDataRefMut, Function, Lua, RegistryKey, Table, Thread, Value};
+use mlua::{Function, Lua, RegistryKey, Table, Thread, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -237,12 +238,76 @@ impl TestClock {
     }
 }
 
-/// The kernel of the sandbox whose VM `lua` is. Panics if it is borrowed
-/// already: every borrow is short and never spans Luau code (see the module
-/// invariants), so that is a bug in the kernel, not something a guest can do.
-pub(crate) fn kernel(lua: &Lua) -> AppDataRefMut<'_, Kernel> {
-    lua.app_data_mut::<Kernel>()
+/// Where a VM's kernel lives: in the VM's app data (so natives, which get
+/// only the `Lua`, find it) and in the hands of whoever drives the VM (the
+/// runtime, a slice), who borrow it without the app data's lookup.
+///
+/// A mutex only for its cheap, checked exclusive borrow: a VM is driven by
+/// one thread at a time, so it is never contended, and a second borrow on
+/// the same thread is a bug that [`KernelHandle::borrow`] reports by
+/// panicking (as a `RefCell` would), never a deadlock.
+#[derive(Clone)]
+pub(crate) struct KernelHandle(Arc<parking_lot::Mutex<Kernel>>);
+
+/// A borrow of the kernel through a [`KernelHandle`] held elsewhere.
+pub(crate) type KernelRef<'a> = parking_lot::MutexGuard<'a, Kernel>;
+
+/// A borrow of the kernel that keeps its own handle (what [`kernel`] gives).
+pub(crate) type KernelGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, Kernel>;
+
+impl KernelHandle {
+    fn new(kernel: Kernel) -> KernelHandle {
+        KernelHandle(Arc::new(parking_lot::Mutex::new(kernel)))
+    }
+
+    /// Borrows the kernel. Panics if it is borrowed already: every borrow is
+    /// short and never spans Luau code (see the module invariants), so that
+    /// is a bug in the kernel, not something a guest can do.
+    #[inline]
+    #[track_caller]
+    pub fn borrow(&self) -> KernelRef<'_> {
+        match self.0.try_lock() {
+            Some(k) => k,
+            None => borrowed_twice(),
+        }
+    }
+
+    /// Borrows the kernel unless it is borrowed already.
+    #[inline]
+    pub fn try_borrow(&self) -> Option<KernelRef<'_>> {
+        self.0.try_lock()
+    }
+
+    /// Like [`KernelHandle::borrow`], for a borrow that outlives `self`.
+    #[track_caller]
+    fn borrow_owned(&self) -> KernelGuard {
+        match self.0.try_lock_arc() {
+            Some(k) => k,
+            None => borrowed_twice(),
+        }
+    }
+}
+
+#[cold]
+#[track_caller]
+fn borrowed_twice() -> ! {
+    panic!("the sandbox kernel is borrowed twice")
+}
+
+/// The handle on the kernel of the sandbox whose VM `lua` is: one app-data
+/// lookup, for callers that borrow it several times.
+pub(crate) fn kernel_handle(lua: &Lua) -> KernelHandle {
+    lua.app_data_ref::<KernelHandle>()
         .expect("sandbox kernel missing")
+        .clone()
+}
+
+/// The kernel of the sandbox whose VM `lua` is. Panics if it is borrowed
+/// already (see [`KernelCell::borrow`]). On hot paths, borrow through a
+/// [`KernelHandle`] taken once instead.
+#[track_caller]
+pub(crate) fn kernel(lua: &Lua) -> KernelGuard {
+    kernel_handle(lua).borrow_owned()
 }
 
 impl Kernel {
@@ -589,7 +654,7 @@ pub(crate) fn new_vm(
         test_clock: None,
         coverage_chunks: Vec::new(),
     };
-    vm.lua.set_app_data(k);
+    vm.lua.set_app_data(KernelHandle::new(k));
     watch::install_interrupt(&vm.lua);
     // Guest code may allocate up to the limit; the kernel's own bookkeeping
     // (EXIT messages, host values) has headroom so it never fails half-way.

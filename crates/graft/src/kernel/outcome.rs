@@ -13,7 +13,7 @@ use mlua::{Lua, Thread, Value};
 
 use super::exit::{eval_error, raise_site};
 use super::process::{Job, Run};
-use super::{kernel, truncate_reason, Kernel};
+use super::{truncate_reason, Kernel, KernelHandle};
 use crate::error::Error;
 use crate::value::ExitReason;
 use crate::vm::Fault;
@@ -31,8 +31,8 @@ pub(super) enum Outcome {
 }
 
 /// Acts on a job's outcome: routes replies, handles crashes and exits.
-pub(super) fn finish_job(lua: &Lua, serial: u64, outcome: Outcome) {
-    kernel(lua).finish_job(lua, serial, outcome);
+pub(super) fn finish_job(lua: &Lua, kh: &KernelHandle, serial: u64, outcome: Outcome) {
+    kh.borrow().finish_job(lua, serial, outcome);
 }
 
 impl Kernel {

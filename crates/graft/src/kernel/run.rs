@@ -19,43 +19,43 @@ use super::exit::drain_exits;
 use super::outcome::{classify_error, classify_failure, finish_job, Outcome};
 use super::process::{Job, Run, Waiter};
 use super::timers::fire_timers;
-use super::{guest_memory, kernel, kernel_memory, Kernel, POOL_MAX, SLICE_MS};
+use super::{guest_memory, kernel, kernel_memory, Kernel, KernelHandle, POOL_MAX, SLICE_MS};
 use crate::clock;
 use crate::value::ExitReason;
 use crate::vm::{self, MARK_AWAIT, MARK_DONE};
 
 /// Runs the sandbox until it has no runnable process or its slice ends.
-/// Returns whether work remains.
-pub(crate) fn run_slice(lua: &Lua) -> bool {
+/// Returns whether work remains. `kh`: the handle on `lua`'s kernel.
+pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
     let started = clock::coarse_ms();
-    // 0: the scheduler asked for this slice to end early (see
-    // `Watch::end_slice_at`) before it began; keep that request.
-    let _ = kernel(lua).watch.slice_end.compare_exchange(
-        u64::MAX,
-        started + SLICE_MS,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    kernel(lua)
-        .watch
-        .cannot_yield
-        .store(false, Ordering::Relaxed);
-    fire_timers(lua);
-    drain_exits(lua);
+    {
+        let k = kh.borrow();
+        // 0: the scheduler asked for this slice to end early (see
+        // `Watch::end_slice_at`) before it began; keep that request.
+        let _ = k.watch.slice_end.compare_exchange(
+            u64::MAX,
+            started + SLICE_MS,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+    }
+    fire_timers(lua, kh);
+    drain_exits(lua, kh);
     let mut budget = 10_000u32;
     loop {
-        let next = kernel(lua).ready.pop_front();
+        let next = kh.borrow().ready.pop_front();
         let Some(serial) = next else { break };
-        run_process(lua, serial);
-        drain_exits(lua);
+        run_process(lua, kh, serial);
+        drain_exits(lua, kh);
         budget -= 1;
-        let slice_end = kernel(lua).watch.slice_end.load(Ordering::Relaxed);
+        let slice_end = kh.borrow().watch.slice_end.load(Ordering::Relaxed);
         if budget == 0 || clock::coarse_ms() >= slice_end.min(started + SLICE_MS) {
             break;
         }
     }
     lua.expire_registry_values();
-    let k = kernel(lua);
+    let k = kh.borrow();
     k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
     // The slice is over: the watchdog must not judge what runs next in this
     // sandbox (reloads, the canary check) by this slice's flag.
@@ -74,14 +74,14 @@ enum Stretch {
 }
 
 /// Runs (or resumes) the next piece of work of one process.
-pub(crate) fn run_process(lua: &Lua, serial: u64) {
-    let stretch = kernel(lua).next_stretch(lua, serial);
+pub(crate) fn run_process(lua: &Lua, kh: &KernelHandle, serial: u64) {
+    let stretch = kh.borrow().next_stretch(lua, serial);
     let outcome = match stretch {
-        Stretch::Run(thread, args) => resume(lua, serial, &thread, args),
+        Stretch::Run(thread, args) => resume(lua, kh, serial, &thread, args),
         Stretch::Fail(reason) => Outcome::Failed(reason),
         Stretch::Nothing => return,
     };
-    finish_job(lua, serial, outcome);
+    finish_job(lua, kh, serial, outcome);
 }
 
 /// The failure of a job that could not start.
@@ -284,11 +284,11 @@ fn job_args(lua: &Lua, module: Option<Value>, job: &Job) -> Result<[Value; 4], S
 }
 
 /// Resumes a worker thread for `serial` with the interrupt armed.
-fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
-    let (used, depth, nested_depth) = kernel(lua).enter_stretch(serial);
-    let (limits, watch) = {
-        let k = kernel(lua);
-        (k.limits.clone(), k.watch.clone())
+fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
+    let (used, depth, nested_depth, limits, watch) = {
+        let mut k = kh.borrow();
+        let (used, depth, nested_depth) = k.enter_stretch(serial);
+        (used, depth, nested_depth, k.limits.clone(), k.watch.clone())
     };
     let start = clock::coarse_ms();
     let deadline = start + limits.handler_ms.saturating_sub(used as u64);
@@ -302,9 +302,13 @@ fn resume(lua: &Lua, serial: u64, thread: &Thread, args: MultiValue) -> Outcome 
     if enclosing.thread == 0 {
         kernel_memory(lua, &limits);
     }
-    kernel(lua).leave_stretch(lua, serial, start, (depth, nested_depth));
-    let outcome = match result {
-        Ok(values) => kernel(lua).yielded(thread, values, timed_out),
+    let yielded = {
+        let mut k = kh.borrow();
+        k.leave_stretch(lua, serial, start, (depth, nested_depth));
+        result.map(|values| k.yielded(thread, values, timed_out))
+    };
+    let outcome = match yielded {
+        Ok(outcome) => outcome,
         Err(e) => Outcome::Failed(raised(lua, thread, &e, timed_out)),
     };
     if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {

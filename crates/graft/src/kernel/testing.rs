@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{AppDataRefMut, Lua};
+use mlua::Lua;
 use serde_json::Value as Json;
 use tokio::sync::oneshot;
 
-use super::{kernel, kernel_memory, new_vm, run_slice, HostSlot, Job, Kernel, Waiter, WatchScope};
+use super::{
+    kernel, kernel_handle, kernel_memory, new_vm, run_slice, HostSlot, Job, KernelGuard, Waiter,
+    WatchScope,
+};
 use crate::clock;
 use crate::config::{Limits, NodeLimits};
 use crate::error::Error;
@@ -106,7 +109,7 @@ impl TestKernel {
         &self.vm.lua
     }
 
-    pub fn k(&self) -> AppDataRefMut<'_, Kernel> {
+    pub fn k(&self) -> KernelGuard {
         kernel(&self.vm.lua)
     }
 
@@ -115,7 +118,7 @@ impl TestKernel {
     pub fn settle(&self) {
         let _scope = WatchScope::enter(self.lua());
         for _ in 0..10_000 {
-            if !run_slice(self.lua()) {
+            if !run_slice(self.lua(), &kernel_handle(self.lua())) {
                 return;
             }
         }

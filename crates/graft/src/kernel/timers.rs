@@ -16,7 +16,7 @@ use std::sync::Arc;
 use mlua::{Lua, RegistryKey, Value};
 
 use super::process::{HostSlot, Job};
-use super::{kernel, Kernel, SerialMap, Target};
+use super::{Kernel, KernelHandle, SerialMap, Target};
 use crate::error::Error;
 use crate::value::ExitReason;
 
@@ -215,8 +215,8 @@ impl Kernel {
 }
 
 /// Fires every timer that is due.
-pub(crate) fn fire_timers(lua: &Lua) {
-    let mut k = kernel(lua);
+pub(crate) fn fire_timers(lua: &Lua, kh: &KernelHandle) {
+    let mut k = kh.borrow();
     let now = k.timer_now();
     k.fire_due(lua, now);
 }

@@ -190,7 +190,11 @@ pub(crate) struct WatchScope {
 impl WatchScope {
     /// Enters `lua`'s watch on this thread (the sandbox is about to run here).
     pub fn enter(lua: &Lua) -> WatchScope {
-        let watch = kernel(lua).watch.clone();
+        WatchScope::enter_watch(kernel(lua).watch.clone())
+    }
+
+    /// Enters `watch` on this thread (for a caller holding the kernel).
+    pub fn enter_watch(watch: Arc<Watch>) -> WatchScope {
         let previous = WATCH.with(|w| w.replace(Arc::as_ptr(&watch)));
         WatchScope {
             _watch: watch,

@@ -14,14 +14,14 @@ use serde_json::Value as Json;
 use super::host::host_value;
 use super::Runtime;
 use crate::error::{Error, Result};
-use crate::kernel::{kernel, AppStatus, HostSlot, Waiter};
+use crate::kernel::{AppStatus, HostSlot, Waiter};
 
 impl Runtime {
     pub(super) fn start_app(&mut self, entry: &str) -> Result<()> {
         crate::config::check_entry_args(&self.spec.entry_args, self.spec.limits.max_message_bytes)?;
         let lua = &self.vm.lua;
         let args = host_value(lua, &self.spec.entry_args)?;
-        let mut k = kernel(lua);
+        let mut k = self.kernel.borrow();
         let mid = k
             .module_id(entry)
             .ok_or_else(|| Error::NoModule(entry.into()))?;
@@ -50,7 +50,7 @@ impl Runtime {
         match rx.try_recv() {
             Ok(result) => {
                 self.app_start = None;
-                let mut k = kernel(&self.vm.lua);
+                let mut k = self.kernel.borrow();
                 // `finalize` records the stop when the root process dies;
                 // only a start that failed before that is recorded here.
                 if let (Err(e), false) =
@@ -85,7 +85,7 @@ impl Runtime {
             self.app_waiters.push(slot);
             return;
         }
-        let k = kernel(&self.vm.lua);
+        let k = self.kernel.borrow();
         let r = match &k.app_status {
             AppStatus::Stopped { reason } => Err(Error::Luau(format!("app stopped: {reason}"))),
             _ => Ok(k
@@ -99,7 +99,7 @@ impl Runtime {
 
     /// Stops the app in order (terminate callbacks run); answers `slot` when done.
     pub fn stop_app(&mut self, slot: Arc<HostSlot>) {
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         match k.app {
             Some(serial) => {
                 k.app_stop_waiters.push(slot);

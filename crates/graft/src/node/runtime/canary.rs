@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::reload::prepared_from_versions;
 use super::Runtime;
-use crate::kernel::{kernel, CanaryWatch, Timer};
+use crate::kernel::{CanaryWatch, Timer};
 use crate::upgrade::{Applied, Direction, ReloadOptions, ReloadReport};
 
 impl Runtime {
@@ -29,7 +29,7 @@ impl Runtime {
         opts: &ReloadOptions,
         direction: Direction,
     ) {
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         let ends = k
             .canary
             .as_ref()
@@ -74,7 +74,7 @@ impl Runtime {
     }
 
     pub(super) fn arm_canary(&mut self, report: &ReloadReport, opts: &ReloadOptions) {
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         let modules: Vec<(u32, u32, u32, String)> = report
             .modules
             .iter()
@@ -104,7 +104,7 @@ impl Runtime {
     /// Rolls a tripped canary back. Called after every time slice.
     pub fn check_canary(&mut self) {
         let tripped = {
-            let mut k = kernel(self.lua());
+            let mut k = self.kernel.borrow();
             match k.canary.as_ref() {
                 Some(c) if c.tripped() => {
                     let c = k.canary.take().expect("checked");
@@ -132,7 +132,7 @@ impl Runtime {
             Direction::Down,
             Some(&targets),
         );
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         match result {
             Ok(Applied::Done(report)) => {
                 k.event(

@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::Runtime;
 use crate::error::{Error, Result};
-use crate::kernel::{kernel, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::kernel::{HostSlot, Job, Timer, Waiter, EVAL_MODULE};
 use crate::pid::Target;
 use crate::value::{json_to_lua, VmPid};
 
@@ -26,7 +26,7 @@ impl Runtime {
     /// (`Kernel::resolve_str`). For a pid's text both agree: names never
     /// start with `<`, so the name lookup could not have found it.
     pub(super) fn resolve(&self, target: &Target) -> Result<u64> {
-        let k = kernel(self.lua());
+        let k = self.kernel.borrow();
         let serial = match target.as_pid() {
             Some(pid) => Some(pid.serial()).filter(|s| k.procs.contains_key(s)),
             None => k.resolve_str(target.as_str()),
@@ -58,7 +58,7 @@ impl Runtime {
             let serial = self.resolve(&target)?;
             let lua = self.lua();
             let key = host_value(lua, &request)?;
-            let mut k = kernel(lua);
+            let mut k = self.kernel.borrow();
             let job = Job::Call {
                 request: Some(key),
                 from: None,
@@ -88,7 +88,10 @@ impl Runtime {
         let lua = self.lua();
         let key = host_value(lua, message)?;
         let job = if cast { Job::Cast(key) } else { Job::Info(key) };
-        kernel(lua).deliver(serial, job).map_err(|(e, _)| e)
+        self.kernel
+            .borrow()
+            .deliver(serial, job)
+            .map_err(|(e, _)| e)
     }
 
     pub fn host_spawn(
@@ -103,7 +106,7 @@ impl Runtime {
                 crate::config::validate_process_name(n)?;
             }
             let lua = self.lua();
-            let k = kernel(lua);
+            let k = self.kernel.borrow();
             let mid = k
                 .module_id(module)
                 .filter(|m| k.module_tables[*m as usize].is_some() && *m != 0)
@@ -115,7 +118,8 @@ impl Runtime {
             }
             drop(k);
             let key = host_value(lua, args)?;
-            kernel(lua)
+            self.kernel
+                .borrow()
                 .create_process(mid, None, name, Some(key), Waiter::Host(slot.clone()))
                 .map_err(|(e, _)| e)?;
             Ok(())
@@ -135,7 +139,7 @@ impl Runtime {
             let chunk = lua
                 .create_registry_value(f)
                 .map_err(|e| Error::Luau(e.to_string()))?;
-            let mut k = kernel(lua);
+            let mut k = self.kernel.borrow();
             if k.procs.len() >= k.limits.max_processes {
                 return Err(Error::TooManyProcesses(k.limits.max_processes));
             }

@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 use super::Runtime;
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::kernel::{kernel, AppStatus};
+use crate::kernel::AppStatus;
 use crate::pid::{Pid, Target};
 use crate::upgrade::{ModuleInfo, ModuleVersion};
 use crate::value::{estimate_size, lua_to_json};
@@ -83,8 +83,7 @@ pub struct SandboxInfo {
 
 impl Runtime {
     pub fn processes(&self) -> Vec<ProcessInfo> {
-        let lua = self.lua();
-        let k = kernel(lua);
+        let k = self.kernel.borrow();
         let mut budget = ESTIMATE_LISTING_ENTRIES;
         let mut out: Vec<ProcessInfo> = k
             .procs
@@ -118,8 +117,7 @@ impl Runtime {
 
     pub fn state(&self, target: &Target) -> Result<Json> {
         let serial = self.resolve(target)?;
-        let lua = self.lua();
-        let k = kernel(lua);
+        let k = self.kernel.borrow();
         let state: Value = k
             .states
             .raw_get(serial)
@@ -130,7 +128,7 @@ impl Runtime {
     }
 
     pub fn info(&self) -> SandboxInfo {
-        let k = kernel(self.lua());
+        let k = self.kernel.borrow();
         let status = match k.app_status {
             AppStatus::Stopped { .. } => "app_stopped",
             _ => "running",
@@ -154,7 +152,7 @@ impl Runtime {
     /// Line hits of every module chunk evaluated in this VM (empty unless
     /// [`crate::vm::enable_coverage`] was called).
     pub fn coverage(&self) -> Vec<crate::node::ModuleCoverage> {
-        let chunks = kernel(self.lua()).coverage_chunks.clone();
+        let chunks = self.kernel.borrow().coverage_chunks.clone();
         chunks
             .into_iter()
             .map(|(module, checksum, f)| {

@@ -25,7 +25,7 @@ use serde_json::Value as Json;
 use crate::config::{NodeLimits, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::events::EventLog;
-use crate::kernel::{self, kernel, HostSlot};
+use crate::kernel::{self, HostSlot};
 use crate::upgrade::{Applied, Direction, Engine, ReloadOptions};
 use crate::vm::{HostTable, Vm};
 use reload::PendingReload;
@@ -36,6 +36,9 @@ pub use reload::QUIESCE_TIMEOUT_MS;
 
 pub(crate) struct Runtime {
     pub vm: Vm,
+    /// The handle on `vm`'s kernel (the same one the VM's app data holds),
+    /// so the runtime borrows it without an app-data lookup.
+    pub kernel: kernel::KernelHandle,
     pub engine: Engine,
     pub spec: SandboxSpec,
     pub host_fns: HostTable,
@@ -69,11 +72,13 @@ impl Runtime {
         .map_err(|e| Error::Luau(e.to_string()))?;
         let engine = Engine::new(&vm.lua, spec.limits.max_versions)
             .map_err(|e| Error::Luau(e.to_string()))?;
+        let kernel = kernel::kernel_handle(&vm.lua);
         if spec.test_clock {
-            kernel(&vm.lua).test_clock = Some(kernel::TestClock::starting_now());
+            kernel.borrow().test_clock = Some(kernel::TestClock::starting_now());
         }
         let mut rt = Runtime {
             vm,
+            kernel,
             engine,
             spec,
             host_fns,

@@ -21,7 +21,7 @@ use serde_json::Value as Json;
 use super::Runtime;
 use crate::clock;
 use crate::error::{Error, ReloadStep, Result};
-use crate::kernel::{self, kernel, Timer};
+use crate::kernel::{self, Timer};
 use crate::upgrade::{
     Applied, Direction, Engine, ModuleVersion, PreparedModule, ReloadOptions, ReloadReport,
     ReloadStatus,
@@ -85,7 +85,7 @@ impl Runtime {
                 .replace(versions, max);
         }
         let (log, sandbox) = {
-            let k = kernel(&self.vm.lua);
+            let k = self.kernel.borrow();
             (k.events.clone(), k.id.to_string())
         };
         let mut ops = Vec::new();
@@ -162,7 +162,7 @@ impl Runtime {
             );
             match result {
                 Ok(Applied::Busy(modules)) if clock::precise_ms() < r.deadline => {
-                    let mut k = kernel(self.lua());
+                    let mut k = self.kernel.borrow();
                     for m in &modules {
                         k.frozen.insert(*m);
                     }
@@ -225,7 +225,7 @@ impl Runtime {
         if modules.is_empty() {
             return;
         }
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         for m in modules {
             k.frozen.remove(m);
         }
@@ -251,7 +251,9 @@ impl Runtime {
             ReloadStatus::DryRun => "dry_run",
             ReloadStatus::Reloaded => return,
         };
-        kernel(self.lua()).event(kind, serde_json::to_value(report).unwrap_or(Json::Null));
+        self.kernel
+            .borrow()
+            .event(kind, serde_json::to_value(report).unwrap_or(Json::Null));
     }
 
     fn record_abort(&mut self, e: &Error, prepared: &[PreparedModule]) {
@@ -279,7 +281,7 @@ impl Runtime {
             }),
             other => serde_json::json!({ "modules": modules, "error": other.to_string() }),
         };
-        kernel(self.lua()).event("abort", detail);
+        self.kernel.borrow().event("abort", detail);
     }
 }
 

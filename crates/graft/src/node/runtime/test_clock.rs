@@ -8,7 +8,6 @@
 
 use super::Runtime;
 use crate::error::{Error, Result};
-use crate::kernel::kernel;
 
 impl Runtime {
     /// One step of [`crate::Sandbox::advance_clock`] towards `target`
@@ -17,7 +16,7 @@ impl Runtime {
     /// it), else to `target`. `Ok(true)` once the clock stands at `target`
     /// with nothing left to run.
     pub fn clock_step(&mut self, target: u64) -> Result<bool> {
-        let mut k = kernel(self.lua());
+        let mut k = self.kernel.borrow();
         if k.test_clock.is_none() {
             return Err(no_test_clock(&self.spec.id));
         }
@@ -42,7 +41,7 @@ impl Runtime {
 
     /// The test clock's reading (timer time), or an error without one.
     pub fn clock_now(&self) -> Result<u64> {
-        let k = kernel(self.lua());
+        let k = self.kernel.borrow();
         match &k.test_clock {
             Some(c) => Ok(c.now_ms),
             None => Err(no_test_clock(&self.spec.id)),

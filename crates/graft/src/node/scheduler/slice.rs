@@ -108,7 +108,7 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
         };
         let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
         kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
-        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
+        let _scope = kernel::WatchScope::enter_watch(rt.kernel.borrow().watch.clone());
         let mut commands = commands.into_iter();
         for cmd in commands.by_ref() {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
@@ -124,16 +124,17 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
             }
         }
         // A restart command may have replaced the VM: enforce the current one's limits.
-        let _scope = kernel::WatchScope::enter(&rt.vm.lua);
+        let watch = rt.kernel.borrow().watch.clone();
         if let Some(me) = me {
-            *me.running.lock() = Some(kernel::kernel(&rt.vm.lua).watch.clone());
+            *me.running.lock() = Some(watch.clone());
         }
+        let _scope = kernel::WatchScope::enter_watch(watch);
         rt.run_pending_reloads();
-        let more = kernel::run_slice(&rt.vm.lua);
+        let more = kernel::run_slice(&rt.vm.lua, &rt.kernel);
         rt.poll_app_start();
         rt.check_canary();
         rt.run_pending_reloads();
-        let mut k = kernel::kernel(&rt.vm.lua);
+        let mut k = rt.kernel.borrow();
         if let Some(message) = k.internal_error.take() {
             // Caught on Luau's C stack: raised here, where the barrier in
             // `run_sandbox` fails the sandbox.
