@@ -46,7 +46,9 @@ unsafe fn with_kernel<R>(
         // SAFETY: per this function's contract, `state` belongs to a live
         // mlua VM, which is what `get_or_init_from_ptr` requires.
         let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-        let handle = lua.app_data_ref::<KernelHandle>()?.clone();
+        // The app-data borrow is held while `f` runs: `f` runs no Luau code
+        // and sets no app data, so nothing needs the container meanwhile.
+        let handle = lua.app_data_ref::<KernelHandle>()?;
         let mut k = handle.try_borrow()?;
         Some(f(&mut k))
     }));
