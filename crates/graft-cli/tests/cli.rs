@@ -80,8 +80,14 @@ impl Node {
     fn start(args: &[&str]) -> Node {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Node::start_in(&xdg_dir(&format!("node{n}")), args)
+    }
+
+    /// [`Node::start`] with `data_home` as `XDG_DATA_HOME` (its default data
+    /// directory is `data_home/graft`), for nodes that share one.
+    fn start_in(data_home: &Path, args: &[&str]) -> Node {
         let mut child = graft()
-            .env("XDG_DATA_HOME", xdg_dir(&format!("node{n}")))
+            .env("XDG_DATA_HOME", data_home)
             .args(args)
             .args(["--port", "0"])
             .stdin(Stdio::null())
@@ -1230,6 +1236,95 @@ fn run_names_its_token_file_and_clients_in_the_project_find_it() {
     assert_eq!(again.token, token);
     again.interrupt();
     cleanup("token-file");
+}
+
+/// `graft serve --ephemeral` and `graft serve` on one (the default) data
+/// directory: the ephemeral node adopts the persistent node's token file
+/// instead of writing its own over it (which left the persistent node's
+/// clients with a token it did not know), and a restart leaves it alone;
+/// revoking the file's token and restarting still rotates it.
+#[test]
+fn an_ephemeral_node_and_a_persistent_one_share_the_token_file() {
+    // The nodes' and the clients' default data directory is `home/graft`:
+    // clients find the token file themselves, as a user's commands do.
+    let home = temp_dir("shared-token");
+    let file = home.join("graft").join("admin.token");
+    let read = || std::fs::read_to_string(&file).unwrap();
+    let with_file = |node: &Node, who: &str, args: &[&str]| {
+        let out = graft()
+            .env("XDG_DATA_HOME", &home)
+            .current_dir(std::env::temp_dir())
+            .args(args)
+            .args(["--url", &node.url()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "graft {args:?} with the token file against the {who} node: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    let list = ["token", "list"];
+
+    let persistent = Node::start_in(&home, &["serve"]);
+    assert!(persistent.out().contains("admin.token (new)"));
+    let token = read();
+    let ephemeral = Node::start_in(&home, &["serve", "--ephemeral"]);
+    assert_eq!(read(), token, "the ephemeral node rewrote the token file");
+    assert!(!ephemeral.out().contains("(new)"), "{}", ephemeral.out());
+    with_file(&persistent, "persistent", &list);
+    let listed = with_file(&ephemeral, "ephemeral", &list);
+    assert!(listed.contains("admin token file (adopted)"), "{listed}");
+
+    // The persistent node restarts: it knows the token, keeps the file,
+    // and the ephemeral node still accepts it.
+    persistent.interrupt();
+    let persistent = Node::start_in(&home, &["serve"]);
+    assert!(!persistent.out().contains("(new)"), "{}", persistent.out());
+    assert_eq!(read(), token);
+    let listed = with_file(&persistent, "restarted persistent", &list);
+    with_file(&ephemeral, "ephemeral", &list);
+
+    // Rotating is unchanged: revoke the file's token, restart, and the
+    // node writes a new file and refuses the old token.
+    let id = listed
+        .lines()
+        .find(|l| l.contains("admin token file"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no file token in {listed}"))
+        .to_owned();
+    with_file(
+        &persistent,
+        "restarted persistent",
+        &["token", "revoke", &id],
+    );
+    persistent.interrupt();
+    let persistent = Node::start_in(&home, &["serve"]);
+    assert!(persistent.out().contains("admin.token (new)"));
+    assert_ne!(read(), token);
+    let old = graft()
+        .args(["token", "list", "--url", &persistent.url(), "--token"])
+        .arg(token.trim())
+        .output()
+        .unwrap();
+    assert_eq!(old.status.code(), Some(1), "{}", text(&old.stdout));
+    assert!(
+        text(&old.stderr).contains("the token came from --token"),
+        "{}",
+        text(&old.stderr)
+    );
+    with_file(&persistent, "rotated persistent", &list);
+    // The ephemeral node takes the new file at its next start.
+    ephemeral.interrupt();
+    let ephemeral = Node::start_in(&home, &["serve", "--ephemeral"]);
+    assert!(!ephemeral.out().contains("(new)"), "{}", ephemeral.out());
+    assert_eq!(ephemeral.token, persistent.token);
+    with_file(&ephemeral, "restarted ephemeral", &list);
+    ephemeral.interrupt();
+    persistent.interrupt();
+    cleanup("shared-token");
 }
 
 #[test]

@@ -116,7 +116,8 @@ async fn listen(bind: &str, port: u16) -> Result<TcpListener> {
 pub enum DataChoice {
     /// A data directory (created if missing).
     Dir { dir: PathBuf, checkpoint_ms: u64 },
-    /// In memory only; the admin token file still goes to `token_dir`.
+    /// In memory only; the admin token file is still `token_dir`'s (shared
+    /// with a persistent node there, never overwritten while valid).
     Ephemeral { token_dir: PathBuf },
 }
 
@@ -136,8 +137,10 @@ impl DataChoice {
     }
 
     /// Where the admin token file goes: the data directory, or for an
-    /// ephemeral node the one it would have used (the token is new at each
-    /// start, since the ephemeral database is).
+    /// ephemeral node the one it would have used. An ephemeral node's
+    /// database is new at each start, so it adopts the token already in the
+    /// file rather than writing its own over it: a persistent node on the
+    /// same directory keeps its CLI access (`ensure_admin_token_file`).
     fn token_dir(&self) -> &Path {
         match self {
             DataChoice::Dir { dir, .. } => dir,

@@ -11,6 +11,11 @@
 //! * The token file is written whole (a temporary file with mode 0600,
 //!   renamed into place) and is never readable by other users, not even for
 //!   an instant.
+//! * The token file is replaced only when its token is missing, malformed,
+//!   revoked, of another role, or in a file another user could have written;
+//!   a private well-formed token the store does not know is adopted (its
+//!   hash stored), so two nodes on one data directory (one of them
+//!   `--ephemeral`) never overwrite each other's file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -291,16 +296,36 @@ pub struct TokenFile {
     pub path: PathBuf,
     /// The token's public id.
     pub token_id: String,
-    /// Whether this start made it (first start, or the old one was revoked).
+    /// Whether this start wrote it (first start, or the old token was
+    /// revoked, of another role, malformed or not private); false when the
+    /// file was kept or adopted, untouched.
     pub created: bool,
 }
 
 /// Makes sure `data_dir/admin.token` holds a live admin token (SPEC §9's
-/// first start): keeps a file whose token the store knows and has not
-/// revoked; otherwise mints a new admin token and writes the file with mode
-/// 0600 (a temporary file renamed into place). `data_dir` is created (0700)
-/// if missing and gets a `.gitignore` of `*` so a project's token is never
-/// committed.
+/// first start), and that `store` knows it. The file's token decides:
+///
+/// * **known, live and admin**: kept as it is;
+/// * **unknown** to the store, well-formed, in a file only its owner can
+///   read or write (no group or other permission bits, not a symlink) in a
+///   directory only its owner can write: **adopted**: its SHA-256 (never the
+///   secret) is stored as an admin token labelled `admin token file
+///   (adopted)` and the file is left untouched (`created` is false). An
+///   ephemeral node, whose store is new at each start, and a persistent node
+///   sharing its data directory thus accept the same file, and neither
+///   overwrites the other's; so does a node whose database was replaced;
+/// * **known but revoked, or known with another role**: never adopted, so
+///   revoking the file's token and restarting still rotates it;
+/// * otherwise (missing, malformed, not private): a new admin token is
+///   minted and the file written with mode 0600 (a temporary file renamed
+///   into place): `created` is true.
+///
+/// Adopting trusts whoever can write the file: the node's own user, who can
+/// replace the database just as well. The permission checks refuse a file
+/// another user could have planted (a shared `--data` directory).
+///
+/// `data_dir` is created (0700) if missing and gets a `.gitignore` of `*` so
+/// a project's token is never committed.
 ///
 /// Call it before [`Trust::new`] so the table sees the token.
 ///
@@ -321,35 +346,38 @@ pub fn ensure_admin_token_file(
     };
     create_private_dir(data_dir)?;
     let path = data_dir.join(TOKEN_FILE);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let secret = text.trim();
-        if well_formed_token(secret) {
-            let known = store
-                .token_by_hash(&hash_secret(secret))
-                .map_err(|e| io("reading the tokens of", &e))?;
-            if let Some(t) = known.filter(|t| t.revoked_ms.is_none() && t.role == "admin") {
-                return Ok(TokenFile {
-                    path,
-                    token_id: t.id,
-                    created: false,
-                });
+    if let Some(secret) = read_token_file(&path) {
+        let hash = hash_secret(&secret);
+        let known = store
+            .token_by_hash(&hash)
+            .map_err(|e| io("reading the tokens of", &e))?;
+        let kept = match known {
+            Some(t) if t.revoked_ms.is_none() && t.role == Role::Admin.as_str() => Some(t.id),
+            // Revoked, or another role: the file is replaced below.
+            Some(_) => None,
+            None if private_file(data_dir, &path) => {
+                let record = admin_record(hash, "admin token file (adopted)")
+                    .map_err(|e| io("making a token id for", &e))?;
+                let id = record.id.clone();
+                store
+                    .write(vec![WriteOp::PutToken(record)])
+                    .map_err(|e| io("storing the admin token of", &e))?;
+                Some(id)
             }
+            None => None,
+        };
+        if let Some(token_id) = kept {
+            return Ok(TokenFile {
+                path,
+                token_id,
+                created: false,
+            });
         }
     }
     let secret = generate_token().map_err(|e| io("making a token for", &e))?;
-    let id = format!(
-        "tok_{}",
-        random_hex(6).map_err(|e| io("making a token for", &e))?
-    );
-    let record = TokenRecord {
-        id: id.clone(),
-        hash: hash_secret(&secret),
-        role: Role::Admin.as_str().to_owned(),
-        sandboxes: None,
-        label: Some("admin token file".into()),
-        created_ms: now_ms(),
-        revoked_ms: None,
-    };
+    let record = admin_record(hash_secret(&secret), "admin token file")
+        .map_err(|e| io("making a token for", &e))?;
+    let id = record.id.clone();
     store
         .write(vec![WriteOp::PutToken(record)])
         .map_err(|e| io("storing the admin token of", &e))?;
@@ -359,6 +387,51 @@ pub fn ensure_admin_token_file(
         token_id: id,
         created: true,
     })
+}
+
+/// The well-formed token in the file at `path`, if there is one.
+fn read_token_file(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let secret = text.trim();
+    well_formed_token(secret).then(|| secret.to_owned())
+}
+
+/// An unscoped admin token record for the secret hashing to `hash`, with a
+/// new id.
+fn admin_record(hash: [u8; 32], label: &str) -> Result<TokenRecord, getrandom::Error> {
+    Ok(TokenRecord {
+        id: format!("tok_{}", random_hex(6)?),
+        hash,
+        role: Role::Admin.as_str().to_owned(),
+        sandboxes: None,
+        label: Some(label.to_owned()),
+        created_ms: now_ms(),
+        revoked_ms: None,
+    })
+}
+
+/// Whether `file` is as private as [`write_private`] makes it — a regular
+/// file (not a symlink) with no group or other permission bits, in a
+/// directory that neither group nor others may write — so that no other
+/// user can have written the token in it. (A file with no group or other
+/// bits that this process could read is its user's own, or it runs as root;
+/// the directory check covers root.)
+#[cfg(unix)]
+fn private_file(dir: &Path, file: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let (Ok(d), Ok(f)) = (std::fs::metadata(dir), std::fs::symlink_metadata(file)) else {
+        return false;
+    };
+    f.file_type().is_file()
+        && f.permissions().mode() & 0o077 == 0
+        && d.permissions().mode() & 0o022 == 0
+}
+
+/// Without Unix permission bits there is nothing more to check than the
+/// directory's own access rules.
+#[cfg(not(unix))]
+fn private_file(_dir: &Path, file: &Path) -> bool {
+    std::fs::symlink_metadata(file).is_ok_and(|f| f.file_type().is_file())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -396,64 +469,4 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_shape_is_checked_before_hashing() {
-        let t = generate_token().unwrap();
-        assert!(well_formed_token(&t));
-        assert_ne!(t, generate_token().unwrap());
-        assert!(!well_formed_token(&t[..t.len() - 1]));
-        assert!(!well_formed_token(&t.to_uppercase()));
-        assert!(!well_formed_token(&t.replace("graft_", "graff_")));
-        assert!(!well_formed_token(&format!("{t}0")));
-        assert!(!well_formed_token(""));
-        // Multi-byte text of the right byte length is not hex.
-        let odd = format!("graft_{}", "é".repeat(32));
-        assert_eq!(odd.len(), TOKEN_LEN);
-        assert!(!well_formed_token(&odd));
-    }
-
-    #[test]
-    fn the_token_file_is_private_and_survives_restarts() {
-        let dir = std::env::temp_dir().join(format!("graft-token-file-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = graft::store::Store::in_memory().unwrap();
-        let first = ensure_admin_token_file(&dir, &store).unwrap();
-        assert!(first.created);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&first.path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let secret = std::fs::read_to_string(&first.path).unwrap();
-        assert!(well_formed_token(secret.trim()));
-        let again = ensure_admin_token_file(&dir, &store).unwrap();
-        assert!(!again.created);
-        assert_eq!(again.token_id, first.token_id);
-        // Only the hash is stored.
-        let stored = store.tokens().unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].hash, hash_secret(secret.trim()));
-        // A revoked file token is replaced at the next start.
-        store
-            .write(vec![WriteOp::RevokeToken {
-                id: first.token_id.clone(),
-                at_ms: 1.0,
-            }])
-            .unwrap();
-        let third = ensure_admin_token_file(&dir, &store).unwrap();
-        assert!(third.created);
-        assert_ne!(third.token_id, first.token_id);
-        assert_eq!(
-            std::fs::read_to_string(dir.join(".gitignore"))
-                .unwrap()
-                .lines()
-                .last(),
-            Some("*")
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;
