@@ -1970,6 +1970,58 @@ fn a_handle_held_across_a_rebuild_says_rebuilding_from_the_old_apps_stop() {
     node.shutdown();
 }
 
+/// A checkpoint taken while a sandbox is rebuilt leaves its stored states
+/// alone: the rebuild took its own before the old app stopped, and the new
+/// app gets those back. (Before, one taken while the old app stopped
+/// deleted the state of `d`, already stopped, and one taken while the new
+/// app started wrote `c`'s fresh `init` state over the checkpoint the
+/// rebuild was about to restore.)
+#[test]
+fn checkpoints_during_a_rebuild_leave_the_stored_states_alone() {
+    let dir = TempDir::new("rebuild-checkpoint");
+    let node = open(&dir);
+    let gate = Gate::new();
+    let _sb = create_held(&node, &gate, "shop");
+    let rebuilder = rebuild_held(&node, "shop");
+    gate.held("terminate");
+    node.checkpoint()
+        .expect("checkpoint while the old app stops");
+    gate.release();
+    gate.held("init");
+    node.checkpoint()
+        .expect("checkpoint while the new app starts");
+    gate.release();
+    let rebuilt = rebuilder
+        .join()
+        .expect("no panic")
+        .expect("reconfigured")
+        .expect("rebuilt");
+    // Read without a message: a call would make the states dirty, and the
+    // final checkpoint would write them again over what is to be checked.
+    let state =
+        |sb: &graft::Sandbox, name: &str| block_on(sb.state(name)).expect("state")["n"].clone();
+    assert_eq!(state(&rebuilt, "c"), 1, "c's state came back");
+    assert_eq!(state(&rebuilt, "d"), 1, "d's state came back");
+    drop((rebuilt, _sb));
+    node.shutdown();
+    drop(node);
+    // And on disk: a restart brings back the same states.
+    let passing = graft::HostFunctions::default()
+        .function("gate.hold", |_| Ok(json!("open")))
+        .function("gate.seen", |_| Ok(json!(null)));
+    let node = Node::builder()
+        .threads(2)
+        .checkpoint_ms(0)
+        .data_dir(&dir.0)
+        .host_functions(passing)
+        .open()
+        .expect("reopen");
+    let sb = node.sandbox("shop").expect("restored");
+    assert_eq!(state(&sb, "c"), 1, "c's stored state");
+    assert_eq!(state(&sb, "d"), 1, "d's stored state");
+    node.shutdown();
+}
+
 /// A rebuild refused before the old app stops (here: an added module that
 /// does not compile) leaves the old sandbox as it was, and a handle of it
 /// answers everything again — calls, info, and reloads (not `busy`: it

@@ -15,8 +15,8 @@
 //!   and stops it through that guard (`RebuildGuard`, in `registry`): from
 //!   then on every request — a lookup, or a handle of the old sandbox taken
 //!   before — gets `Rebuilding` until the rebuilt sandbox has its states
-//!   back. Every way out drops the guard; a sandbox it did not replace
-//!   takes requests again.
+//!   back, and none is checkpointed meanwhile. Every way out drops the
+//!   guard; a sandbox it did not replace takes requests again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
