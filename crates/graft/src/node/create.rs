@@ -165,6 +165,7 @@ impl Node {
             runtime: Mutex::new(Some(runtime)),
             failed: Mutex::new(None),
             destroyed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             replaced: AtomicBool::new(false),
             last_info: Mutex::new(None),
             wakeup_at: AtomicU64::new(u64::MAX),

@@ -23,6 +23,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::sandbox::Origin;
 use super::{Sandbox, Shared};
 use crate::kernel::{self, BlockingCall};
 use crate::vm::{call_guarded, HostCall};
@@ -169,8 +170,10 @@ fn run_task(task: Task) {
         return;
     };
     // Refused if the sandbox was destroyed or failed meanwhile, or the node
-    // stops: the result is dropped with the command.
-    let _ = Sandbox { shared }.submit(move |rt| {
+    // stops: the result is dropped with the command. Taken while the
+    // sandbox is closed for a rebuild: the caller may be a `terminate` the
+    // rebuild's stop waits for.
+    let _ = Sandbox { shared }.submit_as(Origin::Node, move |rt| {
         let lua = &rt.vm.lua;
         kernel::kernel(lua).blocking_done(lua, (serial, token, epoch), &name, result);
     });

@@ -1,25 +1,58 @@
 //! Finding sandboxes by id, and marking ids that are being rebuilt.
 //!
-//! Invariant: an id being rebuilt with new settings is in `rebuilding` from
-//! before its old sandbox leaves the map until after the new one is in it,
-//! so a lookup gets `Rebuilding` (retryable), never a `NoSandbox` for a
-//! sandbox that exists, and a creation gets `SandboxExists`.
+//! Invariants:
+//! * An id being rebuilt with new settings is in `rebuilding` from before
+//!   its old sandbox leaves the map until after the new one is in it, so a
+//!   lookup gets `Rebuilding` (retryable), never a `NoSandbox` for a
+//!   sandbox that exists, and a creation gets `SandboxExists`.
+//! * Marking the id and closing the old sandbox to requests are one step
+//!   ([`Node::mark_rebuilding`]), taken before its app starts stopping, so
+//!   a handle taken before the mark is told the same as a lookup; the old
+//!   app is then stopped through the guard ([`RebuildGuard::stop_old_app`]),
+//!   the one request the closed sandbox takes. Dropping the guard (every
+//!   way out of the rebuild) unmarks the id and reopens the old sandbox:
+//!   one that was not replaced answers as before.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::sandbox::Origin;
 use super::{Node, NodeInner, Sandbox};
 use crate::error::{Error, Result};
 
-/// While alive, requests to the sandbox `id` get `Rebuilding` and creating
-/// it gets `SandboxExists` ([`Node::mark_rebuilding`]).
+/// While alive, requests to the sandbox `id` get `Rebuilding` — through
+/// `Node::sandbox` and on any handle of the old sandbox — and creating it
+/// gets `SandboxExists` ([`Node::mark_rebuilding`]).
 pub(super) struct RebuildGuard {
     node: Arc<NodeInner>,
-    id: String,
+    old: Sandbox,
+}
+
+impl RebuildGuard {
+    /// Stops the old app in order (`terminate` callbacks run), waiting at
+    /// most `timeout`: the one request the closed sandbox takes. Whether it
+    /// stopped in time or not, the rebuild goes on (the old VM is dropped
+    /// next), so the outcome is only logged.
+    pub(super) async fn stop_old_app(&self, timeout: Duration) {
+        let stop = self
+            .old
+            .ask_slot_as(Origin::Node, |rt, slot| rt.stop_app(slot));
+        match crate::node::with_timeout(stop, timeout).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(sandbox = %self.old.id(), error = %e, "the old app's stop failed")
+            }
+            None => {
+                tracing::warn!(sandbox = %self.old.id(), "the old app did not stop in time; its VM is dropped")
+            }
+        }
+    }
 }
 
 impl Drop for RebuildGuard {
     fn drop(&mut self) {
-        self.node.rebuilding.lock().remove(&self.id);
+        self.node.rebuilding.lock().remove(self.old.id());
+        self.old.reopen();
     }
 }
 
@@ -46,13 +79,15 @@ impl Node {
         self.inner.rebuilding.lock().contains(id)
     }
 
-    /// Marks `id` as being rebuilt until the guard drops (every way out of
-    /// `reconfigure_sandbox`, once the sandbox is back in the map or lost).
-    pub(super) fn mark_rebuilding(&self, id: &str) -> RebuildGuard {
-        self.inner.rebuilding.lock().insert(id.to_owned());
+    /// Marks the id of `old` as being rebuilt and closes `old` to requests
+    /// until the guard drops (every way out of `reconfigure_sandbox`, once
+    /// the sandbox is back in the map or lost); see the module docs.
+    pub(super) fn mark_rebuilding(&self, old: &Sandbox) -> RebuildGuard {
+        self.inner.rebuilding.lock().insert(old.id().to_owned());
+        old.close_for_rebuild();
         RebuildGuard {
             node: self.inner.clone(),
-            id: id.to_owned(),
+            old: old.clone(),
         }
     }
 

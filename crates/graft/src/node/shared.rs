@@ -43,6 +43,13 @@ pub(super) struct Shared {
     pub(super) failed: Mutex<Option<Failure>>,
     /// Set by `Node::destroy`: a slice running then drops the VM when it ends.
     pub(super) destroyed: AtomicBool,
+    /// Set while the sandbox is rebuilt with new settings, from the moment
+    /// its old app starts stopping (`Node::mark_rebuilding`, under the
+    /// `inbox` lock): requests on a handle get `Rebuilding`, and only the
+    /// node's own commands (the rebuild's stop, a blocking host call's
+    /// result) still enter the inbox. Cleared when the rebuild ends;
+    /// `replaced` answers for the handle from then on if it was replaced.
+    pub(super) closed: AtomicBool,
     /// Set (before `destroyed`) when the sandbox is destroyed to be rebuilt
     /// with new settings (`Node::reconfigure_sandbox`): a request that
     /// reached this handle is told so (`Rebuilding`, retryable), not that

@@ -171,3 +171,47 @@ fn a_reload_waiting_on_a_restart_applies_to_the_new_vm() {
     block_on(sb.spawn("w", Json::Null, Some("w2"))).expect("spawn");
     assert_eq!(block_on(sb.call("w2", Json::Null, None)).unwrap(), "v2");
 }
+
+/// The rebuild's guard closes the old sandbox to requests — every handle,
+/// even `info`, which reads without queueing — while the node's own
+/// commands still run; dropped without the sandbox being replaced (a
+/// rebuild that gave up), it reopens it and the handle answers again.
+#[test]
+fn a_rebuild_guard_closes_the_sandbox_to_requests_and_its_drop_reopens_it() {
+    let node = Node::with_threads(1);
+    let sb = counter(&node, "closed");
+    assert_eq!(sb.call_blocking("c", Json::Null, None).expect("call"), 1);
+    let guard = node.mark_rebuilding(&sb);
+    let kind = |r: crate::error::Result<Json>| r.expect_err("refused").kind();
+    assert_eq!(
+        kind(sb.call_blocking("c", Json::Null, None)),
+        "sandbox_rebuilding"
+    );
+    assert_eq!(
+        kind(block_on(sb.call("c", Json::Null, None))),
+        "sandbox_rebuilding"
+    );
+    let info = block_on(sb.info()).map(|i| Json::from(i.status));
+    assert_eq!(kind(info), "sandbox_rebuilding");
+    assert_eq!(
+        node.sandbox("closed").expect_err("marked").kind(),
+        "sandbox_rebuilding"
+    );
+    // The node's own command is taken, and runs.
+    let (tx, rx) = std::sync::mpsc::channel();
+    sb.submit_as(sandbox::Origin::Node, move |rt| {
+        let _ = tx.send(rt.processes().len());
+    })
+    .expect("taken while closed");
+    let running = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("ran");
+    assert_eq!(running, 1);
+    drop(guard);
+    assert_eq!(
+        sb.call_blocking("c", Json::Null, None).expect("open again"),
+        2
+    );
+    block_on(sb.info()).expect("info again");
+    assert!(node.sandbox("closed").is_ok());
+}

@@ -11,6 +11,13 @@
 //!   transaction, and only once until the state changes.
 //! * The periodic checkpointer holds the node weakly, so it never keeps a
 //!   dropped node alive; `shutdown` stops it before the final checkpoint.
+//! * A sandbox being rebuilt with new settings is not checkpointed (by the
+//!   checkpointer, `Node::checkpoint` or `shutdown`) until the rebuild
+//!   ends: the rebuild wrote its states just before the old app stopped,
+//!   and those are what the new app gets back. Its states meanwhile are
+//!   the stopping app's (processes going away: their names would be
+//!   deleted) or the new app's before they are restored (`init` states:
+//!   they would overwrite the ones about to be restored).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -134,46 +141,8 @@ pub(super) fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<Chec
     let Some(store) = node.store.clone() else {
         return Ok(CheckpointStats::default());
     };
-    let Some(shared) = node.sandboxes.read().get(id).cloned() else {
+    let Some((snapshot, stats)) = read_snapshot(node, id)? else {
         return Ok(CheckpointStats::default());
-    };
-    let sb = Sandbox { shared };
-    let written = node
-        .checkpoints
-        .written
-        .lock()
-        .get(id)
-        .cloned()
-        .unwrap_or_default();
-    let timed = |started: std::time::Instant| started.elapsed().as_micros() as u64;
-    let ((dirty, removed), mut longest) = crate::node::block_on(sb.ask(move |rt| {
-        let started = std::time::Instant::now();
-        (rt.dirty(&written), timed(started))
-    }))?;
-    let mut on_thread = longest;
-    let mut snapshot = crate::node::checkpoint::Snapshot {
-        states: Vec::new(),
-        removed,
-        skipped: Vec::new(),
-    };
-    // In chunks: the sandbox serves its messages between them.
-    for chunk in dirty.chunks(crate::node::checkpoint::CHUNK) {
-        let chunk = chunk.to_vec();
-        let (part, us) = crate::node::block_on(sb.ask(move |rt| {
-            let started = std::time::Instant::now();
-            (rt.snapshot(&chunk), timed(started))
-        }))?;
-        on_thread += us;
-        longest = longest.max(us);
-        snapshot.states.extend(part.states);
-        snapshot.skipped.extend(part.skipped);
-    }
-    let stats = CheckpointStats {
-        written: snapshot.states.len(),
-        removed: snapshot.removed.len(),
-        skipped: snapshot.skipped.len(),
-        sandbox_thread_us: on_thread,
-        longest_pause_us: longest,
     };
     // A state that stopped being plain data: its older checkpoint goes (a
     // restart would bring back a state older than what the process did
@@ -242,6 +211,79 @@ pub(super) fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<Chec
     }
     remember_skipped(node, id, &snapshot.skipped);
     Ok(stats)
+}
+
+/// Reads the dirty states of the sandbox `id` on its thread, in chunks;
+/// `None` when there is nothing to read: no such sandbox, or one being
+/// rebuilt (module docs).
+fn read_snapshot(
+    node: &Arc<NodeInner>,
+    id: &str,
+) -> Result<Option<(crate::node::checkpoint::Snapshot, CheckpointStats)>> {
+    // Being rebuilt (module docs). A rebuild that starts after this check
+    // closes the sandbox: its next read is refused (`Rebuilding`), and
+    // nothing is written.
+    if node.rebuilding.lock().contains(id) {
+        return Ok(None);
+    }
+    let Some(shared) = node.sandboxes.read().get(id).cloned() else {
+        return Ok(None);
+    };
+    let sb = Sandbox { shared };
+    let written = node
+        .checkpoints
+        .written
+        .lock()
+        .get(id)
+        .cloned()
+        .unwrap_or_default();
+    let timed = |started: std::time::Instant| started.elapsed().as_micros() as u64;
+    let read = crate::node::block_on(sb.ask(move |rt| {
+        let started = std::time::Instant::now();
+        (rt.dirty(&written), timed(started))
+    }));
+    let Some(((dirty, removed), mut longest)) = unless_rebuilding(read)? else {
+        return Ok(None);
+    };
+    let mut on_thread = longest;
+    let mut snapshot = crate::node::checkpoint::Snapshot {
+        states: Vec::new(),
+        removed,
+        skipped: Vec::new(),
+    };
+    // In chunks: the sandbox serves its messages between them.
+    for chunk in dirty.chunks(crate::node::checkpoint::CHUNK) {
+        let chunk = chunk.to_vec();
+        let read = crate::node::block_on(sb.ask(move |rt| {
+            let started = std::time::Instant::now();
+            (rt.snapshot(&chunk), timed(started))
+        }));
+        let Some((part, us)) = unless_rebuilding(read)? else {
+            return Ok(None);
+        };
+        on_thread += us;
+        longest = longest.max(us);
+        snapshot.states.extend(part.states);
+        snapshot.skipped.extend(part.skipped);
+    }
+    let stats = CheckpointStats {
+        written: snapshot.states.len(),
+        removed: snapshot.removed.len(),
+        skipped: snapshot.skipped.len(),
+        sandbox_thread_us: on_thread,
+        longest_pause_us: longest,
+    };
+    Ok(Some((snapshot, stats)))
+}
+
+/// A read of a sandbox's states, or `None` when it was refused because the
+/// sandbox is being rebuilt (not checkpointed: module docs).
+fn unless_rebuilding<T>(read: Result<T>) -> Result<Option<T>> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(crate::error::Error::Rebuilding(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Records names skipped by a checkpoint (their old row is gone): not

@@ -10,6 +10,13 @@
 //!   memory, so no later start restores settings that fail.
 //! * With `apply_settings` the app never runs under the settings it
 //!   replaces: the new ones are written before the app first starts.
+//! * A live rebuild (`reconfigure_sandbox`) marks the id and closes the old
+//!   sandbox to requests in one step before its old app starts stopping,
+//!   and stops it through that guard (`RebuildGuard`, in `registry`): from
+//!   then on every request — a lookup, or a handle of the old sandbox taken
+//!   before — gets `Rebuilding` until the rebuilt sandbox has its states
+//!   back, and none is checkpointed meanwhile. Every way out drops the
+//!   guard; a sandbox it did not replace takes requests again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -256,16 +263,14 @@ impl Node {
         };
         // From here until the rebuilt sandbox has its states back (or this
         // returns), requests get `Rebuilding` (503, retryable) instead of
-        // the old app stopping or a missing sandbox, and a create gets
-        // `SandboxExists`.
-        let _rebuilding = self.mark_rebuilding(&new_spec.id);
-        // Stop the old app in order, then let the old VM go (memory only:
-        // its rows are the sandbox's).
+        // the old app stopping or a missing sandbox — also on a handle of
+        // the old sandbox taken before — and a create gets `SandboxExists`.
+        let rebuilding = self.mark_rebuilding(&old);
+        // Stop the old app in order (through the guard: the old sandbox
+        // takes no other request now), then let the old VM go (memory
+        // only: its rows are the sandbox's).
         if old.shared.spec.entry.is_some() {
-            let _ = crate::node::block_on(crate::node::with_timeout(
-                old.stop_app(),
-                Duration::from_secs(10),
-            ));
+            crate::node::block_on(rebuilding.stop_old_app(Duration::from_secs(10)));
         }
         let id = new_spec.id.clone();
         let host = HostFunctions(old.shared.host_fns.clone());

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{stopped, Sandbox};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernel::{AppStatus, Event};
 use crate::node::SandboxInfo;
 use crate::upgrade::{ModuleInfo, ModuleVersion};
@@ -37,6 +37,11 @@ impl Sandbox {
     /// Status, process count and memory. A failed sandbox answers with
     /// status `failed` (and no processes) until it is restarted or deleted.
     pub async fn info(&self) -> Result<SandboxInfo> {
+        // Not queued, so asked here what `enqueue` decides for requests: a
+        // sandbox closed for a rebuild answers `Rebuilding`.
+        if self.is_closed() {
+            return Err(Error::Rebuilding(self.shared.id.clone()));
+        }
         if let Some(info) = self.failed_info() {
             return Ok(info);
         }

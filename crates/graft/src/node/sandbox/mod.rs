@@ -10,6 +10,21 @@
 //! * A closed answer channel is explained ([`Sandbox::gone`]): node
 //!   stopped, sandbox failed, destroyed, or replaced by a rebuild
 //!   (`Rebuilding`, retryable), in that order of precedence.
+//! * A sandbox being rebuilt with new settings is closed to requests from
+//!   the moment its old app starts stopping until the rebuild ends
+//!   (`Shared::closed`): every request on any handle of it gets
+//!   `Rebuilding`, never an answer of the app being stopped (`no_process`
+//!   for a process already stopped, `busy` for a reload). The decision is
+//!   taken in one place, [`Sandbox::enqueue`], which every request goes
+//!   through (`info`, which reads without queueing, asks the same flag),
+//!   and there under the inbox lock: a request is either queued before the
+//!   close, so it runs before the rebuild's stop, or refused. Commands are
+//!   requests unless their caller names [`Origin::Node`]: only the
+//!   rebuild's own stop (`RebuildGuard::stop_old_app`) and the results of
+//!   blocking host calls the runtime made do, so a command added later is
+//!   refused while closed unless it says it is the node's own. A rebuild
+//!   that ends without replacing the sandbox reopens it (the guard's
+//!   drop), so its handles answer as before.
 //!
 //! Files: `processes.rs` (calls, casts, spawns, eval), `inspect.rs` (info,
 //! modules, coverage, events), `code.rs` (reload, rollback, export,
@@ -53,6 +68,20 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// Who queues a command: it decides whether a sandbox closed for a rebuild
+/// (`Shared::closed`) takes it. Every caller of [`Sandbox::enqueue`] names
+/// one, so none is let through by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::node) enum Origin {
+    /// A request on a handle (the API, an embedder, the checkpointer):
+    /// refused with `Rebuilding` while the sandbox is closed.
+    Request,
+    /// The node finishing work the runtime itself started or needs: the
+    /// rebuild stopping the old app, a blocking host call's result (the
+    /// stopping app's `terminate` may wait for one). Taken while closed.
+    Node,
+}
+
 pub(super) fn stopped(id: &str) -> Error {
     Error::SandboxStopped(id.to_owned())
 }
@@ -80,8 +109,9 @@ impl Sandbox {
     }
 
     /// Queues a command in the inbox; returns the node, which the caller
-    /// must wake (`schedule`) or serve itself (`run_inline`).
-    pub(super) fn enqueue(&self, cmd: Command) -> Result<Arc<NodeInner>> {
+    /// must wake (`schedule`) or serve itself (`run_inline`). The one place
+    /// that decides whether a request reaches the runtime (module docs).
+    pub(super) fn enqueue(&self, cmd: Command, origin: Origin) -> Result<Arc<NodeInner>> {
         let node = self
             .shared
             .node
@@ -93,15 +123,49 @@ impl Sandbox {
         if self.shared.destroyed.load(Ordering::Acquire) {
             return Err(self.destroyed_error());
         }
+        let mut inbox = self.shared.inbox.lock();
+        // Under the inbox lock, as the close is: no request slips in behind
+        // the rebuild's stop.
+        if origin == Origin::Request && self.is_closed() {
+            return Err(Error::Rebuilding(self.shared.id.clone()));
+        }
         if let Some(e) = self.shared.failure_error() {
             return Err(e);
         }
-        self.shared.inbox.lock().push_back(cmd);
+        inbox.push_back(cmd);
         Ok(node)
     }
 
+    /// Whether the sandbox is closed to requests for a rebuild.
+    pub(super) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the sandbox to requests for a rebuild (module docs): taken
+    /// with the inbox lock, so every request is queued before the close
+    /// (and runs before whatever the rebuild queues next) or refused.
+    /// Only `Node::mark_rebuilding` calls it; its guard reopens.
+    pub(in crate::node) fn close_for_rebuild(&self) {
+        let _inbox = self.shared.inbox.lock();
+        self.shared.closed.store(true, Ordering::Release);
+    }
+
+    /// Takes requests again (the rebuild ended; a replaced handle answers
+    /// `Rebuilding` through `replaced` instead).
+    pub(in crate::node) fn reopen(&self) {
+        self.shared.closed.store(false, Ordering::Release);
+    }
+
     pub(super) fn submit(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
-        let node = self.enqueue(Box::new(cmd))?;
+        self.submit_as(Origin::Request, cmd)
+    }
+
+    pub(in crate::node) fn submit_as(
+        &self,
+        origin: Origin,
+        cmd: impl FnOnce(&mut Runtime) + Send + 'static,
+    ) -> Result<()> {
+        let node = self.enqueue(Box::new(cmd), origin)?;
         schedule(&node, &self.shared, false);
         Ok(())
     }
@@ -152,9 +216,17 @@ impl Sandbox {
         &self,
         f: impl FnOnce(&mut Runtime, Arc<HostSlot>) + Send + 'static,
     ) -> Result<Json> {
+        self.ask_slot_as(Origin::Request, f).await
+    }
+
+    pub(in crate::node) async fn ask_slot_as(
+        &self,
+        origin: Origin,
+        f: impl FnOnce(&mut Runtime, Arc<HostSlot>) + Send + 'static,
+    ) -> Result<Json> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
-        self.submit(move |rt| f(rt, slot))?;
+        self.submit_as(origin, move |rt| f(rt, slot))?;
         rx.await.map_err(|_| self.gone())?
     }
 }

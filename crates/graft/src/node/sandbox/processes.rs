@@ -85,9 +85,10 @@ impl Sandbox {
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
-        let node = self.enqueue(Box::new(move |rt: &mut Runtime| {
-            rt.host_call(target, request, ms, slot)
-        }))?;
+        let node = self.enqueue(
+            Box::new(move |rt: &mut Runtime| rt.host_call(target, request, ms, slot)),
+            super::Origin::Request,
+        )?;
         if !scheduler::run_inline(&node, &self.shared) {
             schedule(&node, &self.shared, false);
         }

@@ -9,6 +9,7 @@ use super::run_queue::RunQueue;
 use super::slice::{release, run_inline};
 use super::worker::Pool;
 use super::{BUSY_MAX_WAIT_MS, STUCK_NICE};
+use crate::node::sandbox::Origin;
 
 #[test]
 fn fresh_work_goes_first_until_a_busy_sandbox_waited_too_long() {
@@ -54,9 +55,12 @@ fn an_idle_sandbox_runs_on_the_calling_thread() {
     for _ in 0..1000 {
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = sb
-            .enqueue(Box::new(move |_| {
-                tx.send(std::thread::current().id()).expect("receiver");
-            }))
+            .enqueue(
+                Box::new(move |_| {
+                    tx.send(std::thread::current().id()).expect("receiver");
+                }),
+                Origin::Request,
+            )
             .expect("queued");
         if run_inline(&inner, &sb.shared) {
             assert_eq!(rx.try_recv(), Ok(std::thread::current().id()));
@@ -77,9 +81,12 @@ fn a_scheduled_sandbox_is_left_to_its_owner() {
     sb.shared.scheduled.store(true, Ordering::Release);
     let (tx, rx) = std::sync::mpsc::channel();
     let inner = sb
-        .enqueue(Box::new(move |_| {
-            tx.send(std::thread::current().id()).expect("receiver");
-        }))
+        .enqueue(
+            Box::new(move |_| {
+                tx.send(std::thread::current().id()).expect("receiver");
+            }),
+            Origin::Request,
+        )
         .expect("queued");
     assert!(!run_inline(&inner, &sb.shared));
     assert_eq!(sb.shared.inbox.lock().len(), 1, "the command still waits");
@@ -95,7 +102,10 @@ fn a_panic_in_an_inline_slice_fails_only_that_sandbox() {
     let victim = idle(&node, "victim");
     let bystander = idle(&node, "bystander");
     victim
-        .enqueue(Box::new(|_| panic!("a bug in the runtime")))
+        .enqueue(
+            Box::new(|_| panic!("a bug in the runtime")),
+            Origin::Request,
+        )
         .expect("queued");
     // The call runs inline behind the panicking command: the barrier
     // fails the sandbox and the call learns why.
