@@ -17,7 +17,7 @@ use serde_json::Value as Json;
 use super::buckets::LogState;
 use super::pump::{pump, PumpMsg};
 use super::{EventCount, EventFilter, EventGap, EventPage, NodeEvent, MAX_DELETED_KEPT, MAX_SCAN};
-use crate::store::{NewEvent, Store, StoreError, WriteOp};
+use crate::store::{EventGaps, NewEvent, Store, StoreError, WriteOp};
 
 /// The node's event log (see the module docs).
 pub(crate) struct EventLog {
@@ -36,12 +36,19 @@ pub(crate) struct EventLog {
 impl EventLog {
     /// A log kept in memory only.
     pub fn in_memory(max_per_sandbox: usize) -> Arc<EventLog> {
-        Arc::new(EventLog::new(max_per_sandbox, None, Vec::new(), 0))
+        Arc::new(EventLog::new(
+            max_per_sandbox,
+            None,
+            Vec::new(),
+            EventGaps::default(),
+            0,
+        ))
     }
 
     /// A log written to `store`, starting from the events it holds.
     pub fn durable(max_per_sandbox: usize, store: Arc<Store>) -> crate::Result<Arc<EventLog>> {
         let last = store.last_event_seq()?;
+        let gaps = store.event_gaps()?;
         let kept = store.events_since(0, None, usize::MAX)?;
         let restored = kept
             .into_iter()
@@ -57,6 +64,7 @@ impl EventLog {
             max_per_sandbox,
             Some(store.clone()),
             restored,
+            gaps,
             last,
         ));
         let (tx, rx) = mpsc::channel();
@@ -79,6 +87,7 @@ impl EventLog {
         max_per_sandbox: usize,
         store: Option<Arc<Store>>,
         restored: Vec<NodeEvent>,
+        gaps: EventGaps,
         last_seq: u64,
     ) -> EventLog {
         let mut state = LogState {
@@ -96,9 +105,10 @@ impl EventLog {
         };
         let max = max_per_sandbox.max(1);
         // Numbers missing from the database were dropped (pruned, or never
-        // written): a reader from before one of them fell into a gap. For a
-        // sandbox, the dropped numbers below its oldest kept event may have
-        // been its own (per-sandbox pruning drops the oldest first).
+        // written): a reader of every sandbox from before one of them fell
+        // into a gap. A reader of one sandbox did only if it was that
+        // sandbox's, which the database records (`gaps`); a number never
+        // written was never shown, so no reader missed it.
         let mut expected = 1;
         let mut missing_through = 0;
         for e in restored {
@@ -111,7 +121,7 @@ impl EventLog {
                     .buckets
                     .entry(e.sandbox.clone())
                     .or_default()
-                    .pruned_through = missing_through;
+                    .pruned_through = gaps.through.get(&e.sandbox).copied().unwrap_or(0);
             }
             state.insert(e, max);
         }

@@ -302,7 +302,7 @@ fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
         max_events_per_sandbox: 100_000,
         ..Default::default()
     };
-    let store = Arc::new(Store::open_with(&path, opts).expect("open"));
+    let store = Arc::new(Store::open_with(&path, opts.clone()).expect("open"));
     let log = EventLog::durable(100_000, store.clone()).expect("log");
     let blocker = rusqlite::Connection::open(&path).expect("second connection");
     blocker
@@ -351,11 +351,150 @@ fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
     assert_eq!(stored.first().map(|r| r.seq), Some(dropped + 1));
     // And the log goes on: a new event is written and shown.
     log.append("a", "after", Json::Null);
+    log.append("b", "first", Json::Null);
     crate::block_on(log.settle());
     assert_eq!(
         kinds(&log.read(total, &EventFilter::default(), 10)),
-        vec![(total + 1, "after")]
+        vec![(total + 1, "after"), (total + 2, "first")]
     );
+    log.close();
+    store.close();
+    // After a restart the dropped events are still `a`'s gap, and only
+    // `a`'s: `b`, which lost nothing, is told of no gap.
+    let store = Arc::new(Store::open_with(&path, opts).expect("reopen"));
+    let log = EventLog::durable(100_000, store.clone()).expect("log");
+    let page = log.read(0, &sandbox_filter("a"), 1);
+    assert_eq!(
+        page.gap,
+        Some(EventGap {
+            after: 0,
+            up_to: dropped
+        })
+    );
+    assert_eq!(page.events.first().map(|e| e.seq), Some(dropped + 1));
+    let page = log.read(0, &sandbox_filter("b"), 10);
+    assert_eq!(page.gap, None, "b lost nothing");
+    assert_eq!(kinds(&page), vec![(total + 2, "first")]);
+    log.close();
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sandbox_filter(id: &str) -> EventFilter {
+    EventFilter {
+        sandbox: Some(id.to_owned()),
+        ..EventFilter::default()
+    }
+}
+
+/// Logs `a` ×10 then `b` ×2 into a store that keeps 3 events per sandbox,
+/// so `a` loses 1..=7 and `b` nothing; returns the store's path.
+fn log_a_then_b(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("graft-events-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("node.db");
+    let opts = crate::store::StoreOptions {
+        max_events_per_sandbox: 3,
+        ..Default::default()
+    };
+    let store = Arc::new(Store::open_with(&path, opts).expect("open"));
+    let log = EventLog::durable(3, store.clone()).expect("log");
+    for _ in 0..10 {
+        log.append("a", "tick", Json::Null);
+    }
+    log.append("b", "tick", Json::Null);
+    log.append("b", "tock", Json::Null);
+    crate::block_on(log.settle());
+    log.close();
+    store.close();
+    path
+}
+
+fn reopen(path: &std::path::Path) -> (Arc<Store>, Arc<EventLog>) {
+    let opts = crate::store::StoreOptions {
+        max_events_per_sandbox: 3,
+        ..Default::default()
+    };
+    let store = Arc::new(Store::open_with(path, opts).expect("reopen"));
+    let log = EventLog::durable(3, store.clone()).expect("log");
+    (store, log)
+}
+
+/// The bug this guards against: after a restart, a reader of one sandbox
+/// was told of a gap made of another sandbox's pruned events.
+#[test]
+fn after_a_restart_each_sandbox_is_told_of_its_own_gaps_only() {
+    let path = log_a_then_b("own-gaps");
+    let (store, log) = reopen(&path);
+    let page = log.read(0, &sandbox_filter("b"), 10);
+    assert_eq!(page.gap, None, "b lost nothing");
+    assert_eq!(kinds(&page), vec![(11, "tick"), (12, "tock")]);
+    let page = log.read(0, &sandbox_filter("a"), 10);
+    assert_eq!(page.gap, Some(EventGap { after: 0, up_to: 7 }));
+    assert_eq!(
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [8, 9, 10]
+    );
+    // A reader of every sandbox lost `a`'s 1..=7 too; one past them, nothing.
+    let all = log.read(0, &EventFilter::default(), 10);
+    assert_eq!(all.gap, Some(EventGap { after: 0, up_to: 7 }));
+    assert_eq!(log.read(7, &sandbox_filter("a"), 10).gap, None);
+    // A deleted sandbox's record goes with its events.
+    store
+        .write(vec![crate::store::WriteOp::DeleteEvents {
+            sandbox: "a".into(),
+        }])
+        .expect("delete a's events");
+    assert!(!store.event_gaps().expect("gaps").through.contains_key("a"));
+    log.close();
+    store.close();
+    let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+}
+
+/// The migration: a schema-1 file with events is taken forward, and each
+/// sandbox's gap starts where that Graft would have put it (the highest
+/// missing number below its oldest kept event); later numbers are exact.
+#[test]
+fn the_gap_migration_seeds_each_sandbox_as_the_old_graft_told_it() {
+    let dir = std::env::temp_dir().join(format!("graft-events-v1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("node.db");
+    let v1 = &crate::store::schema::MIGRATIONS[..1];
+    let store = Store::open_inner(&path, Default::default(), v1, true, None).expect("v1");
+    store.close();
+    {
+        // What a schema-1 node left: a kept 5..=6 (1..=4 pruned), b kept 9
+        // (7..=8 pruned), c kept 10, the node's own event 11.
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        conn.execute_batch(
+            "INSERT INTO events (seq, sandbox, kind, payload, at_ms) VALUES
+               (5, 'a', 'tick', 'null', 0), (6, 'a', 'tick', 'null', 0),
+               (9, 'b', 'tick', 'null', 0), (10, 'c', 'tick', 'null', 0),
+               (11, NULL, 'node', 'null', 0);",
+        )
+        .expect("old events");
+    }
+    let (store, log) = reopen(&path);
+    let gaps = store.event_gaps().expect("gaps");
+    assert_eq!(gaps.through.get("a"), Some(&4));
+    assert_eq!(gaps.through.get("b"), Some(&8));
+    assert_eq!(
+        gaps.through.get("c"),
+        Some(&8),
+        "c's oldest is above b's pruned numbers: the old Graft told c of them"
+    );
+    assert_eq!(gaps.through.len(), 3);
+    assert_eq!(
+        log.read(0, &sandbox_filter("a"), 10).gap,
+        Some(EventGap { after: 0, up_to: 4 })
+    );
+    // A sandbox that starts after the migration is told of nothing.
+    log.append("d", "tick", Json::Null);
+    crate::block_on(log.settle());
+    log.close();
+    store.close();
+    let (store, log) = reopen(&path);
+    assert_eq!(log.read(0, &sandbox_filter("d"), 10).gap, None);
     log.close();
     store.close();
     let _ = std::fs::remove_dir_all(&dir);

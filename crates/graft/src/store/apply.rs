@@ -81,6 +81,13 @@ pub(crate) fn apply(conn: &Connection, op: &WriteOp, ctx: ApplyCtx<'_>) -> Store
         } => step.drop_version(sandbox, module, *version),
         WriteOp::AppendEvent(ev) => step.append_event(ev),
         WriteOp::DeleteEvents { sandbox } => step.delete_events(sandbox),
+        WriteOp::MarkEventGap { sandbox, through } => {
+            let through = i64::try_from(*through).map_err(|_| StoreError::Invalid {
+                op: "mark_event_gap",
+                detail: format!("event seq {through} is out of range"),
+            })?;
+            step.mark_gap(sandbox, through)
+        }
         WriteOp::PutCheckpoints {
             sandbox,
             rows,
@@ -387,13 +394,36 @@ impl Step<'_> {
         // Keeps the newest `max_events_per_sandbox`: one index seek to the
         // cut-off and a range delete, so appending stays O(log n).
         let keep = i64::try_from(ctx.max_events_per_sandbox.max(1)).unwrap_or(i64::MAX);
-        conn.prepare_cached(
-            "DELETE FROM events WHERE sandbox IS ?1 AND seq <= (
-               SELECT seq FROM events WHERE sandbox IS ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-        )
-        .and_then(|mut st| st.execute(params![ev.sandbox, keep]))
-        .map_err(sql_err)?;
+        let cut: Option<i64> = conn
+            .prepare_cached(
+                "SELECT seq FROM events WHERE sandbox IS ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![ev.sandbox, keep], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sql_err)?;
+        if let Some(cut) = cut {
+            conn.prepare_cached("DELETE FROM events WHERE sandbox IS ?1 AND seq <= ?2")
+                .and_then(|mut st| st.execute(params![ev.sandbox, cut]))
+                .map_err(sql_err)?;
+            if let Some(sandbox) = &ev.sandbox {
+                self.mark_gap(sandbox, cut)?;
+            }
+        }
         Ok(Applied::Event { seq: seq as u64 })
+    }
+
+    /// Records that `sandbox` has lost the event numbers up to `through`.
+    fn mark_gap(&self, sandbox: &str, through: i64) -> StoreResult<Applied> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO event_gaps (sandbox, through) VALUES (?1, ?2)
+                 ON CONFLICT (sandbox) DO UPDATE SET through = max(through, excluded.through)",
+            )
+            .and_then(|mut st| st.execute(params![sandbox, through]))
+            .map_err(|e| self.sql_err(e))?;
+        Ok(Applied::Done)
     }
 
     /// Forgets every event of a deleted sandbox.
@@ -401,6 +431,9 @@ impl Step<'_> {
         let conn = self.conn;
         let sql_err = |e: rusqlite::Error| self.sql_err(e);
         conn.prepare_cached("DELETE FROM events WHERE sandbox = ?1")
+            .and_then(|mut st| st.execute(params![sandbox]))
+            .map_err(sql_err)?;
+        conn.prepare_cached("DELETE FROM event_gaps WHERE sandbox = ?1")
             .and_then(|mut st| st.execute(params![sandbox]))
             .map_err(sql_err)?;
         Ok(Applied::Done)

@@ -62,10 +62,8 @@ use rusqlite::{Connection, OpenFlags};
 pub use attach::Attached;
 pub use error::{StoreError, StoreResult};
 pub use ops::{Applied, WriteOp};
-pub use records::{
-    AuditQuery, AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot, NewEvent,
-    RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
-};
+// Every record type is part of the store's API.
+pub use records::*;
 pub use schema::SCHEMA_VERSION;
 pub(crate) use writer::writable;
 pub use writer::{Receipt, LAZY_WAIT};
@@ -518,6 +516,11 @@ impl Store {
         limit: usize,
     ) -> StoreResult<Vec<EventRecord>> {
         self.with_reader(|p, c| read::events_since(p, c, after, sandbox, limit))
+    }
+
+    /// What the event log has lost, per sandbox (see [`EventGaps`]).
+    pub fn event_gaps(&self) -> StoreResult<EventGaps> {
+        self.with_reader(read::event_gaps)
     }
 
     /// The highest event sequence number ever given (0: none), including

@@ -88,6 +88,15 @@ pub enum WriteOp {
         /// The deleted sandbox.
         sandbox: String,
     },
+    /// Records that a sandbox has lost the event numbers up to `through`
+    /// (events dropped unwritten while the store refused writes), so that
+    /// a restarted node still tells its readers. Pruning records its own.
+    MarkEventGap {
+        /// The sandbox whose events were lost.
+        sandbox: String,
+        /// The highest lost number.
+        through: u64,
+    },
     /// Writes the last checkpoint of some registered processes of a sandbox
     /// (replacing older ones of the same names) and forgets the checkpoints of
     /// `removed` names (processes gone or unregistered).
@@ -149,6 +158,7 @@ impl WriteOp {
             WriteOp::ReplaceHistory { .. } => "replace_history",
             WriteOp::AppendEvent(_) => "append_event",
             WriteOp::DeleteEvents { .. } => "delete_events",
+            WriteOp::MarkEventGap { .. } => "mark_event_gap",
             WriteOp::PutCheckpoints { .. } => "put_checkpoints",
             WriteOp::ClearCheckpoints { .. } => "clear_checkpoints",
             WriteOp::PutToken(_) => "put_token",

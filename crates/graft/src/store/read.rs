@@ -16,8 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::error::{StoreError, StoreResult};
 use super::records::{
-    AuditQuery, AuditRecord, CheckpointRecord, EventRecord, ModuleRecord, ModuleSnapshot,
-    RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord, VersionStatus,
+    AuditQuery, AuditRecord, CheckpointRecord, EventGaps, EventRecord, ModuleRecord,
+    ModuleSnapshot, RestoreSnapshot, SandboxRecord, SandboxSnapshot, TokenRecord, VersionRecord,
+    VersionStatus,
 };
 
 fn bad(path: &Path, detail: String) -> StoreError {
@@ -321,6 +322,23 @@ pub(crate) fn last_event_seq(path: &Path, conn: &Connection) -> StoreResult<u64>
         .optional()
         .map_err(|e| StoreError::from_sqlite("reading", path, e))?;
     Ok(seq.unwrap_or(0).max(0) as u64)
+}
+
+/// The recorded per-sandbox gaps of the event log (`event_gaps`).
+pub(crate) fn event_gaps(path: &Path, conn: &Connection) -> StoreResult<EventGaps> {
+    let err = |e| StoreError::from_sqlite("reading", path, e);
+    let mut st = conn
+        .prepare("SELECT sandbox, through FROM event_gaps")
+        .map_err(err)?;
+    let rows = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(err)?;
+    let mut through = std::collections::HashMap::new();
+    for row in rows {
+        let (sandbox, seq) = row.map_err(err)?;
+        through.insert(sandbox, seq.max(0) as u64);
+    }
+    Ok(EventGaps { through })
 }
 
 pub(crate) fn events_since(

@@ -126,6 +126,14 @@ pub struct EventRecord {
     pub at_ms: f64,
 }
 
+/// What the event log has lost, per sandbox, as the database remembers it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventGaps {
+    /// The highest event number each sandbox has lost (pruned, or dropped
+    /// unwritten); a sandbox that lost none has no entry.
+    pub through: std::collections::HashMap<String, u64>,
+}
+
 /// The last checkpoint of one registered process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {

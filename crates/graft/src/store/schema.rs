@@ -8,7 +8,8 @@
 //!   between.
 //! * Migrations only ever add (tables, columns with defaults, indexes): a
 //!   database is never rewritten, so a migration costs no time proportional
-//!   to its size.
+//!   to its size; the one exception, version 2, reads the events table
+//!   (bounded per sandbox) once to seed its new table.
 //! * A file is inspected with plain reads ([`inspect_file`]) and, if it may
 //!   hold a write-ahead log, with a read-only SQLite connection before any
 //!   read-write connection opens it: a file that this build must refuse (newer
@@ -39,14 +40,56 @@ pub struct Migration {
 
 /// Every migration of this build, oldest first. Append, never edit: a file
 /// at version N has run exactly the first N of these.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "sandboxes, module versions, events, checkpoints, tokens, audit",
-    sql: V1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "sandboxes, module versions, events, checkpoints, tokens, audit",
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        name: "the event numbers each sandbox has lost",
+        sql: V2,
+    },
+];
 
 /// The newest schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Per-sandbox gaps of the event log, so that after a restart a reader of one
+/// sandbox is told of its own lost events only (before: of any sandbox's).
+///
+/// The one migration that reads data: the events an older Graft kept do not
+/// say whose were pruned, so each sandbox's row starts at the highest missing
+/// number below its oldest kept event (what that Graft told its readers).
+/// Once, over at most `max_events_per_sandbox` rows per sandbox.
+const V2: &str = r#"
+-- The highest event number each sandbox has lost: pruned beyond
+-- max_events_per_sandbox (in the pruning's transaction), or dropped unwritten
+-- while the store refused writes (with the next write that lands). A row
+-- goes when its sandbox's events do (DeleteEvents), so deleted sandboxes
+-- leave nothing behind.
+CREATE TABLE event_gaps (
+    sandbox TEXT PRIMARY KEY NOT NULL,
+    through INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+INSERT INTO event_gaps (sandbox, through)
+WITH
+    -- Every missing number just below a kept one.
+    edges (x) AS (
+        SELECT e.seq - 1 FROM events e
+        WHERE e.seq > 1 AND NOT EXISTS (SELECT 1 FROM events p WHERE p.seq = e.seq - 1)
+    ),
+    firsts (sandbox, first) AS (
+        SELECT sandbox, MIN(seq) FROM events WHERE sandbox IS NOT NULL GROUP BY sandbox
+    )
+SELECT sandbox, through FROM (
+    SELECT f.sandbox AS sandbox, (SELECT MAX(x) FROM edges WHERE x < f.first) AS through
+    FROM firsts f
+)
+WHERE through IS NOT NULL;
+"#;
 
 const V1: &str = r#"
 PRAGMA application_id = 1196574292;
