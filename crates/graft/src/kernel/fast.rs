@@ -20,6 +20,7 @@
 //! * This module imports the kernel only; `natives` installs it (never the
 //!   other way round).
 
+use std::cell::RefCell;
 use std::ffi::c_int;
 
 use mlua::ffi;
@@ -27,6 +28,96 @@ use mlua::Lua;
 
 use super::{Kernel, KernelHandle, DEFAULT_CALL_TIMEOUT_MS};
 use crate::value::VmPid;
+
+thread_local! {
+    /// The kernel of the slice running on this thread, for these natives:
+    /// the handle, and the identity of its VM (the address of the VM's
+    /// global callbacks, shared by all its threads; 0 until the first
+    /// native of the slice has checked it against the VM's app data).
+    /// Set by [`SliceKernel::enter`] for a slice, cleared when it ends.
+    static SLICE_KERNEL: RefCell<Option<(usize, KernelHandle)>> = const { RefCell::new(None) };
+}
+
+/// Makes `kh` the kernel these natives look at first on this thread, until
+/// dropped (the end of the slice): an mlua app-data lookup takes the VM's
+/// lock and costs about as much as the rest of a fast call.
+///
+/// Invariant: the cached handle is only ever used for the VM it was checked
+/// against (same callbacks address) while that VM is alive, which it is
+/// for the whole slice; the cache owns a clone of the handle, so nothing in
+/// it can dangle.
+pub(crate) struct SliceKernel {
+    previous: Option<(usize, KernelHandle)>,
+}
+
+impl SliceKernel {
+    pub fn enter(kh: &KernelHandle) -> SliceKernel {
+        let previous = SLICE_KERNEL.with(|c| c.borrow_mut().replace((0, kh.clone())));
+        SliceKernel { previous }
+    }
+}
+
+impl Drop for SliceKernel {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        SLICE_KERNEL.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+/// The identity of the VM `state` belongs to: its global callbacks, which
+/// every thread of one VM shares.
+///
+/// # Safety
+///
+/// `state` must be a live thread of a Luau VM.
+unsafe fn vm_identity(state: *mut ffi::lua_State) -> usize {
+    // SAFETY: `state` is live (the contract); `lua_callbacks` only returns
+    // the address of its VM's callbacks, which live as long as the VM.
+    unsafe { ffi::lua_callbacks(state) as usize }
+}
+
+/// Runs `f` on the kernel of `state`'s VM: the slice's cached one when it is
+/// that VM's ([`SliceKernel`]), else from the VM's app data. `None` when
+/// the kernel is borrowed already.
+///
+/// # Safety
+///
+/// As [`with_kernel`].
+unsafe fn on_kernel<R>(state: *mut ffi::lua_State, f: impl FnOnce(&mut Kernel) -> R) -> Option<R> {
+    // SAFETY: forwarded contract.
+    let vm = unsafe { vm_identity(state) };
+    let mut f = Some(f);
+    let cached = SLICE_KERNEL.with(|c| {
+        let mut c = c.borrow_mut();
+        let (key, kh) = c.as_mut()?;
+        if *key != vm {
+            if *key != 0 {
+                return None;
+            }
+            // First use in this slice: make sure the handle is this VM's.
+            // SAFETY: forwarded contract (a live mlua VM's thread).
+            let lua = unsafe { Lua::get_or_init_from_ptr(state) };
+            let theirs = lua.app_data_ref::<KernelHandle>()?;
+            if !theirs.same(kh) {
+                return None;
+            }
+            *key = vm;
+        }
+        let mut k = kh.try_borrow()?;
+        f.take().map(|f| f(&mut k))
+    });
+    if cached.is_some() {
+        return cached;
+    }
+    let f = f.take()?;
+    // SAFETY: forwarded contract.
+    let lua = unsafe { Lua::get_or_init_from_ptr(state) };
+    // The app-data borrow is held while `f` runs: `f` runs no Luau code and
+    // sets no app data, so nothing needs the container meanwhile.
+    let handle = lua.app_data_ref::<KernelHandle>()?;
+    let mut k = handle.try_borrow()?;
+    Some(f(&mut k))
+}
 
 /// Runs `f` on the kernel behind a panic barrier: these functions are called
 /// from Luau's C stack, which a panic must never unwind through. A panic is
@@ -43,20 +134,15 @@ unsafe fn with_kernel<R>(
     f: impl FnOnce(&mut Kernel) -> R,
 ) -> Option<R> {
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: per this function's contract, `state` belongs to a live
-        // mlua VM, which is what `get_or_init_from_ptr` requires.
-        let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-        // The app-data borrow is held while `f` runs: `f` runs no Luau code
-        // and sets no app data, so nothing needs the container meanwhile.
-        let handle = lua.app_data_ref::<KernelHandle>()?;
-        let mut k = handle.try_borrow()?;
-        Some(f(&mut k))
+        // SAFETY: per this function's contract.
+        unsafe { on_kernel(state, f) }
     }));
     match ran {
         Ok(r) => r,
         Err(payload) => {
             let parked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // SAFETY: as above.
+                // SAFETY: per this function's contract, `state` belongs to a
+                // live mlua VM, which is what `get_or_init_from_ptr` requires.
                 let lua = unsafe { Lua::get_or_init_from_ptr(state) };
                 if let Some(handle) = lua.app_data_ref::<KernelHandle>().map(|h| h.clone()) {
                     if let Some(mut k) = handle.try_borrow() {

@@ -272,6 +272,11 @@ impl KernelHandle {
         }
     }
 
+    /// Whether both handles are on the same kernel.
+    pub fn same(&self, other: &KernelHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Borrows the kernel unless it is borrowed already.
     #[inline]
     pub fn try_borrow(&self) -> Option<KernelRef<'_>> {

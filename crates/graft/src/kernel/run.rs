@@ -27,6 +27,7 @@ use crate::vm::{self, MARK_AWAIT, MARK_DONE};
 /// Runs the sandbox until it has no runnable process or its slice ends.
 /// Returns whether work remains. `kh`: the handle on `lua`'s kernel.
 pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
+    let _fast = super::fast::SliceKernel::enter(kh);
     let started = clock::coarse_ms();
     {
         let k = kh.borrow();
