@@ -1727,3 +1727,121 @@ fn a_graft_toml_edit_during_a_canary_window_is_refused_with_why() {
     node.await_stdout("✓ graft.toml applied (limits changed)", 1);
     node.terminate();
 }
+
+/// `GET path` on 127.0.0.1:`port` with `token`: the JSON body of a 200,
+/// `None` for anything else (the node is gone, or not yet listening).
+fn get_json(port: u16, token: &str, path: &str) -> Option<Value> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    if resp.split(' ').nth(1) != Some("200") {
+        return None;
+    }
+    serde_json::from_str(resp.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// `kill -9` while a sandbox logs events fast (processes crashing in a
+/// loop, each a `crash` event written by the event writer) and its events
+/// are pruned (`--max-events 20`), with a reader following the sandbox's
+/// events: after each restart, no number the reader was shown comes back
+/// as another event, a number it was shown that the database no longer
+/// holds is a gap for a reader from just before it, and new events number
+/// on above everything shown.
+#[test]
+fn kill_9_while_events_are_written_reuses_no_shown_number_and_hides_no_gap() {
+    let dir = project("kill9-events");
+    std::fs::write(
+        dir.join("src/app.luau"),
+        r#"return {
+  behaviour = "supervisor",
+  init = function()
+    return { strategy = "one_for_one", children = {
+      { id = "spammer", module = "spammer", name = "spammer" },
+    } }
+  end,
+}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/spammer.luau"),
+        r#"local s = {}
+function s.init() graft.send_after(1, graft.self(), "tick"); return {} end
+function s.handle_info(msg, st)
+  for _ = 1, 5 do graft.spawn("boom") end
+  graft.send_after(1, graft.self(), "tick")
+  return st
+end
+return s
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/boom.luau"),
+        r#"local b = {}
+function b.init() graft.send(graft.self(), "die"); return {} end
+function b.handle_info(msg, st) error("boom") end
+return b
+"#,
+    )
+    .unwrap();
+    let mut shown: BTreeMap<u64, Value> = BTreeMap::new();
+    for round in 0..5u32 {
+        let node = Running::start(&dir, &["--max-events", "20"]);
+        let (port, token) = (node.port, node.token.clone());
+        let page = |after: u64| {
+            get_json(
+                port,
+                &token,
+                &format!("/api/v1/events?after={after}&sandbox=myapp"),
+            )
+        };
+        // What the last node showed: still the same event, or a gap for a
+        // reader from just before it.
+        let newest_shown = shown.keys().next_back().copied().unwrap_or(0);
+        for (&seq, event) in &shown {
+            let p = page(seq - 1).expect("a page");
+            match p["events"].as_array().and_then(|e| e.first()) {
+                Some(e) if e["seq"] == seq => {
+                    assert_eq!(e, event, "round {round}: #{seq} is another event now")
+                }
+                _ => {
+                    let up_to = p["gap"]["up_to"].as_u64().unwrap_or(0);
+                    assert!(
+                        up_to >= seq,
+                        "round {round}: #{seq} was shown, is gone, and a reader after {} is told no gap: {p}",
+                        seq - 1
+                    );
+                }
+            }
+        }
+        // Follow the sandbox's events until the kill.
+        let mut after = newest_shown;
+        let mut new = 0;
+        let deadline = Instant::now() + Duration::from_millis(300 + jitter_ms(round, 700));
+        while Instant::now() < deadline || new == 0 {
+            let p = page(after).expect("a page while the node runs");
+            for e in p["events"].as_array().expect("events") {
+                let seq = e["seq"].as_u64().expect("seq");
+                assert!(
+                    seq > newest_shown,
+                    "round {round}: #{seq} numbered at or below #{newest_shown}, shown before the restart"
+                );
+                shown.insert(seq, e.clone());
+                new += 1;
+            }
+            after = p["last_seq"].as_u64().expect("last_seq").max(after);
+        }
+        node.kill9();
+        // Keep the check bounded: the newest few hundred shown.
+        while shown.len() > 300 {
+            shown.pop_first();
+        }
+    }
+}

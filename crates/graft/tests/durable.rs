@@ -2098,3 +2098,157 @@ fn a_version_that_no_longer_compiles_is_named_by_module_and_version() {
     assert!(!msg.contains("/home/secret"), "{msg}");
     node.shutdown();
 }
+
+/// Requests racing a rebuild through a handle of the old sandbox: every
+/// `inc` that was answered is in the state the rebuilt sandbox gets back,
+/// and every other is told `sandbox_rebuilding`. (Before, the rebuild read
+/// the states it restores before closing the old sandbox, and calls
+/// answered between that read and the close — while the checkpoint and the
+/// `sandbox_reconfigured` event were written — were lost without any
+/// crash; a call still in `c`'s mailbox when the stop ended it was
+/// `crashed` with reason `shutdown`. Each of the two failed most runs.)
+#[test]
+fn every_call_answered_before_a_rebuild_closes_is_in_the_rebuilt_state() {
+    let dir = TempDir::new("rebuild-race");
+    let node = open(&dir);
+    let sb = block_on(node.create_sandbox(spec("shop"))).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    let started = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (sb, started) = (sb.clone(), started.clone());
+            std::thread::spawn(move || {
+                // One answered before the rebuild starts, at least.
+                sb.call_blocking("c", json!("inc"), None).expect("inc");
+                let mut answered = 1u64;
+                started.wait();
+                loop {
+                    match sb.call_blocking("c", json!("inc"), None) {
+                        Ok(_) => answered += 1,
+                        Err(e) => {
+                            assert_eq!(e.kind(), "sandbox_rebuilding", "{e}");
+                            return answered;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    started.wait();
+    let mut bigger = spec("shop");
+    bigger.limits.max_versions = 7;
+    let rebuilt = node
+        .reconfigure_sandbox(bigger)
+        .expect("reconfigured")
+        .expect("rebuilt");
+    let answered: u64 = callers.into_iter().map(|c| c.join().expect("caller")).sum();
+    assert_eq!(
+        call(&rebuilt, "get")["n"],
+        answered,
+        "every answered inc is in the rebuilt state"
+    );
+    node.shutdown();
+}
+
+/// A call sent before a rebuild closes the sandbox but answered after the
+/// rebuild read the states it restores: answered `Rebuilding` (its effect
+/// is not in the rebuilt sandbox), never a success that the rebuild then
+/// takes back. Here `c` is busy in a held call when `inc` arrives, and
+/// handles it while the old app stops (held in `h`'s `terminate`), after
+/// the rebuild's read. (Before: `inc` answered 1 and the rebuilt `c` was
+/// back at 0.)
+#[test]
+fn a_call_answered_after_the_rebuilds_read_is_told_rebuilding() {
+    let dir = TempDir::new("rebuild-late-answer");
+    let node = open(&dir);
+    let gate = Gate::new();
+    let (handled_tx, handled) = std::sync::mpsc::channel::<()>();
+    let handled_tx = std::sync::Mutex::new(handled_tx);
+    let host = gate.host.clone().function("probe.handled", move |_| {
+        let _ = handled_tx.lock().unwrap().send(());
+        Ok(json!(null))
+    });
+    let app = r#"
+return {
+  behaviour = "supervisor",
+  init = function()
+    return { strategy = "one_for_one", children = {
+      { id = "c", module = "counter", name = "c" },
+      { id = "h", module = "holder", name = "h", shutdown = "infinity" },
+    } }
+  end,
+}
+"#;
+    let counter = r#"
+local c = {}
+function c.init() return { n = 0 } end
+function c.handle_call(req, from, state)
+  if req == "hold" then gate.hold("call"); return "held", state end
+  if req == "inc" then state.n += 1; probe.handled(); return state.n, state end
+  return state, state
+end
+return c
+"#;
+    let holder = r#"
+return {
+  init = function() return {} end,
+  terminate = function() gate.hold("terminate") end,
+}
+"#;
+    let mut spec = SandboxSpec::new("shop")
+        .entry(Some("app"))
+        .module("app", app)
+        .module("counter", counter)
+        .module("holder", holder);
+    spec.limits.handler_ms = 60_000;
+    let sb = block_on(node.create_sandbox_with(spec.clone(), host)).expect("create");
+    block_on(sb.wait_app_started()).expect("app");
+    // `c` holds in a call; `inc` waits in its mailbox behind it.
+    let holding = {
+        let sb = sb.clone();
+        std::thread::spawn(move || sb.call_blocking("c", json!("hold"), None))
+    };
+    gate.held("call");
+    let inc = {
+        let sb = sb.clone();
+        std::thread::spawn(move || sb.call_blocking("c", json!("inc"), None))
+    };
+    // Until `inc` waits in `c`'s mailbox.
+    let queued = || {
+        block_on(sb.processes())
+            .expect("processes")
+            .iter()
+            .any(|p| p.name.as_deref() == Some("c") && p.mailbox_len > 0)
+    };
+    while !queued() {
+        std::thread::yield_now();
+    }
+    let mut bigger = spec;
+    bigger.limits.max_versions = 7;
+    let rebuilder = {
+        let node = node.clone();
+        std::thread::spawn(move || node.reconfigure_sandbox(bigger))
+    };
+    // The old app stops: the rebuild's read is done.
+    gate.held("terminate");
+    gate.release(); // `c`'s held call returns; `c` handles `inc`.
+    handled.recv().expect("inc handled");
+    gate.release(); // `h` stops, then `c`.
+    let rebuilt = rebuilder
+        .join()
+        .expect("no panic")
+        .expect("reconfigured")
+        .expect("rebuilt");
+    let n = block_on(rebuilt.state("c")).expect("state")["n"].clone();
+    match inc.join().expect("inc") {
+        Ok(v) => panic!("inc answered {v} after the rebuild's read; the rebuilt c has n = {n}"),
+        Err(e) => assert_eq!(e.kind(), "sandbox_rebuilding", "{e}"),
+    }
+    assert_eq!(n, 0, "the rebuilt c has its state as read");
+    let held = holding
+        .join()
+        .expect("hold")
+        .expect_err("answered after the read");
+    assert_eq!(held.kind(), "sandbox_rebuilding", "{held}");
+    node.shutdown();
+}

@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! * `visible` never goes backwards, never passes a number pending or failed,
-//!   and with a store never passes `durable`.
+//!   and with a store never passes `durable` nor a number given up unwritten
+//!   whose gap is not on disk yet (`unrecorded`): a gap is stored no later
+//!   than the events that show past it.
 //! * An event is in `by_seq` exactly when its number is in its sandbox's
 //!   bucket; each bucket holds at most `max` numbers, and every number
 //!   dropped from one is at or below `pruned_through`.
@@ -45,15 +47,24 @@ pub(super) struct LogState {
     pub(super) deleted: VecDeque<String>,
     /// The newest sequence number dropped from any bucket (0: none).
     pub(super) pruned_through: u64,
+    /// With a store: per sandbox, the (lowest, highest) numbers given up
+    /// unwritten whose gap is not on disk yet (`WriteOp::MarkEventGap`
+    /// rides with the next write, the pump's or a commit's).
+    pub(super) unrecorded: BTreeMap<String, (u64, u64)>,
 }
 
 impl LogState {
     /// Moves staged events up to the new watermark into the buckets.
     pub(super) fn advance(&mut self, max: usize) -> u64 {
-        let open = match (self.pending.first(), self.failed.first()) {
-            (Some(a), Some(b)) => Some(*a.min(b)),
-            (a, b) => a.or(b).copied(),
-        };
+        let unrecorded = self.unrecorded.values().map(|(low, _)| *low).min();
+        let open = [
+            self.pending.first().copied(),
+            self.failed.first().copied(),
+            unrecorded,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut visible = open.map_or(self.next_seq - 1, |first| first - 1);
         if self.stored {
             visible = visible.min(self.durable);

@@ -102,6 +102,7 @@ impl EventLog {
             buckets: HashMap::new(),
             deleted: VecDeque::new(),
             pruned_through: 0,
+            unrecorded: BTreeMap::new(),
         };
         let max = max_per_sandbox.max(1);
         // Numbers missing from the database were dropped (pruned, or never
@@ -109,6 +110,12 @@ impl EventLog {
         // into a gap. A reader of one sandbox did only if it was that
         // sandbox's, which the database records (`gaps`); a number never
         // written was never shown, so no reader missed it.
+        // A sandbox with a recorded gap gets its bucket even without a
+        // kept event (all it logged was given up unwritten), so its next
+        // event does not open one that forgot the gap.
+        for (sandbox, through) in gaps.through {
+            state.buckets.entry(sandbox).or_default().pruned_through = through;
+        }
         let mut expected = 1;
         let mut missing_through = 0;
         for e in restored {
@@ -116,13 +123,6 @@ impl EventLog {
                 missing_through = e.seq - 1;
             }
             expected = e.seq + 1;
-            if !state.buckets.contains_key(&e.sandbox) {
-                state
-                    .buckets
-                    .entry(e.sandbox.clone())
-                    .or_default()
-                    .pruned_through = gaps.through.get(&e.sandbox).copied().unwrap_or(0);
-            }
             state.insert(e, max);
         }
         if last_seq >= expected {
@@ -211,11 +211,16 @@ impl EventLog {
     ) -> Result<u64, StoreError> {
         let event = self.reserve(sandbox, kind, detail);
         if let Some(store) = &self.store {
+            // Gaps not on disk yet go first (a `DeleteEvents` after them
+            // wins): this event may show past them.
+            let gaps = self.unrecorded_gaps();
+            ops.splice(0..0, gap_ops(&gaps));
             ops.push(EventLog::write_op(&event));
             if let Err(e) = store.write_attached(ops, attached) {
                 self.abandon(event.seq);
                 return Err(e);
             }
+            self.gaps_recorded(&gaps);
             // This event is shown only after the waiting ones: have them
             // tried now.
             if !self.state.lock().failed.is_empty() {
@@ -268,7 +273,8 @@ impl EventLog {
     }
 
     /// The pump gave up these events (never written, never shown): readers
-    /// that may have wanted them are told by a gap once later events show.
+    /// that may have wanted them are told by a gap once later events show —
+    /// with a store, once the gap is on disk too ([`EventLog::gaps_recorded`]).
     pub(super) fn write_abandoned(&self, events: &[NodeEvent]) {
         self.update(|st| {
             for e in events {
@@ -277,6 +283,43 @@ impl EventLog {
                 let bucket = st.buckets.entry(e.sandbox.clone()).or_default();
                 bucket.pruned_through = bucket.pruned_through.max(e.seq);
                 st.pruned_through = st.pruned_through.max(e.seq);
+                if st.stored {
+                    let (low, high) = st
+                        .unrecorded
+                        .entry(e.sandbox.clone())
+                        .or_insert((e.seq, e.seq));
+                    *low = (*low).min(e.seq);
+                    *high = (*high).max(e.seq);
+                }
+            }
+        });
+    }
+
+    /// The gaps given up unwritten and not on disk yet: (sandbox, highest
+    /// number), for the next write to carry ([`gap_ops`]).
+    pub(super) fn unrecorded_gaps(&self) -> Vec<(String, u64)> {
+        let st = self.state.lock();
+        st.unrecorded
+            .iter()
+            .map(|(sandbox, (_, high))| (sandbox.clone(), *high))
+            .collect()
+    }
+
+    /// A write carrying these gaps landed: events may show past them.
+    pub(super) fn gaps_recorded(&self, gaps: &[(String, u64)]) {
+        if gaps.is_empty() {
+            return;
+        }
+        self.update(|st| {
+            for (sandbox, through) in gaps {
+                // One given up since the snapshot waits for the next write.
+                if st
+                    .unrecorded
+                    .get(sandbox)
+                    .is_some_and(|(_, high)| high <= through)
+                {
+                    st.unrecorded.remove(sandbox);
+                }
             }
         });
     }
@@ -496,4 +539,14 @@ impl Drop for EventLog {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The store operations recording `gaps` ([`EventLog::unrecorded_gaps`]).
+pub(super) fn gap_ops(gaps: &[(String, u64)]) -> Vec<WriteOp> {
+    gaps.iter()
+        .map(|(sandbox, through)| WriteOp::MarkEventGap {
+            sandbox: sandbox.clone(),
+            through: *through,
+        })
+        .collect()
 }

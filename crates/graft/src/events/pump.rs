@@ -6,16 +6,19 @@
 //!   [`RETRY_MAX`]) with what came meanwhile; at most [`MAX_UNWRITTEN`] wait,
 //!   the oldest beyond are abandoned (a gap for readers).
 //! * Events abandoned unwritten are a gap of their sandbox on disk too: a
-//!   `MarkEventGap` per sandbox rides with every write until one lands, so
-//!   the gap is stored no later than the events that make it visible.
+//!   `MarkEventGap` per sandbox rides with every write until one lands (the
+//!   pump's or a commit point's, `EventLog::unrecorded_gaps`), and no later
+//!   number shows before (the log's `unrecorded`), so the gap is stored no
+//!   later than the events that make it visible.
 //! * The thread holds the log only weakly: it ends when the log is dropped
 //!   or its channel closes.
 
 use std::sync::mpsc;
 use std::sync::Arc;
 
+use super::log::gap_ops;
 use super::{EventLog, NodeEvent, MAX_UNWRITTEN, PUMP_BATCH, RETRY_MAX, RETRY_MIN};
-use crate::store::{Store, WriteOp};
+use crate::store::Store;
 
 /// What the pump thread is sent.
 pub(super) enum PumpMsg {
@@ -31,8 +34,6 @@ pub(super) enum PumpMsg {
 /// what came meanwhile) until it is written; see the module invariants.
 pub(super) fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::sync::Weak<EventLog>) {
     let mut waiting: Vec<NodeEvent> = Vec::new();
-    // Sandbox → highest number abandoned unwritten, not yet recorded.
-    let mut lost: std::collections::BTreeMap<String, u64> = Default::default();
     let mut delay = RETRY_MIN;
     let mut open = true;
     loop {
@@ -67,14 +68,12 @@ pub(super) fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::syn
                 Err(_) => break,
             }
         }
+        let gaps = match log.upgrade() {
+            Some(log) => log.unrecorded_gaps(),
+            None => return,
+        };
         let mut ops: Vec<_> = batch.iter().map(EventLog::write_op).collect();
-        ops.extend(
-            lost.iter()
-                .map(|(sandbox, &through)| WriteOp::MarkEventGap {
-                    sandbox: sandbox.clone(),
-                    through,
-                }),
-        );
+        ops.extend(gap_ops(&gaps));
         let result = store.write(ops);
         let Some(log) = log.upgrade() else { return };
         match result {
@@ -86,7 +85,7 @@ pub(super) fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::syn
                     );
                 }
                 delay = RETRY_MIN;
-                lost.clear();
+                log.gaps_recorded(&gaps);
                 log.publish(batch);
             }
             Err(e) if !open => {
@@ -104,10 +103,6 @@ pub(super) fn pump(rx: mpsc::Receiver<PumpMsg>, store: Arc<Store>, log: std::syn
                     let dropped: Vec<NodeEvent> =
                         batch.drain(..batch.len() - MAX_UNWRITTEN).collect();
                     tracing::error!(events = dropped.len(), "storage: too many events wait for the store; the oldest are dropped (readers see a gap)");
-                    for e in &dropped {
-                        let through = lost.entry(e.sandbox.clone()).or_default();
-                        *through = (*through).max(e.seq);
-                    }
                     log.write_abandoned(&dropped);
                 }
                 waiting = batch;

@@ -185,6 +185,10 @@ pub(crate) struct Kernel {
     pub canary: Option<CanaryWatch>,
     /// Hosts waiting for the app to stop (graceful shutdown).
     pub app_stop_waiters: Vec<Arc<HostSlot>>,
+    /// `Some` once a rebuild read the states it restores: answers to hosts
+    /// are held here (`reply`), given if the rebuild is called off, dropped
+    /// with the VM (the caller is told `Rebuilding`) if it goes on.
+    pub held_answers: Option<Vec<HeldAnswer>>,
     /// The node's cap on a value's JSON form (replies, states, events).
     pub max_value_bytes: usize,
     /// A process crashed since the last collection (see `drain_exits`).
@@ -207,6 +211,9 @@ pub(crate) struct Kernel {
     /// [`MAX_COVERAGE_CHUNKS`].
     pub coverage_chunks: Vec<(Arc<str>, String, Function)>,
 }
+
+/// An answer to a host held back by a rebuild (`Kernel::held_answers`).
+pub(crate) type HeldAnswer = (Arc<HostSlot>, Result<Json, Error>);
 
 /// Module chunks a sandbox keeps for coverage, at most (one per evaluated
 /// module version; reloads past it are not counted).
@@ -658,6 +665,7 @@ pub(crate) fn new_vm(
         epoch: host::next_epoch(),
         test_clock: None,
         coverage_chunks: Vec::new(),
+        held_answers: None,
     };
     vm.lua.set_app_data(KernelHandle::new(k));
     watch::install_interrupt(&vm.lua);

@@ -7,6 +7,9 @@
 //!   early answers are parked, never delivered to a later wait.
 //! * Answering never runs Luau code: it only creates values, so it runs
 //!   with the kernel borrowed.
+//! * While a rebuild holds answers (`Kernel::held_answers`), a host's
+//!   answer is kept, not sent: the old app's effects after the rebuild read
+//!   its states are not in the rebuilt sandbox (see `node::durable`).
 
 use mlua::{Lua, Value};
 
@@ -85,8 +88,13 @@ impl Kernel {
                     lua_to_json(&v, "reply", self.max_value_bytes, &|p| self.pid_string(p))
                         .map_err(Error::from)
                 });
-                slot.answer(r);
                 let timer = slot.timer();
+                match self.held_answers.as_mut() {
+                    Some(held) => held.push((slot, r)),
+                    None => {
+                        slot.answer(r);
+                    }
+                }
                 if timer != 0 {
                     self.cancel_timer(timer);
                 }

@@ -139,6 +139,31 @@ impl Runtime {
         }
     }
 
+    /// The rebuild's read (see `durable::checkpointer`): every dirty state
+    /// in one visit, not in chunks, and from then on this runtime holds its
+    /// answers to hosts (`Kernel::held_answers`): what the old app does
+    /// after this read is not in the states the rebuilt sandbox gets back,
+    /// so no caller is told it succeeded. [`Runtime::thaw`] gives them if
+    /// the rebuild is called off; otherwise they drop with the VM.
+    pub fn freeze_for_rebuild(&mut self, written: &HashMap<String, Revision>) -> Snapshot {
+        let (dirty, removed) = self.dirty(written);
+        let mut snapshot = self.snapshot(&dirty);
+        snapshot.removed = removed;
+        kernel(&self.vm.lua)
+            .held_answers
+            .get_or_insert_with(Vec::new);
+        snapshot
+    }
+
+    /// Gives the answers held since [`Runtime::freeze_for_rebuild`] (the
+    /// rebuild was called off: the old app goes on, effects included).
+    pub fn thaw(&mut self) {
+        let held = kernel(&self.vm.lua).held_answers.take();
+        for (slot, answer) in held.into_iter().flatten() {
+            slot.answer(answer);
+        }
+    }
+
     /// Gives each registered process named in `rows` its checkpointed state,
     /// migrated by its module's `code_change(old_vsn, state, nil)` when the
     /// version moved. Returns the revisions now matching the store, and the

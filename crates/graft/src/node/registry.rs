@@ -7,9 +7,10 @@
 //!   sandbox that exists, and a creation gets `SandboxExists`.
 //! * Marking the id and closing the old sandbox to requests are one step
 //!   ([`Node::mark_rebuilding`]), taken before its app starts stopping, so
-//!   a handle taken before the mark is told the same as a lookup; the old
-//!   app is then stopped through the guard ([`RebuildGuard::stop_old_app`]),
-//!   the one request the closed sandbox takes. Dropping the guard (every
+//!   a handle taken before the mark is told the same as a lookup; the
+//!   rebuild's checkpoint reads the states and the old app is then stopped
+//!   through the guard ([`RebuildGuard::stop_old_app`]): the requests the
+//!   closed sandbox takes. Dropping the guard (every
 //!   way out of the rebuild) unmarks the id and reopens the old sandbox:
 //!   one that was not replaced answers as before.
 
@@ -29,6 +30,11 @@ pub(super) struct RebuildGuard {
 }
 
 impl RebuildGuard {
+    /// The sandbox being rebuilt (closed to requests while the guard lives).
+    pub(super) fn old(&self) -> &Sandbox {
+        &self.old
+    }
+
     /// Stops the old app in order (`terminate` callbacks run), waiting at
     /// most `timeout`: the one request the closed sandbox takes. Whether it
     /// stopped in time or not, the rebuild goes on (the old VM is dropped

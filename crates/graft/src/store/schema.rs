@@ -9,7 +9,7 @@
 //! * Migrations only ever add (tables, columns with defaults, indexes): a
 //!   database is never rewritten, so a migration costs no time proportional
 //!   to its size; the one exception, version 2, reads the events table
-//!   (bounded per sandbox) once to seed its new table.
+//!   once, in number order, to seed its new table.
 //! * A file is inspected with plain reads ([`inspect_file`]) and, if it may
 //!   hold a write-ahead log, with a read-only SQLite connection before any
 //!   read-write connection opens it: a file that this build must refuse (newer
@@ -62,7 +62,8 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 /// The one migration that reads data: the events an older Graft kept do not
 /// say whose were pruned, so each sandbox's row starts at the highest missing
 /// number below its oldest kept event (what that Graft told its readers).
-/// Once, over at most `max_events_per_sandbox` rows per sandbox.
+/// Once, in one pass over the events in number order (an older Graft
+/// may have left many sandboxes' events: its deleted ones' too).
 const V2: &str = r#"
 -- The highest event number each sandbox has lost: pruned beyond
 -- max_events_per_sandbox (in the pruning's transaction), or dropped unwritten
@@ -75,20 +76,22 @@ CREATE TABLE event_gaps (
 ) STRICT, WITHOUT ROWID;
 
 INSERT INTO event_gaps (sandbox, through)
-WITH
-    -- Every missing number just below a kept one.
-    edges (x) AS (
-        SELECT e.seq - 1 FROM events e
-        WHERE e.seq > 1 AND NOT EXISTS (SELECT 1 FROM events p WHERE p.seq = e.seq - 1)
-    ),
-    firsts (sandbox, first) AS (
-        SELECT sandbox, MIN(seq) FROM events WHERE sandbox IS NOT NULL GROUP BY sandbox
-    )
+-- In one pass over the events in number order (window functions, so the
+-- cost grows with the events, not with events × sandboxes): `edge` is the
+-- missing number just below an event, if any; `through` the highest edge
+-- so far; a sandbox's row is `through` at its oldest kept event.
 SELECT sandbox, through FROM (
-    SELECT f.sandbox AS sandbox, (SELECT MAX(x) FROM edges WHERE x < f.first) AS through
-    FROM firsts f
+    SELECT sandbox,
+           MAX(edge) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS through,
+           ROW_NUMBER() OVER (PARTITION BY sandbox ORDER BY seq) AS nth
+    FROM (
+        SELECT sandbox, seq,
+               CASE WHEN seq > 1 AND seq - 1 > coalesce(lag(seq) OVER (ORDER BY seq), 0)
+                    THEN seq - 1 END AS edge
+        FROM events
+    )
 )
-WHERE through IS NOT NULL;
+WHERE nth = 1 AND sandbox IS NOT NULL AND through IS NOT NULL;
 "#;
 
 const V1: &str = r#"

@@ -256,7 +256,9 @@ fn migrate_with_luau(
             let msg: Value = a.out.raw_get(1).unwrap_or(Value::Nil);
             let text = match msg {
                 Value::String(s) => s.to_string_lossy(),
-                other => other.to_string().unwrap_or_default(),
+                // `migrate_all` gives text; never run a guest `__tostring`
+                // here, where no CPU watch is armed.
+                other => format!("a {} was raised", other.type_name()),
             };
             let text = if timed_out {
                 format!("timeout ({text})")

@@ -12,4 +12,5 @@ mod diagnostics;
 mod guest;
 mod memory;
 mod node_limits;
+mod reentry;
 mod scheduler;

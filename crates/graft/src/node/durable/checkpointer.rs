@@ -13,7 +13,8 @@
 //!   dropped node alive; `shutdown` stops it before the final checkpoint.
 //! * A sandbox being rebuilt with new settings is not checkpointed (by the
 //!   checkpointer, `Node::checkpoint` or `shutdown`) until the rebuild
-//!   ends: the rebuild wrote its states just before the old app stopped,
+//!   ends: the rebuild wrote its states just before the old app stopped
+//!   (read in one visit after the sandbox closed, `checkpoint_for_rebuild`),
 //!   and those are what the new app gets back. Its states meanwhile are
 //!   the stopping app's (processes going away: their names would be
 //!   deleted) or the new app's before they are restored (`init` states:
@@ -29,6 +30,8 @@ use serde_json::json;
 use super::settings::SettingsOutcome;
 use crate::error::Result;
 use crate::node::checkpoint::Revision;
+use crate::node::registry::RebuildGuard;
+use crate::node::sandbox::Origin;
 use crate::node::{Node, NodeInner, Sandbox};
 use crate::store::WriteOp;
 
@@ -136,12 +139,39 @@ impl Node {
     }
 }
 
-/// Checkpoints one sandbox's dirty registered processes (see the module docs).
+/// Checkpoints one sandbox's dirty registered processes (see the module
+/// docs): nothing for no such sandbox, or one being rebuilt.
 pub(super) fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<CheckpointStats> {
+    // Being rebuilt (module docs). A rebuild that starts after this check
+    // closes the sandbox: its next read is refused (`Rebuilding`), and
+    // nothing is written.
+    if node.rebuilding.lock().contains(id) {
+        return Ok(CheckpointStats::default());
+    }
+    let Some(shared) = node.sandboxes.read().get(id).cloned() else {
+        return Ok(CheckpointStats::default());
+    };
+    checkpoint_one(node, &Sandbox { shared }, Origin::Request)
+}
+
+/// The rebuild's own checkpoint of the sandbox it is about to stop, read
+/// after the sandbox closed to requests (the guard is the proof): every
+/// request answered before the close is in it, and none after changes the
+/// states it restores.
+pub(super) fn checkpoint_for_rebuild(node: &Arc<NodeInner>, guard: &RebuildGuard) -> Result<()> {
+    checkpoint_one(node, guard.old(), Origin::Node).map(|_| ())
+}
+
+fn checkpoint_one(node: &Arc<NodeInner>, sb: &Sandbox, origin: Origin) -> Result<CheckpointStats> {
     let Some(store) = node.store.clone() else {
         return Ok(CheckpointStats::default());
     };
-    let Some((snapshot, stats)) = read_snapshot(node, id)? else {
+    let id = sb.id();
+    let read = match origin {
+        Origin::Request => read_snapshot(node, sb)?,
+        Origin::Node => Some(read_for_rebuild(node, sb)?),
+    };
+    let Some((snapshot, stats)) = read else {
         return Ok(CheckpointStats::default());
     };
     // A state that stopped being plain data: its older checkpoint goes (a
@@ -213,23 +243,42 @@ pub(super) fn checkpoint_sandbox(node: &Arc<NodeInner>, id: &str) -> Result<Chec
     Ok(stats)
 }
 
-/// Reads the dirty states of the sandbox `id` on its thread, in chunks;
-/// `None` when there is nothing to read: no such sandbox, or one being
-/// rebuilt (module docs).
+/// The rebuild's read of the sandbox it is about to stop (closed to
+/// requests): every dirty state in one visit, after which the old runtime
+/// holds its answers to hosts (`Runtime::freeze_for_rebuild`).
+fn read_for_rebuild(
+    node: &Arc<NodeInner>,
+    sb: &Sandbox,
+) -> Result<(crate::node::checkpoint::Snapshot, CheckpointStats)> {
+    let written = node
+        .checkpoints
+        .written
+        .lock()
+        .get(sb.id())
+        .cloned()
+        .unwrap_or_default();
+    let (snapshot, us) = crate::node::block_on(sb.ask_as(Origin::Node, move |rt| {
+        let started = std::time::Instant::now();
+        let snapshot = rt.freeze_for_rebuild(&written);
+        (snapshot, started.elapsed().as_micros() as u64)
+    }))?;
+    let stats = CheckpointStats {
+        written: snapshot.states.len(),
+        removed: snapshot.removed.len(),
+        skipped: snapshot.skipped.len(),
+        sandbox_thread_us: us,
+        longest_pause_us: us,
+    };
+    Ok((snapshot, stats))
+}
+
+/// Reads the dirty states of `sb` on its thread, in chunks; `None` when the
+/// read was refused because the sandbox is being rebuilt (module docs).
 fn read_snapshot(
     node: &Arc<NodeInner>,
-    id: &str,
+    sb: &Sandbox,
 ) -> Result<Option<(crate::node::checkpoint::Snapshot, CheckpointStats)>> {
-    // Being rebuilt (module docs). A rebuild that starts after this check
-    // closes the sandbox: its next read is refused (`Rebuilding`), and
-    // nothing is written.
-    if node.rebuilding.lock().contains(id) {
-        return Ok(None);
-    }
-    let Some(shared) = node.sandboxes.read().get(id).cloned() else {
-        return Ok(None);
-    };
-    let sb = Sandbox { shared };
+    let id = sb.id();
     let written = node
         .checkpoints
         .written

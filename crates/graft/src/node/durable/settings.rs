@@ -11,8 +11,10 @@
 //! * With `apply_settings` the app never runs under the settings it
 //!   replaces: the new ones are written before the app first starts.
 //! * A live rebuild (`reconfigure_sandbox`) marks the id and closes the old
-//!   sandbox to requests in one step before its old app starts stopping,
-//!   and stops it through that guard (`RebuildGuard`, in `registry`): from
+//!   sandbox to requests in one step before it reads the states the new app
+//!   gets back, and from that read holds the old app's answers (every
+//!   success answered is in those states); it stops the old app through
+//!   that guard (`RebuildGuard`, in `registry`): from
 //!   then on every request — a lookup, or a handle of the old sandbox taken
 //!   before — gets `Rebuilding` until the rebuilt sandbox has its states
 //!   back, and none is checkpointed meanwhile. Every way out drops the
@@ -23,10 +25,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::checkpointer::checkpoint_sandbox;
+use super::checkpointer::checkpoint_for_rebuild;
 use super::records::sandbox_record;
 use crate::config::SandboxSpec;
 use crate::error::{Error, Result};
+use crate::node::registry::RebuildGuard;
 use crate::node::{HostFunctions, Node, Sandbox};
 use crate::store::{VersionStatus, WriteOp};
 use crate::upgrade::{ModuleHistory, ModuleVersion};
@@ -237,35 +240,25 @@ impl Node {
         }
         // What to rebuild if the new settings cannot start.
         let old_histories = histories.clone();
-        let planned = (|| {
-            let (mut ops, histories, new_spec) =
-                settings_plan(spec, histories, &old.shared.host_fns)?;
-            // The states as of now, so the new app gets them back.
-            checkpoint_sandbox(&self.inner, &new_spec.id)?;
-            if self.inner.store.is_none() {
-                ops.clear();
-            }
-            self.inner.events.commit(
-                &new_spec.id,
-                ops,
-                "sandbox_reconfigured",
-                json!({ "changed": changed, "entry": new_spec.entry }),
-            )?;
-            Ok::<_, Error>((histories, new_spec))
-        })();
-        let (histories, new_spec) = match planned {
+        let planned = settings_plan(spec, histories, &old.shared.host_fns).and_then(
+            |(ops, histories, new_spec)| {
+                let guard = self.close_and_commit(&old, ops, &new_spec, &changed)?;
+                Ok((guard, histories, new_spec))
+            },
+        );
+        let (rebuilding, histories, new_spec) = match planned {
             Ok(p) => p,
             Err(e) => {
-                // Nothing changed: the old runtime takes reloads again.
-                let _ = crate::node::block_on(old.ask(|rt| rt.end_retire()));
+                // Nothing changed (the guard, if taken, is gone: the old
+                // sandbox takes requests again): the old runtime gives the
+                // answers it held since the read, and takes reloads again.
+                let _ = crate::node::block_on(old.ask(|rt| {
+                    rt.thaw();
+                    rt.end_retire()
+                }));
                 return Err(e);
             }
         };
-        // From here until the rebuilt sandbox has its states back (or this
-        // returns), requests get `Rebuilding` (503, retryable) instead of
-        // the old app stopping or a missing sandbox — also on a handle of
-        // the old sandbox taken before — and a create gets `SandboxExists`.
-        let rebuilding = self.mark_rebuilding(&old);
         // Stop the old app in order (through the guard: the old sandbox
         // takes no other request now), then let the old VM go (memory
         // only: its rows are the sandbox's).
@@ -309,5 +302,35 @@ impl Node {
             self.restore_started(vec![(sb.clone(), rows)]);
         }
         Ok(Some(sb))
+    }
+
+    /// Closes the old sandbox for its rebuild, then checkpoints it and
+    /// commits the new settings (`ops`) with a `sandbox_reconfigured`
+    /// event. From the close until the rebuilt sandbox has its states back,
+    /// requests get `Rebuilding` (503, retryable) instead of the old app
+    /// stopping or a missing sandbox — also on a handle of the old sandbox
+    /// taken before — and a create gets `SandboxExists`. The states are read
+    /// after the close, so every request answered before it is in what the
+    /// new app gets back, and none after changes it. On an error the guard
+    /// is dropped (the sandbox takes requests again) and nothing changed.
+    fn close_and_commit(
+        &self,
+        old: &Sandbox,
+        mut ops: Vec<WriteOp>,
+        new_spec: &SandboxSpec,
+        changed: &[&'static str],
+    ) -> Result<RebuildGuard> {
+        let guard = self.mark_rebuilding(old);
+        checkpoint_for_rebuild(&self.inner, &guard)?;
+        if self.inner.store.is_none() {
+            ops.clear();
+        }
+        self.inner.events.commit(
+            &new_spec.id,
+            ops,
+            "sandbox_reconfigured",
+            json!({ "changed": changed, "entry": new_spec.entry }),
+        )?;
+        Ok(guard)
     }
 }

@@ -18,10 +18,14 @@
 //!   taken in one place, [`Sandbox::enqueue`], which every request goes
 //!   through (`info`, which reads without queueing, asks the same flag),
 //!   and there under the inbox lock: a request is either queued before the
-//!   close, so it runs before the rebuild's stop, or refused. Commands are
+//!   close, so it runs before the rebuild reads the states, or refused. An
+//!   answer the old app gives after that read is held back (its effect is
+//!   not in what the rebuilt sandbox gets back) and the caller is told
+//!   `Rebuilding` when the old VM goes (`Runtime::freeze_for_rebuild`). Commands are
 //!   requests unless their caller names [`Origin::Node`]: only the
-//!   rebuild's own stop (`RebuildGuard::stop_old_app`) and the results of
-//!   blocking host calls the runtime made do, so a command added later is
+//!   rebuild's own read of the states (its checkpoint) and stop
+//!   (`RebuildGuard::stop_old_app`) and the results of blocking host calls
+//!   the runtime made do, so a command added later is
 //!   refused while closed unless it says it is the node's own. A rebuild
 //!   that ends without replacing the sandbox reopens it (the guard's
 //!   drop), so its handles answer as before.
@@ -77,8 +81,9 @@ pub(in crate::node) enum Origin {
     /// refused with `Rebuilding` while the sandbox is closed.
     Request,
     /// The node finishing work the runtime itself started or needs: the
-    /// rebuild stopping the old app, a blocking host call's result (the
-    /// stopping app's `terminate` may wait for one). Taken while closed.
+    /// rebuild reading the states and stopping the old app, a blocking host
+    /// call's result (the stopping app's `terminate` may wait for one).
+    /// Taken while closed.
     Node,
 }
 
@@ -174,8 +179,16 @@ impl Sandbox {
         &self,
         f: impl FnOnce(&mut Runtime) -> T + Send + 'static,
     ) -> Result<T> {
+        self.ask_as(Origin::Request, f).await
+    }
+
+    pub(in crate::node) async fn ask_as<T: Send + 'static>(
+        &self,
+        origin: Origin,
+        f: impl FnOnce(&mut Runtime) -> T + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(move |rt| {
+        self.submit_as(origin, move |rt| {
             let _ = tx.send(f(rt));
         })?;
         rx.await.map_err(|_| self.gone())
