@@ -24,3 +24,52 @@ pub(crate) fn sandbox_name(id: &str) -> ApiResult<()> {
     graft::config::validate_sandbox_id(id)
         .map_err(|e| ApiError::bad_request("invalid_input", e.to_string()))
 }
+
+/// `%XX` and `+` decoding of one query value; `None` when an escape is
+/// malformed or the result is not UTF-8. Every query parser uses it.
+///
+/// ```text
+/// a%20b+c -> "a b c"    %4 -> None    %+1 -> None    %FF -> None (not UTF-8)
+/// ```
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'%' => {
+                // Two hex digits, nothing else (`from_str_radix` alone would
+                // take a sign: `%+1`).
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.bytes().all(|d| d.is_ascii_hexdigit()))?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_decode_strictly() {
+        assert_eq!(percent_decode("a%20b+c").as_deref(), Some("a b c"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("").as_deref(), Some(""));
+        for bad in ["%", "%4", "%+1", "%-1", "%zz", "%FF", "a%C3"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+    }
+}

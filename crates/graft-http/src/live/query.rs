@@ -49,7 +49,12 @@ pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError>
     let mut seen: Vec<&str> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v)?;
+        let v = crate::request::percent_decode(v).ok_or_else(|| {
+            ApiError::bad_request(
+                "bad_request",
+                format!("{}: not valid percent-encoded UTF-8", clip(k)),
+            )
+        })?;
         if matches!(k, "after" | "tail" | "sandbox") {
             if seen.contains(&k) {
                 return Err(ApiError::bad_request(
@@ -133,38 +138,4 @@ pub(crate) fn parse(query: &str, headers: &HeaderMap) -> Result<Start, ApiError>
 /// At most 64 characters of what a client sent, for an error message.
 fn clip(s: &str) -> String {
     s.chars().take(64).collect()
-}
-
-fn percent_decode(v: &str) -> Result<String, ApiError> {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "bad_request",
-                            "malformed percent-encoding in the query",
-                        )
-                    })?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| ApiError::bad_request("bad_request", "the query is not UTF-8"))
 }

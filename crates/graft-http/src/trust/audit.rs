@@ -272,7 +272,7 @@ fn query(raw: &str) -> ApiResult<AuditQuery> {
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let text = || -> ApiResult<String> {
-            let v = percent_decode(v)
+            let v = crate::request::percent_decode(v)
                 .ok_or_else(|| bad(format!("{k}: not valid percent-encoded UTF-8")))?;
             if v.is_empty() || v.len() > 256 {
                 return Err(bad(format!("{k}: 1 to 256 bytes")));
@@ -309,31 +309,6 @@ fn query(raw: &str) -> ApiResult<AuditQuery> {
         }
     }
     Ok(q)
-}
-
-/// `%XX` and `+` decoding of one query value.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// `GET /audit`: rows newest first, filtered; `next_before` pages on.
