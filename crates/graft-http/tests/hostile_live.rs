@@ -6,74 +6,15 @@ mod support;
 
 use std::time::Duration;
 
-use axum::body::{Body, BodyDataStream};
+use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::Router;
-use futures_util::StreamExt;
 use graft::NodeLimits;
 use graft_http::trust::Role;
 use http_body_util::BodyExt;
 use serde_json::json;
+use support::sse::Frames;
 use support::Api;
 use tower::ServiceExt;
-
-/// An open SSE body and what was read of it.
-struct Frames {
-    body: BodyDataStream,
-    buf: String,
-}
-
-impl Frames {
-    async fn open(router: &Router, uri: &str, headers: &[(&str, String)]) -> Frames {
-        let mut req = Request::get(uri);
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let resp = router
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
-        Frames {
-            body: resp.into_body().into_data_stream(),
-            buf: String::new(),
-        }
-    }
-
-    /// Fails unless the stream ends (its body finishes) within `wait`;
-    /// keep-alive comments may come before.
-    async fn ended_within(&mut self, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match tokio::time::timeout_at(deadline, self.body.next()).await {
-                Ok(None) => return,
-                Ok(Some(Ok(chunk))) => {
-                    let text = std::str::from_utf8(&chunk).unwrap();
-                    assert!(!text.contains("data:"), "an event after the end: {text}");
-                }
-                Ok(Some(Err(e))) => panic!("the stream failed instead of ending: {e}"),
-                Err(_) => panic!("the stream still runs after {wait:?}"),
-            }
-        }
-    }
-
-    /// Every frame that arrives within `wait` of the previous one: (id, is a gap).
-    async fn drain(&mut self, wait: Duration) -> Vec<(u64, bool)> {
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(wait, self.body.next()).await {
-            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        }
-        let mut out = Vec::new();
-        for frame in self.buf.split("\n\n") {
-            let gap = frame.lines().any(|l| l == "event: gap");
-            if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id: ")) {
-                out.push((id.parse().unwrap(), gap));
-            }
-        }
-        self.buf.clear();
-        out
-    }
-}
 
 async fn create(api: &Api, id: &str) {
     let (s, v) = api

@@ -7,13 +7,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, BodyDataStream};
+use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
-use futures_util::StreamExt;
 use graft::Node;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::sse::Frames;
 use support::{assert_error, counter_v, Api, COUNTER};
 use tower::ServiceExt;
 
@@ -336,70 +336,6 @@ async fn refused_messages_are_counted_as_mailbox_full() {
     );
 }
 
-/// Frames read from an SSE body until `n` events or the timeout.
-struct Frames {
-    body: BodyDataStream,
-    buf: String,
-}
-
-impl Frames {
-    async fn open(router: &Router, uri: &str, last_id: Option<u64>) -> Frames {
-        let mut req = Request::get(uri);
-        if let Some(id) = last_id {
-            req = req.header("last-event-id", id.to_string());
-        }
-        let resp = router
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
-        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
-        Frames {
-            body: resp.into_body().into_data_stream(),
-            buf: String::new(),
-        }
-    }
-
-    /// The next frame (blank-line separated), raw.
-    async fn next_raw(&mut self, wait: Duration) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(i) = self.buf.find("\n\n") {
-                let frame = self.buf[..i].to_owned();
-                self.buf.drain(..i + 2);
-                return Some(frame);
-            }
-            match tokio::time::timeout_at(deadline, self.body.next()).await {
-                Ok(Some(Ok(chunk))) => self.buf.push_str(std::str::from_utf8(&chunk).unwrap()),
-                _ => return None,
-            }
-        }
-    }
-
-    /// The next event frame: (id, event type, data), skipping comments.
-    async fn next_event(&mut self, wait: Duration) -> Option<(u64, String, Value)> {
-        loop {
-            let raw = self.next_raw(wait).await?;
-            let mut id = None;
-            let mut kind = "message".to_owned();
-            let mut data = String::new();
-            for line in raw.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.parse().unwrap());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    kind = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data.push_str(v);
-                }
-            }
-            if let Some(id) = id {
-                return Some((id, kind, serde_json::from_str(&data).unwrap()));
-            }
-        }
-    }
-}
-
 const WAIT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
@@ -407,11 +343,11 @@ async fn the_stream_follows_reloads_filters_and_resumes_by_last_event_id() {
     let api = Api::new();
     api.counter_app("s1").await;
     api.counter_app("s2").await;
-    let mut all = Frames::open(&api.as_admin(), "/api/v1/events/stream?after=0", None).await;
+    let mut all = Frames::open(&api.as_admin(), "/api/v1/events/stream?after=0", &[]).await;
     let mut only = Frames::open(
         &api.as_admin(),
         "/api/v1/events/stream?after=0&sandbox=s1&kind=reload,rollback",
-        None,
+        &[],
     )
     .await;
     for (sb, n) in [("s1", 2), ("s2", 3), ("s1", 4)] {
@@ -451,7 +387,7 @@ async fn the_stream_follows_reloads_filters_and_resumes_by_last_event_id() {
     let mut resumed = Frames::open(
         &api.as_admin(),
         "/api/v1/events/stream?kind=reload",
-        Some(a),
+        &[("last-event-id", a.to_string())],
     )
     .await;
     // (Sandboxes polled in one round merge in any order between them; each
@@ -476,7 +412,7 @@ async fn the_stream_follows_reloads_filters_and_resumes_by_last_event_id() {
 }
 
 async fn resumed_live(router: &Router) -> (u64, String, Value) {
-    let mut f = Frames::open(router, "/api/v1/events/stream?tail=50&kind=crash", None).await;
+    let mut f = Frames::open(router, "/api/v1/events/stream?tail=50&kind=crash", &[]).await;
     f.next_event(WAIT).await.expect("the crash")
 }
 
@@ -485,7 +421,7 @@ async fn idle_streams_get_keep_alive_comments() {
     let node = Node::with_threads(1);
     let live = graft_http::Live::with_keep_alive(node.clone(), Duration::from_millis(100));
     let router = authed(node, Some(live));
-    let mut f = Frames::open(&router, "/api/v1/events/stream", None).await;
+    let mut f = Frames::open(&router, "/api/v1/events/stream", &[]).await;
     let raw = f.next_raw(WAIT).await.expect("a keep-alive in time");
     assert_eq!(raw.trim_start_matches(':').trim(), "keep-alive");
 }
@@ -500,7 +436,12 @@ async fn a_stalled_reader_is_told_of_the_gap() {
     for _ in 0..(graft_http::live::feed::KEEP_EVENTS + 20) {
         feed.push("x", 0.0, "reload", json!({}));
     }
-    let mut f = Frames::open(&router, "/api/v1/events/stream", Some(5)).await;
+    let mut f = Frames::open(
+        &router,
+        "/api/v1/events/stream",
+        &[("last-event-id", 5.to_string())],
+    )
+    .await;
     let (id, kind, gap) = f.next_event(WAIT).await.unwrap();
     assert_eq!(kind, "gap");
     assert_eq!(gap, json!({ "after": 5, "up_to": 20 }));
@@ -730,7 +671,7 @@ async fn the_stream_resumes_by_last_event_id_across_a_node_restart() {
         )
         .await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload&after=0", None).await;
+        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload&after=0", &[]).await;
         let (id, _, _) = f.next_event(WAIT).await.expect("the first reload");
         let n = node.clone();
         tokio::task::spawn_blocking(move || n.shutdown())
@@ -747,7 +688,12 @@ async fn the_stream_resumes_by_last_event_id_across_a_node_restart() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload", Some(last)).await;
+    let mut f = Frames::open(
+        &router,
+        "/api/v1/events/stream?kind=reload",
+        &[("last-event-id", last.to_string())],
+    )
+    .await;
     let (id, kind, e) = f
         .next_event(WAIT)
         .await
@@ -883,7 +829,7 @@ fn the_live_tasks_start_again_in_a_second_runtime() {
     let first = runtime();
     first.block_on(async {
         api.counter_app("rt").await;
-        let mut f = Frames::open(&router, "/api/v1/events/stream?after=0&kind=reload", None).await;
+        let mut f = Frames::open(&router, "/api/v1/events/stream?after=0&kind=reload", &[]).await;
         let (s, v) = api
             .post(
                 "/api/v1/sandboxes/rt/reload",
@@ -900,7 +846,7 @@ fn the_live_tasks_start_again_in_a_second_runtime() {
     drop(first);
     let second = runtime();
     second.block_on(async {
-        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload", None).await;
+        let mut f = Frames::open(&router, "/api/v1/events/stream?kind=reload", &[]).await;
         let (s, v) = api
             .post(
                 "/api/v1/sandboxes/rt/reload",

@@ -4,6 +4,8 @@
 // Each test target uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod sse;
+
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use std::sync::Arc;
