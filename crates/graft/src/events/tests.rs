@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::*;
+use crate::store::tests::TempDir;
 use crate::store::{Store, WriteOp};
 
 fn kinds(page: &EventPage) -> Vec<(u64, &str)> {
@@ -107,9 +108,8 @@ fn deleted_sandboxes_beyond_the_cap_are_forgotten() {
 
 #[test]
 fn a_durable_log_survives_reopening_and_continues_the_numbers() {
-    let dir = std::env::temp_dir().join(format!("graft-events-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+    let dir = TempDir::new("log");
+    let path = dir.db();
     {
         let store = Arc::new(Store::open(&path).expect("open"));
         let log = EventLog::durable(10, store.clone()).expect("log");
@@ -134,7 +134,6 @@ fn a_durable_log_survives_reopening_and_continues_the_numbers() {
     assert_eq!(log.read(2, &EventFilter::default(), 10).events[0].seq, 3);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The bug this guards against: an event the store refused was shown
@@ -142,9 +141,8 @@ fn a_durable_log_survives_reopening_and_continues_the_numbers() {
 /// a reader resuming from it missed that one without a gap.
 #[test]
 fn a_number_the_store_did_not_take_is_never_shown() {
-    let dir = std::env::temp_dir().join(format!("graft-events-ro-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+    let dir = TempDir::new("ro");
+    let path = dir.db();
     let all = EventFilter::default();
     {
         let store = Arc::new(Store::open(&path).expect("open"));
@@ -185,7 +183,6 @@ fn a_number_the_store_did_not_take_is_never_shown() {
     assert_eq!(kinds(&log.read(1, &all, 10)), vec![(2, "two")]);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -293,10 +290,8 @@ fn the_visible_watermark_never_goes_back_when_threads_log_at_once() {
 /// and a gap for the dropped ones, in memory and on disk alike.
 #[test]
 fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
-    let dir = std::env::temp_dir().join(format!("graft-events-unwritten-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("node.db");
+    let dir = TempDir::new("unwritten");
+    let path = dir.db();
     let opts = crate::store::StoreOptions {
         busy_timeout: std::time::Duration::from_millis(20),
         max_events_per_sandbox: 100_000,
@@ -377,7 +372,6 @@ fn more_events_than_may_wait_for_a_refusing_store_are_dropped_as_a_gap() {
     assert_eq!(kinds(&page), vec![(total + 2, "first")]);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn sandbox_filter(id: &str) -> EventFilter {
@@ -387,18 +381,22 @@ fn sandbox_filter(id: &str) -> EventFilter {
     }
 }
 
-/// Logs `a` ×10 then `b` ×2 into a store that keeps 3 events per sandbox,
-/// so `a` loses 1..=7 and `b` nothing; returns the store's path.
-fn log_a_then_b(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-events-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+/// A store that keeps 3 events per sandbox.
+fn three_per_sandbox(path: &std::path::Path) -> (Arc<Store>, Arc<EventLog>) {
     let opts = crate::store::StoreOptions {
         max_events_per_sandbox: 3,
         ..Default::default()
     };
-    let store = Arc::new(Store::open_with(&path, opts).expect("open"));
+    let store = Arc::new(Store::open_with(path, opts).expect("open"));
     let log = EventLog::durable(3, store.clone()).expect("log");
+    (store, log)
+}
+
+/// Logs `a` ×10 then `b` ×2 into a store that keeps 3 events per sandbox,
+/// so `a` loses 1..=7 and `b` nothing; returns the store's directory.
+fn log_a_then_b(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let (store, log) = three_per_sandbox(&dir.db());
     for _ in 0..10 {
         log.append("a", "tick", Json::Null);
     }
@@ -407,25 +405,15 @@ fn log_a_then_b(name: &str) -> std::path::PathBuf {
     crate::block_on(log.settle());
     log.close();
     store.close();
-    path
-}
-
-fn reopen(path: &std::path::Path) -> (Arc<Store>, Arc<EventLog>) {
-    let opts = crate::store::StoreOptions {
-        max_events_per_sandbox: 3,
-        ..Default::default()
-    };
-    let store = Arc::new(Store::open_with(path, opts).expect("reopen"));
-    let log = EventLog::durable(3, store.clone()).expect("log");
-    (store, log)
+    dir
 }
 
 /// The bug this guards against: after a restart, a reader of one sandbox
 /// was told of a gap made of another sandbox's pruned events.
 #[test]
 fn after_a_restart_each_sandbox_is_told_of_its_own_gaps_only() {
-    let path = log_a_then_b("own-gaps");
-    let (store, log) = reopen(&path);
+    let dir = log_a_then_b("own-gaps");
+    let (store, log) = three_per_sandbox(&dir.db());
     let page = log.read(0, &sandbox_filter("b"), 10);
     assert_eq!(page.gap, None, "b lost nothing");
     assert_eq!(kinds(&page), vec![(11, "tick"), (12, "tock")]);
@@ -448,7 +436,6 @@ fn after_a_restart_each_sandbox_is_told_of_its_own_gaps_only() {
     assert!(!store.event_gaps().expect("gaps").through.contains_key("a"));
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
 }
 
 /// The migration: a schema-1 file with events is taken forward, and each
@@ -456,9 +443,8 @@ fn after_a_restart_each_sandbox_is_told_of_its_own_gaps_only() {
 /// missing number below its oldest kept event); later numbers are exact.
 #[test]
 fn the_gap_migration_seeds_each_sandbox_as_the_old_graft_told_it() {
-    let dir = std::env::temp_dir().join(format!("graft-events-v1-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+    let dir = TempDir::new("v1");
+    let path = dir.db();
     let v1 = &crate::store::schema::MIGRATIONS[..1];
     let store = Store::open_inner(&path, Default::default(), v1, true, None).expect("v1");
     store.close();
@@ -474,7 +460,7 @@ fn the_gap_migration_seeds_each_sandbox_as_the_old_graft_told_it() {
         )
         .expect("old events");
     }
-    let (store, log) = reopen(&path);
+    let (store, log) = three_per_sandbox(&path);
     let gaps = store.event_gaps().expect("gaps");
     assert_eq!(gaps.through.get("a"), Some(&4));
     assert_eq!(gaps.through.get("b"), Some(&8));
@@ -493,11 +479,10 @@ fn the_gap_migration_seeds_each_sandbox_as_the_old_graft_told_it() {
     crate::block_on(log.settle());
     log.close();
     store.close();
-    let (store, log) = reopen(&path);
+    let (store, log) = three_per_sandbox(&path);
     assert_eq!(log.read(0, &sandbox_filter("d"), 10).gap, None);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Events the pump gave up unwritten are a gap of their sandbox on disk
@@ -507,9 +492,8 @@ fn the_gap_migration_seeds_each_sandbox_as_the_old_graft_told_it() {
 /// nothing after a restart, and silently missed 3..=4.)
 #[test]
 fn a_gap_given_up_unwritten_is_on_disk_before_a_commit_shows_past_it() {
-    let dir = std::env::temp_dir().join(format!("graft-events-lost-commit-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+    let dir = TempDir::new("lost-commit");
+    let path = dir.db();
     let store = Arc::new(Store::open(&path).expect("open"));
     let log = EventLog::durable(100, store.clone()).expect("log");
     log.append("a", "tick", Json::Null);
@@ -540,7 +524,6 @@ fn a_gap_given_up_unwritten_is_on_disk_before_a_commit_shows_past_it() {
     assert_eq!(log.read(2, &sandbox_filter("a"), 10).gap, gap);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A sandbox whose only recorded loss is events never written (it has no
@@ -550,9 +533,8 @@ fn a_gap_given_up_unwritten_is_on_disk_before_a_commit_shows_past_it() {
 /// reader of it from before the lost events skipped them silently.)
 #[test]
 fn a_recorded_gap_without_kept_events_survives_a_restart() {
-    let dir = std::env::temp_dir().join(format!("graft-events-bare-gap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("node.db");
+    let dir = TempDir::new("bare-gap");
+    let path = dir.db();
     let store = Arc::new(Store::open(&path).expect("open"));
     let event = |seq: u64, sandbox: &str| {
         WriteOp::AppendEvent(crate::store::NewEvent {
@@ -586,5 +568,4 @@ fn a_recorded_gap_without_kept_events_survives_a_restart() {
     assert_eq!(kinds(&page), vec![(4, "tick")]);
     log.close();
     store.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }

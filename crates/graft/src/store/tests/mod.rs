@@ -20,9 +20,11 @@ mod versions;
 
 /// A fresh directory under the system's temp directory, removed on drop
 /// (with its permissions restored first, for the read-only test).
-struct TempDir(PathBuf);
+/// A fresh directory for a test's database, removed when dropped (also
+/// when the test fails).
+pub(crate) struct TempDir(PathBuf);
 impl TempDir {
-    fn new(name: &str) -> TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "graft-store-test-{}-{name}-{}",
@@ -33,7 +35,7 @@ impl TempDir {
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
-    fn db(&self) -> PathBuf {
+    pub(crate) fn db(&self) -> PathBuf {
         self.0.join("graft.db")
     }
 }
