@@ -315,11 +315,15 @@ pub(crate) fn kernel_handle(lua: &Lua) -> KernelHandle {
 }
 
 /// The kernel of the sandbox whose VM `lua` is. Panics if it is borrowed
-/// already (see [`KernelCell::borrow`]). On hot paths, borrow through a
+/// already (see [`KernelHandle::borrow`]). On hot paths, borrow through a
 /// [`KernelHandle`] taken once instead.
 #[track_caller]
 pub(crate) fn kernel(lua: &Lua) -> KernelGuard {
-    kernel_handle(lua).borrow_owned()
+    // The guard takes its own clone of the handle: borrowed from the app
+    // data here, not cloned twice.
+    lua.app_data_ref::<KernelHandle>()
+        .expect("sandbox kernel missing")
+        .borrow_owned()
 }
 
 impl Kernel {
