@@ -42,6 +42,26 @@ end
 return m
 "#;
 
+/// For the handler-runs-now path: a callback that crashes, one that spins
+/// past a slice, and a pair that wait on each other (`a` calls `b`, which
+/// calls `a` back: both wait until `b`'s 3 s call times out).
+const EDGES: &str = r#"
+local m = {}
+function m.init(args) return {} end
+function m.handle_call(req, from, state)
+  if req == "crash" then error("boom") end
+  if req == "spin" then
+    local t0 = graft.now()
+    while graft.now() - t0 < 30 do end
+    return "spun", state
+  end
+  if req == "wait" then return graft.call("b", "back", 3000), state end
+  if req == "back" then return graft.call("a", "ping", 3000), state end
+  return "pong", state
+end
+return m
+"#;
+
 fn sandbox(node: &Node, id: &str, handler_ms: u64) -> Sandbox {
     let sb = graft::block_on(
         node.create_sandbox(
@@ -49,6 +69,7 @@ fn sandbox(node: &Node, id: &str, handler_ms: u64) -> Sandbox {
                 .entry(None)
                 .module("counter", COUNTER)
                 .module("worker", WORKER)
+                .module("edges", EDGES)
                 .limits(limits(|l| l.handler_ms = handler_ms)),
         ),
     )
@@ -160,4 +181,62 @@ fn concurrent_call_blocking_from_eight_threads_counts_every_call() {
         sb.call_blocking("c", json!("get"), None).unwrap(),
         json!(THREADS * CALLS)
     );
+}
+
+// The tests below call an idle sandbox, so the handler runs at once on the
+// calling thread; each checks an outcome other than a plain reply.
+
+#[test]
+fn a_crash_in_a_handler_run_at_once_answers_crashed_and_spares_the_rest() {
+    let node = Node::with_threads(2);
+    let sb = sandbox(&node, "crash", 1000);
+    run(sb.spawn("edges", json!(null), Some("e"))).unwrap();
+    match sb.call_blocking("e", json!("crash"), None) {
+        Err(Error::Crashed { reason, .. }) => {
+            assert!(matches!(reason, ExitReason::Error { .. }), "{reason:?}")
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    assert!(matches!(
+        sb.call_blocking("e", json!("ping"), None),
+        Err(Error::NoProcess(_))
+    ));
+    run(sb.spawn("edges", json!(null), Some("e"))).unwrap();
+    assert_eq!(
+        sb.call_blocking("e", json!("ping"), None).unwrap(),
+        json!("pong")
+    );
+    assert_eq!(sb.call_blocking("c", json!("inc"), None).unwrap(), json!(1));
+}
+
+#[test]
+fn a_handler_run_at_once_that_outlasts_its_slice_finishes_later() {
+    let node = Node::with_threads(2);
+    let sb = sandbox(&node, "spin", 1000);
+    run(sb.spawn("edges", json!(null), Some("e"))).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            sb.call_blocking("e", json!("spin"), None).unwrap(),
+            json!("spun")
+        );
+    }
+}
+
+#[test]
+fn a_handler_run_at_once_that_waits_still_times_out_its_caller() {
+    let node = Node::with_threads(2);
+    let sb = sandbox(&node, "wait", 1000);
+    run(sb.spawn("edges", json!(null), Some("a"))).unwrap();
+    run(sb.spawn("edges", json!(null), Some("b"))).unwrap();
+    // `a` suspends in its call to `b`: the caller's own 100 ms timeout
+    // must still be armed although the handler started on this thread.
+    let started = Instant::now();
+    let r = sb.call_blocking("a", json!("wait"), Some(100));
+    assert!(matches!(r, Err(Error::CallTimeout { .. })), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "answered by the caller's timeout, not by `b`'s 3 s one: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sb.call_blocking("c", json!("inc"), None).unwrap(), json!(1));
 }

@@ -64,6 +64,95 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
     k.has_work()
 }
 
+/// Runs a host's call to `serial` at once, on this thread, when `serial`
+/// could take it now without reordering anything ([`Kernel::nestable`]:
+/// idle, nothing queued, not frozen by a reload): the fast path of a
+/// blocking host call to an idle sandbox. The request goes straight onto
+/// the worker's arguments (never through the registry), and the outcome is
+/// settled as a slice would ([`finish_job`]): a reply answers `slot`, a
+/// crash queues the caller as the process's crashed caller, a suspended
+/// or preempted callback continues in the next slices.
+///
+/// Returns whether the job started; `false` changes nothing (the caller
+/// queues the call instead). The slice's limit (`SLICE_MS`) applies as in
+/// [`run_slice`], so a long callback is preempted and continued there.
+pub(crate) fn call_now(
+    lua: &Lua,
+    kh: &KernelHandle,
+    serial: u64,
+    request: Value,
+    slot: &std::sync::Arc<super::HostSlot>,
+) -> bool {
+    let _fast = super::fast::SliceKernel::enter(kh);
+    let (thread, args) = {
+        let mut k = kh.borrow();
+        if !k.can_call_now(serial) {
+            return false;
+        }
+        let Some(module) = k.procs.get(&serial).map(|p| p.pid.module_index()) else {
+            return false;
+        };
+        let Some(table) = k.module_tables[module as usize].clone() else {
+            return false;
+        };
+        let thread = match k.pool.pop() {
+            Some(t) => t,
+            None => match lua.create_thread(k.worker.clone()) {
+                Ok(t) => t,
+                Err(_) => return false,
+            },
+        };
+        let job = Job::Call {
+            request: None,
+            from: None,
+            waiter: Waiter::Host(slot.clone()),
+        };
+        let op = job.op();
+        let Some(p) = k.procs.get_mut(&serial) else {
+            return false;
+        };
+        p.job = Some(job);
+        p.run = Run::Running;
+        p.used_ms = 0;
+        p.nested_ms = 0;
+        p.messages_handled += 1;
+        let now = clock::coarse_ms();
+        let _ = k.watch.slice_end.compare_exchange(
+            u64::MAX,
+            now + SLICE_MS,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+        let args = MultiValue::from_iter([
+            Value::Number(op as f64),
+            Value::Number(serial as f64),
+            Value::Table(table),
+            request,
+            Value::Nil,
+            // a host gets JSON: the reply is not copied in the VM
+            Value::Boolean(false),
+        ]);
+        (thread, args)
+    };
+    let outcome = resume(lua, kh, serial, &thread, args);
+    // The exits a crash queued are drained by the slice that follows.
+    let mut k = kh.borrow();
+    k.finish_job(lua, serial, outcome);
+    k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+    k.watch.cannot_yield.store(false, Ordering::Relaxed);
+    true
+}
+
+impl Kernel {
+    /// Whether a host's call to `serial` may run at once ([`call_now`]): it
+    /// could run nested now ([`Kernel::nestable`]) and no exit waits to be
+    /// applied first (a slice drains those before any message).
+    pub(crate) fn can_call_now(&self, serial: u64) -> bool {
+        self.exits.is_empty() && self.nestable(serial)
+    }
+}
+
 /// What a process does next, decided with the kernel borrowed.
 enum Stretch {
     /// Resume this worker with these arguments.

@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::Runtime;
 use crate::error::{Error, Result};
-use crate::kernel::{HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::kernel::{self, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
 use crate::pid::Target;
 use crate::value::{json_to_lua, VmPid};
 
@@ -26,12 +26,7 @@ impl Runtime {
     /// (`Kernel::resolve_str`). For a pid's text both agree: names never
     /// start with `<`, so the name lookup could not have found it.
     pub(super) fn resolve(&self, target: &Target) -> Result<u64> {
-        let k = self.kernel.borrow();
-        let serial = match target.as_pid() {
-            Some(pid) => Some(pid.serial()).filter(|s| k.procs.contains_key(s)),
-            None => k.resolve_str(target.as_str()),
-        };
-        serial.ok_or_else(|| Error::NoProcess(target.as_str().to_owned()))
+        resolve_in(&self.kernel.borrow(), target)
     }
 
     /// Host messages obey `max_message_bytes` like guest messages (measured as JSON).
@@ -46,6 +41,8 @@ impl Runtime {
         Ok(())
     }
 
+    /// Queues a host's call to `target`, answered through `slot` (or by its
+    /// timeout after `timeout_ms`).
     pub fn host_call(
         &mut self,
         target: Target,
@@ -53,33 +50,81 @@ impl Runtime {
         timeout_ms: u64,
         slot: Arc<HostSlot>,
     ) {
+        self.host_call_with(target, request, timeout_ms, slot, false)
+    }
+
+    /// [`Runtime::host_call`], but when the runtime runs this command first
+    /// in a slice on the caller's own thread (`Sandbox::call_blocking` on
+    /// an idle sandbox) and the target is idle, its handler runs now
+    /// ([`kernel::call_now`]): no registry slot for the request, no run
+    /// queue, and a timeout timer only if the callback did not finish.
+    pub fn host_call_now(
+        &mut self,
+        target: Target,
+        request: Json,
+        timeout_ms: u64,
+        slot: Arc<HostSlot>,
+    ) {
+        let now = std::mem::take(&mut self.first_inline);
+        self.host_call_with(target, request, timeout_ms, slot, now)
+    }
+
+    fn host_call_with(
+        &mut self,
+        target: Target,
+        request: Json,
+        timeout_ms: u64,
+        slot: Arc<HostSlot>,
+        now: bool,
+    ) {
         let r = (|| -> Result<()> {
             self.check_size(&request)?;
-            let serial = self.resolve(&target)?;
+            let (serial, idle) = {
+                let k = self.kernel.borrow();
+                let serial = resolve_in(&k, &target)?;
+                (serial, now && k.can_call_now(serial))
+            };
             let lua = self.lua();
+            if idle {
+                let value = host_lua_value(lua, &request)?;
+                if kernel::call_now(lua, &self.kernel, serial, value, &slot) {
+                    if !slot.is_answered() {
+                        self.arm_call_timeout(&target, timeout_ms, &slot);
+                    }
+                    return Ok(());
+                }
+            }
             let key = host_value(lua, &request)?;
-            let mut k = self.kernel.borrow();
             let job = Job::Call {
                 request: Some(key),
                 from: None,
                 waiter: Waiter::Host(slot.clone()),
             };
-            k.deliver(serial, job).map_err(|(e, _)| e)?;
-            let at = k.timer_now().saturating_add(timeout_ms);
-            let timer = k.add_timer(
-                at,
-                Timer::HostCallTimeout {
-                    slot: slot.clone(),
-                    target: target.as_str().to_owned(),
-                    ms: timeout_ms,
-                },
-            );
-            slot.set_timer(timer);
+            self.kernel
+                .borrow()
+                .deliver(serial, job)
+                .map_err(|(e, _)| e)?;
+            self.arm_call_timeout(&target, timeout_ms, &slot);
             Ok(())
         })();
         if let Err(e) = r {
             slot.answer(Err(e));
         }
+    }
+
+    /// Times out `slot`'s call to `target` after `timeout_ms`.
+    fn arm_call_timeout(&self, target: &Target, timeout_ms: u64, slot: &Arc<HostSlot>) {
+        let mut k = self.kernel.borrow();
+        let at = k.timer_now().saturating_add(timeout_ms);
+        let timer = k.add_timer(
+            at,
+            Timer::HostCallTimeout {
+                slot: slot.clone(),
+                target: target.as_str().to_owned(),
+                ms: timeout_ms,
+            },
+        );
+        slot.set_timer(timer);
     }
 
     pub fn host_send(&mut self, target: &Target, message: &Json, cast: bool) -> Result<()> {
@@ -162,11 +207,31 @@ impl Runtime {
     }
 }
 
-/// A host's JSON value as a Luau value held in the registry. A full heap is
-/// collected once before the conversion is refused, and a refusal for memory
-/// is `out_of_memory`, not the input's fault.
+/// The serial `target` addresses in `k` (see [`Runtime::resolve`]).
+fn resolve_in(k: &kernel::Kernel, target: &Target) -> Result<u64> {
+    let serial = match target.as_pid() {
+        Some(pid) => Some(pid.serial()).filter(|s| k.procs.contains_key(s)),
+        None => k.resolve_str(target.as_str()),
+    };
+    serial.ok_or_else(|| Error::NoProcess(target.as_str().to_owned()))
+}
+
+/// A host's JSON value as a Luau value. A full heap is collected once
+/// before the conversion is refused, and a refusal for memory is
+/// `out_of_memory`, not the input's fault.
+pub(super) fn host_lua_value(lua: &Lua, v: &Json) -> Result<mlua::Value> {
+    with_memory_retry(lua, || json_to_lua(lua, v))
+}
+
+/// A host's JSON value as a Luau value held in the registry (for a job
+/// that waits in a mailbox), with [`host_lua_value`]'s handling of memory.
 pub(super) fn host_value(lua: &Lua, v: &Json) -> Result<mlua::RegistryKey> {
-    let convert = || json_to_lua(lua, v).and_then(|v| lua.create_registry_value(v));
+    with_memory_retry(lua, || {
+        json_to_lua(lua, v).and_then(|v| lua.create_registry_value(v))
+    })
+}
+
+fn with_memory_retry<T>(lua: &Lua, convert: impl Fn() -> mlua::Result<T>) -> Result<T> {
     let first = match convert() {
         Err(mlua::Error::MemoryError(_)) => {
             let _ = lua.gc_collect();

@@ -49,6 +49,12 @@ pub(crate) struct Runtime {
     /// snapshot of its histories: a reload or import after the snapshot
     /// would commit to a VM about to be dropped, so it is refused instead.
     retiring: bool,
+    /// Set by the slice runner for the first command of a slice that runs
+    /// on a blocking caller's own thread (`run_inline`), taken by the
+    /// first command: only then may a host call run its handler at once
+    /// (`host_call_now`), since nothing queued before it can be overtaken
+    /// and no scheduler thread is held.
+    pub first_inline: bool,
 }
 
 impl Runtime {
@@ -86,6 +92,7 @@ impl Runtime {
             app_waiters: Vec::new(),
             app_start: None,
             retiring: false,
+            first_inline: false,
         };
         let globals = crate::vm::globals_for(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {

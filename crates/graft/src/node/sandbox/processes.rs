@@ -86,7 +86,7 @@ impl Sandbox {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         let node = self.enqueue(
-            Box::new(move |rt: &mut Runtime| rt.host_call(target, request, ms, slot)),
+            Box::new(move |rt: &mut Runtime| rt.host_call_now(target, request, ms, slot)),
             super::Origin::Request,
         )?;
         if !scheduler::run_inline(&node, &self.shared) {

@@ -110,8 +110,10 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
         kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
         let _scope = kernel::WatchScope::enter_watch(rt.kernel.borrow().watch.clone());
         let mut commands = commands.into_iter();
+        rt.first_inline = me.is_none();
         for cmd in commands.by_ref() {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
+            rt.first_inline = false;
             if let Err(payload) = ran {
                 // Mark the sandbox failed before the commands behind this one
                 // are dropped, so their waiters learn why.
