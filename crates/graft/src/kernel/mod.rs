@@ -192,7 +192,7 @@ pub(crate) struct Kernel {
     /// The node's cap on a value's JSON form (replies, states, events).
     pub max_value_bytes: usize,
     /// A process crashed since the last collection (see `drain_exits`).
-    crashed_since_collect: bool,
+    pub(super) crashed_since_collect: bool,
     /// A panic caught where it could not unwind (a raw native on Luau's C
     /// stack); the scheduler re-raises it at the end of the slice.
     pub internal_error: Option<String>,

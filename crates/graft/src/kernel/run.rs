@@ -13,7 +13,7 @@
 
 use std::sync::atomic::Ordering;
 
-use mlua::{Lua, MultiValue, RegistryKey, Thread, Value};
+use mlua::{Lua, RegistryKey, Thread, Value};
 
 use super::exit::drain_exits;
 use super::outcome::{classify_error, classify_failure, finish_job, Outcome};
@@ -27,10 +27,17 @@ use crate::vm::{self, MARK_AWAIT, MARK_DONE};
 /// Runs the sandbox until it has no runnable process or its slice ends.
 /// Returns whether work remains. `kh`: the handle on `lua`'s kernel.
 pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
-    let _fast = super::fast::SliceKernel::enter(kh);
     let started = clock::coarse_ms();
     {
-        let k = kh.borrow();
+        let mut k = kh.borrow();
+        if k.nothing_to_run() {
+            // The common end of a host call run at once ([`call_now`]):
+            // nothing to set up or settle. A request to end this slice
+            // early is answered by that.
+            k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+            k.watch.cannot_yield.store(false, Ordering::Relaxed);
+            return false;
+        }
         // 0: the scheduler asked for this slice to end early (see
         // `Watch::end_slice_at`) before it began; keep that request.
         let _ = k.watch.slice_end.compare_exchange(
@@ -41,6 +48,7 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
         );
         k.watch.cannot_yield.store(false, Ordering::Relaxed);
     }
+    let _fast = super::fast::SliceKernel::enter(kh);
     fire_timers(lua, kh);
     drain_exits(lua, kh);
     let mut budget = 10_000u32;
@@ -124,15 +132,13 @@ pub(crate) fn call_now(
             Ordering::Relaxed,
         );
         k.watch.cannot_yield.store(false, Ordering::Relaxed);
-        let args = MultiValue::from_iter([
-            Value::Number(op as f64),
-            Value::Number(serial as f64),
+        // a host gets JSON: the reply is not copied in the VM
+        let args = ResumeArgs::start(
+            op,
+            serial,
             Value::Table(table),
-            request,
-            Value::Nil,
-            // a host gets JSON: the reply is not copied in the VM
-            Value::Boolean(false),
-        ]);
+            [request, Value::Nil, Value::Boolean(false)],
+        );
         (thread, args)
     };
     let outcome = resume(lua, kh, serial, &thread, args);
@@ -145,6 +151,14 @@ pub(crate) fn call_now(
 }
 
 impl Kernel {
+    /// Whether a slice would find nothing to do: no process ready, no exit
+    /// to apply, no garbage of a crash to collect, no timer due.
+    fn nothing_to_run(&mut self) -> bool {
+        !self.has_work()
+            && !self.crashed_since_collect
+            && self.next_timer_at().is_none_or(|at| at > self.timer_now())
+    }
+
     /// Whether a host's call to `serial` may run at once ([`call_now`]): it
     /// could run nested now ([`Kernel::nestable`]) and no exit waits to be
     /// applied first (a slice drains those before any message).
@@ -156,7 +170,7 @@ impl Kernel {
 /// What a process does next, decided with the kernel borrowed.
 enum Stretch {
     /// Resume this worker with these arguments.
-    Run(Thread, MultiValue),
+    Run(Thread, ResumeArgs),
     /// The job cannot start (its arguments are unreadable, no worker).
     Fail(ExitReason),
     /// Nothing to run now.
@@ -260,15 +274,10 @@ impl Kernel {
                 Err(_) => return Stretch::Fail(ExitReason::OutOfMemory),
             },
         };
-        let args = MultiValue::from_iter([
-            Value::Number(op as f64),
-            Value::Number(serial as f64),
-            module_value,
-            a,
-            b,
-            c,
-        ]);
-        Stretch::Run(thread, args)
+        Stretch::Run(
+            thread,
+            ResumeArgs::start(op, serial, module_value, [a, b, c]),
+        )
     }
 
     /// Marks `serial`'s callback as on the VM stack; returns the CPU it used
@@ -291,23 +300,22 @@ impl Kernel {
     }
 
     /// The outcome of a worker that yielded back to the kernel.
-    fn yielded(&mut self, thread: &Thread, values: MultiValue, timed_out: bool) -> Outcome {
-        let mut it = values.into_iter();
-        let first = it.next();
-        match first.as_ref().and_then(vm::marker_of) {
+    fn yielded(&mut self, thread: &Thread, values: (Value, Value), timed_out: bool) -> Outcome {
+        let (first, second) = values;
+        match vm::marker_of(&first) {
             Some(MARK_DONE) => {
                 self.pool_return(thread.clone());
                 if timed_out {
                     // Returned, but past its deadline.
                     Outcome::Failed(ExitReason::Timeout)
                 } else {
-                    Outcome::Done(it.next().unwrap_or(Value::Nil))
+                    Outcome::Done(second)
                 }
             }
             Some(MARK_AWAIT) => {
-                let token = match it.next() {
-                    Some(Value::Number(n)) => n as u64,
-                    Some(Value::Integer(n)) => n as u64,
+                let token = match second {
+                    Value::Number(n) => n as u64,
+                    Value::Integer(n) => n as u64,
                     _ => 0,
                 };
                 Outcome::Suspended(token, thread.clone())
@@ -338,9 +346,9 @@ fn continue_stretch(
         Some((ok, key)) => {
             let v: Value = lua.registry_value(&key).unwrap_or(Value::Nil);
             let _ = lua.remove_registry_value(key);
-            MultiValue::from_iter([Value::Boolean(ok), v])
+            ResumeArgs::Answer(ok, v)
         }
-        None => MultiValue::new(),
+        None => ResumeArgs::Continue,
     };
     Stretch::Run(thread, args)
 }
@@ -373,8 +381,44 @@ fn job_args(lua: &Lua, module: Option<Value>, job: &Job) -> Result<[Value; 4], S
     })
 }
 
+/// What a worker is resumed with: fixed shapes, pushed without building a
+/// `MultiValue` (a heap allocation per resume).
+pub(super) enum ResumeArgs {
+    /// A new job: `(op, serial, module, a, b, c)` for the prelude's worker.
+    Start([Value; 6]),
+    /// The answer a suspended callback waited for: `(ok, value)`.
+    Answer(bool, Value),
+    /// A preempted callback goes on where it stopped.
+    Continue,
+}
+
+impl ResumeArgs {
+    fn start(op: u8, serial: u64, module: Value, [a, b, c]: [Value; 3]) -> ResumeArgs {
+        ResumeArgs::Start([
+            Value::Number(op as f64),
+            Value::Number(serial as f64),
+            module,
+            a,
+            b,
+            c,
+        ])
+    }
+}
+
+/// Resumes `thread` with `args`; what it yields is at most two values (a
+/// marker and its value), read without a `MultiValue` either.
+fn resume_with(thread: &Thread, args: ResumeArgs) -> mlua::Result<(Value, Value)> {
+    match args {
+        ResumeArgs::Start([op, serial, module, a, b, c]) => {
+            thread.resume((op, serial, module, a, b, c))
+        }
+        ResumeArgs::Answer(ok, v) => thread.resume((ok, v)),
+        ResumeArgs::Continue => thread.resume(()),
+    }
+}
+
 /// Resumes a worker thread for `serial` with the interrupt armed.
-fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: MultiValue) -> Outcome {
+fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: ResumeArgs) -> Outcome {
     let (used, depth, nested_depth, limits, watch) = {
         let mut k = kh.borrow();
         let (used, depth, nested_depth) = k.enter_stretch(serial);
@@ -386,7 +430,7 @@ fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: Mult
     watch.exempt.store(0, Ordering::Relaxed);
     watch.arm(deadline, thread.to_pointer() as usize, true);
     guest_memory(lua, &limits);
-    let result = thread.resume::<MultiValue>(args);
+    let result = resume_with(thread, args);
     let timed_out = watch.timed_out.load(Ordering::Relaxed);
     watch.restore(enclosing);
     if enclosing.thread == 0 {

@@ -55,6 +55,8 @@ pub(crate) struct Runtime {
     /// (`host_call_now`), since nothing queued before it can be overtaken
     /// and no scheduler thread is held.
     pub first_inline: bool,
+    /// Short request strings already in the VM (see `host::ShortStrings`).
+    short_strings: host::ShortStrings,
 }
 
 impl Runtime {
@@ -93,6 +95,7 @@ impl Runtime {
             app_start: None,
             retiring: false,
             first_inline: false,
+            short_strings: host::ShortStrings::default(),
         };
         let globals = crate::vm::globals_for(&rt.spec.grants, &rt.host_fns);
         let cx = crate::upgrade::PrepareContext {
