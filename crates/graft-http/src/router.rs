@@ -182,8 +182,14 @@ pub fn metrics_router(trust: Arc<Trust>, live: Live) -> Router {
 pub fn router_without_auth(node: Node, trust: Arc<Trust>) -> Router {
     use axum::extract::Request;
     use axum::middleware::Next;
-    // The handlers that read the caller or the peer still find them.
-    async fn as_admin(mut req: Request, next: Next) -> axum::response::Response {
+    // The handlers that read the caller or the peer still find them. The
+    // same shape as `router`'s middleware (state, on every route and the
+    // fallbacks), so that the two differ only in what the middleware does.
+    async fn as_admin(
+        axum::extract::State(_): axum::extract::State<AppState>,
+        mut req: Request,
+        next: Next,
+    ) -> axum::response::Response {
         req.extensions_mut().insert(trust::Caller {
             token_id: "baseline".into(),
             role: trust::Role::Admin,
@@ -195,9 +201,9 @@ pub fn router_without_auth(node: Node, trust: Arc<Trust>) -> Router {
     }
     let live = Live::new(node.clone());
     let state = AppState { node, trust };
-    finish(
-        with_fallbacks(routes().route_layer(axum::middleware::from_fn(as_admin))),
-        state,
-        live,
-    )
+    let open = with_fallbacks(routes()).layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        as_admin,
+    ));
+    finish(open, state, live)
 }

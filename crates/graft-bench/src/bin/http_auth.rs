@@ -103,15 +103,27 @@ fn parse_opts() -> Opts {
     o
 }
 
-/// One listener of the node's API and the `Authorization` it needs.
+/// One way of serving the node's API (a router behind the one listener,
+/// picked by the `x-bench-target` header) and the `Authorization` it needs.
 struct Target {
     name: &'static str,
-    addr: SocketAddr,
     bearer: String,
 }
 
-/// Serves `node` three ways (see the module doc) from one runtime.
-fn serve(node: &Node, threads: usize) -> (Vec<Target>, tokio::runtime::Runtime) {
+/// The header that picks the router of a request (see [`serve`]).
+const TARGET_HEADER: &str = "x-bench-target";
+
+/// The ways the API is served, in the order of the `x-bench-target` index:
+/// `control` is `router_without_auth` again, so its ratio to `base` is the
+/// noise floor of the run (two identical routers).
+const TARGETS: [&str; 4] = ["base", "auth", "audited", "control"];
+
+/// Serves `node` the ways of [`TARGETS`] (see the module doc) behind one
+/// listener, from one runtime. One listener and one set of connections for
+/// every target: with a listener each, the connections of one target could
+/// land on the server's threads differently from another's, which moved
+/// the ratio of two identical routers by up to 5 % between runs.
+fn serve(node: &Node, threads: usize) -> (SocketAddr, Vec<Target>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("http")
@@ -119,7 +131,8 @@ fn serve(node: &Node, threads: usize) -> (Vec<Target>, tokio::runtime::Runtime) 
         .build()
         .unwrap_or_else(|e| fail(&format!("server runtime: {e}")));
     let mut targets = Vec::new();
-    for name in ["base", "auth", "audited"] {
+    let mut routers = Vec::new();
+    for name in TARGETS {
         let store = Arc::new(
             graft::store::Store::in_memory().unwrap_or_else(|e| fail(&format!("store: {e}"))),
         );
@@ -132,26 +145,41 @@ fn serve(node: &Node, threads: usize) -> (Vec<Target>, tokio::runtime::Runtime) 
         let token = trust
             .create_token(Role::Operator, None, None)
             .unwrap_or_else(|e| fail(&format!("token: {e}")));
-        let router = if name == "base" {
-            graft_http::router_without_auth(node.clone(), trust)
-        } else {
-            graft_http::router(node.clone(), trust)
-        };
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap_or_else(|e| fail(&format!("bind 127.0.0.1:0: {e}")));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(&format!("local address: {e}")));
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
-        rt.spawn(async move { axum::serve(listener, app).await });
+        routers.push(match name {
+            "base" | "control" => graft_http::router_without_auth(node.clone(), trust),
+            _ => graft_http::router(node.clone(), trust),
+        });
         targets.push(Target {
             name,
-            addr,
             bearer: format!("Bearer {}", token.secret),
         });
     }
-    (targets, rt)
+    let routers: Arc<[axum::Router]> = routers.into();
+    // The same work for every target: read one header, clone one router.
+    let dispatch = tower::service_fn(move |req: axum::extract::Request| {
+        let i = req
+            .headers()
+            .get(TARGET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(routers.len() - 1);
+        let router = routers[i].clone();
+        async move { tower::ServiceExt::oneshot(router, req).await }
+    });
+    // The outer router adds `ConnectInfo` (the peer, for the failed-auth
+    // limit) before the request reaches the router picked.
+    let app = axum::Router::new()
+        .fallback_service(dispatch)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap_or_else(|e| fail(&format!("bind 127.0.0.1:0: {e}")));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| fail(&format!("local address: {e}")));
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (addr, targets, rt)
 }
 
 async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
@@ -170,6 +198,7 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
 /// connection and how many calls were answered.
 async fn calls_until(
     mut sender: SendRequest<Full<Bytes>>,
+    target: usize,
     bearer: Arc<str>,
     until: Instant,
 ) -> Result<(SendRequest<Full<Bytes>>, u64), String> {
@@ -180,6 +209,7 @@ async fn calls_until(
             .header(HOST, "127.0.0.1")
             .header(CONTENT_TYPE, "application/json")
             .header(AUTHORIZATION, &*bearer)
+            .header(TARGET_HEADER, target)
             .body(Full::new(body.clone()))
             .map_err(|e| e.to_string())?;
         let resp = sender
@@ -208,6 +238,7 @@ async fn calls_until(
 /// time per answered call.
 async fn slice(
     conns: &mut Vec<SendRequest<Full<Bytes>>>,
+    target: usize,
     bearer: &Arc<str>,
     slice: Duration,
 ) -> Result<Duration, String> {
@@ -215,7 +246,7 @@ async fn slice(
     let until = started + slice;
     let tasks: Vec<_> = conns
         .drain(..)
-        .map(|c| tokio::spawn(calls_until(c, bearer.clone(), until)))
+        .map(|c| tokio::spawn(calls_until(c, target, bearer.clone(), until)))
         .collect();
     let mut answered = 0;
     for t in tasks {
@@ -247,7 +278,7 @@ fn main() {
     .unwrap_or_else(|e| fail(&format!("sandbox: {e}")));
     block_on(sb.spawn("counter", Value::Null, Some("c")))
         .unwrap_or_else(|e| fail(&format!("counter: {e}")));
-    let (targets, _server) = serve(&node, o.serve_threads);
+    let (addr, targets, _server) = serve(&node, o.serve_threads);
     println!(
         "{}",
         json!({
@@ -267,24 +298,22 @@ fn main() {
     let per_target: Vec<Vec<Duration>> = rt
         .block_on(async {
             let mut conns = Vec::new();
-            let mut bearers = Vec::new();
-            for t in &targets {
-                let mut c = Vec::new();
-                for _ in 0..o.conns {
-                    c.push(connect(t.addr).await?);
-                }
-                conns.push(c);
-                bearers.push(Arc::<str>::from(t.bearer.as_str()));
+            for _ in 0..o.conns {
+                conns.push(connect(addr).await?);
             }
+            let bearers: Vec<Arc<str>> = targets
+                .iter()
+                .map(|t| Arc::<str>::from(t.bearer.as_str()))
+                .collect();
             // Warm up every path (allocator, caches, the store's writer).
-            for (c, b) in conns.iter_mut().zip(&bearers) {
-                slice(c, b, o.slice).await?;
+            for (i, b) in bearers.iter().enumerate() {
+                slice(&mut conns, i, b, o.slice).await?;
             }
             let mut times = vec![Vec::new(); targets.len()];
             for round in 0..o.rounds {
                 for k in 0..targets.len() {
                     let i = (round + k) % targets.len();
-                    times[i].push(slice(&mut conns[i], &bearers[i], o.slice).await?);
+                    times[i].push(slice(&mut conns, i, &bearers[i], o.slice).await?);
                 }
             }
             Ok::<_, String>(times)
@@ -310,12 +339,14 @@ fn main() {
     };
     let auth = median(ratios(1));
     let audited = median(ratios(2));
+    let control = median(ratios(3));
     println!(
         "{}",
         json!({
             "summary": "http_auth",
             "auth_over_base": auth,
             "audited_over_base": audited,
+            "control_over_base": control,
             "goal_auth_over_base": GOAL_RATIO,
             "goal_met": auth <= GOAL_RATIO,
         })

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -51,6 +52,10 @@ struct Bucket {
 pub(crate) struct Limiter {
     limit: RateLimit,
     buckets: Mutex<HashMap<Option<IpAddr>, Bucket>>,
+    /// How many peers `buckets` holds, readable without its lock: while no
+    /// peer has failed, a request is let through without taking the lock
+    /// (which every request on every server thread would otherwise share).
+    tracked: AtomicUsize,
 }
 
 impl Limiter {
@@ -58,6 +63,7 @@ impl Limiter {
         Limiter {
             limit,
             buckets: Mutex::new(HashMap::new()),
+            tracked: AtomicUsize::new(0),
         }
     }
 
@@ -69,6 +75,9 @@ impl Limiter {
 
     /// `Err(retry_after)` when `peer` has no failure left.
     pub(crate) fn check(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
+        if self.tracked.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         let mut map = self.buckets.lock();
         let Some(b) = map.get_mut(&peer) else {
             return Ok(());
@@ -112,6 +121,7 @@ impl Limiter {
         });
         self.refill(b, now);
         b.tokens = (b.tokens - 1.0).max(0.0);
+        self.tracked.store(map.len(), Ordering::Release);
     }
 }
 

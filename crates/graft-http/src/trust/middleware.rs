@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::audit::{self, AuthenticatedAs, RowStart};
-use super::routes::{self, Access, AuditClass, Route, RowCommit, SandboxAt};
+use super::routes::{self, Access, Route, RowCommit, SandboxAt};
 use super::session::session_cookie;
 use super::{Caller, Peer, Trust};
 use crate::errors::{ApiError, ResponseKind};
@@ -258,7 +258,6 @@ fn body_sandboxes(bytes: &[u8], at: SandboxAt) -> Option<Vec<String>> {
 /// The middleware itself (see the module doc).
 pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let trust = app.trust.clone();
     let matched = req.extensions().get::<MatchedPath>();
     // No matched path: an unknown route, answered 404 after the caller is
     // authenticated (a probe without credentials learns nothing).
@@ -277,18 +276,18 @@ pub(crate) async fn enforce(State(app): State<AppState>, req: Request, next: Nex
     };
     // The row can join the effect's transaction only when the audit log is
     // in the node's own database.
-    let same_store = app
-        .node
-        .store()
-        .is_some_and(|s| Arc::ptr_eq(s, app.trust.store()));
+    let AppState { node, trust } = app;
+    let same_store = node.store().is_some_and(|s| Arc::ptr_eq(s, trust.store()));
+    drop(node);
     let method = req.method().clone();
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    // The path's sandbox, read now when an audit row may need it; else only
-    // for a scoped caller, after authentication.
-    let (req, sandbox) = if row.audit != AuditClass::Never {
+    // The path's sandbox, read now when the request's row will need it if
+    // allowed; else only when it is refused (its denied row) or its caller
+    // is scoped: most calls never read it.
+    let (req, sandbox) = if row.audit.allowed_writes_row(trust.config().audit_messages) {
         path_sandbox(req, row).await
     } else {
         (req, None)
@@ -353,6 +352,22 @@ impl Ctx {
             route: &self.route_name,
             sandbox: sandbox.clone(),
         }
+    }
+
+    /// [`Ctx::deny`], reading the path's sandbox for the denied row first
+    /// if it was not read yet and the row is written.
+    async fn refuse(
+        &self,
+        caller: Option<Caller>,
+        sandbox: Option<String>,
+        req: Request,
+        err: ApiError,
+    ) -> Response {
+        let sandbox = match sandbox {
+            None if self.row.audit.denied_writes_row() => path_sandbox(req, self.row).await.1,
+            known => known,
+        };
+        self.deny(caller, sandbox, err).await
     }
 
     /// Refuses the request: writes the denied row when the route's class
@@ -422,15 +437,25 @@ async fn continue_with(
         Err(denied) => return denied,
     };
     req.extensions_mut().insert(Peer(peer));
-    if let Some(c) = &caller {
-        req.extensions_mut().insert(c.clone());
-    }
     let audit = match begin_audit(&ctx, same_store, caller.as_ref(), &sandbox, &mut req).await {
         Ok(audit) => audit,
         Err(unavailable) => return unavailable,
     };
+    // The handler gets the caller; the audit row's completion needs it
+    // only when there is a row (most calls have none: no copy then).
+    let kept = match (caller, &audit) {
+        (Some(c), Audit::No) => {
+            req.extensions_mut().insert(c);
+            None
+        }
+        (Some(c), _) => {
+            req.extensions_mut().insert(c.clone());
+            Some(c)
+        }
+        (None, _) => None,
+    };
     let resp = next.run(req).await;
-    finish_audit(&ctx, audit, caller.as_ref(), &sandbox, &resp);
+    finish_audit(&ctx, audit, kept.as_ref(), &sandbox, &resp);
     resp
 }
 
@@ -445,14 +470,14 @@ async fn authorize(
     mut req: Request,
 ) -> Result<(Option<Caller>, Option<String>, Request), Response> {
     if let Err(e) = browser_rules(&ctx.trust, &ctx.method, req.headers()) {
-        return Err(ctx.deny(None, sandbox, e).await);
+        return Err(ctx.refuse(None, sandbox, req, e).await);
     }
     let caller = match ctx.row.access {
         Access::Public => None,
         Access::Role(needed) => {
             let caller = match authenticate(&ctx.trust, req.headers(), peer) {
                 Ok(c) => c,
-                Err(e) => return Err(ctx.deny(None, sandbox, e).await),
+                Err(e) => return Err(ctx.refuse(None, sandbox, req, e).await),
             };
             if caller.role < needed {
                 let e = forbidden(format!(
@@ -461,7 +486,7 @@ async fn authorize(
                     caller.token_id,
                     caller.role.as_str()
                 ));
-                return Err(ctx.deny(Some(caller), sandbox, e).await);
+                return Err(ctx.refuse(Some(caller), sandbox, req, e).await);
             }
             Some(caller)
         }

@@ -172,6 +172,10 @@ pub struct Trust {
     roots: Vec<PathBuf>,
     /// Tokens by the SHA-256 of their secret.
     tokens: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
+    /// This trust state's identity and the version of `tokens` (bumped
+    /// under its write lock by every change), for the per-thread memo of
+    /// verified tokens (`tokens::Memo`).
+    memo_key: (u64, std::sync::atomic::AtomicU64),
     sessions: Mutex<session::Sessions>,
     limiter: limiter::Limiter,
 }
@@ -210,6 +214,10 @@ impl Trust {
             limiter: limiter::Limiter::new(config.auth_failures),
             sessions: Mutex::new(session::Sessions::default()),
             tokens: RwLock::new(tokens),
+            memo_key: (
+                tokens::next_trust_id(),
+                std::sync::atomic::AtomicU64::new(0),
+            ),
             roots,
             store,
             config,

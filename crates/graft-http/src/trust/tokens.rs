@@ -18,6 +18,7 @@
 //!   `--ephemeral`) never overwrite each other's file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use graft::store::{StoreError, TokenRecord, WriteOp};
@@ -210,6 +211,7 @@ impl Trust {
             .write_attached(vec![WriteOp::PutToken(record.clone())], attached)
             .map_err(TokenError::Store)?;
         table.insert(record.hash, Arc::new(record.clone()));
+        self.tokens_changed();
         Ok(NewToken { secret, record })
     }
 
@@ -253,6 +255,7 @@ impl Trust {
             .ok_or_else(|| TokenError::NotFound(id.to_owned()))?;
         record.revoked_ms.get_or_insert(at);
         table.insert(hash, Arc::new(record.clone()));
+        self.tokens_changed();
         Ok(record)
     }
 
@@ -273,8 +276,84 @@ impl Trust {
         if !well_formed_token(secret) {
             return None;
         }
-        self.token_for_hash(&hash_secret(secret))
-            .and_then(|t| caller_of(&t, None))
+        let hash = hash_secret(secret);
+        let (trust, version) = (self.memo_key.0, self.memo_key.1.load(Ordering::Acquire));
+        if let Some(caller) = Memo::get(trust, version, &hash) {
+            return Some(caller);
+        }
+        let caller = self
+            .token_for_hash(&hash)
+            .and_then(|t| caller_of(&t, None))?;
+        Memo::put(trust, version, hash, caller.clone());
+        Some(caller)
+    }
+
+    /// Marks the token table changed (call with its write lock held, after
+    /// the change): every memo of a verified token is stale from now on.
+    fn tokens_changed(&self) {
+        self.memo_key.1.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A fresh identity for a [`Trust`] (the key of its memo entries).
+pub(crate) fn next_trust_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The tokens this thread verified lately, so that a token used again
+/// costs its SHA-256 and a constant-time comparison, not the shared token
+/// table's lock and record (whose reference counts every server thread
+/// would otherwise write on every request).
+///
+/// Invariant: an entry answers only for the trust state and the version of
+/// its token table it was made from; any change to the table (a token
+/// created or revoked) bumps the version, so a revoked token is refused
+/// from the next request on, as without the memo. At most [`Memo::CAP`]
+/// entries per thread; the oldest goes first. An entry holds the token's
+/// hash and its caller (id, role, scope), never the secret.
+struct Memo;
+
+struct MemoEntry {
+    trust: u64,
+    version: u64,
+    hash: [u8; 32],
+    caller: Caller,
+}
+
+thread_local! {
+    static MEMO: std::cell::RefCell<std::collections::VecDeque<MemoEntry>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+impl Memo {
+    const CAP: usize = 8;
+
+    fn get(trust: u64, version: u64, hash: &[u8; 32]) -> Option<Caller> {
+        MEMO.with(|m| {
+            m.borrow()
+                .iter()
+                .find(|e| {
+                    e.trust == trust && e.version == version && bool::from(e.hash.ct_eq(hash))
+                })
+                .map(|e| e.caller.clone())
+        })
+    }
+
+    fn put(trust: u64, version: u64, hash: [u8; 32], caller: Caller) {
+        MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            m.retain(|e| e.trust != trust || (e.version == version && e.hash != hash));
+            if m.len() >= Self::CAP {
+                m.pop_front();
+            }
+            m.push_back(MemoEntry {
+                trust,
+                version,
+                hash,
+                caller,
+            });
+        })
     }
 }
 

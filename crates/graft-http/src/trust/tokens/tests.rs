@@ -218,3 +218,49 @@ fn a_token_file_another_user_could_have_written_is_replaced() {
     assert!(trust_of(&store).caller_for_token(&secret).is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_remembered_token_is_refused_as_soon_as_it_is_revoked() {
+    let store = Arc::new(graft::store::Store::in_memory().unwrap());
+    let trust = Trust::new(store, Default::default()).unwrap();
+    let kept = trust.create_token(Role::Viewer, None, None).unwrap();
+    let doomed = trust.create_token(Role::Operator, None, None).unwrap();
+    // Verified twice: the second answer comes from this thread's memo.
+    for _ in 0..2 {
+        let c = trust.caller_for_token(&doomed.secret).expect("live");
+        assert_eq!(
+            (c.token_id.as_str(), c.role),
+            (doomed.record.id.as_str(), Role::Operator)
+        );
+        assert!(trust.caller_for_token(&kept.secret).is_some());
+    }
+    trust.revoke_token(&doomed.record.id).unwrap();
+    assert!(trust.caller_for_token(&doomed.secret).is_none(), "revoked");
+    assert!(
+        trust.caller_for_token(&kept.secret).is_some(),
+        "others still pass"
+    );
+    // Another trust state on the same thread never answers from this one's
+    // memo, even for a secret this thread verified.
+    let other = Trust::new(
+        Arc::new(graft::store::Store::in_memory().unwrap()),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(other.caller_for_token(&kept.secret).is_none());
+}
+
+#[test]
+fn the_memo_of_verified_tokens_stays_small() {
+    let store = Arc::new(graft::store::Store::in_memory().unwrap());
+    let trust = Trust::new(store, Default::default()).unwrap();
+    let tokens: Vec<_> = (0..3 * Memo::CAP)
+        .map(|_| trust.create_token(Role::Viewer, None, None).unwrap())
+        .collect();
+    for t in &tokens {
+        assert!(trust.caller_for_token(&t.secret).is_some());
+    }
+    assert!(MEMO.with(|m| m.borrow().len()) <= Memo::CAP);
+    // The oldest were dropped from the memo, not from the table.
+    assert!(trust.caller_for_token(&tokens[0].secret).is_some());
+}
