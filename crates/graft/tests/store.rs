@@ -141,9 +141,15 @@ fn acknowledged_writes_survive_kill_9() {
         let t = Instant::now();
         let store = Store::open_with(&db, opts())
             .unwrap_or_else(|e| panic!("round {round}: reopen failed: {e}"));
-        let versions = store.versions("crash", "m").unwrap();
-        let events = store.events_since(0, Some("crash"), usize::MAX).unwrap();
-        let module = store.module("crash", "m").unwrap();
+        let versions = store
+            .versions("crash", "m")
+            .unwrap_or_else(|e| panic!("round {round}: reading versions failed: {e:?}"));
+        let events = store
+            .events_since(0, Some("crash"), usize::MAX)
+            .unwrap_or_else(|e| panic!("round {round}: reading events failed: {e:?}"));
+        let module = store
+            .module("crash", "m")
+            .unwrap_or_else(|e| panic!("round {round}: reading the module failed: {e:?}"));
         drop(store);
         let numbers: Vec<u64> = versions.iter().map(|v| u64::from(v.version)).collect();
         // Consecutive from 1, no duplicate, no hole.

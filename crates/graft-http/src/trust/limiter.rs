@@ -83,7 +83,14 @@ impl Limiter {
             return Ok(());
         };
         self.refill(b, Instant::now());
-        if b.tokens >= 1.0 {
+        if b.tokens >= f64::from(self.limit.burst) {
+            // Refilled: the bucket says nothing any more. Dropping it lets
+            // requests skip the lock again once every failing peer is back
+            // to full.
+            map.remove(&peer);
+            self.tracked.store(map.len(), Ordering::Release);
+            Ok(())
+        } else if b.tokens >= 1.0 {
             Ok(())
         } else {
             let wait = if self.limit.per_second > 0.0 {
@@ -152,8 +159,12 @@ mod tests {
             per_second: 1000.0,
         });
         l.failed(None);
+        assert_eq!(l.tracked.load(Ordering::Acquire), 1);
         std::thread::sleep(Duration::from_millis(5));
         assert!(l.check(None).is_ok());
+        // Full again: dropped, so requests skip the lock once more.
+        assert_eq!(l.tracked.load(Ordering::Acquire), 0);
+        assert!(l.buckets.lock().is_empty());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::audit::{self, AuthenticatedAs, RowStart};
+use super::browser::browser_rules;
 use super::routes::{self, Access, Route, RowCommit, SandboxAt};
 use super::session::session_cookie;
 use super::{Caller, Peer, Trust};
@@ -64,125 +65,6 @@ pub(crate) fn rate_limited(retry: Duration) -> ApiError {
 
 fn forbidden(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-}
-
-/// The host name of a `Host` value (no port, no IPv6 brackets), as sent:
-/// compare it without case.
-fn host_name(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => host,
-        }
-    }
-}
-
-fn is_loopback_name(name: &str) -> bool {
-    const SUFFIX: &str = ".localhost";
-    name.eq_ignore_ascii_case("localhost")
-        || (name.len() > SUFFIX.len()
-            && name
-                .get(name.len() - SUFFIX.len()..)
-                .is_some_and(|end| end.eq_ignore_ascii_case(SUFFIX)))
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// The browser rules: `Host` (DNS rebinding), `Origin` (cross-site
-/// requests) and, for mutating methods, `Content-Type` (cross-site forms
-/// and `text/plain` posts, which skip the CORS preflight).
-pub(crate) fn browser_rules(
-    trust: &Trust,
-    method: &Method,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_host",
-            "more than one Host header",
-        ));
-    }
-    let host = match host {
-        // Every browser sends Host (HTTP/1.1 requires it); a request without
-        // it cannot be checked against DNS rebinding, so it is refused like
-        // a foreign one.
-        None => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_host",
-                "the request has no Host header; send `Host: localhost` (or the node's name)",
-            ))
-        }
-        Some(v) => {
-            let h = v.to_str().map_err(|_| {
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden_host",
-                    "the Host header is not text",
-                )
-            })?;
-            let name = host_name(h);
-            let allowed = is_loopback_name(name)
-                || trust
-                    .config()
-                    .allow_hosts
-                    .iter()
-                    .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(h));
-            if !allowed {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden_host",
-                    format!(
-                        "Host `{}` is not a loopback name or an allowed host; start the node with --allow-host {}",
-                        shown(h),
-                        shown(&name.to_ascii_lowercase())
-                    ),
-                ));
-            }
-            Some(h)
-        }
-    };
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let scheme = if trust.config().tls { "https" } else { "http" };
-        let own = host.is_some_and(|h| {
-            origin.to_str().is_ok_and(|o| {
-                o.strip_prefix(scheme)
-                    .and_then(|r| r.strip_prefix("://"))
-                    .is_some_and(|r| r.eq_ignore_ascii_case(h))
-            })
-        });
-        if !own {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_origin",
-                "cross-origin requests are refused: Origin is not this node's own",
-            ));
-        }
-    }
-    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| {
-                ct.split(';')
-                    .next()
-                    .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
-            });
-        if !json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "this request changes something: send it with Content-Type: application/json",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Who the credentials of a request stand for: a bearer token, else the
@@ -363,8 +245,10 @@ impl Ctx {
         req: Request,
         err: ApiError,
     ) -> Response {
+        let writes_row =
+            self.row.audit.denied_writes_row() && err.status != StatusCode::TOO_MANY_REQUESTS;
         let sandbox = match sandbox {
-            None if self.row.audit.denied_writes_row() => path_sandbox(req, self.row).await.1,
+            None if writes_row => path_sandbox(req, self.row).await.1,
             known => known,
         };
         self.deny(caller, sandbox, err).await
@@ -697,25 +581,6 @@ fn finish_audit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_names() {
-        assert_eq!(host_name("127.0.0.1:7878"), "127.0.0.1");
-        assert_eq!(host_name("[::1]:80"), "::1");
-        assert_eq!(host_name("LocalHost:1"), "LocalHost");
-        assert_eq!(host_name("evil.com:7878"), "evil.com");
-        assert!(is_loopback_name("localhost"));
-        assert!(is_loopback_name("LocalHost"));
-        assert!(is_loopback_name("app.localhost"));
-        assert!(is_loopback_name("App.LOCALHOST"));
-        assert!(!is_loopback_name(".localhost"));
-        assert!(!is_loopback_name("xlocalhost"));
-        assert!(!is_loopback_name("é.localhos"));
-        assert!(is_loopback_name("127.9.9.9"));
-        assert!(is_loopback_name("::1"));
-        assert!(!is_loopback_name("localhost.evil.com"));
-        assert!(!is_loopback_name("10.0.0.1"));
-    }
 
     #[test]
     fn shown_text_is_short_and_escaped() {

@@ -26,6 +26,7 @@
 //!   refused (403 `forbidden_host`).
 
 pub(crate) mod audit;
+pub(crate) mod browser;
 pub(crate) mod limiter;
 pub(crate) mod middleware;
 pub(crate) mod projects;

@@ -67,7 +67,7 @@ pub(crate) use exit::{remember_chunk, truncate_reason};
 pub(crate) use host::BlockingCall;
 pub(crate) use nest::{nest_done, NestEnd, NestResult};
 pub(crate) use process::{HostSlot, Job, Process, Run, Waiter};
-pub(crate) use run::{call_now, run_slice};
+pub(crate) use run::{call_now, run_slice, CallNow};
 pub(crate) use timers::Timer;
 pub(crate) use watch::{CanaryWatch, Watch, WatchScope};
 

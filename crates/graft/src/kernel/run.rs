@@ -81,33 +81,33 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
 /// crash queues the caller as the process's crashed caller, a suspended
 /// or preempted callback continues in the next slices.
 ///
-/// Returns whether the job started; `false` changes nothing (the caller
-/// queues the call instead). The slice's limit (`SLICE_MS`) applies as in
-/// [`run_slice`], so a long callback is preempted and continued there.
+/// [`CallNow::NotNow`] changes nothing (the caller queues the call
+/// instead). The slice's limit (`SLICE_MS`) applies as in [`run_slice`], so
+/// a long callback is preempted and continued there.
 pub(crate) fn call_now(
     lua: &Lua,
     kh: &KernelHandle,
     serial: u64,
     request: Value,
     slot: &std::sync::Arc<super::HostSlot>,
-) -> bool {
+) -> CallNow {
     let _fast = super::fast::SliceKernel::enter(kh);
     let (thread, args) = {
         let mut k = kh.borrow();
         if !k.can_call_now(serial) {
-            return false;
+            return CallNow::NotNow;
         }
         let Some(module) = k.procs.get(&serial).map(|p| p.pid.module_index()) else {
-            return false;
+            return CallNow::NotNow;
         };
         let Some(table) = k.module_tables[module as usize].clone() else {
-            return false;
+            return CallNow::NotNow;
         };
         let thread = match k.pool.pop() {
             Some(t) => t,
             None => match lua.create_thread(k.worker.clone()) {
                 Ok(t) => t,
-                Err(_) => return false,
+                Err(_) => return CallNow::NotNow,
             },
         };
         let job = Job::Call {
@@ -117,7 +117,7 @@ pub(crate) fn call_now(
         };
         let op = job.op();
         let Some(p) = k.procs.get_mut(&serial) else {
-            return false;
+            return CallNow::NotNow;
         };
         p.job = Some(job);
         p.run = Run::Running;
@@ -142,12 +142,36 @@ pub(crate) fn call_now(
         (thread, args)
     };
     let outcome = resume(lua, kh, serial, &thread, args);
+    let finished = matches!(outcome, Outcome::Done(_));
     // The exits a crash queued are drained by the slice that follows.
-    let mut k = kh.borrow();
-    k.finish_job(lua, serial, outcome);
-    k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
-    k.watch.cannot_yield.store(false, Ordering::Relaxed);
-    true
+    {
+        let mut k = kh.borrow();
+        k.finish_job(lua, serial, outcome);
+        k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
+        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+    }
+    // What the callback dropped (a cancelled timer's message, say) is
+    // released now: the slice that follows may have nothing to run.
+    lua.expire_registry_values();
+    if finished {
+        CallNow::Finished
+    } else {
+        CallNow::Pending
+    }
+}
+
+/// How [`call_now`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CallNow {
+    /// The target could not take the call now; nothing changed.
+    NotNow,
+    /// The callback returned: its reply answered the slot (or is held for
+    /// it by a rebuild). No timeout is needed.
+    Finished,
+    /// The callback waits, was preempted, or crashed: the slot is answered
+    /// later (a reply, the crash once the process is gone), and the call's
+    /// timeout must be armed.
+    Pending,
 }
 
 impl Kernel {
@@ -160,10 +184,13 @@ impl Kernel {
     }
 
     /// Whether a host's call to `serial` may run at once ([`call_now`]): it
-    /// could run nested now ([`Kernel::nestable`]) and no exit waits to be
-    /// applied first (a slice drains those before any message).
-    pub(crate) fn can_call_now(&self, serial: u64) -> bool {
-        self.exits.is_empty() && self.nestable(serial)
+    /// could run nested now ([`Kernel::nestable`]), and no exit waits to be
+    /// applied and no timer is due (a slice applies those before any
+    /// message: a due kill of a linked process must not be overtaken).
+    pub(crate) fn can_call_now(&mut self, serial: u64) -> bool {
+        self.exits.is_empty()
+            && self.nestable(serial)
+            && self.next_timer_at().is_none_or(|at| at > self.timer_now())
     }
 }
 
@@ -478,5 +505,55 @@ fn raised(lua: &Lua, thread: &Thread, e: &mlua::Error, timed_out: bool) -> ExitR
     match info {
         Value::Table(_) if fault.is_none() => classify_failure(lua, &info, timed_out),
         _ => classify_error(lua, e, fault, timed_out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::{call_now, CallNow};
+    use crate::kernel::testing::{TestKernel, PROBE};
+    use crate::kernel::{HostSlot, Timer};
+
+    fn request(t: &TestKernel, op: &str) -> mlua::Value {
+        crate::value::json_to_lua(t.lua(), &json!({ "op": op })).unwrap()
+    }
+
+    #[test]
+    fn a_host_call_runs_at_once_only_when_nothing_must_come_first() {
+        let t = TestKernel::new(&[("probe", PROBE)]);
+        let a = t.spawn("probe", Some("a"));
+        let b = t.spawn("probe", Some("b"));
+        let kh = crate::kernel::kernel_handle(t.lua());
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let slot = HostSlot::new(tx);
+        let r = call_now(t.lua(), &kh, a, request(&t, "ping"), &slot);
+        assert_eq!(r, CallNow::Finished);
+        assert_eq!(rx.try_recv().unwrap().unwrap(), json!("pong"));
+
+        // A timer already due (here: a kill of another process) is applied
+        // by the slice first, so the call must not run ahead of it.
+        let now = t.k().timer_now();
+        t.k().add_timer(now, Timer::ShutdownKill { serial: b });
+        assert!(!t.k().can_call_now(a));
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let slot = HostSlot::new(tx);
+        let r = call_now(t.lua(), &kh, a, request(&t, "ping"), &slot);
+        assert_eq!(r, CallNow::NotNow);
+        assert!(!slot.is_answered(), "nothing ran");
+        t.settle();
+        assert!(
+            t.k().can_call_now(a),
+            "the timer fired: a may run at once again"
+        );
+
+        // A crash is pending (answered once the process is gone), not finished.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let slot: Arc<HostSlot> = HostSlot::new(tx);
+        let r = call_now(t.lua(), &kh, a, request(&t, "crash"), &slot);
+        assert_eq!(r, CallNow::Pending);
     }
 }

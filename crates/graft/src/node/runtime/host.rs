@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::Runtime;
 use crate::error::{Error, Result};
-use crate::kernel::{self, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
+use crate::kernel::{self, CallNow, HostSlot, Job, Timer, Waiter, EVAL_MODULE};
 use crate::pid::Target;
 use crate::value::{json_to_lua, VmPid};
 
@@ -79,18 +79,22 @@ impl Runtime {
     ) {
         let r = (|| -> Result<()> {
             self.check_size(&request)?;
-            let (serial, idle) = {
-                let k = self.kernel.borrow();
+            let (serial, idle, started) = {
+                let mut k = self.kernel.borrow();
                 let serial = resolve_in(&k, &target)?;
-                (serial, now && k.can_call_now(serial))
+                (serial, now && k.can_call_now(serial), k.timer_now())
             };
             if idle {
                 let value = self.request_value(&request)?;
-                if kernel::call_now(self.lua(), &self.kernel, serial, value, &slot) {
-                    if !slot.is_answered() {
-                        self.arm_call_timeout(&target, timeout_ms, &slot);
+                match kernel::call_now(self.lua(), &self.kernel, serial, value, &slot) {
+                    CallNow::Finished => return Ok(()),
+                    // Its timeout runs from the call's start, not from
+                    // the end of its first stretch.
+                    CallNow::Pending => {
+                        self.arm_call_timeout(&target, started, timeout_ms, &slot);
+                        return Ok(());
                     }
-                    return Ok(());
+                    CallNow::NotNow => {}
                 }
             }
             let key = host_value(self.lua(), &request)?;
@@ -103,7 +107,7 @@ impl Runtime {
                 .borrow()
                 .deliver(serial, job)
                 .map_err(|(e, _)| e)?;
-            self.arm_call_timeout(&target, timeout_ms, &slot);
+            self.arm_call_timeout(&target, started, timeout_ms, &slot);
             Ok(())
         })();
         if let Err(e) = r {
@@ -124,10 +128,17 @@ impl Runtime {
         }
     }
 
-    /// Times out `slot`'s call to `target` after `timeout_ms`.
-    fn arm_call_timeout(&self, target: &Target, timeout_ms: u64, slot: &Arc<HostSlot>) {
+    /// Times out `slot`'s call to `target`, which started at `started`
+    /// (`Kernel::timer_now`), after `timeout_ms`.
+    fn arm_call_timeout(
+        &self,
+        target: &Target,
+        started: u64,
+        timeout_ms: u64,
+        slot: &Arc<HostSlot>,
+    ) {
         let mut k = self.kernel.borrow();
-        let at = k.timer_now().saturating_add(timeout_ms);
+        let at = started.saturating_add(timeout_ms);
         let timer = k.add_timer(
             at,
             Timer::HostCallTimeout {

@@ -125,6 +125,7 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
                 return;
             }
         }
+        rt.first_inline = false;
         // A restart command may have replaced the VM: enforce the current one's limits.
         let watch = rt.kernel.borrow().watch.clone();
         if let Some(me) = me {
