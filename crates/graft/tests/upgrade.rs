@@ -818,3 +818,68 @@ fn a_dry_run_sends_no_messages_from_module_bodies_or_migrations() {
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(block_on(sb.state("c")).unwrap(), json!({"count": 1}));
 }
+
+/// Flat states take a shortcut through the migration's copy and check
+/// (`clone_root`, `check_root` in the prelude); these are the shapes that
+/// must not: shared and nested tables, pids, and results that are not
+/// plain data, each against both kinds of state.
+#[test]
+fn migrations_keep_sharing_and_refuse_what_is_not_plain_data_flat_or_nested() {
+    const V1: &str = r#"
+local m = {}
+function m.init(args)
+  if args.flat then return { count = 0 } end
+  local t = { n = 1 }
+  return { a = t, b = t, count = 0 }
+end
+function m.handle_call(req, from, state)
+  if req == "same" then return state.a == state.b, state end
+  if req == "n" then return state.b.n, state end
+  if req == "who" then return state.who == graft.whereis("flat"), state end
+  return state.count, state
+end
+return m
+"#;
+    let with = |body: &str| {
+        format!(
+            "{}\nfunction m.code_change(old, state, extra)\n  {body}\nend\nreturn m\n",
+            V1.trim_end().trim_end_matches("return m")
+        )
+    };
+    let node = Node::with_threads(1);
+    // One sandbox per shape: a reload aborts when any of its processes
+    // fails, so a shape that wrongly passed would hide behind the other.
+    for flat in [true, false] {
+        let sb = sandbox(&node, &format!("shapes{flat}"), &[("m", V1)]);
+        block_on(sb.spawn("m", json!({ "flat": flat }), Some("p"))).unwrap();
+        for (what, body) in [
+            ("a cycle", "state.me = state return state"),
+            ("a metatable", "return setmetatable(state, {})"),
+            ("a function", "state.f = print return state"),
+            (
+                "a coroutine key",
+                "state[coroutine.create(print)] = 1 return state",
+            ),
+        ] {
+            let err = reload(&sb, &[("m", &with(body))], ReloadOptions::default()).unwrap_err();
+            assert!(
+                matches!(err, Error::ReloadAborted { .. }),
+                "{what} (flat: {flat}): {err:?}"
+            );
+            assert_eq!(call(&sb, "p", json!("count")), json!(0), "{what}");
+        }
+        assert_eq!(block_on(sb.versions("m")).unwrap().len(), 1);
+    }
+    let sb = sandbox(&node, "shapes", &[("m", V1)]);
+    block_on(sb.spawn("m", json!({"flat": true}), Some("flat"))).unwrap();
+    block_on(sb.spawn("m", json!({"flat": false}), Some("nested"))).unwrap();
+
+    // Sharing inside a state survives the copy; a pid is plain data.
+    let ok =
+        with("if state.a then state.a.n += 1 end state.who = graft.whereis(\"flat\") return state");
+    reload(&sb, &[("m", &ok)], ReloadOptions::default()).unwrap();
+    assert_eq!(call(&sb, "nested", json!("same")), json!(true));
+    assert_eq!(call(&sb, "nested", json!("n")), json!(2));
+    assert_eq!(call(&sb, "flat", json!("who")), json!(true));
+    assert_eq!(call(&sb, "nested", json!("who")), json!(true));
+}
