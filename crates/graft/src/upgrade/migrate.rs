@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use mlua::{Function, Table, Value};
+use mlua::{Buffer, Function, Table, Value};
 use serde_json::Value as Json;
 
 use super::guest::{aborted, chunk_of, failure_in, guest_text, line_in};
@@ -17,8 +17,9 @@ use crate::vm::Vm;
 
 /// The migrated states of a reload, not yet live.
 pub(super) struct Migration {
-    /// Per module: the serials migrated and the side table of new states.
-    pending: Vec<(Table, Table)>,
+    /// Per module: the serials migrated (see [`serial_buffer`]) and the
+    /// side table of new states.
+    pending: Vec<(Buffer, Table)>,
     /// Processes whose state was migrated.
     pub processes: usize,
 }
@@ -122,6 +123,18 @@ impl Engine {
     }
 }
 
+/// The serials of a batch as the prelude's `migrate_all` and
+/// `commit_states` read them: a Luau buffer of little-endian f64s. One
+/// allocation, where a table of 10,000 serials cost 10,000 protected stores
+/// (about 1 ms, a sixth of such a reload).
+fn serial_buffer(lua: &mlua::Lua, serials: &[u64]) -> mlua::Result<Buffer> {
+    let bytes: Vec<u8> = serials
+        .iter()
+        .flat_map(|s| (*s as f64).to_le_bytes())
+        .collect();
+    lua.create_buffer(bytes)
+}
+
 /// Migrates one module's processes into a side table: `Some((serials,
 /// states))`, or `None` when the module keeps its states as they are
 /// (supervisors, or no handler and no `code_change`).
@@ -129,12 +142,12 @@ fn migrate_batch(
     rq: &Request<'_>,
     b: &Batch<'_>,
     handler_fn: Option<&Function>,
-) -> Result<Option<(Table, Table)>> {
+) -> Result<Option<(Buffer, Table)>> {
     let (vm, opts) = (rq.vm, rq.opts);
     let lua = &vm.lua;
     let out = lua.create_table_with_capacity(b.serials.len() + 1, 0)?;
     // Built before the commit point, so the commit allocates nothing.
-    let serial_table = lua.create_sequence_from(b.serials.iter().map(|s| *s as f64))?;
+    let serial_table = serial_buffer(lua, &b.serials)?;
     let is_supervisor = module_kind(b.table) == "supervisor";
     let code_change: Option<Function> = b.table.raw_get("code_change").ok().flatten();
     let luau = |f: &Function, is_handler: bool| {
@@ -220,7 +233,7 @@ fn load_state_handler(vm: &Vm, src: &str) -> Result<Function> {
 
 /// The arguments of prelude's `migrate_all` besides the function.
 struct LuauMigration<'a> {
-    serial_table: &'a Table,
+    serial_table: &'a Buffer,
     old_vsn: &'a Value,
     new_vsn: u32,
     extra: &'a Json,
