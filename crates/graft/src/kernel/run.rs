@@ -34,19 +34,10 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
             // The common end of a host call run at once ([`call_now`]):
             // nothing to set up or settle. A request to end this slice
             // early is answered by that.
-            k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
-            k.watch.cannot_yield.store(false, Ordering::Relaxed);
+            k.watch.end_slice();
             return false;
         }
-        // 0: the scheduler asked for this slice to end early (see
-        // `Watch::end_slice_at`) before it began; keep that request.
-        let _ = k.watch.slice_end.compare_exchange(
-            u64::MAX,
-            started + SLICE_MS,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+        k.watch.begin_slice(started);
     }
     let _fast = super::fast::SliceKernel::enter(kh);
     fire_timers(lua, kh);
@@ -65,10 +56,7 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
     }
     lua.expire_registry_values();
     let k = kh.borrow();
-    k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
-    // The slice is over: the watchdog must not judge what runs next in this
-    // sandbox (reloads, the canary check) by this slice's flag.
-    k.watch.cannot_yield.store(false, Ordering::Relaxed);
+    k.watch.end_slice();
     k.has_work()
 }
 
@@ -124,14 +112,7 @@ pub(crate) fn call_now(
         p.used_ms = 0;
         p.nested_ms = 0;
         p.messages_handled += 1;
-        let now = clock::coarse_ms();
-        let _ = k.watch.slice_end.compare_exchange(
-            u64::MAX,
-            now + SLICE_MS,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+        k.watch.begin_slice(clock::coarse_ms());
         // a host gets JSON: the reply is not copied in the VM
         let args = ResumeArgs::start(
             op,
@@ -147,8 +128,7 @@ pub(crate) fn call_now(
     {
         let mut k = kh.borrow();
         k.finish_job(lua, serial, outcome);
-        k.watch.slice_end.store(u64::MAX, Ordering::Relaxed);
-        k.watch.cannot_yield.store(false, Ordering::Relaxed);
+        k.watch.end_slice();
     }
     // What the callback dropped (a cancelled timer's message, say) is
     // released now: the slice that follows may have nothing to run.

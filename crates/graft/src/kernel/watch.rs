@@ -130,6 +130,24 @@ impl Watch {
             saved.preemptible,
         );
     }
+    /// Starts a time slice at coarse ms `now`: it ends at `now +
+    /// SLICE_MS`, unless the scheduler already asked for it to end early
+    /// (`slice_end` 0, see [`Watch::end_slice_at`]), a request it keeps.
+    pub(super) fn begin_slice(&self, now: u64) {
+        let _ = self.slice_end.compare_exchange(
+            u64::MAX,
+            now + super::SLICE_MS,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.cannot_yield.store(false, Ordering::Relaxed);
+    }
+    /// Ends a time slice: the watchdog must not judge what runs next in this
+    /// sandbox (reloads, the canary check) by this slice's flags.
+    pub(super) fn end_slice(&self) {
+        self.slice_end.store(u64::MAX, Ordering::Relaxed);
+        self.cannot_yield.store(false, Ordering::Relaxed);
+    }
     pub(super) fn disarm(&self) {
         self.check_at.store(u64::MAX, Ordering::Relaxed);
         self.deadline.store(u64::MAX, Ordering::Relaxed);
