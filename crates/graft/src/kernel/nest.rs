@@ -158,11 +158,7 @@ impl Kernel {
         let Some(p) = self.procs.get_mut(&serial) else {
             return false;
         };
-        p.job = Some(job);
-        p.run = Run::Running;
-        p.used_ms = 0;
-        p.nested_ms = 0;
-        p.messages_handled += 1;
+        p.begin_job(job);
         self.stack.push((serial, now));
         let enclosing = self.watch.save();
         // The caller's worker only runs prelude code until `nest_done`.

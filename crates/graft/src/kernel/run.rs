@@ -69,8 +69,8 @@ pub(crate) fn run_slice(lua: &Lua, kh: &KernelHandle) -> bool {
 /// crash queues the caller as the process's crashed caller, a suspended
 /// or preempted callback continues in the next slices.
 ///
-/// [`CallNow::NotNow`] changes nothing (the caller queues the call
-/// instead). The slice's limit (`SLICE_MS`) applies as in [`run_slice`], so
+/// `Err` hands the request back and changes nothing (the caller queues
+/// the call instead). The slice's limit (`SLICE_MS`) applies as in [`run_slice`], so
 /// a long callback is preempted and continued there.
 pub(crate) fn call_now(
     lua: &Lua,
@@ -78,25 +78,20 @@ pub(crate) fn call_now(
     serial: u64,
     request: Value,
     slot: &std::sync::Arc<super::HostSlot>,
-) -> CallNow {
-    let _fast = super::fast::SliceKernel::enter(kh);
+) -> Result<CallNow, Value> {
     let (thread, args) = {
         let mut k = kh.borrow();
         if !k.can_call_now(serial) {
-            return CallNow::NotNow;
+            return Err(request);
         }
         let Some(module) = k.procs.get(&serial).map(|p| p.pid.module_index()) else {
-            return CallNow::NotNow;
+            return Err(request);
         };
         let Some(table) = k.module_tables[module as usize].clone() else {
-            return CallNow::NotNow;
+            return Err(request);
         };
-        let thread = match k.pool.pop() {
-            Some(t) => t,
-            None => match lua.create_thread(k.worker.clone()) {
-                Ok(t) => t,
-                Err(_) => return CallNow::NotNow,
-            },
+        let Ok(thread) = k.worker_thread(lua) else {
+            return Err(request);
         };
         let job = Job::Call {
             request: None,
@@ -105,13 +100,9 @@ pub(crate) fn call_now(
         };
         let op = job.op();
         let Some(p) = k.procs.get_mut(&serial) else {
-            return CallNow::NotNow;
+            return Err(request);
         };
-        p.job = Some(job);
-        p.run = Run::Running;
-        p.used_ms = 0;
-        p.nested_ms = 0;
-        p.messages_handled += 1;
+        p.begin_job(job);
         k.watch.begin_slice(clock::coarse_ms());
         // a host gets JSON: the reply is not copied in the VM
         let args = ResumeArgs::start(
@@ -122,7 +113,10 @@ pub(crate) fn call_now(
         );
         (thread, args)
     };
+    // Nested calls and spawns in the callback find this kernel at once.
+    let fast = super::fast::SliceKernel::enter(kh);
     let outcome = resume(lua, kh, serial, &thread, args);
+    drop(fast);
     let finished = matches!(outcome, Outcome::Done(_));
     // The exits a crash queued are drained by the slice that follows.
     {
@@ -133,18 +127,16 @@ pub(crate) fn call_now(
     // What the callback dropped (a cancelled timer's message, say) is
     // released now: the slice that follows may have nothing to run.
     lua.expire_registry_values();
-    if finished {
+    Ok(if finished {
         CallNow::Finished
     } else {
         CallNow::Pending
-    }
+    })
 }
 
 /// How [`call_now`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CallNow {
-    /// The target could not take the call now; nothing changed.
-    NotNow,
     /// The callback returned: its reply answered the slot (or is held for
     /// it by a rebuild). No timeout is needed.
     Finished,
@@ -167,7 +159,7 @@ impl Kernel {
     /// could run nested now ([`Kernel::nestable`]), and no exit waits to be
     /// applied and no timer is due (a slice applies those before any
     /// message: a due kill of a linked process must not be overtaken).
-    pub(crate) fn can_call_now(&mut self, serial: u64) -> bool {
+    fn can_call_now(&mut self, serial: u64) -> bool {
         self.exits.is_empty()
             && self.nestable(serial)
             && self.next_timer_at().is_none_or(|at| at > self.timer_now())
@@ -274,12 +266,8 @@ impl Kernel {
             Err(e) => return Stretch::Fail(cannot_start(e)),
         };
         p.messages_handled += 1;
-        let thread = match self.pool.pop() {
-            Some(t) => t,
-            None => match lua.create_thread(self.worker.clone()) {
-                Ok(t) => t,
-                Err(_) => return Stretch::Fail(ExitReason::OutOfMemory),
-            },
+        let Ok(thread) = self.worker_thread(lua) else {
+            return Stretch::Fail(ExitReason::OutOfMemory);
         };
         Stretch::Run(
             thread,
@@ -330,6 +318,14 @@ impl Kernel {
             // No marker: preempted by the interrupt, or the guest yielded at
             // top level. Either way the callback continues later.
             _ => Outcome::Preempted(thread.clone()),
+        }
+    }
+
+    /// A worker coroutine for a job: a pooled one, else a new one.
+    fn worker_thread(&mut self, lua: &Lua) -> mlua::Result<Thread> {
+        match self.pool.pop() {
+            Some(t) => Ok(t),
+            None => lua.create_thread(self.worker.clone()),
         }
     }
 
@@ -511,7 +507,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         let r = call_now(t.lua(), &kh, a, request(&t, "ping"), &slot);
-        assert_eq!(r, CallNow::Finished);
+        assert_eq!(r.ok(), Some(CallNow::Finished));
         assert_eq!(rx.try_recv().unwrap().unwrap(), json!("pong"));
 
         // A timer already due (here: a kill of another process) is applied
@@ -522,7 +518,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
         let r = call_now(t.lua(), &kh, a, request(&t, "ping"), &slot);
-        assert_eq!(r, CallNow::NotNow);
+        assert!(r.is_err(), "the request is handed back");
         assert!(!slot.is_answered(), "nothing ran");
         t.settle();
         assert!(
@@ -534,6 +530,6 @@ mod tests {
         let (tx, _rx) = tokio::sync::oneshot::channel();
         let slot: Arc<HostSlot> = HostSlot::new(tx);
         let r = call_now(t.lua(), &kh, a, request(&t, "crash"), &slot);
-        assert_eq!(r, CallNow::Pending);
+        assert_eq!(r.ok(), Some(CallNow::Pending));
     }
 }

@@ -79,25 +79,26 @@ impl Runtime {
     ) {
         let r = (|| -> Result<()> {
             self.check_size(&request)?;
-            let (serial, idle, started) = {
-                let mut k = self.kernel.borrow();
-                let serial = resolve_in(&k, &target)?;
-                (serial, now && k.can_call_now(serial), k.timer_now())
+            let (serial, started) = {
+                let k = self.kernel.borrow();
+                (resolve_in(&k, &target)?, k.timer_now())
             };
-            if idle {
-                let value = self.request_value(&request)?;
+            // Converted once: handed to the callback now, or kept in the
+            // registry while the call waits in the mailbox.
+            let mut value = self.request_value(&request)?;
+            if now {
                 match kernel::call_now(self.lua(), &self.kernel, serial, value, &slot) {
-                    CallNow::Finished => return Ok(()),
+                    Ok(CallNow::Finished) => return Ok(()),
                     // Its timeout runs from the call's start, not from
                     // the end of its first stretch.
-                    CallNow::Pending => {
+                    Ok(CallNow::Pending) => {
                         self.arm_call_timeout(&target, started, timeout_ms, &slot);
                         return Ok(());
                     }
-                    CallNow::NotNow => {}
+                    Err(handed_back) => value = handed_back,
                 }
             }
-            let key = host_value(self.lua(), &request)?;
+            let key = registry_value(self.lua(), value)?;
             let job = Job::Call {
                 request: Some(key),
                 from: None,
@@ -153,8 +154,8 @@ impl Runtime {
     pub fn host_send(&mut self, target: &Target, message: &Json, cast: bool) -> Result<()> {
         self.check_size(message)?;
         let serial = self.resolve(target)?;
-        let lua = self.lua();
-        let key = host_value(lua, message)?;
+        let value = self.request_value(message)?;
+        let key = registry_value(self.lua(), value)?;
         let job = if cast { Job::Cast(key) } else { Job::Info(key) };
         self.kernel
             .borrow()
@@ -282,9 +283,13 @@ pub(super) fn host_lua_value(lua: &Lua, v: &Json) -> Result<mlua::Value> {
 /// A host's JSON value as a Luau value held in the registry (for a job
 /// that waits in a mailbox), with [`host_lua_value`]'s handling of memory.
 pub(super) fn host_value(lua: &Lua, v: &Json) -> Result<mlua::RegistryKey> {
-    with_memory_retry(lua, || {
-        json_to_lua(lua, v).and_then(|v| lua.create_registry_value(v))
-    })
+    registry_value(lua, host_lua_value(lua, v)?)
+}
+
+/// `value` held in the registry, with [`host_lua_value`]'s handling of
+/// memory.
+fn registry_value(lua: &Lua, value: mlua::Value) -> Result<mlua::RegistryKey> {
+    with_memory_retry(lua, || lua.create_registry_value(&value))
 }
 
 fn with_memory_retry<T>(lua: &Lua, mut convert: impl FnMut() -> mlua::Result<T>) -> Result<T> {
