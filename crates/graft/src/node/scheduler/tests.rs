@@ -77,8 +77,20 @@ fn an_idle_sandbox_runs_on_the_calling_thread() {
 fn a_scheduled_sandbox_is_left_to_its_owner() {
     let node = crate::Node::with_threads(1);
     let sb = idle(&node, "owned");
-    // As if a scheduler thread had claimed it: run_inline must not touch it.
-    sb.shared.scheduled.store(true, Ordering::Release);
+    // Claim it as a scheduler thread would: run_inline must not touch it.
+    // Its creation may have queued start-up slices; a plain store could
+    // land while a scheduler thread still owns it, and that thread's
+    // release would then hand the sandbox to run_inline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sb
+        .shared
+        .scheduled
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "the owner released it");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let inner = sb
         .enqueue(
@@ -89,7 +101,8 @@ fn a_scheduled_sandbox_is_left_to_its_owner() {
         )
         .expect("queued");
     assert!(!run_inline(&inner, &sb.shared));
-    assert_eq!(sb.shared.inbox.lock().len(), 1, "the command still waits");
+    assert!(rx.try_recv().is_err(), "nothing ran it");
+    assert!(!sb.shared.inbox.lock().is_empty(), "the command still waits");
     // The owner's release finds the command and queues the sandbox.
     release(&inner, &sb.shared);
     let ran_on = rx.recv_timeout(Duration::from_secs(5)).expect("ran");
