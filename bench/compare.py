@@ -255,7 +255,7 @@ def build(args):
         note = ""
         if g is not None:
             note = (f"Graft = Luau heap {fmt_bytes(get(g, 'luau_heap_per_process_bytes'))}"
-                    f" + Rust heap {fmt_bytes(get(g, 'rust_heap_per_process_bytes'))}")
+                    f" + kernel records {fmt_bytes(get(g, 'rust_heap_per_process_bytes'))}")
         if o is not None and otp_ok:
             note += f"; OTP process_info: {fmt_bytes(get(o, 'proc_info_memory_bytes'))}"
         t.ratio_row(size_label("memory per idle server", g, o, otp_ok, " processes"),
@@ -417,7 +417,8 @@ def notes(graft, edit, otp, otp_ok, deb, args, spin):
         "`crates/graft-bench/src/main.rs`) and `target/release/edit_to_live` "
         "(`crates/graft-bench/src/bin/edit_to_live.rs`); OTP figures from `bench/otp/run.sh` "
         "(medians; see `bench/otp/README.md`).",
-        "* Graft memory per process counts the Luau heap and every Rust allocation; OTP's is "
+        "* Graft memory per process counts every allocation (mlua allocates the Luau heap through "
+        "Rust's allocator, so the Luau heap is counted once, as a part); OTP's is "
         "`erlang:memory(processes)` growth / N.",
         "* Reload with migration: OTP is the faster of `reload_seq` and `reload_par` "
         "(suspend, load, `sys:change_code`, resume, as release_handler does).",
