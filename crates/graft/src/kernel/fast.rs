@@ -283,14 +283,9 @@ pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) ->
             if !k.nesting_left() || k.frozen.contains(&mid) || !k.is_server_module(mid) {
                 return None;
             }
-            let child = k.create_idle_process(mid, Some(me), name).ok()?;
-            if link {
-                k.link(me, child);
-            }
-            let pid = k.procs.get(&child)?.pid;
             let token = k.token();
-            k.begin_nested_init(me, child, token, co)
-                .then_some((child, mid, pid))
+            let (child, pid) = k.spawn_nested(me, mid, name, link, token, co).ok()?;
+            Some((child, mid, pid))
         });
         match begun.flatten() {
             Some((child, mid, pid)) => push_begun(state, child, mid, pid),

@@ -515,8 +515,16 @@ impl Kernel {
         Ok(())
     }
 
-    /// Adds the record of a process admitted by [`Kernel::admit_process`].
-    fn insert_process(&mut self, module: u32, parent: Option<u64>, name: Option<&str>) -> u64 {
+    /// Adds the record of a process admitted by [`Kernel::admit_process`],
+    /// already running `job` if one is given (a nested init). Returns its
+    /// serial and pid.
+    fn insert_process(
+        &mut self,
+        module: u32,
+        parent: Option<u64>,
+        name: Option<&str>,
+        job: Option<Job>,
+    ) -> (u64, VmPid) {
         let serial = self.new_serial();
         let pid = VmPid::new(module, serial);
         let mut p = Process::new(pid, parent, self.module_versions[module as usize]);
@@ -524,8 +532,11 @@ impl Kernel {
             p.name = Some(n.into());
             self.names.insert(n.into(), serial);
         }
+        if let Some(job) = job {
+            p.begin_job(job);
+        }
         self.procs.insert(serial, Box::new(p));
-        serial
+        (serial, pid)
     }
 
     /// Creates a process record and queues its init job. Checks
@@ -542,24 +553,12 @@ impl Kernel {
         if let Err(e) = self.admit_process(name) {
             return Err((e, waiter));
         }
-        let serial = self.insert_process(module, parent, name);
+        let (serial, _) = self.insert_process(module, parent, name, None);
         if let Some(p) = self.procs.get_mut(&serial) {
             p.system = Some(Box::new(Job::Init { args, waiter }));
         }
         self.wake(serial);
         Ok(serial)
-    }
-
-    /// Creates a process record with no job queued: its init is about to run
-    /// nested ([`Kernel::begin_nested_init`]). Checks `max_processes` and the name.
-    pub fn create_idle_process(
-        &mut self,
-        module: u32,
-        parent: Option<u64>,
-        name: Option<&str>,
-    ) -> Result<u64, Error> {
-        self.admit_process(name)?;
-        Ok(self.insert_process(module, parent, name))
     }
 
     /// Links two processes (both directions; once).

@@ -130,10 +130,21 @@ impl Kernel {
         self.begin_nested(callee, job, co, wait).then_some(from)
     }
 
-    /// Starts the `init` of a process just created idle, nested in `caller`'s
-    /// callback on worker `co` (see [`Kernel::begin_nested`]). Returns
-    /// whether it began (the child exists).
-    pub fn begin_nested_init(&mut self, caller: u64, child: u64, token: u64, co: usize) -> bool {
+    /// Creates a process of `module` whose `init` runs at once, nested in
+    /// `caller`'s callback on worker `co` (see [`Kernel::begin_nested`]);
+    /// `token` is what the caller waits on if the init does not finish at
+    /// once. Checks `max_processes` and the name (as
+    /// [`Kernel::create_process`]). Returns the child's serial and pid.
+    pub fn spawn_nested(
+        &mut self,
+        caller: u64,
+        module: u32,
+        name: Option<&str>,
+        link: bool,
+        token: u64,
+        co: usize,
+    ) -> Result<(u64, VmPid), crate::Error> {
+        self.admit_process(name)?;
         let job = Job::Init {
             args: None,
             waiter: Waiter::Process {
@@ -141,12 +152,17 @@ impl Kernel {
                 token,
             },
         };
+        let (child, pid) = self.insert_process(module, Some(caller), name, Some(job));
+        if link {
+            self.link(caller, child);
+        }
         let wait = NestWait {
             caller,
             token,
             timeout_ms: None,
         };
-        self.begin_nested(child, job, co, wait)
+        self.push_nested(child, co, wait);
+        Ok((child, pid))
     }
 
     /// Starts `job` of `serial` nested in the current callback, on the worker
@@ -154,11 +170,19 @@ impl Kernel {
     /// the job does not finish at once. Must be closed by [`nest_done`].
     /// Returns false (and changes nothing) if `serial` is gone.
     fn begin_nested(&mut self, serial: u64, job: Job, co: usize, wait: NestWait) -> bool {
-        let now = clock::coarse_ms();
         let Some(p) = self.procs.get_mut(&serial) else {
             return false;
         };
         p.begin_job(job);
+        self.push_nested(serial, co, wait);
+        true
+    }
+
+    /// The bookkeeping of a nested job that began: `serial`'s callback is
+    /// innermost on the stack, its worker `co` is watched, and the
+    /// enclosing callback's watch is saved for [`Kernel::close_nested_fast`].
+    fn push_nested(&mut self, serial: u64, co: usize, wait: NestWait) {
+        let now = clock::coarse_ms();
         self.stack.push((serial, now));
         let enclosing = self.watch.save();
         // The caller's worker only runs prelude code until `nest_done`.
@@ -170,7 +194,6 @@ impl Kernel {
             enclosing,
             start: now,
         });
-        true
     }
 
     /// Charges `serial` for the time since `started` that it ran itself

@@ -103,38 +103,33 @@ fn spawn(
         },
     };
     let token = k.token();
-    let waiter = Waiter::Process { serial: me, token };
     // Nested unless the nesting depth is used up or a pending reload
     // froze the module (a new process is idle otherwise).
     let nest = k.nesting_left() && !k.frozen.contains(&mid);
-    let child = if nest {
-        k.create_idle_process(mid, Some(me), name.as_deref())
-    } else {
-        let args = lua.create_registry_value(args.clone())?;
-        k.create_process(mid, Some(me), name.as_deref(), Some(args), waiter)
-            .map_err(|(e, _)| e)
-    };
-    let child = match child {
+    if nest {
+        let co = co.to_pointer() as usize;
+        return match k.spawn_nested(me, mid, name.as_deref(), link, token, co) {
+            Ok((child, pid)) => Ok(MultiValue::from_iter([
+                Value::Number(child as f64),
+                Value::Table(table),
+                pid.to_lua(),
+            ])),
+            Err(e) => fail(lua, format!("graft.spawn: {e}")),
+        };
+    }
+    let args = lua.create_registry_value(args.clone())?;
+    let waiter = Waiter::Process { serial: me, token };
+    let child = match k.create_process(mid, Some(me), name.as_deref(), Some(args), waiter) {
         Ok(c) => c,
-        Err(e) => return fail(lua, format!("graft.spawn: {e}")),
+        Err((e, _)) => return fail(lua, format!("graft.spawn: {e}")),
     };
     if link {
         k.link(child, me);
     }
-    let pid = k.procs.get(&child).map(|p| p.pid);
-    match pid {
-        Some(pid) if nest && k.begin_nested_init(me, child, token, co.to_pointer() as usize) => {
-            Ok(MultiValue::from_iter([
-                Value::Number(child as f64),
-                Value::Table(table),
-                pid.to_lua(),
-            ]))
-        }
-        _ => Ok(MultiValue::from_iter([
-            Value::Boolean(false),
-            Value::Number(token as f64),
-        ])),
-    }
+    Ok(MultiValue::from_iter([
+        Value::Boolean(false),
+        Value::Number(token as f64),
+    ]))
 }
 
 /// `call(target, request, timeout_ms, worker)`: returns `(serial, module,

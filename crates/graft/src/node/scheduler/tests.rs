@@ -88,7 +88,10 @@ fn a_scheduled_sandbox_is_left_to_its_owner() {
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        assert!(std::time::Instant::now() < deadline, "the owner released it");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner released it"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let (tx, rx) = std::sync::mpsc::channel();
@@ -102,7 +105,10 @@ fn a_scheduled_sandbox_is_left_to_its_owner() {
         .expect("queued");
     assert!(!run_inline(&inner, &sb.shared));
     assert!(rx.try_recv().is_err(), "nothing ran it");
-    assert!(!sb.shared.inbox.lock().is_empty(), "the command still waits");
+    assert!(
+        !sb.shared.inbox.lock().is_empty(),
+        "the command still waits"
+    );
     // The owner's release finds the command and queues the sandbox.
     release(&inner, &sb.shared);
     let ran_on = rx.recv_timeout(Duration::from_secs(5)).expect("ran");
