@@ -46,6 +46,15 @@ pub(super) fn compiler() -> Compiler {
         .set_disabled_builtins(["math.random", "math.randomseed"])
 }
 
+/// Compiler settings of Graft's own Luau (the prelude, `require`, the
+/// supervisor): optimization level 2, which inlines the prelude's small
+/// local functions into the message path. Guest code keeps level 1, so its
+/// tracebacks and coverage name every function it wrote; the prelude's
+/// frames are never shown.
+pub(super) fn trusted_compiler() -> Compiler {
+    compiler().set_optimization_level(2)
+}
+
 /// Compiles a module's source to bytecode (pure: no VM involved, so it can run
 /// on any thread). Errors carry module, file, line, column and a code frame.
 pub fn compile(module: &str, file: &str, source: &str, max_source_bytes: usize) -> Result<Vec<u8>> {

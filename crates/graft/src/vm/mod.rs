@@ -228,7 +228,7 @@ fn load_trusted(
     let bytecode = match cached {
         Some(b) => b,
         None => {
-            let b = Arc::new(compile::compiler().compile(source)?);
+            let b = Arc::new(compile::trusted_compiler().compile(source)?);
             CACHE
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
