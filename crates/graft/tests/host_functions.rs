@@ -388,6 +388,11 @@ function m.handle_call(req, _, state)
     local ok, err = coroutine.resume(co)
     return { ok = ok, err = err }, state
   end
+  if req == "spawn" then
+    local co = coroutine.create(function() return graft.spawn("m", nil) end)
+    local ok, err = coroutine.resume(co)
+    return { ok = ok, err = err }, state
+  end
   return nil, state
 end
 return m
@@ -411,6 +416,20 @@ return m
             .as_str()
             .is_some_and(|e| e.contains("cannot be used inside a coroutine")),
         "{call}"
+    );
+    // Nor does a spawn (the fast path checks that it runs on the worker).
+    let procs_before = block_on(sb.info()).expect("info").process_count;
+    let spawn = block_on(sb.call("me", json!("spawn"), None)).expect("spawn");
+    assert_eq!(spawn["ok"], false);
+    assert!(
+        spawn["err"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be used inside a coroutine")),
+        "{spawn}"
+    );
+    assert_eq!(
+        block_on(sb.info()).expect("info").process_count,
+        procs_before
     );
     // The process is still fine.
     assert_eq!(

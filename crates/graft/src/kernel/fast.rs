@@ -218,6 +218,14 @@ unsafe fn push_begun(state: *mut ffi::lua_State, serial: u64, module: u32, pid: 
     3
 }
 
+/// Whether `state` is the worker of the innermost running callback (the
+/// watch holds its address). The fast paths nest only there: in a coroutine
+/// the callback created, a job must be able to wait, which the full natives
+/// arrange. This replaces a lookup of the worker set in the prelude.
+fn on_running_worker(state: *mut ffi::lua_State, k: &Kernel) -> bool {
+    k.watch.thread.load(std::sync::atomic::Ordering::Relaxed) == state as usize
+}
+
 /// `call_fast(target, worker)`: begins a nested `handle_call` of an idle
 /// callee on `worker`. Returns `(serial, module_index, from)` or nothing.
 ///
@@ -233,6 +241,9 @@ pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> 
         }
         let co = ffi::lua_topointer(state, 2) as usize;
         let begun = with_kernel(state, |k| {
+            if !on_running_worker(state, k) {
+                return None;
+            }
             let me = k.current()?;
             let to = target_at(state, 1, k)?;
             if to == me || !k.nestable(to) {
@@ -278,6 +289,9 @@ pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) ->
         let link = ffi::lua_toboolean(state, 3) != 0;
         let co = ffi::lua_topointer(state, 4) as usize;
         let begun = with_kernel(state, |k| {
+            if !on_running_worker(state, k) {
+                return None;
+            }
             let me = k.current()?;
             let mid = k.module_id(module)?;
             if !k.nesting_left() || k.frozen.contains(&mid) || !k.is_server_module(mid) {
