@@ -246,12 +246,11 @@ pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> 
             }
             let me = k.current()?;
             let to = target_at(state, 1, k)?;
-            if to == me || !k.nestable(to) {
+            if to == me {
                 return None;
             }
-            let module = k.procs.get(&to)?.pid.module_index();
             let token = k.token();
-            let from = k.begin_nested_call(me, to, token, co, DEFAULT_CALL_TIMEOUT_MS)?;
+            let (module, from) = k.begin_nested_call(me, to, token, co, DEFAULT_CALL_TIMEOUT_MS)?;
             Some((to, module, from))
         });
         match begun.flatten() {

@@ -447,16 +447,8 @@ impl Kernel {
     /// Marks a process runnable if it has something to run (an idle process
     /// with an empty mailbox stays off the run queue).
     pub fn wake(&mut self, serial: u64) {
-        if let Some(p) = self.procs.get_mut(&serial) {
-            let has_work = match p.run {
-                Run::Idle => p.system.is_some() || !p.mailbox.is_empty(),
-                Run::Resumable { .. } => true,
-                Run::Running | Run::Suspended { .. } => false,
-            };
-            if !p.queued && has_work {
-                p.queued = true;
-                self.ready.push_back(serial);
-            }
+        if self.procs.get_mut(&serial).is_some_and(|p| p.mark_queued()) {
+            self.ready.push_back(serial);
         }
     }
 

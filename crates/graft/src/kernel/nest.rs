@@ -84,16 +84,9 @@ impl Kernel {
     /// now, ahead of its mailbox: it is idle with nothing queued (so order
     /// is kept), no reload froze its module, and the nesting depth allows it.
     pub fn nestable(&self, serial: u64) -> bool {
-        let Some(p) = self.procs.get(&serial) else {
-            return false;
-        };
-        self.nesting_left()
-            && matches!(p.run, Run::Idle)
-            && p.job.is_none()
-            && p.dying.is_none()
-            && p.system.is_none()
-            && p.mailbox.is_empty()
-            && !self.frozen.contains(&p.pid.module_index())
+        self.procs.get(&serial).is_some_and(|p| {
+            self.nesting_left() && p.takes_job_now() && !self.frozen.contains(&p.pid.module_index())
+        })
     }
 
     /// Whether one more callback may nest on the VM stack.
@@ -102,9 +95,11 @@ impl Kernel {
     }
 
     /// Starts `callee`'s `handle_call` nested in `caller`'s callback on worker
-    /// `co` (see [`Kernel::begin_nested`]); `token` is what the caller waits
-    /// on if it has to, for up to `timeout_ms`. Returns the caller's pid, or
-    /// `None` (and changes nothing) when either process is gone.
+    /// `co` (see [`Kernel::push_nested`]) when the callee is
+    /// [`Kernel::nestable`]; `token` is what the caller waits on if it has
+    /// to, for up to `timeout_ms`. Looks each process up once (the message
+    /// path of `call_fast`). Returns the callee's module index and the
+    /// caller's pid, or `None` (and changes nothing).
     pub fn begin_nested_call(
         &mut self,
         caller: u64,
@@ -112,26 +107,35 @@ impl Kernel {
         token: u64,
         co: usize,
         timeout_ms: u64,
-    ) -> Option<VmPid> {
+    ) -> Option<(u32, VmPid)> {
+        if !self.nesting_left() {
+            return None;
+        }
         let from = self.procs.get(&caller)?.pid;
-        let job = Job::Call {
+        let p = self.procs.get_mut(&callee)?;
+        let module = p.pid.module_index();
+        if !p.takes_job_now() || self.frozen.contains(&module) {
+            return None;
+        }
+        p.begin_job(Job::Call {
             request: None,
             from: Some(from),
             waiter: Waiter::Process {
                 serial: caller,
                 token,
             },
-        };
+        });
         let wait = NestWait {
             caller,
             token,
             timeout_ms: Some(timeout_ms),
         };
-        self.begin_nested(callee, job, co, wait).then_some(from)
+        self.push_nested(callee, co, wait);
+        Some((module, from))
     }
 
     /// Creates a process of `module` whose `init` runs at once, nested in
-    /// `caller`'s callback on worker `co` (see [`Kernel::begin_nested`]);
+    /// `caller`'s callback on worker `co` (see [`Kernel::push_nested`]);
     /// `token` is what the caller waits on if the init does not finish at
     /// once. Checks `max_processes` and the name (as
     /// [`Kernel::create_process`]). Returns the child's serial and pid.
@@ -165,22 +169,12 @@ impl Kernel {
         Ok((child, pid))
     }
 
-    /// Starts `job` of `serial` nested in the current callback, on the worker
-    /// thread `co` that the prelude resumes itself. `wait` names who waits if
-    /// the job does not finish at once. Must be closed by [`nest_done`].
-    /// Returns false (and changes nothing) if `serial` is gone.
-    fn begin_nested(&mut self, serial: u64, job: Job, co: usize, wait: NestWait) -> bool {
-        let Some(p) = self.procs.get_mut(&serial) else {
-            return false;
-        };
-        p.begin_job(job);
-        self.push_nested(serial, co, wait);
-        true
-    }
-
-    /// The bookkeeping of a nested job that began: `serial`'s callback is
-    /// innermost on the stack, its worker `co` is watched, and the
-    /// enclosing callback's watch is saved for [`Kernel::close_nested_fast`].
+    /// The bookkeeping of a job of `serial` that began nested in the current
+    /// callback, on the worker thread `co` that the prelude resumes itself:
+    /// its callback is innermost on the stack, `co` is watched, and the
+    /// enclosing callback's watch is saved. `wait` names who waits if the
+    /// job does not finish at once. Must be closed by [`nest_done`] (or
+    /// [`Kernel::close_nested_fast`]).
     fn push_nested(&mut self, serial: u64, co: usize, wait: NestWait) {
         let now = clock::coarse_ms();
         self.stack.push((serial, now));
@@ -202,8 +196,7 @@ impl Kernel {
     pub(super) fn charge(&mut self, serial: u64, started: u64, caller: Option<u64>) {
         let elapsed = clock::coarse_ms().saturating_sub(started) as u32;
         if let Some(p) = self.procs.get_mut(&serial) {
-            let own = elapsed.saturating_sub(std::mem::take(&mut p.nested_ms));
-            p.used_ms = p.used_ms.saturating_add(own);
+            p.charge(elapsed);
         }
         if let Some(p) = caller.and_then(|c| self.procs.get_mut(&c)) {
             p.nested_ms = p.nested_ms.saturating_add(elapsed);
@@ -214,33 +207,43 @@ impl Kernel {
     /// in time and its result stands: the common case of [`nest_done`]
     /// (reachable from a raw native). Returns whether it did.
     pub fn close_nested_fast(&mut self, serial: u64) -> bool {
-        let finished = self.nested.last().is_some_and(|f| f.serial == serial)
-            && !self.watch.timed_out.load(Ordering::Relaxed)
-            && self.procs.get(&serial).is_some_and(|p| {
-                // An init that returned with an abnormal exit pending is a
-                // failed spawn: `nest_done` reports it.
-                matches!(p.run, Run::Running)
-                    && (matches!(p.job, Some(Job::Call { .. }))
-                        || p.exit_pending.as_deref().is_none_or(|r| r.is_normal()))
-            });
-        if !finished {
+        if self.nested.last().is_none_or(|f| f.serial != serial)
+            || self.watch.timed_out.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        // One lookup of the callee does the check, its charge and its reset
+        // (the message path: `done_fast` after every nested call and init).
+        let Some(p) = self.procs.get_mut(&serial) else {
+            return false;
+        };
+        // An init that returned with an abnormal exit pending is a failed
+        // spawn: `nest_done` reports it.
+        let stands = matches!(p.run, Run::Running)
+            && (matches!(p.job, Some(Job::Call { .. }))
+                || p.exit_pending.as_deref().is_none_or(|r| r.is_normal()));
+        if !stands {
             return false;
         }
         let Some(frame) = self.nested.pop() else {
             return false;
         };
-        self.watch.restore(frame.enclosing);
-        self.stack.pop();
-        self.charge(serial, frame.start, Some(frame.wait.caller));
-        let Some(p) = self.procs.get_mut(&serial) else {
-            return true;
-        };
+        let elapsed = clock::coarse_ms().saturating_sub(frame.start) as u32;
+        p.charge(elapsed);
         p.run = Run::Idle;
         p.job = None;
         // The reply stands; an exit that arrived meanwhile takes effect now.
-        match p.exit_pending.take().map(|b| *b) {
-            Some(reason) => self.exit_process(serial, reason, true),
-            None => self.wake(serial),
+        let exit = p.exit_pending.take();
+        if exit.is_none() && p.mark_queued() {
+            self.ready.push_back(serial);
+        }
+        if let Some(c) = self.procs.get_mut(&frame.wait.caller) {
+            c.nested_ms = c.nested_ms.saturating_add(elapsed);
+        }
+        self.watch.restore(frame.enclosing);
+        self.stack.pop();
+        if let Some(reason) = exit {
+            self.exit_process(serial, *reason, true);
         }
         true
     }

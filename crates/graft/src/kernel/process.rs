@@ -192,6 +192,36 @@ impl Process {
         self.messages_handled += 1;
     }
 
+    /// Charges the `elapsed` ms of a stretch it ran, minus what callbacks
+    /// nested in it took meanwhile (theirs, not its own).
+    pub fn charge(&mut self, elapsed: u32) {
+        let own = elapsed.saturating_sub(std::mem::take(&mut self.nested_ms));
+        self.used_ms = self.used_ms.saturating_add(own);
+    }
+
+    /// Whether a job can start on it at once (nested in its caller): idle,
+    /// nothing queued before, not exiting.
+    pub fn takes_job_now(&self) -> bool {
+        matches!(self.run, Run::Idle)
+            && self.job.is_none()
+            && self.dying.is_none()
+            && self.system.is_none()
+            && self.mailbox.is_empty()
+    }
+
+    /// Marks it queued when it has work and is not queued yet; returns
+    /// whether the caller must put it on the ready queue.
+    pub fn mark_queued(&mut self) -> bool {
+        let has_work = match self.run {
+            Run::Idle => self.system.is_some() || !self.mailbox.is_empty(),
+            Run::Resumable { .. } => true,
+            Run::Running | Run::Suspended { .. } => false,
+        };
+        let queue = !self.queued && has_work;
+        self.queued |= queue;
+        queue
+    }
+
     /// `running`, `waiting`, `runnable`, `idle` or `exiting`, as the API shows it.
     pub fn status(&self) -> &'static str {
         if self.dying.is_some() {

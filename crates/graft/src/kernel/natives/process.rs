@@ -173,18 +173,13 @@ fn call(lua: &Lua, (target, request, timeout, co): (Value, Value, Value, Option<
     // Fast path: an idle callee runs its handler right here, nested; if
     // it replies without waiting itself, the caller never suspends (and
     // no timeout timer is needed: nothing else runs meanwhile).
-    if k.nestable(to) {
-        let module = k
-            .procs
-            .get(&to)
-            .and_then(|p| k.module_tables[p.pid.module_index() as usize].clone());
-        if let Some(from) = k.begin_nested_call(me, to, token, co.to_pointer() as usize, ms) {
-            return Ok(MultiValue::from_iter([
-                Value::Number(to as f64),
-                module.map(Value::Table).unwrap_or(Value::Nil),
-                from.to_lua(),
-            ]));
-        }
+    if let Some((module, from)) = k.begin_nested_call(me, to, token, co.to_pointer() as usize, ms) {
+        let module = k.module_tables.get(module as usize).cloned().flatten();
+        return Ok(MultiValue::from_iter([
+            Value::Number(to as f64),
+            module.map(Value::Table).unwrap_or(Value::Nil),
+            from.to_lua(),
+        ]));
     }
     let desc = k.describe_value(&target);
     let job = Job::Call {
