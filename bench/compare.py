@@ -248,9 +248,14 @@ def build(args):
     # spawn, and memory per idle server (same runs)
     pairs = pair_by_size(by_workload(graft, "spawn_idle"), by_workload(otp, "spawn_idle"))
     for g, o in pairs:
+        first = ""
+        if g is not None and get(g, "per_op_ns_first") is not None:
+            first = f"; Graft's first run (fresh memory): {fmt_ns(get(g, 'per_op_ns_first'))}"
         t.ratio_row(size_label("spawn", g, o, otp_ok, ", per spawn"),
                     get(g, "per_op_ns"), get(o, "per_op_ns"), fmt_ns, goal=3,
-                    note="Graft: graft.spawn from a Luau loop; OTP: gen_server:start/3")
+                    note="Graft: graft.spawn from a Luau loop; OTP: gen_server:start/3; "
+                         "both the median of 5 (10k) or 3 (100k) runs, each in a fresh "
+                         "sandbox / process" + first)
     for g, o in pairs:
         note = ""
         if g is not None:
