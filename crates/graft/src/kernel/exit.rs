@@ -71,7 +71,7 @@ impl Kernel {
         let has_state = p.job.is_none() && !matches!(p.system.as_deref(), Some(Job::Init { .. }));
         if run_terminate && !matches!(reason, ExitReason::Killed) && has_state {
             p.dying = Some(Box::new(reason.clone()));
-            p.system = Some(Box::new(Job::Terminate(reason)));
+            p.system = Some(Box::new(Job::Terminate(Box::new(reason))));
             p.run = Run::Idle;
             self.wake(serial);
         } else {
@@ -134,7 +134,8 @@ impl Kernel {
             self.crashed_since_collect = true;
         }
         let target = self.pid_string(p.pid);
-        let mut waiters = p.crashed_callers;
+        let relations = p.relations.map(|r| *r).unwrap_or_default();
+        let mut waiters = relations.crashed_callers;
         for job in p.mailbox {
             match job {
                 Job::Call { waiter, .. } | Job::Init { waiter, .. } | Job::Eval { waiter, .. } => {
@@ -144,15 +145,15 @@ impl Kernel {
             }
         }
         let reason_lua = reason.to_lua(lua).unwrap_or(Value::Nil);
-        for l in p.links {
+        for l in relations.links {
             self.link_signal(lua, l, p.pid, &reason, &reason_lua, serial);
         }
-        for (mref, watcher) in p.monitored_by {
+        for (mref, watcher) in relations.monitored_by {
             if let Ok(key) = down_message(lua, mref, p.pid, &reason_lua) {
                 self.deliver_system(watcher, Job::Info(key));
             }
         }
-        for (s, token) in p.shutdown_waiters {
+        for (s, token) in relations.shutdown_waiters {
             self.resume_with(lua, s, token, true, Value::Boolean(true));
         }
         if self.app == Some(serial) {
@@ -202,7 +203,7 @@ impl Kernel {
         let Some(t) = self.procs.get_mut(&to) else {
             return;
         };
-        t.links.retain(|s| *s != from_serial);
+        t.unlink(from_serial);
         if t.trap_exit {
             if let Ok(key) = exit_message(lua, from, reason_lua) {
                 self.deliver_system(to, Job::Info(key));
@@ -455,7 +456,7 @@ mod tests {
     fn a_crash_kills_the_linked_process_and_frees_both_names() {
         let (t, a, b) = pair();
         t.call(a, json!({ "op": "link", "target": "b" })).unwrap();
-        assert!(t.k().procs[&b].links.contains(&a), "links go both ways");
+        assert!(t.k().procs[&b].links().contains(&a), "links go both ways");
         let reason = crash(&t, b);
         assert!(matches!(&reason, ExitReason::Error { message, .. } if message.contains("boom")));
         assert!(!t.alive(b));
@@ -477,7 +478,7 @@ mod tests {
         t.settle();
         assert!(!t.alive(b));
         assert!(t.alive(a));
-        assert!(t.k().procs[&a].links.is_empty(), "the dead link is gone");
+        assert!(t.k().procs[&a].links().is_empty(), "the dead link is gone");
     }
 
     #[test]

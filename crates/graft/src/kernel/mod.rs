@@ -557,8 +557,8 @@ impl Kernel {
     pub fn link(&mut self, a: u64, b: u64) {
         for (from, to) in [(a, b), (b, a)] {
             if let Some(p) = self.procs.get_mut(&from) {
-                if !p.links.contains(&to) {
-                    p.links.push(to);
+                if !p.links().contains(&to) {
+                    p.relations_mut().links.push(to);
                 }
             }
         }

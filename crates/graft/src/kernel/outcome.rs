@@ -121,7 +121,7 @@ impl Kernel {
                 self.answer(lua, waiter, Ok(value));
                 self.exit_process(serial, ExitReason::Normal, false);
             }
-            Some(Job::Terminate(reason)) => return self.finalize(lua, serial, reason),
+            Some(Job::Terminate(reason)) => return self.finalize(lua, serial, *reason),
             _ => {}
         }
         match pending {
@@ -145,12 +145,12 @@ impl Kernel {
                 self.answer(lua, waiter, Err(failed));
                 return self.finalize(lua, serial, reason);
             }
-            Some(Job::Terminate(original)) => return self.finalize(lua, serial, original),
+            Some(Job::Terminate(original)) => return self.finalize(lua, serial, *original),
             Some(Job::Call { waiter, .. }) => {
                 // Answered once the process is gone (after `terminate`),
                 // as OTP's call monitor would: its name is free by then.
                 if let Some(p) = self.procs.get_mut(&serial) {
-                    p.crashed_callers.push(waiter);
+                    p.relations_mut().crashed_callers.push(waiter);
                 }
             }
             Some(Job::Eval { waiter, .. }) => {

@@ -85,7 +85,9 @@ pub(crate) enum Job {
     },
     Cast(RegistryKey),
     Info(RegistryKey),
-    Terminate(ExitReason),
+    /// Boxed: a reason is large and rare, and every job in every mailbox
+    /// would otherwise be as large.
+    Terminate(Box<ExitReason>),
     Eval {
         chunk: RegistryKey,
         waiter: Waiter,
@@ -129,9 +131,8 @@ pub(crate) struct Process {
     /// The job whose callback is running or suspended.
     pub job: Option<Job>,
     pub run: Run,
-    pub links: Vec<u64>,
-    /// (monitor ref, watcher serial) of the monitors on this process.
-    pub monitored_by: Vec<(u64, u64)>,
+    /// Links, monitors and waiters: allocated on first use.
+    pub relations: Option<Box<Relations>>,
     pub trap_exit: bool,
     pub queued: bool,
     /// An exit decided while the process's own callback was on the stack.
@@ -139,8 +140,6 @@ pub(crate) struct Process {
     /// Set once the process is terminating: the reason it will exit with.
     pub dying: Option<Box<ExitReason>>,
     pub parent: Option<u64>,
-    /// Processes suspended in a shutdown of this one: (serial, token).
-    pub shutdown_waiters: Vec<(u64, u64)>,
     /// The module version this process's state belongs to.
     pub version: u32,
     /// Milliseconds of CPU its current callback used before it was suspended.
@@ -152,6 +151,19 @@ pub(crate) struct Process {
     /// An answer that arrived before the callback suspended on its token (the
     /// callback was preempted between asking and waiting).
     pub parked: Option<Box<(u64, bool, RegistryKey)>>,
+}
+
+/// What ties a process to others. Most processes have none of it, so it
+/// lives behind one pointer, allocated on first use: the record of an idle
+/// process stays small (it is what a spawn allocates and what a million
+/// idle processes keep).
+#[derive(Default)]
+pub(crate) struct Relations {
+    pub links: Vec<u64>,
+    /// (monitor ref, watcher serial) of the monitors on this process.
+    pub monitored_by: Vec<(u64, u64)>,
+    /// Processes suspended in a shutdown of this one: (serial, token).
+    pub shutdown_waiters: Vec<(u64, u64)>,
     /// Callers whose request crashed this process: answered when it is gone.
     pub crashed_callers: Vec<Waiter>,
 }
@@ -165,21 +177,35 @@ impl Process {
             system: None,
             job: None,
             run: Run::Idle,
-            links: Vec::new(),
-            monitored_by: Vec::new(),
+            relations: None,
             trap_exit: false,
             queued: false,
             exit_pending: None,
             dying: None,
             parent,
-            shutdown_waiters: Vec::new(),
             version,
             used_ms: 0,
             nested_ms: 0,
             messages_handled: 0,
             parked: None,
-            crashed_callers: Vec::new(),
         }
+    }
+
+    /// Its links (none if it never had any).
+    pub fn links(&self) -> &[u64] {
+        self.relations.as_deref().map_or(&[], |r| &r.links)
+    }
+
+    /// Removes its link to `other`, if any.
+    pub fn unlink(&mut self, other: u64) {
+        if let Some(r) = self.relations.as_mut() {
+            r.links.retain(|s| *s != other);
+        }
+    }
+
+    /// Its relations, allocated now if it had none.
+    pub fn relations_mut(&mut self) -> &mut Relations {
+        self.relations.get_or_insert_with(Box::default)
     }
 
     /// Starts `job` now: the process is running it, with a fresh CPU
@@ -234,5 +260,39 @@ impl Process {
             Run::Idle if self.system.is_some() || !self.mailbox.is_empty() => "runnable",
             Run::Idle => "idle",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spawn allocates one record and an idle process keeps it: its size is
+    /// the kernel's share of memory per process (relations and large exit
+    /// reasons are boxed to keep it so).
+    #[test]
+    fn an_idle_process_record_stays_small() {
+        assert!(
+            std::mem::size_of::<Process>() <= 240,
+            "{}",
+            std::mem::size_of::<Process>()
+        );
+        assert!(
+            std::mem::size_of::<Job>() <= 56,
+            "{}",
+            std::mem::size_of::<Job>()
+        );
+        let p = Process::new(VmPid::new(0, 1), None, 1);
+        assert!(p.relations.is_none() && p.links().is_empty());
+    }
+
+    #[test]
+    fn relations_are_allocated_on_first_use_and_unlink_removes_one_link() {
+        let mut p = Process::new(VmPid::new(0, 1), None, 1);
+        p.unlink(7);
+        assert!(p.relations.is_none(), "unlinking nothing allocates nothing");
+        p.relations_mut().links.extend([7, 8]);
+        p.unlink(7);
+        assert_eq!(p.links(), &[8]);
     }
 }

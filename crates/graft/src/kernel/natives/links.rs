@@ -56,10 +56,10 @@ fn unlink(lua: &Lua, target: Value) -> R {
     };
     if let Some(to) = k.resolve_value(&target) {
         if let Some(p) = k.procs.get_mut(&me) {
-            p.links.retain(|s| *s != to);
+            p.unlink(to);
         }
         if let Some(p) = k.procs.get_mut(&to) {
-            p.links.retain(|s| *s != me);
+            p.unlink(me);
         }
     }
     ok(lua, true)
@@ -72,7 +72,7 @@ fn monitor(lua: &Lua, target: Value) -> R {
     };
     let mref = k.token();
     match k.resolve_value(&target).and_then(|to| k.procs.get_mut(&to)) {
-        Some(p) => p.monitored_by.push((mref, me)),
+        Some(p) => p.relations_mut().monitored_by.push((mref, me)),
         None => {
             // OTP: monitoring a dead process delivers DOWN noproc at once.
             let t = lua.create_table()?;
@@ -90,10 +90,10 @@ fn monitor(lua: &Lua, target: Value) -> R {
 fn demonitor(lua: &Lua, mref: f64) -> mlua::Result<bool> {
     let mut k = kernel(lua);
     let mref = mref as u64;
-    for p in k.procs.values_mut() {
-        let before = p.monitored_by.len();
-        p.monitored_by.retain(|(r, _)| *r != mref);
-        if p.monitored_by.len() != before {
+    for r in k.procs.values_mut().filter_map(|p| p.relations.as_mut()) {
+        let before = r.monitored_by.len();
+        r.monitored_by.retain(|(m, _)| *m != mref);
+        if r.monitored_by.len() != before {
             return Ok(true);
         }
     }
@@ -158,14 +158,14 @@ fn shutdown_child(lua: &Lua, (target, mode): (Value, Value)) -> R {
     };
     // Unlink first (as OTP's supervisor does) so no stray EXIT arrives.
     if let Some(p) = k.procs.get_mut(&me) {
-        p.links.retain(|s| *s != child);
+        p.unlink(child);
     }
     let token = k.token();
     let Some(c) = k.procs.get_mut(&child) else {
         return ok(lua, Value::Nil);
     };
-    c.links.retain(|s| *s != me);
-    c.shutdown_waiters.push((me, token));
+    c.unlink(me);
+    c.relations_mut().shutdown_waiters.push((me, token));
     // `as` saturates (NaN is 0): a huge shutdown time waits forever.
     let kill_after = match mode {
         Value::String(s) if s.to_str().is_ok_and(|s| &*s == "brutal_kill") => {

@@ -101,7 +101,7 @@ impl Runtime {
                     mailbox_len: p.mailbox.len(),
                     memory_bytes: std::mem::size_of::<crate::kernel::Process>() + state_bytes,
                     links: p
-                        .links
+                        .links()
                         .iter()
                         .filter_map(|s| k.procs.get(s))
                         .map(|l| k.api_pid(l.pid))
