@@ -131,13 +131,28 @@ impl Vm {
 
     /// Loads bytecode compiled by [`compile`] as a function in the guest environment.
     pub fn load_guest(&self, chunk_name: &str, bytecode: &[u8]) -> mlua::Result<Function> {
-        self.lua
-            .load(bytecode)
-            .set_name(format!("={chunk_name}"))
-            .set_mode(ChunkMode::Binary)
-            .set_environment(self.globals.clone())
-            .into_function()
+        load_in(&self.lua, &format!("={chunk_name}"), bytecode, &self.globals)
     }
+}
+
+/// Loads `bytecode` as a function whose environment is `env`, with `env`
+/// installed as the loading thread's globals meanwhile: Luau resolves a
+/// chunk's imports (`graft.call`, `string.format`) once, at load, against
+/// those globals when they are safeenv, and otherwise looks each one up
+/// every time it runs. `env` is safeenv and never changes afterwards (the
+/// guest globals are read-only), so the resolved values stay right. The
+/// real globals are put back before this returns, error or not.
+fn load_in(lua: &Lua, name: &str, bytecode: &[u8], env: &Table) -> mlua::Result<Function> {
+    let real = lua.globals();
+    lua.set_globals(env.clone())?;
+    let loaded = lua
+        .load(bytecode)
+        .set_name(name)
+        .set_mode(ChunkMode::Binary)
+        .set_environment(env.clone())
+        .into_function();
+    lua.set_globals(real)?;
+    loaded
 }
 
 /// The Luau libraries a sandbox's VM opens (the guest sees a subset, see
@@ -236,9 +251,5 @@ fn load_trusted(
             b
         }
     };
-    lua.load(&bytecode[..])
-        .set_name(name)
-        .set_mode(ChunkMode::Binary)
-        .set_environment(env.clone())
-        .into_function()
+    load_in(lua, name, &bytecode[..], env)
 }
