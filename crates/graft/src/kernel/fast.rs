@@ -10,7 +10,8 @@
 //! * They never raise and never unwind: every Rust step runs behind the
 //!   panic barrier of [`with_kernel`], and the C-API calls they make cannot
 //!   raise (type checks before reads; at most three pushes, within the
-//!   `LUA_MINSTACK` slots Luau guarantees a C function).
+//!   `LUA_MINSTACK` slots Luau guarantees a C function; `yield_done` yields
+//!   only after `lua_isyieldable` said it may).
 //! * When anything is unusual (not in a callback, callee busy, unknown
 //!   module, a limit) they change nothing and return no values; the prelude
 //!   then takes the mlua natives (`N.call`, `N.spawn`, `N.nest_done`), which
@@ -27,7 +28,7 @@ use mlua::ffi;
 use mlua::Lua;
 
 use super::{Kernel, KernelHandle, DEFAULT_CALL_TIMEOUT_MS};
-use crate::value::VmPid;
+use crate::value::{VmPid, MARK_CLOSED, MARK_DONE};
 
 thread_local! {
     /// The kernel of the slice running on this thread, for these natives:
@@ -307,27 +308,40 @@ pub(crate) unsafe extern "C-unwind" fn spawn_fast(state: *mut ffi::lua_State) ->
     }
 }
 
-/// `done_fast(serial)`: closes the nested job of `serial` when it is the
-/// innermost, its callback returned in time and nothing else needs deciding.
-/// Returns `true`, or nothing (then `N.nest_done` closes it).
+/// `yield_done(serial, result)`: how a worker ends every job. When the job
+/// is the innermost nested one and stands, closes it here
+/// ([`Kernel::close_nested_fast`]) and yields `(CLOSED, result)`: the
+/// prelude that resumed it then has nothing left to ask. Otherwise yields
+/// `(DONE, result)` for the worker's resumer (the prelude or the kernel)
+/// to settle. Resuming the
+/// worker again returns the next job's arguments, as `coroutine.yield` does.
+///
+/// Closing before the yield is sound because nothing runs on the worker
+/// between the two: this function yields as it returns.
 ///
 /// # Safety
 ///
 /// Called by Luau only, as a C function of a VM created by mlua.
-pub(crate) unsafe extern "C-unwind" fn done_fast(state: *mut ffi::lua_State) -> c_int {
-    // SAFETY: Luau passes a live state whose stack holds our argument; the
-    // type is checked before the read, and one push fits `LUA_MINSTACK`.
+pub(crate) unsafe extern "C-unwind" fn yield_done(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: Luau passes a live state; `lua_settop` keeps exactly our two
+    // arguments (a C function has `LUA_MINSTACK` slots), the type is checked
+    // before the read, one push fits, and `lua_yield` is called only where
+    // Luau allows a yield, so it cannot raise.
     unsafe {
-        if ffi::lua_type(state, 1) != ffi::LUA_TNUMBER {
+        ffi::lua_settop(state, 2);
+        if ffi::lua_isyieldable(state) == 0 {
+            // Not reachable from the worker's body; without a yield the
+            // worker reads no next job and fails visibly.
             return 0;
         }
-        let serial = ffi::lua_tonumber(state, 1) as u64;
-        let closed = with_kernel(state, |k| k.close_nested_fast(serial));
-        if closed == Some(true) {
-            ffi::lua_pushboolean(state, 1);
-            1
-        } else {
-            0
-        }
+        let closed = ffi::lua_type(state, 1) == ffi::LUA_TNUMBER && {
+            let serial = ffi::lua_tonumber(state, 1) as u64;
+            with_kernel(state, |k| k.close_nested_fast(serial)) == Some(true)
+        };
+        let mark = if closed { MARK_CLOSED } else { MARK_DONE };
+        ffi::lua_pushlightuserdata(state, mark as usize as *mut std::ffi::c_void);
+        ffi::lua_replace(state, 1);
+        ffi::lua_yield(state, 2)
     }
 }
+

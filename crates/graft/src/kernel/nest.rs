@@ -213,7 +213,7 @@ impl Kernel {
             return false;
         }
         // One lookup of the callee does the check, its charge and its reset
-        // (the message path: `done_fast` after every nested call and init).
+        // (the message path: `yield_done` after every nested call and init).
         let Some(p) = self.procs.get_mut(&serial) else {
             return false;
         };

@@ -62,6 +62,10 @@ pub(crate) const MARKER_BASE: u64 = 1 << 62;
 pub(crate) const MARK_DONE: u64 = MARKER_BASE + 1;
 /// The marker a callback yields to wait for a reply.
 pub(crate) const MARK_AWAIT: u64 = MARKER_BASE + 3;
+/// The marker a finished nested callback yields when its worker already
+/// closed its nested frame (see `kernel::fast::yield_done`); only the
+/// prelude, which resumes nested jobs, ever sees it.
+pub(crate) const MARK_CLOSED: u64 = MARKER_BASE + 5;
 
 /// The light userdata standing for marker `v`.
 pub(crate) fn marker(v: u64) -> Value {

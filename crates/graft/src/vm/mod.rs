@@ -30,7 +30,7 @@ use std::sync::Arc;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
-pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_DONE};
+pub(crate) use crate::value::{marker, marker_of, MARK_AWAIT, MARK_CLOSED, MARK_DONE};
 pub use api::{definitions, ApiItem, GRAFT_API};
 pub(crate) use compile::compile;
 pub use compile::{coverage_enabled, enable_coverage, COMPILE_TIMEOUT};
@@ -90,6 +90,7 @@ impl Vm {
         let natives = lua.create_table()?;
         natives.raw_set("DONE", marker(MARK_DONE))?;
         natives.raw_set("AWAIT", marker(MARK_AWAIT))?;
+        natives.raw_set("CLOSED", marker(MARK_CLOSED))?;
         natives.raw_set("max_message_bytes", max_message_bytes as f64)?;
         natives.raw_set("fault", lua.create_function(fault::fault_native)?)?;
         install_natives(&lua, &natives)?;

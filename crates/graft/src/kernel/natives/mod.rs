@@ -128,7 +128,10 @@ fn install_fast(lua: &Lua, n: &Table) -> mlua::Result<()> {
             "spawn_fast",
             lua.create_c_function(super::fast::spawn_fast)?,
         )?;
-        n.raw_set("done_fast", lua.create_c_function(super::fast::done_fast)?)?;
+        n.raw_set(
+            "yield_done",
+            lua.create_c_function(super::fast::yield_done)?,
+        )?;
     }
     Ok(())
 }
