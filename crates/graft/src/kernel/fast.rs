@@ -227,20 +227,41 @@ fn on_running_worker(state: *mut ffi::lua_State, k: &Kernel) -> bool {
     k.watch.thread.load(std::sync::atomic::Ordering::Relaxed) == state as usize
 }
 
-/// `call_fast(target, worker)`: begins a nested `handle_call` of an idle
-/// callee on `worker`. Returns `(serial, module_index, from)` or nothing.
+/// The prelude's job code of a call (`OP_CALL` in `prelude.luau`).
+const OP_CALL: f64 = 2.0;
+
+/// `call_run(target, request, worker, MODS)`: a whole nested call of an
+/// idle callee, in one native. Begins the callee's `handle_call` on
+/// `worker` (a pooled worker coroutine) and resumes it with the job, as the
+/// prelude would with `coroutine.resume`. Returns:
+/// * nothing: not begun (not on the callback's own worker, callee busy or
+///   unknown, a limit); the prelude takes `N.call`;
+/// * `(1, reply)`: the handler returned in time and its frame is closed
+///   (the worker yielded `CLOSED`);
+/// * `(2, serial, alive, mark, value)`: begun but not simply finished, as
+///   `coroutine.resume` would have reported it, for `settle_nested`.
 ///
 /// # Safety
 ///
 /// Called by Luau only, as a C function of a VM created by mlua.
-pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> c_int {
-    // SAFETY: Luau passes a live state whose stack holds our arguments;
-    // indices 1 and 2 are valid (absent arguments read as none/nil).
+pub(crate) unsafe extern "C-unwind" fn call_run(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: Luau passes a live state whose stack holds our arguments
+    // (absent ones read as none). `co` is a thread of the same VM, checked
+    // by type, kept alive by our stack slot 3, and suspended (a pooled
+    // worker) or fresh, which `lua_resume` checks itself. Its stack gets
+    // room for the six job values before anything changes, so every push
+    // and move below fits; `lua_resume` runs the callee protected and
+    // returns its status, so nothing here raises. No Rust value with a
+    // destructor is alive while Luau runs.
     unsafe {
-        if ffi::lua_type(state, 2) != ffi::LUA_TTHREAD {
+        if ffi::lua_type(state, 3) != ffi::LUA_TTHREAD || ffi::lua_type(state, 4) != ffi::LUA_TTABLE
+        {
             return 0;
         }
-        let co = ffi::lua_topointer(state, 2) as usize;
+        let co = ffi::lua_tothread(state, 3);
+        if co.is_null() || ffi::lua_checkstack(co, 8) == 0 {
+            return 0;
+        }
         let begun = with_kernel(state, |k| {
             if !on_running_worker(state, k) {
                 return None;
@@ -251,13 +272,83 @@ pub(crate) unsafe extern "C-unwind" fn call_fast(state: *mut ffi::lua_State) -> 
                 return None;
             }
             let token = k.token();
-            let (module, from) = k.begin_nested_call(me, to, token, co, DEFAULT_CALL_TIMEOUT_MS)?;
+            let (module, from) =
+                k.begin_nested_call(me, to, token, co as usize, DEFAULT_CALL_TIMEOUT_MS)?;
             Some((to, module, from))
         });
-        match begun.flatten() {
-            Some((to, module, from)) => push_begun(state, to, module, from),
-            None => 0,
+        let Some((serial, module, from)) = begun.flatten() else {
+            return 0;
+        };
+        // The job, as the worker reads it: (op, serial, module, request,
+        // from, reply_in_vm).
+        ffi::lua_pushnumber(co, OP_CALL);
+        ffi::lua_pushnumber(co, serial as f64);
+        // Module indices are small; an impossible one reads nil, and the
+        // callee fails on it like any crash.
+        let slot = c_int::try_from(u64::from(module) + 1).unwrap_or(0);
+        ffi::lua_rawgeti_(state, 4, slot);
+        ffi::lua_xmove(state, co, 1);
+        ffi::lua_pushvalue(state, 2);
+        ffi::lua_xmove(state, co, 1);
+        ffi::lua_pushlightuserdata(co, from.raw() as usize as *mut std::ffi::c_void);
+        ffi::lua_pushboolean(co, 1);
+        let status = ffi::lua_resume_(co, state, 6);
+        nested_outcome(state, co, serial, status)
+    }
+}
+
+/// What `call_run` returns once the worker `co` of `serial`'s nested job
+/// came back from `lua_resume` with `status` (see [`call_run`]).
+///
+/// # Safety
+///
+/// `state` and `co` are live threads of one VM, `co` just resumed by
+/// `state`, and `state` has room for five values (a C function's
+/// `LUA_MINSTACK`).
+unsafe fn nested_outcome(
+    state: *mut ffi::lua_State,
+    co: *mut ffi::lua_State,
+    serial: u64,
+    status: c_int,
+) -> c_int {
+    // SAFETY: per the contract; `co`'s stack holds what it yielded (its
+    // values since its base) or its error on top, and `lua_settop` on it
+    // only pads with nils within the room reserved before the resume.
+    unsafe {
+        let yielded = status == ffi::LUA_YIELD || status == ffi::LUA_OK;
+        if yielded && ffi::lua_gettop(co) == 2 && is_marker(co, 1, MARK_CLOSED) {
+            ffi::lua_pushnumber(state, 1.0);
+            ffi::lua_xmove(co, state, 1);
+            ffi::lua_settop(co, 0);
+            return 2;
         }
+        ffi::lua_pushnumber(state, 2.0);
+        ffi::lua_pushnumber(state, serial as f64);
+        if yielded {
+            // (true, mark, value): the first two values it yielded, if any.
+            ffi::lua_pushboolean(state, 1);
+            ffi::lua_settop(co, 2);
+            ffi::lua_xmove(co, state, 2);
+        } else {
+            // (false, error): it died; its stack stays for the traceback.
+            ffi::lua_pushboolean(state, 0);
+            ffi::lua_xmove(co, state, 1);
+            ffi::lua_pushnil(state);
+        }
+        5
+    }
+}
+
+/// Whether the value at `idx` of `state` is the marker `mark`.
+///
+/// # Safety
+///
+/// `state` must be live and `idx` a valid index of its stack.
+unsafe fn is_marker(state: *mut ffi::lua_State, idx: c_int, mark: u64) -> bool {
+    // SAFETY: per the contract; the read matches the type just checked.
+    unsafe {
+        ffi::lua_type(state, idx) == ffi::LUA_TLIGHTUSERDATA
+            && ffi::lua_touserdata(state, idx) as usize as u64 == mark
     }
 }
 
@@ -344,4 +435,3 @@ pub(crate) unsafe extern "C-unwind" fn yield_done(state: *mut ffi::lua_State) ->
         ffi::lua_yield(state, 2)
     }
 }
-

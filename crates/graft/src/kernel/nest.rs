@@ -98,7 +98,7 @@ impl Kernel {
     /// `co` (see [`Kernel::push_nested`]) when the callee is
     /// [`Kernel::nestable`]; `token` is what the caller waits on if it has
     /// to, for up to `timeout_ms`. Looks each process up once (the message
-    /// path of `call_fast`). Returns the callee's module index and the
+    /// path of `call_run`). Returns the callee's module index and the
     /// caller's pid, or `None` (and changes nothing).
     pub fn begin_nested_call(
         &mut self,

@@ -132,7 +132,12 @@ impl Vm {
 
     /// Loads bytecode compiled by [`compile`] as a function in the guest environment.
     pub fn load_guest(&self, chunk_name: &str, bytecode: &[u8]) -> mlua::Result<Function> {
-        load_in(&self.lua, &format!("={chunk_name}"), bytecode, &self.globals)
+        load_in(
+            &self.lua,
+            &format!("={chunk_name}"),
+            bytecode,
+            &self.globals,
+        )
     }
 }
 

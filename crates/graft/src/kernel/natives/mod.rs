@@ -123,7 +123,7 @@ fn install_fast(lua: &Lua, n: &Table) -> mlua::Result<()> {
     // module's invariants: they never raise or unwind, read their
     // arguments after type checks, and push at most three plain values).
     unsafe {
-        n.raw_set("call_fast", lua.create_c_function(super::fast::call_fast)?)?;
+        n.raw_set("call_run", lua.create_c_function(super::fast::call_run)?)?;
         n.raw_set(
             "spawn_fast",
             lua.create_c_function(super::fast::spawn_fast)?,
