@@ -161,6 +161,10 @@ fn spawn_idle(node: &Node, n: usize, runs: usize) {
     // what the allocator kept, as OTP's later runs do.
     let first = times.first().copied().unwrap_or(f64::NAN);
     let per_spawn_ns = median(times);
+    // `Node::destroy` leaves a VM whose slice is still ending to its
+    // scheduler thread, which drops it moments later: let that happen
+    // before counting, or its frees would be subtracted from this figure.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let sb = graft::block_on(node.create_sandbox(spec(&id, n + 10))).unwrap();
     let lua_before = block_on(sb.info()).unwrap().memory_bytes as isize;
     let counted = Counted::start();
@@ -358,6 +362,8 @@ fn sandbox_create(node: &Node, n: usize) {
     let rss_before = resident_bytes();
     for i in 0..n {
         let id = format!("create{i}");
+        // Timed with the counter on (the one workload that is): it costs
+        // this figure a little, never helps it.
         let counted = Counted::start();
         let before = allocated();
         let t = Instant::now();

@@ -9,9 +9,12 @@
 //! Invariants:
 //! * They never raise and never unwind: every Rust step runs behind the
 //!   panic barrier of [`with_kernel`], and the C-API calls they make cannot
-//!   raise (type checks before reads; at most three pushes, within the
-//!   `LUA_MINSTACK` slots Luau guarantees a C function; `yield_done` yields
-//!   only after `lua_isyieldable` said it may).
+//!   raise (type checks before reads; at most five pushes on the caller's
+//!   stack, within the `LUA_MINSTACK` slots Luau guarantees a C function;
+//!   `call_run` reserves room on the worker's stack with the protected
+//!   `lua_checkstack` before it pushes the job there, and never grows it
+//!   after the resume; `yield_done` yields only after `lua_isyieldable`
+//!   said it may).
 //! * When anything is unusual (not in a callback, callee busy, unknown
 //!   module, a limit) they change nothing and return no values; the prelude
 //!   then takes the mlua natives (`N.call`, `N.spawn`, `N.nest_done`), which
@@ -312,8 +315,10 @@ unsafe fn nested_outcome(
     status: c_int,
 ) -> c_int {
     // SAFETY: per the contract; `co`'s stack holds what it yielded (its
-    // values since its base) or its error on top, and `lua_settop` on it
-    // only pads with nils within the room reserved before the resume.
+    // values since its base) or its error on top. Its stack only shrinks
+    // here (`lua_settop` to fewer values, moves off it): a preempted worker
+    // yielded from a full Luau frame, where growing it could fail and
+    // raise. `state` gets at most five values.
     unsafe {
         let yielded = status == ffi::LUA_YIELD || status == ffi::LUA_OK;
         if yielded && ffi::lua_gettop(co) == 2 && is_marker(co, 1, MARK_CLOSED) {
@@ -325,10 +330,18 @@ unsafe fn nested_outcome(
         ffi::lua_pushnumber(state, 2.0);
         ffi::lua_pushnumber(state, serial as f64);
         if yielded {
-            // (true, mark, value): the first two values it yielded, if any.
+            // (true, mark, value): the first two values it yielded, nil
+            // for those it did not (a preempted worker yields none).
             ffi::lua_pushboolean(state, 1);
-            ffi::lua_settop(co, 2);
-            ffi::lua_xmove(co, state, 2);
+            let n = ffi::lua_gettop(co);
+            if n > 2 {
+                ffi::lua_settop(co, 2);
+            }
+            let moved = n.clamp(0, 2);
+            ffi::lua_xmove(co, state, moved);
+            for _ in moved..2 {
+                ffi::lua_pushnil(state);
+            }
         } else {
             // (false, error): it died; its stack stays for the traceback.
             ffi::lua_pushboolean(state, 0);

@@ -22,7 +22,7 @@ use super::timers::fire_timers;
 use super::{guest_memory, kernel, kernel_memory, Kernel, KernelHandle, POOL_MAX, SLICE_MS};
 use crate::clock;
 use crate::value::ExitReason;
-use crate::vm::{self, MARK_AWAIT, MARK_DONE};
+use crate::vm::{self, MARK_AWAIT, MARK_CLOSED, MARK_DONE};
 
 /// Runs the sandbox until it has no runnable process or its slice ends.
 /// Returns whether work remains. `kh`: the handle on `lua`'s kernel.
@@ -298,7 +298,11 @@ impl Kernel {
     fn yielded(&mut self, thread: &Thread, values: (Value, Value), timed_out: bool) -> Outcome {
         let (first, second) = values;
         match vm::marker_of(&first) {
-            Some(MARK_DONE) => {
+            // CLOSED: a worker closed its own nested frame before yielding
+            // (`yield_done`). Only nested jobs do, and the prelude resumes
+            // those, not the kernel; were one to come here, its job is over
+            // all the same, so it is not mistaken for a preempted one.
+            Some(MARK_DONE | MARK_CLOSED) => {
                 self.pool_return(thread.clone());
                 if timed_out {
                     // Returned, but past its deadline.

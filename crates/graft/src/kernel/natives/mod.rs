@@ -121,7 +121,7 @@ fn install_fast(lua: &Lua, n: &Table) -> mlua::Result<()> {
     // SAFETY: `create_c_function` requires functions that follow the Lua C
     // API protocol; `fast`'s functions do (see their `# Safety` and the
     // module's invariants: they never raise or unwind, read their
-    // arguments after type checks, and push at most three plain values).
+    // arguments after type checks, and push at most five values).
     unsafe {
         n.raw_set("call_run", lua.create_c_function(super::fast::call_run)?)?;
         n.raw_set(
