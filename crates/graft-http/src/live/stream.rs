@@ -312,7 +312,7 @@ pub(crate) async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = parse(query.as_deref().unwrap_or(""), &headers)?;
-    let token = caller.as_ref().map_or("", |c| c.token_id.as_str());
+    let token = caller.as_ref().map_or("", |c| &*c.token_id);
     let slot = live.stream_slots().take(token)?;
     let source = live.source();
     let head = live.head();

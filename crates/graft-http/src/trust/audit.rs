@@ -68,7 +68,7 @@ impl RowStart<'_> {
         AuditRecord {
             id: 0,
             at_ms: now_ms(),
-            token_id: self.caller.map(|c| c.token_id.clone()),
+            token_id: self.caller.map(|c| c.token_id.to_string()),
             role: self.caller.map(|c| c.role.as_str().to_owned()),
             method: self.method.to_owned(),
             route: self.route.to_owned(),
@@ -110,7 +110,7 @@ pub(crate) fn write_after(
 ) {
     let mut record = row.record(outcome, Some(status), duration_us);
     if let Some(c) = learnt {
-        record.token_id = Some(c.token_id.clone());
+        record.token_id = Some(c.token_id.to_string());
         record.role = Some(c.role.as_str().to_owned());
     }
     report_failure(
@@ -172,7 +172,7 @@ pub(crate) fn finish_attached(
             outcome: outcome.to_owned(),
             status: Some(status),
             duration_us,
-            token_id: learnt.map(|c| c.token_id.clone()),
+            token_id: learnt.map(|c| c.token_id.to_string()),
             role: learnt.map(|c| c.role.as_str().to_owned()),
         }]),
         "could not complete a row committed with its effect",
@@ -236,7 +236,7 @@ impl PendingRow {
             outcome,
             status,
             duration_us,
-            token_id: learnt.map(|c| c.token_id.clone()),
+            token_id: learnt.map(|c| c.token_id.to_string()),
             role: learnt.map(|c| c.role.as_str().to_owned()),
         }]);
         let id = self.id;

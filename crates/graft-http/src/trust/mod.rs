@@ -89,8 +89,9 @@ impl Role {
 /// and its sandboxes. Put in the request's extensions by the middleware.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Caller {
-    /// The token's public id.
-    pub token_id: String,
+    /// The token's public id (shared: the middleware hands a caller to
+    /// every request, so a copy must not allocate).
+    pub token_id: Arc<str>,
     /// Its role.
     pub role: Role,
     /// The sandboxes it is limited to (`None`: all).

@@ -169,7 +169,7 @@ pub(crate) async fn create(
 /// `GET /session`: who the caller is.
 pub(crate) async fn show(Extension(caller): Extension<Caller>) -> Json<serde_json::Value> {
     Json(json!({
-        "token_id": caller.token_id,
+        "token_id": &*caller.token_id,
         "role": caller.role.as_str(),
         "sandboxes": caller.sandboxes.as_deref(),
         "expires_at_ms": caller.session_expires_ms,

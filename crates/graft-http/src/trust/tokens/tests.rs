@@ -99,7 +99,7 @@ fn an_unknown_token_file_is_adopted_untouched() {
     let caller = trust_of(&store).caller_for_token(&secret).unwrap();
     assert_eq!(caller.role, Role::Admin);
     assert!(caller.sandboxes.is_none());
-    assert_eq!(caller.token_id, file.token_id);
+    assert_eq!(*caller.token_id, *file.token_id);
     let stored = store.tokens().unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].hash, hash_secret(&secret));
@@ -138,7 +138,7 @@ fn replaced(dir: &Path, store: &Arc<graft::store::Store>, old: &[u8]) {
     let secret = String::from_utf8(bytes).unwrap();
     let caller = trust_of(store).caller_for_token(secret.trim()).unwrap();
     assert_eq!(caller.role, Role::Admin);
-    assert_eq!(caller.token_id, file.token_id);
+    assert_eq!(*caller.token_id, *file.token_id);
 }
 
 #[test]
@@ -229,7 +229,7 @@ fn a_remembered_token_is_refused_as_soon_as_it_is_revoked() {
     for _ in 0..2 {
         let c = trust.caller_for_token(&doomed.secret).expect("live");
         assert_eq!(
-            (c.token_id.as_str(), c.role),
+            (&*c.token_id, c.role),
             (doomed.record.id.as_str(), Role::Operator)
         );
         assert!(trust.caller_for_token(&kept.secret).is_some());
@@ -263,4 +263,16 @@ fn the_memo_of_verified_tokens_stays_small() {
     assert!(MEMO.with(|m| m.borrow().len()) <= Memo::CAP);
     // The oldest were dropped from the memo, not from the table.
     assert!(trust.caller_for_token(&tokens[0].secret).is_some());
+}
+
+#[test]
+fn hashes_are_equal_only_when_every_byte_is() {
+    let a = hash_secret("graft_a");
+    assert!(same_hash(&a, &a));
+    for i in [0, 7, 8, 31] {
+        let mut b = a;
+        b[i] ^= 0x80;
+        assert!(!same_hash(&a, &b), "byte {i} differs");
+    }
+    assert!(!same_hash(&a, &hash_secret("graft_b")));
 }
