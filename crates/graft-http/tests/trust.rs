@@ -1397,3 +1397,96 @@ async fn a_reload_and_its_audit_row_commit_together() {
     assert_eq!(store.versions("demo", "counter").unwrap().len(), 2);
     assert_eq!(current_version(&api, "counter").await, 2);
 }
+
+/// A request with exactly these headers (no token unless given).
+fn with_headers(m: Method, uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut req = Request::builder().method(m).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn public_routes_keep_the_browser_rules() {
+    let api = demo().await;
+    for uri in ["/api/v1/health", "/"] {
+        let own = with_headers(Method::GET, uri, &[("host", "127.0.0.1:7878")]);
+        assert_eq!(api.send(own).await.0, StatusCode::OK, "{uri}");
+        let rebound = with_headers(Method::GET, uri, &[("host", "evil.example")]);
+        let (s, _, v) = api.send(rebound).await;
+        assert_error(&(s, v), StatusCode::FORBIDDEN, "forbidden_host");
+        let cross = with_headers(
+            Method::GET,
+            uri,
+            &[
+                ("host", "127.0.0.1:7878"),
+                ("origin", "http://evil.example"),
+            ],
+        );
+        let (s, _, v) = api.send(cross).await;
+        assert_error(&(s, v), StatusCode::FORBIDDEN, "forbidden_origin");
+    }
+}
+
+#[tokio::test]
+async fn head_is_its_get_route_with_the_same_role_and_audit_row() {
+    let api = demo().await;
+    let viewer = api.token(Role::Viewer, None);
+    let state = "/api/v1/sandboxes/demo/processes/counter/state";
+    // A viewer may list sandboxes (GET), so HEAD too; it may not read
+    // process state either way.
+    let (s, _) = api
+        .as_token(Some(&viewer), Method::HEAD, "/api/v1/sandboxes", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = api.as_token(Some(&viewer), Method::HEAD, state, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = api
+        .as_token(Some(&api.admin), Method::HEAD, state, None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Both state reads are in the audit log, as HEAD, allowed and denied.
+    let rows = audit_rows(&api, "sandbox=demo").await;
+    let heads: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .filter(|r| r["method"] == "HEAD")
+        .map(|r| {
+            (
+                r["route"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+                r["role"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    let route = "/api/v1/sandboxes/{id}/processes/{target}/state";
+    assert_eq!(
+        heads,
+        [(route, "ok", "admin"), (route, "forbidden", "viewer")],
+        "{rows:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_scoped_callers_refusal_is_audited_with_its_role() {
+    let api = demo().await;
+    api.counter_app("other").await;
+    let scoped = api.token(Role::Operator, Some(vec!["demo".into()]));
+    let (s, v) = api
+        .as_token(
+            Some(&scoped),
+            Method::POST,
+            "/api/v1/sandboxes/other/call",
+            Some(json!({ "to": "counter", "request": "inc" })),
+        )
+        .await;
+    assert_error(&(s, v), StatusCode::FORBIDDEN, "forbidden");
+    let rows = audit_rows(&api, "sandbox=other&outcome=forbidden").await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["role"], "operator");
+    assert_eq!(rows[0]["route"], "/api/v1/sandboxes/{id}/call");
+    assert_eq!(rows[0]["status"], 403);
+    // The refused call had no effect: the counter was never called.
+    let (_, v) = api.call("other", "counter", json!("inc")).await;
+    assert_eq!(v["reply"], 1);
+}

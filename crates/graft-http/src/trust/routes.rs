@@ -318,7 +318,10 @@ pub const UNKNOWN: Route = r("*", "*", VIEWER, NO_AUDIT, SandboxAt::None);
 /// path, or a route added without a row): an unscoped admin, not audited.
 pub const UNLISTED: Route = r("*", "*", ADMIN, NO_AUDIT, NodeWide);
 
-/// The row of `method` on the routed path `path`, if any.
+/// The row of `method` on the routed path `path`, if any. `HEAD` has the
+/// row of `GET`: axum answers it with the `GET` handler (body dropped), so
+/// it is that request, with its role and its audit row (an audited state
+/// read must not go unrecorded because it was asked as `HEAD`).
 ///
 /// ```
 /// use graft_http::trust::routes::{find, Access};
@@ -326,11 +329,16 @@ pub const UNLISTED: Route = r("*", "*", ADMIN, NO_AUDIT, NodeWide);
 /// let row = find(&axum::http::Method::POST, "/api/v1/sandboxes/{id}/eval").unwrap();
 /// assert_eq!(row.access, Access::Role(Role::Admin));
 /// assert_eq!(row.audit, graft_http::trust::routes::AuditClass::Always);
+/// let head = find(&axum::http::Method::HEAD, "/api/v1/sandboxes/{id}/processes/{target}/state");
+/// assert_eq!(head.unwrap().method, "GET");
 /// ```
 pub fn find(method: &Method, path: &str) -> Option<&'static Route> {
-    ROUTES
-        .iter()
-        .find(|r| r.path == path && r.method == method.as_str())
+    let method = if *method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES.iter().find(|r| r.path == path && r.method == method)
 }
 
 #[cfg(test)]
