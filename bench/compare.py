@@ -341,7 +341,23 @@ def build(args):
               note=(f"Graft min {fmt_us(get(ge2, 'min_us'))}; reload itself (compile+swap) "
                     f"p50 {fmt_us(get(ge2, 'reload_line_us_p50'))}") if ge2 else "")
     spin_row(t, read_jsonl(args.spin))
+    auth_row(t, read_jsonl(args.auth))
     return graft, edit, otp, otp_meta, otp_ok, g_meta, t, deb
+
+
+def auth_row(t, rows):
+    """http_auth: an authenticated call over its unauthenticated twin, same run (goal ≤ 1.05)."""
+    summary = next((r for r in rows if r.get("summary") == "http_auth"), None)
+    if summary is None:
+        return
+    per_call = {r["target"]: r.get("median_us_per_call") for r in rows if "target" in r}
+    note = (f"Graft only (`http_auth`, median of per-round ratios): per call "
+            f"{fmt_us(per_call.get('base'))} without auth, {fmt_us(per_call.get('auth'))} with; "
+            f"noise floor (the same router twice) {get(summary, 'control_over_base') or 0:.3f}; "
+            f"with `--audit-messages` {get(summary, 'audited_over_base') or 0:.2f}")
+    t.graft_only_row("HTTP call with auth, over without", get(summary, "auth_over_base"),
+                     lambda v: "n/a" if v is None else f"{v:.3f}×",
+                     summary.get("goal_auth_over_base", 1.05), "≤ 1.05", note)
 
 
 def spin_phases(rows):
@@ -480,7 +496,7 @@ def notes(graft, edit, otp, otp_ok, deb, args, spin):
     out += extra or ["* none"]
     out += ["", "## Raw results", "", "<details><summary>JSON lines</summary>", "", "```"]
     for src, rows in (("graft-bench", graft), ("edit_to_live", edit), ("http_spin", spin),
-                      ("otp", otp)):
+                      ("http_auth", read_jsonl(args.auth)), ("otp", otp)):
         for r in rows:
             out.append(f"{src}: {json.dumps(r, sort_keys=True)}")
     out += ["```", "", "</details>"]
@@ -493,6 +509,7 @@ def main():
     p.add_argument("--edit", required=True)
     p.add_argument("--otp", required=True)
     p.add_argument("--spin")
+    p.add_argument("--auth")
     p.add_argument("--otp-status", default="ok")
     p.add_argument("--load")
     p.add_argument("--command", default="bench/compare.sh")

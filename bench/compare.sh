@@ -99,7 +99,7 @@ fi
 
 python3 "$ROOT/bench/compare.py" \
   --graft "$WORK/graft.jsonl" --edit "$WORK/edit.jsonl" --otp "$WORK/otp.jsonl" \
-  --spin "$WORK/spin.jsonl" \
+  --spin "$WORK/spin.jsonl" --auth "$WORK/auth.jsonl" \
   --otp-status "$OTP_STATUS" --load "$LOAD" --command "$COMMAND" \
   --elapsed "$(( $(date +%s) - START ))" --graft-bin "$BIN/graft" \
   ${SMOKE:+--smoke} --out "$OUT"
