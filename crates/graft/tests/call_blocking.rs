@@ -267,3 +267,72 @@ fn the_timeout_of_a_call_run_at_once_counts_from_the_call() {
         json!("pong")
     );
 }
+
+/// `Sandbox::call` awaited inside `graft::block_on` runs the handler on the
+/// waiting thread when the sandbox is idle (that thread waits anyway); on
+/// an async runtime's thread it never does, and answers the same.
+#[test]
+fn call_inside_block_on_runs_here_and_never_on_an_executor_thread() {
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+    let seen: Arc<Mutex<Vec<ThreadId>>> = Arc::default();
+    let record = seen.clone();
+    let host = graft::HostFunctions::default().function("where.am_i", move |_| {
+        record.lock().unwrap().push(std::thread::current().id());
+        Ok(json!(null))
+    });
+    let spec = SandboxSpec::new("here").entry(None).module(
+        "m",
+        r#"
+        local m = {}
+        function m.init(_) return 0 end
+        function m.handle_call(req, _, n)
+          where.am_i()
+          if req == "crash" then error("boom") end
+          return n + 1, n + 1
+        end
+        return m
+        "#,
+    );
+    let node = Node::with_threads(2);
+    let sb = graft::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
+    run(sb.spawn("m", json!(null), Some("m"))).expect("spawn");
+    let me = std::thread::current().id();
+    for i in 1..=20 {
+        assert_eq!(
+            graft::block_on(sb.call("m", json!("n"), None)).unwrap(),
+            json!(i)
+        );
+    }
+    assert!(seen.lock().unwrap().iter().all(|t| *t == me));
+    // Errors come back the same way: the crash, then no process.
+    match graft::block_on(sb.call("m", json!("crash"), None)) {
+        Err(Error::Crashed { reason, .. }) => {
+            assert!(matches!(reason, ExitReason::Error { .. }), "{reason:?}")
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    assert!(matches!(
+        graft::block_on(sb.call("m", json!("n"), None)),
+        Err(Error::NoProcess(_))
+    ));
+    run(sb.spawn("m", json!(null), Some("m"))).expect("respawn");
+    assert!(matches!(
+        graft::block_on(sb.call("nobody", json!("n"), None)),
+        Err(Error::NoProcess(_))
+    ));
+    // From a runtime's task: a scheduler thread runs it.
+    seen.lock().unwrap().clear();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let sb2 = sb.clone();
+    let (reply, executor) = rt.block_on(async move {
+        let reply = sb2.call("m", json!("n"), None).await;
+        (reply, std::thread::current().id())
+    });
+    assert!(reply.is_ok(), "{reply:?}");
+    let ran_on = seen.lock().unwrap().clone();
+    assert_eq!(ran_on.len(), 1);
+    assert_ne!(ran_on[0], executor);
+}
