@@ -270,7 +270,7 @@ def build(args):
     # calls
     t.ratio_row("call host → process", get(one(graft, "call_host"), "per_op_ns"),
                 get(one(otp, "call_host"), "per_op_ns"), fmt_ns,
-                note="Graft: Sandbox::call (async) awaited in graft::block_on from Rust (which runs the handler on the waiting thread when the sandbox is idle); "
+                note="Graft: Sandbox::call (async) via block_on from Rust; "
                      "OTP: gen_server:call from a plain process")
     t.ratio_row("call host → process, blocking", get(one(graft, "call_host_blocking"), "per_op_ns"),
                 get(one(otp, "call_host"), "per_op_ns"), fmt_ns, goal=1,

@@ -26,24 +26,13 @@ use super::scheduler::SPIN_MICROS;
 /// assert_eq!(graft::block_on(async { 7 }), 7);
 /// ```
 pub fn block_on<F: Future>(fut: F) -> F::Output {
-    let _inside = InBlockOn::enter();
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
             self.0.unpark();
         }
     }
-    thread_local! {
-        // One per thread, made once: a wake-up left over from an earlier
-        // `block_on` only makes a `park` return early, which the loop
-        // below takes as it takes any spurious wake-up (it polls again).
-        static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    }
-    // (A fresh one where the thread's own is gone: in a thread-local's
-    // destructor at thread exit.)
-    let waker = WAKER
-        .try_with(Waker::clone)
-        .unwrap_or_else(|_| Waker::from(Arc::new(Unpark(std::thread::current()))));
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
     loop {
@@ -61,34 +50,6 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
         std::thread::park();
     }
-}
-
-thread_local! {
-    static IN_BLOCK_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the thread as inside [`block_on`] until dropped (unwinding
-/// included), restoring what it was (a `block_on` may nest).
-struct InBlockOn(bool);
-
-impl InBlockOn {
-    fn enter() -> InBlockOn {
-        InBlockOn(IN_BLOCK_ON.with(|f| f.replace(true)))
-    }
-}
-
-impl Drop for InBlockOn {
-    fn drop(&mut self) {
-        IN_BLOCK_ON.with(|f| f.set(self.0));
-    }
-}
-
-/// Whether this thread is inside [`block_on`]: it waits for the future it
-/// polls and serves nothing else, so a call that future makes may run its
-/// handler here, as [`Sandbox::call_blocking`](crate::Sandbox::call_blocking)
-/// does, without holding up an executor's other tasks.
-pub(crate) fn in_block_on() -> bool {
-    IN_BLOCK_ON.with(|f| f.get())
 }
 
 /// Runs blocking work (`f`) on a thread of its own and waits for it without
@@ -240,50 +201,5 @@ fn timer_loop() {
             }
             None => timers.cv.wait(&mut state),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nested_block_on_keeps_the_mark_of_the_outer_one() {
-        assert!(!in_block_on());
-        block_on(async {
-            assert!(in_block_on());
-            assert!(block_on(async { in_block_on() }));
-            assert!(in_block_on(), "the inner one restored the mark");
-        });
-        assert!(!in_block_on());
-    }
-
-    #[test]
-    fn a_wake_from_another_thread_ends_the_wait_and_block_on_works_at_thread_exit() {
-        // The thread's waker is reused: a second wait must still be woken.
-        for _ in 0..2 {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let sender = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(5));
-                tx.send(7).ok();
-            });
-            assert_eq!(block_on(rx), Ok(7));
-            sender.join().unwrap();
-        }
-        // In a thread-local's destructor, after the thread's own waker may
-        // be gone.
-        struct OnExit;
-        impl Drop for OnExit {
-            fn drop(&mut self) {
-                assert_eq!(block_on(async { 3 }), 3);
-            }
-        }
-        thread_local!(static ON_EXIT: OnExit = const { OnExit });
-        std::thread::spawn(|| {
-            block_on(async {});
-            ON_EXIT.with(|_| ());
-        })
-        .join()
-        .expect("block_on in a destructor at thread exit");
     }
 }

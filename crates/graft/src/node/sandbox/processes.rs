@@ -13,7 +13,6 @@ use super::Sandbox;
 use crate::block_on;
 use crate::error::{Error, Result};
 use crate::kernel::HostSlot;
-use crate::node::blocking;
 use crate::node::runtime::Runtime;
 use crate::node::scheduler::{self, schedule};
 use crate::node::ProcessInfo;
@@ -24,12 +23,6 @@ impl Sandbox {
     /// Calls a process (`handle_call`) and waits for its reply. `target` is a
     /// [`Pid`](crate::Pid) or a registered name (any [`Target`]); one that
     /// addresses no process fails with [`Error::NoProcess`]. Default timeout 5 s.
-    ///
-    /// On an async runtime the handler runs on a scheduler thread: the call
-    /// never holds an executor thread for a slice. Awaited inside
-    /// [`graft::block_on`](crate::block_on), whose thread waits for it
-    /// anyway, it runs like [`Sandbox::call_blocking`]: on that thread when
-    /// the sandbox is idle, so no scheduler thread is woken.
     ///
     /// ```
     /// use graft::{Node, SandboxSpec};
@@ -54,34 +47,8 @@ impl Sandbox {
     ) -> Result<Json> {
         let target = target.into();
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
-        if blocking::in_block_on() {
-            let answer = self.call_here(target, request, ms)?;
-            return answer.await.map_err(|_| self.gone())?;
-        }
         self.ask_slot(move |rt, slot| rt.host_call(target, request, ms, slot))
             .await
-    }
-
-    /// Queues a call that runs its handler at once on this thread when the
-    /// sandbox is idle (a slice here, as a scheduler thread would run it),
-    /// else wakes the scheduler; gives the receiver of the answer, which is
-    /// usually there already.
-    fn call_here(
-        &self,
-        target: Target,
-        request: Json,
-        ms: u64,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<Json>>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let slot = HostSlot::new(tx);
-        let node = self.enqueue(
-            Box::new(move |rt: &mut Runtime| rt.host_call_now(target, request, ms, slot)),
-            super::Origin::Request,
-        )?;
-        if !scheduler::run_inline(&node, &self.shared) {
-            schedule(&node, &self.shared, false);
-        }
-        Ok(rx)
     }
 
     /// Calls a process like [`Sandbox::call`], blocking the calling thread
@@ -116,7 +83,16 @@ impl Sandbox {
     ) -> Result<Json> {
         let target = target.into();
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
-        let mut rx = self.call_here(target, request, ms)?;
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let slot = HostSlot::new(tx);
+        let node = self.enqueue(
+            Box::new(move |rt: &mut Runtime| rt.host_call_now(target, request, ms, slot)),
+            super::Origin::Request,
+        )?;
+        if !scheduler::run_inline(&node, &self.shared) {
+            schedule(&node, &self.shared, false);
+        }
+        drop(node);
         match rx.try_recv() {
             Ok(answer) => answer,
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {

@@ -269,12 +269,7 @@ fn a_thread_stuck_waiting_keeps_its_priority() {
             })
         })
     };
-    // From a runtime's task, so that a scheduler thread runs the handler
-    // (inside `graft::block_on` it would run on this thread, unwatched).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    let r = rt.block_on(sb.call("n", serde_json::json!("x"), Some(5_000)));
+    let r = crate::block_on(sb.call("n", serde_json::json!("x"), Some(5_000)));
     assert_eq!(r.expect("answered"), serde_json::json!("x"));
     let lowered = watcher.join().expect("watcher");
     assert!(
