@@ -267,3 +267,40 @@ fn the_timeout_of_a_call_run_at_once_counts_from_the_call() {
         json!("pong")
     );
 }
+
+/// A `call_blocking` from a thread-local's destructor, after the thread's
+/// own slice state is gone, queues instead of running here, and answers:
+/// the caller's exiting thread must not fail the sandbox.
+#[test]
+fn call_blocking_at_thread_exit_answers_and_leaves_the_sandbox_working() {
+    use std::cell::RefCell;
+    use std::sync::mpsc;
+    let node = Node::with_threads(2);
+    let sb = sandbox(&node, "exit", 1000);
+    type Pending = Option<(Sandbox, mpsc::Sender<graft::Result<serde_json::Value>>)>;
+    struct CallOnExit(RefCell<Pending>);
+    impl Drop for CallOnExit {
+        fn drop(&mut self) {
+            if let Some((sb, tx)) = self.0.borrow_mut().take() {
+                let _ = tx.send(sb.call_blocking("c", json!("inc"), None));
+            }
+        }
+    }
+    thread_local!(static ON_EXIT: CallOnExit = const { CallOnExit(RefCell::new(None)) });
+    let (tx, rx) = mpsc::channel();
+    let sb2 = sb.clone();
+    std::thread::spawn(move || {
+        // Registered first, so destroyed after the slice's own state
+        // (destructors run in reverse order of registration on Linux).
+        ON_EXIT.with(|c| *c.0.borrow_mut() = Some((sb2.clone(), tx)));
+        assert_eq!(
+            sb2.call_blocking("c", json!("inc"), None).unwrap(),
+            json!(1)
+        );
+    })
+    .join()
+    .expect("the thread exits");
+    let at_exit = rx.recv_timeout(Duration::from_secs(5)).expect("answered");
+    assert_eq!(at_exit.expect("the call at exit"), json!(2));
+    assert_eq!(sb.call_blocking("c", json!("inc"), None).unwrap(), json!(3));
+}

@@ -42,6 +42,14 @@ thread_local! {
     static SLICE_KERNEL: RefCell<Option<(usize, KernelHandle)>> = const { RefCell::new(None) };
 }
 
+/// Whether this thread can still enter a slice: false in a thread-local's
+/// destructor at thread exit once `SLICE_KERNEL` is gone, where
+/// [`SliceKernel::enter`] would panic (and the slice's barrier would fail
+/// the sandbox for the caller's thread state). A caller then queues.
+pub(crate) fn can_enter_slice_here() -> bool {
+    SLICE_KERNEL.try_with(|_| ()).is_ok()
+}
+
 /// Makes `kh` the kernel these natives look at first on this thread, until
 /// dropped (the end of the slice): an mlua app-data lookup takes the VM's
 /// lock and costs about as much as the rest of a fast call.

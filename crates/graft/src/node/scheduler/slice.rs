@@ -46,8 +46,9 @@ impl Drop for InSlice {
 /// `Sandbox::call_blocking`): the caller's command, already in the inbox,
 /// runs without waking a scheduler thread. Returns false, having done
 /// nothing, when the sandbox is queued or running already (its owner then
-/// runs the command; a `submit` that saw the flag set relies on that) or
-/// when this thread is already inside a slice.
+/// runs the command; a `submit` that saw the flag set relies on that),
+/// when this thread is already inside a slice, or when it is exiting and
+/// its slice state is gone (a thread-local's destructor).
 ///
 /// The slice is the one a scheduler thread would run: same panic barrier,
 /// same epilogue (wake-ups registered, re-queued if work remains). Only the
@@ -55,7 +56,10 @@ impl Drop for InSlice {
 /// own thread, which waits for the answer anyway, and the interrupt still
 /// ends it at `SLICE_MS` or `handler_ms`.
 pub(crate) fn run_inline(node: &NodeInner, shared: &Arc<Shared>) -> bool {
-    if IN_SLICE.with(|f| f.get()) || shared.scheduled.swap(true, Ordering::AcqRel) {
+    if IN_SLICE.with(|f| f.get())
+        || !kernel::fast::can_enter_slice_here()
+        || shared.scheduled.swap(true, Ordering::AcqRel)
+    {
         return false;
     }
     run_sandbox(node, shared, None);
