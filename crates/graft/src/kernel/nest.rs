@@ -16,12 +16,13 @@
 //! * The time a nested callback runs is charged to it, not to its caller;
 //!   while it runs, the caller's worker is exempt from the interrupt.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use mlua::{Lua, Thread, Value};
 
 use super::outcome::{classify_failure, Outcome};
-use super::process::{Job, Run, Waiter};
+use super::process::{Job, Process, Run, Waiter};
 use super::timers::Timer;
 use super::watch::WatchSave;
 use super::{kernel, Kernel, MAX_NESTING};
@@ -79,14 +80,23 @@ pub(crate) enum NestResult {
     Wait(u64),
 }
 
+/// The process's side of [`Kernel::nestable`] (the nesting depth is the
+/// kernel's): one rule for the check and for [`Kernel::begin_nested_call`],
+/// which holds the callee mutably while it checks.
+fn takes_nested_job(p: &Process, frozen: &HashSet<u32>) -> bool {
+    p.takes_job_now() && !frozen.contains(&p.pid.module_index())
+}
+
 impl Kernel {
     /// Whether `serial` may run a job nested in the current callback, right
     /// now, ahead of its mailbox: it is idle with nothing queued (so order
     /// is kept), no reload froze its module, and the nesting depth allows it.
     pub fn nestable(&self, serial: u64) -> bool {
-        self.procs.get(&serial).is_some_and(|p| {
-            self.nesting_left() && p.takes_job_now() && !self.frozen.contains(&p.pid.module_index())
-        })
+        self.nesting_left()
+            && self
+                .procs
+                .get(&serial)
+                .is_some_and(|p| takes_nested_job(p, &self.frozen))
     }
 
     /// Whether one more callback may nest on the VM stack.
@@ -113,10 +123,10 @@ impl Kernel {
         }
         let from = self.procs.get(&caller)?.pid;
         let p = self.procs.get_mut(&callee)?;
-        let module = p.pid.module_index();
-        if !p.takes_job_now() || self.frozen.contains(&module) {
+        if !takes_nested_job(p, &self.frozen) {
             return None;
         }
+        let module = p.pid.module_index();
         p.begin_job(Job::Call {
             request: None,
             from: Some(from),
