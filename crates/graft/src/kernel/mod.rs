@@ -3,6 +3,7 @@
 //!
 //! Layout (each file imports only the ones listed before it, besides this
 //! hub, which holds [`Kernel`] and the operations every part shares):
+//! * `cell`: where the kernel lives and how it is borrowed;
 //! * `process`: process records, jobs, waiters; `log`: the guest log budget;
 //! * `watch`: the CPU watch (the VM interrupt) and the canary watch;
 //! * `timers`: the timer heap and what a due timer does;
@@ -35,6 +36,7 @@
 //! * The kernel imports nothing from the upgrade engine or the node: they
 //!   drive it, it does not call back into them.
 
+mod cell;
 mod exit;
 pub(crate) mod fast;
 mod host;
@@ -63,6 +65,8 @@ use crate::error::Error;
 use crate::value::{ExitReason, VmPid};
 use crate::vm::{self, Vm};
 
+use cell::KernelCell;
+pub(crate) use cell::{KernelGuard, KernelRef};
 pub(crate) use exit::{remember_chunk, truncate_reason};
 pub(crate) use host::BlockingCall;
 pub(crate) use nest::{nest_done, NestEnd, NestResult};
@@ -249,22 +253,16 @@ impl TestClock {
 /// only the `Lua`, find it) and in the hands of whoever drives the VM (the
 /// runtime, a slice), who borrow it without the app data's lookup.
 ///
-/// A mutex only for its cheap, checked exclusive borrow: a VM is driven by
-/// one thread at a time, so it is never contended, and a second borrow on
-/// the same thread is a bug that [`KernelHandle::borrow`] reports by
-/// panicking (as a `RefCell` would), never a deadlock.
+/// The borrow is exclusive and checked, never waited for: a VM is driven by
+/// one thread at a time (see [`cell`] for why that holds and what the check
+/// costs), and a second borrow on the same thread is a bug that
+/// [`KernelHandle::borrow`] reports by panicking, as a `RefCell` would.
 #[derive(Clone)]
-pub(crate) struct KernelHandle(Arc<parking_lot::Mutex<Kernel>>);
-
-/// A borrow of the kernel through a [`KernelHandle`] held elsewhere.
-pub(crate) type KernelRef<'a> = parking_lot::MutexGuard<'a, Kernel>;
-
-/// A borrow of the kernel that keeps its own handle (what [`kernel`] gives).
-pub(crate) type KernelGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, Kernel>;
+pub(crate) struct KernelHandle(Arc<KernelCell>);
 
 impl KernelHandle {
     fn new(kernel: Kernel) -> KernelHandle {
-        KernelHandle(Arc::new(parking_lot::Mutex::new(kernel)))
+        KernelHandle(Arc::new(KernelCell::new(kernel)))
     }
 
     /// Borrows the kernel. Panics if it is borrowed already: every borrow is
@@ -273,7 +271,7 @@ impl KernelHandle {
     #[inline]
     #[track_caller]
     pub fn borrow(&self) -> KernelRef<'_> {
-        match self.0.try_lock() {
+        match self.0.try_borrow() {
             Some(k) => k,
             None => borrowed_twice(),
         }
@@ -287,13 +285,13 @@ impl KernelHandle {
     /// Borrows the kernel unless it is borrowed already.
     #[inline]
     pub fn try_borrow(&self) -> Option<KernelRef<'_>> {
-        self.0.try_lock()
+        self.0.try_borrow()
     }
 
     /// Like [`KernelHandle::borrow`], for a borrow that outlives `self`.
     #[track_caller]
     fn borrow_owned(&self) -> KernelGuard {
-        match self.0.try_lock_arc() {
+        match KernelCell::try_borrow_arc(&self.0) {
             Some(k) => k,
             None => borrowed_twice(),
         }
