@@ -49,9 +49,9 @@ pub(crate) struct Runtime {
     /// snapshot of its histories: a reload or import after the snapshot
     /// would commit to a VM about to be dropped, so it is refused instead.
     retiring: bool,
-    /// Set by the slice runner for the first command of a slice that runs
-    /// on a blocking caller's own thread (`run_inline`), taken by the
-    /// first command: only then may a host call run its handler at once
+    /// Set by the slice runner when a blocking caller's own command runs on
+    /// its own thread with nothing queued before it (`run_claimed`), taken
+    /// by that command: only then may a host call run its handler at once
     /// (`host_call_now`), since nothing queued before it can be overtaken
     /// and no scheduler thread is held.
     pub first_inline: bool,

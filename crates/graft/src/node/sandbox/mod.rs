@@ -4,9 +4,11 @@
 //! instead of hanging.
 //!
 //! Invariants:
-//! * A request reaches the VM only as a command in the inbox, run between
-//!   slices by whoever holds the sandbox's turn; the caller waits on a
-//!   one-shot channel (`ask`, `ask_slot`), never on the VM's lock.
+//! * A request reaches the VM only as a command run by whoever holds the
+//!   sandbox's turn: queued in the inbox, or, for `call_blocking` on an idle
+//!   sandbox, run by the caller itself after claiming the turn
+//!   ([`Sandbox::run_here`]). The caller waits on a one-shot channel (`ask`,
+//!   `ask_slot`), never on the VM's lock.
 //! * A closed answer channel is explained ([`Sandbox::gone`]): node
 //!   stopped, sandbox failed, destroyed, or replaced by a rebuild
 //!   (`Rebuilding`, retryable), in that order of precedence.
@@ -15,10 +17,12 @@
 //!   (`Shared::closed`): every request on any handle of it gets
 //!   `Rebuilding`, never an answer of the app being stopped (`no_process`
 //!   for a process already stopped, `busy` for a reload). The decision is
-//!   taken in one place, [`Sandbox::enqueue`], which every request goes
-//!   through (`info`, which reads without queueing, asks the same flag),
-//!   and there under the inbox lock: a request is either queued before the
-//!   close, so it runs before the rebuild reads the states, or refused. An
+//!   taken in one place, `Sandbox::refusal`, which every request goes
+//!   through (`info`, which reads without queueing, asks the same flag):
+//!   in [`Sandbox::enqueue`] under the inbox lock, in [`Sandbox::run_here`]
+//!   while holding the sandbox's turn. Either way a request is queued or
+//!   run before the close, so it runs before the rebuild reads the states,
+//!   or it is refused. An
 //!   answer the old app gives after that read is held back (its effect is
 //!   not in what the rebuilt sandbox gets back) and the caller is told
 //!   `Rebuilding` when the old VM goes (`Runtime::freeze_for_rebuild`). Commands are
@@ -47,7 +51,7 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::runtime::Runtime;
-use super::scheduler::schedule;
+use super::scheduler::{self, schedule};
 use super::{Command, NodeInner, Shared};
 use crate::error::{Error, Result};
 use crate::kernel::HostSlot;
@@ -114,9 +118,46 @@ impl Sandbox {
     }
 
     /// Queues a command in the inbox; returns the node, which the caller
-    /// must wake (`schedule`) or serve itself (`run_inline`). The one place
+    /// must wake (`schedule`). With [`Sandbox::run_here`], the one place
     /// that decides whether a request reaches the runtime (module docs).
     pub(super) fn enqueue(&self, cmd: Command, origin: Origin) -> Result<Arc<NodeInner>> {
+        let node = self.live_node()?;
+        let mut inbox = self.shared.inbox.lock();
+        // Under the inbox lock, as the close is: no request slips in behind
+        // the rebuild's stop.
+        if let Some(e) = self.refusal(origin) {
+            return Err(e);
+        }
+        inbox.push_back(cmd);
+        Ok(node)
+    }
+
+    /// Runs a request's command on the calling thread when the sandbox is
+    /// idle (`Sandbox::call_blocking`): no inbox, no allocation, no
+    /// scheduler thread woken. Otherwise queues it like any request.
+    ///
+    /// The admission is [`Sandbox::enqueue`]'s, decided while this thread
+    /// holds the sandbox's turn instead of the inbox lock: a rebuild's
+    /// close that comes after it finds the command already run or queued
+    /// behind nothing of the rebuild's (the rebuild's commands run after
+    /// this slice, or in it after this command, which queued earlier).
+    pub(super) fn run_here(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
+        let node = self.live_node()?;
+        if !scheduler::claim_here(&self.shared) {
+            let node = self.enqueue(Box::new(cmd), Origin::Request)?;
+            schedule(&node, &self.shared, false);
+            return Ok(());
+        }
+        if let Some(e) = self.refusal(Origin::Request) {
+            scheduler::release(&node, &self.shared);
+            return Err(e);
+        }
+        scheduler::run_claimed(&node, &self.shared, cmd);
+        Ok(())
+    }
+
+    /// The node, if it still runs and this sandbox is not destroyed.
+    fn live_node(&self) -> Result<Arc<NodeInner>> {
         let node = self
             .shared
             .node
@@ -128,17 +169,16 @@ impl Sandbox {
         if self.shared.destroyed.load(Ordering::Acquire) {
             return Err(self.destroyed_error());
         }
-        let mut inbox = self.shared.inbox.lock();
-        // Under the inbox lock, as the close is: no request slips in behind
-        // the rebuild's stop.
-        if origin == Origin::Request && self.is_closed() {
-            return Err(Error::Rebuilding(self.shared.id.clone()));
-        }
-        if let Some(e) = self.shared.failure_error() {
-            return Err(e);
-        }
-        inbox.push_back(cmd);
         Ok(node)
+    }
+
+    /// Why a request from `origin` may not reach the runtime now, if it may
+    /// not: the sandbox is closed for a rebuild, or it failed.
+    fn refusal(&self, origin: Origin) -> Option<Error> {
+        if origin == Origin::Request && self.is_closed() {
+            return Some(Error::Rebuilding(self.shared.id.clone()));
+        }
+        self.shared.failure_error()
     }
 
     /// Whether the sandbox is closed to requests for a rebuild.

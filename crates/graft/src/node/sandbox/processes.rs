@@ -14,7 +14,6 @@ use crate::block_on;
 use crate::error::{Error, Result};
 use crate::kernel::HostSlot;
 use crate::node::runtime::Runtime;
-use crate::node::scheduler::{self, schedule};
 use crate::node::ProcessInfo;
 use crate::pid::{Pid, Target};
 use crate::upgrade;
@@ -85,14 +84,7 @@ impl Sandbox {
         let ms = timeout_ms.unwrap_or(crate::kernel::DEFAULT_CALL_TIMEOUT_MS);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let slot = HostSlot::new(tx);
-        let node = self.enqueue(
-            Box::new(move |rt: &mut Runtime| rt.host_call_now(target, request, ms, slot)),
-            super::Origin::Request,
-        )?;
-        if !scheduler::run_inline(&node, &self.shared) {
-            schedule(&node, &self.shared, false);
-        }
-        drop(node);
+        self.run_here(move |rt: &mut Runtime| rt.host_call_now(target, request, ms, slot))?;
         match rx.try_recv() {
             Ok(answer) => answer,
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {

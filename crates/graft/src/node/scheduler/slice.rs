@@ -17,6 +17,7 @@ use super::run_queue::schedule;
 use super::timers::add_wakeup;
 use super::worker::Worker;
 use crate::kernel;
+use crate::node::runtime::Runtime;
 use crate::node::{panic_message, Command, NodeInner, Shared};
 
 thread_local! {
@@ -42,36 +43,62 @@ impl Drop for InSlice {
     }
 }
 
-/// Runs a slice of an idle sandbox on the calling thread (for
-/// `Sandbox::call_blocking`): the caller's command, already in the inbox,
-/// runs without waking a scheduler thread. Returns false, having done
-/// nothing, when the sandbox is queued or running already (its owner then
-/// runs the command; a `submit` that saw the flag set relies on that),
-/// when this thread is already inside a slice, or when it is exiting and
-/// its slice state is gone (a thread-local's destructor).
+/// Claims an idle sandbox's turn for the calling thread (for
+/// `Sandbox::call_blocking`), which then runs the slice itself
+/// ([`run_claimed`]) or gives the turn back ([`release`]) without waking a
+/// scheduler thread. Returns false, having done nothing, when the sandbox
+/// is queued or running already (its owner then runs what is queued; a
+/// `submit` that saw the flag set relies on that), when this thread is
+/// already inside a slice, or when it is exiting and its slice state is
+/// gone (a thread-local's destructor).
+pub(crate) fn claim_here(shared: &Shared) -> bool {
+    !IN_SLICE.with(|f| f.get())
+        && kernel::fast::can_enter_slice_here()
+        && !shared.scheduled.swap(true, Ordering::AcqRel)
+}
+
+/// Runs the slice of a sandbox this thread claimed ([`claim_here`]), with
+/// `command` run after whatever was queued before it (so nothing queued
+/// earlier is overtaken). The command reaches the runtime without a trip
+/// through the inbox (no allocation), and is told it runs first in an idle
+/// sandbox (`Runtime::first_inline`) when nothing was queued.
 ///
 /// The slice is the one a scheduler thread would run: same panic barrier,
 /// same epilogue (wake-ups registered, re-queued if work remains). Only the
 /// watchdog and fresh-work preemption do not see it: it holds the caller's
 /// own thread, which waits for the answer anyway, and the interrupt still
-/// ends it at `SLICE_MS` or `handler_ms`.
-pub(crate) fn run_inline(node: &NodeInner, shared: &Arc<Shared>) -> bool {
-    if IN_SLICE.with(|f| f.get())
-        || !kernel::fast::can_enter_slice_here()
-        || shared.scheduled.swap(true, Ordering::AcqRel)
-    {
-        return false;
-    }
-    run_sandbox(node, shared, None);
-    true
+/// ends it at `SLICE_MS` or `handler_ms`. If the sandbox failed or was
+/// destroyed, `command` is dropped unrun (its reply channel closes).
+pub(crate) fn run_claimed(
+    node: &NodeInner,
+    shared: &Arc<Shared>,
+    command: impl FnOnce(&mut Runtime),
+) {
+    let mut command = Some(command);
+    run_sandbox(
+        node,
+        shared,
+        None,
+        Some(&mut |rt: &mut Runtime| {
+            if let Some(command) = command.take() {
+                command(rt);
+            }
+        }),
+    );
 }
 
 /// Runs one slice of a sandbox behind the panic barrier. `me`: the scheduler
-/// thread running it, `None` for an inline caller.
-pub(super) fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
+/// thread running it, `None` for an inline caller, whose own command is
+/// `mine` (run once, after the queued ones).
+pub(super) fn run_sandbox(
+    node: &NodeInner,
+    shared: &Arc<Shared>,
+    me: Option<&Worker>,
+    mine: Option<&mut dyn FnMut(&mut Runtime)>,
+) {
     let _in_slice = InSlice::enter();
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_sandbox_slice(node, shared, me)
+        run_sandbox_slice(node, shared, me, mine)
     }));
     if let Err(payload) = ran {
         // A bug in Graft or in a host function, not in guest code: fail this
@@ -84,14 +111,19 @@ pub(super) fn run_sandbox(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Wo
 /// Ends a sandbox's turn: clears `scheduled`, then queues it again if
 /// commands arrived meanwhile (a `submit` that saw the flag set did not
 /// queue it, so this is the only place that can).
-pub(super) fn release(node: &NodeInner, shared: &Arc<Shared>) {
+pub(crate) fn release(node: &NodeInner, shared: &Arc<Shared>) {
     shared.scheduled.store(false, Ordering::Release);
     if !shared.inbox.lock().is_empty() {
         schedule(node, shared, false);
     }
 }
 
-fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>) {
+fn run_sandbox_slice(
+    node: &NodeInner,
+    shared: &Arc<Shared>,
+    me: Option<&Worker>,
+    mine: Option<&mut dyn FnMut(&mut Runtime)>,
+) {
     let (more, next_timer) = {
         let mut guard = shared.runtime.lock();
         if shared.destroyed.load(Ordering::Acquire) {
@@ -110,13 +142,34 @@ fn run_sandbox_slice(node: &NodeInner, shared: &Arc<Shared>, me: Option<&Worker>
             release(node, shared);
             return;
         };
-        let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
+        let commands: Vec<Command> = {
+            let mut inbox = shared.inbox.lock();
+            // Nothing queued (the common case): no vector to allocate.
+            match inbox.is_empty() {
+                true => Vec::new(),
+                false => inbox.drain(..).collect(),
+            }
+        };
         kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
         let _scope = kernel::WatchScope::enter_watch(rt.kernel.borrow().watch.clone());
-        let mut commands = commands.into_iter();
-        rt.first_inline = me.is_none();
+        // Only an inline caller's command, with nothing queued before it,
+        // may run its handler at once (`Runtime::first_inline`).
+        rt.first_inline = me.is_none() && commands.is_empty();
+        // The queued commands, then the inline caller's own (`None` here).
+        let mut commands = commands
+            .into_iter()
+            .map(Some)
+            .chain(mine.is_some().then_some(None));
+        let mut mine = mine;
         for cmd in commands.by_ref() {
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd(rt)));
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
+                Some(queued) => queued(rt),
+                None => {
+                    if let Some(mine) = mine.as_mut() {
+                        mine(rt);
+                    }
+                }
+            }));
             rt.first_inline = false;
             if let Err(payload) = ran {
                 // Mark the sandbox failed before the commands behind this one

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::run_queue::RunQueue;
-use super::slice::{release, run_inline};
+use super::slice::{claim_here, release, run_claimed};
 use super::worker::Pool;
 use super::{BUSY_MAX_WAIT_MS, STUCK_NICE};
 use crate::node::sandbox::Origin;
@@ -46,41 +46,67 @@ fn idle(node: &crate::Node, id: &str) -> crate::Sandbox {
     crate::block_on(node.create_sandbox(crate::SandboxSpec::new(id).entry(None))).expect("sandbox")
 }
 
+/// Claims `sb`'s turn for this thread, waiting out the slices its creation
+/// may have queued (start-up timers).
+fn claim(sb: &crate::Sandbox) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !claim_here(&sb.shared) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never became idle"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn an_idle_sandbox_runs_on_the_calling_thread() {
     let node = crate::Node::with_threads(1);
     let sb = idle(&node, "idle");
-    // A new sandbox may still be queued for its first slices (start-up
-    // timers): a command the owner ran instead is received, and we retry.
-    for _ in 0..1000 {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let inner = sb
-            .enqueue(
-                Box::new(move |_| {
-                    tx.send(std::thread::current().id()).expect("receiver");
-                }),
-                Origin::Request,
-            )
-            .expect("queued");
-        if run_inline(&inner, &sb.shared) {
-            assert_eq!(rx.try_recv(), Ok(std::thread::current().id()));
-            return;
-        }
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("the owner ran it");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("the sandbox never became idle");
+    claim(&sb);
+    let mut ran_on = None;
+    let mut first = None;
+    run_claimed(&node.inner, &sb.shared, |rt| {
+        ran_on = Some(std::thread::current().id());
+        first = Some(rt.first_inline);
+    });
+    assert_eq!(ran_on, Some(std::thread::current().id()));
+    assert_eq!(first, Some(true), "nothing was queued before it");
+    assert!(
+        !sb.shared.scheduled.load(Ordering::Acquire),
+        "the turn is given back"
+    );
+}
+
+#[test]
+fn an_inline_command_runs_after_what_was_queued_before_it() {
+    let node = crate::Node::with_threads(1);
+    let sb = idle(&node, "fifo");
+    claim(&sb);
+    // Queued while this thread holds the turn: nobody else may run it.
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let queued = order.clone();
+    sb.enqueue(
+        Box::new(move |rt| queued.lock().push(("queued", rt.first_inline))),
+        Origin::Request,
+    )
+    .expect("queued");
+    run_claimed(&node.inner, &sb.shared, |rt| {
+        order.lock().push(("mine", rt.first_inline))
+    });
+    // Neither may run a handler at once: the queued one is not the
+    // caller's, and the caller's came after other work.
+    assert_eq!(*order.lock(), [("queued", false), ("mine", false)]);
 }
 
 #[test]
 fn a_scheduled_sandbox_is_left_to_its_owner() {
     let node = crate::Node::with_threads(1);
     let sb = idle(&node, "owned");
-    // Claim it as a scheduler thread would: run_inline must not touch it.
+    // Claim it as a scheduler thread would: run_here must only queue.
     // Its creation may have queued start-up slices; a plain store could
     // land while a scheduler thread still owns it, and that thread's
-    // release would then hand the sandbox to run_inline.
+    // release would then hand the sandbox to this thread.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while sb
         .shared
@@ -94,25 +120,46 @@ fn a_scheduled_sandbox_is_left_to_its_owner() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+    assert!(!claim_here(&sb.shared));
     let (tx, rx) = std::sync::mpsc::channel();
-    let inner = sb
-        .enqueue(
-            Box::new(move |_| {
-                tx.send(std::thread::current().id()).expect("receiver");
-            }),
-            Origin::Request,
-        )
-        .expect("queued");
-    assert!(!run_inline(&inner, &sb.shared));
+    sb.run_here(move |_| {
+        tx.send(std::thread::current().id()).expect("receiver");
+    })
+    .expect("queued");
     assert!(rx.try_recv().is_err(), "nothing ran it");
     assert!(
         !sb.shared.inbox.lock().is_empty(),
         "the command still waits"
     );
     // The owner's release finds the command and queues the sandbox.
-    release(&inner, &sb.shared);
+    release(&node.inner, &sb.shared);
     let ran_on = rx.recv_timeout(Duration::from_secs(5)).expect("ran");
     assert_ne!(ran_on, std::thread::current().id());
+}
+
+#[test]
+fn an_inline_request_to_a_sandbox_closed_for_a_rebuild_is_refused() {
+    let node = crate::Node::with_threads(1);
+    let sb = idle(&node, "closed");
+    claim(&sb);
+    release(&node.inner, &sb.shared);
+    sb.close_for_rebuild();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let err = sb
+        .run_here(move |_| flag.store(true, Ordering::Release))
+        .expect_err("closed");
+    assert_eq!(err.kind(), "sandbox_rebuilding", "{err}");
+    assert!(!ran.load(Ordering::Acquire), "the command never ran");
+    assert!(
+        !sb.shared.scheduled.load(Ordering::Acquire),
+        "the claimed turn is given back"
+    );
+    sb.reopen();
+    let err = sb
+        .call_blocking("nobody", serde_json::json!(null), None)
+        .expect_err("no such process");
+    assert_eq!(err.kind(), "no_process", "{err}");
 }
 
 #[test]

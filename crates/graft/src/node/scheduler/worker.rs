@@ -86,7 +86,7 @@ fn scheduler_loop(node: Weak<NodeInner>, me: Arc<Worker>) {
         me.running_busy.store(busy, Ordering::Relaxed);
         me.slice_started
             .store(clock::coarse_ms() + 1, Ordering::Relaxed);
-        run_sandbox(&inner, &shared, Some(&me));
+        run_sandbox(&inner, &shared, Some(&me), None);
         *me.running.lock() = None;
         me.slice_started.store(0, Ordering::Relaxed);
         if me.stuck.load(Ordering::Relaxed) && retire_if_spare(&inner, &me) {
