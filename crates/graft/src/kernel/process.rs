@@ -94,7 +94,14 @@ pub(crate) enum Job {
     },
 }
 
+/// The prelude's job code of a host's call whose module is given by its
+/// index in the prelude's `MODS` mirror (+1), not as the table
+/// (`OP_CALL_AT` in `prelude.luau`): handing a table over from Rust costs a
+/// reference and its release, each under the VM's lock.
+pub(crate) const OP_CALL_AT: u8 = 8;
+
 impl Job {
+    /// The prelude's job code (`OP_*` in `prelude.luau`).
     pub fn op(&self) -> u8 {
         match self {
             Job::Init { .. } => 1,

@@ -87,9 +87,9 @@ pub(crate) fn call_now(
         let Some(module) = k.procs.get(&serial).map(|p| p.pid.module_index()) else {
             return Err(request);
         };
-        let Some(table) = k.module_tables[module as usize].clone() else {
+        if k.module_tables[module as usize].is_none() {
             return Err(request);
-        };
+        }
         let Ok(thread) = k.worker_thread(lua) else {
             return Err(request);
         };
@@ -98,24 +98,25 @@ pub(crate) fn call_now(
             from: None,
             waiter: Waiter::Host(slot.clone()),
         };
-        let op = job.op();
         let Some(p) = k.procs.get_mut(&serial) else {
             return Err(request);
         };
         p.begin_job(job);
         k.watch.begin_slice(clock::coarse_ms());
-        // a host gets JSON: the reply is not copied in the VM
+        // The module by its index in the prelude's mirror, kept with
+        // `module_tables` at every commit; a host gets JSON, so the reply
+        // is not copied in the VM.
         let args = ResumeArgs::start(
-            op,
+            super::process::OP_CALL_AT,
             serial,
-            Value::Table(table),
+            Value::Number(f64::from(module) + 1.0),
             [request, Value::Nil, Value::Boolean(false)],
         );
         (thread, args)
     };
     // Nested calls and spawns in the callback find this kernel at once.
     let fast = super::fast::SliceKernel::enter(kh);
-    let outcome = resume(lua, kh, serial, &thread, args);
+    let outcome = resume(lua, kh, serial, thread, args);
     drop(fast);
     let finished = matches!(outcome, Outcome::Done(_));
     // The exits a crash queued are drained by the slice that follows.
@@ -180,7 +181,7 @@ enum Stretch {
 pub(crate) fn run_process(lua: &Lua, kh: &KernelHandle, serial: u64) {
     let stretch = kh.borrow().next_stretch(lua, serial);
     let outcome = match stretch {
-        Stretch::Run(thread, args) => resume(lua, kh, serial, &thread, args),
+        Stretch::Run(thread, args) => resume(lua, kh, serial, thread, args),
         Stretch::Fail(reason) => Outcome::Failed(reason),
         Stretch::Nothing => return,
     };
@@ -295,7 +296,7 @@ impl Kernel {
     }
 
     /// The outcome of a worker that yielded back to the kernel.
-    fn yielded(&mut self, thread: &Thread, values: (Value, Value), timed_out: bool) -> Outcome {
+    fn yielded(&mut self, thread: Thread, values: (Value, Value), timed_out: bool) -> Outcome {
         let (first, second) = values;
         match vm::marker_of(&first) {
             // CLOSED: a worker closed its own nested frame before yielding
@@ -303,7 +304,7 @@ impl Kernel {
             // those, not the kernel; were one to come here, its job is over
             // all the same, so it is not mistaken for a preempted one.
             Some(MARK_DONE | MARK_CLOSED) => {
-                self.pool_return(thread.clone());
+                self.pool_return(thread);
                 if timed_out {
                     // Returned, but past its deadline.
                     Outcome::Failed(ExitReason::Timeout)
@@ -317,11 +318,11 @@ impl Kernel {
                     Value::Integer(n) => n as u64,
                     _ => 0,
                 };
-                Outcome::Suspended(token, thread.clone())
+                Outcome::Suspended(token, thread)
             }
             // No marker: preempted by the interrupt, or the guest yielded at
             // top level. Either way the callback continues later.
-            _ => Outcome::Preempted(thread.clone()),
+            _ => Outcome::Preempted(thread),
         }
     }
 
@@ -425,7 +426,9 @@ fn resume_with(thread: &Thread, args: ResumeArgs) -> mlua::Result<(Value, Value)
 }
 
 /// Resumes a worker thread for `serial` with the interrupt armed.
-fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: ResumeArgs) -> Outcome {
+/// Takes the worker: it goes back to the pool or into the process's
+/// record without a clone (a clone and its drop each take the VM's lock).
+fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: Thread, args: ResumeArgs) -> Outcome {
     let (used, depth, nested_depth, limits, watch) = {
         let mut k = kh.borrow();
         let (used, depth, nested_depth) = k.enter_stretch(serial);
@@ -437,7 +440,7 @@ fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: Resu
     watch.exempt.store(0, Ordering::Relaxed);
     watch.arm(deadline, thread.to_pointer() as usize, true);
     guest_memory(lua, &limits);
-    let result = resume_with(thread, args);
+    let result = resume_with(&thread, args);
     let timed_out = watch.timed_out.load(Ordering::Relaxed);
     watch.restore(enclosing);
     if enclosing.thread == 0 {
@@ -446,11 +449,14 @@ fn resume(lua: &Lua, kh: &KernelHandle, serial: u64, thread: &Thread, args: Resu
     let yielded = {
         let mut k = kh.borrow();
         k.leave_stretch(lua, serial, start, (depth, nested_depth));
-        result.map(|values| k.yielded(thread, values, timed_out))
+        match result {
+            Ok(values) => Ok(k.yielded(thread, values, timed_out)),
+            Err(e) => Err((thread, e)),
+        }
     };
     let outcome = match yielded {
         Ok(outcome) => outcome,
-        Err(e) => Outcome::Failed(raised(lua, thread, &e, timed_out)),
+        Err((thread, e)) => Outcome::Failed(raised(lua, &thread, &e, timed_out)),
     };
     if matches!(outcome, Outcome::Failed(ExitReason::OutOfMemory)) {
         // Luau does not collect when an allocation fails; without a full
