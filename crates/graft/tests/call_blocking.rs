@@ -304,3 +304,118 @@ fn call_blocking_at_thread_exit_answers_and_leaves_the_sandbox_working() {
     assert_eq!(at_exit.expect("the call at exit"), json!(2));
     assert_eq!(sb.call_blocking("c", json!("inc"), None).unwrap(), json!(3));
 }
+
+/// A module whose replies name its version (`tag`); `code_change` fails
+/// when the reload's `extra` asks it to.
+fn tagged(tag: &str) -> String {
+    format!(
+        r#"
+local m = {{}}
+function m.init(a) return {{ n = 0 }} end
+function m.handle_call(req, from, s)
+  if req == "boom" then error("{tag} boom") end
+  s.n += 1
+  return "{tag}", s
+end
+function m.code_change(old, s, extra)
+  if extra and extra.fail then error("no") end
+  return s
+end
+return m
+"#
+    )
+}
+
+/// Asks `target` with `call_blocking` on an idle sandbox (the handler run
+/// at once, its module found by index in the prelude's mirror) and with a
+/// queued `call` (the module table from the kernel); both must answer alike.
+fn both_ways(sb: &Sandbox, target: &str, req: serde_json::Value) -> String {
+    std::thread::sleep(Duration::from_millis(5));
+    let show = |r: graft::Result<serde_json::Value>| match r {
+        Ok(v) => v.to_string(),
+        Err(e) => format!(
+            "{}: {}",
+            e.kind(),
+            e.to_string().lines().next().unwrap_or("")
+        ),
+    };
+    let inline = show(sb.call_blocking(target, req.clone(), Some(2000)));
+    let queued = show(run(sb.call(target, req, Some(2000))));
+    assert_eq!(inline, queued, "call_blocking and call disagree");
+    inline
+}
+
+fn sources(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect()
+}
+
+#[test]
+fn call_blocking_runs_the_version_a_queued_call_runs_after_every_kind_of_commit() {
+    use graft::ReloadOptions;
+    let node = Node::with_threads(1);
+    let spec = SandboxSpec::new("versions")
+        .entry(None)
+        .module("a", &tagged("a1"));
+    let sb = run(node.create_sandbox(spec)).unwrap();
+    run(sb.spawn("a", json!(null), Some("a"))).unwrap();
+    assert_eq!(both_ways(&sb, "a", json!("x")), "\"a1\"");
+    run(sb.reload(sources(&[("a", &tagged("a2"))]), ReloadOptions::default())).unwrap();
+    assert_eq!(both_ways(&sb, "a", json!("x")), "\"a2\"");
+    // A module added by a reload (a new index), then a reload aborted in
+    // its migration: nothing of it is seen.
+    run(sb.reload(sources(&[("b", &tagged("b1"))]), ReloadOptions::default())).unwrap();
+    run(sb.spawn("b", json!(null), Some("b"))).unwrap();
+    assert_eq!(both_ways(&sb, "b", json!("x")), "\"b1\"");
+    let failing = ReloadOptions {
+        extra: json!({ "fail": true }),
+        ..Default::default()
+    };
+    let new = sources(&[("a", &tagged("a3")), ("b", &tagged("b2"))]);
+    assert!(run(sb.reload(new, failing)).is_err());
+    assert_eq!(both_ways(&sb, "a", json!("x")), "\"a2\"");
+    assert_eq!(both_ways(&sb, "b", json!("x")), "\"b1\"");
+    let dry = ReloadOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    run(sb.reload(sources(&[("a", &tagged("a9"))]), dry)).unwrap();
+    assert_eq!(both_ways(&sb, "a", json!("x")), "\"a2\"");
+    run(sb.rollback("a", 1, ReloadOptions::default())).unwrap();
+    assert_eq!(both_ways(&sb, "a", json!("x")), "\"a1\"");
+    // A canary rollback, tripped by a crash in the new version.
+    let canary = ReloadOptions {
+        canary_ms: 2000,
+        canary_crashes: 1,
+        ..Default::default()
+    };
+    run(sb.reload(sources(&[("a", &tagged("a4"))]), canary)).unwrap();
+    run(sb.spawn("a", json!(null), Some("spare"))).unwrap();
+    assert!(sb.call_blocking("a", json!("boom"), Some(2000)).is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run(sb.modules())
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "a")
+        .map(|m| m.version)
+        != Some(1)
+    {
+        assert!(Instant::now() < deadline, "no canary rollback");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(both_ways(&sb, "spare", json!("x")), "\"a1\"");
+    // A module without handle_call, and a restart (versions kept).
+    let no_call = "local m = {} function m.init() return {} end return m";
+    run(sb.reload(sources(&[("n", no_call)]), ReloadOptions::default())).unwrap();
+    run(sb.spawn("n", json!(null), Some("n"))).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let err = sb
+        .call_blocking("n", json!("x"), Some(2000))
+        .expect_err("no handle_call");
+    assert!(err.to_string().contains("no handle_call"), "{err}");
+    run(sb.restart()).unwrap();
+    run(sb.spawn("a", json!(null), Some("after"))).unwrap();
+    assert_eq!(both_ways(&sb, "after", json!("x")), "\"a1\"");
+}

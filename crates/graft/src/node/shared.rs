@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! * A sandbox's VM is reached only through `Shared::runtime`, locked by one
-//!   slice at a time; requests go through `inbox` and run between slices.
+//!   slice at a time; requests go through `inbox` and run between slices, or
+//!   (`call_blocking` on an idle sandbox) run in the slice their caller
+//!   claimed (`scheduler::claim_here`).
 //! * `scheduled` is set while the sandbox is queued or running: it is on the
 //!   run queue at most once (see `scheduler`).
 //! * A panic inside a runtime fails only its sandbox ([`Shared::fail`]): the

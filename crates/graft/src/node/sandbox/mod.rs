@@ -136,20 +136,27 @@ impl Sandbox {
     /// idle (`Sandbox::call_blocking`): no inbox, no allocation, no
     /// scheduler thread woken. Otherwise queues it like any request.
     ///
-    /// The admission is [`Sandbox::enqueue`]'s, decided while this thread
-    /// holds the sandbox's turn instead of the inbox lock: a rebuild's
-    /// close that comes after it finds the command already run or queued
-    /// behind nothing of the rebuild's (the rebuild's commands run after
-    /// this slice, or in it after this command, which queued earlier).
+    /// The admission is [`Sandbox::enqueue`]'s, decided again once this
+    /// thread holds the sandbox's turn (a first look before claiming keeps
+    /// refusals from touching the turn at all). A rebuild that closes the
+    /// sandbox after that decision finds the command run, or about to run
+    /// in this slice: after the commands queued before the slice began,
+    /// which may include the rebuild's read of the states; the answer is
+    /// then held back and the caller told `Rebuilding`, as for any call
+    /// answered after that read (module docs).
     pub(super) fn run_here(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
         let node = self.live_node()?;
+        if let Some(e) = self.refusal(Origin::Request) {
+            return Err(e);
+        }
         if !scheduler::claim_here(&self.shared) {
             let node = self.enqueue(Box::new(cmd), Origin::Request)?;
             schedule(&node, &self.shared, false);
             return Ok(());
         }
         if let Some(e) = self.refusal(Origin::Request) {
-            scheduler::release(&node, &self.shared);
+            // A wake-up may have come while the turn was held.
+            scheduler::hand_back(&node, &self.shared);
             return Err(e);
         }
         scheduler::run_claimed(&node, &self.shared, cmd);

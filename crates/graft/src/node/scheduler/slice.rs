@@ -108,6 +108,15 @@ pub(super) fn run_sandbox(
     }
 }
 
+/// Gives back a turn claimed with [`claim_here`] without running a slice
+/// (the request was refused), to a scheduler thread: while the turn was
+/// held, a wake-up (a due timer, a restart's start) saw it taken and queued
+/// nothing, and the inbox may be empty, so [`release`] alone could lose it.
+pub(crate) fn hand_back(node: &NodeInner, shared: &Arc<Shared>) {
+    release(node, shared);
+    schedule(node, shared, false);
+}
+
 /// Ends a sandbox's turn: clears `scheduled`, then queues it again if
 /// commands arrived meanwhile (a `submit` that saw the flag set did not
 /// queue it, so this is the only place that can).

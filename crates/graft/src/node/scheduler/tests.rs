@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::run_queue::RunQueue;
-use super::slice::{claim_here, release, run_claimed};
+use super::slice::{claim_here, hand_back, release, run_claimed};
 use super::worker::Pool;
 use super::{BUSY_MAX_WAIT_MS, STUCK_NICE};
 use crate::node::sandbox::Origin;
@@ -160,6 +160,60 @@ fn an_inline_request_to_a_sandbox_closed_for_a_rebuild_is_refused() {
         .call_blocking("nobody", serde_json::json!(null), None)
         .expect_err("no such process");
     assert_eq!(err.kind(), "no_process", "{err}");
+}
+
+/// A sandbox whose process ticks every millisecond on a timer, counting
+/// its ticks through a host function.
+fn ticker(node: &crate::Node) -> (crate::Sandbox, Arc<std::sync::atomic::AtomicU64>) {
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = ticks.clone();
+    let host = crate::HostFunctions::default().function("tick", move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(serde_json::Value::Null)
+    });
+    let src = r#"
+        local m = {}
+        function m.init() graft.send_after(1, graft.self(), "t") return {} end
+        function m.handle_info(_, s) tick() graft.send_after(1, graft.self(), "t") return s end
+        return m
+    "#;
+    let spec = crate::SandboxSpec::new("ticker")
+        .entry(None)
+        .module("m", src);
+    let sb = crate::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
+    crate::block_on(sb.spawn("m", serde_json::Value::Null, None)).expect("spawn");
+    (sb, ticks)
+}
+
+/// Waits up to `within` for `ticks` to pass `above`.
+fn ticks_past(ticks: &std::sync::atomic::AtomicU64, above: u64, within: Duration) -> bool {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if ticks.load(Ordering::Relaxed) > above {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+#[test]
+fn a_turn_given_back_unused_keeps_the_timers_that_came_meanwhile() {
+    let node = crate::Node::with_threads(1);
+    let (sb, ticks) = ticker(&node);
+    assert!(ticks_past(&ticks, 0, Duration::from_secs(5)), "it ticks");
+    // Hold the turn past the next tick's due time, as a refused inline
+    // request does between its claim and its refusal: the timer thread
+    // finds the sandbox taken and queues nothing.
+    claim(&sb);
+    std::thread::sleep(Duration::from_millis(30));
+    let before = ticks.load(Ordering::Relaxed);
+    hand_back(&node.inner, &sb.shared);
+    // Nothing else would run the sandbox again: no request, no new timer.
+    assert!(
+        ticks_past(&ticks, before, Duration::from_secs(2)),
+        "the timer that came while the turn was held was lost"
+    );
 }
 
 #[test]
