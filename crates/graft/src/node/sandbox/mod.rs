@@ -20,9 +20,10 @@
 //!   taken in one place, `Sandbox::refusal`, which every request goes
 //!   through (`info`, which reads without queueing, asks the same flag):
 //!   in [`Sandbox::enqueue`] under the inbox lock, in [`Sandbox::run_here`]
-//!   while holding the sandbox's turn. Either way a request is queued or
-//!   run before the close, so it runs before the rebuild reads the states,
-//!   or it is refused. An
+//!   while holding the sandbox's turn. A request queued before the close
+//!   runs before the rebuild reads the states; one `run_here` admitted
+//!   runs in its own slice, where that read, if queued meanwhile, comes
+//!   first (its answer is then held back, below); any other is refused. An
 //!   answer the old app gives after that read is held back (its effect is
 //!   not in what the rebuilt sandbox gets back) and the caller is told
 //!   `Rebuilding` when the old VM goes (`Runtime::freeze_for_rebuild`). Commands are
