@@ -358,7 +358,7 @@ fn call_blocking_runs_the_version_a_queued_call_runs_after_every_kind_of_commit(
     let node = Node::with_threads(1);
     let spec = SandboxSpec::new("versions")
         .entry(None)
-        .module("a", &tagged("a1"));
+        .module("a", tagged("a1"));
     let sb = run(node.create_sandbox(spec)).unwrap();
     run(sb.spawn("a", json!(null), Some("a"))).unwrap();
     assert_eq!(both_ways(&sb, "a", json!("x")), "\"a1\"");

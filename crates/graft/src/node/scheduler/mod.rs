@@ -55,7 +55,7 @@ use crate::kernel;
 use crate::node::NodeInner;
 
 pub(super) use run_queue::{schedule, RunQueue};
-pub(super) use slice::{claim_here, hand_back, release, run_claimed};
+pub(super) use slice::{claim_here, hand_back, run_claimed};
 pub(super) use worker::Pool;
 
 /// How long an idle scheduler thread polls before sleeping.
