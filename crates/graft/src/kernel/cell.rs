@@ -31,10 +31,13 @@ use std::sync::Arc;
 
 use super::Kernel;
 
-/// The kernel and its borrow flag.
+/// The kernel, its borrow flag, and the identity of its VM.
 pub(crate) struct KernelCell {
     borrowed: AtomicBool,
     kernel: UnsafeCell<Kernel>,
+    /// `fast::vm_identity` of the kernel's VM: what the raw natives compare
+    /// a Luau thread against before they use a slice's cached handle.
+    vm: usize,
 }
 
 // SAFETY: the kernel is reached only through `try_borrow`, whose flag makes
@@ -46,11 +49,18 @@ pub(crate) struct KernelCell {
 unsafe impl Sync for KernelCell {}
 
 impl KernelCell {
-    pub(super) fn new(kernel: Kernel) -> KernelCell {
+    pub(super) fn new(kernel: Kernel, vm: usize) -> KernelCell {
         KernelCell {
             borrowed: AtomicBool::new(false),
             kernel: UnsafeCell::new(kernel),
+            vm,
         }
+    }
+
+    /// The identity of the kernel's VM (`fast::vm_identity`).
+    #[inline]
+    pub(super) fn vm(&self) -> usize {
+        self.vm
     }
 
     /// Marks the kernel borrowed; false if it was already.

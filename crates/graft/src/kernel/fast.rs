@@ -35,9 +35,7 @@ use crate::value::{VmPid, MARK_CLOSED, MARK_DONE};
 
 thread_local! {
     /// The kernel of the slice running on this thread, for these natives:
-    /// the handle, and the identity of its VM (the address of the VM's
-    /// global callbacks, shared by all its threads; 0 until the first
-    /// native of the slice has checked it against the VM's app data).
+    /// the identity of its VM ([`vm_identity`]) and the handle.
     /// Set by [`SliceKernel::enter`] for a slice, cleared when it ends.
     static SLICE_KERNEL: RefCell<Option<(usize, KernelHandle)>> = const { RefCell::new(None) };
 }
@@ -54,17 +52,17 @@ pub(crate) fn can_enter_slice_here() -> bool {
 /// dropped (the end of the slice): an mlua app-data lookup takes the VM's
 /// lock and costs about as much as the rest of a fast call.
 ///
-/// Invariant: the cached handle is only ever used for the VM it was checked
-/// against (same callbacks address) while that VM is alive, which it is
-/// for the whole slice; the cache owns a clone of the handle, so nothing in
-/// it can dangle.
+/// Invariant: the cached handle is only ever used for the VM whose identity
+/// it was created with (`KernelHandle::vm`, the same callbacks address)
+/// while that VM is alive, which it is for the whole slice; the cache owns
+/// a clone of the handle, so nothing in it can dangle.
 pub(crate) struct SliceKernel {
     previous: Option<(usize, KernelHandle)>,
 }
 
 impl SliceKernel {
     pub fn enter(kh: &KernelHandle) -> SliceKernel {
-        let previous = SLICE_KERNEL.with(|c| c.borrow_mut().replace((0, kh.clone())));
+        let previous = SLICE_KERNEL.with(|c| c.borrow_mut().replace((kh.vm(), kh.clone())));
         SliceKernel { previous }
     }
 }
@@ -82,7 +80,7 @@ impl Drop for SliceKernel {
 /// # Safety
 ///
 /// `state` must be a live thread of a Luau VM.
-unsafe fn vm_identity(state: *mut ffi::lua_State) -> usize {
+pub(crate) unsafe fn vm_identity(state: *mut ffi::lua_State) -> usize {
     // SAFETY: `state` is live (the contract); `lua_callbacks` only returns
     // the address of its VM's callbacks, which live as long as the VM.
     unsafe { ffi::lua_callbacks(state) as usize }
@@ -100,20 +98,10 @@ unsafe fn on_kernel<R>(state: *mut ffi::lua_State, f: impl FnOnce(&mut Kernel) -
     let vm = unsafe { vm_identity(state) };
     let mut f = Some(f);
     let cached = SLICE_KERNEL.with(|c| {
-        let mut c = c.borrow_mut();
-        let (key, kh) = c.as_mut()?;
+        let c = c.borrow();
+        let (key, kh) = c.as_ref()?;
         if *key != vm {
-            if *key != 0 {
-                return None;
-            }
-            // First use in this slice: make sure the handle is this VM's.
-            // SAFETY: forwarded contract (a live mlua VM's thread).
-            let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-            let theirs = lua.app_data_ref::<KernelHandle>()?;
-            if !theirs.same(kh) {
-                return None;
-            }
-            *key = vm;
+            return None;
         }
         let mut k = kh.try_borrow()?;
         f.take().map(|f| f(&mut k))

@@ -261,8 +261,15 @@ impl TestClock {
 pub(crate) struct KernelHandle(Arc<KernelCell>);
 
 impl KernelHandle {
-    fn new(kernel: Kernel) -> KernelHandle {
-        KernelHandle(Arc::new(KernelCell::new(kernel)))
+    /// `vm`: the identity of the kernel's VM (`fast::vm_identity`).
+    fn new(kernel: Kernel, vm: usize) -> KernelHandle {
+        KernelHandle(Arc::new(KernelCell::new(kernel, vm)))
+    }
+
+    /// The identity of the kernel's VM (`fast::vm_identity`).
+    #[inline]
+    pub fn vm(&self) -> usize {
+        self.0.vm()
     }
 
     /// Borrows the kernel. Panics if it is borrowed already: every borrow is
@@ -275,11 +282,6 @@ impl KernelHandle {
             Some(k) => k,
             None => borrowed_twice(),
         }
-    }
-
-    /// Whether both handles are on the same kernel.
-    pub fn same(&self, other: &KernelHandle) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Borrows the kernel unless it is borrowed already.
@@ -621,6 +623,10 @@ pub(crate) fn new_vm(
         natives::install,
         |lua, pid| kernel(lua).pid_string(pid),
     )?;
+    // The VM's identity, read from a first worker (which then starts the pool).
+    let first_worker = vm.lua.create_thread(vm.worker.clone())?;
+    // SAFETY: the thread is alive (held here) and belongs to the VM just made.
+    let vm_id = unsafe { fast::vm_identity(first_worker.state()) };
     let k = Kernel {
         id: Arc::from(id),
         limits: limits.clone(),
@@ -637,7 +643,7 @@ pub(crate) fn new_vm(
         stack: Vec::new(),
         nested: Vec::new(),
         timers: timers::Timers::default(),
-        pool: Vec::new(),
+        pool: vec![first_worker],
         worker: vm.worker.clone(),
         failure_of: vm.failure_of.clone(),
         states: vm.states.clone(),
@@ -660,7 +666,7 @@ pub(crate) fn new_vm(
         coverage_chunks: Vec::new(),
         held_answers: None,
     };
-    vm.lua.set_app_data(KernelHandle::new(k));
+    vm.lua.set_app_data(KernelHandle::new(k, vm_id));
     watch::install_interrupt(&vm.lua);
     // Guest code may allocate up to the limit; the kernel's own bookkeeping
     // (EXIT messages, host values) has headroom so it never fails half-way.
