@@ -263,9 +263,13 @@ pub(crate) fn inspect_file(path: &Path) -> StoreResult<FileHeader> {
         n => return Err(corrupt(format!("invalid page size {n} in the header"))),
     };
     // The in-header page count is valid when the "version-valid-for" number
-    // equals the change counter (every SQLite since 3.7.0 keeps it so).
+    // equals the change counter (every SQLite since 3.7.0 keeps it so). A
+    // checkpoint interrupted by a crash (page 1 copied from the write-ahead
+    // log, the pages past the old end not yet) leaves the file shorter than
+    // that count while the log beside it still holds those pages, and
+    // opening replays it: only without a log is a short file truncated.
     let pages = u64::from(be32(28));
-    if be32(92) == be32(24) && pages > 0 && len < pages * page_size {
+    if be32(92) == be32(24) && pages > 0 && len < pages * page_size && !has_wal(path) {
         return Err(corrupt(format!(
             "the file is truncated: its header counts {pages} pages of {page_size} bytes ({} bytes) but it has {len}",
             pages * page_size
@@ -276,6 +280,13 @@ pub(crate) fn inspect_file(path: &Path) -> StoreResult<FileHeader> {
         user_version: be32(60),
         application_id: be32(68),
     })
+}
+
+/// Whether a non-empty write-ahead log lies beside the database at `path`.
+fn has_wal(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
 }
 
 /// Refuses a header that this build must not open read-write.

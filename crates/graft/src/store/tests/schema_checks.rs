@@ -180,6 +180,67 @@ fn a_truncated_database_is_refused_as_corrupt() {
     assert!(e.to_string().contains("truncated"), "{e}");
 }
 
+/// Checkpoint rows `from..to` of sandbox `s`, as one write.
+fn checkpoint_rows(from: u32, to: u32) -> WriteOp {
+    WriteOp::PutCheckpoints {
+        sandbox: "s".into(),
+        rows: (from..to)
+            .map(|i| CheckpointRecord {
+                name: format!("p{i}"),
+                module: "m".into(),
+                module_version: 1,
+                state_json: format!("{{\"i\":{i}}}"),
+                at_ms: 1.0,
+            })
+            .collect(),
+        removed: vec![],
+    }
+}
+
+#[test]
+fn a_file_short_of_its_header_with_the_log_beside_it_opens_whole() {
+    // What a kill during a checkpoint leaves (seen by the kill -9 test):
+    // page 1 already says the database grew, the file has not grown yet,
+    // and the write-ahead log still holds the new pages.
+    let dir = TempDir::new("checkpoint-cut");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        put_sandbox(&store, "s");
+        store.write(vec![checkpoint_rows(0, 500)]).unwrap();
+    }
+    let len = std::fs::metadata(dir.db()).unwrap().len();
+    // More rows, in the log only (too few pages for an automatic
+    // checkpoint), copied while the store is open (closing checkpoints).
+    let cut = TempDir::new("checkpoint-cut-copy");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        store.write(vec![checkpoint_rows(500, 3000)]).unwrap();
+        let wal = |p: &std::path::Path| {
+            let mut w = p.as_os_str().to_owned();
+            w.push("-wal");
+            std::path::PathBuf::from(w)
+        };
+        std::fs::copy(dir.db(), cut.db()).unwrap();
+        std::fs::copy(wal(&dir.db()), wal(&cut.db())).unwrap();
+        assert!(std::fs::metadata(wal(&cut.db())).unwrap().len() > 0);
+    }
+    // Page 1 as the interrupted checkpoint wrote it: a count past the end.
+    let mut bytes = std::fs::read(cut.db()).unwrap();
+    assert_eq!(bytes.len() as u64, len, "the rows went to the log only");
+    let pages = u32::from_be_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
+    bytes[28..32].copy_from_slice(&(pages + 40).to_be_bytes());
+    std::fs::write(cut.db(), &bytes).unwrap();
+    let store = Store::open(cut.db()).unwrap();
+    assert_eq!(store.checkpoints("s").unwrap().len(), 3000);
+    drop(store);
+    // The same file without its log is refused as truncated.
+    let alone = TempDir::new("checkpoint-cut-alone");
+    std::fs::write(alone.db(), &bytes).unwrap();
+    let e = Store::open(alone.db()).unwrap_err();
+    assert_eq!(e.kind(), "storage_corrupt", "{e}");
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
 #[test]
 fn another_applications_database_is_refused() {
     let dir = TempDir::new("foreign");
