@@ -95,7 +95,23 @@ impl Shared {
         if dropped.is_err() {
             tracing::error!(sandbox = %self.id, "the failed sandbox's VM panicked while dropped");
         }
-        self.drop_inbox();
+        self.drop_inbox_unless_restarted();
+    }
+
+    /// [`Shared::drop_inbox`] unless the sandbox was restarted meanwhile
+    /// (`failed` cleared, under the inbox lock as `enqueue` reads it): a
+    /// request admitted after the restart is the new runtime's.
+    pub(super) fn drop_inbox_unless_restarted(&self) {
+        let commands: Vec<Command> = {
+            let mut inbox = self.inbox.lock();
+            if self.failed.lock().is_none()
+                && !self.destroyed.load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
+            }
+            inbox.drain(..).collect()
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(commands)));
     }
 
     /// Drops queued commands (their reply channels close: the waiters learn

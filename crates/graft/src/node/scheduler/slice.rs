@@ -104,7 +104,17 @@ pub(super) fn run_sandbox(
         // A bug in Graft or in a host function, not in guest code: fail this
         // sandbox, keep the node.
         shared.fail(panic_message(&*payload));
-        release(node, shared);
+        release_stopped(node, shared);
+    }
+}
+
+/// [`release`] for a slice that found the sandbox failed (or failed it): a
+/// restart of the failed sandbox that came while the turn was held
+/// (`restart_failed`) found it taken and queued nothing.
+fn release_stopped(node: &NodeInner, shared: &Arc<Shared>) {
+    release(node, shared);
+    if shared.runtime.try_lock().is_none_or(|rt| rt.is_some()) {
+        schedule(node, shared, false);
     }
 }
 
@@ -147,8 +157,8 @@ fn run_sandbox_slice(
         let Some(rt) = guard.as_mut() else {
             // Failed or destroyed: whoever still waits learns it now.
             drop(guard);
-            shared.drop_inbox();
-            release(node, shared);
+            shared.drop_inbox_unless_restarted();
+            release_stopped(node, shared);
             return;
         };
         let commands: Vec<Command> = {
@@ -187,7 +197,7 @@ fn run_sandbox_slice(
                 drop(guard);
                 shared.fail(panic_message(&*payload));
                 drop(commands);
-                release(node, shared);
+                release_stopped(node, shared);
                 return;
             }
         }

@@ -379,3 +379,82 @@ fn a_thread_stuck_waiting_keeps_its_priority() {
     );
     assert!(!lowered, "a waiting thread was lowered");
 }
+
+/// A restart that lands while a slice holds a failed sandbox's turn.
+#[test]
+fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
+    let node = crate::Node::with_threads(1);
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = ticks.clone();
+    let host = crate::HostFunctions::default().function("tick", move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(serde_json::Value::Null)
+    });
+    // The entry app ticks on a timer: after a restart only a slice starts it.
+    let src = r#"
+        local m = {}
+        function m.init() graft.send_after(1, graft.self(), "t") return {} end
+        function m.handle_info(_, s) tick() graft.send_after(1, graft.self(), "t") return s end
+        function m.handle_call(r, _, s) return r, s end
+        return m
+    "#;
+    let spec = crate::SandboxSpec::new("phoenix").module("app", src);
+    let sb = crate::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
+    assert!(ticks_past(&ticks, 0, Duration::from_secs(5)), "it ticks");
+    // A bug fails the sandbox (its runtime is gone).
+    sb.submit(|_| panic!("a bug in the runtime"))
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sb.shared.failed.lock().is_none() || sb.shared.scheduled.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // stale wake-ups run out
+                                                   // A scheduler thread starts a slice of the failed sandbox (a stale timer
+                                                   // wake-up does this): it finds no runtime and is held, by the inbox
+                                                   // lock, in `drop_inbox`, between seeing the sandbox failed and `release`.
+    let inbox = sb.shared.inbox.lock();
+    super::schedule(&node.inner, &sb.shared, false);
+    std::thread::sleep(Duration::from_millis(100));
+    // The host restarts the sandbox meanwhile: `restart_failed` installs the
+    // runtime and schedules it, which finds the turn taken.
+    crate::block_on(sb.restart()).expect("restarted");
+    drop(inbox);
+    let before = ticks.load(Ordering::Relaxed);
+    assert!(
+        ticks_past(&ticks, before, Duration::from_secs(2)),
+        "the restarted app never ran: its start was swallowed by the failed branch's release"
+    );
+}
+
+/// The same window must not drop a request made to the restarted sandbox.
+#[test]
+fn a_request_to_a_sandbox_restarted_during_a_failed_slice_is_answered() {
+    let node = crate::Node::with_threads(1);
+    let sb = idle(&node, "phoenix2");
+    sb.submit(|_| panic!("a bug in the runtime"))
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sb.shared.failed.lock().is_none() || sb.shared.scheduled.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let inbox = sb.shared.inbox.lock();
+    // A request (after the restart below) waits for the inbox lock first...
+    let asker = {
+        let sb = sb.clone();
+        std::thread::spawn(move || crate::block_on(sb.ask(|_| 42)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // ...then a slice of the failed sandbox, held in its failed branch.
+    super::schedule(&node.inner, &sb.shared, false);
+    std::thread::sleep(Duration::from_millis(100));
+    crate::block_on(sb.restart()).expect("restarted");
+    drop(inbox);
+    let answer = asker.join().expect("asker");
+    assert_eq!(
+        answer.expect("the restarted sandbox answers"),
+        42,
+        "the failed branch's drop_inbox dropped a request made to the restarted sandbox"
+    );
+}
