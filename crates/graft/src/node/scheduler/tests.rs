@@ -1,7 +1,7 @@
 //! Unit tests of the scheduler: the run queue's order, inline slices, and
 //! the watchdog's handling of stuck threads (Linux).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,10 +162,10 @@ fn an_inline_request_to_a_sandbox_closed_for_a_rebuild_is_refused() {
     assert_eq!(err.kind(), "no_process", "{err}");
 }
 
-/// A sandbox whose process ticks every millisecond on a timer, counting
-/// its ticks through a host function.
-fn ticker(node: &crate::Node) -> (crate::Sandbox, Arc<std::sync::atomic::AtomicU64>) {
-    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+/// A module whose process ticks every millisecond on a timer, counting its
+/// ticks through the host function `tick`.
+fn ticking(id: &str) -> (crate::SandboxSpec, crate::HostFunctions, Arc<AtomicU64>) {
+    let ticks = Arc::new(AtomicU64::new(0));
     let counter = ticks.clone();
     let host = crate::HostFunctions::default().function("tick", move |_| {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -177,16 +177,19 @@ fn ticker(node: &crate::Node) -> (crate::Sandbox, Arc<std::sync::atomic::AtomicU
         function m.handle_info(_, s) tick() graft.send_after(1, graft.self(), "t") return s end
         return m
     "#;
-    let spec = crate::SandboxSpec::new("ticker")
-        .entry(None)
-        .module("m", src);
-    let sb = crate::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
-    crate::block_on(sb.spawn("m", serde_json::Value::Null, None)).expect("spawn");
+    (crate::SandboxSpec::new(id).module("app", src), host, ticks)
+}
+
+/// A sandbox with no entry app and one ticking process ([`ticking`]).
+fn ticker(node: &crate::Node) -> (crate::Sandbox, Arc<AtomicU64>) {
+    let (spec, host, ticks) = ticking("ticker");
+    let sb = crate::block_on(node.create_sandbox_with(spec.entry(None), host)).expect("sandbox");
+    crate::block_on(sb.spawn("app", serde_json::Value::Null, None)).expect("spawn");
     (sb, ticks)
 }
 
 /// Waits up to `within` for `ticks` to pass `above`.
-fn ticks_past(ticks: &std::sync::atomic::AtomicU64, above: u64, within: Duration) -> bool {
+fn ticks_past(ticks: &AtomicU64, above: u64, within: Duration) -> bool {
     let until = std::time::Instant::now() + within;
     while std::time::Instant::now() < until {
         if ticks.load(Ordering::Relaxed) > above {
@@ -384,21 +387,8 @@ fn a_thread_stuck_waiting_keeps_its_priority() {
 #[test]
 fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
     let node = crate::Node::with_threads(1);
-    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = ticks.clone();
-    let host = crate::HostFunctions::default().function("tick", move |_| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Ok(serde_json::Value::Null)
-    });
-    // The entry app ticks on a timer: after a restart only a slice starts it.
-    let src = r#"
-        local m = {}
-        function m.init() graft.send_after(1, graft.self(), "t") return {} end
-        function m.handle_info(_, s) tick() graft.send_after(1, graft.self(), "t") return s end
-        function m.handle_call(r, _, s) return r, s end
-        return m
-    "#;
-    let spec = crate::SandboxSpec::new("phoenix").module("app", src);
+    // The entry app ticks: after a restart, only a slice starts it again.
+    let (spec, host, ticks) = ticking("phoenix");
     let sb = crate::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
     assert!(ticks_past(&ticks, 0, Duration::from_secs(5)), "it ticks");
     // A bug fails the sandbox (its runtime is gone).
@@ -409,10 +399,11 @@ fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
         assert!(std::time::Instant::now() < deadline, "never failed");
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::thread::sleep(Duration::from_millis(50)); // stale wake-ups run out
-                                                   // A scheduler thread starts a slice of the failed sandbox (a stale timer
-                                                   // wake-up does this): it finds no runtime and is held, by the inbox
-                                                   // lock, in `drop_inbox`, between seeing the sandbox failed and `release`.
+    // Stale wake-ups run out.
+    std::thread::sleep(Duration::from_millis(50));
+    // A scheduler thread starts a slice of the failed sandbox (a stale timer
+    // wake-up does this): it finds no runtime and is held, by the inbox
+    // lock, in `drop_inbox`, between seeing the sandbox failed and `release`.
     let inbox = sb.shared.inbox.lock();
     super::schedule(&node.inner, &sb.shared, false);
     std::thread::sleep(Duration::from_millis(100));

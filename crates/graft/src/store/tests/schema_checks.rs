@@ -145,41 +145,6 @@ fn random_bytes_are_refused_as_corrupt() {
     assert_eq!(Store::open(dir.db()).unwrap_err().kind(), "storage_corrupt");
 }
 
-#[test]
-fn a_truncated_database_is_refused_as_corrupt() {
-    let dir = TempDir::new("truncated");
-    {
-        let store = Store::open(dir.db()).unwrap();
-        put_sandbox(&store, "s");
-        store
-            .write(vec![WriteOp::PutCheckpoints {
-                sandbox: "s".into(),
-                rows: (0..2000)
-                    .map(|i| CheckpointRecord {
-                        name: format!("p{i}"),
-                        module: "m".into(),
-                        module_version: 1,
-                        state_json: format!("{{\"i\":{i}}}"),
-                        at_ms: 1.0,
-                    })
-                    .collect(),
-                removed: vec![],
-            }])
-            .unwrap();
-    }
-    let len = std::fs::metadata(dir.db()).unwrap().len();
-    assert!(len > 16 * 4096);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.db())
-        .unwrap();
-    f.set_len(len / 2).unwrap();
-    drop(f);
-    let e = Store::open(dir.db()).unwrap_err();
-    assert_eq!(e.kind(), "storage_corrupt", "{e}");
-    assert!(e.to_string().contains("truncated"), "{e}");
-}
-
 /// Checkpoint rows `from..to` of sandbox `s`, as one write.
 fn checkpoint_rows(from: u32, to: u32) -> WriteOp {
     WriteOp::PutCheckpoints {
@@ -195,6 +160,27 @@ fn checkpoint_rows(from: u32, to: u32) -> WriteOp {
             .collect(),
         removed: vec![],
     }
+}
+
+#[test]
+fn a_truncated_database_is_refused_as_corrupt() {
+    let dir = TempDir::new("truncated");
+    {
+        let store = Store::open(dir.db()).unwrap();
+        put_sandbox(&store, "s");
+        store.write(vec![checkpoint_rows(0, 2000)]).unwrap();
+    }
+    let len = std::fs::metadata(dir.db()).unwrap().len();
+    assert!(len > 16 * 4096);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.db())
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let e = Store::open(dir.db()).unwrap_err();
+    assert_eq!(e.kind(), "storage_corrupt", "{e}");
+    assert!(e.to_string().contains("truncated"), "{e}");
 }
 
 #[test]
