@@ -383,6 +383,18 @@ fn a_thread_stuck_waiting_keeps_its_priority() {
     assert!(!lowered, "a waiting thread was lowered");
 }
 
+/// Fails `sb` with a panicking command (a bug in the runtime) and waits
+/// until the slice that failed it gave its turn back.
+fn fail_and_settle(sb: &crate::Sandbox) {
+    sb.submit(|_| panic!("a bug in the runtime"))
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sb.shared.failed.lock().is_none() || sb.shared.scheduled.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A restart that lands while a slice holds a failed sandbox's turn.
 #[test]
 fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
@@ -392,13 +404,7 @@ fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
     let sb = crate::block_on(node.create_sandbox_with(spec, host)).expect("sandbox");
     assert!(ticks_past(&ticks, 0, Duration::from_secs(5)), "it ticks");
     // A bug fails the sandbox (its runtime is gone).
-    sb.submit(|_| panic!("a bug in the runtime"))
-        .expect("queued");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sb.shared.failed.lock().is_none() || sb.shared.scheduled.load(Ordering::Acquire) {
-        assert!(std::time::Instant::now() < deadline, "never failed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    fail_and_settle(&sb);
     // Stale wake-ups run out.
     std::thread::sleep(Duration::from_millis(50));
     // A scheduler thread starts a slice of the failed sandbox (a stale timer
@@ -423,13 +429,7 @@ fn a_restart_while_a_slice_holds_a_failed_sandboxs_turn_is_not_lost() {
 fn a_request_to_a_sandbox_restarted_during_a_failed_slice_is_answered() {
     let node = crate::Node::with_threads(1);
     let sb = idle(&node, "phoenix2");
-    sb.submit(|_| panic!("a bug in the runtime"))
-        .expect("queued");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sb.shared.failed.lock().is_none() || sb.shared.scheduled.load(Ordering::Acquire) {
-        assert!(std::time::Instant::now() < deadline, "never failed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    fail_and_settle(&sb);
     let inbox = sb.shared.inbox.lock();
     // A request (after the restart below) waits for the inbox lock first...
     let asker = {
