@@ -111,14 +111,13 @@ impl Shared {
             }
             inbox.drain(..).collect()
         };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(commands)));
+        drop_commands(commands);
     }
 
     /// Drops queued commands (their reply channels close: the waiters learn
     /// the sandbox stopped).
     pub(super) fn drop_inbox(&self) {
-        let commands: Vec<Command> = self.inbox.lock().drain(..).collect();
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(commands)));
+        drop_commands(self.inbox.lock().drain(..).collect());
     }
 
     pub(super) fn failure_error(&self) -> Option<Error> {
@@ -127,6 +126,12 @@ impl Shared {
             message: f.message.clone(),
         })
     }
+}
+
+/// Drops commands taken out of an inbox behind a panic barrier (a
+/// command's captures may panic in their destructors), outside the lock.
+fn drop_commands(commands: Vec<Command>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(commands)));
 }
 
 /// The text of a panic payload.

@@ -161,14 +161,7 @@ fn run_sandbox_slice(
             release_stopped(node, shared);
             return;
         };
-        let commands: Vec<Command> = {
-            let mut inbox = shared.inbox.lock();
-            // Nothing queued (the common case): no vector to allocate.
-            match inbox.is_empty() {
-                true => Vec::new(),
-                false => inbox.drain(..).collect(),
-            }
-        };
+        let commands: Vec<Command> = shared.inbox.lock().drain(..).collect();
         kernel::kernel_memory(&rt.vm.lua, &rt.spec.limits);
         let _scope = kernel::WatchScope::enter_watch(rt.kernel.borrow().watch.clone());
         // Only an inline caller's command, with nothing queued before it,
