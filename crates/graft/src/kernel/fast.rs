@@ -226,9 +226,6 @@ fn on_running_worker(state: *mut ffi::lua_State, k: &Kernel) -> bool {
     k.watch.thread.load(std::sync::atomic::Ordering::Relaxed) == state as usize
 }
 
-/// The prelude's job code of a call (`OP_CALL` in `prelude.luau`).
-const OP_CALL: f64 = 2.0;
-
 /// `call_run(target, request, worker, MODS)`: a whole nested call of an
 /// idle callee, in one native. Begins the callee's `handle_call` on
 /// `worker` (a pooled worker coroutine) and resumes it with the job, as the
@@ -280,7 +277,7 @@ pub(crate) unsafe extern "C-unwind" fn call_run(state: *mut ffi::lua_State) -> c
         };
         // The job, as the worker reads it: (op, serial, module, request,
         // from, reply_in_vm).
-        ffi::lua_pushnumber(co, OP_CALL);
+        ffi::lua_pushnumber(co, f64::from(super::process::OP_CALL));
         ffi::lua_pushnumber(co, serial as f64);
         // Module indices are small; an impossible one reads nil, and the
         // callee fails on it like any crash.

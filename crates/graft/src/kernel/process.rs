@@ -94,6 +94,9 @@ pub(crate) enum Job {
     },
 }
 
+/// The prelude's job code of a call (`OP_CALL` in `prelude.luau`).
+pub(crate) const OP_CALL: u8 = 2;
+
 /// The prelude's job code of a host's call whose module is given by its
 /// index in the prelude's `MODS` mirror (+1), not as the table
 /// (`OP_CALL_AT` in `prelude.luau`): handing a table over from Rust costs a
@@ -105,7 +108,7 @@ impl Job {
     pub fn op(&self) -> u8 {
         match self {
             Job::Init { .. } => 1,
-            Job::Call { .. } => 2,
+            Job::Call { .. } => OP_CALL,
             Job::Cast(_) => 3,
             Job::Info(_) => 4,
             Job::Terminate(_) => 5,
