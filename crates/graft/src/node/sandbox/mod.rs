@@ -17,7 +17,7 @@
 //!   (`Shared::closed`): every request on any handle of it gets
 //!   `Rebuilding`, never an answer of the app being stopped (`no_process`
 //!   for a process already stopped, `busy` for a reload). The decision is
-//!   taken in one place, `Sandbox::refusal`, which every request goes
+//!   taken in one place, `Sandbox::closed_to`, which every request goes
 //!   through (`info`, which reads without queueing, asks the same flag):
 //!   in [`Sandbox::enqueue`] under the inbox lock, in [`Sandbox::run_here`]
 //!   while holding the sandbox's turn. A request queued before the close
@@ -137,17 +137,20 @@ impl Sandbox {
     /// idle (`Sandbox::call_blocking`): no inbox, no allocation, no
     /// scheduler thread woken. Otherwise queues it like any request.
     ///
-    /// The admission is [`Sandbox::enqueue`]'s, decided again once this
-    /// thread holds the sandbox's turn (a first look before claiming keeps
-    /// refusals from touching the turn at all). A rebuild that closes the
+    /// Whether the sandbox is closed is asked as [`Sandbox::enqueue`] asks
+    /// it, again once this thread holds the sandbox's turn (a first look
+    /// before claiming keeps refusals from touching the turn at all). A rebuild that closes the
     /// sandbox after that decision finds the command run, or about to run
     /// in this slice: after the commands queued before the slice began,
     /// which may include the rebuild's read of the states; the answer is
     /// then held back and the caller told `Rebuilding`, as for any call
     /// answered after that read (module docs).
+    ///
+    /// A failed sandbox needs no look here: its slice finds no runtime,
+    /// drops the command unrun, and the caller is told why (`gone`).
     pub(super) fn run_here(&self, cmd: impl FnOnce(&mut Runtime) + Send + 'static) -> Result<()> {
         let node = self.live_node()?;
-        if let Some(e) = self.refusal(Origin::Request) {
+        if let Some(e) = self.closed_to(Origin::Request) {
             return Err(e);
         }
         if !scheduler::claim_here(&self.shared) {
@@ -155,7 +158,7 @@ impl Sandbox {
             schedule(&node, &self.shared, false);
             return Ok(());
         }
-        if let Some(e) = self.refusal(Origin::Request) {
+        if let Some(e) = self.closed_to(Origin::Request) {
             // A wake-up may have come while the turn was held.
             scheduler::hand_back(&node, &self.shared);
             return Err(e);
@@ -183,10 +186,14 @@ impl Sandbox {
     /// Why a request from `origin` may not reach the runtime now, if it may
     /// not: the sandbox is closed for a rebuild, or it failed.
     fn refusal(&self, origin: Origin) -> Option<Error> {
-        if origin == Origin::Request && self.is_closed() {
-            return Some(Error::Rebuilding(self.shared.id.clone()));
-        }
-        self.shared.failure_error()
+        self.closed_to(origin)
+            .or_else(|| self.shared.failure_error())
+    }
+
+    /// `Rebuilding` if the sandbox is closed to requests from `origin`.
+    fn closed_to(&self, origin: Origin) -> Option<Error> {
+        (origin == Origin::Request && self.is_closed())
+            .then(|| Error::Rebuilding(self.shared.id.clone()))
     }
 
     /// Whether the sandbox is closed to requests for a rebuild.
