@@ -64,19 +64,7 @@ fn a_failing_submission_inside_a_group_fails_alone() {
     put_sandbox(&store, "s");
     // A large first submission keeps the writer busy while the others queue
     // behind it, so they share one transaction.
-    let big = WriteOp::PutCheckpoints {
-        sandbox: "s".into(),
-        rows: (0..20_000)
-            .map(|i| CheckpointRecord {
-                name: format!("p{i}"),
-                module: "m".into(),
-                module_version: 1,
-                state_json: format!("{{\"i\":{i}}}"),
-                at_ms: 1.0,
-            })
-            .collect(),
-        removed: vec![],
-    };
+    let big = checkpoint_rows(0, 20_000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

@@ -101,6 +101,23 @@ fn wal(p: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Checkpoint rows `from..to` of sandbox `s`, as one write.
+pub(crate) fn checkpoint_rows(from: u32, to: u32) -> WriteOp {
+    WriteOp::PutCheckpoints {
+        sandbox: "s".into(),
+        rows: (from..to)
+            .map(|i| CheckpointRecord {
+                name: format!("p{i}"),
+                module: "m".into(),
+                module_version: 1,
+                state_json: format!("{{\"i\":{i}}}"),
+                at_ms: 1.0,
+            })
+            .collect(),
+        removed: vec![],
+    }
+}
+
 fn put_sandbox(store: &Store, id: &str) {
     store.write(vec![WriteOp::PutSandbox(sandbox(id))]).unwrap();
 }

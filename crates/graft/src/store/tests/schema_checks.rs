@@ -145,23 +145,6 @@ fn random_bytes_are_refused_as_corrupt() {
     assert_eq!(Store::open(dir.db()).unwrap_err().kind(), "storage_corrupt");
 }
 
-/// Checkpoint rows `from..to` of sandbox `s`, as one write.
-fn checkpoint_rows(from: u32, to: u32) -> WriteOp {
-    WriteOp::PutCheckpoints {
-        sandbox: "s".into(),
-        rows: (from..to)
-            .map(|i| CheckpointRecord {
-                name: format!("p{i}"),
-                module: "m".into(),
-                module_version: 1,
-                state_json: format!("{{\"i\":{i}}}"),
-                at_ms: 1.0,
-            })
-            .collect(),
-        removed: vec![],
-    }
-}
-
 #[test]
 fn a_truncated_database_is_refused_as_corrupt() {
     let dir = TempDir::new("truncated");
